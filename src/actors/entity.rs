@@ -1,0 +1,119 @@
+//! The actor of one family (sessions, inventory or orders).
+
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::domain::{Outcome, Request};
+use crate::error::NodeError;
+use crate::raft::{NodeId, Raft};
+use crate::storage::SmReader;
+
+use super::Kind;
+
+pub enum EntityMsg {
+    Submit {
+        cmd: Request,
+        reply: RpcReplyPort<Result<Outcome, NodeError>>,
+    },
+    /// Panics in the handler: the test hook that proves supervision works.
+    Crash,
+}
+
+pub struct EntityActor;
+
+#[derive(Clone)]
+pub struct EntityArgs {
+    pub kind: Kind,
+    pub raft: Raft,
+    pub sm: SmReader,
+    pub write_timeout: Duration,
+}
+
+impl Actor for EntityActor {
+    type Msg = EntityMsg;
+    type State = EntityArgs;
+    type Arguments = EntityArgs;
+
+    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: EntityArgs) -> Result<EntityArgs, ActorProcessingErr> {
+        tracing::debug!(actor = args.kind.name(), "actor started");
+        Ok(args)
+    }
+
+    async fn handle(&self, _myself: ActorRef<Self::Msg>, msg: EntityMsg, st: &mut EntityArgs) -> Result<(), ActorProcessingErr> {
+        match msg {
+            EntityMsg::Crash => panic!("{} actor: crash requested by test hook", st.kind.name()),
+            EntityMsg::Submit { cmd, reply } => submit(st, cmd, reply).await,
+        }
+        Ok(())
+    }
+}
+
+#[tracing::instrument(level = "debug", skip_all, fields(actor = st.kind.name(), entity = cmd.cmd.entity()))]
+async fn submit(st: &EntityArgs, cmd: Request, reply: RpcReplyPort<Result<Outcome, NodeError>>) {
+    if let Outcome::Rejected(_) = st.sm.dry_run(&cmd) {
+        // A rejection read from local state is only trustworthy once this node has
+        // confirmed it still leads (a deposed leader's state may be stale). Confirm off
+        // the mailbox, then decide again.
+        let st = st.clone();
+        tokio::spawn(async move {
+            let r = confirm_rejection(&st, cmd).await;
+            let _ = reply.send(r);
+        });
+        return;
+    }
+    propose(st, cmd, reply).await;
+}
+
+async fn confirm_rejection(st: &EntityArgs, cmd: Request) -> Result<Outcome, NodeError> {
+    st.raft.ensure_linearizable().await.map_err(|e| match e {
+        RaftError::APIError(e) => match e {
+            openraft::error::CheckIsLeaderError::ForwardToLeader(f) => NodeError::NotLeader(f.leader_id),
+            openraft::error::CheckIsLeaderError::QuorumNotEnough(_) => NodeError::NoLeader,
+        },
+        RaftError::Fatal(f) => NodeError::Internal(f.to_string()),
+    })?;
+    match st.sm.dry_run(&cmd) {
+        rejected @ Outcome::Rejected(_) => Ok(rejected),
+        // State moved on while we confirmed (e.g. a restock landed): propose after all.
+        _ => write(&st.raft, cmd, st.write_timeout).await,
+    }
+}
+
+/// Enqueues the command in Raft now (keeping per-entity order) and waits for its
+/// application in a task.
+async fn propose(st: &EntityArgs, cmd: Request, reply: RpcReplyPort<Result<Outcome, NodeError>>) {
+    let rx = match st.raft.client_write_ff(cmd).await {
+        Ok(rx) => rx,
+        Err(fatal) => {
+            let _ = reply.send(Err(NodeError::Internal(fatal.to_string())));
+            return;
+        }
+    };
+    let timeout = st.write_timeout;
+    tokio::spawn(async move {
+        let r = match tokio::time::timeout(timeout, rx).await {
+            Err(_) => Err(NodeError::Timeout),
+            Ok(Err(_)) => Err(NodeError::Internal("raft dropped the write".into())),
+            Ok(Ok(r)) => r.map(|resp| resp.data).map_err(write_error),
+        };
+        let _ = reply.send(r);
+    });
+}
+
+async fn write(raft: &Raft, cmd: Request, timeout: Duration) -> Result<Outcome, NodeError> {
+    match tokio::time::timeout(timeout, raft.client_write(cmd)).await {
+        Err(_) => Err(NodeError::Timeout),
+        Ok(Ok(resp)) => Ok(resp.data),
+        Ok(Err(RaftError::APIError(e))) => Err(write_error(e)),
+        Ok(Err(RaftError::Fatal(f))) => Err(NodeError::Internal(f.to_string())),
+    }
+}
+
+fn write_error(e: ClientWriteError<NodeId, openraft::BasicNode>) -> NodeError {
+    match e {
+        ClientWriteError::ForwardToLeader(f) => NodeError::NotLeader(f.leader_id),
+        ClientWriteError::ChangeMembershipError(e) => NodeError::Internal(e.to_string()),
+    }
+}

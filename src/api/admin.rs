@@ -1,0 +1,84 @@
+//! Operator endpoints: DC membership, and the test hooks (fault injection, actor crash)
+//! that exist only when the node runs with `--enable-test-hooks`.
+
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{parse_body, ApiError, AppState};
+use crate::actors::Kind;
+use crate::node::MembershipOp;
+use crate::transport::faults::FaultRules;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddNode {
+    node: String,
+}
+
+fn dc_node_id(node: &AppState, name: &str) -> Result<u64, ApiError> {
+    match node.config.node(name) {
+        Some(n) if n.dc == node.info.dc => Ok(n.id),
+        Some(_) => Err(ApiError::bad_request(format!("node '{name}' is not in {}", node.info.dc))),
+        None => Err(ApiError::not_found(&format!("node '{name}'"))),
+    }
+}
+
+fn voters_json(node: &AppState, voters: std::collections::BTreeSet<u64>) -> Json<Value> {
+    let names: Vec<String> = voters.into_iter().filter_map(|id| node.config.node_by_id(id)).map(|n| n.name).collect();
+    Json(json!({"voters": names}))
+}
+
+pub async fn add_node(State(node): State<AppState>, body: Result<axum::body::Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let AddNode { node: name } = parse_body(body)?;
+    let id = dc_node_id(&node, &name)?;
+    let voters = node.change_membership(MembershipOp::Add(id)).await?;
+    Ok(voters_json(&node, voters))
+}
+
+pub async fn remove_node(State(node): State<AppState>, name: Result<Path<String>, PathRejection>) -> Result<Json<Value>, ApiError> {
+    let Path(name) = name.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let id = dc_node_id(&node, &name)?;
+    let voters = node.change_membership(MembershipOp::Remove(id)).await?;
+    Ok(voters_json(&node, voters))
+}
+
+fn require_hooks(node: &AppState) -> Result<(), ApiError> {
+    if node.test_hooks {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "test_hooks_disabled",
+            "start the node with --enable-test-hooks to use this endpoint",
+        ))
+    }
+}
+
+pub async fn get_faults(State(node): State<AppState>) -> Result<Json<FaultRules>, ApiError> {
+    require_hooks(&node)?;
+    Ok(Json(node.faults.get()))
+}
+
+/// Body: `{"partitioned": [node ids], "delay_ms": {"id": ms}}`; `{}` heals.
+pub async fn set_faults(State(node): State<AppState>, body: Result<axum::body::Bytes, BytesRejection>) -> Result<Json<FaultRules>, ApiError> {
+    require_hooks(&node)?;
+    let rules: FaultRules = parse_body(body)?;
+    tracing::warn!(?rules, "fault injection rules set");
+    node.faults.set(rules.clone());
+    Ok(Json(rules))
+}
+
+pub async fn crash_actor(State(node): State<AppState>, actor: Result<Path<String>, PathRejection>) -> Result<StatusCode, ApiError> {
+    require_hooks(&node)?;
+    let Path(actor) = actor.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let kind = Kind::parse(&actor).ok_or_else(|| ApiError::not_found(&format!("actor '{actor}'")))?;
+    if node.actors.crash(kind) {
+        Ok(StatusCode::ACCEPTED)
+    } else {
+        Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "actor_restarting", "actor is restarting"))
+    }
+}

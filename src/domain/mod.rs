@@ -1,0 +1,13 @@
+//! The shop's state and its rules, as pure code with no I/O: entities ([`model`]), the
+//! commands that Raft replicates ([`command`]), and how a command changes state
+//! ([`apply`]). The sled state machine and the in-memory test state both run this code,
+//! so the rules exist once.
+
+pub mod apply;
+pub mod command;
+pub mod model;
+pub mod validate;
+
+pub use apply::{apply, MemState, State};
+pub use command::{Command, Outcome, Rejection, Request};
+pub use model::{Inventory, Order, OrderStatus, Session};

@@ -1,0 +1,29 @@
+//! Errors a node reports about itself (not about the request's content, which is a
+//! `domain::Rejection`). They cross the peer transport, so they are serde types.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum NodeError {
+    #[error("no leader in this datacentre (no quorum)")]
+    NoLeader,
+    #[error("this node is not the leader (leader: {0:?})")]
+    NotLeader(Option<u64>),
+    #[error("timed out")]
+    Timeout,
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    #[error("peer unreachable: {0}")]
+    Unreachable(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl NodeError {
+    /// Worth retrying elsewhere or later: the request may not have been applied.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, NodeError::BadRequest(_) | NodeError::Internal(_))
+    }
+}

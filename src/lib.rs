@@ -1,0 +1,26 @@
+//! Agora: a multi-datacentre, active-active backend for an online shop.
+//!
+//! Codemap (see ARCHITECTURE.md for the path of a write):
+//! - [`config`]: the cluster file, validated at start-up.
+//! - [`codec`]: the one wire/disk format (bincode behind a version byte).
+//! - [`domain`]: entities, commands and the rules that apply them — pure, no I/O.
+//! - [`storage`]: sled Raft log, vote, state machine and snapshots.
+//! - [`raft`]: openraft type config and network adapter.
+//! - [`transport`]: peer TCP RPC, with the fault-injection hook.
+//! - [`actors`]: ractor actors for sessions, inventory, orders, and their supervisor.
+//! - [`node`]: wiring of one node, and the write/read paths (forwarding, read index).
+//! - [`api`]: HTTP routes, validation, the error-to-status map, metrics.
+//! - [`bench`]: the HTTP load generator behind `agora bench`.
+
+pub mod actors;
+pub mod api;
+pub mod bench;
+pub mod codec;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod metrics;
+pub mod node;
+pub mod raft;
+pub mod storage;
+pub mod transport;

@@ -1,0 +1,116 @@
+//! The `agora` binary: `node` runs one node, `bench` loads a running cluster.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use agora::config::ClusterConfig;
+use agora::node::{self, NodeOptions};
+
+#[derive(Parser)]
+#[command(name = "agora", version, about = "Multi-datacentre active-active backend for online shops")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one node of the cluster.
+    Node(NodeArgs),
+    /// Load a running cluster's HTTP API and report throughput and latency.
+    Bench(agora::bench::BenchArgs),
+    /// Check a cluster file and print its nodes.
+    Config {
+        /// Cluster file (default: the embedded 3 DC × 3 node topology).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// Node name from the cluster file, e.g. dc1-n1.
+    #[arg(long)]
+    node: String,
+    /// Cluster file (default: the embedded 3 DC × 3 node topology).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory (default: .agora/data/NODE).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Enable admin endpoints that inject faults and crash actors (tests only).
+    #[arg(long)]
+    enable_test_hooks: bool,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,openraft=warn,sled=warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    init_logging(args.log_json);
+    let config = ClusterConfig::load(args.config.as_deref())?;
+    let data_dir = args.data_dir.unwrap_or_else(|| PathBuf::from(".agora/data").join(&args.node));
+    let running = node::start(
+        config,
+        NodeOptions {
+            name: args.node,
+            data_dir,
+            test_hooks: args.enable_test_hooks,
+        },
+    )
+    .await?;
+    wait_for_signal().await?;
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+fn show_config(path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = ClusterConfig::load(path.as_deref())?;
+    println!(
+        "cluster {} (zone {}): {} DCs, {} nodes",
+        config.cluster.name,
+        config.cluster.zone,
+        config.dcs.len(),
+        config.nodes().len()
+    );
+    for n in config.nodes() {
+        println!("  {:<10} {:<5} id {:<5} http {}  peer {}  dns {}", n.name, n.dc, n.id, n.http, n.peer, n.dns);
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Cmd::Node(a) => run_node(a).await,
+        Cmd::Bench(a) => agora::bench::run(a).await,
+        Cmd::Config { config } => show_config(config),
+    };
+    if let Err(e) = r {
+        eprintln!("agora: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,62 @@
+//! Prometheus metrics, named `agora_<thing>_<unit>`.
+
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_seconds: HistogramVec,
+    pub actor_restarts: IntCounterVec,
+    pub forwarded_writes: IntCounterVec,
+    pub raft_term: IntGauge,
+    pub raft_commit_index: IntGauge,
+    pub raft_applied_index: IntGauge,
+    pub raft_is_leader: IntGauge,
+}
+
+impl Metrics {
+    pub fn new(node: &str, dc: &str) -> Self {
+        let labels = [("node".to_string(), node.to_string()), ("dc".to_string(), dc.to_string())]
+            .into_iter()
+            .collect();
+        let registry = Registry::new_custom(Some("agora".into()), Some(labels)).expect("metrics registry");
+        let m = Metrics {
+            http_requests: IntCounterVec::new(Opts::new("http_requests_total", "HTTP requests by route and status"), &["route", "status"]).expect("metric"),
+            http_seconds: HistogramVec::new(
+                HistogramOpts::new("http_request_duration_seconds", "HTTP request latency")
+                    .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+                &["route"],
+            )
+            .expect("metric"),
+            actor_restarts: IntCounterVec::new(Opts::new("actor_restarts_total", "actors restarted by their supervisor"), &["actor"]).expect("metric"),
+            forwarded_writes: IntCounterVec::new(Opts::new("forwarded_writes_total", "writes forwarded to the DC leader, by result"), &["result"])
+                .expect("metric"),
+            raft_term: IntGauge::new("raft_term", "current Raft term").expect("metric"),
+            raft_commit_index: IntGauge::new("raft_commit_index", "last committed log index").expect("metric"),
+            raft_applied_index: IntGauge::new("raft_applied_index", "last applied log index").expect("metric"),
+            raft_is_leader: IntGauge::new("raft_is_leader", "1 on the DC leader").expect("metric"),
+            registry,
+        };
+        m.register_all();
+        m
+    }
+
+    fn register_all(&self) {
+        let r = &self.registry;
+        r.register(Box::new(self.http_requests.clone())).expect("register");
+        r.register(Box::new(self.http_seconds.clone())).expect("register");
+        r.register(Box::new(self.actor_restarts.clone())).expect("register");
+        r.register(Box::new(self.forwarded_writes.clone())).expect("register");
+        r.register(Box::new(self.raft_term.clone())).expect("register");
+        r.register(Box::new(self.raft_commit_index.clone())).expect("register");
+        r.register(Box::new(self.raft_applied_index.clone())).expect("register");
+        r.register(Box::new(self.raft_is_leader.clone())).expect("register");
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("encode metrics");
+        String::from_utf8(buf).expect("prometheus text is utf-8")
+    }
+}

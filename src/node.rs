@@ -1,0 +1,333 @@
+//! One node: wiring and shutdown order in [`start`], and the two request paths that every
+//! API call takes — [`Node::submit`] for writes (to the local actors on the leader,
+//! forwarded over the transport from a follower) and [`Node::read_barrier`] for
+//! linearizable reads (read index: the leader confirms its lease with a quorum, the
+//! reading node waits until it has applied up to that index).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use openraft::error::{CheckIsLeaderError, RaftError};
+use openraft::{BasicNode, ServerState};
+use serde::{Deserialize, Serialize};
+
+use crate::actors::{self, Directory};
+use crate::config::{ClusterConfig, NodeInfo};
+use crate::domain::{Outcome, Request};
+use crate::error::NodeError;
+use crate::metrics::Metrics;
+use crate::raft::{network::Network, raft_config, NodeId, Raft};
+use crate::storage::{self, SmReader};
+use crate::transport::{self, server::ServerLimits, Faults, PeerHandler, PeerRequest, PeerResponse, Peers};
+
+/// Forwarding hops before a write gives up (leadership moving under it).
+const SUBMIT_ATTEMPTS: usize = 3;
+
+pub struct NodeOptions {
+    pub name: String,
+    pub data_dir: PathBuf,
+    /// Enables the admin endpoints that inject faults and crash actors.
+    pub test_hooks: bool,
+}
+
+pub struct Node {
+    pub info: NodeInfo,
+    pub config: Arc<ClusterConfig>,
+    pub raft: Raft,
+    pub sm: SmReader,
+    pub peers: Peers,
+    pub actors: Arc<Directory>,
+    pub faults: Faults,
+    pub metrics: Metrics,
+    pub test_hooks: bool,
+    request_timeout: Duration,
+}
+
+/// A membership change asked of the DC leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MembershipOp {
+    Add(NodeId),
+    Remove(NodeId),
+}
+
+impl Node {
+    fn dc_members(&self) -> BTreeMap<NodeId, BasicNode> {
+        self.config
+            .dc_nodes(&self.info.dc)
+            .into_iter()
+            .map(|n| (n.id, BasicNode::new(n.peer)))
+            .collect()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// The current leader, waiting up to an election's length for one to appear.
+    async fn wait_leader(&self) -> Result<NodeId, NodeError> {
+        if let Some(l) = self.leader() {
+            return Ok(l);
+        }
+        let wait = Duration::from_millis(self.config.raft.election_timeout_max_ms * 2);
+        self.raft
+            .wait(Some(wait))
+            .metrics(|m| m.current_leader.is_some(), "leader")
+            .await
+            .ok()
+            .and_then(|m| m.current_leader)
+            .ok_or(NodeError::NoLeader)
+    }
+
+    /// Runs a write on the DC leader and returns its outcome once applied there.
+    pub async fn submit(&self, cmd: Request) -> Result<Outcome, NodeError> {
+        let mut last = NodeError::NoLeader;
+        for _ in 0..SUBMIT_ATTEMPTS {
+            let leader = self.wait_leader().await?;
+            let r = if leader == self.info.id {
+                self.actors.submit(cmd.clone()).await
+            } else {
+                self.forward(leader, cmd.clone()).await
+            };
+            match r {
+                Err(NodeError::NotLeader(hint)) => {
+                    last = NodeError::NotLeader(hint);
+                    // Leadership is moving: give the new leader a heartbeat to show up.
+                    tokio::time::sleep(Duration::from_millis(self.config.raft.heartbeat_interval_ms)).await;
+                }
+                other => return other,
+            }
+        }
+        Err(if matches!(last, NodeError::NotLeader(_)) { NodeError::NoLeader } else { last })
+    }
+
+    async fn forward(&self, leader: NodeId, cmd: Request) -> Result<Outcome, NodeError> {
+        let r = match self.peers.call(leader, PeerRequest::Submit(cmd), Some(self.request_timeout)).await {
+            Ok(PeerResponse::Submit(r)) => r,
+            Ok(other) => Err(NodeError::Internal(format!("unexpected answer to a forwarded write: {other:?}"))),
+            Err(e) => Err(e),
+        };
+        let label = if r.is_ok() { "ok" } else { "error" };
+        self.metrics.forwarded_writes.with_label_values(&[label]).inc();
+        r
+    }
+
+    /// Returns once a read of local state is linearizable (or at once for stale reads).
+    pub async fn read_barrier(&self, stale: bool) -> Result<(), NodeError> {
+        if stale {
+            return Ok(());
+        }
+        let leader = self.wait_leader().await?;
+        let index = if leader == self.info.id {
+            self.read_index_local().await?
+        } else {
+            match self.peers.call(leader, PeerRequest::ReadIndex, Some(self.request_timeout)).await? {
+                PeerResponse::ReadIndex(r) => r?,
+                other => return Err(NodeError::Internal(format!("unexpected answer to read index: {other:?}"))),
+            }
+        };
+        self.raft
+            .wait(Some(self.request_timeout))
+            .applied_index_at_least(Some(index), "read index")
+            .await
+            .map_err(|_| NodeError::Timeout)?;
+        Ok(())
+    }
+
+    /// On the leader: confirms leadership with a quorum and returns the read index.
+    async fn read_index_local(&self) -> Result<u64, NodeError> {
+        let r = tokio::time::timeout(self.request_timeout, self.raft.ensure_linearizable())
+            .await
+            .map_err(|_| NodeError::Timeout)?;
+        match r {
+            Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(NodeError::NotLeader(f.leader_id)),
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => Err(NodeError::NoLeader),
+            Err(RaftError::Fatal(f)) => Err(NodeError::Internal(f.to_string())),
+        }
+    }
+
+    /// Adds (learner, then voter) or removes a node of this DC; on a follower, asks the leader.
+    pub async fn change_membership(&self, op: MembershipOp) -> Result<BTreeSet<NodeId>, NodeError> {
+        let leader = self.wait_leader().await?;
+        if leader != self.info.id {
+            return match self.peers.call(leader, PeerRequest::Membership(op), Some(Duration::from_secs(30))).await? {
+                PeerResponse::Membership(r) => r,
+                other => Err(NodeError::Internal(format!("unexpected answer to membership change: {other:?}"))),
+            };
+        }
+        self.change_membership_local(op).await
+    }
+
+    async fn change_membership_local(&self, op: MembershipOp) -> Result<BTreeSet<NodeId>, NodeError> {
+        let internal = |e: &dyn std::fmt::Display| NodeError::Internal(e.to_string());
+        let mut voters: BTreeSet<NodeId> = self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        match op {
+            MembershipOp::Add(id) => {
+                let node = self
+                    .dc_members()
+                    .remove(&id)
+                    .ok_or_else(|| NodeError::BadRequest(format!("node {id} is not in this DC's config")))?;
+                // Blocking: returns once the learner has caught up with the log.
+                self.raft.add_learner(id, node, true).await.map_err(|e| internal(&e))?;
+                voters.insert(id);
+            }
+            MembershipOp::Remove(id) => {
+                if !voters.remove(&id) {
+                    return Err(NodeError::BadRequest(format!("node {id} is not a voter")));
+                }
+                if voters.is_empty() {
+                    return Err(NodeError::BadRequest("cannot remove the last voter".into()));
+                }
+            }
+        }
+        self.raft.change_membership(voters.clone(), false).await.map_err(|e| internal(&e))?;
+        Ok(voters)
+    }
+
+    /// Commit index, from Raft's own state.
+    pub async fn commit_index(&self) -> u64 {
+        self.raft.with_raft_state(|st| st.committed.map(|l| l.index).unwrap_or(0)).await.unwrap_or(0)
+    }
+}
+
+/// Answers peer requests: Raft RPCs from this DC, forwarded writes and read-index asks.
+struct Handler(Arc<Node>);
+
+#[async_trait::async_trait]
+impl PeerHandler for Handler {
+    async fn handle(&self, from: NodeId, req: PeerRequest) -> PeerResponse {
+        let node = &self.0;
+        let same_dc = node.config.node_by_id(from).is_some_and(|n| n.dc == node.info.dc);
+        if !same_dc {
+            tracing::warn!(from, "request from a node outside this DC refused");
+            return PeerResponse::Refused(format!("node {from} is not in {}", node.info.dc));
+        }
+        match req {
+            PeerRequest::AppendEntries(r) => PeerResponse::AppendEntries(node.raft.append_entries(r).await),
+            PeerRequest::Vote(r) => PeerResponse::Vote(node.raft.vote(r).await),
+            PeerRequest::InstallSnapshot(r) => PeerResponse::InstallSnapshot(node.raft.install_snapshot(r).await),
+            PeerRequest::Submit(cmd) if node.is_leader() => PeerResponse::Submit(node.actors.submit(cmd).await),
+            PeerRequest::Submit(_) => PeerResponse::Submit(Err(NodeError::NotLeader(node.leader()))),
+            PeerRequest::ReadIndex => PeerResponse::ReadIndex(node.read_index_local().await),
+            PeerRequest::Membership(op) if node.is_leader() => PeerResponse::Membership(node.change_membership_local(op).await),
+            PeerRequest::Membership(_) => PeerResponse::Membership(Err(NodeError::NotLeader(node.leader()))),
+        }
+    }
+}
+
+/// A started node: its HTTP address and how to stop it.
+pub struct Running {
+    pub node: Arc<Node>,
+    pub http_addr: SocketAddr,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    supervisor: ractor::ActorRef<()>,
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("bind {what} port {addr} (is another node or program using it?)"))
+}
+
+/// Starts every part of a node, in dependency order: storage, transport, Raft, actors,
+/// HTTP; then bootstraps the DC if this is its first start.
+pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<Running> {
+    let info = config
+        .node(&opts.name)
+        .ok_or_else(|| anyhow::anyhow!("unknown node '{}'; valid nodes: {}", opts.name, config.node_names().join(", ")))?;
+    let config = Arc::new(config);
+    let peer_listener = bind(info.peer, "peer").await?;
+    let http_listener = bind(info.http, "http").await?;
+    let (log, sm) = storage::open(
+        &opts.data_dir,
+        config.storage.durability,
+        config.storage.sled_cache_bytes_max,
+        config.limits.cache_entities_max,
+    )
+    .context("open storage")?;
+    let reader = sm.reader();
+    let faults = Faults::default();
+    let peers = Peers::new(&config, info.id, faults.clone());
+    let raft = Raft::new(info.id, raft_config(&config, &info.dc)?, Network { peers: peers.clone() }, log, sm)
+        .await
+        .context("start raft")?;
+    let metrics = Metrics::new(&info.name, &info.dc);
+    let request_timeout = Duration::from_millis(config.limits.request_timeout_ms);
+    let actors = Directory::new(config.limits.mailbox_len_max, request_timeout);
+    let template = actors::entity::EntityArgs {
+        kind: actors::Kind::Sessions,
+        raft: raft.clone(),
+        sm: reader.clone(),
+        write_timeout: request_timeout,
+    };
+    let supervisor = actors::spawn_supervisor(actors::supervisor::SupervisorArgs {
+        template,
+        directory: actors.clone(),
+        metrics: metrics.clone(),
+    })
+    .await?;
+    let node = Arc::new(Node {
+        info,
+        config: config.clone(),
+        raft,
+        sm: reader,
+        peers,
+        actors,
+        faults: faults.clone(),
+        metrics,
+        test_hooks: opts.test_hooks,
+        request_timeout,
+    });
+
+    let limits = ServerLimits {
+        frame_bytes_max: config.limits.peer_frame_bytes_max,
+        inflight_per_connection_max: config.limits.peer_inflight_max,
+    };
+    let mut tasks = vec![tokio::spawn(transport::serve(peer_listener, Arc::new(Handler(node.clone())), faults, limits))];
+    let http_addr = http_listener.local_addr()?;
+    tasks.push(tokio::spawn(crate::api::serve(http_listener, node.clone())));
+    tasks.push(tokio::spawn(bootstrap(node.clone())));
+    tracing::info!(node = %node.info.name, dc = %node.info.dc, id = node.info.id, http = %http_addr, peer = %node.info.peer, "node started");
+    Ok(Running {
+        node,
+        http_addr,
+        tasks,
+        supervisor,
+    })
+}
+
+/// A fresh DC forms by itself: every node whose store is empty proposes the configured
+/// members. openraft writes that membership as log entry 0 with the same id on every
+/// node, so several nodes doing it is harmless, and an initialised node refuses.
+async fn bootstrap(node: Arc<Node>) {
+    match node.raft.is_initialized().await {
+        Ok(false) => {}
+        _ => return,
+    }
+    match node.raft.initialize(node.dc_members()).await {
+        Ok(()) => tracing::info!(dc = %node.info.dc, "bootstrapped datacentre membership"),
+        Err(e) => tracing::debug!(error = %e, "bootstrap skipped"),
+    }
+}
+
+impl Running {
+    /// Stops serving, then Raft (which flushes what it has), then the actors.
+    pub async fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Err(e) = self.node.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        self.supervisor.stop(None);
+        tracing::info!(node = %self.node.info.name, "node stopped");
+    }
+}

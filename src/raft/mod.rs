@@ -1,0 +1,46 @@
+//! Raft inside a datacentre (openraft 0.9): the type configuration, the network adapter
+//! over the peer transport, and the settings derived from the cluster file. The sled
+//! stores that openraft drives live in `storage`.
+
+pub mod network;
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use crate::config::ClusterConfig;
+use crate::domain::{Outcome, Request};
+
+openraft::declare_raft_types!(
+    /// Agora's Raft types: commands in, outcomes out, snapshots as byte buffers.
+    pub TypeConfig:
+        D = Request,
+        R = Outcome,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type NodeId = u64;
+pub type LogId = openraft::LogId<NodeId>;
+pub type StorageError = openraft::StorageError<NodeId>;
+
+/// openraft's settings from the cluster file: every timeout is explicit (openraft's
+/// defaults are LAN values).
+pub fn raft_config(config: &ClusterConfig, dc: &str) -> anyhow::Result<Arc<openraft::Config>> {
+    let r = &config.raft;
+    let c = openraft::Config {
+        cluster_name: format!("{}-{dc}", config.cluster.name),
+        heartbeat_interval: r.heartbeat_interval_ms,
+        election_timeout_min: r.election_timeout_min_ms,
+        election_timeout_max: r.election_timeout_max_ms,
+        install_snapshot_timeout: r.install_snapshot_timeout_ms,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_logs_since_last),
+        max_in_snapshot_log_to_keep: r.logs_to_keep_after_snapshot,
+        snapshot_max_chunk_size: r.snapshot_chunk_bytes_max,
+        ..Default::default()
+    };
+    Ok(Arc::new(c.validate()?))
+}

@@ -1,0 +1,164 @@
+//! The Raft log and vote in sled. Keys of the `log` tree are big-endian indexes, so sled's
+//! byte order is log order.
+
+use std::fmt::Debug;
+use std::ops::RangeBounds;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{Entry, RaftLogReader, StorageIOError, Vote};
+
+use super::{io_err, Durable};
+use crate::codec;
+use crate::raft::{LogId, NodeId, StorageError, TypeConfig};
+
+const VOTE: &[u8] = b"vote";
+const COMMITTED: &[u8] = b"committed";
+const LAST_PURGED: &[u8] = b"last_purged";
+
+#[derive(Clone)]
+pub struct LogStore {
+    log: sled::Tree,
+    meta: sled::Tree,
+    durable: Durable,
+}
+
+fn key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+impl LogStore {
+    pub(super) fn new(db: &sled::Db, durable: Durable) -> anyhow::Result<Self> {
+        Ok(LogStore {
+            log: db.open_tree("raft_log")?,
+            meta: db.open_tree("raft_meta")?,
+            durable,
+        })
+    }
+
+    fn get_meta<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, StorageError> {
+        let Some(bytes) = self.meta.get(k).map_err(|e| io_err(StorageIOError::read, e))? else {
+            return Ok(None);
+        };
+        codec::decode(&bytes).map(Some).map_err(|e| io_err(StorageIOError::read, e))
+    }
+
+    fn put_meta<T: serde::Serialize>(&self, k: &[u8], v: &T) -> Result<(), StorageError> {
+        self.meta.insert(k, codec::encode(v)).map_err(|e| io_err(StorageIOError::write, e))?;
+        Ok(())
+    }
+
+    async fn sync(&self) -> Result<(), StorageError> {
+        self.durable.sync_async().await.map_err(|e| io_err(StorageIOError::write_logs, e))
+    }
+
+    fn last_entry_id(&self) -> Result<Option<LogId>, StorageError> {
+        let Some((_, bytes)) = self.log.last().map_err(|e| io_err(StorageIOError::read_logs, e))? else {
+            return Ok(None);
+        };
+        let entry: Entry<TypeConfig> = codec::decode(&bytes).map_err(|e| io_err(StorageIOError::read_logs, e))?;
+        Ok(Some(entry.log_id))
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(&mut self, range: RB) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+        use std::ops::Bound;
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i + 1,
+            Bound::Unbounded => 0,
+        };
+        let mut entries = Vec::new();
+        for item in self.log.range(key(start)..) {
+            let (k, v) = item.map_err(|e| io_err(StorageIOError::read_logs, e))?;
+            let index = u64::from_be_bytes(k.as_ref().try_into().expect("log keys are 8 bytes"));
+            if !range.contains(&index) {
+                break;
+            }
+            let entry: Entry<TypeConfig> = codec::decode(&v).map_err(|e| io_err(StorageIOError::read_logs, e))?;
+            assert_eq!(entry.log_id.index, index, "log entry stored under the wrong index");
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged_log_id: Option<LogId> = self.get_meta(LAST_PURGED)?;
+        // An empty log (everything purged) falls back to the last purged id.
+        let last_log_id = self.last_entry_id()?.or(last_purged_log_id);
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        self.put_meta(VOTE, vote)?;
+        // A vote must be on disk before it is answered: otherwise a restarted node could
+        // vote twice in one term.
+        self.durable.sync_async().await.map_err(|e| io_err(StorageIOError::write_vote, e))
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
+        self.get_meta(VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // Not synced: it only lets a restarted node re-apply its log sooner.
+        self.put_meta(COMMITTED, &committed)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.get_meta::<Option<LogId>>(COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            batch.insert(&key(entry.log_id.index), codec::encode(&entry));
+        }
+        self.log.apply_batch(batch).map_err(|e| io_err(StorageIOError::write_logs, e))?;
+        // Only entries on disk may be reported as flushed: Raft counts them towards a
+        // commit quorum the moment the callback fires.
+        let synced = self.durable.sync_async().await;
+        let failed = synced
+            .as_ref()
+            .err()
+            .map(|e| io_err(StorageIOError::write_logs, std::io::Error::new(e.kind(), e.to_string())));
+        callback.log_io_completed(synced);
+        failed.map_or(Ok(()), Err)
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let mut batch = sled::Batch::default();
+        for k in self.log.range(key(log_id.index)..).keys() {
+            batch.remove(k.map_err(|e| io_err(StorageIOError::write_logs, e))?);
+        }
+        self.log.apply_batch(batch).map_err(|e| io_err(StorageIOError::write_logs, e))?;
+        self.sync().await
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Record the purge point durably first, so a crash midway never leaves a log that
+        // starts later than `last_purged` says.
+        self.put_meta(LAST_PURGED, &log_id)?;
+        self.sync().await?;
+        let mut batch = sled::Batch::default();
+        for k in self.log.range(..=key(log_id.index)).keys() {
+            batch.remove(k.map_err(|e| io_err(StorageIOError::write_logs, e))?);
+        }
+        self.log.apply_batch(batch).map_err(|e| io_err(StorageIOError::write_logs, e))
+    }
+}

@@ -1,0 +1,363 @@
+//! The replicated state machine in sled: one `state` tree holds every entity under a
+//! kind prefix plus the applied log id and membership, so one `apply_batch` makes a
+//! whole batch of Raft entries — state and progress together — atomic.
+//!
+//! Hot entities also stay decoded in a bounded LRU cache (`cache_entities_max`), written
+//! through on apply, which serves the actors' validation and the API's reads.
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{EntryPayload, RaftSnapshotBuilder, SnapshotMeta, StorageIOError, StoredMembership};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{io_err, Durable};
+use crate::codec;
+use crate::domain::command::IdempotencyRecord;
+use crate::domain::{apply, Inventory, Order, Outcome, Request, Session, State};
+use crate::raft::{LogId, NodeId, StorageError, TypeConfig};
+
+type Membership = StoredMembership<NodeId, openraft::BasicNode>;
+
+const APPLIED: &[u8] = b"m/applied";
+const MEMBERSHIP: &[u8] = b"m/membership";
+const SNAPSHOT: &[u8] = b"snapshot";
+
+/// Key prefixes of the entity kinds, also the digest's kinds.
+pub const KINDS: [(&str, &[u8]); 3] = [("sessions", b"s/"), ("inventory", b"i/"), ("orders", b"o/")];
+
+fn session_key(token: &str) -> Vec<u8> {
+    [b"s/", token.as_bytes()].concat()
+}
+fn inventory_key(sku: &str) -> Vec<u8> {
+    [b"i/", sku.as_bytes()].concat()
+}
+fn order_key(id: &str) -> Vec<u8> {
+    [b"o/", id.as_bytes()].concat()
+}
+fn idempotency_key(k: &str) -> Vec<u8> {
+    [b"k/", k.as_bytes()].concat()
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    data: Vec<u8>,
+}
+
+/// Shared by the state machine (writer) and every reader.
+struct Inner {
+    tree: sled::Tree,
+    meta: sled::Tree,
+    durable: Durable,
+    /// Decoded hot entities by key; std Mutex because no await happens while it is held.
+    cache: Mutex<lru::LruCache<Vec<u8>, Vec<u8>>>,
+    /// Held while a batch is written or a snapshot is taken, so a snapshot is a single
+    /// point in the log.
+    write_lock: Mutex<()>,
+    snapshot_seq: std::sync::atomic::AtomicU64,
+}
+
+impl Inner {
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        if let Some(v) = self.cache.lock().expect("cache lock").get(key) {
+            return Some(v.clone());
+        }
+        // Read and fill under the write lock: otherwise a value read just before an apply
+        // could land in the cache just after it, and stay there stale.
+        let _w = self.write_lock.lock().expect("write lock");
+        // A read error from sled is a broken disk: crash rather than answer wrongly.
+        let v = self.tree.get(key).expect("sled read of state machine")?.to_vec();
+        self.cache.lock().expect("cache lock").put(key.to_vec(), v.clone());
+        Some(v)
+    }
+
+    fn get_typed<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Option<T> {
+        let bytes = self.get(key)?;
+        // Bytes we wrote ourselves failing to decode means corruption: crash loudly.
+        Some(codec::decode(&bytes).expect("state machine record decodes"))
+    }
+}
+
+/// The openraft state machine. Clone-cheap; readers get an [`SmReader`].
+#[derive(Clone)]
+pub struct StateMachineStore {
+    inner: Arc<Inner>,
+}
+
+/// Read access for actors and the API.
+#[derive(Clone)]
+pub struct SmReader {
+    inner: Arc<Inner>,
+}
+
+impl StateMachineStore {
+    pub(super) fn new(db: &sled::Db, durable: Durable, cache_entities_max: usize) -> anyhow::Result<Self> {
+        let cap = NonZeroUsize::new(cache_entities_max).unwrap_or(NonZeroUsize::MIN);
+        let inner = Inner {
+            tree: db.open_tree("state")?,
+            meta: db.open_tree("sm_meta")?,
+            durable,
+            cache: Mutex::new(lru::LruCache::new(cap)),
+            write_lock: Mutex::new(()),
+            snapshot_seq: Default::default(),
+        };
+        Ok(StateMachineStore { inner: Arc::new(inner) })
+    }
+
+    pub fn reader(&self) -> SmReader {
+        SmReader { inner: self.inner.clone() }
+    }
+
+    fn read_applied(&self) -> Result<(Option<LogId>, Membership), StorageError> {
+        let get = |k: &[u8]| self.inner.tree.get(k).map_err(|e| io_err(StorageIOError::read_state_machine, e));
+        let applied = match get(APPLIED)? {
+            Some(b) => codec::decode(&b).map_err(|e| io_err(StorageIOError::read_state_machine, e))?,
+            None => None,
+        };
+        let membership = match get(MEMBERSHIP)? {
+            Some(b) => codec::decode(&b).map_err(|e| io_err(StorageIOError::read_state_machine, e))?,
+            None => Membership::default(),
+        };
+        Ok((applied, membership))
+    }
+}
+
+/// Entity writes of one `apply` call, visible to later entries of the same call before
+/// they are committed to sled in one batch.
+struct Overlay<'a> {
+    inner: &'a Inner,
+    pending: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl Overlay<'_> {
+    fn get<T: serde::de::DeserializeOwned>(&self, key: Vec<u8>) -> Option<T> {
+        match self.pending.get(&key) {
+            Some(bytes) => Some(codec::decode(bytes).expect("pending record decodes")),
+            None => self.inner.get_typed(&key),
+        }
+    }
+    fn put<T: Serialize>(&mut self, key: Vec<u8>, v: &T) {
+        self.pending.insert(key, codec::encode(v));
+    }
+}
+
+impl State for Overlay<'_> {
+    fn session(&self, token: &str) -> Option<Session> {
+        self.get(session_key(token))
+    }
+    fn inventory(&self, sku: &str) -> Option<Inventory> {
+        self.get(inventory_key(sku))
+    }
+    fn order(&self, id: &str) -> Option<Order> {
+        self.get(order_key(id))
+    }
+    fn idempotency(&self, key: &str) -> Option<IdempotencyRecord> {
+        self.get(idempotency_key(key))
+    }
+    fn put_session(&mut self, s: Session) {
+        self.put(session_key(&s.token), &s)
+    }
+    fn put_inventory(&mut self, i: Inventory) {
+        self.put(inventory_key(&i.sku), &i)
+    }
+    fn put_order(&mut self, o: Order) {
+        self.put(order_key(&o.id), &o)
+    }
+    fn put_idempotency(&mut self, key: &str, r: IdempotencyRecord) {
+        self.put(idempotency_key(key), &r)
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), StorageError> {
+        self.read_applied()
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcome>, StorageError>
+    where
+        I: IntoIterator<Item = openraft::Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let inner = &*self.inner;
+        let mut overlay = Overlay {
+            inner,
+            pending: BTreeMap::new(),
+        };
+        let mut outcomes = Vec::new();
+        let mut last = None;
+        let mut membership = None;
+        for entry in entries {
+            last = Some(entry.log_id);
+            outcomes.push(match entry.payload {
+                EntryPayload::Blank => Outcome::Noop,
+                EntryPayload::Normal(cmd) => apply(&mut overlay, &cmd),
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembership::new(Some(entry.log_id), m));
+                    Outcome::Noop
+                }
+            });
+        }
+        let mut batch = sled::Batch::default();
+        for (k, v) in &overlay.pending {
+            batch.insert(k.as_slice(), v.as_slice());
+        }
+        batch.insert(APPLIED, codec::encode(&last));
+        if let Some(m) = &membership {
+            batch.insert(MEMBERSHIP, codec::encode(m));
+        }
+        {
+            let _w = inner.write_lock.lock().expect("write lock");
+            inner.tree.apply_batch(batch).map_err(|e| io_err(StorageIOError::write_state_machine, e))?;
+            let mut cache = inner.cache.lock().expect("cache lock");
+            for (k, v) in overlay.pending {
+                cache.put(k, v);
+            }
+        }
+        Ok(outcomes)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta<NodeId, openraft::BasicNode>, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let records: Vec<(Vec<u8>, Vec<u8>)> = codec::decode(&data).map_err(|e| io_err(StorageIOError::read, e))?;
+        let inner = &*self.inner;
+        {
+            let _w = inner.write_lock.lock().expect("write lock");
+            let mut batch = sled::Batch::default();
+            for k in inner.tree.iter().keys() {
+                batch.remove(k.map_err(|e| io_err(StorageIOError::write_state_machine, e))?);
+            }
+            for (k, v) in records {
+                batch.insert(k, v);
+            }
+            batch.insert(APPLIED, codec::encode(&meta.last_log_id));
+            batch.insert(MEMBERSHIP, codec::encode(&meta.last_membership));
+            inner.tree.apply_batch(batch).map_err(|e| io_err(StorageIOError::write_state_machine, e))?;
+            inner.cache.lock().expect("cache lock").clear();
+        }
+        self.save_snapshot(StoredSnapshot { meta: meta.clone(), data }).await
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let Some(bytes) = self.inner.meta.get(SNAPSHOT).map_err(|e| io_err(StorageIOError::read, e))? else {
+            return Ok(None);
+        };
+        let s: StoredSnapshot = codec::decode(&bytes).map_err(|e| io_err(StorageIOError::read, e))?;
+        Ok(Some(Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}
+
+impl StateMachineStore {
+    async fn save_snapshot(&self, s: StoredSnapshot) -> Result<(), StorageError> {
+        self.inner
+            .meta
+            .insert(SNAPSHOT, codec::encode(&s))
+            .map_err(|e| io_err(StorageIOError::write, e))?;
+        // Durable before openraft purges the log entries the snapshot replaces.
+        self.inner.durable.sync_async().await.map_err(|e| io_err(StorageIOError::write, e))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let (records, applied, membership) = {
+            let _w = self.inner.write_lock.lock().expect("write lock");
+            let (applied, membership) = self.read_applied()?;
+            let mut records = Vec::new();
+            for item in self.inner.tree.iter() {
+                let (k, v) = item.map_err(|e| io_err(StorageIOError::read_state_machine, e))?;
+                if k.as_ref() != APPLIED && k.as_ref() != MEMBERSHIP {
+                    records.push((k.to_vec(), v.to_vec()));
+                }
+            }
+            (records, applied, membership)
+        };
+        let seq = self.inner.snapshot_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let snapshot_id = match applied {
+            Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
+            None => format!("none-{seq}"),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        let data = codec::encode(&records);
+        self.save_snapshot(StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        })
+        .await?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl SmReader {
+    pub fn session(&self, token: &str) -> Option<Session> {
+        self.inner.get_typed(&session_key(token))
+    }
+    pub fn inventory(&self, sku: &str) -> Option<Inventory> {
+        self.inner.get_typed(&inventory_key(sku))
+    }
+    pub fn order(&self, id: &str) -> Option<Order> {
+        self.inner.get_typed(&order_key(id))
+    }
+
+    /// Index of the last applied log entry (0 before any).
+    pub fn applied_index(&self) -> u64 {
+        let bytes = self.inner.tree.get(APPLIED).expect("sled read of state machine");
+        let applied: Option<LogId> = bytes.map(|b| codec::decode(&b).expect("applied id decodes")).flatten();
+        applied.map(|l| l.index).unwrap_or(0)
+    }
+
+    /// Hex SHA-256 per entity kind, and of them all: equal digests mean equal state.
+    pub fn digest(&self) -> BTreeMap<String, String> {
+        let mut all = Sha256::new();
+        let mut out = BTreeMap::new();
+        for (kind, prefix) in KINDS {
+            let mut h = Sha256::new();
+            for item in self.inner.tree.scan_prefix(prefix) {
+                let (k, v) = item.expect("sled read of state machine");
+                h.update((k.len() as u64).to_be_bytes());
+                h.update(&k);
+                h.update((v.len() as u64).to_be_bytes());
+                h.update(&v);
+            }
+            let d = h.finalize();
+            all.update(d);
+            out.insert(kind.to_string(), hex::encode(d));
+        }
+        out.insert("all".to_string(), hex::encode(all.finalize()));
+        out
+    }
+
+    /// Applies `cmd` to a copy of the current state, without writing anything: how the
+    /// actors pre-check a command before proposing it.
+    pub fn dry_run(&self, cmd: &Request) -> Outcome {
+        let mut overlay = Overlay {
+            inner: &self.inner,
+            pending: BTreeMap::new(),
+        };
+        apply(&mut overlay, cmd)
+    }
+}

@@ -1,0 +1,204 @@
+//! The sending side: one persistent connection per peer, opened on first use, reopened
+//! with exponential backoff after a failure. Requests are multiplexed by id; each has a
+//! timeout, and at most `peer_inflight_max` wait for an answer at once.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::frame::{read_frame, write_frame};
+use super::{Faults, PeerRequest, PeerResponse};
+use crate::codec;
+use crate::config::{ClusterConfig, Limits};
+use crate::error::NodeError;
+use crate::raft::NodeId;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(20);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+type Reply = oneshot::Sender<PeerResponse>;
+type Pending = Arc<Mutex<HashMap<u64, Reply>>>;
+
+struct Outgoing {
+    id: u64,
+    bytes: Vec<u8>,
+    reply: Reply,
+}
+
+/// A client for one peer. Cheap to clone; all clones share the connection.
+#[derive(Clone)]
+pub struct PeerClient {
+    me: NodeId,
+    peer: NodeId,
+    tx: mpsc::UnboundedSender<Outgoing>,
+    next_id: Arc<AtomicU64>,
+    inflight: Arc<Semaphore>,
+    timeout: Duration,
+    faults: Faults,
+}
+
+impl PeerClient {
+    fn new(me: NodeId, peer: NodeId, addr: SocketAddr, limits: &Limits, faults: Faults) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let backoff_max = Duration::from_millis(limits.peer_backoff_max_ms);
+        tokio::spawn(connection_loop(addr, rx, limits.peer_frame_bytes_max, backoff_max));
+        PeerClient {
+            me,
+            peer,
+            tx,
+            next_id: Arc::new(AtomicU64::new(1)),
+            inflight: Arc::new(Semaphore::new(limits.peer_inflight_max)),
+            timeout: Duration::from_millis(limits.peer_request_timeout_ms),
+            faults,
+        }
+    }
+
+    /// Sends `req` and waits for the answer, at most `timeout` (or the default).
+    pub async fn call(&self, req: PeerRequest, timeout: Option<Duration>) -> Result<PeerResponse, NodeError> {
+        let timeout = timeout.unwrap_or(self.timeout);
+        if self.faults.is_cut(self.peer) {
+            // A silent drop: the caller learns nothing until its timeout, as on a real cut.
+            tokio::time::sleep(timeout).await;
+            return Err(NodeError::Timeout);
+        }
+        if let Some(d) = self.faults.delay(self.peer) {
+            tokio::time::sleep(d).await;
+        }
+        let _permit = self
+            .inflight
+            .try_acquire()
+            .map_err(|_| NodeError::Overloaded(format!("too many requests in flight to node {}", self.peer)))?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = oneshot::channel();
+        let bytes = codec::encode(&(id, self.me, req));
+        self.tx
+            .send(Outgoing { id, bytes, reply })
+            .map_err(|_| NodeError::Internal("peer connection task stopped".into()))?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(resp)) => Ok(resp),
+            // The sender was dropped: the connection failed before an answer came.
+            Ok(Err(_)) => Err(NodeError::Unreachable(format!("node {}", self.peer))),
+            Err(_) => Err(NodeError::Timeout),
+        }
+    }
+}
+
+async fn connection_loop(addr: SocketAddr, mut rx: mpsc::UnboundedReceiver<Outgoing>, frame_max: usize, backoff_max: Duration) {
+    let mut backoff = BACKOFF_MIN;
+    // Connect lazily, when there is something to send.
+    while let Some(first) = rx.recv().await {
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            _ => {
+                // Fail what is queued now rather than let it wait out a long backoff.
+                drop(first);
+                while rx.try_recv().is_ok() {}
+                tracing::debug!(%addr, backoff_ms = backoff.as_millis() as u64, "peer connect failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(backoff_max);
+                continue;
+            }
+        };
+        backoff = BACKOFF_MIN;
+        let _ = stream.set_nodelay(true);
+        serve_connection(stream, first, &mut rx, frame_max).await;
+        tracing::debug!(%addr, "peer connection closed");
+    }
+}
+
+/// Writes requests and routes answers until the connection fails; then every request
+/// still waiting on it is failed (by dropping its reply sender).
+async fn serve_connection(stream: TcpStream, first: Outgoing, rx: &mut mpsc::UnboundedReceiver<Outgoing>, frame_max: usize) {
+    let (mut r, w) = stream.into_split();
+    let mut w = BufWriter::new(w);
+    let pending: Pending = Default::default();
+    let reader_pending = pending.clone();
+    let mut reader = tokio::spawn(async move {
+        loop {
+            let frame = match read_frame(&mut r, frame_max).await {
+                Ok(f) => f,
+                Err(e) => return tracing::debug!(error = %e, "peer read ended"),
+            };
+            match codec::decode::<(u64, PeerResponse)>(&frame) {
+                Ok((id, resp)) => {
+                    if let Some(reply) = reader_pending.lock().expect("pending lock").remove(&id) {
+                        let _ = reply.send(resp);
+                    }
+                }
+                Err(e) => return tracing::warn!(error = %e, "bad response frame from peer; dropping connection"),
+            }
+        }
+    });
+    let mut next = Some(first);
+    loop {
+        let out = match next.take() {
+            Some(o) => o,
+            None => tokio::select! {
+                o = rx.recv() => match o { Some(o) => o, None => break },
+                _ = &mut reader => break,
+            },
+        };
+        if write_batch(&mut w, out, rx, &pending).await.is_err() {
+            break;
+        }
+    }
+    reader.abort();
+    pending.lock().expect("pending lock").clear();
+}
+
+/// Writes `first` and whatever else is already queued, then flushes once.
+async fn write_batch(
+    w: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+    first: Outgoing,
+    rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+    pending: &Pending,
+) -> Result<(), super::frame::FrameError> {
+    let mut out = first;
+    loop {
+        if out.reply.is_closed() {
+            // The caller gave up (timeout): do not send a request nobody waits for.
+        } else {
+            pending.lock().expect("pending lock").insert(out.id, out.reply);
+            write_frame(w, &out.bytes).await?;
+        }
+        match rx.try_recv() {
+            Ok(o) => out = o,
+            Err(_) => break,
+        }
+    }
+    w.flush().await?;
+    Ok(())
+}
+
+/// Clients for every peer in the cluster, by node id.
+#[derive(Clone)]
+pub struct Peers {
+    clients: Arc<HashMap<NodeId, PeerClient>>,
+}
+
+impl Peers {
+    pub fn new(config: &ClusterConfig, me: NodeId, faults: Faults) -> Self {
+        let clients = config
+            .nodes()
+            .into_iter()
+            .filter(|n| n.id != me)
+            .map(|n| (n.id, PeerClient::new(me, n.id, n.peer, &config.limits, faults.clone())))
+            .collect();
+        Peers { clients: Arc::new(clients) }
+    }
+
+    pub fn get(&self, id: NodeId) -> Option<&PeerClient> {
+        self.clients.get(&id)
+    }
+
+    pub async fn call(&self, id: NodeId, req: PeerRequest, timeout: Option<Duration>) -> Result<PeerResponse, NodeError> {
+        let client = self.get(id).ok_or_else(|| NodeError::Unreachable(format!("unknown node {id}")))?;
+        client.call(req, timeout).await
+    }
+}

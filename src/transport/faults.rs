@@ -1,0 +1,45 @@
+//! Fault injection, in the manner of TiKV's transport filters: tests (through the admin
+//! API, when a node runs with `--enable-test-hooks`) cut this node off from chosen peers
+//! or delay messages to them. A cut drops messages silently in both directions — the
+//! sender waits for its timeout, as on a real partition, instead of failing fast.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::raft::NodeId;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FaultRules {
+    /// Peers this node neither sends to nor answers.
+    pub partitioned: BTreeSet<NodeId>,
+    /// Extra delay before each message to a peer, in milliseconds.
+    pub delay_ms: BTreeMap<NodeId, u64>,
+}
+
+#[derive(Clone, Default)]
+pub struct Faults {
+    // std RwLock: held for a lookup only, never across an await.
+    rules: Arc<RwLock<FaultRules>>,
+}
+
+impl Faults {
+    pub fn set(&self, rules: FaultRules) {
+        *self.rules.write().expect("faults lock") = rules;
+    }
+
+    pub fn get(&self) -> FaultRules {
+        self.rules.read().expect("faults lock").clone()
+    }
+
+    pub fn is_cut(&self, peer: NodeId) -> bool {
+        self.rules.read().expect("faults lock").partitioned.contains(&peer)
+    }
+
+    pub fn delay(&self, peer: NodeId) -> Option<Duration> {
+        self.rules.read().expect("faults lock").delay_ms.get(&peer).map(|ms| Duration::from_millis(*ms))
+    }
+}

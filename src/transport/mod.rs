@@ -1,0 +1,20 @@
+//! Peer transport: every node-to-node message (Raft RPCs, forwarded writes, read-index
+//! requests) travels here, over tokio TCP with length-prefixed, versioned bincode frames.
+//!
+//! - [`frame`]: the frame format and its bounds.
+//! - [`client`]: one persistent connection per peer, reconnect with backoff, request
+//!   timeouts, bounded in-flight requests.
+//! - [`server`]: the listener; answers each request through a [`PeerHandler`].
+//! - [`faults`]: the one place where tests drop, delay or partition messages.
+//! - [`message`]: what travels.
+
+pub mod client;
+pub mod faults;
+pub mod frame;
+pub mod message;
+pub mod server;
+
+pub use client::{PeerClient, Peers};
+pub use faults::Faults;
+pub use message::{PeerRequest, PeerResponse};
+pub use server::{serve, PeerHandler};

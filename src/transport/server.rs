@@ -1,0 +1,95 @@
+//! The receiving side: accepts peer connections and answers each request through a
+//! [`PeerHandler`]. A frame that is oversized, truncated, of an unknown version or
+//! undecodable is logged and closes that connection; nothing in it is acted on.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+
+use super::frame::{read_frame, write_frame};
+use super::{Faults, PeerRequest, PeerResponse};
+use crate::codec;
+use crate::raft::NodeId;
+
+#[async_trait::async_trait]
+pub trait PeerHandler: Send + Sync + 'static {
+    async fn handle(&self, from: NodeId, req: PeerRequest) -> PeerResponse;
+}
+
+pub struct ServerLimits {
+    pub frame_bytes_max: usize,
+    pub inflight_per_connection_max: usize,
+}
+
+/// Accepts connections until the task is aborted.
+pub async fn serve(listener: TcpListener, handler: Arc<dyn PeerHandler>, faults: Faults, limits: ServerLimits) {
+    let limits = Arc::new(limits);
+    loop {
+        match listener.accept().await {
+            Ok((stream, addr)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(connection(stream, addr, handler.clone(), faults.clone(), limits.clone()));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "peer accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn connection(stream: TcpStream, addr: SocketAddr, handler: Arc<dyn PeerHandler>, faults: Faults, limits: Arc<ServerLimits>) {
+    let (mut r, w) = stream.into_split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let writer = tokio::spawn(async move {
+        let mut w = BufWriter::new(w);
+        while let Some(bytes) = rx.recv().await {
+            if write_frame(&mut w, &bytes).await.is_err() {
+                return;
+            }
+            while let Ok(more) = rx.try_recv() {
+                if write_frame(&mut w, &more).await.is_err() {
+                    return;
+                }
+            }
+            if w.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    let inflight = Arc::new(Semaphore::new(limits.inflight_per_connection_max));
+    loop {
+        let frame = match read_frame(&mut r, limits.frame_bytes_max).await {
+            Ok(f) => f,
+            Err(super::frame::FrameError::Closed) => break,
+            Err(e) => {
+                tracing::warn!(peer = %addr, error = %e, "bad frame from peer; closing connection");
+                break;
+            }
+        };
+        let (id, from, req) = match codec::decode::<(u64, NodeId, PeerRequest)>(&frame) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(peer = %addr, error = %e, "undecodable request from peer; closing connection");
+                break;
+            }
+        };
+        if faults.is_cut(from) {
+            continue;
+        }
+        // Waiting for a permit stops reading: TCP back-pressure slows the sender down.
+        let Ok(permit) = inflight.clone().acquire_owned().await else { break };
+        let (handler, tx) = (handler.clone(), tx.clone());
+        tokio::spawn(async move {
+            let resp = handler.handle(from, req).await;
+            let _ = tx.send(codec::encode(&(id, resp)));
+            drop(permit);
+        });
+    }
+    drop(tx);
+    let _ = writer.await;
+}

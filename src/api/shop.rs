@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{idempotency_key, now_ms, parse_body, random_hex, ApiError, AppState, ReadParams};
-use crate::domain::{validate, Command, Inventory, Order, Outcome, Request, Session};
+use crate::domain::{validate, Command, Inventory, Order, Outcome, Rejection, Request, Session};
 
 type Body = Result<Bytes, BytesRejection>;
 type PathArg = Result<Path<String>, PathRejection>;
@@ -93,8 +93,12 @@ pub async fn get_session(State(node): State<AppState>, token: PathArg, q: QueryA
 
 pub async fn delete_session(State(node): State<AppState>, headers: HeaderMap, token: PathArg) -> Result<StatusCode, ApiError> {
     let token = path_name("token", token)?;
-    match submit(&node, Command::DeleteSession { token }, &headers).await? {
+    let req = Request::new(Command::DeleteSession { token }, idempotency_key(&headers)?);
+    match node.submit(req).await? {
         Outcome::SessionDeleted => Ok(StatusCode::NO_CONTENT),
+        // The session is what the URL names: unknown means 404 here, not 401.
+        Outcome::Rejected(Rejection::UnknownSession) => Err(ApiError::not_found("session")),
+        Outcome::Rejected(r) => Err(r.into()),
         other => Err(unexpected(other)),
     }
 }

@@ -1,0 +1,226 @@
+//! `TestCluster`: starts real `agora node` processes for one DC on its own loopback
+//! addresses (127.<net>.1.N, so tests can run in parallel), and cleans them up by pid.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub net: u8,
+    pub names: Vec<String>,
+    children: BTreeMap<String, Child>,
+    pub http: reqwest::Client,
+}
+
+/// Extra TOML for the `[raft]` section (e.g. a small snapshot threshold).
+pub struct Options {
+    pub nodes: usize,
+    pub raft: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { nodes: 3, raft: "" }
+    }
+}
+
+fn config_toml(net: u8, opts: &Options) -> String {
+    let nodes: Vec<String> = (1..=opts.nodes)
+        .map(|i| format!("  {{ id = {i}, name = \"dc1-n{i}\", ip = \"127.{net}.1.{i}\" }},"))
+        .collect();
+    format!(
+        "[cluster]\nname = \"test-{net}\"\n\n[raft]\nheartbeat_interval_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n{}\n\n[storage]\ndurability = \"fsync\"\n\n[[dc]]\nname = \"dc1\"\nsubnet = \"127.{net}.1.0/24\"\nnodes = [\n{}\n]\n",
+        opts.raft,
+        nodes.join("\n")
+    )
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `deadline`.
+pub async fn must_eventually<T, F, Fut>(deadline: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl TestCluster {
+    pub async fn start(net: u8, opts: Options) -> TestCluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("cluster.toml"), config_toml(net, &opts)).expect("write config");
+        let names = (1..=opts.nodes).map(|i| format!("dc1-n{i}")).collect();
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("http client");
+        let mut c = TestCluster {
+            dir,
+            net,
+            names,
+            children: BTreeMap::new(),
+            http,
+        };
+        for name in c.names.clone() {
+            c.start_node(&name);
+        }
+        c.must_leader(Duration::from_secs(20)).await;
+        c
+    }
+
+    pub fn url(&self, name: &str) -> String {
+        let i: u8 = name.rsplit('n').next().and_then(|s| s.parse().ok()).expect("node name dc1-nN");
+        format!("http://127.{}.1.{i}:8080", self.net)
+    }
+
+    pub fn peer_addr(&self, name: &str) -> String {
+        self.url(name).replace("http://", "").replace(":8080", ":7070")
+    }
+
+    fn data_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join("data").join(name)
+    }
+
+    pub fn start_node(&mut self, name: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_agora"))
+            .args(["node", "--node", name, "--enable-test-hooks", "--config"])
+            .arg(self.dir.path().join("cluster.toml"))
+            .arg("--data-dir")
+            .arg(self.data_dir(name))
+            .env("RUST_LOG", "info,openraft=warn,sled=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn agora node");
+        self.children.insert(name.to_string(), child);
+    }
+
+    /// SIGKILL, by pid.
+    pub fn kill(&mut self, name: &str) {
+        if let Some(mut child) = self.children.remove(name) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn wipe(&mut self, name: &str) {
+        self.kill(name);
+        std::fs::remove_dir_all(self.data_dir(name)).expect("wipe data dir");
+    }
+
+    pub fn running(&self) -> Vec<String> {
+        self.children.keys().cloned().collect()
+    }
+
+    pub async fn get(&self, name: &str, path: &str) -> (u16, Value) {
+        self.request(reqwest::Method::GET, name, path, None, None).await
+    }
+
+    pub async fn post(&self, name: &str, path: &str, body: Value) -> (u16, Value) {
+        self.request(reqwest::Method::POST, name, path, Some(body), None).await
+    }
+
+    pub async fn request(&self, method: reqwest::Method, name: &str, path: &str, body: Option<Value>, key: Option<&str>) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.url(name)));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        if let Some(k) = key {
+            req = req.header("Idempotency-Key", k);
+        }
+        match req.send().await {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                (status, r.json().await.unwrap_or(Value::Null))
+            }
+            Err(e) => (0, json!({"transport_error": e.to_string()})),
+        }
+    }
+
+    pub async fn status(&self, name: &str) -> Option<Value> {
+        let (code, v) = self.get(name, "/v1/cluster/status").await;
+        (code == 200).then_some(v)
+    }
+
+    /// The leader every running node agrees on.
+    pub async fn leader(&self) -> Option<String> {
+        let mut seen = None;
+        for n in self.running() {
+            let s = self.status(&n).await?;
+            let l = s["leader"].as_str()?.to_string();
+            if seen.get_or_insert(l.clone()) != &l {
+                return None;
+            }
+        }
+        seen.filter(|l| self.children.contains_key(l))
+    }
+
+    pub async fn must_leader(&self, deadline: Duration) -> String {
+        must_eventually(deadline, "an agreed leader", || self.leader()).await
+    }
+
+    pub async fn must_session(&self, node: &str, user: &str) -> String {
+        let (code, v) = self.post(node, "/v1/sessions", json!({"user": user})).await;
+        assert_eq!(code, 201, "create session: {v}");
+        v["token"].as_str().expect("token").to_string()
+    }
+
+    pub async fn must_restock(&self, node: &str, sku: &str, add: u64) {
+        let (code, v) = self
+            .request(reqwest::Method::PUT, node, &format!("/v1/inventory/{sku}"), Some(json!({"add": add})), None)
+            .await;
+        assert_eq!(code, 200, "restock: {v}");
+    }
+
+    /// Waits until every running node reports the same digest; returns it.
+    pub async fn must_converge(&self, deadline: Duration) -> String {
+        must_eventually(deadline, "equal digests on all running nodes", || async {
+            let mut digests = Vec::new();
+            for n in self.running() {
+                let (code, v) = self.get(&n, "/v1/cluster/digest").await;
+                if code != 200 {
+                    return None;
+                }
+                digests.push(v["all"].as_str()?.to_string());
+            }
+            digests.windows(2).all(|w| w[0] == w[1]).then(|| digests[0].clone())
+        })
+        .await
+    }
+
+    fn dump_logs(&self) {
+        for n in &self.names {
+            let path = self.dir.path().join(format!("{n}.log"));
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            eprintln!("--- last lines of {n}.log ---");
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for n in self.running() {
+            self.kill(&n);
+        }
+    }
+}

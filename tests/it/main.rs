@@ -1,0 +1,7 @@
+//! Integration tests: real `agora` processes on loopback, real sled directories, real TCP.
+
+mod bad_input;
+mod dc;
+mod harness;
+mod peer_input;
+mod shop;

@@ -1,0 +1,39 @@
+//! Hostile bytes on the peer port are rejected without harm.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::harness::{Options, TestCluster};
+
+async fn send_raw(addr: &str, bytes: &[u8]) {
+    let mut s = TcpStream::connect(addr).await.expect("connect peer port");
+    let _ = s.write_all(bytes).await;
+    let _ = s.shutdown().await;
+    // The node closes the connection without answering.
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("node should close the connection");
+    assert!(matches!(n, Ok(0) | Err(_)), "node answered garbage with bytes");
+}
+
+#[tokio::test]
+async fn garbage_truncated_and_unknown_version_frames_are_rejected() {
+    let c = TestCluster::start(32, Options::default()).await;
+    let addr = c.peer_addr(&c.names[0]);
+    let before = c.must_converge(Duration::from_secs(5)).await;
+    // A frame from a future format version.
+    send_raw(&addr, &[0, 0, 0, 3, 99, 1, 2]).await;
+    // Truncated: the length says 100 bytes, 3 follow.
+    send_raw(&addr, &[0, 0, 0, 100, 1, 2, 3]).await;
+    // Current version, undecodable body.
+    send_raw(&addr, &[0, 0, 0, 5, 1, 0xff, 0xff, 0xff, 0xff]).await;
+    // A length over the frame limit.
+    send_raw(&addr, &[0xff, 0xff, 0xff, 0xff]).await;
+    // Plain noise.
+    send_raw(&addr, b"GET / HTTP/1.1\r\n\r\n").await;
+    assert_eq!(c.must_converge(Duration::from_secs(5)).await, before);
+    c.must_session(&c.names[0], "still-fine").await;
+}

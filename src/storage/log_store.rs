@@ -7,7 +7,7 @@ use std::ops::RangeBounds;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, RaftLogReader, StorageIOError, Vote};
 
-use super::{io_err, Durable};
+use super::{io_err, Durable, Waiter};
 use crate::codec;
 use crate::raft::{LogId, NodeId, StorageError, TypeConfig};
 
@@ -131,14 +131,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         self.log.apply_batch(batch).map_err(|e| io_err(StorageIOError::write_logs, e))?;
         // Only entries on disk may be reported as flushed: Raft counts them towards a
-        // commit quorum the moment the callback fires.
-        let synced = self.durable.sync_async().await;
-        let failed = synced
-            .as_ref()
-            .err()
-            .map(|e| io_err(StorageIOError::write_logs, std::io::Error::new(e.kind(), e.to_string())));
-        callback.log_io_completed(synced);
-        failed.map_or(Ok(()), Err)
+        // commit quorum the moment the callback fires. The group-commit task fires it
+        // after the next sync; returning now lets Raft go on meanwhile.
+        self.durable.after_sync(Waiter::Log(callback));
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {

@@ -8,6 +8,8 @@
 //! - [`raft`]: openraft type config and network adapter.
 //! - [`transport`]: peer TCP RPC, with the fault-injection hook.
 //! - [`actors`]: ractor actors for sessions, inventory, orders, and their supervisor.
+//! - [`hlc`]: the hybrid logical clock that orders cross-DC writes.
+//! - [`replication`]: cross-DC event shipping, receiving, rebalancing and link health.
 //! - [`node`]: wiring of one node, and the write/read paths (forwarding, read index).
 //! - [`api`]: HTTP routes, validation, the error-to-status map, metrics.
 //! - [`bench`]: the HTTP load generator behind `agora bench`.
@@ -19,8 +21,10 @@ pub mod codec;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod hlc;
 pub mod metrics;
 pub mod node;
 pub mod raft;
+pub mod replication;
 pub mod storage;
 pub mod transport;

@@ -50,11 +50,7 @@ fn require_hooks(node: &AppState) -> Result<(), ApiError> {
     if node.test_hooks {
         Ok(())
     } else {
-        Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "test_hooks_disabled",
-            "start the node with --enable-test-hooks to use this endpoint",
-        ))
+        Err(ApiError::new(StatusCode::FORBIDDEN, "test_hooks_disabled", "start the node with --enable-test-hooks to use this endpoint"))
     }
 }
 

@@ -28,11 +28,7 @@ fn key(index: u64) -> [u8; 8] {
 
 impl LogStore {
     pub(super) fn new(db: &sled::Db, durable: Durable) -> anyhow::Result<Self> {
-        Ok(LogStore {
-            log: db.open_tree("raft_log")?,
-            meta: db.open_tree("raft_meta")?,
-            durable,
-        })
+        Ok(LogStore { log: db.open_tree("raft_log")?, meta: db.open_tree("raft_meta")?, durable })
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, StorageError> {
@@ -90,10 +86,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last_purged_log_id: Option<LogId> = self.get_meta(LAST_PURGED)?;
         // An empty log (everything purged) falls back to the last purged id.
         let last_log_id = self.last_entry_id()?.or(last_purged_log_id);
-        Ok(LogState {
-            last_purged_log_id,
-            last_log_id,
-        })
+        Ok(LogState { last_purged_log_id, last_log_id })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {

@@ -91,9 +91,7 @@ async fn group_commit(db: sled::Db, file: Option<Arc<File>>, mut rx: mpsc::Unbou
             batch.push(w);
         }
         let (db, file) = (db.clone(), file.clone());
-        let r = tokio::task::spawn_blocking(move || sync(&db, file.as_deref()))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let r = tokio::task::spawn_blocking(move || sync(&db, file.as_deref())).await.unwrap_or_else(|e| Err(std::io::Error::other(e)));
         if let Err(e) = &r {
             tracing::error!(error = %e, "storage sync failed");
         }
@@ -104,7 +102,7 @@ async fn group_commit(db: sled::Db, file: Option<Arc<File>>, mut rx: mpsc::Unbou
 }
 
 /// Opens (or creates) a node's data dir and returns its log store and state machine.
-pub fn open(dir: &Path, durability: Durability, cache_bytes: u64, cache_entities_max: usize) -> anyhow::Result<(LogStore, StateMachineStore)> {
+pub fn open(dir: &Path, dc: &str, durability: Durability, cache_bytes: u64, cache_entities_max: usize) -> anyhow::Result<(LogStore, StateMachineStore)> {
     std::fs::create_dir_all(dir)?;
     let db = sled::Config::new()
         .path(dir)
@@ -120,13 +118,11 @@ pub fn open(dir: &Path, durability: Durability, cache_bytes: u64, cache_entities
     };
     let durable = Durable::new(db.clone(), file);
     let log = LogStore::new(&db, durable.clone())?;
-    let sm = StateMachineStore::new(&db, durable, cache_entities_max)?;
+    let sm = StateMachineStore::new(&db, durable, cache_entities_max, dc)?;
     Ok((log, sm))
 }
 
 /// Turns any error into openraft's storage error for the given operation.
 pub(crate) fn io_err<E: std::error::Error + 'static>(make: fn(openraft::AnyError) -> openraft::StorageIOError<u64>, e: E) -> openraft::StorageError<u64> {
-    openraft::StorageError::IO {
-        source: make(openraft::AnyError::new(&e)),
-    }
+    openraft::StorageError::IO { source: make(openraft::AnyError::new(&e)) }
 }

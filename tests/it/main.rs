@@ -3,5 +3,6 @@
 mod bad_input;
 mod dc;
 mod harness;
+mod multi_dc;
 mod peer_input;
 mod shop;

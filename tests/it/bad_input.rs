@@ -64,6 +64,14 @@ async fn bad_requests_get_json_errors_and_change_nothing() {
         .await
         .unwrap();
     assert_eq!(bad_key.status(), 400);
+    // The server closes the connection after refusing an oversized body without reading
+    // it: send that one on a connection of its own.
+    let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let big = format!("{{\"user\":\"{}\"}}", "a".repeat(100_000));
+    let resp = fresh.post(format!("{url}/v1/sessions")).header("content-type", "application/json").body(big).send().await.unwrap();
+    assert_eq!(resp.status(), 413);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "body_too_large", "{body}");
 
     // Nothing changed, and the node still serves.
     assert_eq!(c.must_converge(Duration::from_secs(5)).await, before);

@@ -16,7 +16,9 @@ use openraft::{BasicNode, ServerState};
 use serde::{Deserialize, Serialize};
 
 use crate::actors::{self, Directory};
+use crate::cluster_view::ClusterView;
 use crate::config::{ClusterConfig, NodeInfo};
+use crate::dns::DnsServer;
 use crate::domain::{Outcome, Request};
 use crate::error::NodeError;
 use crate::hlc::Hlc;
@@ -47,6 +49,8 @@ pub struct Node {
     pub metrics: Metrics,
     pub test_hooks: bool,
     pub links: Arc<Links>,
+    /// The DNS server, once started (its counters feed /metrics).
+    pub dns: Mutex<Option<DnsServer>>,
     pub hlc: Hlc,
     request_timeout: Duration,
     /// SKUs this node is asking other DCs for stock for (one ask at a time per SKU).
@@ -226,8 +230,9 @@ impl PeerHandler for Handler {
             PeerRequest::ReadIndex => PeerResponse::ReadIndex(node.read_index_local().await),
             PeerRequest::Membership(op) if node.is_leader() => PeerResponse::Membership(node.change_membership_local(op).await),
             PeerRequest::Membership(_) => PeerResponse::Membership(Err(NodeError::NotLeader(node.leader()))),
+            PeerRequest::Probe => PeerResponse::Probe(replication::receiver::probe_ack(node)),
             // Cross-DC requests from a node of this DC: a confused or hostile peer.
-            other @ (PeerRequest::Replicate { .. } | PeerRequest::InstallRemote { .. } | PeerRequest::Probe | PeerRequest::AskStock { .. }) => {
+            other @ (PeerRequest::Replicate { .. } | PeerRequest::InstallRemote { .. } | PeerRequest::AskStock { .. }) => {
                 tracing::warn!(from, ?other, "cross-DC request from a node of this DC refused");
                 PeerResponse::Refused("cross-DC request from the same DC".into())
             }
@@ -278,6 +283,7 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
         metrics,
         test_hooks: opts.test_hooks,
         links,
+        dns: Mutex::new(None),
         hlc: Hlc::default(),
         request_timeout,
         asking: Mutex::new(HashSet::new()),
@@ -289,6 +295,8 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     tasks.push(tokio::spawn(crate::api::serve(http_listener, node.clone())));
     tasks.push(tokio::spawn(bootstrap(node.clone())));
     tasks.extend(replication::spawn(node.clone()));
+    let dns = DnsServer::start(node.info.dns, Arc::new(ClusterView(node.clone()))).await.with_context(|| format!("start dns on {}", node.info.dns))?;
+    *node.dns.lock().expect("dns lock") = Some(dns);
     tracing::info!(node = %node.info.name, dc = %node.info.dc, id = node.info.id, http = %http_addr, peer = %node.info.peer, "node started");
     Ok(Running { node, http_addr, tasks, supervisor })
 }
@@ -312,6 +320,10 @@ impl Running {
     pub async fn shutdown(self) {
         for t in &self.tasks {
             t.abort();
+        }
+        let dns = self.node.dns.lock().expect("dns lock").take();
+        if let Some(dns) = dns {
+            dns.shutdown().await;
         }
         if let Err(e) = self.node.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");

@@ -42,7 +42,7 @@ impl Kind {
             // An order takes units from its SKU: the SKU's actor serialises it with restocks.
             Command::Restock { .. } | Command::PlaceOrder { .. } | Command::Grant { .. } => Kind::Inventory,
             Command::CancelOrder { .. } | Command::RequestCancel { .. } => Kind::Orders,
-            Command::ApplyRemote { .. } | Command::InstallRemote { .. } | Command::TrimOutbox { .. } => Kind::Replication,
+            Command::ApplyRemote { .. } | Command::InstallRemote { .. } | Command::TrimOutbox { .. } | Command::SetDcSettings { .. } => Kind::Replication,
         }
     }
 

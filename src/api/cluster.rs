@@ -94,5 +94,31 @@ pub async fn metrics(State(node): State<AppState>) -> impl IntoResponse {
         let since = l.last_contact.map(|t| t.elapsed().as_millis() as i64).unwrap_or(-1);
         node.metrics.replication_last_contact_ms.with_label_values(&[&dc]).set(since);
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], node.metrics.render())
+    let mut text = node.metrics.render();
+    let dns = node.dns.lock().expect("dns lock").as_ref().map(|d| d.stats());
+    if let Some(s) = dns {
+        text += &dns_metrics(&node, &s);
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+/// DNS counters live in the DNS server; they are rendered here in Prometheus text.
+fn dns_metrics(node: &AppState, s: &crate::dns::DnsStats) -> String {
+    let labels = format!("node=\"{}\",dc=\"{}\"", node.info.name, node.info.dc);
+    let rows = [
+        ("queries", s.queries),
+        ("answered", s.answered),
+        ("nxdomain", s.nxdomain),
+        ("refused", s.refused),
+        ("formerr", s.formerr),
+        ("notimp", s.notimp),
+        ("servfail", s.servfail),
+        ("truncated", s.truncated),
+        ("fail_open", s.fail_open),
+    ];
+    let mut out = String::from("# HELP agora_dns_responses_total DNS responses by outcome (queries: all).\n# TYPE agora_dns_responses_total counter\n");
+    for (kind, v) in rows {
+        out += &format!("agora_dns_responses_total{{kind=\"{kind}\",{labels}}} {v}\n");
+    }
+    out
 }

@@ -46,6 +46,8 @@ pub fn router(node: AppState) -> Router {
         .route("/metrics", get(cluster::metrics))
         .route("/v1/admin/nodes", post(admin::add_node))
         .route("/v1/admin/nodes/{name}", axum::routing::delete(admin::remove_node))
+        .route("/v1/admin/dcs", get(admin::get_dc_settings))
+        .route("/v1/admin/dcs/{dc}", axum::routing::put(admin::set_dc_settings))
         .route("/v1/admin/faults", get(admin::get_faults).put(admin::set_faults))
         .route("/v1/admin/crash/{actor}", post(admin::crash_actor))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })

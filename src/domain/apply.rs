@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use super::command::{order_key_scope, Command, IdempotencyRecord, Outcome, Rejection, Request};
 use super::event::{Change, Event};
-use super::model::{Inventory, Order, OrderStatus, Session};
+use super::model::{DcSettings, Inventory, Order, OrderStatus, Session};
 use super::validate;
 
 /// Upper bound on events in one `ApplyRemote`.
@@ -25,6 +25,8 @@ pub trait State {
     /// Ids of orders (from any DC) placed with one session + idempotency key.
     fn duplicates(&self, scope: &str) -> Vec<String>;
     fn cursor(&self, origin: &str) -> u64;
+    fn settings(&self, dc: &str) -> Option<DcSettings>;
+    fn put_settings(&mut self, s: DcSettings);
     fn put_session(&mut self, s: Session);
     fn put_inventory(&mut self, i: Inventory);
     fn put_order(&mut self, o: Order);
@@ -70,6 +72,13 @@ fn execute(state: &mut impl State, cmd: &Command, key: Option<&str>) -> Outcome 
         }
         Command::ApplyRemote { origin, events } => apply_remote(state, origin, events),
         Command::InstallRemote { origin, upto, changes } => install_remote(state, origin, *upto, changes),
+        Command::SetDcSettings { target, drained, weight, dc, hlc } => {
+            let s = DcSettings { dc: target.clone(), drained: *drained, weight: *weight, hlc: *hlc, by: dc.clone() };
+            let merged = state.settings(target).map(|old| old.merge(s.clone())).unwrap_or(s);
+            state.put_settings(merged.clone());
+            state.emit(*hlc, Change::Settings(merged.clone()));
+            Outcome::Settings(merged)
+        }
         Command::TrimOutbox { upto } => {
             state.trim_outbox(*upto);
             Outcome::Trimmed
@@ -96,6 +105,9 @@ fn check(state: &impl State, cmd: &Command) -> Result<(), String> {
         Command::Grant { .. } => Err("a DC cannot grant to itself".into()),
         Command::RequestCancel { id, owner, dc, .. } if owner != dc => validate::name("id", id).and(own(dc)),
         Command::RequestCancel { .. } => Err("a DC cancels its own orders directly".into()),
+        Command::SetDcSettings { target, weight, dc, .. } => {
+            validate::name("dc", target).and(own(dc)).and(if *weight <= 100 { Ok(()) } else { Err("weight must be in 0..=100".into()) })
+        }
         Command::ApplyRemote { origin, events } if events.len() > REMOTE_BATCH_LEN_MAX => {
             Err(format!("{} events from {origin} is over the batch limit", events.len()))
         }
@@ -296,6 +308,10 @@ fn merge_change(state: &mut impl State, origin: &str, change: &Change) {
             }
         }
         Change::CancelRequest { .. } => {}
+        Change::Settings(s) => {
+            let merged = state.settings(&s.dc).map(|old| old.merge(s.clone())).unwrap_or(s.clone());
+            state.put_settings(merged);
+        }
     }
 }
 
@@ -336,6 +352,7 @@ pub struct MemState {
     pub cursors: BTreeMap<String, u64>,
     pub outbox: Vec<Event>,
     pub out_seq: u64,
+    pub settings: BTreeMap<String, DcSettings>,
 }
 
 impl MemState {
@@ -344,8 +361,9 @@ impl MemState {
     }
 
     /// The replicated entities only: what must be equal across DCs after convergence.
-    pub fn entities(&self) -> (&BTreeMap<String, Session>, &BTreeMap<String, Inventory>, &BTreeMap<String, Order>) {
-        (&self.sessions, &self.inventory, &self.orders)
+    #[allow(clippy::type_complexity)]
+    pub fn entities(&self) -> (&BTreeMap<String, Session>, &BTreeMap<String, Inventory>, &BTreeMap<String, Order>, &BTreeMap<String, DcSettings>) {
+        (&self.sessions, &self.inventory, &self.orders, &self.settings)
     }
 }
 
@@ -370,6 +388,12 @@ impl State for MemState {
     }
     fn cursor(&self, origin: &str) -> u64 {
         self.cursors.get(origin).copied().unwrap_or(0)
+    }
+    fn settings(&self, dc: &str) -> Option<DcSettings> {
+        self.settings.get(dc).cloned()
+    }
+    fn put_settings(&mut self, s: DcSettings) {
+        self.settings.insert(s.dc.clone(), s);
     }
     fn put_session(&mut self, s: Session) {
         self.sessions.insert(s.token.clone(), s);

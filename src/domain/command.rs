@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::event::{Change, Event};
-use super::model::{Inventory, Order, Session};
+use super::model::{DcSettings, Inventory, Order, Session};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -68,6 +68,14 @@ pub enum Command {
         upto: u64,
         changes: Vec<Change>,
     },
+    /// Operator settings for `target` (drain, DNS weight), written in `dc`.
+    SetDcSettings {
+        target: String,
+        drained: bool,
+        weight: u32,
+        dc: String,
+        hlc: u64,
+    },
     /// Drops outbox events every DC has acknowledged (or that exceed the cap).
     TrimOutbox {
         upto: u64,
@@ -115,6 +123,7 @@ impl Command {
             Command::CancelOrder { id, .. } | Command::RequestCancel { id, .. } => id,
             Command::ApplyRemote { origin, .. } | Command::InstallRemote { origin, .. } => origin,
             Command::TrimOutbox { .. } => "outbox",
+            Command::SetDcSettings { target, .. } => target,
         }
     }
 }
@@ -136,6 +145,7 @@ pub enum Outcome {
         owner: String,
     },
     Trimmed,
+    Settings(DcSettings),
     Rejected(Rejection),
     /// The result of a blank or membership entry: no client waits on it.
     Noop,

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{Order, Session, StockRow};
+use super::model::{DcSettings, Order, Session, StockRow};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
@@ -30,4 +30,6 @@ pub enum Change {
         id: String,
         owner: String,
     },
+    /// Operator settings of a DC (any DC may write them).
+    Settings(DcSettings),
 }

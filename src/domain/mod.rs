@@ -15,4 +15,4 @@ mod tests;
 pub use apply::{apply, MemState, State};
 pub use command::{Command, Outcome, Rejection, Request};
 pub use event::{Change, Event};
-pub use model::{Inventory, Order, OrderStatus, Session, StockRow};
+pub use model::{DcSettings, Inventory, Order, OrderStatus, Session, StockRow};

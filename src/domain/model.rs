@@ -163,3 +163,29 @@ impl Order {
         (self.hlc, &self.dc, &self.id) < (other.hlc, &other.dc, &other.id)
     }
 }
+
+/// Operator settings of one DC (drain, DNS weight): a last-writer-wins register any DC
+/// may write, replicated to all.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DcSettings {
+    pub dc: String,
+    pub drained: bool,
+    pub weight: u32,
+    pub hlc: u64,
+    /// The DC that wrote this version (the tie-break).
+    pub by: String,
+}
+
+impl DcSettings {
+    pub fn default_for(dc: &str) -> Self {
+        DcSettings { dc: dc.into(), drained: false, weight: 1, hlc: 0, by: String::new() }
+    }
+
+    pub fn merge(self, other: DcSettings) -> DcSettings {
+        if (other.hlc, &other.by) > (self.hlc, &self.by) {
+            other
+        } else {
+            self
+        }
+    }
+}

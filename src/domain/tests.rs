@@ -135,6 +135,7 @@ enum Op {
     Grant(usize, usize, u64),
     Deliver(usize, usize, usize, usize),
     ForeignCancel(usize, usize),
+    Drain(usize, usize, bool),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -146,6 +147,7 @@ fn op() -> impl Strategy<Value = Op> {
         (0..3usize, 0..30usize).prop_map(|(d, o)| Op::Cancel(d, o)),
         (0..3usize, 0..3usize, 1..10u64).prop_map(|(f, t, n)| Op::Grant(f, t, n)),
         (0..3usize, 0..30usize).prop_map(|(d, o)| Op::ForeignCancel(d, o)),
+        (0..3usize, 0..3usize, any::<bool>()).prop_map(|(d, t, on)| Op::Drain(d, t, on)),
         // Deliver a slice of one DC's outbox to another: partial, duplicated, out of order.
         (0..3usize, 0..3usize, 0..40usize, 0..40usize).prop_map(|(f, t, a, b)| Op::Deliver(f, t, a, b)),
     ]
@@ -180,6 +182,9 @@ fn run(dcs: &mut [MemState], op: &Op, step: usize) {
         }
         Op::Grant(f, t, n) if f != t => {
             apply(&mut dcs[f], &req(Command::Grant { sku: "sku1".into(), qty: n, from: DCS[f].into(), to: DCS[t].into(), hlc }));
+        }
+        Op::Drain(d, t, on) => {
+            apply(&mut dcs[d], &req(Command::SetDcSettings { target: DCS[t].into(), drained: on, weight: 1, dc: DCS[d].into(), hlc }));
         }
         Op::ForeignCancel(d, o) => {
             if let Some(order) = dcs[d].orders.values().filter(|x| x.dc != DCS[d]).nth(o).cloned() {

@@ -24,6 +24,7 @@ pub fn spawn(node: Arc<Node>) -> Vec<tokio::task::JoinHandle<()>> {
         tasks.push(tokio::spawn(links::probe_loop(node.clone(), dc.clone())));
         tasks.push(tokio::spawn(shipper::ship_loop(node.clone(), dc)));
     }
+    tasks.push(tokio::spawn(links::probe_local_loop(node.clone())));
     tasks.push(tokio::spawn(shipper::trim_loop(node)));
     tasks
 }

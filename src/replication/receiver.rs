@@ -42,7 +42,7 @@ pub async fn handle(node: &Node, from: NodeId, req: PeerRequest) -> PeerResponse
     }
 }
 
-fn probe_ack(node: &Node) -> ProbeAck {
+pub fn probe_ack(node: &Node) -> ProbeAck {
     let m = node.raft.metrics().borrow().clone();
     ProbeAck { dc: node.info.dc.clone(), leader: m.current_leader, term: m.current_term }
 }

@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use super::{io_err, Durable};
 use crate::codec;
 use crate::domain::command::IdempotencyRecord;
-use crate::domain::{apply, Change, Event, Inventory, Order, Outcome, Request, Session, State};
+use crate::domain::{apply, Change, DcSettings, Event, Inventory, Order, Outcome, Request, Session, State};
 use crate::raft::{LogId, NodeId, StorageError, TypeConfig};
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
@@ -28,7 +28,7 @@ const MEMBERSHIP: &[u8] = b"m/membership";
 const SNAPSHOT: &[u8] = b"snapshot";
 
 /// Key prefixes of the entity kinds, also the digest's kinds.
-pub const KINDS: [(&str, &[u8]); 3] = [("sessions", b"s/"), ("inventory", b"i/"), ("orders", b"o/")];
+pub const KINDS: [(&str, &[u8]); 4] = [("sessions", b"s/"), ("inventory", b"i/"), ("orders", b"o/"), ("settings", b"f/")];
 
 fn session_key(token: &str) -> Vec<u8> {
     [b"s/", token.as_bytes()].concat()
@@ -52,6 +52,9 @@ fn outbox_key(seq: u64) -> Vec<u8> {
     [b"x/".as_slice(), &seq.to_be_bytes()].concat()
 }
 const OUT_SEQ: &[u8] = b"m/out_seq";
+fn settings_key(dc: &str) -> Vec<u8> {
+    [b"f/", dc.as_bytes()].concat()
+}
 
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
@@ -181,6 +184,12 @@ impl State for Overlay<'_> {
     }
     fn cursor(&self, origin: &str) -> u64 {
         self.get(cursor_key(origin)).unwrap_or(0)
+    }
+    fn settings(&self, dc: &str) -> Option<DcSettings> {
+        self.get(settings_key(dc))
+    }
+    fn put_settings(&mut self, s: DcSettings) {
+        self.put(settings_key(&s.dc), &s)
     }
     fn put_session(&mut self, s: Session) {
         self.put(session_key(&s.token), &s)
@@ -351,6 +360,9 @@ impl SmReader {
     pub fn inventory(&self, sku: &str) -> Option<Inventory> {
         self.inner.get_typed(&inventory_key(sku))
     }
+    pub fn settings(&self, dc: &str) -> DcSettings {
+        self.inner.get_typed(&settings_key(dc)).unwrap_or_else(|| DcSettings::default_for(dc))
+    }
     pub fn order(&self, id: &str) -> Option<Order> {
         self.inner.get_typed(&order_key(id))
     }
@@ -411,6 +423,7 @@ impl SmReader {
                         out.push(Change::Order(o));
                     }
                 }
+                b"f/" => out.push(Change::Settings(codec::decode(&v).expect("settings decode"))),
                 _ => {}
             }
         }

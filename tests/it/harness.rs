@@ -129,7 +129,7 @@ impl TestCluster {
             .arg(self.dir.path().join("cluster.toml"))
             .arg("--data-dir")
             .arg(self.data_dir(name))
-            .env("RUST_LOG", "info,openraft=warn,sled=warn")
+            .env("RUST_LOG", "info,openraft=warn,sled=warn,hickory_server=warn")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

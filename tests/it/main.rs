@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod dc;
+mod dns;
 mod harness;
 mod multi_dc;
 mod peer_input;

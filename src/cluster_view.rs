@@ -3,21 +3,39 @@
 //! operator settings.
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::config::{parse_cidr, NodeId};
 use crate::dns::{DcView, DnsSnapshot, DnsView, NodeView};
 use crate::node::Node;
 
-pub struct ClusterView(pub Arc<Node>);
+/// How long a computed snapshot serves queries: far below the health bound (seconds),
+/// and it keeps the per-query cost to a clone.
+const SNAPSHOT_TTL: Duration = Duration::from_millis(100);
+
+pub struct ClusterView {
+    node: Arc<Node>,
+    // std Mutex: held to swap or clone a snapshot, never across an await.
+    cached: Mutex<Option<(Instant, DnsSnapshot)>>,
+}
 
 impl ClusterView {
+    pub fn new(node: Arc<Node>) -> Self {
+        ClusterView { node, cached: Mutex::new(None) }
+    }
+
+    fn compute(&self) -> DnsSnapshot {
+        let c = &self.node.config;
+        DnsSnapshot { zone: c.cluster.zone.clone(), ttl: c.cluster.dns_ttl_s, dcs: c.dcs.iter().map(|dc| self.dc_view(dc)).collect() }
+    }
+
     fn ip_of(&self, id: Option<NodeId>) -> Option<IpAddr> {
-        id.and_then(|id| self.0.config.node_by_id(id)).map(|n| n.http.ip())
+        id.and_then(|id| self.node.config.node_by_id(id)).map(|n| n.http.ip())
     }
 
     fn dc_view(&self, dc: &crate::config::DcConfig) -> DcView {
-        let node = &self.0;
+        let node = &self.node;
         let local = dc.name == node.info.dc;
         let (healthy, leader) = if local {
             let leader = node.leader();
@@ -44,7 +62,14 @@ impl ClusterView {
 
 impl DnsView for ClusterView {
     fn snapshot(&self) -> DnsSnapshot {
-        let c = &self.0.config;
-        DnsSnapshot { zone: c.cluster.zone.clone(), ttl: c.cluster.dns_ttl_s, dcs: c.dcs.iter().map(|dc| self.dc_view(dc)).collect() }
+        let mut cached = self.cached.lock().expect("dns view lock");
+        match &*cached {
+            Some((at, snap)) if at.elapsed() < SNAPSHOT_TTL => snap.clone(),
+            _ => {
+                let snap = self.compute();
+                *cached = Some((Instant::now(), snap.clone()));
+                snap
+            }
+        }
     }
 }

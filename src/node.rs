@@ -295,7 +295,7 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     tasks.push(tokio::spawn(crate::api::serve(http_listener, node.clone())));
     tasks.push(tokio::spawn(bootstrap(node.clone())));
     tasks.extend(replication::spawn(node.clone()));
-    let dns = DnsServer::start(node.info.dns, Arc::new(ClusterView(node.clone()))).await.with_context(|| format!("start dns on {}", node.info.dns))?;
+    let dns = DnsServer::start(node.info.dns, Arc::new(ClusterView::new(node.clone()))).await.with_context(|| format!("start dns on {}", node.info.dns))?;
     *node.dns.lock().expect("dns lock") = Some(dns);
     tracing::info!(node = %node.info.name, dc = %node.info.dc, id = node.info.id, http = %http_addr, peer = %node.info.peer, "node started");
     Ok(Running { node, http_addr, tasks, supervisor })

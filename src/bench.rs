@@ -36,6 +36,9 @@ pub struct BenchArgs {
     /// SKUs the orders spread over (each restocked before the run).
     #[arg(long, default_value_t = 64)]
     pub skus: usize,
+    /// Target total rate in requests/s, spread over the clients (0: as fast as they go).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -53,6 +56,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let client = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).timeout(Duration::from_secs(10)).build()?;
     let setup = prepare(&client, &args).await.context("prepare the run (is the cluster up?)")?;
+    let lag_before = lag_buckets(&client, &args.targets).await;
     let warmup_end = Instant::now() + Duration::from_secs(args.warmup);
     let end = warmup_end + Duration::from_secs(args.duration);
     let mut workers = Vec::new();
@@ -66,15 +70,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         all.latencies_us.extend(s.latencies_us);
         all.errors += s.errors;
     }
-    report(&args, all);
+    let lag = lag_buckets(&client, &args.targets).await.into_iter().map(|(le, n)| (le, n - lag_before.get(&le).copied().unwrap_or(0.0))).collect();
+    report(&args, all, &lag);
     Ok(())
 }
 
+/// What each target needs: a session of its own DC and stock in its own DC's allowance.
 #[derive(Clone)]
 struct Setup {
-    session: String,
+    sessions: Vec<String>,
     skus: Vec<String>,
-    /// Orders placed during the warm-up, for the read mix.
+    /// Orders placed before the run, for the read mix.
     orders: Vec<String>,
 }
 
@@ -89,35 +95,46 @@ async fn post(client: &reqwest::Client, url: String, body: Value) -> anyhow::Res
 }
 
 async fn prepare(client: &reqwest::Client, args: &BenchArgs) -> anyhow::Result<Setup> {
-    let base = &args.targets[0];
-    let session = post(client, format!("{base}/v1/sessions"), json!({"user": "bench"})).await?["token"].as_str().unwrap_or_default().to_string();
     let run = format!("{:08x}", rand::random::<u32>());
     let skus: Vec<String> = (0..args.skus).map(|i| format!("bench-{run}-{i}")).collect();
-    for sku in &skus {
-        let url = format!("{base}/v1/inventory/{sku}");
-        let resp = client.put(&url).json(&json!({"add": 1_000_000})).send().await?;
-        if !resp.status().is_success() {
-            bail!("{url}: {}", resp.status());
+    let mut sessions = Vec::new();
+    for base in &args.targets {
+        sessions.push(post(client, format!("{base}/v1/sessions"), json!({"user": "bench"})).await?["token"].as_str().unwrap_or_default().to_string());
+        for sku in &skus {
+            let url = format!("{base}/v1/inventory/{sku}");
+            let resp = client.put(&url).json(&json!({"add": 1_000_000})).send().await?;
+            if !resp.status().is_success() {
+                bail!("{url}: {}", resp.status());
+            }
         }
     }
     let mut orders = Vec::new();
     if args.mix == Mix::ReadHeavy {
+        let base = &args.targets[0];
         for sku in skus.iter().take(16) {
-            let o = post(client, format!("{base}/v1/orders"), json!({"session": session, "sku": sku, "qty": 1})).await?;
+            let o = post(client, format!("{base}/v1/orders"), json!({"session": sessions[0], "sku": sku, "qty": 1})).await?;
             orders.push(o["id"].as_str().unwrap_or_default().to_string());
         }
     }
-    Ok(Setup { session, skus, orders })
+    Ok(Setup { sessions, skus, orders })
 }
 
 async fn worker(w: usize, client: reqwest::Client, args: BenchArgs, setup: Setup, warmup_end: Instant, end: Instant) -> WorkerStats {
     let mut stats = WorkerStats::default();
-    let base = &args.targets[w % args.targets.len()];
+    let t = w % args.targets.len();
+    let base = &args.targets[t];
+    // Open-loop pacing when a rate is set: each client sends on its own fixed schedule.
+    let period = (args.rate > 0).then(|| Duration::from_secs_f64(args.concurrency as f64 / args.rate as f64));
+    let mut next = Instant::now();
     let mut i = w;
     while Instant::now() < end {
+        if let Some(p) = period {
+            tokio::time::sleep_until(next.into()).await;
+            next += p;
+        }
         i = i.wrapping_add(args.concurrency);
         let started = Instant::now();
-        let ok = one_request(&client, base, &args, &setup, i).await;
+        let ok = one_request(&client, base, &args, &setup, t, i).await;
         if started < warmup_end {
             continue;
         }
@@ -129,12 +146,12 @@ async fn worker(w: usize, client: reqwest::Client, args: BenchArgs, setup: Setup
     stats
 }
 
-async fn one_request(client: &reqwest::Client, base: &str, args: &BenchArgs, setup: &Setup, i: usize) -> bool {
+async fn one_request(client: &reqwest::Client, base: &str, args: &BenchArgs, setup: &Setup, target: usize, i: usize) -> bool {
     let sku = &setup.skus[i % setup.skus.len()];
     let req = match args.mix {
         Mix::ReadHeavy if i % 5 != 0 => client.get(format!("{base}/v1/orders/{}", setup.orders[i % setup.orders.len()])),
         Mix::Sessions => client.post(format!("{base}/v1/sessions")).json(&json!({"user": "bench"})),
-        _ => client.post(format!("{base}/v1/orders")).json(&json!({"session": setup.session, "sku": sku, "qty": 1})),
+        _ => client.post(format!("{base}/v1/orders")).json(&json!({"session": setup.sessions[target], "sku": sku, "qty": 1})),
     };
     match req.send().await {
         Ok(r) => {
@@ -154,7 +171,35 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     sorted[idx] as f64 / 1000.0
 }
 
-fn report(args: &BenchArgs, mut all: WorkerStats) {
+/// Cumulative counts of `agora_replication_apply_lag_seconds` by upper bound (ms),
+/// summed over the targets' /metrics and every origin.
+async fn lag_buckets(client: &reqwest::Client, targets: &[String]) -> std::collections::BTreeMap<u64, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    for base in targets {
+        let Ok(resp) = client.get(format!("{base}/metrics")).send().await else { continue };
+        let text = resp.text().await.unwrap_or_default();
+        for line in text.lines().filter(|l| l.starts_with("agora_replication_apply_lag_seconds_bucket")) {
+            let le = line.split("le=\"").nth(1).and_then(|r| r.split('"').next()).and_then(|v| v.parse::<f64>().ok());
+            let n = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+            if let (Some(le), Some(n)) = (le, n) {
+                let key = if le.is_finite() { (le * 1000.0).round() as u64 } else { u64::MAX };
+                *out.entry(key).or_insert(0.0) += n;
+            }
+        }
+    }
+    out
+}
+
+/// The bucket bound (ms) under which a share `q` of the observations fall.
+fn bucket_quantile(buckets: &std::collections::BTreeMap<u64, f64>, q: f64) -> Option<u64> {
+    let total = buckets.get(&u64::MAX).copied().unwrap_or(0.0);
+    if total <= 0.0 {
+        return None;
+    }
+    buckets.iter().find(|(_, n)| **n >= q * total).map(|(le, _)| *le)
+}
+
+fn report(args: &BenchArgs, mut all: WorkerStats, lag: &std::collections::BTreeMap<u64, f64>) {
     all.latencies_us.sort_unstable();
     let l = &all.latencies_us;
     let ok = l.len() as f64;
@@ -170,6 +215,9 @@ fn report(args: &BenchArgs, mut all: WorkerStats) {
         "p99_ms": percentile(l, 0.99),
         "p999_ms": percentile(l, 0.999),
         "max_ms": percentile(l, 1.0),
+        "replication_events": lag.get(&u64::MAX).copied().unwrap_or(0.0),
+        "replication_lag_p50_ms_at_most": bucket_quantile(lag, 0.5),
+        "replication_lag_p99_ms_at_most": bucket_quantile(lag, 0.99),
     });
     if args.json {
         println!("{summary}");
@@ -184,4 +232,8 @@ fn report(args: &BenchArgs, mut all: WorkerStats) {
     );
     println!("  acknowledged: {} ({} /s), errors: {}", l.len(), summary["throughput_per_s"], all.errors);
     println!("  latency ms: p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}", percentile(l, 0.5), percentile(l, 0.99), percentile(l, 0.999), percentile(l, 1.0));
+    if let (Some(p50), Some(p99)) = (bucket_quantile(lag, 0.5), bucket_quantile(lag, 0.99)) {
+        let n = summary["replication_events"].as_f64().unwrap_or(0.0);
+        println!("  cross-DC replication lag (origin commit to remote commit, {n} events at the targets): p50 <= {p50} ms, p99 <= {p99} ms");
+    }
 }

@@ -26,7 +26,17 @@ pub async fn handle(node: &Node, from: NodeId, req: PeerRequest) -> PeerResponse
             if let Some(max) = events.iter().map(|e| e.hlc).max() {
                 node.hlc.observe(max);
             }
-            PeerResponse::Replicate(apply(node, Command::ApplyRemote { origin, events }).await)
+            let stamps: Vec<(u64, u64)> = events.iter().map(|e| (e.seq, e.hlc)).collect();
+            let before = node.sm.cursor(&origin);
+            let r = apply(node, Command::ApplyRemote { origin: origin.clone(), events }).await;
+            if r.is_ok() {
+                // Lag of the events this batch newly applied: origin timestamp to commit here.
+                let lag = node.metrics.replication_apply_lag.with_label_values(&[&origin]);
+                for (_, ts) in stamps.iter().filter(|(seq, ts)| *seq > before && *ts > 0) {
+                    lag.observe(crate::hlc::age_ms(*ts) as f64 / 1000.0);
+                }
+            }
+            PeerResponse::Replicate(r)
         }
         PeerRequest::InstallRemote { origin, upto, changes } if origin == sender_dc => {
             tracing::warn!(%origin, upto, changes = changes.len(), "installing a snapshot of another DC's state");

@@ -11,12 +11,14 @@
 //! - [`node`]: wiring of one node, and the write/read paths (forwarding, read index).
 //! - [`api`]: HTTP routes, validation, the error-to-status map, metrics.
 //! - [`bench`]: the HTTP load generator behind `agora bench`.
+//! - [`launcher`]: `agora cluster …`, the local multi-DC launcher (process, netns, docker).
 
 pub mod actors;
 pub mod api;
 pub mod bench;
 pub mod codec;
 pub mod config;
+pub mod launcher;
 pub mod domain;
 pub mod error;
 pub mod metrics;

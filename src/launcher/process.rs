@@ -1,0 +1,93 @@
+//! Process backend: every node is a child process of the launcher on its loopback IP
+//! (127.0.0.0/8 needs no setup on Linux). The netns backend reuses [`spawn_node`] with an
+//! `ip netns exec` prefix.
+
+use std::fs::OpenOptions;
+use std::net::{TcpListener, UdpSocket};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+use super::state::StateDir;
+use super::Runtime;
+use crate::config::ClusterConfig;
+
+pub struct Process;
+
+/// Node log level unless the user set RUST_LOG.
+const NODE_LOG: &str = "info,openraft=warn,sled=warn";
+
+/// Starts `agora node` for `node` (after `prefix`, e.g. `ip netns exec NS`), with its log
+/// in the state dir, and records its pid. `ip netns exec` execs the node, so the pid is
+/// the node's own.
+pub fn spawn_node(st: &StateDir, prefix: &[String], node: &str) -> Result<i32> {
+    let exe = std::env::current_exe().context("find the agora binary")?;
+    let log_path = st.log_path(node);
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("open {}", log_path.display()))?;
+    let mut cmd = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(&exe);
+            c
+        }
+        None => Command::new(&exe),
+    };
+    cmd.args(["node", "--node", node, "--config"])
+        .arg(st.config_path())
+        .arg("--data-dir")
+        .arg(st.data_dir(node))
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| NODE_LOG.into()))
+        // Logs go to a file that people grep: no colour codes.
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own process group: a Ctrl-C in the launcher's terminal does not reach the nodes.
+        .process_group(0);
+    let child = cmd.spawn().with_context(|| format!("start {node}"))?;
+    let pid = child.id() as i32;
+    st.write_pid(node, pid)?;
+    Ok(pid)
+}
+
+impl Runtime for Process {
+    /// Every TCP port (HTTP, peer, DNS) and the DNS UDP port must be free before anything starts.
+    fn check_free(&self, cfg: &ClusterConfig) -> Result<()> {
+        for n in cfg.nodes() {
+            for (what, addr) in [("http", n.http), ("peer", n.peer), ("dns", n.dns)] {
+                if let Err(e) = TcpListener::bind(addr) {
+                    bail!("{}'s {what} address {addr} is taken ({e}); nothing was started", n.name);
+                }
+            }
+            if let Err(e) = UdpSocket::bind(n.dns) {
+                bail!("{}'s dns address {} (udp) is taken ({e}); nothing was started", n.name, n.dns);
+            }
+        }
+        Ok(())
+    }
+
+    fn start(&self, st: &StateDir, _cfg: &ClusterConfig, node: &str) -> Result<()> {
+        spawn_node(st, &[], node).map(|_| ())
+    }
+
+    fn destroy(&self, _st: &StateDir) -> Result<()> {
+        Ok(())
+    }
+
+    fn supports_faults(&self) -> Result<()> {
+        bail!("the process backend shares the host's loopback: partitions and latency need `agora cluster up --backend netns` or `--backend docker`")
+    }
+
+    fn net_prefix(&self, _st: &StateDir, _node: &str) -> Result<Vec<String>> {
+        self.supports_faults().map(|_| Vec::new())
+    }
+
+    fn set_latency(&self, _st: &StateDir, _cfg: &ClusterConfig, _ms: u64) -> Result<()> {
+        self.supports_faults()
+    }
+}

@@ -170,13 +170,7 @@ impl Runtime for Docker {
             let mut show = super::partition::command(&prefix, &["ip", "-o", "-4", "addr", "show", "to", &wan]);
             let out = exec(&mut show)?;
             let dev = out.split_whitespace().nth(1).with_context(|| format!("{node} has no WAN interface"))?.to_string();
-            let netem = super::partition::netem_args(&dev, ms);
-            let words: Vec<&str> = netem.iter().map(String::as_str).collect();
-            if let Err(e) = exec(&mut super::partition::command(&prefix, &words)) {
-                if ms > 0 {
-                    return Err(e.context(format!("set latency on {node}")));
-                }
-            }
+            super::partition::set_netem(&prefix, &dev, ms).with_context(|| format!("set latency on {node}"))?;
         }
         Ok(())
     }

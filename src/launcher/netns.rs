@@ -171,18 +171,8 @@ impl Runtime for Netns {
 
     fn set_latency(&self, _st: &StateDir, cfg: &ClusterConfig, ms: u64) -> Result<()> {
         for dc in &cfg.dcs {
-            let r = self.router_ns(&dc.name);
-            let mut args: Vec<String> = ["ip", "netns", "exec", &r].map(String::from).to_vec();
-            args.extend(super::partition::netem_args("wan0", ms));
-            let words: Vec<&str> = args.iter().map(String::as_str).collect();
-            match exec_args(&words) {
-                // Removing a delay that is not there is fine.
-                Err(e) if ms == 0 && e.to_string().contains("No such file") => {}
-                Err(e) if ms == 0 && e.to_string().contains("Cannot delete qdisc with handle of zero") => {}
-                r => {
-                    r.with_context(|| format!("set latency on {}'s router", dc.name))?;
-                }
-            }
+            let prefix: Vec<String> = ["ip", "netns", "exec", &self.router_ns(&dc.name)].map(String::from).to_vec();
+            super::partition::set_netem(&prefix, "wan0", ms).with_context(|| format!("set latency on {}'s router", dc.name))?;
         }
         Ok(())
     }

@@ -113,7 +113,7 @@ pub fn load_filter(prefix: &[String], table: &str) -> Result<()> {
 }
 
 /// `tc netem` arguments that delay everything leaving `dev` by `ms` (0 removes the delay).
-pub fn netem_args(dev: &str, ms: u64) -> Vec<String> {
+fn netem_args(dev: &str, ms: u64) -> Vec<String> {
     let v: Vec<&str> = if ms == 0 {
         vec!["tc", "qdisc", "del", "dev", dev, "root"]
     } else {
@@ -124,6 +124,21 @@ pub fn netem_args(dev: &str, ms: u64) -> Vec<String> {
         args.push(format!("{ms}ms"));
     }
     args
+}
+
+/// Runs the netem change for one interface (via `prefix`); removing a delay that is not
+/// there is fine; a kernel built without netem gets a clear message.
+pub fn set_netem(prefix: &[String], dev: &str, ms: u64) -> Result<()> {
+    let args = netem_args(dev, ms);
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    match super::exec(&mut command(prefix, &words)) {
+        Ok(_) => Ok(()),
+        Err(_) if ms == 0 => Ok(()),
+        Err(e) if e.to_string().contains("qdisc kind is unknown") => {
+            bail!("this kernel has no netem qdisc (CONFIG_NET_SCH_NETEM, module sch_netem): WAN latency is not available here")
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// `prefix` followed by `args` as one command.

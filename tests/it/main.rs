@@ -3,5 +3,6 @@
 mod bad_input;
 mod dc;
 mod harness;
+mod launcher;
 mod peer_input;
 mod shop;

@@ -91,6 +91,22 @@ impl Docker {
             .map(|_| ())
     }
 
+    /// Docker notices a killed container's exit a little after the process is gone, and
+    /// `docker start` on a container it still thinks is running does nothing.
+    fn wait_stopped(&self, node: &str) -> Result<()> {
+        let start = std::time::Instant::now();
+        loop {
+            let running = exec_args(&["docker", "inspect", "-f", "{{.State.Running}}", &self.container(node)])?;
+            if running.trim() == "false" {
+                return Ok(());
+            }
+            if start.elapsed() > std::time::Duration::from_secs(10) {
+                bail!("{node}'s container still runs 10 s after its process was stopped");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// Names of this project's containers or networks, by compose's project label.
     fn labelled(&self, what: &str) -> Result<Vec<String>> {
         let filter = format!("label=com.docker.compose.project={}", self.project);
@@ -133,6 +149,7 @@ impl Runtime for Docker {
     }
 
     fn start(&self, st: &StateDir, cfg: &ClusterConfig, node: &str) -> Result<()> {
+        self.wait_stopped(node)?;
         exec_args(&["docker", "start", &self.container(node)])?;
         self.adopt(st, cfg, node)
     }
@@ -169,14 +186,20 @@ impl Runtime for Docker {
             let wan = wan_ip(cfg, &node).context("wan address")?.to_string();
             let mut show = super::partition::command(&prefix, &["ip", "-o", "-4", "addr", "show", "to", &wan]);
             let out = exec(&mut show)?;
-            let dev = out.split_whitespace().nth(1).with_context(|| format!("{node} has no WAN interface"))?.to_string();
+            let dev = out
+                .split_whitespace()
+                .nth(1)
+                .with_context(|| format!("{node} has no WAN interface"))?
+                .to_string();
             super::partition::set_netem(&prefix, &dev, ms).with_context(|| format!("set latency on {node}"))?;
         }
         Ok(())
     }
 
     fn tail_log(&self, _st: &StateDir, node: &str, lines: usize) -> String {
-        let out = Command::new("docker").args(["logs", "--tail", &lines.to_string(), &self.container(node)]).output();
+        let out = Command::new("docker")
+            .args(["logs", "--tail", &lines.to_string(), &self.container(node)])
+            .output();
         // The node logs to stderr, which `docker logs` replays on its stderr.
         out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
             .unwrap_or_default()

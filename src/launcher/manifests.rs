@@ -66,10 +66,7 @@ pub fn compose_yaml(cfg: &ClusterConfig, flavor: &ComposeFlavor) -> Result<Strin
     for n in cfg.nodes() {
         let (config_mount, data_mount, name) = match flavor {
             ComposeFlavor::Standalone => ("./docker.toml".to_string(), format!("{}-data", n.name), format!("agora-{}", n.name)),
-            ComposeFlavor::Launcher {
-                state_dir,
-                container_prefix,
-            } => (
+            ComposeFlavor::Launcher { state_dir, container_prefix } => (
                 state_dir.join("cluster.toml").display().to_string(),
                 state_dir.join("data").join(&n.name).display().to_string(),
                 format!("{container_prefix}{}", n.name),
@@ -85,9 +82,14 @@ pub fn compose_yaml(cfg: &ClusterConfig, flavor: &ComposeFlavor) -> Result<Strin
             "    command: [\"node\", \"--node\", \"{}\", \"--config\", \"/etc/agora/cluster.toml\", \"--data-dir\", \"/data\"]",
             n.name
         )?;
-        writeln!(y, "    environment:\n      RUST_LOG: \"{NODE_LOG}\"")?;
+        writeln!(y, "    environment:\n      RUST_LOG: \"{NODE_LOG}\"\n      NO_COLOR: \"1\"")?;
         writeln!(y, "    volumes:\n      - {config_mount}:/etc/agora/cluster.toml:ro\n      - {data_mount}:/data")?;
-        writeln!(y, "    networks:\n      {}:\n        ipv4_address: {}\n      wan:\n        ipv4_address: {wan}", n.dc, n.http.ip())?;
+        writeln!(
+            y,
+            "    networks:\n      {}:\n        ipv4_address: {}\n      wan:\n        ipv4_address: {wan}",
+            n.dc,
+            n.http.ip()
+        )?;
         // A killed node stays down until `agora cluster restart`, like a process would.
         writeln!(y, "    restart: \"no\"")?;
     }
@@ -95,7 +97,11 @@ pub fn compose_yaml(cfg: &ClusterConfig, flavor: &ComposeFlavor) -> Result<Strin
     for dc in &cfg.dcs {
         let subnet = dc.subnet.as_deref().context("docker config without DC subnet")?;
         let gateway = subnet.replace(".0/24", ".254");
-        writeln!(y, "  {}:\n    ipam:\n      config:\n        - subnet: {subnet}\n          gateway: {gateway}", dc.name)?;
+        writeln!(
+            y,
+            "  {}:\n    ipam:\n      config:\n        - subnet: {subnet}\n          gateway: {gateway}",
+            dc.name
+        )?;
     }
     let (wan_net, wan_gw) = wan_subnet();
     writeln!(y, "  wan:\n    ipam:\n      config:\n        - subnet: {wan_net}\n          gateway: {wan_gw}")?;
@@ -167,7 +173,10 @@ fn labels(dc: &str, indent: &str) -> String {
 }
 
 fn k8s_configmap(dc: &str, toml_text: &str) -> String {
-    let body: String = toml_text.lines().map(|l| if l.is_empty() { "\n".to_string() } else { format!("    {l}\n") }).collect();
+    let body: String = toml_text
+        .lines()
+        .map(|l| if l.is_empty() { "\n".to_string() } else { format!("    {l}\n") })
+        .collect();
     format!(
         "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: agora-{dc}\n  labels:\n{}data:\n  cluster.toml: |\n{body}",
         labels(dc, "    ")
@@ -177,10 +186,15 @@ fn k8s_configmap(dc: &str, toml_text: &str) -> String {
 fn k8s_ports(cfg: &ClusterConfig, indent: &str, target: bool) -> String {
     let p = &cfg.ports;
     let key = if target { "containerPort" } else { "port" };
-    [("http", p.http, "TCP"), ("peer", p.peer, "TCP"), ("dns-tcp", p.dns, "TCP"), ("dns-udp", p.dns, "UDP")]
-        .iter()
-        .map(|(name, port, proto)| format!("{indent}- name: {name}\n{indent}  {key}: {port}\n{indent}  protocol: {proto}\n"))
-        .collect()
+    [
+        ("http", p.http, "TCP"),
+        ("peer", p.peer, "TCP"),
+        ("dns-tcp", p.dns, "TCP"),
+        ("dns-udp", p.dns, "UDP"),
+    ]
+    .iter()
+    .map(|(name, port, proto)| format!("{indent}- name: {name}\n{indent}  {key}: {port}\n{indent}  protocol: {proto}\n"))
+    .collect()
 }
 
 fn k8s_service(cfg: &ClusterConfig, dc: &str) -> String {
@@ -217,7 +231,11 @@ fn k8s_statefulset(cfg: &ClusterConfig, dc: &str, replicas: usize) -> String {
 
 pub fn write_k8s(a: &K8sArgs) -> Result<()> {
     let cfg = ClusterConfig::load(a.config.as_deref())?;
-    let source = a.config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "cluster/local.toml".into());
+    let source = a
+        .config
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "cluster/local.toml".into());
     std::fs::create_dir_all(&a.out).with_context(|| format!("create {}", a.out.display()))?;
     for (name, yaml) in k8s_files(&cfg, &source)? {
         let path = a.out.join(name);

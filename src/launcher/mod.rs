@@ -265,11 +265,12 @@ impl Cluster {
         loop {
             self.check_alive(nodes)?;
             let views = table::collect(&http, &self.st, &self.cfg).await;
-            let answering = views.iter().filter(|v| nodes.contains(&v.node) && v.role != "-").count();
+            // Ready: every node answers and knows its leader, and each DC agrees on one.
+            let healthy = views.iter().filter(|v| nodes.contains(&v.node) && v.healthy()).count();
             let leaders = table::dcs_with_leader(&views).len();
-            bar.set_position(answering as u64);
-            bar.set_message(format!("nodes answering; {leaders} of {} DCs have a leader", self.cfg.dcs.len()));
-            if answering == nodes.len() && leaders == self.cfg.dcs.len() {
+            bar.set_position(healthy as u64);
+            bar.set_message(format!("nodes up with a leader; {leaders} of {} DCs have elected one", self.cfg.dcs.len()));
+            if healthy == nodes.len() && leaders == self.cfg.dcs.len() {
                 bar.finish_and_clear();
                 return Ok(());
             }
@@ -371,13 +372,22 @@ async fn up(st: StateDir, a: UpArgs) -> Result<()> {
     st.write_meta(&meta)?;
     let c = Cluster { st, cfg, meta, rt };
     if let Err(e) = start_cluster(&c, Duration::from_secs(a.timeout_s)).await {
-        eprintln!("agora: start failed, stopping what was started (logs are kept in {})", c.st.root.join("logs").display());
+        eprintln!(
+            "agora: start failed, stopping what was started (logs are kept in {})",
+            c.st.root.join("logs").display()
+        );
         if let Err(t) = c.teardown() {
             eprintln!("agora: clean-up after the failed start: {t:#}");
         }
         return Err(e);
     }
-    println!("cluster up: {} nodes in {} DCs ({} backend, state in {})", c.cfg.nodes().len(), c.cfg.dcs.len(), c.meta.backend, c.st.root.display());
+    println!(
+        "cluster up: {} nodes in {} DCs ({} backend, state in {})",
+        c.cfg.nodes().len(),
+        c.cfg.dcs.len(),
+        c.meta.backend,
+        c.st.root.display()
+    );
     c.print_status().await;
     print!("{}", table::hints(&c.cfg));
     Ok(())
@@ -422,7 +432,10 @@ async fn start_cluster(c: &Cluster, deadline: Duration) -> Result<()> {
     if c.meta.wan_latency_ms > 0 {
         c.rt.set_latency(&c.st, &c.cfg, c.meta.wan_latency_ms)?;
     }
-    eprintln!("started {} nodes; waiting for them to answer and for a leader in each DC …", c.cfg.nodes().len());
+    eprintln!(
+        "started {} nodes; waiting for them to answer and for a leader in each DC …",
+        c.cfg.nodes().len()
+    );
     c.wait_ready(deadline, &c.cfg.node_names()).await
 }
 
@@ -479,7 +492,12 @@ async fn restart(c: &Cluster, node: &str) -> Result<()> {
     loop {
         c.check_alive(&nodes)?;
         let info = c.node(node)?;
-        if http.get(format!("http://{}/healthz", info.http)).send().await.is_ok_and(|r| r.status().is_success()) {
+        if http
+            .get(format!("http://{}/healthz", info.http))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
             break;
         }
         if start.elapsed() > Duration::from_secs(30) {
@@ -539,7 +557,10 @@ pub fn exec_args(args: &[&str]) -> Result<String> {
 pub fn readdress(user: &ClusterConfig, a: u8, b: u8) -> Result<ClusterConfig> {
     let mut cfg = user.clone();
     for (i, dc) in cfg.dcs.iter_mut().enumerate() {
-        let d = u8::try_from(i + 1).ok().filter(|d| *d < 250).context("too many DCs for this backend's address plan")?;
+        let d = u8::try_from(i + 1)
+            .ok()
+            .filter(|d| *d < 250)
+            .context("too many DCs for this backend's address plan")?;
         dc.subnet = Some(format!("{a}.{b}.{d}.0/24"));
         for (j, n) in dc.nodes.iter_mut().enumerate() {
             n.ip = IpAddr::V4(std::net::Ipv4Addr::new(a, b, d, j as u8 + 1));

@@ -140,14 +140,23 @@ pub fn hints(cfg: &ClusterConfig) -> String {
         s += &format!("  curl -s {api}/v1/cluster/status\n");
         s += &format!("  curl -s -X POST {api}/v1/sessions -H 'content-type: application/json' -d '{{\"user\":\"alice\"}}'\n");
         s += &format!("  curl -s -X PUT {api}/v1/inventory/sku-1 -H 'content-type: application/json' -d '{{\"add\":100}}'\n");
+        s += &format!("  curl -s -X POST {api}/v1/orders -H 'content-type: application/json' -d '{{\"session\":\"TOKEN\",\"sku\":\"sku-1\",\"qty\":1}}'\n");
         s += &format!(
-            "  curl -s -X POST {api}/v1/orders -H 'content-type: application/json' -d '{{\"session\":\"TOKEN\",\"sku\":\"sku-1\",\"qty\":1}}'\n"
+            "  dig @{} -p {} shop.{} +short\n",
+            n.dns.ip(),
+            n.dns.port(),
+            cfg.cluster.zone.trim_end_matches('.')
         );
-        s += &format!("  dig @{} -p {} shop.{} +short\n", n.dns.ip(), n.dns.port(), cfg.cluster.zone.trim_end_matches('.'));
     }
     for dc in &cfg.dcs {
         if let Some(n) = cfg.dc_nodes(&dc.name).first() {
-            s += &format!("  dig @{} -p {} leader.{}.{} +short\n", n.dns.ip(), n.dns.port(), dc.name, cfg.cluster.zone.trim_end_matches('.'));
+            s += &format!(
+                "  dig @{} -p {} leader.{}.{} +short\n",
+                n.dns.ip(),
+                n.dns.port(),
+                dc.name,
+                cfg.cluster.zone.trim_end_matches('.')
+            );
         }
     }
     s

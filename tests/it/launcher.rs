@@ -144,10 +144,7 @@ impl Launched {
 impl Drop for Launched {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let _ = Command::new(AGORA)
-                .args(["cluster", "status"])
-                .env("AGORA_STATE_DIR", self.state())
-                .status();
+            let _ = Command::new(AGORA).args(["cluster", "status"]).env("AGORA_STATE_DIR", self.state()).status();
         }
         self.pids();
         let _ = self.agora(&["down"]);
@@ -168,7 +165,10 @@ impl Drop for Launched {
 async fn up_write_kill_restart(l: &Launched, up: &[&str]) {
     let t = Instant::now();
     let out = l.must(up);
-    assert!(out.contains("9 of 9 nodes healthy") && out.contains("curl -s") && out.contains("dig @"), "{out}");
+    assert!(
+        out.contains("9 of 9 nodes healthy") && out.contains("curl -s") && out.contains("dig @"),
+        "{out}"
+    );
     println!("up: {} ms", t.elapsed().as_millis());
     let pids = l.pids();
     assert_eq!(pids.len(), 9);
@@ -181,7 +181,9 @@ async fn up_write_kill_restart(l: &Launched, up: &[&str]) {
     // A session and an order in dc1, readable (linearizably) from every dc1 node.
     let token = l.must_session("dc1-n1", "alice").await;
     let api = l.api("dc1-n2");
-    let (code, v) = l.call(reqwest::Method::PUT, format!("{api}/v1/inventory/sku-1"), Some(json!({"add": 10}))).await;
+    let (code, v) = l
+        .call(reqwest::Method::PUT, format!("{api}/v1/inventory/sku-1"), Some(json!({"add": 10})))
+        .await;
     assert_eq!(code, 200, "restock: {v}");
     let order = json!({"session": token, "sku": "sku-1", "qty": 2});
     let (code, v) = l.call(reqwest::Method::POST, format!("{api}/v1/orders"), Some(order)).await;
@@ -239,6 +241,15 @@ async fn process_backend_end_to_end() {
     let err = l.must_fail(&["partition", "dc1"]);
     assert!(err.contains("no cluster"), "{err}");
 
+    // A node that dies at start fails `up` with the end of its log, and the others are stopped.
+    let data = l.state().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("dc3-n3"), "not a directory").unwrap();
+    let err = l.must_fail(&["up", "--config", config]);
+    assert!(err.contains("dc3-n3 exited during start-up") && err.contains("open storage"), "{err}");
+    assert!(l.seen_pids.lock().unwrap().iter().all(|p| !pid_alive(*p)), "the other nodes were stopped");
+    std::fs::remove_file(data.join("dc3-n3")).unwrap();
+
     up_write_kill_restart(&l, &["up", "--config", config]).await;
     let err = l.must_fail(&["partition", "dc1"]);
     assert!(err.contains("--backend netns"), "{err}");
@@ -284,6 +295,17 @@ async fn netns_backend_end_to_end_with_partition() {
     l.must_all_healthy(Duration::from_secs(30)).await;
 
     check_latency(&l).await;
+
+    // A crash (every node SIGKILLed, namespaces left behind): the next `up` cleans up first.
+    for pid in l.pids() {
+        // SAFETY: kill(2) on a pid from our own pid files.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let out = l.agora(&["up", "--backend", "netns"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("cleaning up the leftovers"), "{err}");
+    l.pids();
+    l.must_all_healthy(Duration::from_secs(30)).await;
     must_down(&l);
     assert!(netns_leftovers(&l).is_empty(), "left behind: {:?}", netns_leftovers(&l));
 }
@@ -304,4 +326,94 @@ async fn check_latency(l: &Launched) {
     assert_eq!(l.call(reqwest::Method::GET, url, None).await.0, 200);
     assert!(t.elapsed() >= Duration::from_millis(200), "round trip {:?} with 200 ms latency", t.elapsed());
     l.must(&["latency", "0"]);
+}
+
+/// Builds the static image once per test run (a debug build: much faster to compile).
+fn must_docker_image() {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let t = Instant::now();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/docker-build");
+        let status = Command::new(script).arg("--debug").status().expect("run scripts/docker-build");
+        assert!(status.success(), "scripts/docker-build failed");
+        println!("image build: {} s", t.elapsed().as_secs());
+    });
+}
+
+/// Containers and networks of compose projects, to check `down` removes what `up` made.
+fn docker_objects(l: &Launched) -> Vec<String> {
+    let filter = format!("label=com.docker.compose.project=agora-{}", StateDir { root: l.state() }.tag());
+    let mut out = Vec::new();
+    for args in [vec!["ps", "-aq", "--filter", &filter], vec!["network", "ls", "-q", "--filter", &filter]] {
+        let o = Command::new("docker").args(&args).output().expect("docker");
+        out.extend(String::from_utf8_lossy(&o.stdout).split_whitespace().map(String::from));
+    }
+    out
+}
+
+#[tokio::test]
+async fn docker_backend_end_to_end() {
+    must_docker_image();
+    let l = Launched::new();
+    up_write_kill_restart(&l, &["up", "--backend", "docker"]).await;
+    assert_eq!(docker_objects(&l).len(), 9 + 4, "9 containers, 3 DC networks and the WAN network");
+
+    // Partitions work on containers too: the isolated leader's DC moves on without it.
+    let old = l.must_dc1_leader().await;
+    l.must(&["partition", &old]);
+    let majority = ["dc1-n1", "dc1-n2", "dc1-n3"].into_iter().find(|n| *n != old).unwrap();
+    let token = l.must_session(majority, "dave").await;
+    assert!(!l.has_session_locally(&old, &token).await, "the isolated {old} cannot have the new write");
+    l.must(&["heal"]);
+    must_eventually(Duration::from_secs(30), "the isolated container to catch up", || async {
+        l.has_session_locally(&old, &token).await.then_some(())
+    })
+    .await;
+
+    must_down(&l);
+    assert!(docker_objects(&l).is_empty(), "left behind: {:?}", docker_objects(&l));
+}
+
+/// The committed deployment files are what the generators make from the cluster files,
+/// and they describe the TOML's topology.
+#[test]
+fn committed_manifests_match_the_topology() {
+    use agora::config::ClusterConfig;
+    use agora::launcher::manifests;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster");
+    let local = ClusterConfig::load(Some(&root.join("local.toml"))).unwrap();
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let stale = "is stale: regenerate with `agora cluster compose` / `agora cluster k8s --config cluster/local.toml`";
+
+    // docker: docker.toml is local.toml readdressed; the compose file is generated from it.
+    let docker = ClusterConfig::load(Some(&root.join("docker.toml"))).unwrap();
+    assert_eq!(read("docker.toml"), manifests::docker_toml(&local).unwrap(), "cluster/docker.toml {stale}");
+    let compose = manifests::compose_yaml(&docker, &manifests::ComposeFlavor::Standalone).unwrap();
+    assert_eq!(read("docker-compose.yml"), compose, "cluster/docker-compose.yml {stale}");
+    let y: serde_yaml::Value = serde_yaml::from_str(&compose).unwrap();
+    for n in docker.nodes() {
+        let svc = &y["services"][n.name.as_str()];
+        assert_eq!(svc["networks"][n.dc.as_str()]["ipv4_address"].as_str(), Some(n.http.ip().to_string().as_str()));
+    }
+
+    // k8s: one file per DC whose StatefulSet has one pod per node and whose ConfigMap holds the topology.
+    let files = manifests::k8s_files(&local, "cluster/local.toml").unwrap();
+    assert_eq!(files.len(), local.dcs.len());
+    for (name, text) in files {
+        assert_eq!(read(&format!("k8s/{name}")), text, "cluster/k8s/{name} {stale}");
+        let dc = name.trim_end_matches(".yaml");
+        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .collect();
+        let kind = |k: &str| docs.iter().find(|d| d["kind"] == k).unwrap_or_else(|| panic!("{name}: no {k}"));
+        assert_eq!(
+            kind("StatefulSet")["spec"]["replicas"].as_u64(),
+            Some(local.dc_nodes(dc).len() as u64),
+            "{name}"
+        );
+        assert_eq!(kind("Service")["spec"]["clusterIP"].as_str(), Some("None"), "{name}: headless");
+        let toml_text = kind("ConfigMap")["data"]["cluster.toml"].as_str().unwrap();
+        let in_map = ClusterConfig::from_toml(toml_text, &name).unwrap();
+        assert_eq!(in_map.nodes(), local.nodes(), "{name}: the ConfigMap's topology");
+    }
 }

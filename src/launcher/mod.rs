@@ -404,7 +404,7 @@ fn clean_leftovers(st: &StateDir, meta: state::Meta) -> Result<bool> {
         return Ok(true);
     };
     let c = Cluster {
-        st: StateDir { root: st.root.clone() },
+        st: st.clone(),
         cfg,
         meta,
         rt: runtime(backend, st),
@@ -443,7 +443,7 @@ fn down(st: StateDir, wipe: bool) -> Result<()> {
     match st.read_meta()? {
         Some(meta) => {
             let backend = meta.backend;
-            match Cluster::open(StateDir { root: st.root.clone() }) {
+            match Cluster::open(st.clone()) {
                 Ok(c) => c.teardown()?,
                 // No readable config: no node can have started; remove the networks.
                 Err(_) => {

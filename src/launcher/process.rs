@@ -6,6 +6,7 @@ use std::fs::OpenOptions;
 use std::net::{TcpListener, UdpSocket};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
@@ -14,6 +15,9 @@ use super::Runtime;
 use crate::config::ClusterConfig;
 
 pub struct Process;
+
+/// Bound on the time from spawning a node to its exec of agora (a loaded machine is slow).
+const EXEC_WAIT: Duration = Duration::from_secs(10);
 
 /// Node log level unless the user set RUST_LOG.
 const NODE_LOG: &str = "info,openraft=warn,sled=warn";
@@ -49,10 +53,27 @@ pub fn spawn_node(st: &StateDir, prefix: &[String], node: &str) -> Result<i32> {
         .stderr(log)
         // Its own process group: a Ctrl-C in the launcher's terminal does not reach the nodes.
         .process_group(0);
-    let child = cmd.spawn().with_context(|| format!("start {node}"))?;
+    let mut child = cmd.spawn().with_context(|| format!("start {node}"))?;
     let pid = child.id() as i32;
     st.write_pid(node, pid)?;
+    wait_exec(st, &mut child, node)?;
     Ok(pid)
+}
+
+/// Between fork and exec the child still looks like the launcher, and would not pass as
+/// the node its pid file names: wait until it does, so every later check is reliable.
+fn wait_exec(st: &StateDir, child: &mut std::process::Child, node: &str) -> Result<()> {
+    let start = Instant::now();
+    while st.live_pid(node).is_none() {
+        if let Some(status) = child.try_wait()? {
+            bail!("{node} exited during start-up ({status}); last lines of its log:\n{}", st.tail_log(node, 20));
+        }
+        if start.elapsed() > EXEC_WAIT {
+            bail!("{node} (pid {}) did not start within {EXEC_WAIT:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
 }
 
 impl Runtime for Process {

@@ -25,6 +25,7 @@ pub struct Meta {
     pub cuts: BTreeSet<(String, String)>,
 }
 
+#[derive(Debug, Clone)]
 pub struct StateDir {
     pub root: PathBuf,
 }

@@ -106,12 +106,13 @@ pub enum ClusterCmd {
     /// Drop packets between nodes or DCs (netns and docker backends).
     #[command(long_about = partition::PARTITION_HELP)]
     Partition {
+        /// Node or DC names, or comma-separated lists of them: one group each.
         #[arg(required = true, value_name = "TARGET")]
         targets: Vec<String>,
     },
     /// Remove every partition.
     Heal,
-    /// Set the one-way delay between DCs with tc netem, in ms (0 removes it).
+    /// Set the one-way delay between DCs with tc netem, in ms (0 removes it; the kernel needs sch_netem).
     Latency { ms: u64 },
     /// Write Kubernetes manifests (StatefulSet, headless Service, ConfigMap per DC).
     K8s(manifests::K8sArgs),
@@ -208,35 +209,34 @@ impl Cluster {
         self.cfg.node_names().into_iter().filter(|n| self.st.live_pid(n).is_some()).collect()
     }
 
-    /// Starts a node, then re-applies the partitions that concern it (a container's
+    /// Starts a node, then re-applies the faults that concern it (a container's network
     /// namespace is new after a restart).
     fn start_node(&self, name: &str) -> Result<()> {
         self.rt.start(&self.st, &self.cfg, name)?;
         if self.meta.wan_latency_ms > 0 {
             self.rt.set_latency(&self.st, &self.cfg, self.meta.wan_latency_ms)?;
         }
-        self.apply_cuts(name)
+        if !self.meta.cuts.is_empty() {
+            self.apply_cuts(name, &self.rt.net_prefix(&self.st, name)?)?;
+        }
+        Ok(())
     }
 
-    fn apply_cuts(&self, name: &str) -> Result<()> {
-        if self.meta.cuts.is_empty() && self.rt.supports_faults().is_err() {
-            return Ok(());
-        }
+    /// Replaces the node's drop rules with those of the current cuts.
+    fn apply_cuts(&self, name: &str, prefix: &[String]) -> Result<()> {
         let addrs: Vec<IpAddr> = partition::cut_peers(&self.meta.cuts, name)
             .flat_map(|peer| self.rt.node_addrs(&self.cfg, peer))
             .collect();
-        let prefix = self.rt.net_prefix(&self.st, name)?;
-        partition::load_filter(&prefix, &partition::filter_table(&addrs)).with_context(|| format!("set partition rules of {name}"))
+        partition::load_filter(prefix, &partition::filter_table(&addrs)).with_context(|| format!("set partition rules of {name}"))
     }
 
-    /// Rules for every node whose namespace exists now (a stopped container gets its
-    /// rules when it starts).
+    /// Rules for every node whose network namespace exists now; a stopped container gets
+    /// its rules when it starts again.
     fn apply_all_cuts(&self) -> Result<()> {
         for name in self.cfg.node_names() {
-            if self.meta.backend == Backend::Docker && self.st.live_pid(&name).is_none() {
-                continue;
+            if let Ok(prefix) = self.rt.net_prefix(&self.st, &name) {
+                self.apply_cuts(&name, &prefix)?;
             }
-            self.apply_cuts(&name)?;
         }
         Ok(())
     }

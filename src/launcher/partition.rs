@@ -14,8 +14,9 @@ use crate::config::ClusterConfig;
 const CHAIN: &str = "AGORA";
 
 pub const PARTITION_HELP: &str = "\
-Cut traffic between nodes with silent packet drops (iptables DROP in each node's network \
-namespace; netns and docker backends). Each TARGET is a node name, a DC name, or a \
+Cut traffic between nodes with silent packet drops: iptables DROP rules in each node's
+network namespace (netns and docker backends), so a cut link times out like a dead one
+instead of refusing connections. Each TARGET is a node name, a DC name, or a
 comma-separated list of them, and forms one group:
 
   partition dc1              dc1's nodes are cut off from every node of the other DCs

@@ -297,13 +297,18 @@ async fn netns_backend_end_to_end_with_partition() {
     check_latency(&l).await;
 
     // A crash (every node SIGKILLed, namespaces left behind): the next `up` cleans up first.
-    for pid in l.pids() {
+    let pids = l.pids();
+    for &pid in &pids {
         // SAFETY: kill(2) on a pid from our own pid files.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
+    must_eventually(Duration::from_secs(10), "the killed nodes to be gone", || async {
+        pids.iter().all(|p| !pid_alive(*p)).then_some(())
+    })
+    .await;
     let out = l.agora(&["up", "--backend", "netns"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && err.contains("cleaning up the leftovers"), "{err}");
+    let (stdout, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && err.contains("cleaning up the leftovers"), "{stdout}\n{err}");
     l.pids();
     l.must_all_healthy(Duration::from_secs(30)).await;
     must_down(&l);

@@ -253,8 +253,8 @@ async fn process_backend_end_to_end() {
     up_write_kill_restart(&l, &["up", "--config", config]).await;
     let err = l.must_fail(&["partition", "dc1"]);
     assert!(err.contains("--backend netns"), "{err}");
-    let logs = l.must(&["logs", "dc1-n1", "-n", "5"]);
-    assert!(logs.contains("dc1-n1"), "{logs}");
+    let logs = l.must(&["logs", "dc1-n1", "-n", "100000"]);
+    assert!(logs.contains("node started node=dc1-n1"), "{logs}");
     must_down(&l);
 }
 

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 
 use super::docker::{self, wan_ip, wan_subnet, IMAGE};
 use super::readdress;
-use crate::config::ClusterConfig;
+use crate::config::{ClusterConfig, NodeInfo};
 
 /// Log level in containers.
 const NODE_LOG: &str = "info,openraft=warn,sled=warn";
@@ -64,47 +64,15 @@ pub fn compose_yaml(cfg: &ClusterConfig, flavor: &ComposeFlavor) -> Result<Strin
     // Format 2.4 is what both docker-compose 1.x and the compose plugin accept with ipam and fixed addresses.
     y += "version: \"2.4\"\nservices:\n";
     for n in cfg.nodes() {
-        let (config_mount, data_mount, name) = match flavor {
-            ComposeFlavor::Standalone => ("./docker.toml".to_string(), format!("{}-data", n.name), format!("agora-{}", n.name)),
-            ComposeFlavor::Launcher { state_dir, container_prefix } => (
-                state_dir.join("cluster.toml").display().to_string(),
-                state_dir.join("data").join(&n.name).display().to_string(),
-                format!("{container_prefix}{}", n.name),
-            ),
-        };
-        let wan = wan_ip(cfg, &n.name).context("wan address")?;
-        writeln!(y, "  {}:", n.name)?;
-        writeln!(y, "    image: {IMAGE}")?;
-        writeln!(y, "    container_name: {name}")?;
-        writeln!(y, "    hostname: {}", n.name)?;
-        writeln!(
-            y,
-            "    command: [\"node\", \"--node\", \"{}\", \"--config\", \"/etc/agora/cluster.toml\", \"--data-dir\", \"/data\"]",
-            n.name
-        )?;
-        writeln!(y, "    environment:\n      RUST_LOG: \"{NODE_LOG}\"\n      NO_COLOR: \"1\"")?;
-        writeln!(y, "    volumes:\n      - {config_mount}:/etc/agora/cluster.toml:ro\n      - {data_mount}:/data")?;
-        writeln!(
-            y,
-            "    networks:\n      {}:\n        ipv4_address: {}\n      wan:\n        ipv4_address: {wan}",
-            n.dc,
-            n.http.ip()
-        )?;
-        // A killed node stays down until `agora cluster restart`, like a process would.
-        writeln!(y, "    restart: \"no\"")?;
+        compose_service(&mut y, cfg, &n, flavor)?;
     }
     y += "networks:\n";
     for dc in &cfg.dcs {
         let subnet = dc.subnet.as_deref().context("docker config without DC subnet")?;
-        let gateway = subnet.replace(".0/24", ".254");
-        writeln!(
-            y,
-            "  {}:\n    ipam:\n      config:\n        - subnet: {subnet}\n          gateway: {gateway}",
-            dc.name
-        )?;
+        compose_network(&mut y, &dc.name, subnet, &subnet.replace(".0/24", ".254"))?;
     }
     let (wan_net, wan_gw) = wan_subnet();
-    writeln!(y, "  wan:\n    ipam:\n      config:\n        - subnet: {wan_net}\n          gateway: {wan_gw}")?;
+    compose_network(&mut y, "wan", &wan_net, &wan_gw)?;
     if matches!(flavor, ComposeFlavor::Standalone) {
         y += "volumes:\n";
         for n in cfg.node_names() {
@@ -112,6 +80,43 @@ pub fn compose_yaml(cfg: &ClusterConfig, flavor: &ComposeFlavor) -> Result<Strin
         }
     }
     Ok(y)
+}
+
+fn compose_service(y: &mut String, cfg: &ClusterConfig, n: &NodeInfo, flavor: &ComposeFlavor) -> Result<()> {
+    let (config_mount, data_mount, container) = match flavor {
+        ComposeFlavor::Standalone => ("./docker.toml".to_string(), format!("{}-data", n.name), format!("agora-{}", n.name)),
+        ComposeFlavor::Launcher { state_dir, container_prefix } => (
+            state_dir.join("cluster.toml").display().to_string(),
+            state_dir.join("data").join(&n.name).display().to_string(),
+            format!("{container_prefix}{}", n.name),
+        ),
+    };
+    let wan = wan_ip(cfg, &n.name).context("wan address")?;
+    let name = &n.name;
+    writeln!(y, "  {name}:\n    image: {IMAGE}\n    container_name: {container}\n    hostname: {name}")?;
+    writeln!(
+        y,
+        "    command: [\"node\", \"--node\", \"{name}\", \"--config\", \"/etc/agora/cluster.toml\", \"--data-dir\", \"/data\"]"
+    )?;
+    writeln!(y, "    environment:\n      RUST_LOG: \"{NODE_LOG}\"\n      NO_COLOR: \"1\"")?;
+    writeln!(y, "    volumes:\n      - {config_mount}:/etc/agora/cluster.toml:ro\n      - {data_mount}:/data")?;
+    writeln!(
+        y,
+        "    networks:\n      {}:\n        ipv4_address: {}\n      wan:\n        ipv4_address: {wan}",
+        n.dc,
+        n.http.ip()
+    )?;
+    // A killed node stays down until `agora cluster restart`, like a process would.
+    writeln!(y, "    restart: \"no\"")?;
+    Ok(())
+}
+
+fn compose_network(y: &mut String, name: &str, subnet: &str, gateway: &str) -> Result<()> {
+    writeln!(
+        y,
+        "  {name}:\n    ipam:\n      config:\n        - subnet: {subnet}\n          gateway: {gateway}"
+    )?;
+    Ok(())
 }
 
 /// The docker plan's cluster file, with a header saying where it comes from.

@@ -115,10 +115,13 @@ impl StateDir {
         self.read_pid(node).filter(|&pid| is_agora_node(pid, node))
     }
 
-    /// Forgets the run (pid files and metadata) but keeps data and logs.
+    /// Forgets the run (pid files, metadata, generated config and compose file) but keeps
+    /// data and logs.
     pub fn clear_run(&self) -> Result<()> {
         remove_if_exists(&self.root.join("pids"))?;
-        let _ = std::fs::remove_file(self.meta_path());
+        for f in [self.meta_path(), self.config_path(), self.root.join("docker-compose.yml")] {
+            let _ = std::fs::remove_file(f);
+        }
         Ok(())
     }
 

@@ -51,10 +51,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.concurrency == 0 || args.targets.is_empty() || args.skus == 0 {
         bail!("--concurrency, --skus and at least one --target are required");
     }
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.concurrency)
-        .timeout(Duration::from_secs(10))
-        .build()?;
+    let client = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).timeout(Duration::from_secs(10)).build()?;
     let setup = prepare(&client, &args).await.context("prepare the run (is the cluster up?)")?;
     let warmup_end = Instant::now() + Duration::from_secs(args.warmup);
     let end = warmup_end + Duration::from_secs(args.duration);
@@ -93,10 +90,7 @@ async fn post(client: &reqwest::Client, url: String, body: Value) -> anyhow::Res
 
 async fn prepare(client: &reqwest::Client, args: &BenchArgs) -> anyhow::Result<Setup> {
     let base = &args.targets[0];
-    let session = post(client, format!("{base}/v1/sessions"), json!({"user": "bench"})).await?["token"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let session = post(client, format!("{base}/v1/sessions"), json!({"user": "bench"})).await?["token"].as_str().unwrap_or_default().to_string();
     let run = format!("{:08x}", rand::random::<u32>());
     let skus: Vec<String> = (0..args.skus).map(|i| format!("bench-{run}-{i}")).collect();
     for sku in &skus {
@@ -140,9 +134,7 @@ async fn one_request(client: &reqwest::Client, base: &str, args: &BenchArgs, set
     let req = match args.mix {
         Mix::ReadHeavy if i % 5 != 0 => client.get(format!("{base}/v1/orders/{}", setup.orders[i % setup.orders.len()])),
         Mix::Sessions => client.post(format!("{base}/v1/sessions")).json(&json!({"user": "bench"})),
-        _ => client
-            .post(format!("{base}/v1/orders"))
-            .json(&json!({"session": setup.session, "sku": sku, "qty": 1})),
+        _ => client.post(format!("{base}/v1/orders")).json(&json!({"session": setup.session, "sku": sku, "qty": 1})),
     };
     match req.send().await {
         Ok(r) => {
@@ -191,11 +183,5 @@ fn report(args: &BenchArgs, mut all: WorkerStats) {
         args.targets.join(",")
     );
     println!("  acknowledged: {} ({} /s), errors: {}", l.len(), summary["throughput_per_s"], all.errors);
-    println!(
-        "  latency ms: p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
-        percentile(l, 0.5),
-        percentile(l, 0.99),
-        percentile(l, 0.999),
-        percentile(l, 1.0)
-    );
+    println!("  latency ms: p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}", percentile(l, 0.5), percentile(l, 0.99), percentile(l, 0.999), percentile(l, 1.0));
 }

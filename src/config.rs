@@ -25,10 +25,7 @@ pub enum ConfigError {
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field: field.into(),
-        message: message.into(),
-    }
+    ConfigError::Invalid { field: field.into(), message: message.into() }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -43,6 +40,8 @@ pub struct ClusterConfig {
     pub storage: StorageSection,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub replication: ReplicationSection,
     #[serde(rename = "dc")]
     pub dcs: Vec<DcConfig>,
 }
@@ -75,11 +74,7 @@ pub struct Ports {
 
 impl Default for Ports {
     fn default() -> Self {
-        Ports {
-            http: 8080,
-            peer: 7070,
-            dns: 8553,
-        }
+        Ports { http: 8080, peer: 7070, dns: 8553 }
     }
 }
 
@@ -131,10 +126,7 @@ pub struct StorageSection {
 
 impl Default for StorageSection {
     fn default() -> Self {
-        StorageSection {
-            durability: Durability::Fsync,
-            sled_cache_bytes_max: 256 << 20,
-        }
+        StorageSection { durability: Durability::Fsync, sled_cache_bytes_max: 256 << 20 }
     }
 }
 
@@ -162,6 +154,39 @@ impl Default for Limits {
             peer_backoff_max_ms: 2000,
             cache_entities_max: 100_000,
             mailbox_len_max: 10_000,
+        }
+    }
+}
+
+/// Cross-DC replication, link health and rebalancing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationSection {
+    /// Events per shipped batch.
+    pub batch_len_max: usize,
+    /// Events kept for DCs that have not acknowledged them; a DC further behind catches
+    /// up from a snapshot of the origin's state.
+    pub outbox_len_max: u64,
+    /// How often every node probes the other DCs, and the leader sends an empty batch
+    /// when it has nothing to ship.
+    pub probe_interval_ms: u64,
+    /// A DC not heard from for this long counts as unreachable (status, DNS).
+    pub dc_unhealthy_after_ms: u64,
+    /// Below this many units of its own allowance a DC asks the others for more.
+    pub low_water_units: u64,
+    /// A DC grants only what it holds above this reserve.
+    pub reserve_units: u64,
+}
+
+impl Default for ReplicationSection {
+    fn default() -> Self {
+        ReplicationSection {
+            batch_len_max: 512,
+            outbox_len_max: 100_000,
+            probe_interval_ms: 300,
+            dc_unhealthy_after_ms: 2000,
+            low_water_units: 10,
+            reserve_units: 10,
         }
     }
 }
@@ -204,10 +229,7 @@ pub struct NodeInfo {
 
 impl ClusterConfig {
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let config: ClusterConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.into(),
-            message: e.to_string(),
-        })?;
+        let config: ClusterConfig = toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.into(), message: e.to_string() })?;
         config.validate()?;
         Ok(config)
     }
@@ -216,10 +238,7 @@ impl ClusterConfig {
         match path {
             None => Self::from_toml(DEFAULT_TOML, "embedded default"),
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                    path: p.display().to_string(),
-                    source,
-                })?;
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?;
                 Self::from_toml(&text, &p.display().to_string())
             }
         }
@@ -249,10 +268,7 @@ impl ClusterConfig {
                 let (net, len) = parse_cidr(subnet).map_err(|m| invalid(format!("{field}.subnet"), m))?;
                 for (j, n) in dc.nodes.iter().enumerate() {
                     if !cidr_contains(net, len, n.ip) {
-                        return Err(invalid(
-                            format!("{field}.nodes[{j}].ip"),
-                            format!("{} is outside the DC's subnet {subnet}", n.ip),
-                        ));
+                        return Err(invalid(format!("{field}.nodes[{j}].ip"), format!("{} is outside the DC's subnet {subnet}", n.ip)));
                     }
                 }
             }
@@ -292,6 +308,22 @@ impl ClusterConfig {
             if v == 0 {
                 return Err(invalid(field, "must be > 0"));
             }
+        }
+        let r = &self.replication;
+        for (field, v) in [
+            ("replication.batch_len_max", r.batch_len_max as u64),
+            ("replication.outbox_len_max", r.outbox_len_max),
+            ("replication.probe_interval_ms", r.probe_interval_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "must be > 0"));
+            }
+        }
+        if r.batch_len_max > crate::domain::apply::REMOTE_BATCH_LEN_MAX {
+            return Err(invalid("replication.batch_len_max", format!("must be at most {}", crate::domain::apply::REMOTE_BATCH_LEN_MAX)));
+        }
+        if r.dc_unhealthy_after_ms <= r.probe_interval_ms {
+            return Err(invalid("replication.dc_unhealthy_after_ms", "must be greater than probe_interval_ms"));
         }
         if l.peer_frame_bytes_max < 64 * 1024 {
             return Err(invalid("limits.peer_frame_bytes_max", "must be at least 65536"));
@@ -359,6 +391,10 @@ impl ClusterConfig {
         self.nodes().into_iter().find(|n| n.id == id)
     }
 
+    pub fn dc_names(&self) -> Vec<String> {
+        self.dcs.iter().map(|d| d.name.clone()).collect()
+    }
+
     pub fn dc_nodes(&self, dc: &str) -> Vec<NodeInfo> {
         self.nodes().into_iter().filter(|n| n.dc == dc).collect()
     }
@@ -370,10 +406,7 @@ fn check_name(field: &str, name: &str) -> Result<(), ConfigError> {
     if ok {
         Ok(())
     } else {
-        Err(invalid(
-            field,
-            format!("'{name}' must be 1-63 chars of a-z, 0-9 and '-', not starting with '-'"),
-        ))
+        Err(invalid(field, format!("'{name}' must be 1-63 chars of a-z, 0-9 and '-', not starting with '-'")))
     }
 }
 
@@ -437,10 +470,7 @@ mod tests {
         check_err(|t| t.replace("127.0.1.3\" }", "127.0.9.3\" }"), "dc[0].nodes[2].ip");
         check_err(|t| t.replace("ip = \"127.0.1.2\" }", "ip = \"127.0.1.1\" }"), "port clash");
         check_err(|t| t.replace("dns_ttl_s = 5", "dns_ttl_s = 5\ncolour = 1"), "unknown field `colour`");
-        check_err(
-            |t| t.replace("election_timeout_min_ms = 400", "election_timeout_min_ms = 50"),
-            "raft.election_timeout_min_ms",
-        );
+        check_err(|t| t.replace("election_timeout_min_ms = 400", "election_timeout_min_ms = 50"), "raft.election_timeout_min_ms");
         check_err(|t| t.replace("name = \"dc2\"", "name = \"DC 2\""), "dc[1].name");
         check_err(|t| t.replace("durability = \"fsync\"", "durability = \"maybe\""), "durability");
     }

@@ -8,6 +8,10 @@
 //! - [`raft`]: openraft type config and network adapter.
 //! - [`transport`]: peer TCP RPC, with the fault-injection hook.
 //! - [`actors`]: ractor actors for sessions, inventory, orders, and their supervisor.
+//! - [`hlc`]: the hybrid logical clock that orders cross-DC writes.
+//! - [`replication`]: cross-DC event shipping, receiving, rebalancing and link health.
+//! - [`dns`]: the embedded authoritative DNS server (hickory), self-contained.
+//! - [`cluster_view`]: this node's view of cluster health, as DNS answers from it.
 //! - [`node`]: wiring of one node, and the write/read paths (forwarding, read index).
 //! - [`api`]: HTTP routes, validation, the error-to-status map, metrics.
 //! - [`bench`]: the HTTP load generator behind `agora bench`.
@@ -16,13 +20,17 @@
 pub mod actors;
 pub mod api;
 pub mod bench;
+pub mod cluster_view;
 pub mod codec;
 pub mod config;
+pub mod dns;
 pub mod domain;
 pub mod error;
+pub mod hlc;
 pub mod launcher;
 pub mod metrics;
 pub mod node;
 pub mod raft;
+pub mod replication;
 pub mod storage;
 pub mod transport;

@@ -51,7 +51,7 @@ struct NodeArgs {
 }
 
 fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,openraft=warn,sled=warn".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,openraft=warn,sled=warn,hickory_server=warn".into());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
         builder.json().init();
@@ -64,15 +64,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     init_logging(args.log_json);
     let config = ClusterConfig::load(args.config.as_deref())?;
     let data_dir = args.data_dir.unwrap_or_else(|| PathBuf::from(".agora/data").join(&args.node));
-    let running = node::start(
-        config,
-        NodeOptions {
-            name: args.node,
-            data_dir,
-            test_hooks: args.enable_test_hooks,
-        },
-    )
-    .await?;
+    let running = node::start(config, NodeOptions { name: args.node, data_dir, test_hooks: args.enable_test_hooks }).await?;
     wait_for_signal().await?;
     running.shutdown().await;
     Ok(())
@@ -90,13 +82,7 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 
 fn show_config(path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = ClusterConfig::load(path.as_deref())?;
-    println!(
-        "cluster {} (zone {}): {} DCs, {} nodes",
-        config.cluster.name,
-        config.cluster.zone,
-        config.dcs.len(),
-        config.nodes().len()
-    );
+    println!("cluster {} (zone {}): {} DCs, {} nodes", config.cluster.name, config.cluster.zone, config.dcs.len(), config.nodes().len());
     for n in config.nodes() {
         println!("  {:<10} {:<5} id {:<5} http {}  peer {}  dns {}", n.name, n.dc, n.id, n.http, n.peer, n.dns);
     }

@@ -1,6 +1,6 @@
 //! Prometheus metrics, named `agora_<thing>_<unit>`.
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -13,13 +13,15 @@ pub struct Metrics {
     pub raft_commit_index: IntGauge,
     pub raft_applied_index: IntGauge,
     pub raft_is_leader: IntGauge,
+    pub replication_lag_events: IntGaugeVec,
+    pub replication_lag_ms: IntGaugeVec,
+    pub replication_link_up: IntGaugeVec,
+    pub replication_last_contact_ms: IntGaugeVec,
 }
 
 impl Metrics {
     pub fn new(node: &str, dc: &str) -> Self {
-        let labels = [("node".to_string(), node.to_string()), ("dc".to_string(), dc.to_string())]
-            .into_iter()
-            .collect();
+        let labels = [("node".to_string(), node.to_string()), ("dc".to_string(), dc.to_string())].into_iter().collect();
         let registry = Registry::new_custom(Some("agora".into()), Some(labels)).expect("metrics registry");
         let m = Metrics {
             http_requests: IntCounterVec::new(Opts::new("http_requests_total", "HTTP requests by route and status"), &["route", "status"]).expect("metric"),
@@ -36,6 +38,17 @@ impl Metrics {
             raft_commit_index: IntGauge::new("raft_commit_index", "last committed log index").expect("metric"),
             raft_applied_index: IntGauge::new("raft_applied_index", "last applied log index").expect("metric"),
             raft_is_leader: IntGauge::new("raft_is_leader", "1 on the DC leader").expect("metric"),
+            replication_lag_events: IntGaugeVec::new(Opts::new("replication_lag_events", "our events the peer DC has not applied (leader only)"), &["peer"])
+                .expect("metric"),
+            replication_lag_ms: IntGaugeVec::new(
+                Opts::new("replication_lag_ms", "age of our oldest event the peer DC has not applied (leader only)"),
+                &["peer"],
+            )
+            .expect("metric"),
+            replication_link_up: IntGaugeVec::new(Opts::new("replication_link_up", "1 if the peer DC answered recently and has a leader"), &["peer"])
+                .expect("metric"),
+            replication_last_contact_ms: IntGaugeVec::new(Opts::new("replication_last_contact_ms", "milliseconds since the peer DC last answered"), &["peer"])
+                .expect("metric"),
             registry,
         };
         m.register_all();
@@ -52,6 +65,10 @@ impl Metrics {
         r.register(Box::new(self.raft_commit_index.clone())).expect("register");
         r.register(Box::new(self.raft_applied_index.clone())).expect("register");
         r.register(Box::new(self.raft_is_leader.clone())).expect("register");
+        r.register(Box::new(self.replication_lag_events.clone())).expect("register");
+        r.register(Box::new(self.replication_lag_ms.clone())).expect("register");
+        r.register(Box::new(self.replication_link_up.clone())).expect("register");
+        r.register(Box::new(self.replication_last_contact_ms.clone())).expect("register");
     }
 
     pub fn render(&self) -> String {

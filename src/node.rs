@@ -4,10 +4,10 @@
 //! linearizable reads (read index: the leader confirms its lease with a quorum, the
 //! reading node waits until it has applied up to that index).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -16,11 +16,15 @@ use openraft::{BasicNode, ServerState};
 use serde::{Deserialize, Serialize};
 
 use crate::actors::{self, Directory};
+use crate::cluster_view::ClusterView;
 use crate::config::{ClusterConfig, NodeInfo};
+use crate::dns::DnsServer;
 use crate::domain::{Outcome, Request};
 use crate::error::NodeError;
+use crate::hlc::Hlc;
 use crate::metrics::Metrics;
 use crate::raft::{network::Network, raft_config, NodeId, Raft};
+use crate::replication::{self, Links};
 use crate::storage::{self, SmReader};
 use crate::transport::{self, server::ServerLimits, Faults, PeerHandler, PeerRequest, PeerResponse, Peers};
 
@@ -44,7 +48,13 @@ pub struct Node {
     pub faults: Faults,
     pub metrics: Metrics,
     pub test_hooks: bool,
+    pub links: Arc<Links>,
+    /// The DNS server, once started (its counters feed /metrics).
+    pub dns: Mutex<Option<DnsServer>>,
+    pub hlc: Hlc,
     request_timeout: Duration,
+    /// SKUs this node is asking other DCs for stock for (one ask at a time per SKU).
+    asking: Mutex<HashSet<String>>,
 }
 
 /// A membership change asked of the DC leader.
@@ -56,11 +66,7 @@ pub enum MembershipOp {
 
 impl Node {
     fn dc_members(&self) -> BTreeMap<NodeId, BasicNode> {
-        self.config
-            .dc_nodes(&self.info.dc)
-            .into_iter()
-            .map(|n| (n.id, BasicNode::new(n.peer)))
-            .collect()
+        self.config.dc_nodes(&self.info.dc).into_iter().map(|n| (n.id, BasicNode::new(n.peer))).collect()
     }
 
     pub fn is_leader(&self) -> bool {
@@ -77,13 +83,7 @@ impl Node {
             return Ok(l);
         }
         let wait = Duration::from_millis(self.config.raft.election_timeout_max_ms * 2);
-        self.raft
-            .wait(Some(wait))
-            .metrics(|m| m.current_leader.is_some(), "leader")
-            .await
-            .ok()
-            .and_then(|m| m.current_leader)
-            .ok_or(NodeError::NoLeader)
+        self.raft.wait(Some(wait)).metrics(|m| m.current_leader.is_some(), "leader").await.ok().and_then(|m| m.current_leader).ok_or(NodeError::NoLeader)
     }
 
     /// Runs a write on the DC leader and returns its outcome once applied there.
@@ -91,11 +91,7 @@ impl Node {
         let mut last = NodeError::NoLeader;
         for _ in 0..SUBMIT_ATTEMPTS {
             let leader = self.wait_leader().await?;
-            let r = if leader == self.info.id {
-                self.actors.submit(cmd.clone()).await
-            } else {
-                self.forward(leader, cmd.clone()).await
-            };
+            let r = if leader == self.info.id { self.actors.submit(cmd.clone()).await } else { self.forward(leader, cmd.clone()).await };
             match r {
                 Err(NodeError::NotLeader(hint)) => {
                     last = NodeError::NotLeader(hint);
@@ -133,19 +129,13 @@ impl Node {
                 other => return Err(NodeError::Internal(format!("unexpected answer to read index: {other:?}"))),
             }
         };
-        self.raft
-            .wait(Some(self.request_timeout))
-            .applied_index_at_least(Some(index), "read index")
-            .await
-            .map_err(|_| NodeError::Timeout)?;
+        self.raft.wait(Some(self.request_timeout)).applied_index_at_least(Some(index), "read index").await.map_err(|_| NodeError::Timeout)?;
         Ok(())
     }
 
     /// On the leader: confirms leadership with a quorum and returns the read index.
     async fn read_index_local(&self) -> Result<u64, NodeError> {
-        let r = tokio::time::timeout(self.request_timeout, self.raft.ensure_linearizable())
-            .await
-            .map_err(|_| NodeError::Timeout)?;
+        let r = tokio::time::timeout(self.request_timeout, self.raft.ensure_linearizable()).await.map_err(|_| NodeError::Timeout)?;
         match r {
             Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(NodeError::NotLeader(f.leader_id)),
@@ -171,10 +161,7 @@ impl Node {
         let mut voters: BTreeSet<NodeId> = self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
         match op {
             MembershipOp::Add(id) => {
-                let node = self
-                    .dc_members()
-                    .remove(&id)
-                    .ok_or_else(|| NodeError::BadRequest(format!("node {id} is not in this DC's config")))?;
+                let node = self.dc_members().remove(&id).ok_or_else(|| NodeError::BadRequest(format!("node {id} is not in this DC's config")))?;
                 // Blocking: returns once the learner has caught up with the log.
                 self.raft.add_learner(id, node, true).await.map_err(|e| internal(&e))?;
                 voters.insert(id);
@@ -192,6 +179,31 @@ impl Node {
         Ok(voters)
     }
 
+    pub fn begin_ask(&self, sku: &str) -> bool {
+        self.asking.lock().expect("asking lock").insert(sku.to_string())
+    }
+
+    pub fn end_ask(&self, sku: &str) {
+        self.asking.lock().expect("asking lock").remove(sku);
+    }
+
+    /// Sends a cancel for an order owned by another DC to that DC.
+    pub async fn forward_to_owner(&self, owner: &str, req: Request) -> Result<Outcome, NodeError> {
+        let mut targets: Vec<NodeId> = self.config.dc_nodes(owner).iter().map(|n| n.id).collect();
+        if let Some(l) = self.links.get(owner).remote_leader {
+            targets.sort_by_key(|t| *t != l);
+        }
+        let mut last = NodeError::Unreachable(owner.to_string());
+        for t in targets {
+            match self.peers.call(t, PeerRequest::Submit(req.clone()), Some(self.request_timeout / 3)).await {
+                Ok(PeerResponse::Submit(r)) => return r,
+                Ok(other) => last = NodeError::Internal(format!("unexpected answer: {other:?}")),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
     /// Commit index, from Raft's own state.
     pub async fn commit_index(&self) -> u64 {
         self.raft.with_raft_state(|st| st.committed.map(|l| l.index).unwrap_or(0)).await.unwrap_or(0)
@@ -207,8 +219,7 @@ impl PeerHandler for Handler {
         let node = &self.0;
         let same_dc = node.config.node_by_id(from).is_some_and(|n| n.dc == node.info.dc);
         if !same_dc {
-            tracing::warn!(from, "request from a node outside this DC refused");
-            return PeerResponse::Refused(format!("node {from} is not in {}", node.info.dc));
+            return replication::receiver::handle(node, from, req).await;
         }
         match req {
             PeerRequest::AppendEntries(r) => PeerResponse::AppendEntries(node.raft.append_entries(r).await),
@@ -219,6 +230,12 @@ impl PeerHandler for Handler {
             PeerRequest::ReadIndex => PeerResponse::ReadIndex(node.read_index_local().await),
             PeerRequest::Membership(op) if node.is_leader() => PeerResponse::Membership(node.change_membership_local(op).await),
             PeerRequest::Membership(_) => PeerResponse::Membership(Err(NodeError::NotLeader(node.leader()))),
+            PeerRequest::Probe => PeerResponse::Probe(replication::receiver::probe_ack(node)),
+            // Cross-DC requests from a node of this DC: a confused or hostile peer.
+            other @ (PeerRequest::Replicate { .. } | PeerRequest::InstallRemote { .. } | PeerRequest::AskStock { .. }) => {
+                tracing::warn!(from, ?other, "cross-DC request from a node of this DC refused");
+                PeerResponse::Refused("cross-DC request from the same DC".into())
+            }
         }
     }
 }
@@ -232,48 +249,29 @@ pub struct Running {
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("bind {what} port {addr} (is another node or program using it?)"))
+    tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind {what} port {addr} (is another node or program using it?)"))
 }
 
 /// Starts every part of a node, in dependency order: storage, transport, Raft, actors,
 /// HTTP; then bootstraps the DC if this is its first start.
 pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<Running> {
-    let info = config
-        .node(&opts.name)
-        .ok_or_else(|| anyhow::anyhow!("unknown node '{}'; valid nodes: {}", opts.name, config.node_names().join(", ")))?;
+    let info = config.node(&opts.name).ok_or_else(|| anyhow::anyhow!("unknown node '{}'; valid nodes: {}", opts.name, config.node_names().join(", ")))?;
     let config = Arc::new(config);
     let peer_listener = bind(info.peer, "peer").await?;
     let http_listener = bind(info.http, "http").await?;
-    let (log, sm) = storage::open(
-        &opts.data_dir,
-        config.storage.durability,
-        config.storage.sled_cache_bytes_max,
-        config.limits.cache_entities_max,
-    )
-    .context("open storage")?;
+    let (log, sm) = storage::open(&opts.data_dir, &info.dc, config.storage.durability, config.storage.sled_cache_bytes_max, config.limits.cache_entities_max)
+        .context("open storage")?;
     let reader = sm.reader();
     let faults = Faults::default();
     let peers = Peers::new(&config, info.id, faults.clone());
-    let raft = Raft::new(info.id, raft_config(&config, &info.dc)?, Network { peers: peers.clone() }, log, sm)
-        .await
-        .context("start raft")?;
+    let raft = Raft::new(info.id, raft_config(&config, &info.dc)?, Network { peers: peers.clone() }, log, sm).await.context("start raft")?;
     let metrics = Metrics::new(&info.name, &info.dc);
     let request_timeout = Duration::from_millis(config.limits.request_timeout_ms);
     let actors = Directory::new(config.limits.mailbox_len_max, request_timeout);
-    let template = actors::entity::EntityArgs {
-        kind: actors::Kind::Sessions,
-        raft: raft.clone(),
-        sm: reader.clone(),
-        write_timeout: request_timeout,
-    };
-    let supervisor = actors::spawn_supervisor(actors::supervisor::SupervisorArgs {
-        template,
-        directory: actors.clone(),
-        metrics: metrics.clone(),
-    })
-    .await?;
+    let template = actors::entity::EntityArgs { kind: actors::Kind::Sessions, raft: raft.clone(), sm: reader.clone(), write_timeout: request_timeout };
+    let supervisor = actors::spawn_supervisor(actors::supervisor::SupervisorArgs { template, directory: actors.clone(), metrics: metrics.clone() }).await?;
+    let remote_dcs = config.dc_names().into_iter().filter(|d| *d != info.dc);
+    let links = Links::new(remote_dcs, Duration::from_millis(config.replication.dc_unhealthy_after_ms));
     let node = Arc::new(Node {
         info,
         config: config.clone(),
@@ -284,24 +282,23 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
         faults: faults.clone(),
         metrics,
         test_hooks: opts.test_hooks,
+        links,
+        dns: Mutex::new(None),
+        hlc: Hlc::default(),
         request_timeout,
+        asking: Mutex::new(HashSet::new()),
     });
 
-    let limits = ServerLimits {
-        frame_bytes_max: config.limits.peer_frame_bytes_max,
-        inflight_per_connection_max: config.limits.peer_inflight_max,
-    };
+    let limits = ServerLimits { frame_bytes_max: config.limits.peer_frame_bytes_max, inflight_per_connection_max: config.limits.peer_inflight_max };
     let mut tasks = vec![tokio::spawn(transport::serve(peer_listener, Arc::new(Handler(node.clone())), faults, limits))];
     let http_addr = http_listener.local_addr()?;
     tasks.push(tokio::spawn(crate::api::serve(http_listener, node.clone())));
     tasks.push(tokio::spawn(bootstrap(node.clone())));
+    tasks.extend(replication::spawn(node.clone()));
+    let dns = DnsServer::start(node.info.dns, Arc::new(ClusterView(node.clone()))).await.with_context(|| format!("start dns on {}", node.info.dns))?;
+    *node.dns.lock().expect("dns lock") = Some(dns);
     tracing::info!(node = %node.info.name, dc = %node.info.dc, id = node.info.id, http = %http_addr, peer = %node.info.peer, "node started");
-    Ok(Running {
-        node,
-        http_addr,
-        tasks,
-        supervisor,
-    })
+    Ok(Running { node, http_addr, tasks, supervisor })
 }
 
 /// A fresh DC forms by itself: every node whose store is empty proposes the configured
@@ -323,6 +320,10 @@ impl Running {
     pub async fn shutdown(self) {
         for t in &self.tasks {
             t.abort();
+        }
+        let dns = self.node.dns.lock().expect("dns lock").take();
+        if let Some(dns) = dns {
+            dns.shutdown().await;
         }
         if let Err(e) = self.node.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");

@@ -10,7 +10,7 @@ struct SledBuilder;
 impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for SledBuilder {
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (log, sm) = storage::open(dir.path(), Durability::Fsync, 16 << 20, 1000).expect("open sled store");
+        let (log, sm) = storage::open(dir.path(), "dc1", Durability::Fsync, 16 << 20, 1000).expect("open sled store");
         Ok((dir, log, sm))
     }
 }

@@ -29,17 +29,20 @@ pub enum Kind {
     Sessions,
     Inventory,
     Orders,
+    /// Cross-DC events: one batch per origin at a time, in origin order.
+    Replication,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Sessions, Kind::Inventory, Kind::Orders];
+    pub const ALL: [Kind; 4] = [Kind::Sessions, Kind::Inventory, Kind::Orders, Kind::Replication];
 
     pub fn of(cmd: &Command) -> Kind {
         match cmd {
             Command::CreateSession { .. } | Command::DeleteSession { .. } => Kind::Sessions,
             // An order takes units from its SKU: the SKU's actor serialises it with restocks.
-            Command::Restock { .. } | Command::PlaceOrder { .. } => Kind::Inventory,
-            Command::CancelOrder { .. } => Kind::Orders,
+            Command::Restock { .. } | Command::PlaceOrder { .. } | Command::Grant { .. } => Kind::Inventory,
+            Command::CancelOrder { .. } | Command::RequestCancel { .. } => Kind::Orders,
+            Command::ApplyRemote { .. } | Command::InstallRemote { .. } | Command::TrimOutbox { .. } | Command::SetDcSettings { .. } => Kind::Replication,
         }
     }
 
@@ -48,6 +51,7 @@ impl Kind {
             Kind::Sessions => "sessions",
             Kind::Inventory => "inventory",
             Kind::Orders => "orders",
+            Kind::Replication => "replication",
         }
     }
 
@@ -67,11 +71,7 @@ pub struct Directory {
 
 impl Directory {
     pub fn new(queue_len_max: usize, timeout: Duration) -> Arc<Self> {
-        Arc::new(Directory {
-            actors: Default::default(),
-            queue: Arc::new(Semaphore::new(queue_len_max)),
-            timeout,
-        })
+        Arc::new(Directory { actors: Default::default(), queue: Arc::new(Semaphore::new(queue_len_max)), timeout })
     }
 
     pub(crate) fn set(&self, kind: Kind, actor: ActorRef<EntityMsg>) {
@@ -84,10 +84,7 @@ impl Directory {
 
     /// Runs `cmd` through its actor and Raft; answers once it is applied here.
     pub async fn submit(&self, cmd: Request) -> Result<Outcome, NodeError> {
-        let _permit = self
-            .queue
-            .try_acquire()
-            .map_err(|_| NodeError::Overloaded("too many commands queued at the actors".into()))?;
+        let _permit = self.queue.try_acquire().map_err(|_| NodeError::Overloaded("too many commands queued at the actors".into()))?;
         let actor = self.get(Kind::of(&cmd.cmd)).ok_or_else(|| NodeError::Overloaded("actor restarting".into()))?;
         match actor.call(|reply| EntityMsg::Submit { cmd, reply }, Some(self.timeout)).await {
             Ok(CallResult::Success(r)) => r,

@@ -23,10 +23,7 @@ pub struct SupervisorState {
 }
 
 async fn start_child(myself: &ActorRef<()>, st: &mut SupervisorState, kind: Kind) -> Result<(), ActorProcessingErr> {
-    let args = EntityArgs {
-        kind,
-        ..st.args.template.clone()
-    };
+    let args = EntityArgs { kind, ..st.args.template.clone() };
     // Unnamed: actor names are process-global, and nothing needs to look these up by name.
     let (actor, _) = Actor::spawn_linked(None, EntityActor, args, myself.get_cell()).await?;
     st.children.insert(actor.get_id(), kind);
@@ -40,10 +37,7 @@ impl Actor for Supervisor {
     type Arguments = SupervisorArgs;
 
     async fn pre_start(&self, myself: ActorRef<()>, args: SupervisorArgs) -> Result<SupervisorState, ActorProcessingErr> {
-        let mut st = SupervisorState {
-            args,
-            children: HashMap::new(),
-        };
+        let mut st = SupervisorState { args, children: HashMap::new() };
         for kind in Kind::ALL {
             start_child(&myself, &mut st, kind).await?;
         }
@@ -64,8 +58,6 @@ impl Actor for Supervisor {
 }
 
 pub async fn spawn_supervisor(args: SupervisorArgs) -> anyhow::Result<ActorRef<()>> {
-    let (sup, _) = Actor::spawn(None, Supervisor, args)
-        .await
-        .map_err(|e| anyhow::anyhow!("start supervisor: {e}"))?;
+    let (sup, _) = Actor::spawn(None, Supervisor, args).await.map_err(|e| anyhow::anyhow!("start supervisor: {e}"))?;
     Ok(sup)
 }

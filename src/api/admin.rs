@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use super::{parse_body, ApiError, AppState};
 use crate::actors::Kind;
+use crate::domain::{Command, Outcome, Request};
 use crate::node::MembershipOp;
 use crate::transport::faults::FaultRules;
 
@@ -50,11 +51,7 @@ fn require_hooks(node: &AppState) -> Result<(), ApiError> {
     if node.test_hooks {
         Ok(())
     } else {
-        Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "test_hooks_disabled",
-            "start the node with --enable-test-hooks to use this endpoint",
-        ))
+        Err(ApiError::new(StatusCode::FORBIDDEN, "test_hooks_disabled", "start the node with --enable-test-hooks to use this endpoint"))
     }
 }
 
@@ -81,4 +78,47 @@ pub async fn crash_actor(State(node): State<AppState>, actor: Result<Path<String
     } else {
         Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "actor_restarting", "actor is restarting"))
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DcSettingsBody {
+    drained: Option<bool>,
+    weight: Option<u32>,
+}
+
+/// `PUT /v1/admin/dcs/{dc}` `{"drained": true}` / `{"weight": 3}`: an operator toggle,
+/// replicated to every DC (last writer wins). Drained or weight-0 DCs leave the DNS answers.
+pub async fn set_dc_settings(
+    State(node): State<AppState>,
+    dc: Result<Path<String>, PathRejection>,
+    body: Result<axum::body::Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(dc) = dc.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    if !node.config.dc_names().contains(&dc) {
+        return Err(ApiError::not_found(&format!("datacentre '{dc}'")));
+    }
+    let DcSettingsBody { drained, weight } = parse_body(body)?;
+    if weight.is_some_and(|w| w > 100) {
+        return Err(ApiError::bad_request("weight must be in 0..=100"));
+    }
+    let current = node.sm.settings(&dc);
+    let cmd = Command::SetDcSettings {
+        target: dc,
+        drained: drained.unwrap_or(current.drained),
+        weight: weight.unwrap_or(current.weight),
+        dc: node.info.dc.clone(),
+        hlc: node.hlc.now(),
+    };
+    match node.submit(Request::new(cmd, None)).await? {
+        Outcome::Settings(s) => Ok(Json(json!({"dc": s.dc, "drained": s.drained, "weight": s.weight}))),
+        Outcome::Rejected(r) => Err(r.into()),
+        other => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("unexpected outcome {other:?}"))),
+    }
+}
+
+pub async fn get_dc_settings(State(node): State<AppState>) -> Json<Value> {
+    let all: Vec<Value> =
+        node.config.dc_names().iter().map(|dc| node.sm.settings(dc)).map(|s| json!({"dc": s.dc, "drained": s.drained, "weight": s.weight})).collect();
+    Json(json!({ "dcs": all }))
 }

@@ -23,15 +23,8 @@ pub async fn status(State(node): State<AppState>) -> Json<Value> {
     let m = node.raft.metrics().borrow().clone();
     let commit_index = node.commit_index().await;
     let leader_name = m.current_leader.and_then(|id| node.config.node_by_id(id)).map(|n| n.name);
-    let voters: Vec<String> = m
-        .membership_config
-        .membership()
-        .voter_ids()
-        .filter_map(|id| node.config.node_by_id(id))
-        .map(|n| n.name)
-        .collect();
-    // Cross-DC links are not replicated yet: only this DC is reported.
-    let dcs = vec![json!({"name": node.info.dc, "healthy": m.current_leader.is_some(), "leader": leader_name, "lag_ms": 0})];
+    let voters: Vec<String> = m.membership_config.membership().voter_ids().filter_map(|id| node.config.node_by_id(id)).map(|n| n.name).collect();
+    let dcs = dc_views(&node, leader_name.clone());
     Json(json!({
         "node": node.info.name,
         "dc": node.info.dc,
@@ -44,8 +37,39 @@ pub async fn status(State(node): State<AppState>) -> Json<Value> {
         "snapshot_index": m.snapshot.map(|l| l.index),
         "purged_index": m.purged.map(|l| l.index),
         "voters": voters,
+        "out_seq": node.sm.out_seq(),
+        "outbox_floor": node.sm.outbox_floor(),
         "dcs": dcs,
     }))
+}
+
+/// This DC from Raft, the others from the links: health, leader, replication lag.
+fn dc_views(node: &AppState, local_leader: Option<String>) -> Vec<Value> {
+    let name = |id: Option<u64>| id.and_then(|id| node.config.node_by_id(id)).map(|n| n.name);
+    node.config
+        .dc_names()
+        .into_iter()
+        .map(|dc| {
+            if dc == node.info.dc {
+                return json!({"name": dc, "local": true, "healthy": local_leader.is_some(), "leader": local_leader, "lag_ms": 0, "lag_events": 0});
+            }
+            let l = node.links.get(&dc);
+            json!({
+                "name": dc,
+                "local": false,
+                "healthy": node.links.healthy(&dc),
+                "reachable": node.links.reachable(&dc),
+                "leader": name(l.remote_leader),
+                "last_contact_ms": l.last_contact.map(|t| t.elapsed().as_millis() as u64),
+                // How far that DC is behind our events (known on our leader).
+                "lag_ms": l.lag_ms,
+                "lag_events": l.lag_events,
+                "acked_seq": l.acked,
+                "applied_from_it": node.sm.cursor(&dc),
+                "snapshot_catchups": l.snapshot_catchups,
+            })
+        })
+        .collect()
 }
 
 pub async fn digest(State(node): State<AppState>) -> Json<Value> {
@@ -65,5 +89,36 @@ pub async fn metrics(State(node): State<AppState>) -> impl IntoResponse {
     node.metrics.raft_applied_index.set(m.last_applied.map(|l| l.index).unwrap_or(0) as i64);
     node.metrics.raft_commit_index.set(node.commit_index().await as i64);
     node.metrics.raft_is_leader.set((m.state == ServerState::Leader) as i64);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], node.metrics.render())
+    for (dc, l) in node.links.all() {
+        node.metrics.replication_link_up.with_label_values(&[&dc]).set(node.links.healthy(&dc) as i64);
+        let since = l.last_contact.map(|t| t.elapsed().as_millis() as i64).unwrap_or(-1);
+        node.metrics.replication_last_contact_ms.with_label_values(&[&dc]).set(since);
+    }
+    let mut text = node.metrics.render();
+    let dns = node.dns.lock().expect("dns lock").as_ref().map(|d| d.stats());
+    if let Some(s) = dns {
+        text += &dns_metrics(&node, &s);
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+/// DNS counters live in the DNS server; they are rendered here in Prometheus text.
+fn dns_metrics(node: &AppState, s: &crate::dns::DnsStats) -> String {
+    let labels = format!("node=\"{}\",dc=\"{}\"", node.info.name, node.info.dc);
+    let rows = [
+        ("queries", s.queries),
+        ("answered", s.answered),
+        ("nxdomain", s.nxdomain),
+        ("refused", s.refused),
+        ("formerr", s.formerr),
+        ("notimp", s.notimp),
+        ("servfail", s.servfail),
+        ("truncated", s.truncated),
+        ("fail_open", s.fail_open),
+    ];
+    let mut out = String::from("# HELP agora_dns_responses_total DNS responses by outcome (queries: all).\n# TYPE agora_dns_responses_total counter\n");
+    for (kind, v) in rows {
+        out += &format!("agora_dns_responses_total{{kind=\"{kind}\",{labels}}} {v}\n");
+    }
+    out
 }

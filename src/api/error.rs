@@ -13,15 +13,17 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// More fields for the error object (e.g. how many units other DCs hold).
+    pub details: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
+        ApiError { status, code, message: message.into(), details: Default::default() }
+    }
+    pub fn with(mut self, key: &str, value: serde_json::Value) -> Self {
+        self.details.insert(key.into(), value);
+        self
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
@@ -51,17 +53,14 @@ impl From<Rejection> for ApiError {
             Rejection::UnknownSession => ApiError::new(StatusCode::UNAUTHORIZED, "unknown_session", "session not found or logged out"),
             Rejection::UnknownSku => ApiError::not_found("sku"),
             Rejection::UnknownOrder => ApiError::not_found("order"),
-            Rejection::SoldOut { available, requested } => ApiError::new(
-                StatusCode::CONFLICT,
-                "sold_out",
-                format!("{requested} requested, {available} available in this datacentre"),
-            ),
+            Rejection::SoldOut { available, requested } => {
+                ApiError::new(StatusCode::CONFLICT, "sold_out", format!("{requested} requested, {available} available in this datacentre"))
+            }
             Rejection::AlreadyCancelled => ApiError::new(StatusCode::CONFLICT, "already_cancelled", "order is already cancelled"),
-            Rejection::IdempotencyMismatch => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "idempotency_mismatch",
-                "Idempotency-Key was used before with a different request",
-            ),
+            Rejection::IdempotencyMismatch => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_mismatch", "Idempotency-Key was used before with a different request")
+            }
+            Rejection::ForeignOrder { owner } => ApiError::new(StatusCode::CONFLICT, "foreign_order", format!("order is owned by {owner}")),
             Rejection::Invalid(m) => ApiError::bad_request(m),
         }
     }
@@ -69,7 +68,10 @@ impl From<Rejection> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = axum::Json(json!({"error": {"code": self.code, "message": self.message}}));
+        let mut error = self.details;
+        error.insert("code".into(), json!(self.code));
+        error.insert("message".into(), json!(self.message));
+        let body = axum::Json(json!({ "error": error }));
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             // Retryable: no quorum right now, or the node is busy.
             (self.status, [(header::RETRY_AFTER, "1")], body).into_response()

@@ -46,6 +46,8 @@ pub fn router(node: AppState) -> Router {
         .route("/metrics", get(cluster::metrics))
         .route("/v1/admin/nodes", post(admin::add_node))
         .route("/v1/admin/nodes/{name}", axum::routing::delete(admin::remove_node))
+        .route("/v1/admin/dcs", get(admin::get_dc_settings))
+        .route("/v1/admin/dcs/{dc}", axum::routing::put(admin::set_dc_settings))
         .route("/v1/admin/faults", get(admin::get_faults).put(admin::set_faults))
         .route("/v1/admin/crash/{actor}", post(admin::crash_actor))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
@@ -56,11 +58,7 @@ pub fn router(node: AppState) -> Router {
 
 /// Counts and times every request by route and status.
 async fn observe(State(node): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".into());
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
     let started = Instant::now();
     let resp = next.run(req).await;
     node.metrics.http_seconds.with_label_values(&[&route]).observe(started.elapsed().as_secs_f64());
@@ -113,10 +111,7 @@ impl ReadParams {
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// A random 128-bit value in hex, for session tokens and order ids.

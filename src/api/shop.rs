@@ -9,8 +9,9 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{idempotency_key, now_ms, parse_body, random_hex, ApiError, AppState, ReadParams};
+use super::{idempotency_key, parse_body, random_hex, ApiError, AppState, ReadParams};
 use crate::domain::{validate, Command, Inventory, Order, Outcome, Rejection, Request, Session};
+use crate::replication::rebalance;
 
 type Body = Result<Bytes, BytesRejection>;
 type PathArg = Result<Path<String>, PathRejection>;
@@ -48,17 +49,21 @@ fn order_json(o: &Order) -> Value {
     json!({"id": o.id, "sku": o.sku, "qty": o.qty, "status": o.status.as_str(), "dc": o.dc, "user": o.user, "session": o.session})
 }
 
-pub fn inventory_json(inv: &Inventory, dc: &str) -> Value {
+pub fn inventory_json(node: &AppState, inv: &Inventory) -> Value {
+    let dc = node.info.dc.as_str();
     let by_dc: serde_json::Map<String, Value> = inv
         .dcs()
         .into_iter()
         .map(|d| {
             let n = |m: &std::collections::BTreeMap<String, u64>| m.get(&d).copied().unwrap_or(0);
-            let v = json!({"available": inv.available(&d), "stocked": n(&inv.stocked), "sold": n(&inv.sold), "released": n(&inv.released)});
+            let reachable = d == dc || node.links.reachable(&d);
+            let v =
+                json!({"available": inv.available(&d), "stocked": n(&inv.stocked), "sold": n(&inv.sold), "released": n(&inv.released), "reachable": reachable});
             (d, v)
         })
         .collect();
-    json!({"sku": inv.sku, "available": inv.available(dc), "total": inv.total(), "by_dc": by_dc})
+    let unreachable: u64 = inv.dcs().iter().filter(|d| d.as_str() != dc && !node.links.reachable(d)).map(|d| inv.available(d)).sum();
+    json!({"sku": inv.sku, "available": inv.available(dc), "total": inv.total(), "by_dc": by_dc, "held_by_unreachable_dcs": unreachable})
 }
 
 #[derive(Deserialize)]
@@ -70,12 +75,7 @@ pub struct NewSession {
 pub async fn create_session(State(node): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let NewSession { user } = parse_body(body)?;
     validate::name("user", &user).map_err(ApiError::bad_request)?;
-    let cmd = Command::CreateSession {
-        token: random_hex(),
-        user,
-        dc: node.info.dc.clone(),
-        at_ms: now_ms(),
-    };
+    let cmd = Command::CreateSession { token: random_hex(), user, dc: node.info.dc.clone(), hlc: node.hlc.now() };
     match submit(&node, cmd, &headers).await? {
         Outcome::Session(s) => Ok((StatusCode::CREATED, Json(session_json(&s))).into_response()),
         other => Err(unexpected(other)),
@@ -93,7 +93,8 @@ pub async fn get_session(State(node): State<AppState>, token: PathArg, q: QueryA
 
 pub async fn delete_session(State(node): State<AppState>, headers: HeaderMap, token: PathArg) -> Result<StatusCode, ApiError> {
     let token = path_name("token", token)?;
-    let req = Request::new(Command::DeleteSession { token }, idempotency_key(&headers)?);
+    let cmd = Command::DeleteSession { token, dc: node.info.dc.clone(), hlc: node.hlc.now() };
+    let req = Request::new(cmd, idempotency_key(&headers)?);
     match node.submit(req).await? {
         Outcome::SessionDeleted => Ok(StatusCode::NO_CONTENT),
         // The session is what the URL names: unknown means 404 here, not 401.
@@ -113,18 +114,9 @@ pub async fn restock(State(node): State<AppState>, headers: HeaderMap, sku: Path
     let sku = path_name("sku", sku)?;
     let RestockBody { add } = parse_body(body)?;
     let add = validate::restock_add(add).map_err(ApiError::bad_request)?;
-    match submit(
-        &node,
-        Command::Restock {
-            sku,
-            add,
-            dc: node.info.dc.clone(),
-        },
-        &headers,
-    )
-    .await?
-    {
-        Outcome::Inventory(inv) => Ok(Json(inventory_json(&inv, &node.info.dc))),
+    let cmd = Command::Restock { sku, add, dc: node.info.dc.clone(), hlc: node.hlc.now() };
+    match submit(&node, cmd, &headers).await? {
+        Outcome::Inventory(inv) => Ok(Json(inventory_json(&node, &inv))),
         other => Err(unexpected(other)),
     }
 }
@@ -133,7 +125,7 @@ pub async fn get_inventory(State(node): State<AppState>, sku: PathArg, q: QueryA
     let sku = path_name("sku", sku)?;
     barrier(&node, q).await?;
     let inv = node.sm.inventory(&sku).ok_or_else(|| ApiError::not_found("sku"))?;
-    Ok(Json(inventory_json(&inv, &node.info.dc)))
+    Ok(Json(inventory_json(&node, &inv)))
 }
 
 #[derive(Deserialize)]
@@ -151,18 +143,29 @@ pub async fn place_order(State(node): State<AppState>, headers: HeaderMap, body:
     let qty = validate::qty(qty).map_err(ApiError::bad_request)?;
     // The id names its origin DC, and is globally unique.
     let id = format!("{}-{}", node.info.dc, random_hex());
-    let cmd = Command::PlaceOrder {
-        id,
-        session,
-        sku,
-        qty,
-        dc: node.info.dc.clone(),
-        at_ms: now_ms(),
-    };
-    match submit(&node, cmd, &headers).await? {
+    let cmd = Command::PlaceOrder { id, session, sku: sku.clone(), qty, dc: node.info.dc.clone(), hlc: node.hlc.now() };
+    let req = Request::new(cmd, idempotency_key(&headers)?);
+    let outcome = node.submit(req).await?;
+    rebalance::after_order(&node, &sku);
+    match outcome {
         Outcome::Order(o) => Ok((StatusCode::CREATED, Json(order_json(&o))).into_response()),
+        Outcome::Rejected(Rejection::SoldOut { available, requested }) => Err(sold_out(&node, &sku, available, requested)),
+        Outcome::Rejected(r) => Err(r.into()),
         other => Err(unexpected(other)),
     }
+}
+
+/// 409 `sold_out`, saying how many units other DCs hold (and how many of those are in
+/// DCs this one cannot reach right now).
+fn sold_out(node: &AppState, sku: &str, available: u64, requested: u32) -> ApiError {
+    let inv = node.sm.inventory(sku).unwrap_or_default();
+    let others: Vec<String> = inv.dcs().into_iter().filter(|d| *d != node.info.dc).collect();
+    let held: u64 = others.iter().map(|d| inv.available(d)).sum();
+    let unreachable: u64 = others.iter().filter(|d| !node.links.reachable(d)).map(|d| inv.available(d)).sum();
+    ApiError::from(Rejection::SoldOut { available, requested })
+        .with("available", json!(available))
+        .with("held_by_other_dcs", json!(held))
+        .with("held_by_unreachable_dcs", json!(unreachable))
 }
 
 pub async fn get_order(State(node): State<AppState>, id: PathArg, q: QueryArg) -> Result<Json<Value>, ApiError> {
@@ -171,10 +174,34 @@ pub async fn get_order(State(node): State<AppState>, id: PathArg, q: QueryArg) -
     node.sm.order(&id).map(|o| Json(order_json(&o))).ok_or_else(|| ApiError::not_found("order"))
 }
 
-pub async fn cancel_order(State(node): State<AppState>, headers: HeaderMap, id: PathArg) -> Result<Json<Value>, ApiError> {
+pub async fn cancel_order(State(node): State<AppState>, headers: HeaderMap, id: PathArg) -> Result<Response, ApiError> {
     let id = path_name("id", id)?;
-    match submit(&node, Command::CancelOrder { id }, &headers).await? {
-        Outcome::Order(o) => Ok(Json(order_json(&o))),
-        other => Err(unexpected(other)),
+    let key = idempotency_key(&headers)?;
+    // The owner is named in the id (`dc1-…`); a local copy of the order confirms it.
+    let owner = node.sm.order(&id).map(|o| o.dc).unwrap_or_else(|| node.info.dc.clone());
+    if owner == node.info.dc {
+        let req = Request::new(Command::CancelOrder { id, dc: owner }, key);
+        return match node.submit(req).await? {
+            Outcome::Order(o) => Ok(Json(order_json(&o)).into_response()),
+            Outcome::Rejected(r) => Err(r.into()),
+            other => Err(unexpected(other)),
+        };
+    }
+    // Owned by another DC: it alone may cancel. Forward; if it cannot be reached, queue
+    // the request in our outbound stream, which delivers it when the owner is back.
+    let req = Request::new(Command::CancelOrder { id: id.clone(), dc: owner.clone() }, key);
+    match node.forward_to_owner(&owner, req).await {
+        Ok(Outcome::Order(o)) => Ok(Json(order_json(&o)).into_response()),
+        Ok(Outcome::Rejected(r)) => Err(r.into()),
+        Ok(other) => Err(unexpected(other)),
+        Err(e) if e.is_retryable() => {
+            tracing::info!(%id, %owner, error = %e, "owner DC unreachable; cancel queued");
+            let cmd = Command::RequestCancel { id: id.clone(), owner: owner.clone(), dc: node.info.dc.clone(), hlc: node.hlc.now() };
+            match node.submit(Request::new(cmd, None)).await? {
+                Outcome::CancelQueued { owner } => Ok((StatusCode::ACCEPTED, Json(json!({"id": id, "status": "cancel_queued", "dc": owner}))).into_response()),
+                other => Err(unexpected(other)),
+            }
+        }
+        Err(e) => Err(e.into()),
     }
 }

@@ -1,171 +1,376 @@
 //! The rules: how one command changes the state. Deterministic, no I/O, no clock.
+//!
+//! Local commands change only what this DC owns (its sessions, its counters, its orders)
+//! and `emit` the new values for the other DCs. Remote events are merged with the
+//! entity merges of `model`, in origin order, exactly once per the origin's cursor.
 
 use std::collections::BTreeMap;
 
-use super::command::{Command, IdempotencyRecord, Outcome, Rejection, Request};
-use super::model::{Inventory, Order, OrderStatus, Session};
+use super::command::{order_key_scope, Command, IdempotencyRecord, Outcome, Rejection, Request};
+use super::event::{Change, Event};
+use super::model::{DcSettings, Inventory, Order, OrderStatus, Session};
 use super::validate;
+
+/// Upper bound on events in one `ApplyRemote`.
+pub const REMOTE_BATCH_LEN_MAX: usize = 10_000;
 
 /// Typed access to the state; implemented over sled (the state machine) and in memory.
 pub trait State {
+    /// The DC this replica belongs to.
+    fn local_dc(&self) -> String;
     fn session(&self, token: &str) -> Option<Session>;
     fn inventory(&self, sku: &str) -> Option<Inventory>;
     fn order(&self, id: &str) -> Option<Order>;
     fn idempotency(&self, key: &str) -> Option<IdempotencyRecord>;
+    /// Ids of orders (from any DC) placed with one session + idempotency key.
+    fn duplicates(&self, scope: &str) -> Vec<String>;
+    fn cursor(&self, origin: &str) -> u64;
+    fn settings(&self, dc: &str) -> Option<DcSettings>;
+    fn put_settings(&mut self, s: DcSettings);
     fn put_session(&mut self, s: Session);
     fn put_inventory(&mut self, i: Inventory);
     fn put_order(&mut self, o: Order);
     fn put_idempotency(&mut self, key: &str, r: IdempotencyRecord);
+    fn put_duplicates(&mut self, scope: &str, ids: Vec<String>);
+    fn set_cursor(&mut self, origin: &str, seq: u64);
+    /// Appends a change this DC made to its outbound stream (assigning the next seq).
+    fn emit(&mut self, hlc: u64, change: Change);
+    fn trim_outbox(&mut self, upto: u64);
 }
 
-/// Applies one command; a retried idempotent request gets its first result back.
+/// Applies one request; a retried idempotent request gets its first result back.
 pub fn apply(state: &mut impl State, req: &Request) -> Outcome {
     let cmd = &req.cmd;
     let Some((key, fingerprint)) = req.idempotency() else {
-        return execute(state, cmd);
+        return execute(state, cmd, None);
     };
     if let Some(first) = state.idempotency(&key) {
-        return if first.fingerprint == fingerprint {
-            first.outcome
-        } else {
-            Outcome::Rejected(Rejection::IdempotencyMismatch)
-        };
+        return if first.fingerprint == fingerprint { first.outcome } else { Outcome::Rejected(Rejection::IdempotencyMismatch) };
     }
-    let outcome = execute(state, cmd);
-    state.put_idempotency(
-        &key,
-        IdempotencyRecord {
-            fingerprint,
-            outcome: outcome.clone(),
-        },
-    );
+    let outcome = execute(state, cmd, req.idempotency_key.as_deref());
+    state.put_idempotency(&key, IdempotencyRecord { fingerprint, outcome: outcome.clone() });
     outcome
 }
 
-fn execute(state: &mut impl State, cmd: &Command) -> Outcome {
-    if let Err(msg) = check(cmd) {
+fn execute(state: &mut impl State, cmd: &Command, key: Option<&str>) -> Outcome {
+    if let Err(msg) = check(state, cmd) {
         return Outcome::Rejected(Rejection::Invalid(msg));
     }
     match cmd {
-        Command::CreateSession { token, user, dc, at_ms } => create_session(state, token, user, dc, *at_ms),
-        Command::DeleteSession { token } => delete_session(state, token),
-        Command::Restock { sku, add, dc } => restock(state, sku, *add, dc),
-        Command::PlaceOrder {
-            id,
-            session,
-            sku,
-            qty,
-            dc,
-            at_ms,
-        } => place_order(state, id, session, sku, *qty, dc, *at_ms),
-        Command::CancelOrder { id } => cancel_order(state, id),
+        Command::CreateSession { token, user, dc, hlc } => create_session(state, token, user, dc, *hlc),
+        Command::DeleteSession { token, dc, hlc } => delete_session(state, token, dc, *hlc),
+        Command::Restock { sku, add, dc, hlc } => restock(state, sku, *add, dc, *hlc),
+        Command::PlaceOrder { id, session, sku, qty, dc, hlc } => {
+            let o = NewOrder { id, session, sku, qty: *qty, dc, hlc: *hlc, key };
+            place_order(state, o)
+        }
+        Command::CancelOrder { id, dc } => cancel_order(state, id, dc),
+        Command::Grant { sku, qty, from, to, hlc } => grant(state, sku, *qty, from, to, *hlc),
+        Command::RequestCancel { id, owner, hlc, .. } => {
+            state.emit(*hlc, Change::CancelRequest { id: id.clone(), owner: owner.clone() });
+            Outcome::CancelQueued { owner: owner.clone() }
+        }
+        Command::ApplyRemote { origin, events } => apply_remote(state, origin, events),
+        Command::InstallRemote { origin, upto, changes } => install_remote(state, origin, *upto, changes),
+        Command::SetDcSettings { target, drained, weight, dc, hlc } => {
+            let s = DcSettings { dc: target.clone(), drained: *drained, weight: *weight, hlc: *hlc, by: dc.clone() };
+            let merged = state.settings(target).map(|old| old.merge(s.clone())).unwrap_or(s);
+            state.put_settings(merged.clone());
+            state.emit(*hlc, Change::Settings(merged.clone()));
+            Outcome::Settings(merged)
+        }
+        Command::TrimOutbox { upto } => {
+            state.trim_outbox(*upto);
+            Outcome::Trimmed
+        }
     }
 }
 
 /// The API validated these already; checking again keeps a bad peer from writing them.
-fn check(cmd: &Command) -> Result<(), String> {
+/// Local commands must come from this DC: a DC changes only what it owns.
+fn check(state: &impl State, cmd: &Command) -> Result<(), String> {
+    let local = state.local_dc();
+    let own = |dc: &str| if dc == local { Ok(()) } else { Err(format!("command for {dc} proposed in {local}")) };
     match cmd {
-        Command::CreateSession { token, user, .. } => validate::name("token", token).and(validate::name("user", user)),
-        Command::DeleteSession { token } => validate::name("token", token),
-        Command::Restock { sku, add, .. } => validate::name("sku", sku).and(validate::restock_add(*add as i64).map(|_| ())),
-        Command::PlaceOrder { id, session, sku, qty, .. } => validate::name("id", id)
+        Command::CreateSession { token, user, dc, .. } => validate::name("token", token).and(validate::name("user", user)).and(own(dc)),
+        Command::DeleteSession { token, dc, .. } => validate::name("token", token).and(own(dc)),
+        Command::Restock { sku, add, dc, .. } => validate::name("sku", sku).and(validate::restock_add(*add as i64).map(|_| ())).and(own(dc)),
+        Command::PlaceOrder { id, session, sku, qty, dc, .. } => validate::name("id", id)
             .and(validate::name("session", session))
             .and(validate::name("sku", sku))
-            .and(validate::qty(*qty as i64).map(|_| ())),
-        Command::CancelOrder { id } => validate::name("id", id),
+            .and(validate::qty(*qty as i64).map(|_| ()))
+            .and(own(dc)),
+        Command::CancelOrder { id, dc } => validate::name("id", id).and(own(dc)),
+        Command::Grant { sku, from, to, .. } if from != to => validate::name("sku", sku).and(own(from)),
+        Command::Grant { .. } => Err("a DC cannot grant to itself".into()),
+        Command::RequestCancel { id, owner, dc, .. } if owner != dc => validate::name("id", id).and(own(dc)),
+        Command::RequestCancel { .. } => Err("a DC cancels its own orders directly".into()),
+        Command::SetDcSettings { target, weight, dc, .. } => {
+            validate::name("dc", target).and(own(dc)).and(if *weight <= 100 { Ok(()) } else { Err("weight must be in 0..=100".into()) })
+        }
+        Command::ApplyRemote { origin, events } if events.len() > REMOTE_BATCH_LEN_MAX => {
+            Err(format!("{} events from {origin} is over the batch limit", events.len()))
+        }
+        Command::ApplyRemote { origin, events } if events.iter().any(|e| &e.origin != origin) => {
+            Err(format!("events in a batch from {origin} name another origin"))
+        }
+        Command::ApplyRemote { origin, .. } | Command::InstallRemote { origin, .. } if *origin == local => Err("a DC does not replicate to itself".into()),
+        _ => Ok(()),
     }
 }
 
-fn create_session(state: &mut impl State, token: &str, user: &str, dc: &str, at_ms: u64) -> Outcome {
+fn create_session(state: &mut impl State, token: &str, user: &str, dc: &str, hlc: u64) -> Outcome {
     // Applying the same proposal twice (a client_write retried across a leader change)
     // returns the session it created the first time.
     if let Some(existing) = state.session(token) {
         return Outcome::Session(existing);
     }
-    let s = Session {
-        token: token.into(),
-        user: user.into(),
-        dc: dc.into(),
-        created_ms: at_ms,
-        deleted: false,
-    };
+    let s = Session { token: token.into(), user: user.into(), dc: dc.into(), hlc, deleted: false };
     state.put_session(s.clone());
+    state.emit(hlc, Change::Session(s.clone()));
     Outcome::Session(s)
 }
 
-fn delete_session(state: &mut impl State, token: &str) -> Outcome {
+fn delete_session(state: &mut impl State, token: &str, dc: &str, hlc: u64) -> Outcome {
     match state.session(token) {
         Some(mut s) if !s.deleted => {
+            // The tombstone must win over the version it deletes, whatever the clocks say.
+            s.hlc = hlc.max(s.hlc + 1);
+            s.dc = dc.into();
             s.deleted = true;
-            state.put_session(s);
+            state.put_session(s.clone());
+            state.emit(hlc, Change::Session(s));
             Outcome::SessionDeleted
         }
         _ => Outcome::Rejected(Rejection::UnknownSession),
     }
 }
 
-fn restock(state: &mut impl State, sku: &str, add: u64, dc: &str) -> Outcome {
+fn emit_stock(state: &mut impl State, inv: &Inventory, dc: &str, hlc: u64) {
+    state.emit(hlc, Change::Stock { sku: inv.sku.clone(), row: inv.row(dc) });
+}
+
+fn restock(state: &mut impl State, sku: &str, add: u64, dc: &str, hlc: u64) -> Outcome {
     let mut inv = state.inventory(sku).unwrap_or_else(|| Inventory::new(sku));
     Inventory::add(&mut inv.stocked, dc, add);
     state.put_inventory(inv.clone());
+    emit_stock(state, &inv, dc, hlc);
     Outcome::Inventory(inv)
 }
 
-fn place_order(state: &mut impl State, id: &str, session: &str, sku: &str, qty: u32, dc: &str, at_ms: u64) -> Outcome {
-    if let Some(existing) = state.order(id) {
+struct NewOrder<'a> {
+    id: &'a str,
+    session: &'a str,
+    sku: &'a str,
+    qty: u32,
+    dc: &'a str,
+    hlc: u64,
+    key: Option<&'a str>,
+}
+
+fn place_order(state: &mut impl State, o: NewOrder) -> Outcome {
+    if let Some(existing) = state.order(o.id) {
         return Outcome::Order(existing);
     }
-    let Some(sess) = state.session(session).filter(|s| !s.deleted) else {
+    let scope = o.key.map(|k| order_key_scope(o.session, k));
+    if let Some(scope) = &scope {
+        // The same request already placed in another DC and replicated here: a retry.
+        let live = state.duplicates(scope).into_iter().filter_map(|id| state.order(&id)).find(|x| x.status == OrderStatus::Placed);
+        if let Some(first) = live {
+            return Outcome::Order(first);
+        }
+    }
+    let Some(sess) = state.session(o.session).filter(|s| !s.deleted) else {
         return Outcome::Rejected(Rejection::UnknownSession);
     };
-    let Some(mut inv) = state.inventory(sku) else {
+    let Some(mut inv) = state.inventory(o.sku) else {
         return Outcome::Rejected(Rejection::UnknownSku);
     };
-    let available = inv.available(dc);
-    if available < qty as u64 {
-        return Outcome::Rejected(Rejection::SoldOut { available, requested: qty });
+    let available = inv.available(o.dc);
+    if available < o.qty as u64 {
+        return Outcome::Rejected(Rejection::SoldOut { available, requested: o.qty });
     }
-    Inventory::add(&mut inv.sold, dc, qty as u64);
+    Inventory::add(&mut inv.sold, o.dc, o.qty as u64);
     let order = Order {
-        id: id.into(),
-        session: session.into(),
+        id: o.id.into(),
+        session: o.session.into(),
         user: sess.user,
-        sku: sku.into(),
-        qty,
+        sku: o.sku.into(),
+        qty: o.qty,
         status: OrderStatus::Placed,
-        dc: dc.into(),
-        created_ms: at_ms,
+        dc: o.dc.into(),
+        hlc: o.hlc,
+        idempotency_key: o.key.map(String::from),
     };
-    state.put_inventory(inv);
+    if let Some(scope) = &scope {
+        state.put_duplicates(scope, vec![order.id.clone()]);
+    }
+    state.put_inventory(inv.clone());
     state.put_order(order.clone());
+    state.emit(o.hlc, Change::Order(order.clone()));
+    emit_stock(state, &inv, o.dc, o.hlc);
     Outcome::Order(order)
 }
 
-fn cancel_order(state: &mut impl State, id: &str) -> Outcome {
-    let Some(mut order) = state.order(id) else {
+fn cancel_order(state: &mut impl State, id: &str, dc: &str) -> Outcome {
+    let Some(order) = state.order(id) else {
         return Outcome::Rejected(Rejection::UnknownOrder);
     };
+    if order.dc != dc {
+        return Outcome::Rejected(Rejection::ForeignOrder { owner: order.dc });
+    }
     if order.status == OrderStatus::Cancelled {
         return Outcome::Rejected(Rejection::AlreadyCancelled);
     }
+    Outcome::Order(cancel_owned(state, order))
+}
+
+/// Cancels an order this DC owns and releases its units.
+fn cancel_owned(state: &mut impl State, mut order: Order) -> Order {
     let mut inv = state.inventory(&order.sku).unwrap_or_else(|| Inventory::new(&order.sku));
     Inventory::add(&mut inv.released, &order.dc, order.qty as u64);
     order.status = OrderStatus::Cancelled;
-    state.put_inventory(inv);
+    state.put_inventory(inv.clone());
     state.put_order(order.clone());
-    Outcome::Order(order)
+    state.emit(order.hlc, Change::Order(order.clone()));
+    emit_stock(state, &inv, &order.dc, order.hlc);
+    order
+}
+
+fn grant(state: &mut impl State, sku: &str, qty: u64, from: &str, to: &str, hlc: u64) -> Outcome {
+    let Some(mut inv) = state.inventory(sku) else {
+        return Outcome::Rejected(Rejection::UnknownSku);
+    };
+    let available = inv.available(from);
+    if qty == 0 || available < qty {
+        return Outcome::Rejected(Rejection::SoldOut { available, requested: qty.min(u32::MAX as u64) as u32 });
+    }
+    Inventory::add(inv.sent.entry(from.to_string()).or_default(), to, qty);
+    state.put_inventory(inv.clone());
+    emit_stock(state, &inv, from, hlc);
+    Outcome::Granted { qty }
+}
+
+fn apply_remote(state: &mut impl State, origin: &str, events: &[Event]) -> Outcome {
+    let mut cursor = state.cursor(origin);
+    for e in events {
+        if e.seq <= cursor {
+            continue; // already applied: a duplicate or a replay
+        }
+        if e.seq != cursor + 1 {
+            break; // a gap: the sender resends from our cursor
+        }
+        merge_change(state, origin, &e.change);
+        cursor = e.seq;
+    }
+    state.set_cursor(origin, cursor);
+    Outcome::Replicated { cursor }
+}
+
+fn install_remote(state: &mut impl State, origin: &str, upto: u64, changes: &[Change]) -> Outcome {
+    for c in changes {
+        merge_change(state, origin, c);
+    }
+    let cursor = state.cursor(origin).max(upto);
+    state.set_cursor(origin, cursor);
+    Outcome::Replicated { cursor }
+}
+
+/// Merges one change shipped by `origin`. A change about something `origin` does not
+/// own is ignored: a DC speaks only for its own counters and orders.
+fn merge_change(state: &mut impl State, origin: &str, change: &Change) {
+    match change {
+        Change::Session(s) => {
+            let merged = match state.session(&s.token) {
+                Some(old) => old.merge(s.clone()),
+                None => s.clone(),
+            };
+            state.put_session(merged);
+        }
+        Change::Stock { sku, row } => {
+            let mut inv = state.inventory(sku).unwrap_or_else(|| Inventory::new(sku));
+            inv.merge_row(origin, row);
+            state.put_inventory(inv);
+        }
+        Change::Order(o) if o.dc == origin => {
+            let merged = match state.order(&o.id) {
+                Some(old) => old.merge(o.clone()),
+                None => o.clone(),
+            };
+            state.put_order(merged.clone());
+            resolve_duplicates(state, &merged);
+        }
+        Change::Order(_) => {}
+        Change::CancelRequest { id, owner } if *owner == state.local_dc() => {
+            // Queued in another DC while we were unreachable: apply it now, once.
+            if let Some(order) = state.order(id).filter(|o| o.status == OrderStatus::Placed && o.dc == *owner) {
+                cancel_owned(state, order);
+            }
+        }
+        Change::CancelRequest { .. } => {}
+        Change::Settings(s) => {
+            let merged = state.settings(&s.dc).map(|old| old.merge(s.clone())).unwrap_or(s.clone());
+            state.put_settings(merged);
+        }
+    }
+}
+
+/// Two live orders with one session + idempotency key (a retry that landed in another DC
+/// before replication): every DC picks the same survivor; the DC that owns the other
+/// cancels it and releases its units.
+fn resolve_duplicates(state: &mut impl State, incoming: &Order) {
+    let Some(key) = &incoming.idempotency_key else { return };
+    let scope = order_key_scope(&incoming.session, key);
+    let mut ids = state.duplicates(&scope);
+    if !ids.contains(&incoming.id) {
+        ids.push(incoming.id.clone());
+        ids.sort();
+        state.put_duplicates(&scope, ids.clone());
+    }
+    let live: Vec<Order> = ids.iter().filter_map(|id| state.order(id)).filter(|o| o.status == OrderStatus::Placed).collect();
+    let Some(winner) = live.iter().reduce(|a, b| if a.precedes(b) { a } else { b }).cloned() else { return };
+    let local = state.local_dc();
+    for loser in live.into_iter().filter(|o| o.id != winner.id && o.dc == local) {
+        cancel_owned(state, loser);
+    }
+    // A retry here now returns the order that stays.
+    if state.idempotency(&scope).is_some_and(|r| r.outcome != Outcome::Order(winner.clone())) {
+        let fingerprint = format!("{}/{}", winner.sku, winner.qty);
+        state.put_idempotency(&scope, IdempotencyRecord { fingerprint, outcome: Outcome::Order(winner) });
+    }
 }
 
 /// In-memory state, for tests and property checks of the rules.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct MemState {
+    pub dc: String,
     pub sessions: BTreeMap<String, Session>,
     pub inventory: BTreeMap<String, Inventory>,
     pub orders: BTreeMap<String, Order>,
     pub idempotency: BTreeMap<String, IdempotencyRecord>,
+    pub duplicates: BTreeMap<String, Vec<String>>,
+    pub cursors: BTreeMap<String, u64>,
+    pub outbox: Vec<Event>,
+    pub out_seq: u64,
+    pub settings: BTreeMap<String, DcSettings>,
+}
+
+impl MemState {
+    pub fn new(dc: &str) -> Self {
+        MemState { dc: dc.into(), ..Default::default() }
+    }
+
+    /// The replicated entities only: what must be equal across DCs after convergence.
+    #[allow(clippy::type_complexity)]
+    pub fn entities(&self) -> (&BTreeMap<String, Session>, &BTreeMap<String, Inventory>, &BTreeMap<String, Order>, &BTreeMap<String, DcSettings>) {
+        (&self.sessions, &self.inventory, &self.orders, &self.settings)
+    }
 }
 
 impl State for MemState {
+    fn local_dc(&self) -> String {
+        self.dc.clone()
+    }
     fn session(&self, token: &str) -> Option<Session> {
         self.sessions.get(token).cloned()
     }
@@ -177,6 +382,18 @@ impl State for MemState {
     }
     fn idempotency(&self, key: &str) -> Option<IdempotencyRecord> {
         self.idempotency.get(key).cloned()
+    }
+    fn duplicates(&self, scope: &str) -> Vec<String> {
+        self.duplicates.get(scope).cloned().unwrap_or_default()
+    }
+    fn cursor(&self, origin: &str) -> u64 {
+        self.cursors.get(origin).copied().unwrap_or(0)
+    }
+    fn settings(&self, dc: &str) -> Option<DcSettings> {
+        self.settings.get(dc).cloned()
+    }
+    fn put_settings(&mut self, s: DcSettings) {
+        self.settings.insert(s.dc.clone(), s);
     }
     fn put_session(&mut self, s: Session) {
         self.sessions.insert(s.token.clone(), s);
@@ -190,115 +407,17 @@ impl State for MemState {
     fn put_idempotency(&mut self, key: &str, r: IdempotencyRecord) {
         self.idempotency.insert(key.into(), r);
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn req(cmd: Command) -> Request {
-        Request::new(cmd, None)
+    fn put_duplicates(&mut self, scope: &str, ids: Vec<String>) {
+        self.duplicates.insert(scope.into(), ids);
     }
-    fn session(token: &str) -> Request {
-        req(Command::CreateSession {
-            token: token.into(),
-            user: "alice".into(),
-            dc: "dc1".into(),
-            at_ms: 1,
-        })
+    fn set_cursor(&mut self, origin: &str, seq: u64) {
+        self.cursors.insert(origin.into(), seq);
     }
-    fn restock(sku: &str, add: u64) -> Request {
-        req(Command::Restock {
-            sku: sku.into(),
-            add,
-            dc: "dc1".into(),
-        })
+    fn emit(&mut self, hlc: u64, change: Change) {
+        self.out_seq += 1;
+        self.outbox.push(Event { seq: self.out_seq, origin: self.dc.clone(), hlc, change });
     }
-    fn order(id: &str, qty: u32, key: Option<&str>) -> Request {
-        Request::new(
-            Command::PlaceOrder {
-                id: id.into(),
-                session: "t1".into(),
-                sku: "sku1".into(),
-                qty,
-                dc: "dc1".into(),
-                at_ms: 2,
-            },
-            key.map(String::from),
-        )
-    }
-    fn cancel(id: &str) -> Request {
-        req(Command::CancelOrder { id: id.into() })
-    }
-
-    #[test]
-    fn order_takes_stock_and_cancel_returns_it() {
-        let mut s = MemState::default();
-        apply(&mut s, &session("t1"));
-        apply(&mut s, &restock("sku1", 5));
-        assert!(matches!(apply(&mut s, &order("o1", 3, None)), Outcome::Order(_)));
-        assert_eq!(
-            apply(&mut s, &order("o2", 3, None)),
-            Outcome::Rejected(Rejection::SoldOut { available: 2, requested: 3 })
-        );
-        assert!(matches!(apply(&mut s, &cancel("o1")), Outcome::Order(o) if o.status == OrderStatus::Cancelled));
-        assert_eq!(apply(&mut s, &cancel("o1")), Outcome::Rejected(Rejection::AlreadyCancelled));
-        assert_eq!(s.inventory["sku1"].available("dc1"), 5);
-    }
-
-    #[test]
-    fn rejections() {
-        let mut s = MemState::default();
-        assert_eq!(apply(&mut s, &order("o1", 1, None)), Outcome::Rejected(Rejection::UnknownSession));
-        apply(&mut s, &session("t1"));
-        assert_eq!(apply(&mut s, &order("o1", 1, None)), Outcome::Rejected(Rejection::UnknownSku));
-        assert_eq!(apply(&mut s, &cancel("nope")), Outcome::Rejected(Rejection::UnknownOrder));
-        assert!(matches!(apply(&mut s, &order("o1", 0, None)), Outcome::Rejected(Rejection::Invalid(_))));
-        apply(&mut s, &req(Command::DeleteSession { token: "t1".into() }));
-        apply(&mut s, &restock("sku1", 5));
-        assert_eq!(apply(&mut s, &order("o1", 1, None)), Outcome::Rejected(Rejection::UnknownSession));
-        assert_eq!(
-            apply(&mut s, &req(Command::DeleteSession { token: "t1".into() })),
-            Outcome::Rejected(Rejection::UnknownSession)
-        );
-    }
-
-    #[test]
-    fn idempotency_key_returns_first_result() {
-        let mut s = MemState::default();
-        apply(&mut s, &session("t1"));
-        apply(&mut s, &restock("sku1", 5));
-        let first = apply(&mut s, &order("o1", 2, Some("k")));
-        // A retry carries a fresh id but the same key: it gets the first order back.
-        assert_eq!(apply(&mut s, &order("o2", 2, Some("k"))), first);
-        assert_eq!(s.orders.len(), 1);
-        assert_eq!(apply(&mut s, &order("o3", 1, Some("k"))), Outcome::Rejected(Rejection::IdempotencyMismatch));
-    }
-
-    proptest! {
-        /// Whatever mix of orders, cancels and restocks arrives, stock never goes negative
-        /// and units are conserved: stocked = available + sold − released.
-        #[test]
-        fn stock_is_conserved(ops in proptest::collection::vec((0u8..3, 1u32..20, 0usize..10), 1..200)) {
-            let mut s = MemState::default();
-            apply(&mut s, &session("t1"));
-            apply(&mut s, &restock("sku1", 10));
-            for (i, (kind, qty, target)) in ops.into_iter().enumerate() {
-                let cmd = match kind {
-                    0 => order(&format!("o{i}"), qty, None),
-                    1 => cancel(&format!("o{}", i.saturating_sub(target))),
-                    _ => restock("sku1", qty as u64),
-                };
-                apply(&mut s, &cmd);
-                let inv = &s.inventory["sku1"];
-                let sold = inv.sold.get("dc1").copied().unwrap_or(0);
-                let released = inv.released.get("dc1").copied().unwrap_or(0);
-                prop_assert!(released <= sold);
-                prop_assert_eq!(inv.stocked["dc1"], inv.available("dc1") + sold - released);
-                let live: u64 = s.orders.values().filter(|o| o.status == OrderStatus::Placed).map(|o| o.qty as u64).sum();
-                prop_assert_eq!(live, sold - released);
-            }
-        }
+    fn trim_outbox(&mut self, upto: u64) {
+        self.outbox.retain(|e| e.seq > upto);
     }
 }

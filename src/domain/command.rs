@@ -1,11 +1,13 @@
-//! What Raft replicates ([`Command`]) and what applying it answers ([`Outcome`]).
+//! What Raft replicates ([`Request`]: a [`Command`] and its idempotency key) and what
+//! applying it answers ([`Outcome`]).
 //!
 //! Ids, tokens and timestamps are chosen by the node that proposes a command, never while
 //! applying it, so every replica applies the same bytes to the same result.
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{Inventory, Order, Session};
+use super::event::{Change, Event};
+use super::model::{DcSettings, Inventory, Order, Session};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -13,15 +15,18 @@ pub enum Command {
         token: String,
         user: String,
         dc: String,
-        at_ms: u64,
+        hlc: u64,
     },
     DeleteSession {
         token: String,
+        dc: String,
+        hlc: u64,
     },
     Restock {
         sku: String,
         add: u64,
         dc: String,
+        hlc: u64,
     },
     PlaceOrder {
         id: String,
@@ -29,10 +34,51 @@ pub enum Command {
         sku: String,
         qty: u32,
         dc: String,
-        at_ms: u64,
+        hlc: u64,
     },
     CancelOrder {
         id: String,
+        dc: String,
+    },
+    /// `from` hands `qty` units of its allowance to `to` (rebalancing).
+    Grant {
+        sku: String,
+        qty: u64,
+        from: String,
+        to: String,
+        hlc: u64,
+    },
+    /// Asks `owner` to cancel its order `id`, through this DC's outbound stream: how a
+    /// cancel for a foreign order waits while its owner is unreachable.
+    RequestCancel {
+        id: String,
+        owner: String,
+        dc: String,
+        hlc: u64,
+    },
+    /// Events another DC originated, in its order; applied exactly once via the cursor.
+    ApplyRemote {
+        origin: String,
+        events: Vec<Event>,
+    },
+    /// Catch-up for a DC that fell behind the outbox cap: the origin's owned state as of
+    /// its event `upto`.
+    InstallRemote {
+        origin: String,
+        upto: u64,
+        changes: Vec<Change>,
+    },
+    /// Operator settings for `target` (drain, DNS weight), written in `dc`.
+    SetDcSettings {
+        target: String,
+        drained: bool,
+        weight: u32,
+        dc: String,
+        hlc: u64,
+    },
+    /// Drops outbox events every DC has acknowledged (or that exceed the cap).
+    TrimOutbox {
+        upto: u64,
     },
 }
 
@@ -54,22 +100,30 @@ impl Request {
         let k = self.idempotency_key.as_ref()?;
         Some(match &self.cmd {
             Command::CreateSession { user, .. } => (format!("session/{k}"), user.clone()),
-            Command::DeleteSession { token } => (format!("logout/{k}"), token.clone()),
+            Command::DeleteSession { token, .. } => (format!("logout/{k}"), token.clone()),
             Command::Restock { sku, add, .. } => (format!("restock/{k}"), format!("{sku}/{add}")),
             // Scoped by session: two shoppers may pick the same key.
-            Command::PlaceOrder { session, sku, qty, .. } => (format!("order/{session}/{k}"), format!("{sku}/{qty}")),
-            Command::CancelOrder { id } => (format!("cancel/{k}"), id.clone()),
+            Command::PlaceOrder { session, sku, qty, .. } => (order_key_scope(session, k), format!("{sku}/{qty}")),
+            Command::CancelOrder { id, .. } => (format!("cancel/{k}"), id.clone()),
+            _ => return None,
         })
     }
+}
+
+pub fn order_key_scope(session: &str, key: &str) -> String {
+    format!("order/{session}/{key}")
 }
 
 impl Command {
     /// The entity a command is about: commands for one entity are serialised by its actor.
     pub fn entity(&self) -> &str {
         match self {
-            Command::CreateSession { token, .. } | Command::DeleteSession { token } => token,
-            Command::Restock { sku, .. } | Command::PlaceOrder { sku, .. } => sku,
-            Command::CancelOrder { id } => id,
+            Command::CreateSession { token, .. } | Command::DeleteSession { token, .. } => token,
+            Command::Restock { sku, .. } | Command::PlaceOrder { sku, .. } | Command::Grant { sku, .. } => sku,
+            Command::CancelOrder { id, .. } | Command::RequestCancel { id, .. } => id,
+            Command::ApplyRemote { origin, .. } | Command::InstallRemote { origin, .. } => origin,
+            Command::TrimOutbox { .. } => "outbox",
+            Command::SetDcSettings { target, .. } => target,
         }
     }
 }
@@ -80,6 +134,18 @@ pub enum Outcome {
     SessionDeleted,
     Inventory(Inventory),
     Order(Order),
+    /// The receiving DC's cursor for the origin after an `ApplyRemote`/`InstallRemote`.
+    Replicated {
+        cursor: u64,
+    },
+    Granted {
+        qty: u64,
+    },
+    CancelQueued {
+        owner: String,
+    },
+    Trimmed,
+    Settings(DcSettings),
     Rejected(Rejection),
     /// The result of a blank or membership entry: no client waits on it.
     Noop,
@@ -91,9 +157,16 @@ pub enum Rejection {
     UnknownSession,
     UnknownSku,
     UnknownOrder,
-    SoldOut { available: u64, requested: u32 },
+    SoldOut {
+        available: u64,
+        requested: u32,
+    },
     AlreadyCancelled,
     IdempotencyMismatch,
+    /// The order belongs to another DC, which alone may change it.
+    ForeignOrder {
+        owner: String,
+    },
     Invalid(String),
 }
 

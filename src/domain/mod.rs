@@ -5,9 +5,14 @@
 
 pub mod apply;
 pub mod command;
+pub mod event;
 pub mod model;
 pub mod validate;
 
+#[cfg(test)]
+mod tests;
+
 pub use apply::{apply, MemState, State};
 pub use command::{Command, Outcome, Rejection, Request};
-pub use model::{Inventory, Order, OrderStatus, Session};
+pub use event::{Change, Event};
+pub use model::{DcSettings, Inventory, Order, OrderStatus, Session, StockRow};

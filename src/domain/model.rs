@@ -1,22 +1,37 @@
-//! Entities: sessions, inventory (escrow counters), orders.
+//! Entities: sessions, inventory (escrow counters), orders — and how two replicas of each
+//! merge. Every merge here is commutative, associative and idempotent, so DCs that have
+//! seen the same events in any order, any number of times, hold the same state.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// A login. Deleting writes a tombstone (`deleted`) rather than removing the record, so a
-/// later replicated create cannot resurrect it (last-writer-wins by timestamp).
+/// A login: a last-writer-wins register ordered by (HLC timestamp, DC). Logout writes a
+/// tombstone (`deleted`) with a newer timestamp, so a late copy of the create cannot
+/// resurrect it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Session {
     pub token: String,
     pub user: String,
+    /// DC that wrote this version.
     pub dc: String,
-    pub created_ms: u64,
+    pub hlc: u64,
     pub deleted: bool,
 }
 
+impl Session {
+    /// The version that wins under last-writer-wins.
+    pub fn merge(self, other: Session) -> Session {
+        if (other.hlc, &other.dc, other.deleted) > (self.hlc, &self.dc, self.deleted) {
+            other
+        } else {
+            self
+        }
+    }
+}
+
 /// Stock of one SKU as escrow counters (DESIGN §2). Every counter is owned by one DC and
-/// only grows, so per-DC views merge without conflict.
+/// only grows, so per-DC views merge by taking the larger value.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inventory {
     pub sku: String,
@@ -27,16 +42,29 @@ pub struct Inventory {
     pub sent: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
+/// One DC's own counters for a SKU: what that DC ships to the others.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StockRow {
+    pub stocked: u64,
+    pub sold: u64,
+    pub released: u64,
+    pub sent: BTreeMap<String, u64>,
+}
+
 fn get(map: &BTreeMap<String, u64>, dc: &str) -> u64 {
     map.get(dc).copied().unwrap_or(0)
 }
 
+fn raise(map: &mut BTreeMap<String, u64>, dc: &str, v: u64) {
+    // Absent and zero mean the same; never store a zero, so equal states encode equally.
+    if v > get(map, dc) {
+        map.insert(dc.to_string(), v);
+    }
+}
+
 impl Inventory {
     pub fn new(sku: &str) -> Self {
-        Inventory {
-            sku: sku.to_string(),
-            ..Default::default()
-        }
+        Inventory { sku: sku.to_string(), ..Default::default() }
     }
 
     /// Units `dc` may still sell: stocked − sold + released + Σ sent[x→dc] − Σ sent[dc→x].
@@ -45,10 +73,9 @@ impl Inventory {
         let given: u64 = self.sent.get(dc).map(|to| to.values().sum()).unwrap_or(0);
         let plus = get(&self.stocked, dc) as i128 + get(&self.released, dc) as i128 + received as i128;
         let minus = get(&self.sold, dc) as i128 + given as i128;
-        // The apply rules never let minus exceed plus; assert it so a broken rule crashes
-        // loudly instead of selling phantom stock.
-        assert!(plus >= minus, "escrow invariant broken for {}: {plus} < {minus}", self.sku);
-        (plus - minus) as u64
+        // In a DC's own view its counters never let minus exceed plus. In another DC's
+        // view a grant may arrive before the stock behind it; show 0 rather than wrap.
+        (plus - minus).max(0) as u64
     }
 
     /// Units left cluster-wide (this node's view of every DC's counters).
@@ -57,14 +84,7 @@ impl Inventory {
     }
 
     pub fn dcs(&self) -> Vec<String> {
-        let mut dcs: Vec<String> = self
-            .stocked
-            .keys()
-            .chain(self.sold.keys())
-            .chain(self.released.keys())
-            .chain(self.sent.keys())
-            .cloned()
-            .collect();
+        let mut dcs: Vec<String> = self.stocked.keys().chain(self.sold.keys()).chain(self.released.keys()).chain(self.sent.keys()).cloned().collect();
         for to in self.sent.values() {
             dcs.extend(to.keys().cloned());
         }
@@ -76,9 +96,28 @@ impl Inventory {
     pub fn add(map: &mut BTreeMap<String, u64>, dc: &str, n: u64) {
         *map.entry(dc.to_string()).or_insert(0) += n;
     }
+
+    pub fn row(&self, dc: &str) -> StockRow {
+        StockRow {
+            stocked: get(&self.stocked, dc),
+            sold: get(&self.sold, dc),
+            released: get(&self.released, dc),
+            sent: self.sent.get(dc).cloned().unwrap_or_default(),
+        }
+    }
+
+    /// Merges `dc`'s own counters, as shipped by `dc`.
+    pub fn merge_row(&mut self, dc: &str, row: &StockRow) {
+        raise(&mut self.stocked, dc, row.stocked);
+        raise(&mut self.sold, dc, row.sold);
+        raise(&mut self.released, dc, row.released);
+        for (to, n) in row.sent.iter().filter(|(_, n)| **n > 0) {
+            raise(self.sent.entry(dc.to_string()).or_default(), to, *n);
+        }
+    }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum OrderStatus {
     Placed,
     Cancelled,
@@ -93,7 +132,8 @@ impl OrderStatus {
     }
 }
 
-/// An order, owned by its origin DC (`dc`, also the prefix of its id).
+/// An order, owned by its origin DC (`dc`, also the prefix of its id). Only the owner
+/// changes it; its status only moves forward (placed → cancelled).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Order {
     pub id: String,
@@ -103,5 +143,49 @@ pub struct Order {
     pub qty: u32,
     pub status: OrderStatus,
     pub dc: String,
-    pub created_ms: u64,
+    pub hlc: u64,
+    /// The client's `Idempotency-Key`: two live orders with the same session and key,
+    /// placed in two DCs before they saw each other, are one order too many.
+    pub idempotency_key: Option<String>,
+}
+
+impl Order {
+    pub fn merge(self, other: Order) -> Order {
+        if other.status > self.status {
+            other
+        } else {
+            self
+        }
+    }
+
+    /// Of two duplicates, the one that stays: the earlier (HLC, DC, id).
+    pub fn precedes(&self, other: &Order) -> bool {
+        (self.hlc, &self.dc, &self.id) < (other.hlc, &other.dc, &other.id)
+    }
+}
+
+/// Operator settings of one DC (drain, DNS weight): a last-writer-wins register any DC
+/// may write, replicated to all.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DcSettings {
+    pub dc: String,
+    pub drained: bool,
+    pub weight: u32,
+    pub hlc: u64,
+    /// The DC that wrote this version (the tie-break).
+    pub by: String,
+}
+
+impl DcSettings {
+    pub fn default_for(dc: &str) -> Self {
+        DcSettings { dc: dc.into(), drained: false, weight: 1, hlc: 0, by: String::new() }
+    }
+
+    pub fn merge(self, other: DcSettings) -> DcSettings {
+        if (other.hlc, &other.by) > (self.hlc, &self.by) {
+            other
+        } else {
+            self
+        }
+    }
 }

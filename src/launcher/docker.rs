@@ -40,9 +40,7 @@ pub struct Docker {
 
 impl Docker {
     pub fn new(st: &StateDir) -> Docker {
-        Docker {
-            project: format!("agora-{}", st.tag()),
-        }
+        Docker { project: format!("agora-{}", st.tag()) }
     }
 
     fn container(&self, node: &str) -> String {
@@ -132,10 +130,7 @@ impl Runtime for Docker {
     }
 
     fn create(&self, st: &StateDir, cfg: &ClusterConfig, _meta: &Meta) -> Result<()> {
-        let flavor = ComposeFlavor::Launcher {
-            state_dir: st.root.clone(),
-            container_prefix: format!("{}-", self.project),
-        };
+        let flavor = ComposeFlavor::Launcher { state_dir: st.root.clone(), container_prefix: format!("{}-", self.project) };
         std::fs::write(Self::compose_file(st), manifests::compose_yaml(cfg, &flavor)?).context("write docker-compose.yml")?;
         for n in cfg.node_names() {
             std::fs::create_dir_all(st.data_dir(&n)).context("create data dir")?;
@@ -186,23 +181,16 @@ impl Runtime for Docker {
             let wan = wan_ip(cfg, &node).context("wan address")?.to_string();
             let mut show = super::partition::command(&prefix, &["ip", "-o", "-4", "addr", "show", "to", &wan]);
             let out = exec(&mut show)?;
-            let dev = out
-                .split_whitespace()
-                .nth(1)
-                .with_context(|| format!("{node} has no WAN interface"))?
-                .to_string();
+            let dev = out.split_whitespace().nth(1).with_context(|| format!("{node} has no WAN interface"))?.to_string();
             super::partition::set_netem(&prefix, &dev, ms).with_context(|| format!("set latency on {node}"))?;
         }
         Ok(())
     }
 
     fn tail_log(&self, _st: &StateDir, node: &str, lines: usize) -> String {
-        let out = Command::new("docker")
-            .args(["logs", "--tail", &lines.to_string(), &self.container(node)])
-            .output();
+        let out = Command::new("docker").args(["logs", "--tail", &lines.to_string(), &self.container(node)]).output();
         // The node logs to stderr, which `docker logs` replays on its stderr.
-        out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
-            .unwrap_or_default()
+        out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)).unwrap_or_default()
     }
 
     fn print_log(&self, _st: &StateDir, node: &str, lines: usize, follow: bool) -> Result<()> {

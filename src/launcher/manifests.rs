@@ -12,9 +12,6 @@ use super::docker::{self, wan_ip, wan_subnet, IMAGE};
 use super::readdress;
 use crate::config::{ClusterConfig, NodeInfo};
 
-/// Log level in containers.
-const NODE_LOG: &str = "info,openraft=warn,sled=warn";
-
 #[derive(clap::Args)]
 pub struct K8sArgs {
     /// Cluster file (default: the embedded 3 DC × 3 node topology).
@@ -94,28 +91,17 @@ fn compose_service(y: &mut String, cfg: &ClusterConfig, n: &NodeInfo, flavor: &C
     let wan = wan_ip(cfg, &n.name).context("wan address")?;
     let name = &n.name;
     writeln!(y, "  {name}:\n    image: {IMAGE}\n    container_name: {container}\n    hostname: {name}")?;
-    writeln!(
-        y,
-        "    command: [\"node\", \"--node\", \"{name}\", \"--config\", \"/etc/agora/cluster.toml\", \"--data-dir\", \"/data\"]"
-    )?;
-    writeln!(y, "    environment:\n      RUST_LOG: \"{NODE_LOG}\"\n      NO_COLOR: \"1\"")?;
+    writeln!(y, "    command: [\"node\", \"--node\", \"{name}\", \"--config\", \"/etc/agora/cluster.toml\", \"--data-dir\", \"/data\"]")?;
+    writeln!(y, "    environment:\n      NO_COLOR: \"1\"")?;
     writeln!(y, "    volumes:\n      - {config_mount}:/etc/agora/cluster.toml:ro\n      - {data_mount}:/data")?;
-    writeln!(
-        y,
-        "    networks:\n      {}:\n        ipv4_address: {}\n      wan:\n        ipv4_address: {wan}",
-        n.dc,
-        n.http.ip()
-    )?;
+    writeln!(y, "    networks:\n      {}:\n        ipv4_address: {}\n      wan:\n        ipv4_address: {wan}", n.dc, n.http.ip())?;
     // A killed node stays down until `agora cluster restart`, like a process would.
     writeln!(y, "    restart: \"no\"")?;
     Ok(())
 }
 
 fn compose_network(y: &mut String, name: &str, subnet: &str, gateway: &str) -> Result<()> {
-    writeln!(
-        y,
-        "  {name}:\n    ipam:\n      config:\n        - subnet: {subnet}\n          gateway: {gateway}"
-    )?;
+    writeln!(y, "  {name}:\n    ipam:\n      config:\n        - subnet: {subnet}\n          gateway: {gateway}")?;
     Ok(())
 }
 
@@ -178,28 +164,17 @@ fn labels(dc: &str, indent: &str) -> String {
 }
 
 fn k8s_configmap(dc: &str, toml_text: &str) -> String {
-    let body: String = toml_text
-        .lines()
-        .map(|l| if l.is_empty() { "\n".to_string() } else { format!("    {l}\n") })
-        .collect();
-    format!(
-        "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: agora-{dc}\n  labels:\n{}data:\n  cluster.toml: |\n{body}",
-        labels(dc, "    ")
-    )
+    let body: String = toml_text.lines().map(|l| if l.is_empty() { "\n".to_string() } else { format!("    {l}\n") }).collect();
+    format!("---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: agora-{dc}\n  labels:\n{}data:\n  cluster.toml: |\n{body}", labels(dc, "    "))
 }
 
 fn k8s_ports(cfg: &ClusterConfig, indent: &str, target: bool) -> String {
     let p = &cfg.ports;
     let key = if target { "containerPort" } else { "port" };
-    [
-        ("http", p.http, "TCP"),
-        ("peer", p.peer, "TCP"),
-        ("dns-tcp", p.dns, "TCP"),
-        ("dns-udp", p.dns, "UDP"),
-    ]
-    .iter()
-    .map(|(name, port, proto)| format!("{indent}- name: {name}\n{indent}  {key}: {port}\n{indent}  protocol: {proto}\n"))
-    .collect()
+    [("http", p.http, "TCP"), ("peer", p.peer, "TCP"), ("dns-tcp", p.dns, "TCP"), ("dns-udp", p.dns, "UDP")]
+        .iter()
+        .map(|(name, port, proto)| format!("{indent}- name: {name}\n{indent}  {key}: {port}\n{indent}  protocol: {proto}\n"))
+        .collect()
 }
 
 fn k8s_service(cfg: &ClusterConfig, dc: &str) -> String {
@@ -221,8 +196,8 @@ fn k8s_statefulset(cfg: &ClusterConfig, dc: &str, replicas: usize) -> String {
          metadata:\n      labels:\n{l8}    spec:\n      terminationGracePeriodSeconds: 10\n      containers:\n        \
          - name: agora\n          image: {IMAGE}\n          args: [\"node\", \"--node\", \"{dc}-n$(POD_INDEX)\", \"--config\", \
          \"/etc/agora/cluster.toml\", \"--data-dir\", \"/data\"]\n          env:\n            - name: POD_INDEX\n              \
-         valueFrom:\n                fieldRef:\n                  fieldPath: metadata.labels['apps.kubernetes.io/pod-index']\n            \
-         - name: RUST_LOG\n              value: \"{NODE_LOG}\"\n          ports:\n{ports}          readinessProbe:\n            \
+         valueFrom:\n                fieldRef:\n                  fieldPath: metadata.labels['apps.kubernetes.io/pod-index']\n          \
+         ports:\n{ports}          readinessProbe:\n            \
          httpGet:\n              path: /healthz\n              port: http\n          volumeMounts:\n            - name: config\n              \
          mountPath: /etc/agora\n            - name: data\n              mountPath: /data\n      volumes:\n        - name: config\n          \
          configMap:\n            name: agora-{dc}\n  volumeClaimTemplates:\n    - metadata:\n        name: data\n      spec:\n        \
@@ -236,11 +211,7 @@ fn k8s_statefulset(cfg: &ClusterConfig, dc: &str, replicas: usize) -> String {
 
 pub fn write_k8s(a: &K8sArgs) -> Result<()> {
     let cfg = ClusterConfig::load(a.config.as_deref())?;
-    let source = a
-        .config
-        .as_ref()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|| "cluster/local.toml".into());
+    let source = a.config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "cluster/local.toml".into());
     std::fs::create_dir_all(&a.out).with_context(|| format!("create {}", a.out.display()))?;
     for (name, yaml) in k8s_files(&cfg, &source)? {
         let path = a.out.join(name);

@@ -195,9 +195,7 @@ impl Cluster {
 
     /// The node, or an error listing the valid names.
     fn node(&self, name: &str) -> Result<NodeInfo> {
-        self.cfg
-            .node(name)
-            .ok_or_else(|| anyhow::anyhow!("unknown node '{name}'; valid nodes: {}", self.cfg.node_names().join(", ")))
+        self.cfg.node(name).ok_or_else(|| anyhow::anyhow!("unknown node '{name}'; valid nodes: {}", self.cfg.node_names().join(", ")))
     }
 
     fn live_pid(&self, name: &str) -> Result<i32> {
@@ -224,9 +222,7 @@ impl Cluster {
 
     /// Replaces the node's drop rules with those of the current cuts.
     fn apply_cuts(&self, name: &str, prefix: &[String]) -> Result<()> {
-        let addrs: Vec<IpAddr> = partition::cut_peers(&self.meta.cuts, name)
-            .flat_map(|peer| self.rt.node_addrs(&self.cfg, peer))
-            .collect();
+        let addrs: Vec<IpAddr> = partition::cut_peers(&self.meta.cuts, name).flat_map(|peer| self.rt.node_addrs(&self.cfg, peer)).collect();
         partition::load_filter(prefix, &partition::filter_table(&addrs)).with_context(|| format!("set partition rules of {name}"))
     }
 
@@ -363,31 +359,18 @@ async fn up(st: StateDir, a: UpArgs) -> Result<()> {
     }
     st.create_dirs()?;
     std::fs::write(st.config_path(), toml::to_string(&cfg).context("serialize config")?).context("write cluster.toml")?;
-    let meta = Meta {
-        backend: a.backend,
-        wan_latency_ms: a.wan_latency.unwrap_or(0),
-        cuts: BTreeSet::new(),
-    };
+    let meta = Meta { backend: a.backend, wan_latency_ms: a.wan_latency.unwrap_or(0), cuts: BTreeSet::new() };
     // Written before anything is created: from here on, a crash is cleaned by the next `up`.
     st.write_meta(&meta)?;
     let c = Cluster { st, cfg, meta, rt };
     if let Err(e) = start_cluster(&c, Duration::from_secs(a.timeout_s)).await {
-        eprintln!(
-            "agora: start failed, stopping what was started (logs are kept in {})",
-            c.st.root.join("logs").display()
-        );
+        eprintln!("agora: start failed, stopping what was started (logs are kept in {})", c.st.root.join("logs").display());
         if let Err(t) = c.teardown() {
             eprintln!("agora: clean-up after the failed start: {t:#}");
         }
         return Err(e);
     }
-    println!(
-        "cluster up: {} nodes in {} DCs ({} backend, state in {})",
-        c.cfg.nodes().len(),
-        c.cfg.dcs.len(),
-        c.meta.backend,
-        c.st.root.display()
-    );
+    println!("cluster up: {} nodes in {} DCs ({} backend, state in {})", c.cfg.nodes().len(), c.cfg.dcs.len(), c.meta.backend, c.st.root.display());
     c.print_status().await;
     print!("{}", table::hints(&c.cfg));
     Ok(())
@@ -403,12 +386,7 @@ fn clean_leftovers(st: &StateDir, meta: state::Meta) -> Result<bool> {
         st.clear_run()?;
         return Ok(true);
     };
-    let c = Cluster {
-        st: st.clone(),
-        cfg,
-        meta,
-        rt: runtime(backend, st),
-    };
+    let c = Cluster { st: st.clone(), cfg, meta, rt: runtime(backend, st) };
     let live = c.live_nodes();
     if !live.is_empty() {
         println!(
@@ -432,10 +410,7 @@ async fn start_cluster(c: &Cluster, deadline: Duration) -> Result<()> {
     if c.meta.wan_latency_ms > 0 {
         c.rt.set_latency(&c.st, &c.cfg, c.meta.wan_latency_ms)?;
     }
-    eprintln!(
-        "started {} nodes; waiting for them to answer and for a leader in each DC …",
-        c.cfg.nodes().len()
-    );
+    eprintln!("started {} nodes; waiting for them to answer and for a leader in each DC …", c.cfg.nodes().len());
     c.wait_ready(deadline, &c.cfg.node_names()).await
 }
 
@@ -492,12 +467,7 @@ async fn restart(c: &Cluster, node: &str) -> Result<()> {
     loop {
         c.check_alive(&nodes)?;
         let info = c.node(node)?;
-        if http
-            .get(format!("http://{}/healthz", info.http))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
+        if http.get(format!("http://{}/healthz", info.http)).send().await.is_ok_and(|r| r.status().is_success()) {
             break;
         }
         if start.elapsed() > Duration::from_secs(30) {
@@ -557,10 +527,7 @@ pub fn exec_args(args: &[&str]) -> Result<String> {
 pub fn readdress(user: &ClusterConfig, a: u8, b: u8) -> Result<ClusterConfig> {
     let mut cfg = user.clone();
     for (i, dc) in cfg.dcs.iter_mut().enumerate() {
-        let d = u8::try_from(i + 1)
-            .ok()
-            .filter(|d| *d < 250)
-            .context("too many DCs for this backend's address plan")?;
+        let d = u8::try_from(i + 1).ok().filter(|d| *d < 250).context("too many DCs for this backend's address plan")?;
         dc.subnet = Some(format!("{a}.{b}.{d}.0/24"));
         for (j, n) in dc.nodes.iter_mut().enumerate() {
             n.ip = IpAddr::V4(std::net::Ipv4Addr::new(a, b, d, j as u8 + 1));
@@ -572,22 +539,14 @@ pub fn readdress(user: &ClusterConfig, a: u8, b: u8) -> Result<ClusterConfig> {
 
 /// 1-based positions of a node: its DC's and its own inside the DC.
 pub fn position(cfg: &ClusterConfig, node: &str) -> Option<(usize, usize)> {
-    cfg.dcs
-        .iter()
-        .enumerate()
-        .find_map(|(i, dc)| dc.nodes.iter().position(|n| n.name == node).map(|j| (i + 1, j + 1)))
+    cfg.dcs.iter().enumerate().find_map(|(i, dc)| dc.nodes.iter().position(|n| n.name == node).map(|j| (i + 1, j + 1)))
 }
 
 /// [`exec`] with `input` on the command's stdin.
 pub fn exec_stdin(cmd: &mut std::process::Command, input: &str) -> Result<String> {
     use std::io::Write;
     use std::process::Stdio;
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("run {cmd:?}"))?;
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("run {cmd:?}"))?;
     child.stdin.take().context("stdin")?.write_all(input.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {

@@ -80,27 +80,9 @@ impl Netns {
         exec_args(&["ip", "-n", &r, "link", "set", "lan", "up"])?;
         exec_args(&["ip", "netns", "exec", &r, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         let host = self.host_link();
-        exec_args(&[
-            "ip",
-            "route",
-            "add",
-            &format!("{NET_A}.{NET_B}.{d}.0/24"),
-            "via",
-            &format!("{NET_A}.{NET_B}.0.{d}"),
-            "dev",
-            &host,
-        ])?;
+        exec_args(&["ip", "route", "add", &format!("{NET_A}.{NET_B}.{d}.0/24"), "via", &format!("{NET_A}.{NET_B}.0.{d}"), "dev", &host])?;
         for other in (1..=cfg.dcs.len()).filter(|o| *o != d) {
-            exec_args(&[
-                "ip",
-                "-n",
-                &r,
-                "route",
-                "add",
-                &format!("{NET_A}.{NET_B}.{other}.0/24"),
-                "via",
-                &format!("{NET_A}.{NET_B}.0.{other}"),
-            ])?;
+            exec_args(&["ip", "-n", &r, "route", "add", &format!("{NET_A}.{NET_B}.{other}.0/24"), "via", &format!("{NET_A}.{NET_B}.0.{other}")])?;
         }
         for n in &cfg.dcs[d - 1].nodes {
             self.create_node(cfg, &n.name)?;
@@ -124,12 +106,7 @@ impl Netns {
     /// Namespaces of this state dir, found by their name prefix (which holds its tag).
     fn namespaces(&self) -> Result<Vec<String>> {
         let list = exec_args(&["ip", "netns", "list"])?;
-        Ok(list
-            .lines()
-            .filter_map(|l| l.split_whitespace().next())
-            .filter(|n| n.starts_with(&self.prefix()))
-            .map(String::from)
-            .collect())
+        Ok(list.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with(&self.prefix())).map(String::from).collect())
     }
 }
 

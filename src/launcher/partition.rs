@@ -57,11 +57,7 @@ fn expand(cfg: &ClusterConfig, name: &str) -> Result<Vec<String>> {
         return Ok(vec![name.to_string()]);
     }
     let dcs: Vec<&str> = cfg.dcs.iter().map(|d| d.name.as_str()).collect();
-    bail!(
-        "unknown node or DC '{name}'; valid DCs: {}; valid nodes: {}",
-        dcs.join(", "),
-        cfg.node_names().join(", ")
-    )
+    bail!("unknown node or DC '{name}'; valid DCs: {}; valid nodes: {}", dcs.join(", "), cfg.node_names().join(", "))
 }
 
 /// The node pairs to cut for `partition TARGET…` (see [`PARTITION_HELP`]).
@@ -115,11 +111,8 @@ pub fn load_filter(prefix: &[String], table: &str) -> Result<()> {
 
 /// `tc netem` arguments that delay everything leaving `dev` by `ms` (0 removes the delay).
 fn netem_args(dev: &str, ms: u64) -> Vec<String> {
-    let v: Vec<&str> = if ms == 0 {
-        vec!["tc", "qdisc", "del", "dev", dev, "root"]
-    } else {
-        vec!["tc", "qdisc", "replace", "dev", dev, "root", "netem", "delay"]
-    };
+    let v: Vec<&str> =
+        if ms == 0 { vec!["tc", "qdisc", "del", "dev", dev, "root"] } else { vec!["tc", "qdisc", "replace", "dev", dev, "root", "netem", "delay"] };
     let mut args: Vec<String> = v.into_iter().map(String::from).collect();
     if ms > 0 {
         args.push(format!("{ms}ms"));

@@ -19,20 +19,13 @@ pub struct Process;
 /// Bound on the time from spawning a node to its exec of agora (a loaded machine is slow).
 const EXEC_WAIT: Duration = Duration::from_secs(10);
 
-/// Node log level unless the user set RUST_LOG.
-const NODE_LOG: &str = "info,openraft=warn,sled=warn";
-
 /// Starts `agora node` for `node` (after `prefix`, e.g. `ip netns exec NS`), with its log
 /// in the state dir, and records its pid. `ip netns exec` execs the node, so the pid is
 /// the node's own.
 pub fn spawn_node(st: &StateDir, prefix: &[String], node: &str) -> Result<i32> {
     let exe = std::env::current_exe().context("find the agora binary")?;
     let log_path = st.log_path(node);
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("open {}", log_path.display()))?;
+    let log = OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("open {}", log_path.display()))?;
     let mut cmd = match prefix.split_first() {
         Some((first, rest)) => {
             let mut c = Command::new(first);
@@ -45,7 +38,6 @@ pub fn spawn_node(st: &StateDir, prefix: &[String], node: &str) -> Result<i32> {
         .arg(st.config_path())
         .arg("--data-dir")
         .arg(st.data_dir(node))
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| NODE_LOG.into()))
         // Logs go to a file that people grep: no colour codes.
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())

@@ -34,14 +34,8 @@ impl StateDir {
     /// `--state-dir`, else `$AGORA_STATE_DIR`, else `.agora`; made absolute because node
     /// processes and containers get these paths from a different working directory.
     pub fn resolve(flag: Option<PathBuf>) -> Result<StateDir> {
-        let dir = flag
-            .or_else(|| std::env::var_os(STATE_DIR_ENV).map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from(".agora"));
-        let root = if dir.is_absolute() {
-            dir
-        } else {
-            std::env::current_dir().context("read current directory")?.join(dir)
-        };
+        let dir = flag.or_else(|| std::env::var_os(STATE_DIR_ENV).map(PathBuf::from)).unwrap_or_else(|| PathBuf::from(".agora"));
+        let root = if dir.is_absolute() { dir } else { std::env::current_dir().context("read current directory")?.join(dir) };
         Ok(StateDir { root })
     }
 

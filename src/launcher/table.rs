@@ -106,16 +106,7 @@ fn opt<T: ToString>(v: Option<T>) -> String {
 pub fn render(views: &[NodeView]) -> String {
     let mut rows = vec![["NODE", "DC", "IP", "ROLE", "TERM", "COMMIT", "HEALTH", "API"].map(String::from).to_vec()];
     for v in views {
-        rows.push(vec![
-            v.node.clone(),
-            v.dc.clone(),
-            v.ip.clone(),
-            v.role.clone(),
-            opt(v.term),
-            opt(v.commit_index),
-            v.health.clone(),
-            v.api.clone(),
-        ]);
+        rows.push(vec![v.node.clone(), v.dc.clone(), v.ip.clone(), v.role.clone(), opt(v.term), opt(v.commit_index), v.health.clone(), v.api.clone()]);
     }
     let widths: Vec<usize> = (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
     rows.iter()
@@ -141,22 +132,11 @@ pub fn hints(cfg: &ClusterConfig) -> String {
         s += &format!("  curl -s -X POST {api}/v1/sessions -H 'content-type: application/json' -d '{{\"user\":\"alice\"}}'\n");
         s += &format!("  curl -s -X PUT {api}/v1/inventory/sku-1 -H 'content-type: application/json' -d '{{\"add\":100}}'\n");
         s += &format!("  curl -s -X POST {api}/v1/orders -H 'content-type: application/json' -d '{{\"session\":\"TOKEN\",\"sku\":\"sku-1\",\"qty\":1}}'\n");
-        s += &format!(
-            "  dig @{} -p {} shop.{} +short\n",
-            n.dns.ip(),
-            n.dns.port(),
-            cfg.cluster.zone.trim_end_matches('.')
-        );
+        s += &format!("  dig @{} -p {} shop.{} +short\n", n.dns.ip(), n.dns.port(), cfg.cluster.zone.trim_end_matches('.'));
     }
     for dc in &cfg.dcs {
         if let Some(n) = cfg.dc_nodes(&dc.name).first() {
-            s += &format!(
-                "  dig @{} -p {} leader.{}.{} +short\n",
-                n.dns.ip(),
-                n.dns.port(),
-                dc.name,
-                cfg.cluster.zone.trim_end_matches('.')
-            );
+            s += &format!("  dig @{} -p {} leader.{}.{} +short\n", n.dns.ip(), n.dns.port(), dc.name, cfg.cluster.zone.trim_end_matches('.'));
         }
     }
     s

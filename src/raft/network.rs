@@ -28,10 +28,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Connection;
 
     async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Connection {
-        Connection {
-            peers: self.peers.clone(),
-            target,
-        }
+        Connection { peers: self.peers.clone(), target }
     }
 }
 

@@ -7,7 +7,7 @@ use std::ops::RangeBounds;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, RaftLogReader, StorageIOError, Vote};
 
-use super::{io_err, Durable};
+use super::{io_err, Durable, Waiter};
 use crate::codec;
 use crate::raft::{LogId, NodeId, StorageError, TypeConfig};
 
@@ -28,11 +28,7 @@ fn key(index: u64) -> [u8; 8] {
 
 impl LogStore {
     pub(super) fn new(db: &sled::Db, durable: Durable) -> anyhow::Result<Self> {
-        Ok(LogStore {
-            log: db.open_tree("raft_log")?,
-            meta: db.open_tree("raft_meta")?,
-            durable,
-        })
+        Ok(LogStore { log: db.open_tree("raft_log")?, meta: db.open_tree("raft_meta")?, durable })
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, StorageError> {
@@ -90,10 +86,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last_purged_log_id: Option<LogId> = self.get_meta(LAST_PURGED)?;
         // An empty log (everything purged) falls back to the last purged id.
         let last_log_id = self.last_entry_id()?.or(last_purged_log_id);
-        Ok(LogState {
-            last_purged_log_id,
-            last_log_id,
-        })
+        Ok(LogState { last_purged_log_id, last_log_id })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -131,14 +124,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         self.log.apply_batch(batch).map_err(|e| io_err(StorageIOError::write_logs, e))?;
         // Only entries on disk may be reported as flushed: Raft counts them towards a
-        // commit quorum the moment the callback fires.
-        let synced = self.durable.sync_async().await;
-        let failed = synced
-            .as_ref()
-            .err()
-            .map(|e| io_err(StorageIOError::write_logs, std::io::Error::new(e.kind(), e.to_string())));
-        callback.log_io_completed(synced);
-        failed.map_or(Ok(()), Err)
+        // commit quorum the moment the callback fires. The group-commit task fires it
+        // after the next sync; returning now lets Raft go on meanwhile.
+        self.durable.after_sync(Waiter::Log(callback));
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {

@@ -17,7 +17,11 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
+use openraft::storage::LogFlushed;
+use tokio::sync::{mpsc, oneshot};
+
 use crate::config::Durability;
+use crate::raft::TypeConfig;
 
 pub use log_store::LogStore;
 pub use state_machine::{SmReader, StateMachineStore};
@@ -25,29 +29,80 @@ pub use state_machine::{SmReader, StateMachineStore};
 /// Makes everything written to the db so far durable, to the configured level.
 #[derive(Clone)]
 pub struct Durable {
-    db: sled::Db,
-    /// sled's single data file; `Some` when fdatasync is wanted.
-    file: Option<Arc<File>>,
+    /// The group-commit task: one sync covers every request queued while the last ran.
+    flusher: mpsc::UnboundedSender<Waiter>,
+}
+
+/// Someone waiting for their writes to be durable.
+pub enum Waiter {
+    /// openraft's append callback (log entries).
+    Log(LogFlushed<TypeConfig>),
+    Notify(oneshot::Sender<std::io::Result<()>>),
 }
 
 impl Durable {
-    pub fn sync(&self) -> std::io::Result<()> {
-        self.db.flush().map_err(std::io::Error::other)?;
-        if let Some(f) = &self.file {
-            f.sync_data()?;
-        }
-        Ok(())
+    /// `file` is sled's single data file; `Some` when fdatasync is wanted.
+    fn new(db: sled::Db, file: Option<Arc<File>>) -> Self {
+        let (flusher, rx) = mpsc::unbounded_channel();
+        // The task holds no sender, so it ends when the last Durable is dropped.
+        tokio::spawn(group_commit(db, file, rx));
+        Durable { flusher }
     }
 
-    /// `sync` on the blocking pool: flush and fdatasync block the thread for milliseconds.
+    /// Queues `w` to be told once everything written before this call is durable.
+    pub fn after_sync(&self, w: Waiter) {
+        if let Err(mpsc::error::SendError(w)) = self.flusher.send(w) {
+            complete(w, &Err(std::io::Error::other("storage flusher stopped")));
+        }
+    }
+
+    /// Waits until everything written so far is durable.
     pub async fn sync_async(&self) -> std::io::Result<()> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || this.sync()).await.map_err(std::io::Error::other)?
+        let (tx, rx) = oneshot::channel();
+        self.after_sync(Waiter::Notify(tx));
+        rx.await.map_err(|_| std::io::Error::other("storage flusher stopped"))?
+    }
+}
+
+fn sync(db: &sled::Db, file: Option<&File>) -> std::io::Result<()> {
+    db.flush().map_err(std::io::Error::other)?;
+    if let Some(f) = file {
+        f.sync_data()?;
+    }
+    Ok(())
+}
+
+fn complete(w: Waiter, r: &std::io::Result<()>) {
+    let r = r.as_ref().map(|_| ()).map_err(|e| std::io::Error::new(e.kind(), e.to_string()));
+    match w {
+        Waiter::Log(cb) => cb.log_io_completed(r),
+        Waiter::Notify(tx) => {
+            let _ = tx.send(r);
+        }
+    }
+}
+
+/// Group commit: takes every waiter queued so far, syncs once on the blocking pool, and
+/// answers them in order. Under load one fsync covers many Raft appends.
+async fn group_commit(db: sled::Db, file: Option<Arc<File>>, mut rx: mpsc::UnboundedReceiver<Waiter>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while let Ok(w) = rx.try_recv() {
+            batch.push(w);
+        }
+        let (db, file) = (db.clone(), file.clone());
+        let r = tokio::task::spawn_blocking(move || sync(&db, file.as_deref())).await.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        if let Err(e) = &r {
+            tracing::error!(error = %e, "storage sync failed");
+        }
+        for w in batch {
+            complete(w, &r);
+        }
     }
 }
 
 /// Opens (or creates) a node's data dir and returns its log store and state machine.
-pub fn open(dir: &Path, durability: Durability, cache_bytes: u64, cache_entities_max: usize) -> anyhow::Result<(LogStore, StateMachineStore)> {
+pub fn open(dir: &Path, dc: &str, durability: Durability, cache_bytes: u64, cache_entities_max: usize) -> anyhow::Result<(LogStore, StateMachineStore)> {
     std::fs::create_dir_all(dir)?;
     let db = sled::Config::new()
         .path(dir)
@@ -61,15 +116,13 @@ pub fn open(dir: &Path, durability: Durability, cache_bytes: u64, cache_entities
         Durability::Fsync => Some(Arc::new(File::open(dir.join("db"))?)),
         Durability::Flush => None,
     };
-    let durable = Durable { db: db.clone(), file };
+    let durable = Durable::new(db.clone(), file);
     let log = LogStore::new(&db, durable.clone())?;
-    let sm = StateMachineStore::new(&db, durable, cache_entities_max)?;
+    let sm = StateMachineStore::new(&db, durable, cache_entities_max, dc)?;
     Ok((log, sm))
 }
 
 /// Turns any error into openraft's storage error for the given operation.
 pub(crate) fn io_err<E: std::error::Error + 'static>(make: fn(openraft::AnyError) -> openraft::StorageIOError<u64>, e: E) -> openraft::StorageError<u64> {
-    openraft::StorageError::IO {
-        source: make(openraft::AnyError::new(&e)),
-    }
+    openraft::StorageError::IO { source: make(openraft::AnyError::new(&e)) }
 }

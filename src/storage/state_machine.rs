@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use super::{io_err, Durable};
 use crate::codec;
 use crate::domain::command::IdempotencyRecord;
-use crate::domain::{apply, Inventory, Order, Outcome, Request, Session, State};
+use crate::domain::{apply, Change, DcSettings, Event, Inventory, Order, Outcome, Request, Session, State};
 use crate::raft::{LogId, NodeId, StorageError, TypeConfig};
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
@@ -28,7 +28,7 @@ const MEMBERSHIP: &[u8] = b"m/membership";
 const SNAPSHOT: &[u8] = b"snapshot";
 
 /// Key prefixes of the entity kinds, also the digest's kinds.
-pub const KINDS: [(&str, &[u8]); 3] = [("sessions", b"s/"), ("inventory", b"i/"), ("orders", b"o/")];
+pub const KINDS: [(&str, &[u8]); 4] = [("sessions", b"s/"), ("inventory", b"i/"), ("orders", b"o/"), ("settings", b"f/")];
 
 fn session_key(token: &str) -> Vec<u8> {
     [b"s/", token.as_bytes()].concat()
@@ -42,6 +42,19 @@ fn order_key(id: &str) -> Vec<u8> {
 fn idempotency_key(k: &str) -> Vec<u8> {
     [b"k/", k.as_bytes()].concat()
 }
+fn duplicates_key(scope: &str) -> Vec<u8> {
+    [b"d/", scope.as_bytes()].concat()
+}
+fn cursor_key(origin: &str) -> Vec<u8> {
+    [b"c/", origin.as_bytes()].concat()
+}
+fn outbox_key(seq: u64) -> Vec<u8> {
+    [b"x/".as_slice(), &seq.to_be_bytes()].concat()
+}
+const OUT_SEQ: &[u8] = b"m/out_seq";
+fn settings_key(dc: &str) -> Vec<u8> {
+    [b"f/", dc.as_bytes()].concat()
+}
 
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
@@ -51,6 +64,8 @@ struct StoredSnapshot {
 
 /// Shared by the state machine (writer) and every reader.
 struct Inner {
+    /// The DC this node belongs to: the origin of what it emits.
+    dc: String,
     tree: sled::Tree,
     meta: sled::Tree,
     durable: Durable,
@@ -96,9 +111,10 @@ pub struct SmReader {
 }
 
 impl StateMachineStore {
-    pub(super) fn new(db: &sled::Db, durable: Durable, cache_entities_max: usize) -> anyhow::Result<Self> {
+    pub(super) fn new(db: &sled::Db, durable: Durable, cache_entities_max: usize, dc: &str) -> anyhow::Result<Self> {
         let cap = NonZeroUsize::new(cache_entities_max).unwrap_or(NonZeroUsize::MIN);
         let inner = Inner {
+            dc: dc.to_string(),
             tree: db.open_tree("state")?,
             meta: db.open_tree("sm_meta")?,
             durable,
@@ -127,26 +143,30 @@ impl StateMachineStore {
     }
 }
 
-/// Entity writes of one `apply` call, visible to later entries of the same call before
-/// they are committed to sled in one batch.
+/// Entity writes of one `apply` call (`None`: deleted), visible to later entries of the
+/// same call before they are committed to sled in one batch.
 struct Overlay<'a> {
     inner: &'a Inner,
-    pending: BTreeMap<Vec<u8>, Vec<u8>>,
+    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 impl Overlay<'_> {
     fn get<T: serde::de::DeserializeOwned>(&self, key: Vec<u8>) -> Option<T> {
         match self.pending.get(&key) {
-            Some(bytes) => Some(codec::decode(bytes).expect("pending record decodes")),
+            Some(Some(bytes)) => Some(codec::decode(bytes).expect("pending record decodes")),
+            Some(None) => None,
             None => self.inner.get_typed(&key),
         }
     }
     fn put<T: Serialize>(&mut self, key: Vec<u8>, v: &T) {
-        self.pending.insert(key, codec::encode(v));
+        self.pending.insert(key, Some(codec::encode(v)));
     }
 }
 
 impl State for Overlay<'_> {
+    fn local_dc(&self) -> String {
+        self.inner.dc.clone()
+    }
     fn session(&self, token: &str) -> Option<Session> {
         self.get(session_key(token))
     }
@@ -159,6 +179,18 @@ impl State for Overlay<'_> {
     fn idempotency(&self, key: &str) -> Option<IdempotencyRecord> {
         self.get(idempotency_key(key))
     }
+    fn duplicates(&self, scope: &str) -> Vec<String> {
+        self.get(duplicates_key(scope)).unwrap_or_default()
+    }
+    fn cursor(&self, origin: &str) -> u64 {
+        self.get(cursor_key(origin)).unwrap_or(0)
+    }
+    fn settings(&self, dc: &str) -> Option<DcSettings> {
+        self.get(settings_key(dc))
+    }
+    fn put_settings(&mut self, s: DcSettings) {
+        self.put(settings_key(&s.dc), &s)
+    }
     fn put_session(&mut self, s: Session) {
         self.put(session_key(&s.token), &s)
     }
@@ -170,6 +202,29 @@ impl State for Overlay<'_> {
     }
     fn put_idempotency(&mut self, key: &str, r: IdempotencyRecord) {
         self.put(idempotency_key(key), &r)
+    }
+    fn put_duplicates(&mut self, scope: &str, ids: Vec<String>) {
+        self.put(duplicates_key(scope), &ids)
+    }
+    fn set_cursor(&mut self, origin: &str, seq: u64) {
+        self.put(cursor_key(origin), &seq)
+    }
+    fn emit(&mut self, hlc: u64, change: Change) {
+        let seq = self.get::<u64>(OUT_SEQ.to_vec()).unwrap_or(0) + 1;
+        let event = Event { seq, origin: self.inner.dc.clone(), hlc, change };
+        self.put(outbox_key(seq), &event);
+        self.put(OUT_SEQ.to_vec(), &seq);
+    }
+    fn trim_outbox(&mut self, upto: u64) {
+        let keys: Vec<Vec<u8>> =
+            self.inner.tree.range(outbox_key(0)..=outbox_key(upto)).keys().map(|k| k.expect("sled read of state machine").to_vec()).collect();
+        for k in keys {
+            self.pending.insert(k, None);
+        }
+        let pending: Vec<Vec<u8>> = self.pending.range(outbox_key(0)..=outbox_key(upto)).map(|(k, _)| k.clone()).collect();
+        for k in pending {
+            self.pending.insert(k, None);
+        }
     }
 }
 
@@ -186,10 +241,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: Send,
     {
         let inner = &*self.inner;
-        let mut overlay = Overlay {
-            inner,
-            pending: BTreeMap::new(),
-        };
+        let mut overlay = Overlay { inner, pending: BTreeMap::new() };
         let mut outcomes = Vec::new();
         let mut last = None;
         let mut membership = None;
@@ -206,7 +258,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         let mut batch = sled::Batch::default();
         for (k, v) in &overlay.pending {
-            batch.insert(k.as_slice(), v.as_slice());
+            match v {
+                Some(v) => batch.insert(k.as_slice(), v.as_slice()),
+                None => batch.remove(k.as_slice()),
+            }
         }
         batch.insert(APPLIED, codec::encode(&last));
         if let Some(m) = &membership {
@@ -217,7 +272,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             inner.tree.apply_batch(batch).map_err(|e| io_err(StorageIOError::write_state_machine, e))?;
             let mut cache = inner.cache.lock().expect("cache lock");
             for (k, v) in overlay.pending {
-                cache.put(k, v);
+                match v {
+                    Some(v) => cache.put(k, v),
+                    None => cache.pop(&k),
+                };
             }
         }
         Ok(outcomes)
@@ -257,19 +315,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             return Ok(None);
         };
         let s: StoredSnapshot = codec::decode(&bytes).map_err(|e| io_err(StorageIOError::read, e))?;
-        Ok(Some(Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
-        }))
+        Ok(Some(Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
     }
 }
 
 impl StateMachineStore {
     async fn save_snapshot(&self, s: StoredSnapshot) -> Result<(), StorageError> {
-        self.inner
-            .meta
-            .insert(SNAPSHOT, codec::encode(&s))
-            .map_err(|e| io_err(StorageIOError::write, e))?;
+        self.inner.meta.insert(SNAPSHOT, codec::encode(&s)).map_err(|e| io_err(StorageIOError::write, e))?;
         // Durable before openraft purges the log entries the snapshot replaces.
         self.inner.durable.sync_async().await.map_err(|e| io_err(StorageIOError::write, e))
     }
@@ -294,21 +346,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
             None => format!("none-{seq}"),
         };
-        let meta = SnapshotMeta {
-            last_log_id: applied,
-            last_membership: membership,
-            snapshot_id,
-        };
+        let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
         let data = codec::encode(&records);
-        self.save_snapshot(StoredSnapshot {
-            meta: meta.clone(),
-            data: data.clone(),
-        })
-        .await?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        })
+        self.save_snapshot(StoredSnapshot { meta: meta.clone(), data: data.clone() }).await?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
 
@@ -319,8 +360,74 @@ impl SmReader {
     pub fn inventory(&self, sku: &str) -> Option<Inventory> {
         self.inner.get_typed(&inventory_key(sku))
     }
+    pub fn settings(&self, dc: &str) -> DcSettings {
+        self.inner.get_typed(&settings_key(dc)).unwrap_or_else(|| DcSettings::default_for(dc))
+    }
     pub fn order(&self, id: &str) -> Option<Order> {
         self.inner.get_typed(&order_key(id))
+    }
+
+    pub fn dc(&self) -> &str {
+        &self.inner.dc
+    }
+
+    /// The last seq this DC has emitted (0 before any).
+    pub fn out_seq(&self) -> u64 {
+        self.inner.get_typed(OUT_SEQ).unwrap_or(0)
+    }
+
+    /// This DC's cursor for `origin`: the last of its events applied here.
+    pub fn cursor(&self, origin: &str) -> u64 {
+        self.inner.get_typed(&cursor_key(origin)).unwrap_or(0)
+    }
+
+    /// The oldest event still in the outbox (`out_seq + 1` when it is empty).
+    pub fn outbox_floor(&self) -> u64 {
+        match self.inner.tree.scan_prefix(b"x/").next() {
+            Some(Ok((_, v))) => codec::decode::<Event>(&v).expect("outbox event decodes").seq,
+            _ => self.out_seq() + 1,
+        }
+    }
+
+    /// Up to `max` outbox events from `from_seq` on, in order.
+    pub fn outbox(&self, from_seq: u64, max: usize) -> Vec<Event> {
+        self.inner
+            .tree
+            .range(outbox_key(from_seq)..outbox_key(u64::MAX))
+            .take(max)
+            .map(|r| codec::decode(&r.expect("sled read of state machine").1).expect("outbox event decodes"))
+            .collect()
+    }
+
+    /// Everything this DC owns, as changes: what a DC that fell behind the outbox cap
+    /// installs instead of the events it missed.
+    pub fn owned_state(&self) -> Vec<Change> {
+        let dc = &self.inner.dc;
+        let mut out = Vec::new();
+        for item in self.inner.tree.iter() {
+            let (k, v) = item.expect("sled read of state machine");
+            match &k[..2] {
+                b"s/" => {
+                    let s: Session = codec::decode(&v).expect("session decodes");
+                    if &s.dc == dc {
+                        out.push(Change::Session(s));
+                    }
+                }
+                b"i/" => {
+                    let i: Inventory = codec::decode(&v).expect("inventory decodes");
+                    out.push(Change::Stock { sku: i.sku.clone(), row: i.row(dc) });
+                }
+                b"o/" => {
+                    let o: Order = codec::decode(&v).expect("order decodes");
+                    if &o.dc == dc {
+                        out.push(Change::Order(o));
+                    }
+                }
+                b"f/" => out.push(Change::Settings(codec::decode(&v).expect("settings decode"))),
+                _ => {}
+            }
+        }
+        out
     }
 
     /// Index of the last applied log entry (0 before any).
@@ -354,10 +461,7 @@ impl SmReader {
     /// Applies `cmd` to a copy of the current state, without writing anything: how the
     /// actors pre-check a command before proposing it.
     pub fn dry_run(&self, cmd: &Request) -> Outcome {
-        let mut overlay = Overlay {
-            inner: &self.inner,
-            pending: BTreeMap::new(),
-        };
+        let mut overlay = Overlay { inner: &self.inner, pending: BTreeMap::new() };
         apply(&mut overlay, cmd)
     }
 }

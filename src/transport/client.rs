@@ -70,16 +70,11 @@ impl PeerClient {
         if let Some(d) = self.faults.delay(self.peer) {
             tokio::time::sleep(d).await;
         }
-        let _permit = self
-            .inflight
-            .try_acquire()
-            .map_err(|_| NodeError::Overloaded(format!("too many requests in flight to node {}", self.peer)))?;
+        let _permit = self.inflight.try_acquire().map_err(|_| NodeError::Overloaded(format!("too many requests in flight to node {}", self.peer)))?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
         let bytes = codec::encode(&(id, self.me, req));
-        self.tx
-            .send(Outgoing { id, bytes, reply })
-            .map_err(|_| NodeError::Internal("peer connection task stopped".into()))?;
+        self.tx.send(Outgoing { id, bytes, reply }).map_err(|_| NodeError::Internal("peer connection task stopped".into()))?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(resp)) => Ok(resp),
             // The sender was dropped: the connection failed before an answer came.
@@ -184,12 +179,8 @@ pub struct Peers {
 
 impl Peers {
     pub fn new(config: &ClusterConfig, me: NodeId, faults: Faults) -> Self {
-        let clients = config
-            .nodes()
-            .into_iter()
-            .filter(|n| n.id != me)
-            .map(|n| (n.id, PeerClient::new(me, n.id, n.peer, &config.limits, faults.clone())))
-            .collect();
+        let clients =
+            config.nodes().into_iter().filter(|n| n.id != me).map(|n| (n.id, PeerClient::new(me, n.id, n.peer, &config.limits, faults.clone()))).collect();
         Peers { clients: Arc::new(clients) }
     }
 

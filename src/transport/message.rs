@@ -4,7 +4,7 @@ use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{Outcome, Request};
+use crate::domain::{Change, Event, Outcome, Request};
 use crate::error::NodeError;
 use crate::raft::{NodeId, TypeConfig};
 
@@ -20,6 +20,37 @@ pub enum PeerRequest {
     ReadIndex,
     /// An admin membership change for the leader to run.
     Membership(crate::node::MembershipOp),
+    /// From another DC's leader: its events, in order from our cursor.
+    Replicate {
+        origin: String,
+        events: Vec<Event>,
+    },
+    /// From another DC's leader: its owned state, for a DC past the outbox cap.
+    InstallRemote {
+        origin: String,
+        upto: u64,
+        changes: Vec<Change>,
+    },
+    /// From any node of another DC: are you alive, and who leads your DC?
+    Probe,
+    /// From another DC's leader: grant us up to `want` units of `sku`.
+    AskStock {
+        sku: String,
+        want: u64,
+    },
+}
+
+/// A DC's answer to replication traffic: its cursor for the origin after applying.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicateAck {
+    pub cursor: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProbeAck {
+    pub dc: String,
+    pub leader: Option<NodeId>,
+    pub term: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -30,6 +61,9 @@ pub enum PeerResponse {
     Submit(Result<Outcome, NodeError>),
     ReadIndex(Result<u64, NodeError>),
     Membership(Result<std::collections::BTreeSet<NodeId>, NodeError>),
+    Replicate(Result<ReplicateAck, NodeError>),
+    Probe(ProbeAck),
+    Granted(Result<u64, NodeError>),
     /// The request could not be handled at all (e.g. it was for another DC's Raft group).
     Refused(String),
 }

@@ -17,26 +17,30 @@ pub struct TestCluster {
     pub http: reqwest::Client,
 }
 
-/// Extra TOML for the `[raft]` section (e.g. a small snapshot threshold).
+/// The topology and extra TOML for `[raft]` and `[replication]`.
 pub struct Options {
+    pub dcs: usize,
     pub nodes: usize,
     pub raft: &'static str,
+    pub replication: &'static str,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { nodes: 3, raft: "" }
+        Options { dcs: 1, nodes: 3, raft: "", replication: "" }
     }
 }
 
+/// Node `dcD-nI` has id D*10+I and address 127.<net>.D.I.
 fn config_toml(net: u8, opts: &Options) -> String {
-    let nodes: Vec<String> = (1..=opts.nodes)
-        .map(|i| format!("  {{ id = {i}, name = \"dc1-n{i}\", ip = \"127.{net}.1.{i}\" }},"))
-        .collect();
+    let mut dcs = String::new();
+    for d in 1..=opts.dcs {
+        let nodes: Vec<String> = (1..=opts.nodes).map(|i| format!("  {{ id = {}, name = \"dc{d}-n{i}\", ip = \"127.{net}.{d}.{i}\" }},", d * 10 + i)).collect();
+        dcs += &format!("\n[[dc]]\nname = \"dc{d}\"\nsubnet = \"127.{net}.{d}.0/24\"\nnodes = [\n{}\n]\n", nodes.join("\n"));
+    }
     format!(
-        "[cluster]\nname = \"test-{net}\"\n\n[raft]\nheartbeat_interval_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n{}\n\n[storage]\ndurability = \"fsync\"\n\n[[dc]]\nname = \"dc1\"\nsubnet = \"127.{net}.1.0/24\"\nnodes = [\n{}\n]\n",
-        opts.raft,
-        nodes.join("\n")
+        "[cluster]\nname = \"test-{net}\"\n\n[raft]\nheartbeat_interval_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n{}\n\n[storage]\ndurability = \"fsync\"\n\n[replication]\nprobe_interval_ms = 200\ndc_unhealthy_after_ms = 1500\n{}\n{dcs}",
+        opts.raft, opts.replication
     )
 }
 
@@ -60,25 +64,54 @@ impl TestCluster {
     pub async fn start(net: u8, opts: Options) -> TestCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("cluster.toml"), config_toml(net, &opts)).expect("write config");
-        let names = (1..=opts.nodes).map(|i| format!("dc1-n{i}")).collect();
+        let names = (1..=opts.dcs).flat_map(|d| (1..=opts.nodes).map(move |i| format!("dc{d}-n{i}"))).collect();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("http client");
-        let mut c = TestCluster {
-            dir,
-            net,
-            names,
-            children: BTreeMap::new(),
-            http,
-        };
+        let mut c = TestCluster { dir, net, names, children: BTreeMap::new(), http };
         for name in c.names.clone() {
             c.start_node(&name);
         }
-        c.must_leader(Duration::from_secs(20)).await;
+        for d in 1..=opts.dcs {
+            c.must_leader_in(&format!("dc{d}"), Duration::from_secs(20)).await;
+        }
         c
     }
 
+    /// `dcD-nI` → (D, I).
+    pub fn parse(name: &str) -> (u8, u8) {
+        let (d, i) = name.trim_start_matches("dc").split_once("-n").expect("node name dcD-nI");
+        (d.parse().expect("dc number"), i.parse().expect("node number"))
+    }
+
+    pub fn id(name: &str) -> u64 {
+        let (d, i) = Self::parse(name);
+        d as u64 * 10 + i as u64
+    }
+
     pub fn url(&self, name: &str) -> String {
-        let i: u8 = name.rsplit('n').next().and_then(|s| s.parse().ok()).expect("node name dc1-nN");
-        format!("http://127.{}.1.{i}:8080", self.net)
+        let (d, i) = Self::parse(name);
+        format!("http://127.{}.{d}.{i}:8080", self.net)
+    }
+
+    pub fn dc_nodes(&self, dc: &str) -> Vec<String> {
+        self.names.iter().filter(|n| n.starts_with(&format!("{dc}-"))).cloned().collect()
+    }
+
+    /// Cuts every node of `a` off from every node of `b`, both ways (fault hook).
+    pub async fn cut(&self, a: &[String], b: &[String]) {
+        for (side, other) in [(a, b), (b, a)] {
+            let ids: Vec<u64> = other.iter().map(|n| Self::id(n)).collect();
+            for n in side {
+                let (code, v) = self.request(reqwest::Method::PUT, n, "/v1/admin/faults", Some(serde_json::json!({"partitioned": ids})), None).await;
+                assert_eq!(code, 200, "set faults on {n}: {v}");
+            }
+        }
+    }
+
+    pub async fn heal(&self) {
+        for n in self.running() {
+            let (code, v) = self.request(reqwest::Method::PUT, &n, "/v1/admin/faults", Some(serde_json::json!({})), None).await;
+            assert_eq!(code, 200, "heal {n}: {v}");
+        }
     }
 
     pub fn peer_addr(&self, name: &str) -> String {
@@ -90,17 +123,13 @@ impl TestCluster {
     }
 
     pub fn start_node(&mut self, name: &str) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join(format!("{name}.log")))
-            .expect("log file");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(format!("{name}.log"))).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_agora"))
             .args(["node", "--node", name, "--enable-test-hooks", "--config"])
             .arg(self.dir.path().join("cluster.toml"))
             .arg("--data-dir")
             .arg(self.data_dir(name))
-            .env("RUST_LOG", "info,openraft=warn,sled=warn")
+            .env("RUST_LOG", "info,openraft=warn,sled=warn,hickory_server=warn")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -155,10 +184,10 @@ impl TestCluster {
         (code == 200).then_some(v)
     }
 
-    /// The leader every running node agrees on.
-    pub async fn leader(&self) -> Option<String> {
+    /// The leader every running node of `dc` agrees on.
+    pub async fn leader_in(&self, dc: &str) -> Option<String> {
         let mut seen = None;
-        for n in self.running() {
+        for n in self.running().into_iter().filter(|n| n.starts_with(&format!("{dc}-"))) {
             let s = self.status(&n).await?;
             let l = s["leader"].as_str()?.to_string();
             if seen.get_or_insert(l.clone()) != &l {
@@ -169,7 +198,11 @@ impl TestCluster {
     }
 
     pub async fn must_leader(&self, deadline: Duration) -> String {
-        must_eventually(deadline, "an agreed leader", || self.leader()).await
+        self.must_leader_in("dc1", deadline).await
+    }
+
+    pub async fn must_leader_in(&self, dc: &str, deadline: Duration) -> String {
+        must_eventually(deadline, &format!("an agreed leader in {dc}"), || self.leader_in(dc)).await
     }
 
     pub async fn must_session(&self, node: &str, user: &str) -> String {
@@ -179,9 +212,7 @@ impl TestCluster {
     }
 
     pub async fn must_restock(&self, node: &str, sku: &str, add: u64) {
-        let (code, v) = self
-            .request(reqwest::Method::PUT, node, &format!("/v1/inventory/{sku}"), Some(json!({"add": add})), None)
-            .await;
+        let (code, v) = self.request(reqwest::Method::PUT, node, &format!("/v1/inventory/{sku}"), Some(json!({"add": add})), None).await;
         assert_eq!(code, 200, "restock: {v}");
     }
 

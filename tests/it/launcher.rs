@@ -28,11 +28,7 @@ impl Launched {
         Launched {
             dir: tempfile::tempdir().expect("temp dir"),
             seen_pids: Mutex::new(BTreeSet::new()),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .no_proxy()
-                .build()
-                .expect("http client"),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(5)).no_proxy().build().expect("http client"),
         }
     }
 
@@ -41,23 +37,14 @@ impl Launched {
     }
 
     fn agora(&self, args: &[&str]) -> Output {
-        Command::new(AGORA)
-            .arg("cluster")
-            .args(args)
-            .env("AGORA_STATE_DIR", self.state())
-            .output()
-            .expect("run agora cluster")
+        Command::new(AGORA).arg("cluster").args(args).env("AGORA_STATE_DIR", self.state()).output().expect("run agora cluster")
     }
 
     /// Runs `agora cluster ARGS`, panics unless it succeeds, returns stdout.
     fn must(&self, args: &[&str]) -> String {
         let out = self.agora(args);
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "agora cluster {args:?} failed:\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "agora cluster {args:?} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
         self.pids();
         stdout
     }
@@ -165,10 +152,7 @@ impl Drop for Launched {
 async fn up_write_kill_restart(l: &Launched, up: &[&str]) {
     let t = Instant::now();
     let out = l.must(up);
-    assert!(
-        out.contains("9 of 9 nodes healthy") && out.contains("curl -s") && out.contains("dig @"),
-        "{out}"
-    );
+    assert!(out.contains("9 of 9 nodes healthy") && out.contains("curl -s") && out.contains("dig @"), "{out}");
     println!("up: {} ms", t.elapsed().as_millis());
     let pids = l.pids();
     assert_eq!(pids.len(), 9);
@@ -181,9 +165,7 @@ async fn up_write_kill_restart(l: &Launched, up: &[&str]) {
     // A session and an order in dc1, readable (linearizably) from every dc1 node.
     let token = l.must_session("dc1-n1", "alice").await;
     let api = l.api("dc1-n2");
-    let (code, v) = l
-        .call(reqwest::Method::PUT, format!("{api}/v1/inventory/sku-1"), Some(json!({"add": 10})))
-        .await;
+    let (code, v) = l.call(reqwest::Method::PUT, format!("{api}/v1/inventory/sku-1"), Some(json!({"add": 10}))).await;
     assert_eq!(code, 200, "restock: {v}");
     let order = json!({"session": token, "sku": "sku-1", "qty": 2});
     let (code, v) = l.call(reqwest::Method::POST, format!("{api}/v1/orders"), Some(order)).await;
@@ -262,11 +244,7 @@ async fn process_backend_end_to_end() {
 fn netns_leftovers(l: &Launched) -> Vec<String> {
     let tag = StateDir { root: l.state() }.tag();
     let out = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
-    let mut left: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|n| n.contains(&format!("agora-{tag}-")))
-        .map(String::from)
-        .collect();
+    let mut left: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().filter(|n| n.contains(&format!("agora-{tag}-"))).map(String::from).collect();
     let addrs = Command::new("ip").args(["-o", "addr", "show", "to", "10.77.0.0/16"]).output().expect("ip addr");
     left.extend(String::from_utf8_lossy(&addrs.stdout).lines().map(String::from));
     left
@@ -288,10 +266,8 @@ async fn netns_backend_end_to_end_with_partition() {
     assert!(!l.has_session_locally(&old, &token).await, "the isolated {old} cannot have the new write");
 
     l.must(&["heal"]);
-    must_eventually(Duration::from_secs(30), "the isolated node to catch up after heal", || async {
-        l.has_session_locally(&old, &token).await.then_some(())
-    })
-    .await;
+    must_eventually(Duration::from_secs(30), "the isolated node to catch up after heal", || async { l.has_session_locally(&old, &token).await.then_some(()) })
+        .await;
     l.must_all_healthy(Duration::from_secs(30)).await;
 
     check_latency(&l).await;
@@ -302,10 +278,7 @@ async fn netns_backend_end_to_end_with_partition() {
         // SAFETY: kill(2) on a pid from our own pid files.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
-    must_eventually(Duration::from_secs(10), "the killed nodes to be gone", || async {
-        pids.iter().all(|p| !pid_alive(*p)).then_some(())
-    })
-    .await;
+    must_eventually(Duration::from_secs(10), "the killed nodes to be gone", || async { pids.iter().all(|p| !pid_alive(*p)).then_some(()) }).await;
     let out = l.agora(&["up", "--backend", "netns"]);
     let (stdout, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && err.contains("cleaning up the leftovers"), "{stdout}\n{err}");
@@ -370,10 +343,7 @@ async fn docker_backend_end_to_end() {
     let token = l.must_session(majority, "dave").await;
     assert!(!l.has_session_locally(&old, &token).await, "the isolated {old} cannot have the new write");
     l.must(&["heal"]);
-    must_eventually(Duration::from_secs(30), "the isolated container to catch up", || async {
-        l.has_session_locally(&old, &token).await.then_some(())
-    })
-    .await;
+    must_eventually(Duration::from_secs(30), "the isolated container to catch up", || async { l.has_session_locally(&old, &token).await.then_some(()) }).await;
 
     must_down(&l);
     assert!(docker_objects(&l).is_empty(), "left behind: {:?}", docker_objects(&l));
@@ -407,15 +377,9 @@ fn committed_manifests_match_the_topology() {
     for (name, text) in files {
         assert_eq!(read(&format!("k8s/{name}")), text, "cluster/k8s/{name} {stale}");
         let dc = name.trim_end_matches(".yaml");
-        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
-            .map(|d| serde::Deserialize::deserialize(d).unwrap())
-            .collect();
+        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect();
         let kind = |k: &str| docs.iter().find(|d| d["kind"] == k).unwrap_or_else(|| panic!("{name}: no {k}"));
-        assert_eq!(
-            kind("StatefulSet")["spec"]["replicas"].as_u64(),
-            Some(local.dc_nodes(dc).len() as u64),
-            "{name}"
-        );
+        assert_eq!(kind("StatefulSet")["spec"]["replicas"].as_u64(), Some(local.dc_nodes(dc).len() as u64), "{name}");
         assert_eq!(kind("Service")["spec"]["clusterIP"].as_str(), Some("None"), "{name}: headless");
         let toml_text = kind("ConfigMap")["data"]["cluster.toml"].as_str().unwrap();
         let in_map = ClusterConfig::from_toml(toml_text, &name).unwrap();

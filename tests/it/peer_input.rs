@@ -13,9 +13,7 @@ async fn send_raw(addr: &str, bytes: &[u8]) {
     let _ = s.shutdown().await;
     // The node closes the connection without answering.
     let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-        .await
-        .expect("node should close the connection");
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("node should close the connection");
     assert!(matches!(n, Ok(0) | Err(_)), "node answered garbage with bytes");
 }
 

@@ -16,12 +16,7 @@ async fn two_hundred_buyers_of_one_hundred_units() {
         // Spread over every node: followers forward to the leader.
         let (http, url, token) = (c.http.clone(), c.url(&c.names[i % 3]), token.clone());
         buyers.push(tokio::spawn(async move {
-            let r = http
-                .post(format!("{url}/v1/orders"))
-                .json(&json!({"session": token, "sku": "hot", "qty": 1}))
-                .send()
-                .await
-                .unwrap();
+            let r = http.post(format!("{url}/v1/orders")).json(&json!({"session": token, "sku": "hot", "qty": 1})).send().await.unwrap();
             let status = r.status().as_u16();
             let v: serde_json::Value = r.json().await.unwrap();
             (status, v)
@@ -62,15 +57,7 @@ async fn same_idempotency_key_twice_gives_one_order() {
     let (_, inv) = c.get(&c.names[2], "/v1/inventory/sku-i").await;
     assert_eq!(inv["available"], 7, "units taken once: {inv}");
     // The same key with a different request is refused, not silently merged.
-    let other = c
-        .request(
-            reqwest::Method::POST,
-            &c.names[0],
-            "/v1/orders",
-            Some(json!({"session": token, "sku": "sku-i", "qty": 1})),
-            Some("order-42"),
-        )
-        .await;
+    let other = c.request(reqwest::Method::POST, &c.names[0], "/v1/orders", Some(json!({"session": token, "sku": "sku-i", "qty": 1})), Some("order-42")).await;
     assert_eq!(other.0, 422, "{}", other.1);
     // Cancelling with a key twice: the retry gets the first answer.
     let path = format!("/v1/orders/{}/cancel", first["id"].as_str().unwrap());
@@ -98,23 +85,12 @@ async fn crashed_actor_is_restarted_and_the_node_keeps_serving() {
     })
     .await;
     assert_eq!(code, 201, "{v}");
-    let (code, _) = c
-        .request(
-            reqwest::Method::POST,
-            &leader,
-            &format!("/v1/orders/{}/cancel", v["id"].as_str().unwrap()),
-            None,
-            None,
-        )
-        .await;
+    let (code, _) = c.request(reqwest::Method::POST, &leader, &format!("/v1/orders/{}/cancel", v["id"].as_str().unwrap()), None, None).await;
     assert_eq!(code, 200);
     c.must_session(&leader, "after-crash").await;
     let metrics = c.http.get(format!("{}/metrics", c.url(&leader))).send().await.unwrap().text().await.unwrap();
     for actor in ["inventory", "sessions", "orders"] {
         let line = format!("agora_actor_restarts_total{{actor=\"{actor}\"");
-        assert!(
-            metrics.lines().any(|l| l.starts_with(&line) && l.ends_with(" 1")),
-            "restart of {actor} not counted:\n{metrics}"
-        );
+        assert!(metrics.lines().any(|l| l.starts_with(&line) && l.ends_with(" 1")), "restart of {actor} not counted:\n{metrics}");
     }
 }

@@ -1,0 +1,278 @@
+//! hickory `RequestHandler`: protocol checks, EDNS/ECS handling, size fitting
+//! and stats around the zone lookup in `answer`.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use hickory_server::net::runtime::Time;
+use hickory_server::net::xfer::Protocol;
+use hickory_server::proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
+use hickory_server::proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
+use hickory_server::proto::rr::{DNSClass, Record, RecordType};
+use hickory_server::proto::serialize::binary::BinEncoder;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
+use tracing::{debug, info, warn};
+
+use super::answer::{self, Lookup, Outcome, Resolution};
+use super::stats::{bump, Counters};
+use super::{DnsView, MAX_UDP_PAYLOAD};
+
+/// Classic DNS UDP limit when the client sent no EDNS.
+const PLAIN_UDP_PAYLOAD: u16 = 512;
+
+pub(crate) struct Handler {
+    view: Arc<dyn DnsView>,
+    stats: Arc<Counters>,
+    /// Round-robin position shared by all `shop` / `dcN.shop` answers.
+    rotation: AtomicU64,
+    /// Whether the last `shop` answer failed open; lets us warn once per
+    /// outage instead of once per query.
+    failing_open: AtomicBool,
+}
+
+/// A response under construction.
+struct Reply {
+    metadata: Metadata,
+    answers: Vec<Record>,
+    authority: Vec<Record>,
+    additionals: Vec<Record>,
+    edns: Option<Edns>,
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, response_handle: R) -> ResponseInfo {
+        bump(&self.stats.queries);
+        let mut reply = self.build_reply(request);
+        fit_to_size(request, &mut reply);
+        self.send(request, reply, response_handle).await
+    }
+}
+
+impl Handler {
+    pub fn new(view: Arc<dyn DnsView>, stats: Arc<Counters>) -> Self {
+        Self { view, stats, rotation: AtomicU64::new(0), failing_open: AtomicBool::new(false) }
+    }
+
+    fn build_reply(&self, request: &Request) -> Reply {
+        let mut reply = Reply::for_request(request);
+        if let Some(rcode) = header_error(request) {
+            reply.metadata.response_code = rcode;
+            return reply;
+        }
+        // Exactly one question is required; zero or several is a FORMERR.
+        let Ok(info) = request.request_info() else {
+            reply.metadata.response_code = ResponseCode::FormErr;
+            return reply;
+        };
+        let query = info.query;
+        if query.query_class() != DNSClass::IN || is_transfer(query.query_type()) {
+            reply.metadata.response_code = ResponseCode::Refused;
+            return reply;
+        }
+        let ecs = client_subnet(request);
+        let lookup =
+            Lookup { qname: query.original().name(), qtype: query.query_type(), client: client_address(request.src().ip(), ecs), rotation: &self.rotation };
+        match answer::resolve(&self.view.snapshot(), &lookup) {
+            Outcome::NotAuthoritative => reply.metadata.response_code = ResponseCode::Refused,
+            Outcome::Resolved(res) => self.apply(&mut reply, res, ecs),
+        }
+        reply
+    }
+
+    fn apply(&self, reply: &mut Reply, res: Resolution, ecs: Option<ClientSubnet>) {
+        if res.client_dependent {
+            self.note_fail_open(res.fail_open);
+        }
+        if let (Some(edns), Some(ecs)) = (reply.edns.as_mut(), ecs) {
+            let scope = ecs_scope(&ecs, &res);
+            let echoed = ClientSubnet::new(ecs.addr(), ecs.source_prefix(), scope);
+            edns.options_mut().insert(EdnsOption::Subnet(echoed));
+        }
+        reply.metadata.authoritative = true;
+        reply.metadata.response_code = res.rcode;
+        reply.answers = res.answers;
+        reply.authority = res.authority;
+        reply.additionals = res.additionals;
+    }
+
+    fn note_fail_open(&self, fail_open: bool) {
+        if fail_open {
+            bump(&self.stats.fail_open);
+            if !self.failing_open.swap(true, Ordering::Relaxed) {
+                warn!("no healthy dc, shop answers fail open to all candidate dcs");
+            }
+        } else if self.failing_open.swap(false, Ordering::Relaxed) {
+            info!("healthy dc available again, shop answers no longer fail open");
+        }
+    }
+
+    async fn send<R: ResponseHandler>(&self, request: &Request, reply: Reply, mut handle: R) -> ResponseInfo {
+        let response = build_response(request, &reply, reply.answers.len());
+        match handle.send_response(response).await {
+            Ok(info) => {
+                self.stats.record_rcode(info.response_code);
+                if info.truncation {
+                    bump(&self.stats.truncated);
+                }
+                info
+            }
+            Err(error) => {
+                debug!(%error, "failed to send dns response");
+                self.stats.record_rcode(ResponseCode::ServFail);
+                servfail_info(request)
+            }
+        }
+    }
+}
+
+impl Reply {
+    /// Empty response echoing the request id, flags and EDNS (RFC 6891: only
+    /// when the client used EDNS itself).
+    fn for_request(request: &Request) -> Self {
+        let edns = request.edns.as_ref().map(response_edns);
+        Self { metadata: Metadata::response_from_request(&request.metadata), answers: Vec::new(), authority: Vec::new(), additionals: Vec::new(), edns }
+    }
+}
+
+/// Our OPT record: advertises (and, for hickory's UDP encoder, enforces) the
+/// size we will actually send, capped to avoid fragmentation.
+fn response_edns(client: &Edns) -> Edns {
+    let mut edns = Edns::new();
+    edns.set_max_payload(client.max_payload().min(MAX_UDP_PAYLOAD));
+    edns
+}
+
+/// Header-level problems that need no question to answer.
+fn header_error(request: &Request) -> Option<ResponseCode> {
+    if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
+        return Some(ResponseCode::BADVERS);
+    }
+    (request.metadata.op_code != OpCode::Query).then_some(ResponseCode::NotImp)
+}
+
+/// Zone transfers are not offered: the zone is synthesised per query.
+fn is_transfer(qtype: RecordType) -> bool {
+    matches!(qtype, RecordType::AXFR | RecordType::IXFR)
+}
+
+fn client_subnet(request: &Request) -> Option<ClientSubnet> {
+    match request.edns.as_ref()?.option(EdnsCode::Subnet)? {
+        EdnsOption::Subnet(subnet) => Some(*subnet),
+        _ => None,
+    }
+}
+
+/// ECS address when the resolver passed one; a /0 ECS means "do not tailor".
+fn client_address(src: IpAddr, ecs: Option<ClientSubnet>) -> Option<IpAddr> {
+    match ecs {
+        Some(ecs) if ecs.source_prefix() == 0 => None,
+        Some(ecs) => Some(ecs.addr().to_canonical()),
+        None => Some(src.to_canonical()),
+    }
+}
+
+/// RFC 7871 scope: 0 if the answer is the same for everyone, else the DC
+/// subnet that decided it, else the whole source prefix (no wider reuse).
+fn ecs_scope(ecs: &ClientSubnet, res: &Resolution) -> u8 {
+    if !res.client_dependent || ecs.source_prefix() == 0 {
+        return 0;
+    }
+    res.client_scope.unwrap_or(ecs.source_prefix())
+}
+
+/// Makes the reply fit the transport: drop optional glue first, then set TC
+/// and keep only whole answer records that fit. Done here rather than by
+/// hickory's encoder so the OPT record is never the part that gets dropped.
+fn fit_to_size(request: &Request, reply: &mut Reply) {
+    let limit = size_limit(request, reply);
+    if encoded_len(request, reply, reply.answers.len()) <= limit {
+        return;
+    }
+    reply.additionals.clear();
+    if encoded_len(request, reply, reply.answers.len()) <= limit {
+        return;
+    }
+    reply.authority.clear();
+    reply.metadata.truncation = true;
+    let fits = largest_fitting(reply.answers.len(), |n| encoded_len(request, reply, n) <= limit);
+    reply.answers.truncate(fits);
+}
+
+fn size_limit(request: &Request, reply: &Reply) -> usize {
+    match request.protocol() {
+        Protocol::Udp => reply.edns.as_ref().map_or(PLAIN_UDP_PAYLOAD, Edns::max_payload).into(),
+        _ => u16::MAX.into(),
+    }
+}
+
+/// Binary search for the largest `n` in `0..=max` with `fits(n)`; assumes
+/// `fits` is monotone and treats `fits(0)` as true.
+fn largest_fitting(max: usize, fits: impl Fn(usize) -> bool) -> usize {
+    let (mut lo, mut hi) = (0, max);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
+}
+
+/// The response hickory will encode, with only the first `answers` answers.
+fn build_response<'q>(
+    request: &'q Request,
+    reply: &'q Reply,
+    answers: usize,
+) -> MessageResponse<
+    'q,
+    'q,
+    impl Iterator<Item = &'q Record> + Send + 'q,
+    impl Iterator<Item = &'q Record> + Send + 'q,
+    impl Iterator<Item = &'q Record> + Send + 'q,
+    impl Iterator<Item = &'q Record> + Send + 'q,
+> {
+    let mut builder = MessageResponseBuilder::from_message_request(request);
+    if let Some(edns) = &reply.edns {
+        builder.edns(edns);
+    }
+    builder.build(reply.metadata, reply.answers.iter().take(answers), reply.authority.iter(), std::iter::empty(), reply.additionals.iter())
+}
+
+/// Wire size of the reply with only its first `answers` answer records,
+/// encoded exactly as hickory will (its name compression differs from a
+/// plain `Message` encode, so a separate estimate would be off).
+fn encoded_len(request: &Request, reply: &Reply, answers: usize) -> usize {
+    let mut buf = Vec::with_capacity(512);
+    let result = {
+        let mut encoder = BinEncoder::new(&mut buf);
+        build_response(request, reply, answers).destructive_emit(&mut encoder)
+    };
+    match result {
+        Ok(_) => buf.len(),
+        Err(_) => usize::MAX,
+    }
+}
+
+fn servfail_info(request: &Request) -> ResponseInfo {
+    let mut metadata = Metadata::response_from_request(&request.metadata);
+    metadata.response_code = ResponseCode::ServFail;
+    ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn largest_fitting_finds_boundary() {
+        assert_eq!(largest_fitting(10, |n| n <= 7), 7);
+        assert_eq!(largest_fitting(10, |n| n == 0), 0);
+        assert_eq!(largest_fitting(10, |_| true), 10);
+        assert_eq!(largest_fitting(0, |_| true), 0);
+    }
+}

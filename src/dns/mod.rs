@@ -1,0 +1,230 @@
+//! Embedded authoritative DNS server for the shop's multi-datacentre topology.
+//!
+//! The server answers for one zone (default `agora.test.`) from a live
+//! [`DnsSnapshot`] taken from a [`DnsView`] on every query, so health, drain,
+//! weight and leader changes are visible on the very next answer.
+//!
+//! Names served (`<zone>` = the snapshot zone):
+//! - `<zone>` SOA / NS (`ns1.<zone>`, `ns2.<zone>`, ... one per node overall)
+//! - `nsK.<zone>` A/AAAA: glue for the K-th node overall (snapshot order)
+//! - `shop.<zone>` A/AAAA: one address per serving DC, weighted round-robin
+//! - `dcN.shop.<zone>` A/AAAA: that DC's healthy nodes, rotated
+//! - `leader.dcN.<zone>` A/AAAA: that DC's leader
+//! - `_http._tcp.shop.<zone>` SRV: healthy nodes of non-drained DCs
+//! - `dcN-nK.<zone>` A/AAAA: the K-th node (1-based) of DC `dcN`
+//!
+//! # Rotation and weights for `shop.<zone>`
+//!
+//! A DC *serves* when it is healthy, not drained, has weight > 0 and has an
+//! address (its leader, else its first healthy node). Each DC's weight is
+//! capped at [`MAX_WEIGHT`]. The rotation cycle is the smooth weighted
+//! round-robin sequence (the nginx algorithm, ties to the earlier DC) over the
+//! serving DCs with an address of the queried family, so a DC of weight `w`
+//! appears exactly `w` times in a cycle of length `sum(w)`, spread out rather
+//! than back to back. A per-server atomic counter (advanced once per
+//! `shop` or `dcN.shop` address query) picks the slot
+//! (`counter % sum(w)`): that DC leads the answer, and every other serving DC
+//! follows once, in snapshot order starting after the leading DC (wrapping).
+//! If the client (ECS address, else source address) is inside a serving DC's
+//! subnet (longest prefix wins), that DC is moved to the front and the rest
+//! keep their rotated order.
+//!
+//! If no DC serves, the answer *fails open*: every non-drained DC with a
+//! non-zero weight (or every DC, if none is left) is listed, each with an
+//! equal share of the rotation, using its leader, first healthy node or first
+//! node. Nearest-first does not apply then, since no DC is known good.
+
+mod answer;
+mod handler;
+mod select;
+mod stats;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_server::Server;
+use tokio::net::{TcpListener, UdpSocket};
+use tracing::{info, warn};
+
+use self::handler::Handler;
+use self::stats::Counters;
+pub use self::stats::DnsStats;
+
+/// Upper bound on a DC weight; keeps the rotation cycle short.
+pub const MAX_WEIGHT: u32 = 100;
+/// Upper bound on records in any answer section, so answers stay bounded.
+pub const MAX_ANSWER_RECORDS: usize = 128;
+/// Largest UDP response we send even if the client offers more (DNS flag day 2020).
+pub const MAX_UDP_PAYLOAD: u16 = 1232;
+/// Default zone served when a snapshot leaves it at its default.
+pub const DEFAULT_ZONE: &str = "agora.test.";
+/// Default record TTL in seconds: short, because health changes quickly.
+pub const DEFAULT_TTL: u32 = 5;
+
+/// Idle TCP connections are closed after this long.
+const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Outgoing responses queued per TCP connection.
+const TCP_RESPONSE_BUFFER: usize = 32;
+/// How long `shutdown` waits for in-flight work before giving up.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts to find a port free for both UDP and TCP when binding port 0.
+const EPHEMERAL_BIND_ATTEMPTS: usize = 16;
+
+/// Everything the DNS server needs to know about the cluster at one instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsSnapshot {
+    /// Zone apex, e.g. `"agora.test."` (trailing dot optional, case ignored).
+    pub zone: String,
+    /// TTL for every record and for negative answers (SOA minimum).
+    pub ttl: u32,
+    /// Datacentres in a stable order; the order drives rotation and naming.
+    pub dcs: Vec<DcView>,
+}
+
+/// One datacentre as seen by the DNS server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DcView {
+    /// DNS label of the DC, e.g. `"dc1"`.
+    pub name: String,
+    pub healthy: bool,
+    pub drained: bool,
+    /// Share of `shop` rotation; 0 excludes the DC like a drain.
+    pub weight: u32,
+    pub leader: Option<IpAddr>,
+    pub nodes: Vec<NodeView>,
+    /// Client subnets (address, prefix length) that should prefer this DC.
+    pub subnets: Vec<(IpAddr, u8)>,
+}
+
+/// One node of a datacentre.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    pub name: String,
+    pub ip: IpAddr,
+    pub http_port: u16,
+    pub healthy: bool,
+}
+
+/// Source of topology for the DNS server; called once per query, keep it cheap.
+pub trait DnsView: Send + Sync + 'static {
+    fn snapshot(&self) -> DnsSnapshot;
+}
+
+/// Errors from starting the DNS server.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("failed to bind dns {proto} socket on {addr}: {source}")]
+    Bind {
+        proto: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("dns socket error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Default for DnsSnapshot {
+    fn default() -> Self {
+        Self { zone: DEFAULT_ZONE.to_string(), ttl: DEFAULT_TTL, dcs: Vec::new() }
+    }
+}
+
+impl DnsSnapshot {
+    /// SOA serial for this snapshot: a stable hash of the answer topology, so
+    /// every nameserver fed the same topology reports the same serial.
+    #[must_use]
+    pub fn serial(&self) -> u32 {
+        answer::topology_serial(self)
+    }
+}
+
+impl DcView {
+    /// A healthy, undrained DC of weight 1 with no leader, nodes or subnets.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self { name: name.into(), healthy: true, drained: false, weight: 1, leader: None, nodes: Vec::new(), subnets: Vec::new() }
+    }
+}
+
+impl NodeView {
+    /// A healthy node.
+    pub fn new(name: impl Into<String>, ip: IpAddr, http_port: u16) -> Self {
+        Self { name: name.into(), ip, http_port, healthy: true }
+    }
+}
+
+/// Handle to a running DNS server (UDP and TCP on the same port).
+///
+/// Dropping the handle aborts the server tasks; `shutdown` stops them gracefully.
+pub struct DnsServer {
+    server: Server<Handler>,
+    local_addr: SocketAddr,
+    stats: Arc<Counters>,
+}
+
+impl DnsServer {
+    /// Binds UDP and TCP on `addr`, serves until `shutdown()` or drop.
+    ///
+    /// # Errors
+    /// `DnsError::Bind` if either socket cannot be bound (for port 0, if no
+    /// port free for both was found).
+    pub async fn start(addr: SocketAddr, view: Arc<dyn DnsView>) -> Result<DnsServer, DnsError> {
+        let (udp, tcp) = bind_pair(addr).await?;
+        let local_addr = udp.local_addr()?;
+        let stats = Arc::new(Counters::default());
+        let mut server = Server::new(Handler::new(view, stats.clone()));
+        server.register_socket(udp);
+        server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
+        info!(%local_addr, "dns server listening");
+        Ok(DnsServer { server, local_addr, stats })
+    }
+
+    /// The bound address (with the real port when started on port 0).
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting queries and waits (bounded) for the server tasks to end.
+    pub async fn shutdown(mut self) {
+        match tokio::time::timeout(SHUTDOWN_TIMEOUT, self.server.shutdown_gracefully()).await {
+            Ok(Ok(())) => info!(addr = %self.local_addr, "dns server stopped"),
+            Ok(Err(error)) => warn!(%error, "dns server stopped with error"),
+            Err(_) => warn!("dns server shutdown timed out, aborting tasks"),
+        }
+    }
+
+    /// Counters since start.
+    #[must_use]
+    pub fn stats(&self) -> DnsStats {
+        self.stats.snapshot()
+    }
+}
+
+/// Binds UDP and TCP on the same port; for port 0 retries until the kernel's
+/// UDP pick is also free for TCP.
+async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsError> {
+    if addr.port() != 0 {
+        let udp = bind_udp(addr).await?;
+        return Ok((udp, bind_tcp(addr).await?));
+    }
+    let mut last_error = None;
+    for _ in 0..EPHEMERAL_BIND_ATTEMPTS {
+        let udp = bind_udp(addr).await?;
+        let chosen = udp.local_addr()?;
+        match bind_tcp(chosen).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(error) => last_error = Some(error),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| DnsError::Io(std::io::Error::other("no free port"))))
+}
+
+async fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, DnsError> {
+    UdpSocket::bind(addr).await.map_err(|source| DnsError::Bind { proto: "udp", addr, source })
+}
+
+async fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, DnsError> {
+    TcpListener::bind(addr).await.map_err(|source| DnsError::Bind { proto: "tcp", addr, source })
+}

@@ -1,0 +1,76 @@
+//! Query counters, shared lock-free between the server tasks.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hickory_server::proto::op::ResponseCode;
+
+/// Point-in-time copy of the server counters.
+///
+/// `queries` counts requests that reached the handler. Packets that hickory
+/// cannot decode at all are answered FORMERR (or dropped if shorter than a
+/// header) before the handler sees them, so they appear in neither `queries`
+/// nor `formerr`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DnsStats {
+    pub queries: u64,
+    /// NOERROR responses (including empty NODATA answers).
+    pub answered: u64,
+    pub nxdomain: u64,
+    pub refused: u64,
+    pub formerr: u64,
+    pub notimp: u64,
+    /// SERVFAIL, BADVERS and failures to send.
+    pub servfail: u64,
+    /// Responses sent with the TC bit set.
+    pub truncated: u64,
+    /// `shop` answers that had to fail open because no DC was serving.
+    pub fail_open: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub queries: AtomicU64,
+    answered: AtomicU64,
+    nxdomain: AtomicU64,
+    refused: AtomicU64,
+    formerr: AtomicU64,
+    notimp: AtomicU64,
+    servfail: AtomicU64,
+    pub truncated: AtomicU64,
+    pub fail_open: AtomicU64,
+}
+
+pub(crate) fn bump(counter: &AtomicU64) {
+    // Relaxed is enough: counters are independent and only read for reporting.
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Counters {
+    /// Counts a sent response under its response code.
+    pub fn record_rcode(&self, rcode: ResponseCode) {
+        let counter = match rcode {
+            ResponseCode::NoError => &self.answered,
+            ResponseCode::NXDomain => &self.nxdomain,
+            ResponseCode::Refused => &self.refused,
+            ResponseCode::FormErr => &self.formerr,
+            ResponseCode::NotImp => &self.notimp,
+            _ => &self.servfail,
+        };
+        bump(counter);
+    }
+
+    pub fn snapshot(&self) -> DnsStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        DnsStats {
+            queries: get(&self.queries),
+            answered: get(&self.answered),
+            nxdomain: get(&self.nxdomain),
+            refused: get(&self.refused),
+            formerr: get(&self.formerr),
+            notimp: get(&self.notimp),
+            servfail: get(&self.servfail),
+            truncated: get(&self.truncated),
+            fail_open: get(&self.fail_open),
+        }
+    }
+}

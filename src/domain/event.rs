@@ -1,0 +1,35 @@
+//! Cross-DC events: what a DC ships about the state it owns. Each carries the full new
+//! value of an owned entity (state-based, not a delta), so applying one twice or late is
+//! harmless; the per-origin cursor makes it exactly-once in order on top of that.
+
+use serde::{Deserialize, Serialize};
+
+use super::model::{DcSettings, Order, Session, StockRow};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Position in the origin's outbound stream, from 1, without gaps.
+    pub seq: u64,
+    pub origin: String,
+    /// HLC of the command that produced it (lag is measured from its physical part).
+    pub hlc: u64,
+    pub change: Change,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    Session(Session),
+    /// The origin's own counters for a SKU.
+    Stock {
+        sku: String,
+        row: StockRow,
+    },
+    Order(Order),
+    /// A cancel for an order `owner` owns, received by another DC.
+    CancelRequest {
+        id: String,
+        owner: String,
+    },
+    /// Operator settings of a DC (any DC may write them).
+    Settings(DcSettings),
+}

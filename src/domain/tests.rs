@@ -1,0 +1,247 @@
+//! Rules and merge laws, checked on in-memory state.
+
+use proptest::prelude::*;
+
+use super::apply::{apply, MemState};
+use super::command::{Command, Outcome, Rejection, Request};
+use super::model::OrderStatus;
+
+fn req(cmd: Command) -> Request {
+    Request::new(cmd, None)
+}
+fn session(dc: &str, token: &str) -> Request {
+    req(Command::CreateSession { token: token.into(), user: "alice".into(), dc: dc.into(), hlc: 1 })
+}
+fn restock(dc: &str, sku: &str, add: u64) -> Request {
+    req(Command::Restock { sku: sku.into(), add, dc: dc.into(), hlc: 1 })
+}
+fn order(dc: &str, id: &str, qty: u32, key: Option<&str>, hlc: u64) -> Request {
+    Request::new(Command::PlaceOrder { id: id.into(), session: "t1".into(), sku: "sku1".into(), qty, dc: dc.into(), hlc }, key.map(String::from))
+}
+fn cancel(dc: &str, id: &str) -> Request {
+    req(Command::CancelOrder { id: id.into(), dc: dc.into() })
+}
+
+#[test]
+fn order_takes_stock_and_cancel_returns_it() {
+    let mut s = MemState::new("dc1");
+    apply(&mut s, &session("dc1", "t1"));
+    apply(&mut s, &restock("dc1", "sku1", 5));
+    assert!(matches!(apply(&mut s, &order("dc1", "o1", 3, None, 2)), Outcome::Order(_)));
+    assert_eq!(apply(&mut s, &order("dc1", "o2", 3, None, 3)), Outcome::Rejected(Rejection::SoldOut { available: 2, requested: 3 }));
+    assert!(matches!(apply(&mut s, &cancel("dc1", "o1")), Outcome::Order(o) if o.status == OrderStatus::Cancelled));
+    assert_eq!(apply(&mut s, &cancel("dc1", "o1")), Outcome::Rejected(Rejection::AlreadyCancelled));
+    assert_eq!(s.inventory["sku1"].available("dc1"), 5);
+}
+
+#[test]
+fn rejections() {
+    let mut s = MemState::new("dc1");
+    assert_eq!(apply(&mut s, &order("dc1", "o1", 1, None, 1)), Outcome::Rejected(Rejection::UnknownSession));
+    apply(&mut s, &session("dc1", "t1"));
+    assert_eq!(apply(&mut s, &order("dc1", "o1", 1, None, 1)), Outcome::Rejected(Rejection::UnknownSku));
+    assert_eq!(apply(&mut s, &cancel("dc1", "nope")), Outcome::Rejected(Rejection::UnknownOrder));
+    assert!(matches!(apply(&mut s, &order("dc1", "o1", 0, None, 1)), Outcome::Rejected(Rejection::Invalid(_))));
+    // A DC changes only what it owns.
+    assert!(matches!(apply(&mut s, &restock("dc2", "sku1", 5)), Outcome::Rejected(Rejection::Invalid(_))));
+    apply(&mut s, &req(Command::DeleteSession { token: "t1".into(), dc: "dc1".into(), hlc: 5 }));
+    apply(&mut s, &restock("dc1", "sku1", 5));
+    assert_eq!(apply(&mut s, &order("dc1", "o1", 1, None, 6)), Outcome::Rejected(Rejection::UnknownSession));
+}
+
+#[test]
+fn idempotency_key_returns_first_result() {
+    let mut s = MemState::new("dc1");
+    apply(&mut s, &session("dc1", "t1"));
+    apply(&mut s, &restock("dc1", "sku1", 5));
+    let first = apply(&mut s, &order("dc1", "o1", 2, Some("k"), 2));
+    // A retry carries a fresh id but the same key: it gets the first order back.
+    assert_eq!(apply(&mut s, &order("dc1", "o2", 2, Some("k"), 3)), first);
+    assert_eq!(s.orders.len(), 1);
+    assert_eq!(apply(&mut s, &order("dc1", "o3", 1, Some("k"), 4)), Outcome::Rejected(Rejection::IdempotencyMismatch));
+}
+
+/// Ships every event `from` has emitted to `to`, in one batch starting at `to`'s cursor.
+fn sync(from: &MemState, to: &mut MemState) {
+    let events = from.outbox.clone();
+    apply(to, &req(Command::ApplyRemote { origin: from.dc.clone(), events }));
+}
+
+fn sync_all(dcs: &mut [MemState]) {
+    // Two rounds: the second carries what merging the first produced (cancelled duplicates).
+    for _ in 0..3 {
+        for i in 0..dcs.len() {
+            for j in 0..dcs.len() {
+                if i != j {
+                    let from = dcs[i].clone();
+                    sync(&from, &mut dcs[j]);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_retry_in_another_dc_leaves_one_live_order() {
+    let mut dcs = [MemState::new("dc1"), MemState::new("dc2")];
+    apply(&mut dcs[0], &session("dc1", "t1"));
+    sync_all(&mut dcs);
+    for (i, d) in ["dc1", "dc2"].iter().enumerate() {
+        apply(&mut dcs[i], &restock(d, "sku1", 10));
+    }
+    // The same request, with the same key, lands in both DCs before they talk.
+    assert!(matches!(apply(&mut dcs[0], &order("dc1", "o-dc1", 2, Some("k"), 10)), Outcome::Order(_)));
+    assert!(matches!(apply(&mut dcs[1], &order("dc2", "o-dc2", 2, Some("k"), 11)), Outcome::Order(_)));
+    sync_all(&mut dcs);
+    assert_eq!(dcs[0].entities(), dcs[1].entities());
+    let live: Vec<_> = dcs[0].orders.values().filter(|o| o.status == OrderStatus::Placed).collect();
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].id, "o-dc1", "the earlier order stays");
+    assert_eq!(dcs[1].inventory["sku1"].available("dc2"), 10, "the duplicate's units are released");
+    // A later retry in dc2 gets the surviving order.
+    match apply(&mut dcs[1], &order("dc2", "o-dc2-again", 2, Some("k"), 12)) {
+        Outcome::Order(o) => assert_eq!(o.id, "o-dc1"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn duplicated_and_reordered_batches_are_applied_once_in_order() {
+    let mut a = MemState::new("dc1");
+    for i in 0..5 {
+        apply(&mut a, &session("dc1", &format!("t{i}")));
+    }
+    let mut b = MemState::new("dc2");
+    let ev = a.outbox.clone();
+    let remote = |events: Vec<_>| req(Command::ApplyRemote { origin: "dc1".into(), events });
+    assert_eq!(apply(&mut b, &remote(ev[2..].to_vec())), Outcome::Replicated { cursor: 0 }, "a gap stops the batch");
+    assert_eq!(apply(&mut b, &remote(ev[..3].to_vec())), Outcome::Replicated { cursor: 3 });
+    assert_eq!(apply(&mut b, &remote(ev.clone())), Outcome::Replicated { cursor: 5 });
+    assert_eq!(apply(&mut b, &remote(ev)), Outcome::Replicated { cursor: 5 });
+    assert_eq!(b.sessions, a.sessions);
+    // Events claiming another origin in the batch are refused outright.
+    let mut forged = a.outbox.clone();
+    forged[0].origin = "dc3".into();
+    assert!(matches!(apply(&mut b, &remote(forged)), Outcome::Rejected(Rejection::Invalid(_))));
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Session(usize),
+    Logout(usize, usize),
+    Restock(usize, u64),
+    Order(usize, u32, Option<u8>),
+    Cancel(usize, usize),
+    Grant(usize, usize, u64),
+    Deliver(usize, usize, usize, usize),
+    ForeignCancel(usize, usize),
+    Drain(usize, usize, bool),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0..3usize).prop_map(Op::Session),
+        (0..3usize, 0..8usize).prop_map(|(d, t)| Op::Logout(d, t)),
+        (0..3usize, 1..20u64).prop_map(|(d, n)| Op::Restock(d, n)),
+        (0..3usize, 1..6u32, proptest::option::of(0..3u8)).prop_map(|(d, q, k)| Op::Order(d, q, k)),
+        (0..3usize, 0..30usize).prop_map(|(d, o)| Op::Cancel(d, o)),
+        (0..3usize, 0..3usize, 1..10u64).prop_map(|(f, t, n)| Op::Grant(f, t, n)),
+        (0..3usize, 0..30usize).prop_map(|(d, o)| Op::ForeignCancel(d, o)),
+        (0..3usize, 0..3usize, any::<bool>()).prop_map(|(d, t, on)| Op::Drain(d, t, on)),
+        // Deliver a slice of one DC's outbox to another: partial, duplicated, out of order.
+        (0..3usize, 0..3usize, 0..40usize, 0..40usize).prop_map(|(f, t, a, b)| Op::Deliver(f, t, a, b)),
+    ]
+}
+
+const DCS: [&str; 3] = ["dc1", "dc2", "dc3"];
+
+fn run(dcs: &mut [MemState], op: &Op, step: usize) {
+    let hlc = step as u64 * 10;
+    let tokens = |d: &MemState| d.sessions.keys().cloned().collect::<Vec<_>>();
+    match op.clone() {
+        Op::Session(d) => {
+            apply(&mut dcs[d], &req(Command::CreateSession { token: format!("t{step}"), user: "u".into(), dc: DCS[d].into(), hlc }));
+        }
+        Op::Logout(d, t) => {
+            if let Some(token) = tokens(&dcs[d]).get(t).cloned() {
+                apply(&mut dcs[d], &req(Command::DeleteSession { token, dc: DCS[d].into(), hlc }));
+            }
+        }
+        Op::Restock(d, n) => {
+            apply(&mut dcs[d], &restock(DCS[d], "sku1", n));
+        }
+        Op::Order(d, qty, key) => {
+            let session = "t0".to_string();
+            let cmd = Command::PlaceOrder { id: format!("{}-o{step}", DCS[d]), session, sku: "sku1".into(), qty, dc: DCS[d].into(), hlc };
+            apply(&mut dcs[d], &Request::new(cmd, key.map(|k| format!("k{k}"))));
+        }
+        Op::Cancel(d, o) => {
+            if let Some(id) = dcs[d].orders.keys().nth(o).cloned() {
+                apply(&mut dcs[d], &cancel(DCS[d], &id));
+            }
+        }
+        Op::Grant(f, t, n) if f != t => {
+            apply(&mut dcs[f], &req(Command::Grant { sku: "sku1".into(), qty: n, from: DCS[f].into(), to: DCS[t].into(), hlc }));
+        }
+        Op::Drain(d, t, on) => {
+            apply(&mut dcs[d], &req(Command::SetDcSettings { target: DCS[t].into(), drained: on, weight: 1, dc: DCS[d].into(), hlc }));
+        }
+        Op::ForeignCancel(d, o) => {
+            if let Some(order) = dcs[d].orders.values().filter(|x| x.dc != DCS[d]).nth(o).cloned() {
+                apply(&mut dcs[d], &req(Command::RequestCancel { id: order.id, owner: order.dc, dc: DCS[d].into(), hlc }));
+            }
+        }
+        Op::Deliver(f, t, a, b) if f != t => {
+            let ev = &dcs[f].outbox;
+            let (lo, hi) = (a.min(b).min(ev.len()), a.max(b).min(ev.len()));
+            let events = ev[lo..hi].to_vec();
+            apply(&mut dcs[t], &req(Command::ApplyRemote { origin: DCS[f].into(), events }));
+        }
+        _ => {}
+    }
+}
+
+/// No DC's view ever shows more sold than it could have had, nor the cluster as a whole.
+fn check_no_oversell(d: &MemState) -> Result<(), TestCaseError> {
+    if let Some(inv) = d.inventory.get("sku1") {
+        let sum = |m: &std::collections::BTreeMap<String, u64>| m.values().sum::<u64>();
+        prop_assert!(sum(&inv.sold) <= sum(&inv.stocked) + sum(&inv.released), "{}: sold beyond stock: {inv:?}", d.dc);
+        let own_sold = inv.sold.get(&d.dc).copied().unwrap_or(0);
+        let own_in = inv.stocked.get(&d.dc).copied().unwrap_or(0)
+            + inv.released.get(&d.dc).copied().unwrap_or(0)
+            + inv.sent.iter().filter(|(f, _)| **f != d.dc).map(|(_, to)| to.get(&d.dc).copied().unwrap_or(0)).sum::<u64>();
+        let own_out = inv.sent.get(&d.dc).map(|t| t.values().sum::<u64>()).unwrap_or(0);
+        prop_assert!(own_sold + own_out <= own_in, "{}: own allowance overdrawn: {inv:?}", d.dc);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Any interleaving of local writes and partial, duplicated, reordered deliveries
+    /// converges to one state once everything is delivered, and no view ever oversells.
+    #[test]
+    fn dcs_converge_and_never_oversell(ops in proptest::collection::vec(op(), 1..120)) {
+        let mut dcs: Vec<MemState> = DCS.iter().map(|d| MemState::new(d)).collect();
+        apply(&mut dcs[0], &session("dc1", "t0"));
+        for (step, op) in ops.iter().enumerate() {
+            run(&mut dcs, op, step + 1);
+            for d in &dcs {
+                check_no_oversell(d)?;
+            }
+        }
+        sync_all(&mut dcs);
+        prop_assert_eq!(dcs[0].entities(), dcs[1].entities());
+        prop_assert_eq!(dcs[1].entities(), dcs[2].entities());
+        for d in &dcs {
+            check_no_oversell(d)?;
+            // After convergence, at most one live order per (session, key).
+            let mut live_keys: Vec<_> = d.orders.values().filter(|o| o.status == OrderStatus::Placed).filter_map(|o| o.idempotency_key.clone()).collect();
+            let n = live_keys.len();
+            live_keys.sort();
+            live_keys.dedup();
+            prop_assert_eq!(n, live_keys.len(), "duplicate live orders for one key in {}", d.dc);
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! The receiving side of cross-DC traffic. Everything is checked against the cluster
+//! file first: the sender must be a node of another DC, and may only speak for its own
+//! DC. Anything else is refused and logged, never applied.
+
+use crate::domain::{Command, Outcome, Rejection, Request};
+use crate::error::NodeError;
+use crate::node::Node;
+use crate::raft::NodeId;
+use crate::transport::message::{ProbeAck, ReplicateAck};
+use crate::transport::{PeerRequest, PeerResponse};
+
+/// The sender's DC, if it is a known node of another DC.
+fn remote_dc(node: &Node, from: NodeId) -> Option<String> {
+    node.config.node_by_id(from).map(|n| n.dc).filter(|dc| *dc != node.info.dc)
+}
+
+/// Handles a request from a node of another DC.
+pub async fn handle(node: &Node, from: NodeId, req: PeerRequest) -> PeerResponse {
+    let Some(sender_dc) = remote_dc(node, from) else {
+        tracing::warn!(from, "cross-DC request from an unknown node refused");
+        return PeerResponse::Refused(format!("unknown node {from}"));
+    };
+    match req {
+        PeerRequest::Probe => PeerResponse::Probe(probe_ack(node)),
+        PeerRequest::Replicate { origin, events } if origin == sender_dc => {
+            if let Some(max) = events.iter().map(|e| e.hlc).max() {
+                node.hlc.observe(max);
+            }
+            PeerResponse::Replicate(apply(node, Command::ApplyRemote { origin, events }).await)
+        }
+        PeerRequest::InstallRemote { origin, upto, changes } if origin == sender_dc => {
+            tracing::warn!(%origin, upto, changes = changes.len(), "installing a snapshot of another DC's state");
+            PeerResponse::Replicate(apply(node, Command::InstallRemote { origin, upto, changes }).await)
+        }
+        PeerRequest::AskStock { sku, want } => PeerResponse::Granted(crate::replication::rebalance::grant(node, &sku, want, &sender_dc).await),
+        // A cancel for one of our orders, forwarded by the DC that received it.
+        PeerRequest::Submit(req) if matches!(&req.cmd, Command::CancelOrder { dc, .. } if *dc == node.info.dc) => PeerResponse::Submit(node.submit(req).await),
+        other => {
+            tracing::warn!(from, %sender_dc, request = request_name(&other), "cross-DC request refused: sender does not own what it sends, or the request is not cross-DC");
+            PeerResponse::Refused(format!("{} from {sender_dc} refused", request_name(&other)))
+        }
+    }
+}
+
+pub fn probe_ack(node: &Node) -> ProbeAck {
+    let m = node.raft.metrics().borrow().clone();
+    ProbeAck { dc: node.info.dc.clone(), leader: m.current_leader, term: m.current_term }
+}
+
+/// Applies replicated data through this DC's Raft log, on its leader.
+async fn apply(node: &Node, cmd: Command) -> Result<ReplicateAck, NodeError> {
+    if !node.is_leader() {
+        return Err(NodeError::NotLeader(node.leader()));
+    }
+    match node.actors.submit(Request::new(cmd, None)).await? {
+        Outcome::Replicated { cursor } => Ok(ReplicateAck { cursor }),
+        Outcome::Rejected(Rejection::Invalid(m)) => {
+            tracing::warn!(reason = %m, "replicated batch rejected");
+            Err(NodeError::BadRequest(m))
+        }
+        other => Err(NodeError::Internal(format!("unexpected outcome {other:?}"))),
+    }
+}
+
+fn request_name(r: &PeerRequest) -> &'static str {
+    match r {
+        PeerRequest::AppendEntries(_) => "append_entries",
+        PeerRequest::Vote(_) => "vote",
+        PeerRequest::InstallSnapshot(_) => "install_snapshot",
+        PeerRequest::Submit(_) => "submit",
+        PeerRequest::ReadIndex => "read_index",
+        PeerRequest::Membership(_) => "membership",
+        PeerRequest::Replicate { .. } => "replicate",
+        PeerRequest::InstallRemote { .. } => "install_remote",
+        PeerRequest::Probe => "probe",
+        PeerRequest::AskStock { .. } => "ask_stock",
+    }
+}

@@ -1,0 +1,128 @@
+//! The leader's side: ship our outbox to every other DC, and trim what all have applied.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::domain::{Command, Outcome, Request};
+use crate::error::NodeError;
+use crate::hlc;
+use crate::node::Node;
+use crate::raft::NodeId;
+use crate::transport::message::ReplicateAck;
+use crate::transport::{PeerRequest, PeerResponse};
+
+/// Streams our events to `dc` while this node leads its DC.
+pub async fn ship_loop(node: Arc<Node>, dc: String) {
+    let interval = Duration::from_millis(node.config.replication.probe_interval_ms);
+    let mut metrics = node.raft.metrics();
+    loop {
+        if !node.is_leader() {
+            // A new leader learns the remote cursor afresh.
+            node.links.update(&dc, |l| l.acked = None);
+            let _ = tokio::time::timeout(interval, metrics.changed()).await;
+            continue;
+        }
+        match ship_once(&node, &dc).await {
+            Ok(true) => {}
+            // Caught up: wait for new applied entries, or send an empty batch as heartbeat.
+            Ok(false) => {
+                let _ = tokio::time::timeout(interval, metrics.changed()).await;
+            }
+            Err(e) => {
+                tracing::debug!(%dc, error = %e, "replication batch failed");
+                tokio::time::sleep(interval).await;
+            }
+        }
+    }
+}
+
+/// Sends one batch (or a snapshot, or an empty probe); returns whether more is waiting.
+async fn ship_once(node: &Node, dc: &str) -> Result<bool, NodeError> {
+    let sm = &node.sm;
+    let out_seq = sm.out_seq();
+    let acked = node.links.get(dc).acked;
+    let floor = sm.outbox_floor();
+    let me = node.info.dc.clone();
+    let ack = match acked {
+        Some(a) if a + 1 < floor => {
+            // Fell past the outbox cap: install our owned state as of `out_seq` (read
+            // before the state, so the state covers every event up to it).
+            tracing::warn!(%dc, acked = a, floor, "peer DC behind the outbox cap; catching it up from a snapshot");
+            let changes = sm.owned_state();
+            node.links.update(dc, |l| l.snapshot_catchups += 1);
+            send_to_dc(node, dc, || PeerRequest::InstallRemote { origin: me.clone(), upto: out_seq, changes: changes.clone() }).await?
+        }
+        Some(a) => {
+            let events = sm.outbox(a + 1, node.config.replication.batch_len_max);
+            send_to_dc(node, dc, || PeerRequest::Replicate { origin: me.clone(), events: events.clone() }).await?
+        }
+        // Unknown cursor (new leader): an empty batch asks for it.
+        None => send_to_dc(node, dc, || PeerRequest::Replicate { origin: me.clone(), events: Vec::new() }).await?,
+    };
+    let oldest_unacked = sm.outbox(ack.cursor + 1, 1).first().map(|e| hlc::age_ms(e.hlc)).unwrap_or(0);
+    node.links.update(dc, |l| {
+        l.acked = Some(ack.cursor);
+        l.last_contact = Some(Instant::now());
+        l.lag_events = out_seq.saturating_sub(ack.cursor);
+        l.lag_ms = oldest_unacked;
+    });
+    node.metrics.replication_lag_events.with_label_values(&[dc]).set(out_seq.saturating_sub(ack.cursor) as i64);
+    node.metrics.replication_lag_ms.with_label_values(&[dc]).set(oldest_unacked as i64);
+    Ok(ack.cursor < out_seq)
+}
+
+/// Sends to `dc`'s leader: the one we last heard of first, then whoever it names, then
+/// every node in turn.
+async fn send_to_dc(node: &Node, dc: &str, make: impl Fn() -> PeerRequest) -> Result<ReplicateAck, NodeError> {
+    let mut targets: Vec<NodeId> = node.config.dc_nodes(dc).iter().map(|n| n.id).collect();
+    if let Some(l) = node.links.get(dc).remote_leader {
+        targets.retain(|t| *t != l);
+        targets.insert(0, l);
+    }
+    let mut last = NodeError::Unreachable(dc.to_string());
+    let mut tried = Vec::new();
+    while let Some(target) = targets.first().copied() {
+        targets.remove(0);
+        tried.push(target);
+        match node.peers.call(target, make(), None).await {
+            Ok(PeerResponse::Replicate(Ok(ack))) => {
+                node.links.update(dc, |l| l.remote_leader = Some(target));
+                return Ok(ack);
+            }
+            Ok(PeerResponse::Replicate(Err(NodeError::NotLeader(Some(l))))) if !tried.contains(&l) => {
+                node.links.update(dc, |link| link.remote_leader = Some(l));
+                targets.insert(0, l);
+            }
+            Ok(PeerResponse::Replicate(Err(e))) => last = e,
+            Ok(other) => last = NodeError::Internal(format!("unexpected answer to replication: {other:?}")),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// While leader, drops outbox events every DC has applied, and any beyond the cap.
+pub async fn trim_loop(node: Arc<Node>) {
+    let interval = Duration::from_millis(node.config.replication.probe_interval_ms * 4);
+    loop {
+        tokio::time::sleep(interval).await;
+        if !node.is_leader() {
+            continue;
+        }
+        let Some(upto) = trim_point(&node) else { continue };
+        let req = Request::new(Command::TrimOutbox { upto }, None);
+        match node.actors.submit(req).await {
+            Ok(Outcome::Trimmed) => tracing::debug!(upto, "outbox trimmed"),
+            other => tracing::debug!(?other, "outbox trim failed"),
+        }
+    }
+}
+
+fn trim_point(node: &Node) -> Option<u64> {
+    let links = node.links.all();
+    let acked: Option<Vec<u64>> = links.values().map(|l| l.acked).collect();
+    let all_applied = acked.and_then(|a| a.into_iter().min()).unwrap_or(0);
+    let over_cap = node.sm.out_seq().saturating_sub(node.config.replication.outbox_len_max);
+    let upto = all_applied.max(over_cap);
+    (upto >= node.sm.outbox_floor()).then_some(upto)
+}

@@ -270,6 +270,7 @@ async fn netns_backend_end_to_end_with_partition() {
         .await;
     l.must_all_healthy(Duration::from_secs(30)).await;
 
+    must_dc_cut_and_heal(&l).await;
     check_latency(&l).await;
 
     // A crash (every node SIGKILLed, namespaces left behind): the next `up` cleans up first.
@@ -286,6 +287,23 @@ async fn netns_backend_end_to_end_with_partition() {
     l.must_all_healthy(Duration::from_secs(30)).await;
     must_down(&l);
     assert!(netns_leftovers(&l).is_empty(), "left behind: {:?}", netns_leftovers(&l));
+}
+
+/// A session written in `from` reaches `to` by cross-DC replication (over the WAN).
+async fn must_replicate(l: &Launched, token: &str, to: &str) {
+    must_eventually(Duration::from_secs(20), &format!("the session to replicate to {to}"), || async { l.has_session_locally(to, token).await.then_some(()) })
+        .await;
+}
+
+/// `partition dc1` cuts dc1 off from the other DCs: a write in dc2 still reaches dc3 but
+/// not dc1, until `heal`.
+async fn must_dc_cut_and_heal(l: &Launched) {
+    l.must(&["partition", "dc1"]);
+    let token = l.must_session("dc2-n1", "erin").await;
+    must_replicate(l, &token, "dc3-n1").await;
+    assert!(!l.has_session_locally("dc1-n1", &token).await, "dc1 is cut off from dc2");
+    l.must(&["heal"]);
+    must_replicate(l, &token, "dc1-n1").await;
 }
 
 /// With netem in the kernel, `latency` delays traffic between DCs; without it, the
@@ -335,6 +353,9 @@ async fn docker_backend_end_to_end() {
     let l = Launched::new();
     up_write_kill_restart(&l, &["up", "--backend", "docker"]).await;
     assert_eq!(docker_objects(&l).len(), 9 + 4, "9 containers, 3 DC networks and the WAN network");
+    // Docker keeps its networks apart: only the launcher's routes over the WAN network carry this.
+    let token = l.must_session("dc1-n1", "frank").await;
+    must_replicate(&l, &token, "dc3-n2").await;
 
     // Partitions work on containers too: the isolated leader's DC moves on without it.
     let old = l.must_dc1_leader().await;

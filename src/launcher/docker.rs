@@ -34,6 +34,61 @@ pub fn wan_subnet() -> (String, String) {
     (format!("{NET_A}.{NET_B}.0.0/24"), format!("{NET_A}.{NET_B}.0.254"))
 }
 
+/// `docker compose` (plugin) where it exists, else the standalone `docker-compose`.
+pub fn compose_command() -> Command {
+    let plugin = Command::new("docker").args(["compose", "version"]).output().is_ok_and(|o| o.status.success());
+    if plugin {
+        let mut c = Command::new("docker");
+        c.arg("compose");
+        c
+    } else {
+        Command::new("docker-compose")
+    }
+}
+
+fn container_pid(container: &str) -> Result<i32> {
+    let out = exec_args(&["docker", "inspect", "-f", "{{.State.Pid}}", container])?;
+    let pid: i32 = out.trim().parse().context("parse container pid")?;
+    if pid == 0 {
+        bail!("container {container} is not running");
+    }
+    Ok(pid)
+}
+
+/// Gives the node (container init `pid`) a /32 route to every node of the other DCs via
+/// that node's WAN address.
+fn route_wan(cfg: &ClusterConfig, node: &str, pid: i32) -> Result<()> {
+    let me = cfg.node(node).context("node")?;
+    let mut batch = String::new();
+    for peer in cfg.nodes().into_iter().filter(|n| n.dc != me.dc) {
+        let via = wan_ip(cfg, &peer.name).context("wan address")?;
+        batch += &format!("route replace {}/32 via {via}\n", peer.http.ip());
+    }
+    exec_stdin(Command::new("nsenter").args(["-t", &pid.to_string(), "-n", "ip", "-batch", "-"]), &batch)
+        .with_context(|| format!("route {node}'s traffic between DCs"))
+        .map(|_| ())
+}
+
+#[derive(clap::Args)]
+pub struct WanRoutesArgs {
+    /// Cluster file of the compose file's containers (default: the embedded topology, on the docker plan).
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+}
+
+/// `agora cluster wan-routes`: the routes between DCs for the containers of a plain
+/// `docker compose -f cluster/docker-compose.yml up`, which docker alone cannot set.
+pub fn wan_routes(a: &WanRoutesArgs) -> Result<()> {
+    super::netns::must_be_root("docker")?;
+    let cfg = readdress(&ClusterConfig::load(a.config.as_deref())?, NET_A, NET_B)?;
+    for node in cfg.node_names() {
+        let container = manifests::standalone_container(&node);
+        route_wan(&cfg, &node, container_pid(&container)?)?;
+    }
+    println!("routes between DCs set on {} containers", cfg.nodes().len());
+    Ok(())
+}
+
 pub struct Docker {
     project: String,
 }
@@ -51,42 +106,25 @@ impl Docker {
         st.root.join("docker-compose.yml")
     }
 
-    /// `docker compose` (plugin) where it exists, else the standalone `docker-compose`.
     fn compose(&self, st: &StateDir) -> Command {
-        let plugin = Command::new("docker").args(["compose", "version"]).output().is_ok_and(|o| o.status.success());
-        let mut cmd = if plugin {
-            let mut c = Command::new("docker");
-            c.arg("compose");
-            c
-        } else {
-            Command::new("docker-compose")
-        };
+        let mut cmd = compose_command();
         cmd.arg("-p").arg(&self.project).arg("-f").arg(Self::compose_file(st));
         cmd
     }
 
-    fn container_pid(&self, node: &str) -> Result<i32> {
-        let out = exec_args(&["docker", "inspect", "-f", "{{.State.Pid}}", &self.container(node)])?;
-        let pid: i32 = out.trim().parse().context("parse container pid")?;
-        if pid == 0 {
-            bail!("{node}'s container is not running");
-        }
-        Ok(pid)
-    }
-
-    /// Records the container's pid and routes its traffic to other DCs over the WAN.
+    /// Records the container's pid and routes its traffic to other DCs over the WAN. Right
+    /// after `docker start` the init may still be runc's, not agora: wait for the exec.
     fn adopt(&self, st: &StateDir, cfg: &ClusterConfig, node: &str) -> Result<()> {
-        let pid = self.container_pid(node)?;
+        let pid = container_pid(&self.container(node))?;
         st.write_pid(node, pid)?;
-        let me = cfg.node(node).context("node")?;
-        let mut batch = String::new();
-        for peer in cfg.nodes().into_iter().filter(|n| n.dc != me.dc) {
-            let via = wan_ip(cfg, &peer.name).context("wan address")?;
-            batch += &format!("route replace {}/32 via {via}\n", peer.http.ip());
+        let start = std::time::Instant::now();
+        while st.live_pid(node).is_none() {
+            if !super::state::pid_alive(pid) || start.elapsed() > std::time::Duration::from_secs(10) {
+                bail!("{node}'s container did not start agora; see `agora cluster logs {node}`");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        exec_stdin(Command::new("nsenter").args(["-t", &pid.to_string(), "-n", "ip", "-batch", "-"]), &batch)
-            .with_context(|| format!("route {node}'s traffic between DCs"))
-            .map(|_| ())
+        route_wan(cfg, node, pid)
     }
 
     /// Docker notices a killed container's exit a little after the process is gone, and

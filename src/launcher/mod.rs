@@ -118,6 +118,8 @@ pub enum ClusterCmd {
     K8s(manifests::K8sArgs),
     /// Write a docker compose file for a cluster file.
     Compose(manifests::ComposeArgs),
+    /// Route traffic between DCs for the containers of `docker compose -f cluster/docker-compose.yml up`.
+    WanRoutes(docker::WanRoutesArgs),
 }
 
 /// What differs between backends; the commands in this module are written once on top.
@@ -316,6 +318,7 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
         ClusterCmd::Up(a) => up(st, a).await,
         ClusterCmd::K8s(a) => manifests::write_k8s(&a),
         ClusterCmd::Compose(a) => manifests::write_compose(&a),
+        ClusterCmd::WanRoutes(a) => docker::wan_routes(&a),
         ClusterCmd::Down { wipe } => down(st, wipe),
         cmd => drive(Cluster::open(st)?, cmd).await,
     }
@@ -337,7 +340,9 @@ async fn drive(c: Cluster, cmd: ClusterCmd) -> Result<()> {
         ClusterCmd::Partition { targets } => partition(c, &targets)?,
         ClusterCmd::Heal => heal(c)?,
         ClusterCmd::Latency { ms } => latency(c, ms)?,
-        ClusterCmd::Up(_) | ClusterCmd::Down { .. } | ClusterCmd::K8s(_) | ClusterCmd::Compose(_) => unreachable!("handled in run"),
+        ClusterCmd::Up(_) | ClusterCmd::Down { .. } | ClusterCmd::K8s(_) | ClusterCmd::Compose(_) | ClusterCmd::WanRoutes(_) => {
+            unreachable!("handled in run")
+        }
     }
     Ok(())
 }

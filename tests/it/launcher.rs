@@ -368,6 +368,42 @@ async fn docker_backend_end_to_end() {
 
     must_down(&l);
     assert!(docker_objects(&l).is_empty(), "left behind: {:?}", docker_objects(&l));
+    standalone_compose_replicates_between_dcs(&l).await;
+}
+
+/// Runs `docker compose … down -v` on drop, so a failed check leaves no container behind.
+struct Compose(PathBuf);
+
+impl Compose {
+    fn run(&self, args: &[&str]) -> Output {
+        agora::launcher::docker::compose_command().arg("-f").arg(&self.0).args(args).output().expect("run docker compose")
+    }
+}
+
+impl Drop for Compose {
+    fn drop(&mut self) {
+        let _ = self.run(&["down", "-v"]);
+    }
+}
+
+/// README's way: `docker compose -f cluster/docker-compose.yml up -d`, then
+/// `agora cluster wan-routes`; a session made in dc1 reaches dc2.
+async fn standalone_compose_replicates_between_dcs(l: &Launched) {
+    let compose = Compose(Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/docker-compose.yml"));
+    let out = compose.run(&["up", "-d"]);
+    assert!(out.status.success(), "compose up: {}", String::from_utf8_lossy(&out.stderr));
+    l.must(&["wan-routes"]);
+    let url = "http://10.78.1.1:8080/v1/sessions";
+    let token = must_eventually(Duration::from_secs(30), "a session in the compose cluster", || async {
+        let (code, v) = l.call(reqwest::Method::POST, url.into(), Some(json!({"user": "gina"}))).await;
+        (code == 201).then(|| v["token"].as_str().expect("token").to_string())
+    })
+    .await;
+    must_eventually(Duration::from_secs(20), "the session to reach dc2 over the WAN network", || async {
+        let url = format!("http://10.78.2.2:8080/v1/sessions/{token}?consistency=stale");
+        (l.call(reqwest::Method::GET, url, None).await.0 == 200).then_some(())
+    })
+    .await;
 }
 
 /// The committed deployment files are what the generators make from the cluster files,

@@ -15,6 +15,7 @@
 //! - [`node`]: wiring of one node, and the write/read paths (forwarding, read index).
 //! - [`api`]: HTTP routes, validation, the error-to-status map, metrics.
 //! - [`bench`]: the HTTP load generator behind `agora bench`.
+//! - [`launcher`]: `agora cluster …`, the local multi-DC launcher (process, netns, docker).
 
 pub mod actors;
 pub mod api;
@@ -26,6 +27,7 @@ pub mod dns;
 pub mod domain;
 pub mod error;
 pub mod hlc;
+pub mod launcher;
 pub mod metrics;
 pub mod node;
 pub mod raft;

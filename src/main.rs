@@ -1,4 +1,4 @@
-//! The `agora` binary: `node` runs one node, `bench` loads a running cluster.
+//! The `agora` binary: `node` runs one node, `cluster` launches a local cluster, `bench` loads one.
 
 use std::path::PathBuf;
 
@@ -21,6 +21,8 @@ enum Cmd {
     Node(NodeArgs),
     /// Load a running cluster's HTTP API and report throughput and latency.
     Bench(agora::bench::BenchArgs),
+    /// Launch and drive a whole local cluster (processes, network namespaces or docker).
+    Cluster(agora::launcher::ClusterArgs),
     /// Check a cluster file and print its nodes.
     Config {
         /// Cluster file (default: the embedded 3 DC × 3 node topology).
@@ -94,6 +96,7 @@ async fn main() {
         Cmd::Node(a) => run_node(a).await,
         Cmd::Bench(a) => agora::bench::run(a).await,
         Cmd::Config { config } => show_config(config),
+        Cmd::Cluster(a) => agora::launcher::run(a).await,
     };
     if let Err(e) = r {
         eprintln!("agora: {e:#}");

@@ -4,6 +4,7 @@ mod bad_input;
 mod dc;
 mod dns;
 mod harness;
+mod launcher;
 mod multi_dc;
 mod peer_input;
 mod shop;

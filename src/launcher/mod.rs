@@ -1,0 +1,561 @@
+//! `agora cluster …`: launch a whole multi-DC cluster on this machine and drive it.
+//!
+//! - [`state`]: the state dir (`.agora/`): effective config, metadata, pid files, logs, data.
+//! - [`process`]: nodes as local processes on 127.x addresses.
+//! - [`netns`]: one network namespace per node, a bridge per DC, routers and a WAN bridge.
+//! - [`docker`]: containers from a `FROM scratch` image, a network per DC plus a WAN network.
+//! - [`table`]: node status from the HTTP API, the status table.
+//! - [`partition`]: partitions (iptables DROP) and WAN latency (tc netem).
+//! - [`manifests`]: docker compose and Kubernetes files generated from a cluster file.
+//!
+//! Nodes are always found through their pid files, never by process name, so two clusters
+//! (two state dirs) on one machine never touch each other.
+
+pub mod docker;
+pub mod manifests;
+pub mod netns;
+pub mod partition;
+pub mod process;
+pub mod state;
+pub mod table;
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ClusterConfig, NodeInfo};
+use state::{Meta, StateDir};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Local processes on the config's loopback IPs.
+    Process,
+    /// One Linux network namespace per node (root), IPs 10.77.<dc>.<n>.
+    Netns,
+    /// One container per node (docker engine), IPs 10.78.<dc>.<n>.
+    Docker,
+}
+
+#[derive(clap::Args)]
+pub struct ClusterArgs {
+    /// State directory for data dirs, logs and pid files [default: $AGORA_STATE_DIR, else .agora]
+    #[arg(long, global = true)]
+    pub state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub cmd: ClusterCmd,
+}
+
+#[derive(clap::Args)]
+pub struct UpArgs {
+    /// Cluster file (default: the embedded 3 DC × 3 node topology).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "process")]
+    pub backend: Backend,
+    /// Delete data dirs and logs of a previous run first.
+    #[arg(long)]
+    pub wipe: bool,
+    /// One-way delay between DCs, in ms (netns and docker backends).
+    #[arg(long, value_name = "MS")]
+    pub wan_latency: Option<u64>,
+    /// How long to wait for every node to answer and every DC to elect a leader.
+    #[arg(long, default_value_t = 90)]
+    pub timeout_s: u64,
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    /// Start every node of the topology and wait for a leader in each DC.
+    Up(UpArgs),
+    /// Stop every node and remove the namespaces, links, rules, containers and networks made by `up`.
+    Down {
+        /// Also delete data dirs and logs.
+        #[arg(long)]
+        wipe: bool,
+    },
+    /// Live table from the nodes: role, term, commit index, health.
+    Status {
+        /// Print JSON (one object per node) instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// SIGKILL a node (by its pid file).
+    Kill { node: String },
+    /// Stop a node if it runs, then start it again on the same data dir.
+    Restart { node: String },
+    /// SIGSTOP a node.
+    Pause { node: String },
+    /// SIGCONT a paused node.
+    Resume { node: String },
+    /// Print a node's log.
+    Logs {
+        node: String,
+        /// Keep printing what the node logs.
+        #[arg(short, long)]
+        follow: bool,
+        /// How many lines of the end of the log to print first.
+        #[arg(short = 'n', long, default_value_t = 50)]
+        lines: usize,
+    },
+    /// Drop packets between nodes or DCs (netns and docker backends).
+    #[command(long_about = partition::PARTITION_HELP)]
+    Partition {
+        /// Node or DC names, or comma-separated lists of them: one group each.
+        #[arg(required = true, value_name = "TARGET")]
+        targets: Vec<String>,
+    },
+    /// Remove every partition.
+    Heal,
+    /// Set the one-way delay between DCs with tc netem, in ms (0 removes it; the kernel needs sch_netem).
+    Latency { ms: u64 },
+    /// Write Kubernetes manifests (StatefulSet, headless Service, ConfigMap per DC).
+    K8s(manifests::K8sArgs),
+    /// Write a docker compose file for a cluster file.
+    Compose(manifests::ComposeArgs),
+    /// Route traffic between DCs for the containers of `docker compose -f cluster/docker-compose.yml up`.
+    WanRoutes(docker::WanRoutesArgs),
+}
+
+/// What differs between backends; the commands in this module are written once on top.
+pub trait Runtime {
+    /// The config the nodes run with: the user's, or a copy on addresses of this backend.
+    fn derive_config(&self, user: &ClusterConfig) -> Result<ClusterConfig> {
+        Ok(user.clone())
+    }
+    /// Fails, changing nothing, if the cluster cannot start here (port or subnet taken).
+    fn check_free(&self, cfg: &ClusterConfig) -> Result<()>;
+    /// Creates networks (namespaces, bridges, docker networks) before the nodes start.
+    fn create(&self, _st: &StateDir, _cfg: &ClusterConfig, _meta: &Meta) -> Result<()> {
+        Ok(())
+    }
+    fn start_all(&self, st: &StateDir, cfg: &ClusterConfig) -> Result<()> {
+        cfg.node_names().iter().try_for_each(|n| self.start(st, cfg, n))
+    }
+    /// Starts one node and writes its pid file.
+    fn start(&self, st: &StateDir, cfg: &ClusterConfig, node: &str) -> Result<()>;
+    /// Removes everything `create` and `start` made, leftovers of a crash included.
+    fn destroy(&self, st: &StateDir) -> Result<()>;
+    /// Fails if this backend cannot cut or delay traffic between nodes.
+    fn supports_faults(&self) -> Result<()> {
+        Ok(())
+    }
+    /// The command prefix that runs a program in the node's network namespace.
+    fn net_prefix(&self, st: &StateDir, node: &str) -> Result<Vec<String>>;
+    /// Every address of the node, which a partition drops.
+    fn node_addrs(&self, cfg: &ClusterConfig, node: &str) -> Vec<IpAddr> {
+        cfg.node(node).map(|n| vec![n.http.ip()]).unwrap_or_default()
+    }
+    fn set_latency(&self, st: &StateDir, cfg: &ClusterConfig, ms: u64) -> Result<()>;
+    fn tail_log(&self, st: &StateDir, node: &str, lines: usize) -> String {
+        st.tail_log(node, lines)
+    }
+    fn print_log(&self, st: &StateDir, node: &str, lines: usize, follow: bool) -> Result<()> {
+        st.print_log(node, lines, follow)
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            Backend::Process => "process",
+            Backend::Netns => "netns",
+            Backend::Docker => "docker",
+        };
+        f.write_str(name)
+    }
+}
+
+pub fn runtime(backend: Backend, st: &StateDir) -> Box<dyn Runtime> {
+    match backend {
+        Backend::Process => Box::new(process::Process),
+        Backend::Netns => Box::new(netns::Netns::new(st)),
+        Backend::Docker => Box::new(docker::Docker::new(st)),
+    }
+}
+
+/// A cluster recorded in a state dir: the commands other than `up` work on this.
+struct Cluster {
+    st: StateDir,
+    cfg: ClusterConfig,
+    meta: Meta,
+    rt: Box<dyn Runtime>,
+}
+
+impl Cluster {
+    fn open(st: StateDir) -> Result<Cluster> {
+        let meta = st.must_meta()?;
+        let cfg = ClusterConfig::load(Some(&st.config_path())).context("load the cluster's config from the state dir")?;
+        let rt = runtime(meta.backend, &st);
+        Ok(Cluster { st, cfg, meta, rt })
+    }
+
+    /// The node, or an error listing the valid names.
+    fn node(&self, name: &str) -> Result<NodeInfo> {
+        self.cfg.node(name).ok_or_else(|| anyhow::anyhow!("unknown node '{name}'; valid nodes: {}", self.cfg.node_names().join(", ")))
+    }
+
+    fn live_pid(&self, name: &str) -> Result<i32> {
+        self.node(name)?;
+        self.st.live_pid(name).ok_or_else(|| anyhow::anyhow!("{name} is not running"))
+    }
+
+    fn live_nodes(&self) -> Vec<String> {
+        self.cfg.node_names().into_iter().filter(|n| self.st.live_pid(n).is_some()).collect()
+    }
+
+    /// Starts a node, then re-applies the faults that concern it (a container's network
+    /// namespace is new after a restart).
+    fn start_node(&self, name: &str) -> Result<()> {
+        self.rt.start(&self.st, &self.cfg, name)?;
+        if self.meta.wan_latency_ms > 0 {
+            self.rt.set_latency(&self.st, &self.cfg, self.meta.wan_latency_ms)?;
+        }
+        if !self.meta.cuts.is_empty() {
+            self.apply_cuts(name, &self.rt.net_prefix(&self.st, name)?)?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the node's drop rules with those of the current cuts.
+    fn apply_cuts(&self, name: &str, prefix: &[String]) -> Result<()> {
+        let addrs: Vec<IpAddr> = partition::cut_peers(&self.meta.cuts, name).flat_map(|peer| self.rt.node_addrs(&self.cfg, peer)).collect();
+        partition::load_filter(prefix, &partition::filter_table(&addrs)).with_context(|| format!("set partition rules of {name}"))
+    }
+
+    /// Rules for every node whose network namespace exists now; a stopped container gets
+    /// its rules when it starts again.
+    fn apply_all_cuts(&self) -> Result<()> {
+        for name in self.cfg.node_names() {
+            if let Ok(prefix) = self.rt.net_prefix(&self.st, &name) {
+                self.apply_cuts(&name, &prefix)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every node (SIGTERM, then SIGKILL), removes what the backend made, forgets the run.
+    fn teardown(&self) -> Result<()> {
+        for name in self.cfg.node_names() {
+            if let Some(pid) = self.st.live_pid(&name) {
+                state::stop_pid(pid, Duration::from_secs(5)).with_context(|| format!("stop {name}"))?;
+            }
+        }
+        self.rt.destroy(&self.st)?;
+        self.st.clear_run()
+    }
+
+    async fn views(&self) -> Vec<table::NodeView> {
+        table::collect(&table::http_client(), &self.st, &self.cfg).await
+    }
+
+    /// Polls until every node answers and every DC has a leader, or fails with the log of
+    /// the first node that died.
+    async fn wait_ready(&self, deadline: Duration, nodes: &[String]) -> Result<()> {
+        let http = table::http_client();
+        let bar = progress(nodes.len() as u64);
+        let start = Instant::now();
+        loop {
+            self.check_alive(nodes)?;
+            let views = table::collect(&http, &self.st, &self.cfg).await;
+            // Ready: every node answers and knows its leader, and each DC agrees on one.
+            let healthy = views.iter().filter(|v| nodes.contains(&v.node) && v.healthy()).count();
+            let leaders = table::dcs_with_leader(&views).len();
+            bar.set_position(healthy as u64);
+            bar.set_message(format!("nodes up with a leader; {leaders} of {} DCs have elected one", self.cfg.dcs.len()));
+            if healthy == nodes.len() && leaders == self.cfg.dcs.len() {
+                bar.finish_and_clear();
+                return Ok(());
+            }
+            if start.elapsed() > deadline {
+                bar.abandon();
+                bail!("timed out after {deadline:?}: {}", table::summary(&views, self.cfg.dcs.len()));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn check_alive(&self, nodes: &[String]) -> Result<()> {
+        for name in nodes {
+            if self.st.live_pid(name).is_none() {
+                let tail = self.rt.tail_log(&self.st, name, 20);
+                bail!("{name} exited during start-up; last lines of its log:\n{tail}");
+            }
+        }
+        Ok(())
+    }
+
+    async fn print_status(&self) {
+        let views = self.views().await;
+        print!("{}", table::render(&views));
+        println!("{}", table::summary(&views, self.cfg.dcs.len()));
+        if !self.meta.cuts.is_empty() {
+            println!("partitioned: {} node pairs cut (`agora cluster heal` removes them)", self.meta.cuts.len());
+        }
+        if self.meta.wan_latency_ms > 0 {
+            println!("wan latency: {} ms one way", self.meta.wan_latency_ms);
+        }
+    }
+}
+
+/// Progress on stderr; indicatif draws nothing when stderr is not a terminal.
+fn progress(len: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    let style = indicatif::ProgressStyle::with_template("{spinner} {pos}/{len} {msg} [{elapsed}]").expect("valid progress template");
+    bar.set_style(style);
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+pub async fn run(args: ClusterArgs) -> Result<()> {
+    let st = StateDir::resolve(args.state_dir)?;
+    match args.cmd {
+        ClusterCmd::Up(a) => up(st, a).await,
+        ClusterCmd::K8s(a) => manifests::write_k8s(&a),
+        ClusterCmd::Compose(a) => manifests::write_compose(&a),
+        ClusterCmd::WanRoutes(a) => docker::wan_routes(&a),
+        ClusterCmd::Down { wipe } => down(st, wipe),
+        cmd => drive(Cluster::open(st)?, cmd).await,
+    }
+}
+
+/// The commands that act on a cluster that `up` started.
+async fn drive(c: Cluster, cmd: ClusterCmd) -> Result<()> {
+    match cmd {
+        ClusterCmd::Status { json } if json => println!("{}", serde_json::to_string_pretty(&c.views().await)?),
+        ClusterCmd::Status { .. } => c.print_status().await,
+        ClusterCmd::Kill { node } => signal_node(&c, &node, libc::SIGKILL)?,
+        ClusterCmd::Pause { node } => signal_node(&c, &node, libc::SIGSTOP)?,
+        ClusterCmd::Resume { node } => signal_node(&c, &node, libc::SIGCONT)?,
+        ClusterCmd::Restart { node } => restart(&c, &node).await?,
+        ClusterCmd::Logs { node, follow, lines } => {
+            c.node(&node)?;
+            c.rt.print_log(&c.st, &node, lines, follow)?;
+        }
+        ClusterCmd::Partition { targets } => partition(c, &targets)?,
+        ClusterCmd::Heal => heal(c)?,
+        ClusterCmd::Latency { ms } => latency(c, ms)?,
+        ClusterCmd::Up(_) | ClusterCmd::Down { .. } | ClusterCmd::K8s(_) | ClusterCmd::Compose(_) | ClusterCmd::WanRoutes(_) => {
+            unreachable!("handled in run")
+        }
+    }
+    Ok(())
+}
+
+async fn up(st: StateDir, a: UpArgs) -> Result<()> {
+    if let Some(meta) = st.read_meta()? {
+        if !clean_leftovers(&st, meta)? {
+            return Ok(());
+        }
+    }
+    let rt = runtime(a.backend, &st);
+    let cfg = rt.derive_config(&ClusterConfig::load(a.config.as_deref())?)?;
+    if a.wan_latency.is_some_and(|ms| ms > 0) {
+        rt.supports_faults()?;
+    }
+    rt.check_free(&cfg)?;
+    if a.wipe {
+        st.wipe()?;
+    }
+    st.create_dirs()?;
+    std::fs::write(st.config_path(), toml::to_string(&cfg).context("serialize config")?).context("write cluster.toml")?;
+    let meta = Meta { backend: a.backend, wan_latency_ms: a.wan_latency.unwrap_or(0), cuts: BTreeSet::new() };
+    // Written before anything is created: from here on, a crash is cleaned by the next `up`.
+    st.write_meta(&meta)?;
+    let c = Cluster { st, cfg, meta, rt };
+    if let Err(e) = start_cluster(&c, Duration::from_secs(a.timeout_s)).await {
+        eprintln!("agora: start failed, stopping what was started (logs are kept in {})", c.st.root.join("logs").display());
+        if let Err(t) = c.teardown() {
+            eprintln!("agora: clean-up after the failed start: {t:#}");
+        }
+        return Err(e);
+    }
+    println!("cluster up: {} nodes in {} DCs ({} backend, state in {})", c.cfg.nodes().len(), c.cfg.dcs.len(), c.meta.backend, c.st.root.display());
+    c.print_status().await;
+    print!("{}", table::hints(&c.cfg));
+    Ok(())
+}
+
+/// With a previous run recorded: says so and returns false if any of its nodes still
+/// runs; otherwise removes its leftovers and returns true.
+fn clean_leftovers(st: &StateDir, meta: state::Meta) -> Result<bool> {
+    let backend = meta.backend;
+    let Ok(cfg) = ClusterConfig::load(Some(&st.config_path())) else {
+        // Crashed before the config was written: nothing of it can run.
+        runtime(backend, st).destroy(st)?;
+        st.clear_run()?;
+        return Ok(true);
+    };
+    let c = Cluster { st: st.clone(), cfg, meta, rt: runtime(backend, st) };
+    let live = c.live_nodes();
+    if !live.is_empty() {
+        println!(
+            "a cluster is already running in {} ({backend} backend, {} of {} nodes up): nothing started.\n\
+             See `agora cluster status`, or stop it with `agora cluster down`.",
+            st.root.display(),
+            live.len(),
+            c.cfg.nodes().len()
+        );
+        return Ok(false);
+    }
+    eprintln!("cleaning up the leftovers of a previous run ({backend} backend)");
+    c.teardown()?;
+    Ok(true)
+}
+
+async fn start_cluster(c: &Cluster, deadline: Duration) -> Result<()> {
+    eprintln!("creating the {} cluster …", c.meta.backend);
+    c.rt.create(&c.st, &c.cfg, &c.meta)?;
+    c.rt.start_all(&c.st, &c.cfg)?;
+    if c.meta.wan_latency_ms > 0 {
+        c.rt.set_latency(&c.st, &c.cfg, c.meta.wan_latency_ms)?;
+    }
+    eprintln!("started {} nodes; waiting for them to answer and for a leader in each DC …", c.cfg.nodes().len());
+    c.wait_ready(deadline, &c.cfg.node_names()).await
+}
+
+fn down(st: StateDir, wipe: bool) -> Result<()> {
+    match st.read_meta()? {
+        Some(meta) => {
+            let backend = meta.backend;
+            match Cluster::open(st.clone()) {
+                Ok(c) => c.teardown()?,
+                // No readable config: no node can have started; remove the networks.
+                Err(_) => {
+                    runtime(backend, &st).destroy(&st)?;
+                    st.clear_run()?;
+                }
+            }
+            println!("cluster in {} is down", st.root.display());
+        }
+        None => println!("no cluster running in {}", st.root.display()),
+    }
+    if wipe {
+        st.wipe()?;
+        println!("data and logs deleted");
+    }
+    Ok(())
+}
+
+fn signal_node(c: &Cluster, node: &str, sig: libc::c_int) -> Result<()> {
+    let pid = c.live_pid(node)?;
+    state::signal(pid, sig)?;
+    let what = match sig {
+        libc::SIGKILL => {
+            if !state::wait_gone(pid, Duration::from_secs(10)) {
+                bail!("{node} (pid {pid}) is still there 10 s after SIGKILL");
+            }
+            "killed"
+        }
+        libc::SIGSTOP => "paused",
+        _ => "resumed",
+    };
+    println!("{node} (pid {pid}) {what}");
+    Ok(())
+}
+
+async fn restart(c: &Cluster, node: &str) -> Result<()> {
+    c.node(node)?;
+    if let Some(pid) = c.st.live_pid(node) {
+        state::stop_pid(pid, Duration::from_secs(5)).with_context(|| format!("stop {node}"))?;
+    }
+    c.start_node(node)?;
+    let nodes = [node.to_string()];
+    // The node's DC may have no leader without it (two nodes down): wait only for it to answer.
+    let start = Instant::now();
+    let http = table::http_client();
+    loop {
+        c.check_alive(&nodes)?;
+        let info = c.node(node)?;
+        if http.get(format!("http://{}/healthz", info.http)).send().await.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("{node} did not answer within 30 s; see `agora cluster logs {node}`");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("{node} restarted (pid {})", c.st.read_pid(node).unwrap_or(0));
+    Ok(())
+}
+
+fn partition(mut c: Cluster, targets: &[String]) -> Result<()> {
+    let new = partition::cuts(&c.cfg, targets)?;
+    c.rt.supports_faults()?; // refuses on the process backend before anything changes
+    c.meta.cuts.extend(new);
+    c.st.write_meta(&c.meta)?;
+    c.apply_all_cuts()?;
+    println!("partitioned: {} node pairs cut", c.meta.cuts.len());
+    Ok(())
+}
+
+fn heal(mut c: Cluster) -> Result<()> {
+    c.rt.supports_faults()?;
+    c.meta.cuts.clear();
+    c.st.write_meta(&c.meta)?;
+    c.apply_all_cuts()?;
+    println!("healed: every node reaches every other node");
+    Ok(())
+}
+
+fn latency(mut c: Cluster, ms: u64) -> Result<()> {
+    c.rt.supports_faults()?;
+    c.rt.set_latency(&c.st, &c.cfg, ms)?;
+    c.meta.wan_latency_ms = ms;
+    c.st.write_meta(&c.meta)?;
+    println!("wan latency: {ms} ms one way between DCs");
+    Ok(())
+}
+
+/// Runs a command to completion; its stderr becomes the error.
+pub fn exec(cmd: &mut std::process::Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// [`exec`] of a command given as words.
+pub fn exec_args(args: &[&str]) -> Result<String> {
+    exec(std::process::Command::new(args[0]).args(&args[1..]))
+}
+
+/// The user's topology (same names, ids and ports) on `A.B.<dc>.<n>` addresses, with the
+/// matching /24 subnet per DC: the netns and docker backends cannot use 127.x, which is
+/// local to each namespace.
+pub fn readdress(user: &ClusterConfig, a: u8, b: u8) -> Result<ClusterConfig> {
+    let mut cfg = user.clone();
+    for (i, dc) in cfg.dcs.iter_mut().enumerate() {
+        let d = u8::try_from(i + 1).ok().filter(|d| *d < 250).context("too many DCs for this backend's address plan")?;
+        dc.subnet = Some(format!("{a}.{b}.{d}.0/24"));
+        for (j, n) in dc.nodes.iter_mut().enumerate() {
+            n.ip = IpAddr::V4(std::net::Ipv4Addr::new(a, b, d, j as u8 + 1));
+        }
+    }
+    cfg.validate().context("readdressed config")?;
+    Ok(cfg)
+}
+
+/// 1-based positions of a node: its DC's and its own inside the DC.
+pub fn position(cfg: &ClusterConfig, node: &str) -> Option<(usize, usize)> {
+    cfg.dcs.iter().enumerate().find_map(|(i, dc)| dc.nodes.iter().position(|n| n.name == node).map(|j| (i + 1, j + 1)))
+}
+
+/// [`exec`] with `input` on the command's stdin.
+pub fn exec_stdin(cmd: &mut std::process::Command, input: &str) -> Result<String> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("run {cmd:?}"))?;
+    child.stdin.take().context("stdin")?.write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

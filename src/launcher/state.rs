@@ -1,0 +1,242 @@
+//! The state directory (default `.agora/`): the effective cluster file, run metadata,
+//! pid files, logs and data dirs. Everything the launcher knows about a running cluster
+//! is here, so any later command (and a test's clean-up) finds its processes by pid file.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::Backend;
+
+/// Env var that overrides the default state dir (tests set it so they never collide).
+pub const STATE_DIR_ENV: &str = "AGORA_STATE_DIR";
+
+/// What `up` recorded: later commands act on the same backend and re-apply the same faults.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Meta {
+    pub backend: Backend,
+    pub wan_latency_ms: u64,
+    /// Node pairs (sorted) whose traffic is dropped, until `heal`.
+    pub cuts: BTreeSet<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    pub root: PathBuf,
+}
+
+impl StateDir {
+    /// `--state-dir`, else `$AGORA_STATE_DIR`, else `.agora`; made absolute because node
+    /// processes and containers get these paths from a different working directory.
+    pub fn resolve(flag: Option<PathBuf>) -> Result<StateDir> {
+        let dir = flag.or_else(|| std::env::var_os(STATE_DIR_ENV).map(PathBuf::from)).unwrap_or_else(|| PathBuf::from(".agora"));
+        let root = if dir.is_absolute() { dir } else { std::env::current_dir().context("read current directory")?.join(dir) };
+        Ok(StateDir { root })
+    }
+
+    /// Short id of this state dir, used to name namespaces, links and containers so that
+    /// two clusters (two state dirs) never touch each other's.
+    pub fn tag(&self) -> String {
+        let h = Sha256::digest(self.root.to_string_lossy().as_bytes());
+        hex::encode(&h[..3])
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.root.join("cluster.toml")
+    }
+    fn meta_path(&self) -> PathBuf {
+        self.root.join("meta.json")
+    }
+    fn pid_path(&self, node: &str) -> PathBuf {
+        self.root.join("pids").join(format!("{node}.pid"))
+    }
+    pub fn log_path(&self, node: &str) -> PathBuf {
+        self.root.join("logs").join(format!("{node}.log"))
+    }
+    pub fn data_dir(&self, node: &str) -> PathBuf {
+        self.root.join("data").join(node)
+    }
+
+    pub fn create_dirs(&self) -> Result<()> {
+        for d in ["pids", "logs", "data"] {
+            let p = self.root.join(d);
+            std::fs::create_dir_all(&p).with_context(|| format!("create {}", p.display()))?;
+        }
+        Ok(())
+    }
+
+    pub fn read_meta(&self) -> Result<Option<Meta>> {
+        let path = self.meta_path();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+        }
+    }
+
+    /// The metadata of the cluster this state dir describes, or a hint to start one.
+    pub fn must_meta(&self) -> Result<Meta> {
+        match self.read_meta()? {
+            Some(m) => Ok(m),
+            None => bail!("no cluster in {} (start one with `agora cluster up`)", self.root.display()),
+        }
+    }
+
+    pub fn write_meta(&self, meta: &Meta) -> Result<()> {
+        write_atomic(&self.meta_path(), serde_json::to_string_pretty(meta)?.as_bytes())
+    }
+
+    pub fn write_pid(&self, node: &str, pid: i32) -> Result<()> {
+        write_atomic(&self.pid_path(node), format!("{pid}\n").as_bytes())
+    }
+
+    pub fn read_pid(&self, node: &str) -> Option<i32> {
+        std::fs::read_to_string(self.pid_path(node)).ok()?.trim().parse().ok()
+    }
+
+    pub fn remove_pid(&self, node: &str) {
+        let _ = std::fs::remove_file(self.pid_path(node));
+    }
+
+    /// The node's pid if its pid file names a live process that is that node: a pid
+    /// reused by another program after a reboot does not count.
+    pub fn live_pid(&self, node: &str) -> Option<i32> {
+        self.read_pid(node).filter(|&pid| is_agora_node(pid, node))
+    }
+
+    /// Forgets the run (pid files, metadata, generated config and compose file) but keeps
+    /// data and logs.
+    pub fn clear_run(&self) -> Result<()> {
+        remove_if_exists(&self.root.join("pids"))?;
+        for f in [self.meta_path(), self.config_path(), self.root.join("docker-compose.yml")] {
+            let _ = std::fs::remove_file(f);
+        }
+        Ok(())
+    }
+
+    /// Removes data dirs and logs (`--wipe`).
+    pub fn wipe(&self) -> Result<()> {
+        remove_if_exists(&self.root.join("data"))?;
+        remove_if_exists(&self.root.join("logs"))
+    }
+
+    /// The last `lines` lines of a node's log file.
+    pub fn tail_log(&self, node: &str, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.log_path(node)).unwrap_or_default();
+        tail(&text, lines)
+    }
+
+    /// Prints a node's log, then (with `follow`) what is appended to it, until interrupted.
+    pub fn print_log(&self, node: &str, lines: usize, follow: bool) -> Result<()> {
+        let path = self.log_path(node);
+        let mut file = std::fs::File::open(&path).with_context(|| format!("open {}", path.display()))?;
+        print!("{}", self.tail_log(node, lines));
+        if !follow {
+            return Ok(());
+        }
+        let mut pos = file.seek(SeekFrom::End(0))?;
+        loop {
+            let len = file.metadata()?.len();
+            if len < pos {
+                pos = 0; // truncated by `up --wipe`: start over
+            }
+            if len > pos {
+                file.seek(SeekFrom::Start(pos))?;
+                let mut reader = BufReader::new(&file);
+                let mut line = String::new();
+                while reader.read_line(&mut line)? > 0 {
+                    print!("{line}");
+                    line.clear();
+                }
+                pos = len;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    let start = all.len().saturating_sub(lines);
+    all[start..].iter().map(|l| format!("{l}\n")).collect()
+}
+
+fn remove_if_exists(p: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("remove {}", p.display())),
+    }
+}
+
+/// Write then rename, so a crash never leaves a half-written pid or metadata file.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename {}", path.display()))
+}
+
+/// One-letter process state from /proc (R, S, T stopped, Z zombie, …); None if gone.
+pub fn proc_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces: the state follows the last ')'.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// Alive and not a zombie (a killed node whose parent has not reaped it yet is gone).
+pub fn pid_alive(pid: i32) -> bool {
+    matches!(proc_state(pid), Some(s) if s != 'Z' && s != 'X')
+}
+
+/// Whether `pid` runs `agora node --node NODE` (directly, or as a container's init).
+fn is_agora_node(pid: i32, node: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    pid_alive(pid) && args.windows(2).any(|w| w[0] == b"--node" && w[1] == node.as_bytes())
+}
+
+pub fn signal(pid: i32, sig: libc::c_int) -> Result<()> {
+    // SAFETY: kill(2) has no memory effects; the pid came from our own pid file.
+    let rc = unsafe { libc::kill(pid, sig) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("send signal {sig} to pid {pid}"));
+    }
+    Ok(())
+}
+
+/// Waits until `pid` has exited, up to `deadline`.
+pub fn wait_gone(pid: i32, deadline: Duration) -> bool {
+    let start = Instant::now();
+    while pid_alive(pid) {
+        if start.elapsed() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// SIGTERM, then SIGKILL if the process is still there after `grace`.
+pub fn stop_pid(pid: i32, grace: Duration) -> Result<()> {
+    if !pid_alive(pid) {
+        return Ok(());
+    }
+    // A paused node cannot act on SIGTERM: wake it first.
+    let _ = signal(pid, libc::SIGCONT);
+    let _ = signal(pid, libc::SIGTERM);
+    if wait_gone(pid, grace) {
+        return Ok(());
+    }
+    let _ = signal(pid, libc::SIGKILL);
+    if !wait_gone(pid, Duration::from_secs(5)) {
+        bail!("pid {pid} survived SIGKILL");
+    }
+    Ok(())
+}

@@ -1,0 +1,445 @@
+//! `agora cluster` end to end, on each backend: real processes, real network namespaces
+//! with iptables drops, real containers. Each test has its own state dir
+//! (`AGORA_STATE_DIR`), and a [`Launched`] guard that runs `down` and SIGKILLs by pid
+//! whatever is left, even when the test fails.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use agora::launcher::state::{pid_alive, StateDir};
+use serde_json::{json, Value};
+
+use crate::harness::must_eventually;
+
+const AGORA: &str = env!("CARGO_BIN_EXE_agora");
+
+struct Launched {
+    dir: tempfile::TempDir,
+    /// Every node pid seen, so the guard can kill leftovers by pid.
+    seen_pids: Mutex<BTreeSet<i32>>,
+    http: reqwest::Client,
+}
+
+impl Launched {
+    fn new() -> Launched {
+        Launched {
+            dir: tempfile::tempdir().expect("temp dir"),
+            seen_pids: Mutex::new(BTreeSet::new()),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(5)).no_proxy().build().expect("http client"),
+        }
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn agora(&self, args: &[&str]) -> Output {
+        Command::new(AGORA).arg("cluster").args(args).env("AGORA_STATE_DIR", self.state()).output().expect("run agora cluster")
+    }
+
+    /// Runs `agora cluster ARGS`, panics unless it succeeds, returns stdout.
+    fn must(&self, args: &[&str]) -> String {
+        let out = self.agora(args);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "agora cluster {args:?} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        self.pids();
+        stdout
+    }
+
+    /// Runs `agora cluster ARGS`, panics unless it fails, returns stderr.
+    fn must_fail(&self, args: &[&str]) -> String {
+        let out = self.agora(args);
+        assert!(!out.status.success(), "agora cluster {args:?} should fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Pids from the pid files (and remembered for the guard).
+    fn pids(&self) -> BTreeSet<i32> {
+        let mut pids = BTreeSet::new();
+        for e in std::fs::read_dir(self.state().join("pids")).into_iter().flatten().flatten() {
+            if let Some(pid) = std::fs::read_to_string(e.path()).ok().and_then(|s| s.trim().parse().ok()) {
+                pids.insert(pid);
+            }
+        }
+        self.seen_pids.lock().unwrap().extend(&pids);
+        pids
+    }
+
+    fn status(&self) -> Vec<Value> {
+        serde_json::from_str(&self.must(&["status", "--json"])).expect("status json")
+    }
+
+    fn node<'a>(status: &'a [Value], name: &str) -> &'a Value {
+        status.iter().find(|v| v["node"] == name).expect("node in status")
+    }
+
+    /// dc1's leader, once every dc1 node agrees on it.
+    async fn must_dc1_leader(&self) -> String {
+        must_eventually(Duration::from_secs(30), "an agreed dc1 leader", || async {
+            let s = self.status();
+            let dc1: Vec<&Value> = s.iter().filter(|v| v["dc"] == "dc1" && v["health"] == "ok").collect();
+            let leaders: BTreeSet<&str> = dc1.iter().filter_map(|v| v["leader"].as_str()).collect();
+            let l = leaders.iter().next()?.to_string();
+            (dc1.len() == 3 && leaders.len() == 1 && dc1.iter().any(|v| v["node"] == l.as_str() && v["role"] == "leader")).then_some(l)
+        })
+        .await
+    }
+
+    async fn must_all_healthy(&self, deadline: Duration) {
+        must_eventually(deadline, "9 healthy nodes", || async {
+            let s = self.status();
+            (s.len() == 9 && s.iter().all(|v| v["health"] == "ok")).then_some(())
+        })
+        .await;
+    }
+
+    fn api(&self, node: &str) -> String {
+        Self::node(&self.status(), node)["api"].as_str().expect("api").to_string()
+    }
+
+    async fn call(&self, method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.http.request(method, url);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        match req.send().await {
+            Ok(r) => (r.status().as_u16(), r.json().await.unwrap_or(Value::Null)),
+            Err(_) => (0, Value::Null),
+        }
+    }
+
+    /// Creates a session through `node`, retrying until the DC can commit it.
+    async fn must_session(&self, node: &str, user: &str) -> String {
+        let url = format!("{}/v1/sessions", self.api(node));
+        must_eventually(Duration::from_secs(30), "a committed session", || async {
+            let (code, v) = self.call(reqwest::Method::POST, url.clone(), Some(json!({"user": user}))).await;
+            (code == 201).then(|| v["token"].as_str().expect("token").to_string())
+        })
+        .await
+    }
+
+    /// Whether `node` has the session in its own state (a stale read: no quorum needed).
+    async fn has_session_locally(&self, node: &str, token: &str) -> bool {
+        let url = format!("{}/v1/sessions/{token}?consistency=stale", self.api(node));
+        self.call(reqwest::Method::GET, url, None).await.0 == 200
+    }
+}
+
+impl Drop for Launched {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = Command::new(AGORA).args(["cluster", "status"]).env("AGORA_STATE_DIR", self.state()).status();
+        }
+        self.pids();
+        let _ = self.agora(&["down"]);
+        // Whatever `down` missed: by pid, and only a process that is a node of this state dir.
+        let marker = self.state().display().to_string();
+        for &pid in self.seen_pids.lock().unwrap().iter() {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if pid_alive(pid) && String::from_utf8_lossy(&cmdline).contains(&marker) {
+                // SAFETY: kill(2) on a pid checked to be one of our nodes.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// The flow, up to a restarted leader and 9 healthy nodes; returns the pids of the
+/// first start so the caller can check `down` removes them.
+async fn up_write_kill_restart(l: &Launched, up: &[&str]) {
+    let t = Instant::now();
+    let out = l.must(up);
+    assert!(out.contains("9 of 9 nodes healthy") && out.contains("curl -s") && out.contains("dig @"), "{out}");
+    println!("up: {} ms", t.elapsed().as_millis());
+    let pids = l.pids();
+    assert_eq!(pids.len(), 9);
+    let again = l.must(up);
+    assert!(again.contains("already running"), "{again}");
+    assert_eq!(l.pids(), pids, "a second `up` starts nothing");
+    let err = l.must_fail(&["kill", "dc9-n9"]);
+    assert!(err.contains("unknown node 'dc9-n9'") && err.contains("dc1-n1, dc1-n2"), "{err}");
+
+    // A session and an order in dc1, readable (linearizably) from every dc1 node.
+    let token = l.must_session("dc1-n1", "alice").await;
+    let api = l.api("dc1-n2");
+    let (code, v) = l.call(reqwest::Method::PUT, format!("{api}/v1/inventory/sku-1"), Some(json!({"add": 10}))).await;
+    assert_eq!(code, 200, "restock: {v}");
+    let order = json!({"session": token, "sku": "sku-1", "qty": 2});
+    let (code, v) = l.call(reqwest::Method::POST, format!("{api}/v1/orders"), Some(order)).await;
+    assert_eq!(code, 201, "order: {v}");
+    let id = v["id"].as_str().expect("order id").to_string();
+    for n in ["dc1-n1", "dc1-n2", "dc1-n3"] {
+        let (code, v) = l.call(reqwest::Method::GET, format!("{}/v1/orders/{id}", l.api(n)), None).await;
+        assert_eq!((code, v["qty"].as_u64()), (200, Some(2)), "{n}: {v}");
+    }
+
+    // SIGKILL dc1's leader: its pid is gone, and the two others take writes again.
+    let leader = l.must_dc1_leader().await;
+    let pid = Launched::node(&l.status(), &leader)["pid"].as_i64().expect("pid") as i32;
+    l.must(&["kill", &leader]);
+    assert!(!pid_alive(pid), "{leader} (pid {pid}) should be dead");
+    let survivor = ["dc1-n1", "dc1-n2", "dc1-n3"].into_iter().find(|n| *n != leader).unwrap();
+    let t = Instant::now();
+    l.must_session(survivor, "bob").await;
+    println!("write after killing {leader}: {} ms", t.elapsed().as_millis());
+
+    l.must(&["restart", &leader]);
+    l.must_all_healthy(Duration::from_secs(60)).await;
+}
+
+/// `down` leaves no node process, pid file or metadata behind.
+fn must_down(l: &Launched) {
+    let pids = l.seen_pids.lock().unwrap().clone();
+    l.must(&["down"]);
+    for pid in pids {
+        assert!(!pid_alive(pid), "pid {pid} survived `down`");
+    }
+    assert!(l.pids().is_empty(), "pid files left behind");
+    let status = l.agora(&["status"]);
+    assert!(!status.status.success(), "status after down should say there is no cluster");
+}
+
+fn config_on(dir: &Path, net: u8) -> PathBuf {
+    let text = agora::config::DEFAULT_TOML.replace("127.0.", &format!("127.{net}."));
+    let path = dir.join("cluster.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+#[tokio::test]
+async fn process_backend_end_to_end() {
+    let l = Launched::new();
+    let config = config_on(l.dir.path(), 60);
+    let config = config.to_str().unwrap();
+    // A taken port fails clearly and starts nothing.
+    let blocker = std::net::TcpListener::bind("127.60.2.2:7070").expect("bind blocker");
+    let err = l.must_fail(&["up", "--config", config]);
+    assert!(err.contains("dc2-n2's peer address 127.60.2.2:7070 is taken"), "{err}");
+    assert!(l.pids().is_empty(), "nothing started");
+    drop(blocker);
+    let err = l.must_fail(&["partition", "dc1"]);
+    assert!(err.contains("no cluster"), "{err}");
+
+    // A node that dies at start fails `up` with the end of its log, and the others are stopped.
+    let data = l.state().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("dc3-n3"), "not a directory").unwrap();
+    let err = l.must_fail(&["up", "--config", config]);
+    assert!(err.contains("dc3-n3 exited during start-up") && err.contains("open storage"), "{err}");
+    assert!(l.seen_pids.lock().unwrap().iter().all(|p| !pid_alive(*p)), "the other nodes were stopped");
+    std::fs::remove_file(data.join("dc3-n3")).unwrap();
+
+    up_write_kill_restart(&l, &["up", "--config", config]).await;
+    let err = l.must_fail(&["partition", "dc1"]);
+    assert!(err.contains("--backend netns"), "{err}");
+    let logs = l.must(&["logs", "dc1-n1", "-n", "100000"]);
+    assert!(logs.contains("node started node=dc1-n1"), "{logs}");
+    must_down(&l);
+}
+
+/// Namespaces, links and addresses of this state dir that still exist.
+fn netns_leftovers(l: &Launched) -> Vec<String> {
+    let tag = StateDir { root: l.state() }.tag();
+    let out = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+    let mut left: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().filter(|n| n.contains(&format!("agora-{tag}-"))).map(String::from).collect();
+    let addrs = Command::new("ip").args(["-o", "addr", "show", "to", "10.77.0.0/16"]).output().expect("ip addr");
+    left.extend(String::from_utf8_lossy(&addrs.stdout).lines().map(String::from));
+    left
+}
+
+#[tokio::test]
+async fn netns_backend_end_to_end_with_partition() {
+    let l = Launched::new();
+    up_write_kill_restart(&l, &["up", "--backend", "netns"]).await;
+
+    // Cut dc1's leader off from every other node with iptables drops.
+    let old = l.must_dc1_leader().await;
+    let t = Instant::now();
+    l.must(&["partition", &old]);
+    let majority: Vec<&str> = ["dc1-n1", "dc1-n2", "dc1-n3"].into_iter().filter(|n| *n != old).collect();
+    let token = l.must_session(majority[0], "carol").await;
+    println!("write on the majority side after isolating {old}: {} ms", t.elapsed().as_millis());
+    assert!(l.has_session_locally(majority[1], &token).await || l.has_session_locally(majority[0], &token).await);
+    assert!(!l.has_session_locally(&old, &token).await, "the isolated {old} cannot have the new write");
+
+    l.must(&["heal"]);
+    must_eventually(Duration::from_secs(30), "the isolated node to catch up after heal", || async { l.has_session_locally(&old, &token).await.then_some(()) })
+        .await;
+    l.must_all_healthy(Duration::from_secs(30)).await;
+
+    must_dc_cut_and_heal(&l).await;
+    check_latency(&l).await;
+
+    // A crash (every node SIGKILLed, namespaces left behind): the next `up` cleans up first.
+    let pids = l.pids();
+    for &pid in &pids {
+        // SAFETY: kill(2) on a pid from our own pid files.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    must_eventually(Duration::from_secs(10), "the killed nodes to be gone", || async { pids.iter().all(|p| !pid_alive(*p)).then_some(()) }).await;
+    let out = l.agora(&["up", "--backend", "netns"]);
+    let (stdout, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && err.contains("cleaning up the leftovers"), "{stdout}\n{err}");
+    l.pids();
+    l.must_all_healthy(Duration::from_secs(30)).await;
+    must_down(&l);
+    assert!(netns_leftovers(&l).is_empty(), "left behind: {:?}", netns_leftovers(&l));
+}
+
+/// A session written in `from` reaches `to` by cross-DC replication (over the WAN).
+async fn must_replicate(l: &Launched, token: &str, to: &str) {
+    must_eventually(Duration::from_secs(20), &format!("the session to replicate to {to}"), || async { l.has_session_locally(to, token).await.then_some(()) })
+        .await;
+}
+
+/// `partition dc1` cuts dc1 off from the other DCs: a write in dc2 still reaches dc3 but
+/// not dc1, until `heal`.
+async fn must_dc_cut_and_heal(l: &Launched) {
+    l.must(&["partition", "dc1"]);
+    let token = l.must_session("dc2-n1", "erin").await;
+    must_replicate(l, &token, "dc3-n1").await;
+    assert!(!l.has_session_locally("dc1-n1", &token).await, "dc1 is cut off from dc2");
+    l.must(&["heal"]);
+    must_replicate(l, &token, "dc1-n1").await;
+}
+
+/// With netem in the kernel, `latency` delays traffic between DCs; without it, the
+/// command says so clearly.
+async fn check_latency(l: &Launched) {
+    let out = l.agora(&["latency", "200"]);
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("no netem qdisc"), "{err}");
+        println!("latency: this kernel has no netem: {}", err.trim());
+        return;
+    }
+    // The host reaches nodes over the WAN link: a round trip now takes at least 200 ms.
+    let url = format!("{}/healthz", l.api("dc2-n1"));
+    let t = Instant::now();
+    assert_eq!(l.call(reqwest::Method::GET, url, None).await.0, 200);
+    assert!(t.elapsed() >= Duration::from_millis(200), "round trip {:?} with 200 ms latency", t.elapsed());
+    l.must(&["latency", "0"]);
+}
+
+/// Builds the static image once per test run (a debug build: much faster to compile).
+fn must_docker_image() {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let t = Instant::now();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/docker-build");
+        let status = Command::new(script).arg("--debug").status().expect("run scripts/docker-build");
+        assert!(status.success(), "scripts/docker-build failed");
+        println!("image build: {} s", t.elapsed().as_secs());
+    });
+}
+
+/// Containers and networks of compose projects, to check `down` removes what `up` made.
+fn docker_objects(l: &Launched) -> Vec<String> {
+    let filter = format!("label=com.docker.compose.project=agora-{}", StateDir { root: l.state() }.tag());
+    let mut out = Vec::new();
+    for args in [vec!["ps", "-aq", "--filter", &filter], vec!["network", "ls", "-q", "--filter", &filter]] {
+        let o = Command::new("docker").args(&args).output().expect("docker");
+        out.extend(String::from_utf8_lossy(&o.stdout).split_whitespace().map(String::from));
+    }
+    out
+}
+
+#[tokio::test]
+async fn docker_backend_end_to_end() {
+    must_docker_image();
+    let l = Launched::new();
+    up_write_kill_restart(&l, &["up", "--backend", "docker"]).await;
+    assert_eq!(docker_objects(&l).len(), 9 + 4, "9 containers, 3 DC networks and the WAN network");
+    // Docker keeps its networks apart: only the launcher's routes over the WAN network carry this.
+    let token = l.must_session("dc1-n1", "frank").await;
+    must_replicate(&l, &token, "dc3-n2").await;
+
+    // Partitions work on containers too: the isolated leader's DC moves on without it.
+    let old = l.must_dc1_leader().await;
+    l.must(&["partition", &old]);
+    let majority = ["dc1-n1", "dc1-n2", "dc1-n3"].into_iter().find(|n| *n != old).unwrap();
+    let token = l.must_session(majority, "dave").await;
+    assert!(!l.has_session_locally(&old, &token).await, "the isolated {old} cannot have the new write");
+    l.must(&["heal"]);
+    must_eventually(Duration::from_secs(30), "the isolated container to catch up", || async { l.has_session_locally(&old, &token).await.then_some(()) }).await;
+
+    must_down(&l);
+    assert!(docker_objects(&l).is_empty(), "left behind: {:?}", docker_objects(&l));
+    standalone_compose_replicates_between_dcs(&l).await;
+}
+
+/// Runs `docker compose … down -v` on drop, so a failed check leaves no container behind.
+struct Compose(PathBuf);
+
+impl Compose {
+    fn run(&self, args: &[&str]) -> Output {
+        agora::launcher::docker::compose_command().arg("-f").arg(&self.0).args(args).output().expect("run docker compose")
+    }
+}
+
+impl Drop for Compose {
+    fn drop(&mut self) {
+        let _ = self.run(&["down", "-v"]);
+    }
+}
+
+/// README's way: `docker compose -f cluster/docker-compose.yml up -d`, then
+/// `agora cluster wan-routes`; a session made in dc1 reaches dc2.
+async fn standalone_compose_replicates_between_dcs(l: &Launched) {
+    let compose = Compose(Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/docker-compose.yml"));
+    let out = compose.run(&["up", "-d"]);
+    assert!(out.status.success(), "compose up: {}", String::from_utf8_lossy(&out.stderr));
+    l.must(&["wan-routes"]);
+    let url = "http://10.78.1.1:8080/v1/sessions";
+    let token = must_eventually(Duration::from_secs(30), "a session in the compose cluster", || async {
+        let (code, v) = l.call(reqwest::Method::POST, url.into(), Some(json!({"user": "gina"}))).await;
+        (code == 201).then(|| v["token"].as_str().expect("token").to_string())
+    })
+    .await;
+    must_eventually(Duration::from_secs(20), "the session to reach dc2 over the WAN network", || async {
+        let url = format!("http://10.78.2.2:8080/v1/sessions/{token}?consistency=stale");
+        (l.call(reqwest::Method::GET, url, None).await.0 == 200).then_some(())
+    })
+    .await;
+}
+
+/// The committed deployment files are what the generators make from the cluster files,
+/// and they describe the TOML's topology.
+#[test]
+fn committed_manifests_match_the_topology() {
+    use agora::config::ClusterConfig;
+    use agora::launcher::manifests;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster");
+    let local = ClusterConfig::load(Some(&root.join("local.toml"))).unwrap();
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let stale = "is stale: regenerate with `agora cluster compose` / `agora cluster k8s --config cluster/local.toml`";
+
+    // docker: docker.toml is local.toml readdressed; the compose file is generated from it.
+    let docker = ClusterConfig::load(Some(&root.join("docker.toml"))).unwrap();
+    assert_eq!(read("docker.toml"), manifests::docker_toml(&local).unwrap(), "cluster/docker.toml {stale}");
+    let compose = manifests::compose_yaml(&docker, &manifests::ComposeFlavor::Standalone).unwrap();
+    assert_eq!(read("docker-compose.yml"), compose, "cluster/docker-compose.yml {stale}");
+    let y: serde_yaml::Value = serde_yaml::from_str(&compose).unwrap();
+    for n in docker.nodes() {
+        let svc = &y["services"][n.name.as_str()];
+        assert_eq!(svc["networks"][n.dc.as_str()]["ipv4_address"].as_str(), Some(n.http.ip().to_string().as_str()));
+    }
+
+    // k8s: one file per DC whose StatefulSet has one pod per node and whose ConfigMap holds the topology.
+    let files = manifests::k8s_files(&local, "cluster/local.toml").unwrap();
+    assert_eq!(files.len(), local.dcs.len());
+    for (name, text) in files {
+        assert_eq!(read(&format!("k8s/{name}")), text, "cluster/k8s/{name} {stale}");
+        let dc = name.trim_end_matches(".yaml");
+        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect();
+        let kind = |k: &str| docs.iter().find(|d| d["kind"] == k).unwrap_or_else(|| panic!("{name}: no {k}"));
+        assert_eq!(kind("StatefulSet")["spec"]["replicas"].as_u64(), Some(local.dc_nodes(dc).len() as u64), "{name}");
+        assert_eq!(kind("Service")["spec"]["clusterIP"].as_str(), Some("None"), "{name}: headless");
+        let toml_text = kind("ConfigMap")["data"]["cluster.toml"].as_str().unwrap();
+        let in_map = ClusterConfig::from_toml(toml_text, &name).unwrap();
+        assert_eq!(in_map.nodes(), local.nodes(), "{name}: the ConfigMap's topology");
+    }
+}

@@ -91,11 +91,9 @@ async fn connection_loop(addr: SocketAddr, mut rx: mpsc::UnboundedReceiver<Outgo
         let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
             _ => {
-                // Fail what is queued now rather than let it wait out a long backoff.
                 drop(first);
-                while rx.try_recv().is_ok() {}
                 tracing::debug!(%addr, backoff_ms = backoff.as_millis() as u64, "peer connect failed");
-                tokio::time::sleep(backoff).await;
+                fail_fast_for(&mut rx, backoff).await;
                 backoff = (backoff * 2).min(backoff_max);
                 continue;
             }
@@ -104,6 +102,21 @@ async fn connection_loop(addr: SocketAddr, mut rx: mpsc::UnboundedReceiver<Outgo
         let _ = stream.set_nodelay(true);
         serve_connection(stream, first, &mut rx, frame_max).await;
         tracing::debug!(%addr, "peer connection closed");
+    }
+}
+
+/// While backing off from a peer that refused us, fail every request at once (the caller
+/// sees `Unreachable` and can go elsewhere) instead of holding it for the backoff.
+async fn fail_fast_for(rx: &mut mpsc::UnboundedReceiver<Outgoing>, backoff: Duration) {
+    let until = tokio::time::Instant::now() + backoff;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => return,
+            o = rx.recv() => match o {
+                Some(o) => drop(o),
+                None => return,
+            },
+        }
     }
 }
 

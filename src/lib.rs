@@ -15,10 +15,12 @@
 //! - [`node`]: wiring of one node, and the write/read paths (forwarding, read index).
 //! - [`api`]: HTTP routes, validation, the error-to-status map, metrics.
 //! - [`bench`]: the HTTP load generator behind `agora bench`.
+//! - [`chaos`]: the chaos suite's checker: history and final state in, verdict out (pure).
 
 pub mod actors;
 pub mod api;
 pub mod bench;
+pub mod chaos;
 pub mod cluster_view;
 pub mod codec;
 pub mod config;

@@ -16,10 +16,12 @@
 //! - [`api`]: HTTP routes, validation, the error-to-status map, metrics.
 //! - [`bench`]: the HTTP load generator behind `agora bench`.
 //! - [`launcher`]: `agora cluster …`, the local multi-DC launcher (process, netns, docker).
+//! - [`chaos`]: `agora chaos …`: scenarios, workload, nemeses, and the checker of the history.
 
 pub mod actors;
 pub mod api;
 pub mod bench;
+pub mod chaos;
 pub mod cluster_view;
 pub mod codec;
 pub mod config;

@@ -23,6 +23,8 @@ enum Cmd {
     Bench(agora::bench::BenchArgs),
     /// Launch and drive a whole local cluster (processes, network namespaces or docker).
     Cluster(agora::launcher::ClusterArgs),
+    /// Fault scenarios against a live cluster, with a checker of the recorded history.
+    Chaos(agora::chaos::run::ChaosArgs),
     /// Check a cluster file and print its nodes.
     Config {
         /// Cluster file (default: the embedded 3 DC × 3 node topology).
@@ -97,6 +99,11 @@ async fn main() {
         Cmd::Bench(a) => agora::bench::run(a).await,
         Cmd::Config { config } => show_config(config),
         Cmd::Cluster(a) => agora::launcher::run(a).await,
+        // The verdict is the exit code: 0 valid, non-zero on any violation.
+        Cmd::Chaos(a) => match agora::chaos::run::main(a).await {
+            Ok(code) => std::process::exit(code),
+            Err(e) => Err(e),
+        },
     };
     if let Err(e) = r {
         eprintln!("agora: {e:#}");

@@ -30,9 +30,14 @@
 //! [`CheckReport::exit_code`].
 
 pub mod checker;
+pub mod control;
 pub mod history;
 pub mod linearizable;
+pub mod nemesis;
 pub mod report;
+pub mod run;
+pub mod scenario;
+pub mod workload;
 
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,109 @@
+//! Drives the cluster of a chaos run through `agora cluster … --state-dir DIR` (the
+//! launcher), and reads the nodes' HTTP API. Dropping it takes the cluster down, so a
+//! failed run leaves nothing behind (its data dirs and logs stay for inspection).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+use crate::config::{ClusterConfig, NodeInfo};
+use crate::launcher::Backend;
+
+pub struct Control {
+    pub state_dir: PathBuf,
+    pub config: ClusterConfig,
+    pub http: reqwest::Client,
+    up: bool,
+}
+
+fn agora() -> anyhow::Result<PathBuf> {
+    std::env::current_exe().context("find the agora binary")
+}
+
+impl Control {
+    /// `agora cluster up` with a fresh state dir; reads back the config the nodes run with.
+    pub fn up(state_dir: &Path, config: &Path, backend: Backend) -> anyhow::Result<Control> {
+        std::fs::create_dir_all(state_dir)?;
+        let mut c = Control { state_dir: state_dir.to_path_buf(), config: ClusterConfig::load(Some(config))?, http: reqwest::Client::new(), up: false };
+        c.cluster(&["up", "--wipe", "--config", &config.display().to_string(), "--backend", &backend.to_string()])?;
+        c.up = true;
+        c.config = ClusterConfig::load(Some(&state_dir.join("cluster.toml"))).context("read the running cluster's config")?;
+        c.http = reqwest::Client::builder().timeout(Duration::from_secs(3)).build()?;
+        Ok(c)
+    }
+
+    /// Runs one `agora cluster` subcommand; its output goes to the state dir's log.
+    pub fn cluster(&self, args: &[&str]) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.state_dir.join("chaos-cluster.log"))?;
+        let status = Command::new(agora()?)
+            .arg("cluster")
+            .args(args)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .status()
+            .with_context(|| format!("run agora cluster {}", args.join(" ")))?;
+        if !status.success() {
+            bail!("agora cluster {} failed (see {})", args.join(" "), self.state_dir.join("chaos-cluster.log").display());
+        }
+        Ok(())
+    }
+
+    pub fn down(&mut self) -> anyhow::Result<()> {
+        if self.up {
+            self.up = false;
+            self.cluster(&["down"])?;
+        }
+        Ok(())
+    }
+
+    pub fn nodes(&self, dc: &str) -> Vec<NodeInfo> {
+        self.config.dc_nodes(dc)
+    }
+
+    pub fn url(&self, node: &NodeInfo) -> String {
+        format!("http://{}", node.http)
+    }
+
+    pub async fn get(&self, node: &NodeInfo, path: &str) -> Option<Value> {
+        let r = self.http.get(format!("{}{path}", self.url(node))).send().await.ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        r.json().await.ok()
+    }
+
+    /// The leader of `dc` as one of its nodes reports it.
+    pub async fn leader(&self, dc: &str) -> Option<String> {
+        for n in self.nodes(dc) {
+            if let Some(s) = self.get(&n, "/v1/cluster/status").await {
+                if let Some(l) = s["leader"].as_str() {
+                    return Some(l.to_string());
+                }
+            }
+        }
+        None
+    }
+
+    /// A node of `dc` that answers.
+    pub async fn any_node(&self, dc: &str) -> Option<NodeInfo> {
+        for n in self.nodes(dc) {
+            if self.get(&n, "/healthz").await.is_some() {
+                return Some(n);
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        if let Err(e) = self.down() {
+            eprintln!("agora chaos: taking the cluster down failed: {e:#}");
+        }
+    }
+}

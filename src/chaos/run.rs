@@ -1,0 +1,175 @@
+//! `agora chaos run SCENARIO` and `agora chaos all`: bring a cluster up, run the workload
+//! and the nemesis schedule together, undo every fault, let the DCs converge, gather the
+//! final state, check it, and write the history and both reports to the run directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use super::control::Control;
+use super::history::{DcState, FinalState, InventoryView, Nemesis, Outcome, Record, SkuState};
+use super::scenario::Scenario;
+use super::workload::{Clock, Recorder, Workload};
+use super::{check, human, CheckOptions, CheckReport, Op};
+
+#[derive(clap::Subcommand)]
+pub enum ChaosCmd {
+    /// Run one scenario file and check it.
+    Run {
+        scenario: PathBuf,
+        /// Replaces the scenario's seed (the same seed replays the same fault schedule).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Where the history, final state and reports go [default: .agora/chaos/NAME-SEED].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Run every scenario in a directory, one after the other.
+    All {
+        #[arg(long, default_value = "chaos/scenarios")]
+        dir: PathBuf,
+        /// Only the quick set (`smoke = true`), as the test suite runs it.
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// Check a recorded run again (history.jsonl and final.json in DIR).
+    Check { dir: PathBuf },
+}
+
+#[derive(clap::Args)]
+pub struct ChaosArgs {
+    #[command(subcommand)]
+    pub cmd: ChaosCmd,
+}
+
+pub async fn main(args: ChaosArgs) -> anyhow::Result<i32> {
+    match args.cmd {
+        ChaosCmd::Run { scenario, seed, out } => {
+            let mut s = Scenario::load(&scenario)?;
+            s.seed = seed.unwrap_or(s.seed);
+            let out = out.unwrap_or_else(|| PathBuf::from(".agora/chaos").join(format!("{}-{}", s.name, s.seed)));
+            Ok(run(&s, &out).await?.exit_code())
+        }
+        ChaosCmd::All { dir, smoke } => run_all(&dir, smoke).await,
+        ChaosCmd::Check { dir } => {
+            let report = recheck(&dir)?;
+            println!("{}", human(&report));
+            Ok(report.exit_code())
+        }
+    }
+}
+
+async fn run_all(dir: &Path, smoke: bool) -> anyhow::Result<i32> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect();
+    files.sort();
+    let mut worst = 0;
+    for f in files {
+        let s = Scenario::load(&f)?;
+        if smoke && !s.smoke {
+            continue;
+        }
+        let out = PathBuf::from(".agora/chaos").join(format!("{}-{}", s.name, s.seed));
+        let code = run(&s, &out).await?.exit_code();
+        worst = worst.max(code);
+    }
+    Ok(worst)
+}
+
+/// One scenario, start to verdict.
+pub async fn run(s: &Scenario, out: &Path) -> anyhow::Result<CheckReport> {
+    std::fs::create_dir_all(out)?;
+    println!("chaos {} (seed {}, {} backend, {} s): {}", s.name, s.seed, s.backend, s.duration_s, s.description);
+    let control = Arc::new(Control::up(&out.join("cluster"), &s.config, s.backend)?);
+    let clock = Clock::new();
+    let rec = Recorder::new(clock.clone());
+    let skus: Vec<String> = (0..s.workload.skus).map(|i| format!("sku-{i}")).collect();
+    let workload = Workload { spec: s.workload.clone(), skus: skus.clone(), seed: s.seed };
+    let until = clock.at(s.duration_s);
+    let nemesis = tokio::spawn(super::nemesis::run(control.clone(), s.nemesis.clone(), s.seed, clock.clone()));
+    workload.run(control.clone(), rec.clone(), until).await?;
+    let faults = nemesis.await??;
+    let history = rec.take().await;
+    let final_state = gather(&control, &history, &skus, faults, Duration::from_secs_f64(s.converge_within_s)).await;
+    let opts = CheckOptions { convergence_ms_max: Some((s.converge_within_s * 1000.0) as u64), ..CheckOptions::default() };
+    let report = check(&history, &final_state, &opts);
+    write_run(out, &history, &final_state, &report)?;
+    println!("{}", human(&report));
+    println!("history, final state and reports in {}", out.display());
+    drop(control);
+    Ok(report)
+}
+
+fn write_run(out: &Path, history: &[Record], final_state: &FinalState, report: &CheckReport) -> anyhow::Result<()> {
+    let lines: Vec<String> = history.iter().map(serde_json::to_string).collect::<Result<_, _>>()?;
+    std::fs::write(out.join("history.jsonl"), lines.join("\n") + "\n")?;
+    std::fs::write(out.join("final.json"), serde_json::to_string_pretty(final_state)?)?;
+    std::fs::write(out.join("report.json"), serde_json::to_string_pretty(report)?)?;
+    std::fs::write(out.join("report.txt"), human(report))?;
+    Ok(())
+}
+
+fn recheck(dir: &Path) -> anyhow::Result<CheckReport> {
+    let (hpath, fpath) = (dir.join("history.jsonl"), dir.join("final.json"));
+    let open = |p: &Path| std::fs::File::open(p).with_context(|| format!("open {}", p.display()));
+    let history = super::history::read_history(std::io::BufReader::new(open(&hpath)?), &hpath.display().to_string())?;
+    let final_state = super::history::read_final_state(open(&fpath)?, &fpath.display().to_string())?;
+    Ok(check(&history, &final_state, &CheckOptions::default()))
+}
+
+/// Waits for equal digests in every DC (up to `within`), then reads each DC's view of
+/// every SKU and looks up every acknowledged order there.
+async fn gather(control: &Control, history: &[Record], skus: &[String], nemesis: Nemesis, within: Duration) -> FinalState {
+    let healed = Instant::now();
+    let dcs = control.config.dc_names();
+    let mut converged_after_ms = None;
+    while healed.elapsed() < within {
+        let mut digests = Vec::new();
+        for dc in &dcs {
+            if let Some(n) = control.any_node(dc).await {
+                digests.extend(control.get(&n, "/v1/cluster/digest").await.and_then(|d| d["all"].as_str().map(String::from)));
+            }
+        }
+        if digests.len() == dcs.len() && digests.windows(2).all(|w| w[0] == w[1]) {
+            converged_after_ms = Some(healed.elapsed().as_millis() as u64);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let acked: Vec<(String, String)> = history
+        .iter()
+        .filter(|r| r.outcome == Outcome::Ok)
+        .filter_map(|r| match &r.op {
+            Op::Order { sku, order_id: Some(id), .. } => Some((sku.clone(), id.clone())),
+            _ => None,
+        })
+        .collect();
+    let mut out = FinalState { dcs: Default::default(), nemesis };
+    for dc in dcs {
+        let Some(node) = control.any_node(&dc).await else { continue };
+        let digest = control.get(&node, "/v1/cluster/digest").await.and_then(|d| d["all"].as_str().map(String::from)).unwrap_or_default();
+        let mut state = DcState { digest, converged_after_ms, skus: Default::default() };
+        for sku in skus {
+            let inventory: InventoryView = match control.get(&node, &format!("/v1/inventory/{sku}?consistency=stale")).await {
+                Some(v) => serde_json::from_value(v).unwrap_or_default(),
+                None => InventoryView::default(),
+            };
+            let mut s = SkuState { inventory, ..Default::default() };
+            for (_, id) in acked.iter().filter(|(k, _)| k == sku) {
+                match control.get(&node, &format!("/v1/orders/{id}?consistency=stale")).await {
+                    Some(o) => {
+                        if o["status"] == "cancelled" {
+                            s.orders_cancelled.push(id.clone());
+                        }
+                        s.orders_present.push(id.clone());
+                    }
+                    None => s.orders_missing.push(id.clone()),
+                }
+            }
+            state.skus.insert(sku.clone(), s);
+        }
+        out.dcs.insert(dc, state);
+    }
+    out
+}

@@ -13,8 +13,12 @@ pub enum NodeError {
     Timeout,
     #[error("overloaded: {0}")]
     Overloaded(String),
+    /// Never sent: the peer refused the connection (or we are backing off from it).
     #[error("peer unreachable: {0}")]
     Unreachable(String),
+    /// Sent, then the connection failed before an answer: it may have been applied.
+    #[error("connection to {0} lost before an answer; the request may have been applied")]
+    Lost(String),
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("internal error: {0}")]

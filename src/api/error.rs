@@ -40,6 +40,8 @@ impl From<NodeError> for ApiError {
             NodeError::Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
             NodeError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             NodeError::Unreachable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unreachable"),
+            // Like a timeout: the outcome is unknown.
+            NodeError::Lost(_) => (StatusCode::SERVICE_UNAVAILABLE, "unknown_outcome"),
             NodeError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             NodeError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };

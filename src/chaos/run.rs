@@ -62,7 +62,11 @@ pub async fn main(args: ChaosArgs) -> anyhow::Result<i32> {
 }
 
 async fn run_all(dir: &Path, smoke: bool) -> anyhow::Result<i32> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("read {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
     files.sort();
     let mut worst = 0;
     for f in files {

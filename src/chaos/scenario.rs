@@ -66,7 +66,18 @@ pub struct WorkloadSpec {
 
 impl Default for WorkloadSpec {
     fn default() -> Self {
-        WorkloadSpec { clients_per_dc: 2, rate_per_client: 20.0, skus: 2, stock_per_dc: 150, order: 60, cancel: 10, read_inventory: 20, read_order: 5, restock: 5, timeout_ms: 2000 }
+        WorkloadSpec {
+            clients_per_dc: 2,
+            rate_per_client: 20.0,
+            skus: 2,
+            stock_per_dc: 150,
+            order: 60,
+            cancel: 10,
+            read_inventory: 20,
+            read_order: 5,
+            restock: 5,
+            timeout_ms: 2000,
+        }
     }
 }
 

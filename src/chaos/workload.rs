@@ -76,12 +76,16 @@ struct Reply {
     outcome: Outcome,
 }
 
-fn outcome_of(status: u16) -> Outcome {
+/// 2xx happened; 4xx did not; a 503 happened or not as its code says: `no_quorum`,
+/// `overloaded` and `unreachable` are refused before anything is proposed, `timeout` and
+/// `unknown_outcome` may have been applied.
+fn outcome_of(status: u16, body: &Value) -> Outcome {
     match status {
         200..=201 => Outcome::Ok,
         // Accepted, not done: may or may not happen.
         202 => Outcome::Unknown,
         400..=499 => Outcome::Fail,
+        503 if matches!(body["error"]["code"].as_str(), Some("no_quorum" | "overloaded" | "unreachable")) => Outcome::Fail,
         _ => Outcome::Unknown,
     }
 }
@@ -121,8 +125,10 @@ impl Client {
             Ok(r) => {
                 let status = r.status().as_u16();
                 let body = r.json().await.unwrap_or(Value::Null);
-                Reply { status, body, outcome: outcome_of(status) }
+                Reply { outcome: outcome_of(status, &body), status, body }
             }
+            // Refused connection: the request never left this machine.
+            Err(e) if e.is_connect() => Reply { status: 0, body: Value::Null, outcome: Outcome::Fail },
             Err(_) => Reply { status: 0, body: Value::Null, outcome: Outcome::Unknown },
         }
     }
@@ -150,7 +156,8 @@ impl Client {
             // Lost in a fault: ask DNS again before the next call.
             self.resolved_at = None;
         }
-        let rec = Record { id, client: self.name.clone(), node: node.name, dc: node.dc, op, invoke_ns, complete_ns, outcome: reply.outcome, status: reply.status };
+        let rec =
+            Record { id, client: self.name.clone(), node: node.name, dc: node.dc, op, invoke_ns, complete_ns, outcome: reply.outcome, status: reply.status };
         self.rec.push(rec).await;
         reply.outcome
     }

@@ -34,7 +34,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
 fn transport_err<E: std::error::Error>(e: NodeError) -> RPCError<NodeId, BasicNode, E> {
     match e {
-        NodeError::Timeout | NodeError::Unreachable(_) => RPCError::Unreachable(Unreachable::new(&e)),
+        NodeError::Timeout | NodeError::Unreachable(_) | NodeError::Lost(_) => RPCError::Unreachable(Unreachable::new(&e)),
         other => RPCError::Network(NetworkError::new(&other)),
     }
 }

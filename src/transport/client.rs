@@ -22,7 +22,9 @@ use crate::raft::NodeId;
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-type Reply = oneshot::Sender<PeerResponse>;
+/// `Err` when the request was never sent; dropped unanswered when the connection died
+/// after sending it.
+type Reply = oneshot::Sender<Result<PeerResponse, NodeError>>;
 type Pending = Arc<Mutex<HashMap<u64, Reply>>>;
 
 struct Outgoing {
@@ -76,9 +78,9 @@ impl PeerClient {
         let bytes = codec::encode(&(id, self.me, req));
         self.tx.send(Outgoing { id, bytes, reply }).map_err(|_| NodeError::Internal("peer connection task stopped".into()))?;
         match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(resp)) => Ok(resp),
-            // The sender was dropped: the connection failed before an answer came.
-            Ok(Err(_)) => Err(NodeError::Unreachable(format!("node {}", self.peer))),
+            Ok(Ok(resp)) => resp,
+            // The sender was dropped: the connection failed after the request went out.
+            Ok(Err(_)) => Err(NodeError::Lost(format!("node {}", self.peer))),
             Err(_) => Err(NodeError::Timeout),
         }
     }
@@ -91,9 +93,9 @@ async fn connection_loop(addr: SocketAddr, mut rx: mpsc::UnboundedReceiver<Outgo
         let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
             _ => {
-                drop(first);
+                refuse(first, addr);
                 tracing::debug!(%addr, backoff_ms = backoff.as_millis() as u64, "peer connect failed");
-                fail_fast_for(&mut rx, backoff).await;
+                fail_fast_for(&mut rx, backoff, addr).await;
                 backoff = (backoff * 2).min(backoff_max);
                 continue;
             }
@@ -107,17 +109,22 @@ async fn connection_loop(addr: SocketAddr, mut rx: mpsc::UnboundedReceiver<Outgo
 
 /// While backing off from a peer that refused us, fail every request at once (the caller
 /// sees `Unreachable` and can go elsewhere) instead of holding it for the backoff.
-async fn fail_fast_for(rx: &mut mpsc::UnboundedReceiver<Outgoing>, backoff: Duration) {
+async fn fail_fast_for(rx: &mut mpsc::UnboundedReceiver<Outgoing>, backoff: Duration, addr: SocketAddr) {
     let until = tokio::time::Instant::now() + backoff;
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(until) => return,
             o = rx.recv() => match o {
-                Some(o) => drop(o),
+                Some(o) => refuse(o, addr),
                 None => return,
             },
         }
     }
+}
+
+/// Tells the caller its request was never sent.
+fn refuse(o: Outgoing, addr: SocketAddr) {
+    let _ = o.reply.send(Err(NodeError::Unreachable(addr.to_string())));
 }
 
 /// Writes requests and routes answers until the connection fails; then every request
@@ -136,7 +143,7 @@ async fn serve_connection(stream: TcpStream, first: Outgoing, rx: &mut mpsc::Unb
             match codec::decode::<(u64, PeerResponse)>(&frame) {
                 Ok((id, resp)) => {
                     if let Some(reply) = reader_pending.lock().expect("pending lock").remove(&id) {
-                        let _ = reply.send(resp);
+                        let _ = reply.send(Ok(resp));
                     }
                 }
                 Err(e) => return tracing::warn!(error = %e, "bad response frame from peer; dropping connection"),

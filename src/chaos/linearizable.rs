@@ -325,7 +325,10 @@ fn involved(prefix: &[LinOp], culprit: &LinOp) -> Vec<u64> {
     let concurrent = prefix.iter().filter(|o| o.return_ns.is_none_or(|r| r >= culprit.invoke_ns));
     let mut all: Vec<&LinOp> = before.iter().rev().take(BEFORE_MAX).copied().chain(concurrent).collect();
     all.sort_by_key(|o| (o.invoke_ns, o.id));
-    all.iter().map(|o| o.id).collect()
+    let mut ids: Vec<u64> = all.iter().map(|o| o.id).collect();
+    // A merge release shares its order's id.
+    ids.dedup();
+    ids
 }
 
 /// Call and return events in one doubly linked list (with head and tail sentinels), so
@@ -427,7 +430,7 @@ impl<'a> Search<'a> {
         let mut steps: u64 = 0;
         while remaining > 0 {
             steps += 1;
-            if steps % CHECK_EVERY == 0 && (Instant::now() >= limits.deadline || cache.len() >= limits.cache_entries_max) {
+            if steps.is_multiple_of(CHECK_EVERY) && (Instant::now() >= limits.deadline || cache.len() >= limits.cache_entries_max) {
                 return Verdict::TimedOut;
             }
             let (candidates, classes) = self.candidates(&state);
@@ -442,13 +445,13 @@ impl<'a> Search<'a> {
                     let (options, cut) = bundles(&classes, need, state.available, limit);
                     for (b, bundle) in options.iter().enumerate().skip(from) {
                         let Some(next) = apply_bundle(&classes, bundle, &state).and_then(|pre| apply(step, &pre)) else { continue };
-                        let chosen_ops: Vec<usize> = members(&classes, bundle).chain([op]).collect();
-                        chosen_ops.iter().for_each(|&o| set_bit(&mut linearized, o, true));
+                        let pending: Vec<usize> = members(&classes, bundle).collect();
+                        pending.iter().chain([&op]).for_each(|&o| set_bit(&mut linearized, o, true));
                         if cache.insert((linearized.clone(), next.clone())) {
-                            chosen = Some((c, b, chosen_ops, next));
+                            chosen = Some(Frame { op, bundle: pending, before: next, candidate: c, bundle_index: b });
                             break 'search;
                         }
-                        chosen_ops.iter().for_each(|&o| set_bit(&mut linearized, o, false));
+                        pending.iter().chain([&op]).for_each(|&o| set_bit(&mut linearized, o, false));
                     }
                     if !cut {
                         break;
@@ -461,10 +464,11 @@ impl<'a> Search<'a> {
                 }
             }
             match chosen {
-                Some((candidate, bundle_index, mut chosen_ops, next)) => {
-                    let op = chosen_ops.pop().unwrap_or(usize::MAX);
-                    chosen_ops.iter().chain([&op]).for_each(|&o| self.lift(o));
-                    stack.push(Frame { op, bundle: chosen_ops, before: std::mem::replace(&mut state, next), candidate, bundle_index });
+                Some(mut frame) => {
+                    // The frame carries the new state until it is swapped for the old one.
+                    frame.bundle.iter().chain([&frame.op]).for_each(|&o| self.lift(o));
+                    std::mem::swap(&mut state, &mut frame.before);
+                    stack.push(frame);
                     remaining -= 1;
                     (first_candidate, first_bundle) = (0, 0);
                 }

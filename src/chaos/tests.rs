@@ -436,3 +436,17 @@ fn long_concurrent_history_with_unknowns_is_checked_quickly() {
     assert_eq!(r.linearizability.ok_keys, 1, "seed {seed}: {}", human(&r));
     assert!(started.elapsed() < Duration::from_secs(20), "seed {seed}: took {:?}", started.elapsed());
 }
+
+#[test]
+fn a_cancel_sent_to_another_dc_may_apply_later_in_the_owner() {
+    for seen in [3, 5] {
+        must_be_valid(&[
+            ok(1, "dc1", 0, 10, restock("s", 5, 5)),
+            ok(2, "dc1", 20, 30, order("s", 2, "dc1-a")),
+            // Queued in dc2 (202) while dc1 was unreachable: dc1 applies it when it can.
+            ok(3, "dc2", 40, 50, cancel("dc1-a", 2, "s")),
+            ok(4, "dc1", 60, 70, read("s", seen)),
+            ok(5, "dc1", 80, 90, read("s", 5)),
+        ]);
+    }
+}

@@ -409,6 +409,22 @@ fn model_history(gens: &[Gen]) -> Vec<Record> {
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    /// The other direction: calls that do not overlap have one linearization, so a read
+    /// changed by any amount must be caught, and named as the stale read.
+    #[test]
+    fn a_wrong_read_in_a_sequential_history_is_caught(gens in proptest::collection::vec((0u8..4, 1u64..4, 0u64..40, 0u64..40, Just(false), Just(false)), 1..40), pick in any::<prop::sample::Index>(), off in 1u64..5) {
+        let mut h = model_history(&gens);
+        let reads: Vec<usize> = (0..h.len()).filter(|&i| matches!(h[i].op, Op::ReadInventory { .. })).collect();
+        prop_assume!(!reads.is_empty());
+        let i = reads[pick.index(reads.len())];
+        if let Op::ReadInventory { available: Some(a), .. } = &mut h[i].op {
+            *a += off;
+        }
+        let r = check(&h, &healthy(&h, &["dc1"]), &opts());
+        prop_assert_eq!(r.linearizability.illegal_keys, 1);
+        prop_assert_eq!(lin_failure(&r), ("stale_read".to_string(), Some(h[i].id)));
+    }
+
     #[test]
     fn model_consistent_histories_are_linearizable(gens in proptest::collection::vec((0u8..4, 1u64..4, 0u64..250, 0u64..250, proptest::bool::weighted(0.2), any::<bool>()), 1..40)) {
         let h = model_history(&gens);

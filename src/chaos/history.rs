@@ -95,7 +95,8 @@ pub enum Op {
         #[serde(default)]
         sold_out: Option<SoldOut>,
     },
-    /// `POST /v1/orders/{id}/cancel`. No result field: `ok` means the units were released.
+    /// `POST /v1/orders/{id}/cancel`. No result field: `ok` means the units were released
+    /// (a keyed retry answers ok again; the checker releases once per order id).
     Cancel {
         order_id: String,
         /// The DC that owns the order (the prefix of its id).

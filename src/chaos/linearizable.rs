@@ -4,9 +4,13 @@
 //! The model is one DC's `available` units of one SKU, plus which idempotency groups have
 //! already taken effect (a keyed retry gets the first result back and changes nothing).
 //! Operations with an unknown outcome have no return time: they may take effect at any
-//! point after their call, or never. "Never" needs no search: an operation without effect
-//! can always be placed last, so the search succeeds once every *completed* operation is
-//! linearized.
+//! point after their call, or never. Since nothing forces them early, one can always be
+//! moved later, to just before the next operation that observes the stock (or to the
+//! end, which is "never"). So the search only linearizes completed operations, each
+//! preceded by a *bundle* of pending ones that its answer needs (see [`bundles`]), and
+//! succeeds once every completed operation is placed. Pending operations with equal
+//! steps are interchangeable and are taken in call order, so k unknown restocks of one
+//! size cost k + 1 choices, not 2^k.
 //!
 //! The search is exponential in the number of concurrent operations, so it memoises
 //! (linearized set, state) pairs, checks a deadline every few steps and bounds its cache;
@@ -63,48 +67,182 @@ struct State {
 
 impl State {
     fn has(&self, g: Option<usize>) -> bool {
-        g.is_some_and(|g| self.groups[g / 64] & (1 << (g % 64)) != 0)
+        g.is_some_and(|g| get_bit(&self.groups, g))
     }
     fn with(&self, available: u64, g: Option<usize>) -> State {
         let mut s = State { available, groups: self.groups.clone() };
         if let Some(g) = g {
-            s.groups[g / 64] |= 1 << (g % 64);
+            set_bit(&mut s.groups, g, true);
         }
         s
     }
 }
 
-/// The states an operation can lead to from `s` (none: it cannot be linearized here).
-/// A pending operation has no result to check, and "no effect" is covered by never
-/// linearizing it, so only its effects are listed.
-fn successors(step: &Step, s: &State, pending: bool) -> Vec<State> {
-    let g = step.group();
-    let replay = s.has(g);
-    match step {
-        Step::Restock { add, available_after } => match s.available.checked_add(*add) {
-            Some(new) if pending || *available_after == Some(new) => vec![s.with(new, None)],
-            _ => vec![],
-        },
-        Step::Read { available } => (*available == s.available).then(|| s.clone()).into_iter().collect(),
-        // A retry of a group that already took effect returns the first result unchanged.
-        Step::Order { .. } | Step::SoldOut { .. } | Step::Cancel { .. } if replay => {
-            if pending {
-                vec![]
-            } else {
-                vec![s.clone()]
-            }
-        }
-        Step::Order { qty, .. } => {
-            let mut out: Vec<State> = s.available.checked_sub(*qty).map(|left| s.with(left, g)).into_iter().collect();
-            // A pending keyed order may have been answered sold_out, which later retries replay.
-            if pending && g.is_some() && s.available < *qty {
-                out.push(s.with(s.available, g));
-            }
-            out
-        }
-        Step::SoldOut { qty, available, .. } => (s.available < *qty && *available == s.available).then(|| s.with(s.available, g)).into_iter().collect(),
-        Step::Cancel { qty, .. } => s.available.checked_add(*qty).map(|new| s.with(new, g)).into_iter().collect(),
+/// What a completed operation needs of `available` just before it takes effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    Nothing,
+    Exactly(u64),
+    AtLeast(u64),
+}
+
+/// `None`: the operation cannot take effect whatever came before (e.g. `available_after`
+/// smaller than `add`). A retry of a group that already took effect gets the first
+/// result back and needs nothing.
+fn need(step: &Step, s: &State) -> Option<Need> {
+    if s.has(step.group()) {
+        return Some(Need::Nothing);
     }
+    match step {
+        Step::Restock { add, available_after: Some(after) } => after.checked_sub(*add).map(Need::Exactly),
+        Step::Restock { available_after: None, .. } | Step::Cancel { .. } => Some(Need::Nothing),
+        Step::Read { available } => Some(Need::Exactly(*available)),
+        Step::SoldOut { qty, available, .. } => (available < qty).then_some(Need::Exactly(*available)),
+        Step::Order { qty, .. } => Some(Need::AtLeast(*qty)),
+    }
+}
+
+/// The state after a completed operation whose [`need`] holds in `s`.
+fn apply(step: &Step, s: &State) -> Option<State> {
+    let g = step.group();
+    if s.has(g) {
+        return Some(s.clone());
+    }
+    match step {
+        Step::Restock { add, .. } => s.available.checked_add(*add).map(|a| s.with(a, None)),
+        Step::Read { .. } => Some(s.clone()),
+        Step::SoldOut { .. } => Some(s.with(s.available, g)),
+        Step::Order { qty, .. } => s.available.checked_sub(*qty).map(|a| s.with(a, g)),
+        Step::Cancel { qty, .. } => s.available.checked_add(*qty).map(|a| s.with(a, g)),
+    }
+}
+
+/// The change a pending operation makes if it takes effect.
+fn pending_delta(step: &Step) -> i128 {
+    match step {
+        Step::Restock { add, .. } => *add as i128,
+        Step::Cancel { qty, .. } => *qty as i128,
+        Step::Order { qty, .. } => -(*qty as i128),
+        // Never pending: a read or sold-out without its answer says nothing.
+        Step::Read { .. } | Step::SoldOut { .. } => 0,
+    }
+}
+
+/// Interchangeable pending operations (same change to the stock, no idempotency group),
+/// unlinearized and callable now, in call order. Taking the first k of a class stands
+/// for every choice of k of them. An op with a group is a class of its own.
+struct Class {
+    delta: i128,
+    group: Option<usize>,
+    members: Vec<usize>,
+}
+
+/// How many of each class a bundle takes.
+type Bundle = Vec<usize>;
+
+/// Bundles enumerated per operation and step at most; beyond, the search may miss a
+/// linearization, so an "illegal" end is reported as timed out instead.
+const BUNDLES_MAX: usize = 4096;
+
+/// The bundles of pending operations that, placed just before a completed operation,
+/// meet its need (the empty bundle first). Pending operations only ever need to take
+/// effect just before an operation that observes the stock: one placed anywhere else can
+/// be moved later (it has no return time to respect) without changing any answer. For
+/// an order, only adds help, and only minimal sets of them (extra adds can wait).
+fn bundles(classes: &[Class], need: Need, available: u64, limit: usize) -> (Vec<Bundle>, bool) {
+    let mut out = vec![];
+    let mut counts = vec![0; classes.len()];
+    let truncated = match need {
+        Need::Nothing => {
+            out.push(counts);
+            false
+        }
+        Need::Exactly(v) => exact(classes, 0, v as i128 - available as i128, &mut counts, &mut out, limit),
+        Need::AtLeast(q) if available >= q => {
+            out.push(counts);
+            false
+        }
+        Need::AtLeast(q) => at_least(classes, 0, q as i128 - available as i128, &mut counts, &mut out, limit),
+    };
+    (out, truncated)
+}
+
+/// Usable members of a class: a group takes effect once.
+fn usable(c: &Class) -> usize {
+    if c.group.is_some() {
+        c.members.len().min(1)
+    } else {
+        c.members.len()
+    }
+}
+
+fn exact(classes: &[Class], i: usize, target: i128, counts: &mut Bundle, out: &mut Vec<Bundle>, limit: usize) -> bool {
+    if out.len() >= limit {
+        return true;
+    }
+    if i == classes.len() {
+        if target == 0 {
+            out.push(counts.clone());
+        }
+        return false;
+    }
+    // What the classes after i can still add or take away bounds the search.
+    let reach = |sign: i128| classes[i..].iter().map(|c| if c.delta * sign > 0 { c.delta * usable(c) as i128 } else { 0 }).sum::<i128>();
+    if target > reach(1) || target < reach(-1) {
+        return false;
+    }
+    let mut truncated = false;
+    for k in 0..=usable(&classes[i]) {
+        counts[i] = k;
+        truncated |= exact(classes, i + 1, target - classes[i].delta * k as i128, counts, out, limit);
+    }
+    counts[i] = 0;
+    truncated
+}
+
+fn at_least(classes: &[Class], i: usize, missing: i128, counts: &mut Bundle, out: &mut Vec<Bundle>, limit: usize) -> bool {
+    if out.len() >= limit {
+        return true;
+    }
+    if missing <= 0 {
+        // Minimal: dropping any one chosen add would fall short.
+        let smallest = classes.iter().zip(counts.iter()).filter(|(_, &k)| k > 0).map(|(c, _)| c.delta).min().unwrap_or(0);
+        if missing + smallest > 0 {
+            out.push(counts.clone());
+        }
+        return false;
+    }
+    if i == classes.len() {
+        return false;
+    }
+    if classes[i].delta <= 0 {
+        return at_least(classes, i + 1, missing, counts, out, limit);
+    }
+    let mut truncated = false;
+    for k in 0..=usable(&classes[i]) {
+        counts[i] = k;
+        truncated |= at_least(classes, i + 1, missing - classes[i].delta * k as i128, counts, out, limit);
+    }
+    counts[i] = 0;
+    truncated
+}
+
+fn apply_bundle(classes: &[Class], bundle: &Bundle, s: &State) -> Option<State> {
+    let mut available = s.available as i128;
+    let mut next = s.clone();
+    for (c, &k) in classes.iter().zip(bundle) {
+        available += c.delta * k as i128;
+        if k > 0 {
+            next = next.with(next.available, c.group);
+        }
+    }
+    // Adds go first within a bundle, so the final value bounds every intermediate one.
+    next.available = u64::try_from(available).ok()?;
+    Some(next)
+}
+
+fn members<'c>(classes: &'c [Class], bundle: &'c Bundle) -> impl Iterator<Item = usize> + 'c {
+    classes.iter().zip(bundle).flat_map(|(c, &k)| c.members[..k].iter().copied())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -187,7 +325,10 @@ fn involved(prefix: &[LinOp], culprit: &LinOp) -> Vec<u64> {
     let concurrent = prefix.iter().filter(|o| o.return_ns.is_none_or(|r| r >= culprit.invoke_ns));
     let mut all: Vec<&LinOp> = before.iter().rev().take(BEFORE_MAX).copied().chain(concurrent).collect();
     all.sort_by_key(|o| (o.invoke_ns, o.id));
-    all.iter().map(|o| o.id).collect()
+    let mut ids: Vec<u64> = all.iter().map(|o| o.id).collect();
+    // A merge release shares its order's id.
+    ids.dedup();
+    ids
 }
 
 /// Call and return events in one doubly linked list (with head and tail sentinels), so
@@ -201,7 +342,17 @@ struct Search<'a> {
     prev: Vec<usize>,
 }
 
-const CHECK_EVERY: u64 = 1024;
+/// A choice the search made: a completed op (by its position among the candidates),
+/// the bundle of pending ops placed just before it, and the state before both.
+struct Frame {
+    op: usize,
+    bundle: Vec<usize>,
+    before: State,
+    candidate: usize,
+    bundle_index: usize,
+}
+
+const CHECK_EVERY: u64 = 256;
 
 impl<'a> Search<'a> {
     fn new(ops: &'a [LinOp], groups: usize) -> Search<'a> {
@@ -241,58 +392,105 @@ impl<'a> Search<'a> {
         }
     }
 
+    /// The completed ops that may come next (called before the earliest remaining
+    /// return), earliest return first: a write usually takes effect late in its call, so
+    /// this order is the likeliest to be right at once. And the pending ops callable now,
+    /// in classes.
+    fn candidates(&self, s: &State) -> (Vec<usize>, Vec<Class>) {
+        let n = self.ops.len();
+        let (mut done, mut classes) = (vec![], Vec::<Class>::new());
+        let mut e = self.next[2 * n];
+        while e < n {
+            let op = &self.ops[e];
+            if op.return_ns.is_some() {
+                done.push(e);
+            } else if !s.has(op.step.group()) {
+                let (delta, group) = (pending_delta(&op.step), op.step.group());
+                match classes.iter_mut().find(|c| group.is_none() && c.group.is_none() && c.delta == delta) {
+                    Some(c) => c.members.push(e),
+                    None => classes.push(Class { delta, group, members: vec![e] }),
+                }
+            }
+            e = self.next[e];
+        }
+        done.sort_by_key(|&op| self.ops[op].return_ns);
+        (done, classes)
+    }
+
     fn run(mut self, limits: Limits) -> Verdict {
         let n = self.ops.len();
-        let (head, tail) = (2 * n, 2 * n + 1);
         let mut remaining = self.ops.iter().filter(|o| o.return_ns.is_some()).count();
         let mut state = State { available: 0, groups: vec![0; self.groups.div_ceil(64)] };
         let mut linearized = vec![0u64; n.div_ceil(64)];
         let mut cache: HashSet<(Vec<u64>, State)> = HashSet::new();
-        // (op, state before it, variant taken)
-        let mut stack: Vec<(usize, State, usize)> = Vec::new();
-        let (mut cursor, mut first_variant) = (self.next[head], 0);
+        let mut stack: Vec<Frame> = Vec::new();
+        // Where to resume among the candidates and their bundles after a backtrack.
+        let (mut first_candidate, mut first_bundle) = (0, 0);
+        let mut truncated = false;
         let mut steps: u64 = 0;
         while remaining > 0 {
             steps += 1;
-            if steps % CHECK_EVERY == 0 && (Instant::now() >= limits.deadline || cache.len() >= limits.cache_entries_max) {
+            if steps.is_multiple_of(CHECK_EVERY) && (Instant::now() >= limits.deadline || cache.len() >= limits.cache_entries_max) {
                 return Verdict::TimedOut;
             }
-            if cursor == tail {
-                // Unreachable: a completed op's return always precedes the tail. Refuse
-                // rather than pass a history the search did not finish.
-                debug_assert!(false, "search ran past the last return");
-                return Verdict::Illegal;
+            let (candidates, classes) = self.candidates(&state);
+            let mut chosen = None;
+            'search: for (c, &op) in candidates.iter().enumerate().skip(first_candidate) {
+                let step = &self.ops[op].step;
+                let Some(need) = need(step, &state) else { continue };
+                let mut from = if c == first_candidate { first_bundle } else { 0 };
+                // Bundles are enumerated lazily, in growing batches: the first usually fits.
+                let mut limit = from + 8;
+                loop {
+                    let (options, cut) = bundles(&classes, need, state.available, limit);
+                    for (b, bundle) in options.iter().enumerate().skip(from) {
+                        let Some(next) = apply_bundle(&classes, bundle, &state).and_then(|pre| apply(step, &pre)) else { continue };
+                        let pending: Vec<usize> = members(&classes, bundle).collect();
+                        pending.iter().chain([&op]).for_each(|&o| set_bit(&mut linearized, o, true));
+                        if cache.insert((linearized.clone(), next.clone())) {
+                            chosen = Some(Frame { op, bundle: pending, before: next, candidate: c, bundle_index: b });
+                            break 'search;
+                        }
+                        pending.iter().chain([&op]).for_each(|&o| set_bit(&mut linearized, o, false));
+                    }
+                    if !cut {
+                        break;
+                    }
+                    if limit >= BUNDLES_MAX {
+                        truncated = true;
+                        break;
+                    }
+                    (from, limit) = (options.len(), (limit * 4).min(BUNDLES_MAX));
+                }
             }
-            if cursor >= n {
-                // The earliest remaining return: its op had to be linearized by now.
-                let Some((op, before, variant)) = stack.pop() else { return Verdict::Illegal };
-                set_bit(&mut linearized, op, false);
-                state = before;
-                self.unlift(op);
-                remaining += usize::from(self.ops[op].return_ns.is_some());
-                (cursor, first_variant) = (op, variant + 1);
-                continue;
-            }
-            let op = cursor;
-            let pending = self.ops[op].return_ns.is_none();
-            let options = successors(&self.ops[op].step, &state, pending);
-            set_bit(&mut linearized, op, true);
-            let fresh = (first_variant..options.len()).find(|&v| cache.insert((linearized.clone(), options[v].clone())));
-            match fresh {
-                Some(v) => {
-                    stack.push((op, std::mem::replace(&mut state, options[v].clone()), v));
-                    self.lift(op);
-                    remaining -= usize::from(!pending);
-                    (cursor, first_variant) = (self.next[head], 0);
+            match chosen {
+                Some(mut frame) => {
+                    // The frame carries the new state until it is swapped for the old one.
+                    frame.bundle.iter().chain([&frame.op]).for_each(|&o| self.lift(o));
+                    std::mem::swap(&mut state, &mut frame.before);
+                    stack.push(frame);
+                    remaining -= 1;
+                    (first_candidate, first_bundle) = (0, 0);
                 }
                 None => {
-                    set_bit(&mut linearized, op, false);
-                    (cursor, first_variant) = (self.next[op], 0);
+                    // Nothing leads anywhere new: undo the last choice and try its next option.
+                    let Some(f) = stack.pop() else { return if truncated { Verdict::TimedOut } else { Verdict::Illegal } };
+                    for &o in [f.op].iter().chain(f.bundle.iter().rev()) {
+                        self.unlift(o);
+                        set_bit(&mut linearized, o, false);
+                    }
+                    state = f.before;
+                    remaining += 1;
+                    (first_candidate, first_bundle) = (f.candidate, f.bundle_index + 1);
                 }
             }
         }
         Verdict::Ok
     }
+}
+
+fn get_bit(bits: &[u64], i: usize) -> bool {
+    bits[i / 64] & (1 << (i % 64)) != 0
 }
 
 fn set_bit(bits: &mut [u64], i: usize, on: bool) {

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::actors::{self, Directory};
 use crate::cluster_view::ClusterView;
 use crate::config::{ClusterConfig, NodeInfo};
-use crate::dns::DnsServer;
+use crate::dns::DnsThread;
 use crate::domain::{Outcome, Request};
 use crate::error::NodeError;
 use crate::hlc::Hlc;
@@ -50,7 +50,7 @@ pub struct Node {
     pub test_hooks: bool,
     pub links: Arc<Links>,
     /// The DNS server, once started (its counters feed /metrics).
-    pub dns: Mutex<Option<DnsServer>>,
+    pub dns: Mutex<Option<DnsThread>>,
     pub hlc: Hlc,
     request_timeout: Duration,
     /// SKUs this node is asking other DCs for stock for (one ask at a time per SKU).
@@ -295,7 +295,7 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     tasks.push(tokio::spawn(crate::api::serve(http_listener, node.clone())));
     tasks.push(tokio::spawn(bootstrap(node.clone())));
     tasks.extend(replication::spawn(node.clone()));
-    let dns = DnsServer::start(node.info.dns, Arc::new(ClusterView::new(node.clone()))).await.with_context(|| format!("start dns on {}", node.info.dns))?;
+    let dns = DnsThread::spawn(node.info.dns, Arc::new(ClusterView::new(node.clone()))).with_context(|| format!("start dns on {}", node.info.dns))?;
     *node.dns.lock().expect("dns lock") = Some(dns);
     tracing::info!(node = %node.info.name, dc = %node.info.dc, id = node.info.id, http = %http_addr, peer = %node.info.peer, "node started");
     Ok(Running { node, http_addr, tasks, supervisor })

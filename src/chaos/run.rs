@@ -75,7 +75,15 @@ async fn run_all(dir: &Path, smoke: bool) -> anyhow::Result<i32> {
             continue;
         }
         let out = PathBuf::from(".agora/chaos").join(format!("{}-{}", s.name, s.seed));
-        let code = run(&s, &out).await?.exit_code();
+        // A scenario that cannot run here (e.g. no netem in the kernel) is reported and
+        // counted, and the others still run.
+        let code = match run(&s, &out).await {
+            Ok(report) => report.exit_code(),
+            Err(e) => {
+                println!("chaos {}: could not run: {e:#}", s.name);
+                3
+            }
+        };
         worst = worst.max(code);
     }
     Ok(worst)

@@ -204,6 +204,62 @@ impl DnsServer {
 
 /// Binds UDP and TCP on the same port; for port 0 retries until the kernel's
 /// UDP pick is also free for TCP.
+/// A DNS server on a thread of its own with a single-threaded runtime: each query is
+/// received, answered and sent on one thread, without waking the node's other workers —
+/// a large share of the per-query cost on a small machine.
+pub struct DnsThread {
+    local_addr: SocketAddr,
+    stats: Arc<Counters>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DnsThread {
+    /// Binds (errors are returned here, not lost on the thread) and starts serving.
+    pub fn spawn(addr: SocketAddr, view: Arc<dyn DnsView>) -> Result<DnsThread, DnsError> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new().name("agora-dns".into()).spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => return drop(ready_tx.send(Err(DnsError::Io(e)))),
+            };
+            rt.block_on(async move {
+                match DnsServer::start(addr, view).await {
+                    Ok(server) => {
+                        let _ = ready_tx.send(Ok((server.local_addr(), server.stats.clone())));
+                        let _ = stop_rx.await;
+                        server.shutdown().await;
+                    }
+                    Err(e) => drop(ready_tx.send(Err(e))),
+                }
+            });
+        })?;
+        let (local_addr, stats) = ready_rx.recv().map_err(|_| DnsError::Io(std::io::Error::other("dns thread ended before it started")))??;
+        Ok(DnsThread { local_addr, stats, stop: Some(stop), thread: Some(thread) })
+    }
+
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    #[must_use]
+    pub fn stats(&self) -> DnsStats {
+        self.stats.snapshot()
+    }
+
+    /// Stops serving and waits for the thread to end.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
 async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsError> {
     if addr.port() != 0 {
         let udp = bind_udp(addr).await?;

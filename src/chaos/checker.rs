@@ -488,7 +488,10 @@ fn window_stats(records: &[&Record], name: &str, start_ns: u64, end_ns: u64) -> 
     let inside: Vec<&&Record> = records.iter().filter(|r| (start_ns..=end_ns).contains(&r.invoke_ns)).collect();
     let n = |o: Outcome| inside.iter().filter(|r| r.outcome == o).count();
     let (ok, fail, unknown) = (n(Outcome::Ok), n(Outcome::Fail), n(Outcome::Unknown));
-    let served_share = if inside.is_empty() { 1.0 } else { (ok + fail) as f64 / inside.len() as f64 };
+    // Served: answered about the request itself — done, or refused for a reason of its own
+    // (4xx such as sold out). A refused connection or a 503 (no quorum) was not served.
+    let served = inside.iter().filter(|r| r.outcome == Outcome::Ok || (r.outcome == Outcome::Fail && (400..500).contains(&r.status))).count();
+    let served_share = if inside.is_empty() { 1.0 } else { served as f64 / inside.len() as f64 };
     WindowStats { name: name.to_string(), start_ns, end_ns, invoked: inside.len(), ok, fail, unknown, served_share }
 }
 

@@ -112,6 +112,12 @@ pub enum ClusterCmd {
     },
     /// Remove every partition.
     Heal,
+    /// Take a DC out of the DNS answers on every DC (a replicated operator setting).
+    Drain { dc: String },
+    /// Put a drained DC back into the DNS answers.
+    Undrain { dc: String },
+    /// Set a DC's share of the DNS rotation (0 takes it out, like a drain; at most 100).
+    Weight { dc: String, weight: u32 },
     /// Set the one-way delay between DCs with tc netem, in ms (0 removes it; the kernel needs sch_netem).
     Latency { ms: u64 },
     /// Write Kubernetes manifests (StatefulSet, headless Service, ConfigMap per DC).
@@ -324,6 +330,27 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
     }
 }
 
+/// Sends an operator setting for `dc` to the first node that answers; the cluster
+/// replicates it to every DC.
+async fn dc_settings(c: &Cluster, dc: &str, body: serde_json::Value) -> Result<()> {
+    if !c.cfg.dc_names().iter().any(|d| d == dc) {
+        anyhow::bail!("unknown datacentre '{dc}'; valid: {}", c.cfg.dc_names().join(", "));
+    }
+    let http = table::http_client();
+    let mut last = None;
+    for n in c.cfg.nodes() {
+        match http.put(format!("http://{}/v1/admin/dcs/{dc}", n.http)).json(&body).send().await {
+            Ok(r) if r.status().is_success() => {
+                println!("{}", r.text().await.unwrap_or_default());
+                return Ok(());
+            }
+            Ok(r) => last = Some(format!("{}: {} {}", n.name, r.status(), r.text().await.unwrap_or_default())),
+            Err(e) => last = Some(format!("{}: {e}", n.name)),
+        }
+    }
+    anyhow::bail!("no node took the setting (last answer: {})", last.unwrap_or_default())
+}
+
 /// The commands that act on a cluster that `up` started.
 async fn drive(c: Cluster, cmd: ClusterCmd) -> Result<()> {
     match cmd {
@@ -340,6 +367,9 @@ async fn drive(c: Cluster, cmd: ClusterCmd) -> Result<()> {
         ClusterCmd::Partition { targets } => partition(c, &targets)?,
         ClusterCmd::Heal => heal(c)?,
         ClusterCmd::Latency { ms } => latency(c, ms)?,
+        ClusterCmd::Drain { dc } => dc_settings(&c, &dc, serde_json::json!({"drained": true})).await?,
+        ClusterCmd::Undrain { dc } => dc_settings(&c, &dc, serde_json::json!({"drained": false})).await?,
+        ClusterCmd::Weight { dc, weight } => dc_settings(&c, &dc, serde_json::json!({"weight": weight})).await?,
         ClusterCmd::Up(_) | ClusterCmd::Down { .. } | ClusterCmd::K8s(_) | ClusterCmd::Compose(_) | ClusterCmd::WanRoutes(_) => {
             unreachable!("handled in run")
         }

@@ -237,6 +237,18 @@ async fn process_backend_end_to_end() {
     assert!(err.contains("--backend netns"), "{err}");
     let logs = l.must(&["logs", "dc1-n1", "-n", "100000"]);
     assert!(logs.contains("node started node=dc1-n1"), "{logs}");
+    // Drain is an operator setting replicated to every DC: dc3 learns of dc2's drain.
+    l.must(&["drain", "dc2"]);
+    let settings = format!("{}/v1/admin/dcs", l.api("dc3-n1"));
+    must_eventually(Duration::from_secs(10), "dc2 drained as dc3 sees it", || async {
+        let (_, v) = l.call(reqwest::Method::GET, settings.clone(), None).await;
+        v["dcs"].as_array()?.iter().any(|d| d["dc"] == "dc2" && d["drained"] == true).then_some(())
+    })
+    .await;
+    l.must(&["undrain", "dc2"]);
+    l.must(&["weight", "dc1", "3"]);
+    let err = l.must_fail(&["drain", "dc9"]);
+    assert!(err.contains("unknown datacentre 'dc9'"), "{err}");
     must_down(&l);
 }
 

@@ -307,12 +307,23 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
 async fn bootstrap(node: Arc<Node>) {
     match node.raft.is_initialized().await {
         Ok(false) => {}
-        _ => return,
+        Ok(true) => return rejoin_quietly(&node).await,
+        Err(_) => return,
     }
     match node.raft.initialize(node.dc_members()).await {
         Ok(()) => tracing::info!(dc = %node.info.dc, "bootstrapped datacentre membership"),
         Err(e) => tracing::debug!(error = %e, "bootstrap skipped"),
     }
+}
+
+/// A restarted node holds back its own election timer for two election timeouts, so it
+/// hears the current leader's heartbeat before it could depose it with a higher term
+/// (openraft 0.9 has no pre-vote). It still votes, and a DC whose every node restarted
+/// elects a leader once the grace ends.
+async fn rejoin_quietly(node: &Node) {
+    node.raft.runtime_config().elect(false);
+    tokio::time::sleep(Duration::from_millis(2 * node.config.raft.election_timeout_max_ms)).await;
+    node.raft.runtime_config().elect(true);
 }
 
 impl Running {

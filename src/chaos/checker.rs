@@ -497,12 +497,13 @@ fn window_stats(records: &[&Record], name: &str, start_ns: u64, end_ns: u64) -> 
 
 fn kill_stats(records: &[&Record], dc: &str, node: &str, at_ns: u64) -> KillStats {
     // Writes called before the kill may complete just after it without proving that a new
-    // leader exists, so only calls made after the kill count.
-    let first = records
-        .iter()
-        .filter(|r| r.dc == dc && r.outcome == Outcome::Ok && r.op.is_write() && r.invoke_ns >= at_ns)
-        .filter_map(|r| r.complete_ns.map(|c| (c, r.id)))
-        .min();
+    // leader exists, so only calls made after the kill count. A write refused for its own
+    // reason (4xx: sold out, unknown order) counts too: Agora decides those on the leader
+    // (a rejection is confirmed with a read index), and once stock runs out they are most
+    // of what a DC answers.
+    let answered = |r: &Record| r.outcome == Outcome::Ok || (r.outcome == Outcome::Fail && (400..500).contains(&r.status));
+    let first =
+        records.iter().filter(|r| r.dc == dc && answered(r) && r.op.is_write() && r.invoke_ns >= at_ns).filter_map(|r| r.complete_ns.map(|c| (c, r.id))).min();
     KillStats {
         dc: dc.to_string(),
         node: node.to_string(),

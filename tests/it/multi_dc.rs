@@ -275,3 +275,28 @@ async fn replication_from_unknown_or_lying_peers_is_refused() {
     assert_eq!(c.get("dc1-n1", "/v1/sessions/forged?consistency=stale").await.0, 404);
     assert_eq!(c.must_converge(Duration::from_secs(5)).await, before);
 }
+
+#[tokio::test]
+async fn a_dc_past_the_outbox_cap_catches_up_from_a_snapshot() {
+    let c = TestCluster::start(48, Options { dcs: 2, nodes: 1, replication: "outbox_len_max = 10", ..Options::default() }).await;
+    c.must_converge(Duration::from_secs(5)).await;
+    c.cut(&c.dc_nodes("dc1"), &c.dc_nodes("dc2")).await;
+    let mut tokens = Vec::new();
+    for i in 0..40 {
+        tokens.push(c.must_session("dc1-n1", &format!("u{i}")).await);
+    }
+    // dc1 trims its outbox to the cap while dc2 cannot acknowledge.
+    must_eventually(Duration::from_secs(10), "dc1's outbox trimmed past dc2's cursor", || async {
+        let (_, s) = c.get("dc1-n1", "/v1/cluster/status").await;
+        (s["outbox_floor"].as_u64()? > 11).then_some(())
+    })
+    .await;
+    c.heal().await;
+    c.must_converge(Duration::from_secs(15)).await;
+    for t in &tokens {
+        assert_eq!(c.get("dc2-n1", &format!("/v1/sessions/{t}?consistency=stale")).await.0, 200);
+    }
+    let (_, s) = c.get("dc1-n1", "/v1/cluster/status").await;
+    let dc2 = s["dcs"].as_array().unwrap().iter().find(|d| d["name"] == "dc2").unwrap().clone();
+    assert!(dc2["snapshot_catchups"].as_u64().unwrap() >= 1, "status says dc2 was caught up from a snapshot: {s}");
+}

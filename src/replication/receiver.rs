@@ -28,6 +28,13 @@ pub async fn handle(node: &Node, from: NodeId, req: PeerRequest) -> PeerResponse
             }
             let stamps: Vec<(u64, u64)> = events.iter().map(|e| (e.seq, e.hlc)).collect();
             let before = node.sm.cursor(&origin);
+            // Nothing new (an empty heartbeat batch, or a replay): answer from the applied
+            // cursor without a Raft write — writing would wake our own shippers, whose
+            // heartbeats would wake the sender's, in a loop.
+            if stamps.iter().all(|(seq, _)| *seq <= before) {
+                let ack = if node.is_leader() { Ok(ReplicateAck { cursor: before }) } else { Err(NodeError::NotLeader(node.leader())) };
+                return PeerResponse::Replicate(ack);
+            }
             let r = apply(node, Command::ApplyRemote { origin: origin.clone(), events }).await;
             if r.is_ok() {
                 // Lag of the events this batch newly applied: origin timestamp to commit here.

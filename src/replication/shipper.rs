@@ -24,9 +24,10 @@ pub async fn ship_loop(node: Arc<Node>, dc: String) {
         }
         match ship_once(&node, &dc).await {
             Ok(true) => {}
-            // Caught up: wait for new applied entries, or send an empty batch as heartbeat.
+            // Caught up: wait for a new event of ours, or send an empty batch as heartbeat.
             Ok(false) => {
-                let _ = tokio::time::timeout(interval, metrics.changed()).await;
+                let shipped = node.sm.out_seq();
+                let _ = tokio::time::timeout(interval, async { while metrics.changed().await.is_ok() && node.sm.out_seq() == shipped {} }).await;
             }
             Err(e) => {
                 tracing::debug!(%dc, error = %e, "replication batch failed");

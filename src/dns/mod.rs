@@ -277,8 +277,33 @@ async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsErro
     Err(last_error.unwrap_or_else(|| DnsError::Io(std::io::Error::other("no free port"))))
 }
 
+/// Receive buffer asked of the kernel for the UDP socket: bursts of queries wait there
+/// instead of being dropped while the server thread is busy.
+const UDP_RECV_BUFFER_BYTES: libc::c_int = 4 << 20;
+
 async fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, DnsError> {
-    UdpSocket::bind(addr).await.map_err(|source| DnsError::Bind { proto: "udp", addr, source })
+    let sock = UdpSocket::bind(addr).await.map_err(|source| DnsError::Bind { proto: "udp", addr, source })?;
+    set_recv_buffer(&sock);
+    Ok(sock)
+}
+
+/// Best effort: the kernel caps it at `net.core.rmem_max`; a failure only costs bursts.
+fn set_recv_buffer(sock: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let size = UDP_RECV_BUFFER_BYTES;
+    // SAFETY: a valid socket fd and a pointer to a c_int of the size we pass.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &size as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "could not enlarge the dns receive buffer");
+    }
 }
 
 async fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, DnsError> {

@@ -53,6 +53,9 @@ pub struct Node {
     pub dns: Mutex<Option<DnsThread>>,
     pub hlc: Hlc,
     request_timeout: Duration,
+    /// Ids of this DC's nodes: checked on every peer request (each Raft heartbeat), so
+    /// computed once rather than from the config's node list each time.
+    dc_ids: HashSet<NodeId>,
     /// SKUs this node is asking other DCs for stock for (one ask at a time per SKU).
     asking: Mutex<HashSet<String>>,
 }
@@ -217,8 +220,7 @@ struct Handler(Arc<Node>);
 impl PeerHandler for Handler {
     async fn handle(&self, from: NodeId, req: PeerRequest) -> PeerResponse {
         let node = &self.0;
-        let same_dc = node.config.node_by_id(from).is_some_and(|n| n.dc == node.info.dc);
-        if !same_dc {
+        if !node.dc_ids.contains(&from) {
             return replication::receiver::handle(node, from, req).await;
         }
         match req {
@@ -270,6 +272,7 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     let actors = Directory::new(config.limits.mailbox_len_max, request_timeout);
     let template = actors::entity::EntityArgs { kind: actors::Kind::Sessions, raft: raft.clone(), sm: reader.clone(), write_timeout: request_timeout };
     let supervisor = actors::spawn_supervisor(actors::supervisor::SupervisorArgs { template, directory: actors.clone(), metrics: metrics.clone() }).await?;
+    let info_dc = info.dc.clone();
     let remote_dcs = config.dc_names().into_iter().filter(|d| *d != info.dc);
     let links = Links::new(remote_dcs, Duration::from_millis(config.replication.dc_unhealthy_after_ms));
     let node = Arc::new(Node {
@@ -287,6 +290,7 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
         hlc: Hlc::default(),
         request_timeout,
         asking: Mutex::new(HashSet::new()),
+        dc_ids: config.dc_nodes(&info_dc).iter().map(|n| n.id).collect(),
     });
 
     let limits = ServerLimits { frame_bytes_max: config.limits.peer_frame_bytes_max, inflight_per_connection_max: config.limits.peer_inflight_max };

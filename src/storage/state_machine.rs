@@ -367,10 +367,6 @@ impl SmReader {
         self.inner.get_typed(&order_key(id))
     }
 
-    pub fn dc(&self) -> &str {
-        &self.inner.dc
-    }
-
     /// The last seq this DC has emitted (0 before any).
     pub fn out_seq(&self) -> u64 {
         self.inner.get_typed(OUT_SEQ).unwrap_or(0)

@@ -91,6 +91,11 @@ pub struct RaftSection {
     pub logs_to_keep_after_snapshot: u64,
     pub install_snapshot_timeout_ms: u64,
     pub snapshot_chunk_bytes_max: u64,
+    /// Raft entries the leader has proposed and not yet applied; requests arriving while
+    /// all are out share the next entry (one log append and fsync for all of them).
+    pub proposals_inflight_max: usize,
+    /// Client requests in one Raft entry at most.
+    pub proposal_batch_len_max: usize,
 }
 
 impl Default for RaftSection {
@@ -103,6 +108,8 @@ impl Default for RaftSection {
             logs_to_keep_after_snapshot: 1000,
             install_snapshot_timeout_ms: 10_000,
             snapshot_chunk_bytes_max: 1 << 20,
+            proposals_inflight_max: 2,
+            proposal_batch_len_max: 256,
         }
     }
 }
@@ -289,6 +296,12 @@ impl ClusterConfig {
         }
         if r.snapshot_logs_since_last == 0 {
             return Err(invalid("raft.snapshot_logs_since_last", "must be > 0"));
+        }
+        if r.proposals_inflight_max == 0 {
+            return Err(invalid("raft.proposals_inflight_max", "must be > 0"));
+        }
+        if r.proposal_batch_len_max == 0 {
+            return Err(invalid("raft.proposal_batch_len_max", "must be > 0"));
         }
         Ok(())
     }

@@ -23,6 +23,7 @@ use crate::domain::{Outcome, Request};
 use crate::error::NodeError;
 use crate::hlc::Hlc;
 use crate::metrics::Metrics;
+use crate::raft::proposer::{Proposer, ProposerLimits};
 use crate::raft::{network::Network, raft_config, NodeId, Raft};
 use crate::replication::{self, Links};
 use crate::storage::{self, SmReader};
@@ -270,7 +271,11 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     let metrics = Metrics::new(&info.name, &info.dc);
     let request_timeout = Duration::from_millis(config.limits.request_timeout_ms);
     let actors = Directory::new(config.limits.mailbox_len_max, request_timeout);
-    let template = actors::entity::EntityArgs { kind: actors::Kind::Sessions, raft: raft.clone(), sm: reader.clone(), write_timeout: request_timeout };
+    let proposer = Proposer::start(
+        raft.clone(),
+        ProposerLimits { inflight_max: config.raft.proposals_inflight_max, batch_len_max: config.raft.proposal_batch_len_max, timeout: request_timeout },
+    );
+    let template = actors::entity::EntityArgs { kind: actors::Kind::Sessions, raft: raft.clone(), proposer, sm: reader.clone() };
     let supervisor = actors::spawn_supervisor(actors::supervisor::SupervisorArgs { template, directory: actors.clone(), metrics: metrics.clone() }).await?;
     let info_dc = info.dc.clone();
     let remote_dcs = config.dc_names().into_iter().filter(|d| *d != info.dc);

@@ -1,13 +1,12 @@
 //! The actor of one family (sessions, inventory or orders).
 
-use std::time::Duration;
-
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::RaftError;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::domain::{Outcome, Request};
 use crate::error::NodeError;
-use crate::raft::{NodeId, Raft};
+use crate::raft::proposer::Proposer;
+use crate::raft::Raft;
 use crate::storage::SmReader;
 
 use super::Kind;
@@ -27,8 +26,8 @@ pub struct EntityActor;
 pub struct EntityArgs {
     pub kind: Kind,
     pub raft: Raft,
+    pub proposer: Proposer,
     pub sm: SmReader,
-    pub write_timeout: Duration,
 }
 
 impl Actor for EntityActor {
@@ -63,7 +62,7 @@ async fn submit(st: &EntityArgs, cmd: Request, reply: RpcReplyPort<Result<Outcom
         });
         return;
     }
-    propose(st, cmd, reply).await;
+    propose(st, cmd, reply);
 }
 
 async fn confirm_rejection(st: &EntityArgs, cmd: Request) -> Result<Outcome, NodeError> {
@@ -77,43 +76,14 @@ async fn confirm_rejection(st: &EntityArgs, cmd: Request) -> Result<Outcome, Nod
     match st.sm.dry_run(&cmd) {
         rejected @ Outcome::Rejected(_) => Ok(rejected),
         // State moved on while we confirmed (e.g. a restock landed): propose after all.
-        _ => write(&st.raft, cmd, st.write_timeout).await,
+        _ => st.proposer.write(cmd).await,
     }
 }
 
-/// Enqueues the command in Raft now (keeping per-entity order) and waits for its
-/// application in a task.
-async fn propose(st: &EntityArgs, cmd: Request, reply: RpcReplyPort<Result<Outcome, NodeError>>) {
-    let rx = match st.raft.client_write_ff(cmd).await {
-        Ok(rx) => rx,
-        Err(fatal) => {
-            let _ = reply.send(Err(NodeError::Internal(fatal.to_string())));
-            return;
-        }
-    };
-    let timeout = st.write_timeout;
-    tokio::spawn(async move {
-        let r = match tokio::time::timeout(timeout, rx).await {
-            Err(_) => Err(NodeError::Timeout),
-            Ok(Err(_)) => Err(NodeError::Internal("raft dropped the write".into())),
-            Ok(Ok(r)) => r.map(|resp| resp.data).map_err(write_error),
-        };
+/// Queues the command for Raft now (keeping per-entity order); the reply is sent when
+/// it is applied, without holding the mailbox.
+fn propose(st: &EntityArgs, cmd: Request, reply: RpcReplyPort<Result<Outcome, NodeError>>) {
+    st.proposer.propose(cmd, move |r| {
         let _ = reply.send(r);
     });
-}
-
-async fn write(raft: &Raft, cmd: Request, timeout: Duration) -> Result<Outcome, NodeError> {
-    match tokio::time::timeout(timeout, raft.client_write(cmd)).await {
-        Err(_) => Err(NodeError::Timeout),
-        Ok(Ok(resp)) => Ok(resp.data),
-        Ok(Err(RaftError::APIError(e))) => Err(write_error(e)),
-        Ok(Err(RaftError::Fatal(f))) => Err(NodeError::Internal(f.to_string())),
-    }
-}
-
-fn write_error(e: ClientWriteError<NodeId, openraft::BasicNode>) -> NodeError {
-    match e {
-        ClientWriteError::ForwardToLeader(f) => NodeError::NotLeader(f.leader_id),
-        ClientWriteError::ChangeMembershipError(e) => NodeError::Internal(e.to_string()),
-    }
 }

@@ -36,14 +36,16 @@ pub enum Kind {
 impl Kind {
     pub const ALL: [Kind; 4] = [Kind::Sessions, Kind::Inventory, Kind::Orders, Kind::Replication];
 
-    pub fn of(cmd: &Command) -> Kind {
-        match cmd {
+    /// The family that serialises `cmd`; none for a batch, which only the proposer builds.
+    pub fn of(cmd: &Command) -> Option<Kind> {
+        Some(match cmd {
             Command::CreateSession { .. } | Command::DeleteSession { .. } => Kind::Sessions,
             // An order takes units from its SKU: the SKU's actor serialises it with restocks.
             Command::Restock { .. } | Command::PlaceOrder { .. } | Command::Grant { .. } => Kind::Inventory,
             Command::CancelOrder { .. } | Command::RequestCancel { .. } => Kind::Orders,
             Command::ApplyRemote { .. } | Command::InstallRemote { .. } | Command::TrimOutbox { .. } | Command::SetDcSettings { .. } => Kind::Replication,
-        }
+            Command::Batch { .. } => return None,
+        })
     }
 
     pub fn name(self) -> &'static str {
@@ -85,7 +87,8 @@ impl Directory {
     /// Runs `cmd` through its actor and Raft; answers once it is applied here.
     pub async fn submit(&self, cmd: Request) -> Result<Outcome, NodeError> {
         let _permit = self.queue.try_acquire().map_err(|_| NodeError::Overloaded("too many commands queued at the actors".into()))?;
-        let actor = self.get(Kind::of(&cmd.cmd)).ok_or_else(|| NodeError::Overloaded("actor restarting".into()))?;
+        let kind = Kind::of(&cmd.cmd).ok_or_else(|| NodeError::BadRequest("a batch is built by the leader, not submitted".into()))?;
+        let actor = self.get(kind).ok_or_else(|| NodeError::Overloaded("actor restarting".into()))?;
         match actor.call(|reply| EntityMsg::Submit { cmd, reply }, Some(self.timeout)).await {
             Ok(CallResult::Success(r)) => r,
             Ok(CallResult::Timeout) => Err(NodeError::Timeout),

@@ -71,6 +71,7 @@ fn execute(state: &mut impl State, cmd: &Command, key: Option<&str>) -> Outcome 
             Outcome::CancelQueued { owner: owner.clone() }
         }
         Command::ApplyRemote { origin, events } => apply_remote(state, origin, events),
+        Command::Batch { requests } => Outcome::Batch(requests.iter().map(|r| apply(state, r)).collect()),
         Command::InstallRemote { origin, upto, changes } => install_remote(state, origin, *upto, changes),
         Command::SetDcSettings { target, drained, weight, dc, hlc } => {
             let s = DcSettings { dc: target.clone(), drained: *drained, weight: *weight, hlc: *hlc, by: dc.clone() };
@@ -115,6 +116,7 @@ fn check(state: &impl State, cmd: &Command) -> Result<(), String> {
             Err(format!("events in a batch from {origin} name another origin"))
         }
         Command::ApplyRemote { origin, .. } | Command::InstallRemote { origin, .. } if *origin == local => Err("a DC does not replicate to itself".into()),
+        Command::Batch { requests } if requests.iter().any(|r| matches!(r.cmd, Command::Batch { .. })) => Err("a batch inside a batch".into()),
         _ => Ok(()),
     }
 }

@@ -80,6 +80,12 @@ pub enum Command {
     TrimOutbox {
         upto: u64,
     },
+    /// Requests of several clients in one Raft entry, applied in order, each to its own
+    /// outcome: one log append (and one fsync) for all of them. Built only by the leader's
+    /// proposer, never accepted from a client or a peer. (Last, so older entries decode.)
+    Batch {
+        requests: Vec<Request>,
+    },
 }
 
 /// What Raft replicates: a command and the client's `Idempotency-Key`, if it sent one.
@@ -124,6 +130,7 @@ impl Command {
             Command::ApplyRemote { origin, .. } | Command::InstallRemote { origin, .. } => origin,
             Command::TrimOutbox { .. } => "outbox",
             Command::SetDcSettings { target, .. } => target,
+            Command::Batch { .. } => "batch",
         }
     }
 }
@@ -149,6 +156,8 @@ pub enum Outcome {
     Rejected(Rejection),
     /// The result of a blank or membership entry: no client waits on it.
     Noop,
+    /// One outcome per request of a [`Command::Batch`], in its order.
+    Batch(Vec<Outcome>),
 }
 
 /// Why a well-formed command changed nothing. Each maps to one HTTP status in `api`.

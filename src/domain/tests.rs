@@ -61,6 +61,50 @@ fn idempotency_key_returns_first_result() {
     assert_eq!(apply(&mut s, &order("dc1", "o3", 1, Some("k"), 4)), Outcome::Rejected(Rejection::IdempotencyMismatch));
 }
 
+#[test]
+fn a_batch_applies_its_requests_in_order_each_to_its_own_outcome() {
+    let one_by_one = {
+        let mut s = MemState::new("dc1");
+        let outs: Vec<Outcome> = [
+            session("dc1", "t1"),
+            restock("dc1", "sku1", 3),
+            order("dc1", "o1", 2, None, 2),
+            order("dc1", "o2", 2, None, 3),
+            order("dc1", "o3", 1, Some("k"), 4),
+        ]
+        .iter()
+        .map(|r| apply(&mut s, r))
+        .collect();
+        (outs, s)
+    };
+    let mut s = MemState::new("dc1");
+    let batch = req(Command::Batch {
+        requests: vec![
+            session("dc1", "t1"),
+            restock("dc1", "sku1", 3),
+            order("dc1", "o1", 2, None, 2),
+            order("dc1", "o2", 2, None, 3),
+            order("dc1", "o3", 1, Some("k"), 4),
+        ],
+    });
+    let Outcome::Batch(outs) = apply(&mut s, &batch) else { panic!("a batch answers a batch") };
+    assert_eq!(outs, one_by_one.0);
+    // The second order saw the first one's effect: sold out, inside the same entry.
+    assert_eq!(outs[3], Outcome::Rejected(Rejection::SoldOut { available: 1, requested: 2 }));
+    assert_eq!(s.inventory, one_by_one.1.inventory);
+    assert_eq!(s.orders, one_by_one.1.orders);
+    assert_eq!(s.inventory["sku1"].available("dc1"), 0);
+}
+
+#[test]
+fn a_batch_inside_a_batch_is_refused_whole() {
+    let mut s = MemState::new("dc1");
+    let inner = req(Command::Batch { requests: vec![session("dc1", "t1")] });
+    let outer = req(Command::Batch { requests: vec![session("dc1", "t2"), inner] });
+    assert!(matches!(apply(&mut s, &outer), Outcome::Rejected(Rejection::Invalid(_))));
+    assert!(s.sessions.is_empty());
+}
+
 /// Ships every event `from` has emitted to `to`, in one batch starting at `to`'s cursor.
 fn sync(from: &MemState, to: &mut MemState) {
     let events = from.outbox.clone();

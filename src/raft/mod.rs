@@ -3,6 +3,7 @@
 //! stores that openraft drives live in `storage`.
 
 pub mod network;
+pub mod proposer;
 
 use std::io::Cursor;
 use std::sync::Arc;

@@ -118,6 +118,23 @@ impl TestCluster {
         self.url(name).replace("http://", "").replace(":8080", ":7070")
     }
 
+    /// Sends one peer-protocol request to `name` as if from node id `from`, and returns
+    /// the answer (request id 7 on a fresh connection).
+    pub async fn peer_call(&self, name: &str, from: u64, req: agora::transport::PeerRequest) -> agora::transport::PeerResponse {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.peer_addr(name)).await.expect("connect peer port");
+        let payload = agora::codec::encode(&(7u64, from, req));
+        s.write_all(&(payload.len() as u32).to_be_bytes()).await.unwrap();
+        s.write_all(&payload).await.unwrap();
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).await.expect("answer length");
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut body).await.expect("answer body");
+        let (id, resp): (u64, agora::transport::PeerResponse) = agora::codec::decode(&body).expect("decodable answer");
+        assert_eq!(id, 7);
+        resp
+    }
+
     fn data_dir(&self, name: &str) -> PathBuf {
         self.dir.path().join("data").join(name)
     }

@@ -245,7 +245,6 @@ async fn a_dc_short_of_stock_gets_a_grant_from_a_peer() {
 async fn replication_from_unknown_or_lying_peers_is_refused() {
     use agora::domain::{Change, Event, Session};
     use agora::transport::PeerRequest;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let c = TestCluster::start(47, one_node_dcs(2)).await;
     let before = c.must_converge(Duration::from_secs(5)).await;
@@ -260,16 +259,7 @@ async fn replication_from_unknown_or_lying_peers_is_refused() {
     };
     // (sender id, request): an id no config knows; dc2's node speaking for dc3; for dc1 itself.
     for (from, req) in [(99u64, forged("dc9")), (21, forged("dc3")), (21, forged("dc1"))] {
-        let mut s = tokio::net::TcpStream::connect(c.url("dc1-n1").replace("http://", "").replace(":8080", ":7070")).await.unwrap();
-        let payload = agora::codec::encode(&(7u64, from, req));
-        s.write_all(&(payload.len() as u32).to_be_bytes()).await.unwrap();
-        s.write_all(&payload).await.unwrap();
-        let mut len = [0u8; 4];
-        s.read_exact(&mut len).await.unwrap();
-        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-        s.read_exact(&mut body).await.unwrap();
-        let (id, resp): (u64, agora::transport::PeerResponse) = agora::codec::decode(&body).unwrap();
-        assert_eq!(id, 7);
+        let resp = c.peer_call("dc1-n1", from, req).await;
         assert!(matches!(resp, agora::transport::PeerResponse::Refused(_)), "from {from}: {resp:?}");
     }
     assert_eq!(c.get("dc1-n1", "/v1/sessions/forged?consistency=stale").await.0, 404);

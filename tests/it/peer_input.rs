@@ -35,3 +35,23 @@ async fn garbage_truncated_and_unknown_version_frames_are_rejected() {
     assert_eq!(c.must_converge(Duration::from_secs(5)).await, before);
     c.must_session(&c.names[0], "still-fine").await;
 }
+
+/// A batch entry is built by the leader's proposer only: a peer that submits one (to slip
+/// several commands past the actors' ordering) is refused, and nothing changes.
+#[tokio::test]
+async fn a_batch_submitted_by_a_peer_is_refused() {
+    use agora::domain::{Command, Request};
+    use agora::error::NodeError;
+    use agora::transport::{PeerRequest, PeerResponse};
+
+    let c = TestCluster::start(33, Options::default()).await;
+    let leader = c.must_leader(Duration::from_secs(10)).await;
+    let before = c.must_converge(Duration::from_secs(5)).await;
+    let session = |token: &str| Request::new(Command::CreateSession { token: token.into(), user: "mallory".into(), dc: "dc1".into(), hlc: 1 }, None);
+    let batch = Request::new(Command::Batch { requests: vec![session("b1"), session("b2")] }, None);
+    let from = c.names.iter().find(|n| **n != leader).map(|n| TestCluster::id(n)).unwrap();
+    let resp = c.peer_call(&leader, from, PeerRequest::Submit(batch)).await;
+    assert!(matches!(resp, PeerResponse::Submit(Err(NodeError::BadRequest(_)))), "{resp:?}");
+    assert_eq!(c.get(&leader, "/v1/sessions/b1").await.0, 404);
+    assert_eq!(c.must_converge(Duration::from_secs(5)).await, before);
+}

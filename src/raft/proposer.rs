@@ -1,0 +1,138 @@
+//! The leader's proposal batcher: many clients' requests in one Raft entry.
+//!
+//! openraft 0.9 appends each client write as its own entry and waits, inside its core
+//! loop, until that append is durable before it takes the next message
+//! (`RaftCore::append_to_log` awaits the flush). One request per entry therefore caps a
+//! DC at one fsync per write. The proposer keeps at most `inflight_max` entries between
+//! openraft and their application; the requests that arrive meanwhile wait here and go
+//! out together as one [`Command::Batch`]. Alone, a request is proposed at once and as
+//! itself, so a quiet node pays nothing for it.
+//!
+//! Order is kept: requests leave in the order they were queued, and entries reach the
+//! log in the order they leave, so the per-entity order the actors establish holds.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::ClientWriteError;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+
+use super::{NodeId, Raft};
+use crate::domain::{Command, Outcome, Request};
+use crate::error::NodeError;
+
+type Done = Box<dyn FnOnce(Result<Outcome, NodeError>) + Send>;
+
+struct Pending {
+    req: Request,
+    done: Done,
+}
+
+/// Queue in front of `client_write`; cheap to clone.
+#[derive(Clone)]
+pub struct Proposer {
+    tx: mpsc::UnboundedSender<Pending>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ProposerLimits {
+    /// Entries proposed and not yet applied; while all are out, requests queue.
+    pub inflight_max: usize,
+    /// Requests in one entry at most.
+    pub batch_len_max: usize,
+    /// How long a request waits for its entry to be applied.
+    pub timeout: Duration,
+}
+
+impl Proposer {
+    /// Starts the batching task; it ends when the last `Proposer` is dropped.
+    pub fn start(raft: Raft, limits: ProposerLimits) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(raft, rx, limits));
+        Proposer { tx }
+    }
+
+    /// Queues `req` behind every request queued before it; `done` gets its outcome once
+    /// the entry holding it is applied (or fails).
+    pub fn propose(&self, req: Request, done: impl FnOnce(Result<Outcome, NodeError>) + Send + 'static) {
+        if let Err(mpsc::error::SendError(p)) = self.tx.send(Pending { req, done: Box::new(done) }) {
+            (p.done)(Err(NodeError::Internal("proposer stopped".into())));
+        }
+    }
+
+    /// Proposes `req` and waits for its outcome.
+    pub async fn write(&self, req: Request) -> Result<Outcome, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.propose(req, move |r| {
+            let _ = tx.send(r);
+        });
+        rx.await.unwrap_or_else(|_| Err(NodeError::Internal("proposer stopped".into())))
+    }
+}
+
+async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Pending>, limits: ProposerLimits) {
+    let permits = Arc::new(Semaphore::new(limits.inflight_max.max(1)));
+    loop {
+        // Take the permit first: while every entry is out, requests pile up in `rx` and
+        // the next entry carries all of them.
+        let permit = permits.clone().acquire_owned().await.expect("semaphore never closed");
+        let Some(first) = rx.recv().await else { return };
+        let mut batch = vec![first];
+        while batch.len() < limits.batch_len_max {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        propose(&raft, batch, permit, limits.timeout).await;
+    }
+}
+
+/// Hands one entry to openraft (in order, before the next) and waits for it off the loop.
+async fn propose(raft: &Raft, batch: Vec<Pending>, permit: OwnedSemaphorePermit, timeout: Duration) {
+    let (mut requests, dones): (Vec<Request>, Vec<Done>) = batch.into_iter().map(|p| (p.req, p.done)).unzip();
+    let entry = if requests.len() == 1 { requests.pop().expect("one request") } else { Request::new(Command::Batch { requests }, None) };
+    let rx = match raft.client_write_ff(entry).await {
+        Ok(rx) => rx,
+        Err(fatal) => return answer_all(dones, Err(NodeError::Internal(fatal.to_string()))),
+    };
+    tokio::spawn(async move {
+        let r = match tokio::time::timeout(timeout, rx).await {
+            Err(_) => Err(NodeError::Timeout),
+            Ok(Err(_)) => Err(NodeError::Internal("raft dropped the write".into())),
+            Ok(Ok(r)) => r.map(|resp| resp.data).map_err(write_error),
+        };
+        drop(permit);
+        answer(dones, r);
+    });
+}
+
+/// Splits an entry's outcome among its requests.
+fn answer(mut dones: Vec<Done>, r: Result<Outcome, NodeError>) {
+    match r {
+        Ok(Outcome::Batch(outcomes)) if outcomes.len() == dones.len() => {
+            for (done, o) in dones.into_iter().zip(outcomes) {
+                done(Ok(o));
+            }
+        }
+        Ok(o) if dones.len() == 1 => (dones.pop().expect("one waiter"))(Ok(o)),
+        Ok(o) => {
+            let msg = format!("an entry of {} requests was answered with {o:?}", dones.len());
+            answer_all(dones, Err(NodeError::Internal(msg)))
+        }
+        Err(e) => answer_all(dones, Err(e)),
+    }
+}
+
+fn answer_all(dones: Vec<Done>, r: Result<Outcome, NodeError>) {
+    for done in dones {
+        done(r.clone());
+    }
+}
+
+pub fn write_error(e: ClientWriteError<NodeId, openraft::BasicNode>) -> NodeError {
+    match e {
+        ClientWriteError::ForwardToLeader(f) => NodeError::NotLeader(f.leader_id),
+        ClientWriteError::ChangeMembershipError(e) => NodeError::Internal(e.to_string()),
+    }
+}

@@ -118,11 +118,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let mut batch = sled::Batch::default();
+        // Plain inserts, not a sled batch: every sled batch rolls sled's I/O buffer twice
+        // (each roll a write on its I/O pool), and a Raft append needs no atomicity —
+        // sled recovers a prefix of its writes, and a prefix of the entries is a valid
+        // log, none of them acknowledged before the sync below.
         for entry in entries {
-            batch.insert(&key(entry.log_id.index), codec::encode(&entry));
+            self.log.insert(key(entry.log_id.index), codec::encode(&entry)).map_err(|e| io_err(StorageIOError::write_logs, e))?;
         }
-        self.log.apply_batch(batch).map_err(|e| io_err(StorageIOError::write_logs, e))?;
         // Only entries on disk may be reported as flushed: Raft counts them towards a
         // commit quorum the moment the callback fires. The group-commit task fires it
         // after the next sync; returning now lets Raft go on meanwhile.

@@ -2,8 +2,13 @@
 //! kind prefix plus the applied log id and membership, so one `apply_batch` makes a
 //! whole batch of Raft entries — state and progress together — atomic.
 //!
-//! Hot entities also stay decoded in a bounded LRU cache (`cache_entities_max`), written
-//! through on apply, which serves the actors' validation and the API's reads.
+//! Hot entities also stay in a bounded LRU cache (`cache_entities_max`), written through
+//! on apply, which serves the actors' validation and the API's reads.
+//!
+//! The outbox keeps the events of one Raft entry in one record, keyed by the first
+//! event's seq: an entry of many orders costs one sled insert for all its events, not two
+//! per order. Grouping by entry (never by `apply` call, whose bounds differ between
+//! replicas) keeps every replica's outbox byte-identical.
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
@@ -48,8 +53,15 @@ fn duplicates_key(scope: &str) -> Vec<u8> {
 fn cursor_key(origin: &str) -> Vec<u8> {
     [b"c/", origin.as_bytes()].concat()
 }
-fn outbox_key(seq: u64) -> Vec<u8> {
-    [b"x/".as_slice(), &seq.to_be_bytes()].concat()
+/// An outbox record: the events one entry emitted, from seq `first_seq` on. (`x/` held
+/// one event per record in earlier versions; such records are no longer read, and a DC
+/// that still needed them is caught up from a snapshot.)
+fn outbox_key(first_seq: u64) -> Vec<u8> {
+    [OUTBOX.as_slice(), &first_seq.to_be_bytes()].concat()
+}
+const OUTBOX: &[u8; 2] = b"y/";
+fn outbox_first_seq(key: &[u8]) -> u64 {
+    u64::from_be_bytes(key[OUTBOX.len()..].try_into().expect("outbox key holds a seq"))
 }
 const OUT_SEQ: &[u8] = b"m/out_seq";
 fn settings_key(dc: &str) -> Vec<u8> {
@@ -69,8 +81,10 @@ struct Inner {
     tree: sled::Tree,
     meta: sled::Tree,
     durable: Durable,
-    /// Decoded hot entities by key; std Mutex because no await happens while it is held.
-    cache: Mutex<lru::LruCache<Vec<u8>, Vec<u8>>>,
+    /// Hot records by key, and keys known to be absent (a new order's id is looked up
+    /// by validation and again by apply); std Mutex because no await happens while it
+    /// is held. `IVec` shares its bytes, so a hit copies nothing.
+    cache: Mutex<lru::LruCache<Vec<u8>, Option<sled::IVec>>>,
     /// Held while a batch is written or a snapshot is taken, so a snapshot is a single
     /// point in the log.
     write_lock: Mutex<()>,
@@ -78,17 +92,17 @@ struct Inner {
 }
 
 impl Inner {
-    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+    fn get(&self, key: &[u8]) -> Option<sled::IVec> {
         if let Some(v) = self.cache.lock().expect("cache lock").get(key) {
-            return Some(v.clone());
+            return v.clone();
         }
         // Read and fill under the write lock: otherwise a value read just before an apply
         // could land in the cache just after it, and stay there stale.
         let _w = self.write_lock.lock().expect("write lock");
         // A read error from sled is a broken disk: crash rather than answer wrongly.
-        let v = self.tree.get(key).expect("sled read of state machine")?.to_vec();
+        let v = self.tree.get(key).expect("sled read of state machine");
         self.cache.lock().expect("cache lock").put(key.to_vec(), v.clone());
-        Some(v)
+        v
     }
 
     fn get_typed<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Option<T> {
@@ -148,6 +162,34 @@ impl StateMachineStore {
 struct Overlay<'a> {
     inner: &'a Inner,
     pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Events of the entry being applied, written as one record by `seal_entry`.
+    emitted: Vec<Event>,
+    /// The last seq handed out (loaded on first use).
+    out_seq: Option<u64>,
+}
+
+impl<'a> Overlay<'a> {
+    fn new(inner: &'a Inner) -> Self {
+        Overlay { inner, pending: BTreeMap::new(), emitted: Vec::new(), out_seq: None }
+    }
+
+    /// Ends one entry: its events become one outbox record.
+    fn seal_entry(&mut self) {
+        let Some(last) = self.emitted.last().map(|e| e.seq) else { return };
+        let events = std::mem::take(&mut self.emitted);
+        self.put(outbox_key(events[0].seq), &events);
+        self.put(OUT_SEQ.to_vec(), &last);
+    }
+
+    /// Outbox record keys that start at or before `upto`, in sled or written in this call.
+    fn outbox_keys_upto(&self, upto: u64) -> Vec<Vec<u8>> {
+        let range = outbox_key(0)..=outbox_key(upto);
+        let mut keys: Vec<Vec<u8>> = self.inner.tree.range(range.clone()).keys().map(|k| k.expect("sled read of state machine").to_vec()).collect();
+        keys.extend(self.pending.range(range).map(|(k, _)| k.clone()));
+        keys.sort();
+        keys.dedup();
+        keys
+    }
 }
 
 impl Overlay<'_> {
@@ -210,20 +252,21 @@ impl State for Overlay<'_> {
         self.put(cursor_key(origin), &seq)
     }
     fn emit(&mut self, hlc: u64, change: Change) {
-        let seq = self.get::<u64>(OUT_SEQ.to_vec()).unwrap_or(0) + 1;
-        let event = Event { seq, origin: self.inner.dc.clone(), hlc, change };
-        self.put(outbox_key(seq), &event);
-        self.put(OUT_SEQ.to_vec(), &seq);
+        let seq = self.out_seq.unwrap_or_else(|| self.get::<u64>(OUT_SEQ.to_vec()).unwrap_or(0)) + 1;
+        self.out_seq = Some(seq);
+        self.emitted.push(Event { seq, origin: self.inner.dc.clone(), hlc, change });
     }
+    /// Drops events up to `upto`; a record that straddles it is rewritten with the rest,
+    /// so the floor is exactly `upto + 1`.
     fn trim_outbox(&mut self, upto: u64) {
-        let keys: Vec<Vec<u8>> =
-            self.inner.tree.range(outbox_key(0)..=outbox_key(upto)).keys().map(|k| k.expect("sled read of state machine").to_vec()).collect();
-        for k in keys {
+        self.seal_entry();
+        for k in self.outbox_keys_upto(upto) {
+            let Some(events) = self.get::<Vec<Event>>(k.clone()) else { continue };
             self.pending.insert(k, None);
-        }
-        let pending: Vec<Vec<u8>> = self.pending.range(outbox_key(0)..=outbox_key(upto)).map(|(k, _)| k.clone()).collect();
-        for k in pending {
-            self.pending.insert(k, None);
+            let rest: Vec<Event> = events.into_iter().filter(|e| e.seq > upto).collect();
+            if let Some(first) = rest.first() {
+                self.put(outbox_key(first.seq), &rest);
+            }
         }
     }
 }
@@ -241,7 +284,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: Send,
     {
         let inner = &*self.inner;
-        let mut overlay = Overlay { inner, pending: BTreeMap::new() };
+        let mut overlay = Overlay::new(inner);
         let mut outcomes = Vec::new();
         let mut last = None;
         let mut membership = None;
@@ -249,17 +292,22 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             last = Some(entry.log_id);
             outcomes.push(match entry.payload {
                 EntryPayload::Blank => Outcome::Noop,
-                EntryPayload::Normal(cmd) => apply(&mut overlay, &cmd),
+                EntryPayload::Normal(cmd) => {
+                    let outcome = apply(&mut overlay, &cmd);
+                    overlay.seal_entry();
+                    outcome
+                }
                 EntryPayload::Membership(m) => {
                     membership = Some(StoredMembership::new(Some(entry.log_id), m));
                     Outcome::Noop
                 }
             });
         }
+        let pending: Vec<(Vec<u8>, Option<sled::IVec>)> = overlay.pending.into_iter().map(|(k, v)| (k, v.map(sled::IVec::from))).collect();
         let mut batch = sled::Batch::default();
-        for (k, v) in &overlay.pending {
+        for (k, v) in &pending {
             match v {
-                Some(v) => batch.insert(k.as_slice(), v.as_slice()),
+                Some(v) => batch.insert(k.as_slice(), v.clone()),
                 None => batch.remove(k.as_slice()),
             }
         }
@@ -271,11 +319,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let _w = inner.write_lock.lock().expect("write lock");
             inner.tree.apply_batch(batch).map_err(|e| io_err(StorageIOError::write_state_machine, e))?;
             let mut cache = inner.cache.lock().expect("cache lock");
-            for (k, v) in overlay.pending {
-                match v {
-                    Some(v) => cache.put(k, v),
-                    None => cache.pop(&k),
-                };
+            // The shipper reads the outbox from sled in ranges: caching it would only
+            // push entities out.
+            for (k, v) in pending.into_iter().filter(|(k, _)| !k.starts_with(OUTBOX)) {
+                cache.put(k, v);
             }
         }
         Ok(outcomes)
@@ -379,19 +426,22 @@ impl SmReader {
 
     /// The oldest event still in the outbox (`out_seq + 1` when it is empty).
     pub fn outbox_floor(&self) -> u64 {
-        match self.inner.tree.scan_prefix(b"x/").next() {
-            Some(Ok((_, v))) => codec::decode::<Event>(&v).expect("outbox event decodes").seq,
-            _ => self.out_seq() + 1,
+        match self.inner.tree.scan_prefix(OUTBOX).keys().next() {
+            Some(k) => outbox_first_seq(&k.expect("sled read of state machine")),
+            None => self.out_seq() + 1,
         }
     }
 
     /// Up to `max` outbox events from `from_seq` on, in order.
     pub fn outbox(&self, from_seq: u64, max: usize) -> Vec<Event> {
-        self.inner
-            .tree
-            .range(outbox_key(from_seq)..outbox_key(u64::MAX))
+        let tree = &self.inner.tree;
+        // Start at the record holding `from_seq`: the last one starting at or before it.
+        let start = tree.range(outbox_key(0)..=outbox_key(from_seq)).keys().next_back().map(|k| k.expect("sled read of state machine").to_vec());
+        tree.range(start.unwrap_or_else(|| outbox_key(from_seq))..=outbox_key(u64::MAX))
+            .values()
+            .flat_map(|v| codec::decode::<Vec<Event>>(&v.expect("sled read of state machine")).expect("outbox record decodes"))
+            .skip_while(|e| e.seq < from_seq)
             .take(max)
-            .map(|r| codec::decode(&r.expect("sled read of state machine").1).expect("outbox event decodes"))
             .collect()
     }
 
@@ -457,7 +507,7 @@ impl SmReader {
     /// Applies `cmd` to a copy of the current state, without writing anything: how the
     /// actors pre-check a command before proposing it.
     pub fn dry_run(&self, cmd: &Request) -> Outcome {
-        let mut overlay = Overlay { inner: &self.inner, pending: BTreeMap::new() };
+        let mut overlay = Overlay::new(&self.inner);
         apply(&mut overlay, cmd)
     }
 }

@@ -108,7 +108,7 @@ impl Default for RaftSection {
             logs_to_keep_after_snapshot: 1000,
             install_snapshot_timeout_ms: 10_000,
             snapshot_chunk_bytes_max: 1 << 20,
-            proposals_inflight_max: 2,
+            proposals_inflight_max: 1,
             proposal_batch_len_max: 256,
         }
     }

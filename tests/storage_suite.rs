@@ -24,7 +24,7 @@ fn sled_store_passes_openraft_suite() {
 /// trimming through one, behave exactly as if every event had its own record.
 #[tokio::test]
 async fn outbox_records_per_entry_read_and_trim_by_event() {
-    use agora::domain::{Command, Outcome, Request};
+    use agora::domain::{Change, Command, Outcome, Request};
     use openraft::storage::RaftStateMachine;
     use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
 
@@ -36,7 +36,8 @@ async fn outbox_records_per_entry_read_and_trim_by_event() {
         |i: u32| req(Command::PlaceOrder { id: format!("o{i}"), session: "t1".into(), sku: "sku1".into(), qty: 1, dc: "dc1".into(), hlc: 10 + i as u64 });
     let entry = |index: u64, cmd: Request| Entry::<TypeConfig> { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(cmd) };
     // Entry 1: session + restock (2 events: session, stock). Entry 2: three orders in one
-    // batch (6 events: order + stock each). Entry 3: one more order (2 events).
+    // batch (4 events: each order, then one stock row — the last supersedes the others).
+    // Entry 3: one more order (2 events).
     let setup = req(Command::Batch {
         requests: vec![
             req(Command::CreateSession { token: "t1".into(), user: "u".into(), dc: "dc1".into(), hlc: 1 }),
@@ -46,16 +47,26 @@ async fn outbox_records_per_entry_read_and_trim_by_event() {
     let orders = req(Command::Batch { requests: (1..=3).map(order).collect() });
     let outs = sm.apply(vec![entry(1, setup), entry(2, orders), entry(3, order(4))]).await.expect("apply");
     assert!(matches!(&outs[1], Outcome::Batch(o) if o.len() == 3 && o.iter().all(|x| matches!(x, Outcome::Order(_)))), "{outs:?}");
-    assert_eq!(reader.out_seq(), 10);
+    assert_eq!(reader.out_seq(), 8);
+    let events = reader.outbox(1, 100);
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
+    let stock_sold: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match &e.change {
+            Change::Stock { row, .. } => Some(row.sold),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stock_sold, vec![0, 3, 4], "one row per entry, the entry's last");
+    assert!(matches!(events[5].change, Change::Stock { .. }), "the row stays where its last version was emitted");
     let seqs = |from, max| reader.outbox(from, max).iter().map(|e| e.seq).collect::<Vec<_>>();
-    assert_eq!(seqs(1, 100), (1..=10).collect::<Vec<_>>());
     assert_eq!(seqs(4, 3), vec![4, 5, 6], "from the middle of entry 2's record");
-    assert_eq!(seqs(11, 5), Vec::<u64>::new());
+    assert_eq!(seqs(9, 5), Vec::<u64>::new());
     // Trim through the middle of entry 2's record: the floor is exactly the next event.
     sm.apply(vec![entry(4, req(Command::TrimOutbox { upto: 5 }))]).await.expect("trim");
     assert_eq!(reader.outbox_floor(), 6);
-    assert_eq!(seqs(1, 100), (6..=10).collect::<Vec<_>>());
-    sm.apply(vec![entry(5, req(Command::TrimOutbox { upto: 10 }))]).await.expect("trim all");
-    assert_eq!(reader.outbox_floor(), 11);
+    assert_eq!(seqs(1, 100), (6..=8).collect::<Vec<_>>());
+    sm.apply(vec![entry(5, req(Command::TrimOutbox { upto: 8 }))]).await.expect("trim all");
+    assert_eq!(reader.outbox_floor(), 9);
     assert!(reader.outbox(1, 100).is_empty());
 }

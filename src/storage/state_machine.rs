@@ -162,22 +162,27 @@ impl StateMachineStore {
 struct Overlay<'a> {
     inner: &'a Inner,
     pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-    /// Events of the entry being applied, written as one record by `seal_entry`.
-    emitted: Vec<Event>,
-    /// The last seq handed out (loaded on first use).
-    out_seq: Option<u64>,
+    /// Changes (with their HLC) the entry being applied emitted; `seal_entry` numbers
+    /// them and writes them as one record.
+    emitted: Vec<(u64, Change)>,
 }
 
 impl<'a> Overlay<'a> {
     fn new(inner: &'a Inner) -> Self {
-        Overlay { inner, pending: BTreeMap::new(), emitted: Vec::new(), out_seq: None }
+        Overlay { inner, pending: BTreeMap::new(), emitted: Vec::new() }
     }
 
     /// Ends one entry: its events become one outbox record.
     fn seal_entry(&mut self) {
-        let Some(last) = self.emitted.last().map(|e| e.seq) else { return };
-        let events = std::mem::take(&mut self.emitted);
-        self.put(outbox_key(events[0].seq), &events);
+        if self.emitted.is_empty() {
+            return;
+        }
+        let changes = coalesce_stock(std::mem::take(&mut self.emitted));
+        let first = self.get::<u64>(OUT_SEQ.to_vec()).unwrap_or(0) + 1;
+        let origin = &self.inner.dc;
+        let events: Vec<Event> = changes.into_iter().zip(first..).map(|((hlc, change), seq)| Event { seq, origin: origin.clone(), hlc, change }).collect();
+        let last = first + events.len() as u64 - 1;
+        self.put(outbox_key(first), &events);
         self.put(OUT_SEQ.to_vec(), &last);
     }
 
@@ -190,6 +195,23 @@ impl<'a> Overlay<'a> {
         keys.dedup();
         keys
     }
+}
+
+/// Within one entry, this DC's later stock row for a SKU supersedes its earlier ones
+/// (rows are grow-only counters, merged by max): only the last is shipped, in its place.
+/// An entry of many orders for one SKU then ships its orders and one row.
+fn coalesce_stock(changes: Vec<(u64, Change)>) -> Vec<(u64, Change)> {
+    let mut seen = std::collections::HashSet::new();
+    let mut kept: Vec<(u64, Change)> = changes
+        .into_iter()
+        .rev()
+        .filter(|(_, c)| match c {
+            Change::Stock { sku, .. } => seen.insert(sku.clone()),
+            _ => true,
+        })
+        .collect();
+    kept.reverse();
+    kept
 }
 
 impl Overlay<'_> {
@@ -252,9 +274,7 @@ impl State for Overlay<'_> {
         self.put(cursor_key(origin), &seq)
     }
     fn emit(&mut self, hlc: u64, change: Change) {
-        let seq = self.out_seq.unwrap_or_else(|| self.get::<u64>(OUT_SEQ.to_vec()).unwrap_or(0)) + 1;
-        self.out_seq = Some(seq);
-        self.emitted.push(Event { seq, origin: self.inner.dc.clone(), hlc, change });
+        self.emitted.push((hlc, change));
     }
     /// Drops events up to `upto`; a record that straddles it is rewritten with the rest,
     /// so the floor is exactly `upto + 1`.

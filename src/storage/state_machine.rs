@@ -396,25 +396,31 @@ impl StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let started = std::time::Instant::now();
         let (records, applied, membership) = {
+            // Applies wait while we copy: the snapshot must be one point in the log. The
+            // copy shares sled's buffers (IVec), so the pause is the iteration alone.
             let _w = self.inner.write_lock.lock().expect("write lock");
             let (applied, membership) = self.read_applied()?;
-            let mut records = Vec::new();
+            let mut records: Vec<(sled::IVec, sled::IVec)> = Vec::new();
             for item in self.inner.tree.iter() {
                 let (k, v) = item.map_err(|e| io_err(StorageIOError::read_state_machine, e))?;
                 if k.as_ref() != APPLIED && k.as_ref() != MEMBERSHIP {
-                    records.push((k.to_vec(), v.to_vec()));
+                    records.push((k, v));
                 }
             }
             (records, applied, membership)
         };
+        let paused = started.elapsed();
         let seq = self.inner.snapshot_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let snapshot_id = match applied {
             Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
             None => format!("none-{seq}"),
         };
         let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
+        let records: Vec<(&[u8], &[u8])> = records.iter().map(|(k, v)| (k.as_ref(), v.as_ref())).collect();
         let data = codec::encode(&records);
+        tracing::info!(records = records.len(), bytes = data.len(), applies_paused_ms = paused.as_millis() as u64, "snapshot built");
         self.save_snapshot(StoredSnapshot { meta: meta.clone(), data: data.clone() }).await?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }

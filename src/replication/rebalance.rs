@@ -13,6 +13,9 @@ use crate::transport::{PeerRequest, PeerResponse};
 /// others (in the background, one ask per SKU at a time).
 pub fn after_order(node: &Arc<Node>, sku: &str) {
     let low = node.config.replication.low_water_units;
+    if node.config.dcs.len() < 2 {
+        return; // no other DC to ask
+    }
     let available = node.sm.inventory(sku).map(|i| i.available(&node.info.dc)).unwrap_or(0);
     if available >= low || !node.begin_ask(sku) {
         return;

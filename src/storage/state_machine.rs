@@ -388,7 +388,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
 impl StateMachineStore {
     async fn save_snapshot(&self, s: StoredSnapshot) -> Result<(), StorageError> {
-        self.inner.meta.insert(SNAPSHOT, codec::encode(&s)).map_err(|e| io_err(StorageIOError::write, e))?;
+        let meta = self.inner.meta.clone();
+        // Encoding and storing megabytes: off the async workers.
+        tokio::task::spawn_blocking(move || meta.insert(SNAPSHOT, codec::encode(&s)))
+            .await
+            .map_err(|e| io_err(StorageIOError::write, e))?
+            .map_err(|e| io_err(StorageIOError::write, e))?;
         // Durable before openraft purges the log entries the snapshot replaces.
         self.inner.durable.sync_async().await.map_err(|e| io_err(StorageIOError::write, e))
     }
@@ -396,6 +401,17 @@ impl StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        // Copying and encoding a large state takes a while: off the async workers.
+        let this = self.clone();
+        let (meta, data) = tokio::task::spawn_blocking(move || this.copy_state()).await.map_err(|e| io_err(StorageIOError::read_state_machine, e))??;
+        self.save_snapshot(StoredSnapshot { meta: meta.clone(), data: data.clone() }).await?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+impl StateMachineStore {
+    /// The state as of the last applied entry, encoded: the body of a snapshot.
+    fn copy_state(&self) -> Result<(SnapshotMeta<NodeId, openraft::BasicNode>, Vec<u8>), StorageError> {
         let started = std::time::Instant::now();
         let (records, applied, membership) = {
             // Applies wait while we copy: the snapshot must be one point in the log. The
@@ -421,8 +437,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let records: Vec<(&[u8], &[u8])> = records.iter().map(|(k, v)| (k.as_ref(), v.as_ref())).collect();
         let data = codec::encode(&records);
         tracing::info!(records = records.len(), bytes = data.len(), applies_paused_ms = paused.as_millis() as u64, "snapshot built");
-        self.save_snapshot(StoredSnapshot { meta: meta.clone(), data: data.clone() }).await?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        Ok((meta, data))
     }
 }
 

@@ -32,9 +32,14 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
+/// openraft stops replicating to an `Unreachable` node for a while (backoff), so only
+/// "never sent" (connection refused, or we are backing off from it) is reported so. A
+/// slow answer — openraft gives an AppendEntries one heartbeat interval — or a lost
+/// connection is a network error, retried at the next heartbeat: a follower busy for a
+/// moment (building a snapshot) must not be cut out of commits for half a second.
 fn transport_err<E: std::error::Error>(e: NodeError) -> RPCError<NodeId, BasicNode, E> {
     match e {
-        NodeError::Timeout | NodeError::Unreachable(_) | NodeError::Lost(_) => RPCError::Unreachable(Unreachable::new(&e)),
+        NodeError::Unreachable(_) => RPCError::Unreachable(Unreachable::new(&e)),
         other => RPCError::Network(NetworkError::new(&other)),
     }
 }

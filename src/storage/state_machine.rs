@@ -85,10 +85,31 @@ struct Inner {
     /// by validation and again by apply); std Mutex because no await happens while it
     /// is held. `IVec` shares its bytes, so a hit copies nothing.
     cache: Mutex<lru::LruCache<Vec<u8>, Option<sled::IVec>>>,
-    /// Held while a batch is written or a snapshot is taken, so a snapshot is a single
-    /// point in the log.
-    write_lock: Mutex<()>,
+    /// Held while a batch is written (and while a cache miss is filled).
+    write_lock: Mutex<Writer>,
+    /// One snapshot copy at a time.
+    snapshot_lock: Mutex<()>,
     snapshot_seq: std::sync::atomic::AtomicU64,
+}
+
+/// What the write lock guards besides the tree: while a snapshot copies the tree without
+/// the lock, the value every key had when the copy began, kept by the first write to it
+/// since (its pre-image; `None`: the key did not exist).
+#[derive(Default)]
+struct Writer {
+    preimages: Option<BTreeMap<Vec<u8>, Option<sled::IVec>>>,
+}
+
+impl Writer {
+    /// To call before writing `keys`: a snapshot in progress keeps their current values.
+    fn preserve<'k>(&mut self, tree: &sled::Tree, keys: impl IntoIterator<Item = &'k [u8]>) {
+        let Some(pre) = self.preimages.as_mut() else { return };
+        for k in keys {
+            if !pre.contains_key(k) {
+                pre.insert(k.to_vec(), tree.get(k).expect("sled read of state machine"));
+            }
+        }
+    }
 }
 
 impl Inner {
@@ -133,7 +154,8 @@ impl StateMachineStore {
             meta: db.open_tree("sm_meta")?,
             durable,
             cache: Mutex::new(lru::LruCache::new(cap)),
-            write_lock: Mutex::new(()),
+            write_lock: Mutex::new(Writer::default()),
+            snapshot_lock: Mutex::new(()),
             snapshot_seq: Default::default(),
         };
         Ok(StateMachineStore { inner: Arc::new(inner) })
@@ -336,7 +358,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             batch.insert(MEMBERSHIP, codec::encode(m));
         }
         {
-            let _w = inner.write_lock.lock().expect("write lock");
+            let mut w = inner.write_lock.lock().expect("write lock");
+            w.preserve(&inner.tree, pending.iter().map(|(k, _)| k.as_slice()));
             inner.tree.apply_batch(batch).map_err(|e| io_err(StorageIOError::write_state_machine, e))?;
             let mut cache = inner.cache.lock().expect("cache lock");
             // The shipper reads the outbox from sled in ranges: caching it would only
@@ -361,10 +384,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let records: Vec<(Vec<u8>, Vec<u8>)> = codec::decode(&data).map_err(|e| io_err(StorageIOError::read, e))?;
         let inner = &*self.inner;
         {
-            let _w = inner.write_lock.lock().expect("write lock");
+            let mut w = inner.write_lock.lock().expect("write lock");
+            let old: Vec<sled::IVec> = inner.tree.iter().keys().collect::<Result<_, _>>().map_err(|e| io_err(StorageIOError::write_state_machine, e))?;
+            w.preserve(&inner.tree, old.iter().map(|k| k.as_ref()).chain(records.iter().map(|(k, _)| k.as_slice())));
             let mut batch = sled::Batch::default();
-            for k in inner.tree.iter().keys() {
-                batch.remove(k.map_err(|e| io_err(StorageIOError::write_state_machine, e))?);
+            for k in old {
+                batch.remove(k);
             }
             for (k, v) in records {
                 batch.insert(k, v);
@@ -411,33 +436,64 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
 
 impl StateMachineStore {
     /// The state as of the last applied entry, encoded: the body of a snapshot.
+    ///
+    /// Applies go on while the tree is copied: the copy starts at one applied entry, and
+    /// every key written since then gets back the value it had at that point (from the
+    /// pre-images the writers keep), so the snapshot is exactly that entry's state.
     fn copy_state(&self) -> Result<(SnapshotMeta<NodeId, openraft::BasicNode>, Vec<u8>), StorageError> {
+        let _one = self.inner.snapshot_lock.lock().expect("snapshot lock");
         let started = std::time::Instant::now();
-        let (records, applied, membership) = {
-            // Applies wait while we copy: the snapshot must be one point in the log. The
-            // copy shares sled's buffers (IVec), so the pause is the iteration alone.
-            let _w = self.inner.write_lock.lock().expect("write lock");
-            let (applied, membership) = self.read_applied()?;
-            let mut records: Vec<(sled::IVec, sled::IVec)> = Vec::new();
-            for item in self.inner.tree.iter() {
-                let (k, v) = item.map_err(|e| io_err(StorageIOError::read_state_machine, e))?;
-                if k.as_ref() != APPLIED && k.as_ref() != MEMBERSHIP {
-                    records.push((k, v));
-                }
-            }
-            (records, applied, membership)
-        };
+        let (applied, membership) = self.begin_copy()?;
         let paused = started.elapsed();
+        let records = self.finish_copy(self.scan()?);
         let seq = self.inner.snapshot_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let snapshot_id = match applied {
             Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
             None => format!("none-{seq}"),
         };
         let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
-        let records: Vec<(&[u8], &[u8])> = records.iter().map(|(k, v)| (k.as_ref(), v.as_ref())).collect();
+        let records: Vec<(&[u8], &[u8])> = records.iter().map(|(k, v)| (k.as_slice(), v.as_ref())).collect();
         let data = codec::encode(&records);
-        tracing::info!(records = records.len(), bytes = data.len(), applies_paused_ms = paused.as_millis() as u64, "snapshot built");
+        tracing::info!(
+            records = records.len(),
+            bytes = data.len(),
+            applies_paused_ms = paused.as_millis() as u64,
+            copy_ms = started.elapsed().as_millis() as u64,
+            "snapshot built"
+        );
         Ok((meta, data))
+    }
+
+    /// Marks the point the copy is of: from now on writers keep pre-images.
+    fn begin_copy(&self) -> Result<(Option<LogId>, Membership), StorageError> {
+        let mut w = self.inner.write_lock.lock().expect("write lock");
+        w.preimages = Some(BTreeMap::new());
+        self.read_applied()
+    }
+
+    /// The tree as it is now, without the write lock.
+    fn scan(&self) -> Result<BTreeMap<Vec<u8>, sled::IVec>, StorageError> {
+        let mut records = BTreeMap::new();
+        for item in self.inner.tree.iter() {
+            let (k, v) = item.map_err(|e| io_err(StorageIOError::read_state_machine, e))?;
+            records.insert(k.to_vec(), v);
+        }
+        Ok(records)
+    }
+
+    /// Rolls the scanned records back to the copy's starting point.
+    fn finish_copy(&self, mut records: BTreeMap<Vec<u8>, sled::IVec>) -> BTreeMap<Vec<u8>, sled::IVec> {
+        let preimages = self.inner.write_lock.lock().expect("write lock").preimages.take().unwrap_or_default();
+        for (k, v) in preimages {
+            match v {
+                Some(v) => records.insert(k, v),
+                None => records.remove(&k),
+            };
+        }
+        // Progress travels in the snapshot's meta, not among its records.
+        records.remove(APPLIED);
+        records.remove(MEMBERSHIP);
+        records
     }
 }
 
@@ -550,5 +606,51 @@ impl SmReader {
     pub fn dry_run(&self, cmd: &Request) -> Outcome {
         let mut overlay = Overlay::new(&self.inner);
         apply(&mut overlay, cmd)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, Entry, EntryPayload};
+
+    use super::*;
+    use crate::config::Durability;
+    use crate::domain::Command;
+
+    fn entry(index: u64, cmd: Command) -> Entry<TypeConfig> {
+        Entry { log_id: openraft::LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(Request::new(cmd, None)) }
+    }
+    fn order(id: &str, hlc: u64) -> Command {
+        Command::PlaceOrder { id: id.into(), session: "t1".into(), sku: "sku1".into(), qty: 1, dc: "dc1".into(), hlc }
+    }
+
+    /// Writes that land while a snapshot copies the tree — inserts, updates, deletes —
+    /// are rolled back to the copy's starting point: the snapshot is exactly that state.
+    #[tokio::test]
+    async fn a_snapshot_copy_is_one_point_while_applies_go_on() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (_log, mut sm) = crate::storage::open(dir.path(), "dc1", Durability::Flush, 16 << 20, 1000).expect("open sled store");
+        let setup = [
+            entry(1, Command::CreateSession { token: "t1".into(), user: "u".into(), dc: "dc1".into(), hlc: 1 }),
+            entry(2, Command::Restock { sku: "sku1".into(), add: 10, dc: "dc1".into(), hlc: 2 }),
+            entry(3, order("o1", 3)),
+            entry(4, order("o2", 4)),
+        ];
+        sm.apply(setup).await.expect("apply");
+        let expected = sm.finish_copy(sm.scan().expect("scan"));
+
+        let (applied, _) = sm.begin_copy().expect("begin");
+        assert_eq!(applied.map(|l| l.index), Some(4));
+        // A new key, changed keys (order, inventory, outbox) and deleted keys (trimmed outbox).
+        sm.apply([entry(5, order("o3", 5)), entry(6, Command::CancelOrder { id: "o1".into(), dc: "dc1".into() })]).await.expect("apply");
+        sm.apply([entry(7, Command::TrimOutbox { upto: 4 }), entry(8, Command::Restock { sku: "sku1".into(), add: 5, dc: "dc1".into(), hlc: 8 })])
+            .await
+            .expect("apply");
+        let now = sm.scan().expect("scan");
+        assert_ne!(now.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>(), "the writes above must change the tree");
+
+        let copied = sm.finish_copy(now);
+        assert_eq!(copied, expected);
+        assert!(sm.inner.write_lock.lock().unwrap().preimages.is_none(), "writers stop keeping pre-images");
     }
 }

@@ -460,7 +460,7 @@ impl StateMachineStore {
             None => format!("none-{seq}"),
         };
         let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
-        let records: SnapshotRecords = records.iter().map(|(k, v)| (serde_bytes::Bytes::new(k), serde_bytes::Bytes::new(v))).collect();
+        let records: SnapshotRecords = records.iter().map(|(k, v)| (serde_bytes::Bytes::new(k.as_ref()), serde_bytes::Bytes::new(v.as_ref()))).collect();
         let data = codec::encode(&records);
         tracing::info!(
             records = records.len(),
@@ -479,29 +479,39 @@ impl StateMachineStore {
         self.read_applied()
     }
 
-    /// The tree as it is now, without the write lock.
-    fn scan(&self) -> Result<BTreeMap<Vec<u8>, sled::IVec>, StorageError> {
-        let mut records = BTreeMap::new();
-        for item in self.inner.tree.iter() {
-            let (k, v) = item.map_err(|e| io_err(StorageIOError::read_state_machine, e))?;
-            records.insert(k.to_vec(), v);
-        }
-        Ok(records)
+    /// The tree as it is now, without the write lock, in key order (no copy of the bytes).
+    fn scan(&self) -> Result<Vec<(sled::IVec, sled::IVec)>, StorageError> {
+        self.inner.tree.iter().collect::<Result<_, _>>().map_err(|e| io_err(StorageIOError::read_state_machine, e))
     }
 
-    /// Rolls the scanned records back to the copy's starting point.
-    fn finish_copy(&self, mut records: BTreeMap<Vec<u8>, sled::IVec>) -> BTreeMap<Vec<u8>, sled::IVec> {
+    /// Rolls the scanned records back to the copy's starting point: a key written since
+    /// takes its pre-image, or goes if it did not exist then. Both inputs are in key order,
+    /// so this is one merge.
+    fn finish_copy(&self, scanned: Vec<(sled::IVec, sled::IVec)>) -> Vec<(sled::IVec, sled::IVec)> {
         let preimages = self.inner.write_lock.lock().expect("write lock").preimages.take().unwrap_or_default();
-        for (k, v) in preimages {
-            match v {
-                Some(v) => records.insert(k, v),
-                None => records.remove(&k),
-            };
+        let mut pre = preimages.into_iter().peekable();
+        let mut out = Vec::with_capacity(scanned.len());
+        let keep = |out: &mut Vec<(sled::IVec, sled::IVec)>, k: Vec<u8>, v: Option<sled::IVec>| {
+            if let Some(v) = v {
+                out.push((sled::IVec::from(k), v));
+            }
+        };
+        for (k, v) in scanned {
+            // Written since and gone from the tree before the scan reached them.
+            while let Some((pk, pv)) = pre.next_if(|(pk, _)| pk.as_slice() < k.as_ref()) {
+                keep(&mut out, pk, pv);
+            }
+            match pre.next_if(|(pk, _)| pk.as_slice() == k.as_ref()) {
+                Some((pk, pv)) => keep(&mut out, pk, pv),
+                None => out.push((k, v)),
+            }
+        }
+        for (pk, pv) in pre {
+            keep(&mut out, pk, pv);
         }
         // Progress travels in the snapshot's meta, not among its records.
-        records.remove(APPLIED);
-        records.remove(MEMBERSHIP);
-        records
+        out.retain(|(k, _)| k.as_ref() != APPLIED && k.as_ref() != MEMBERSHIP);
+        out
     }
 }
 
@@ -666,7 +676,8 @@ mod tests {
             .await
             .expect("apply");
         let now = sm.scan().expect("scan");
-        assert_ne!(now.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>(), "the writes above must change the tree");
+        let keys = |r: &[(sled::IVec, sled::IVec)]| r.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+        assert_ne!(keys(&now), keys(&expected), "the writes above must change the tree");
 
         let copied = sm.finish_copy(now);
         assert_eq!(copied, expected);

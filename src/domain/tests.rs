@@ -63,30 +63,20 @@ fn idempotency_key_returns_first_result() {
 
 #[test]
 fn a_batch_applies_its_requests_in_order_each_to_its_own_outcome() {
+    let requests = vec![
+        session("dc1", "t1"),
+        restock("dc1", "sku1", 3),
+        order("dc1", "o1", 2, None, 2),
+        order("dc1", "o2", 2, None, 3),
+        order("dc1", "o3", 1, Some("k"), 4),
+    ];
     let one_by_one = {
         let mut s = MemState::new("dc1");
-        let outs: Vec<Outcome> = [
-            session("dc1", "t1"),
-            restock("dc1", "sku1", 3),
-            order("dc1", "o1", 2, None, 2),
-            order("dc1", "o2", 2, None, 3),
-            order("dc1", "o3", 1, Some("k"), 4),
-        ]
-        .iter()
-        .map(|r| apply(&mut s, r))
-        .collect();
+        let outs: Vec<Outcome> = requests.iter().map(|r| apply(&mut s, r)).collect();
         (outs, s)
     };
     let mut s = MemState::new("dc1");
-    let batch = req(Command::Batch {
-        requests: vec![
-            session("dc1", "t1"),
-            restock("dc1", "sku1", 3),
-            order("dc1", "o1", 2, None, 2),
-            order("dc1", "o2", 2, None, 3),
-            order("dc1", "o3", 1, Some("k"), 4),
-        ],
-    });
+    let batch = req(Command::Batch { requests });
     let Outcome::Batch(outs) = apply(&mut s, &batch) else { panic!("a batch answers a batch") };
     assert_eq!(outs, one_by_one.0);
     // The second order saw the first one's effect: sold out, inside the same entry.

@@ -130,7 +130,7 @@ fn answer_all(dones: Vec<Done>, r: Result<Outcome, NodeError>) {
     }
 }
 
-pub fn write_error(e: ClientWriteError<NodeId, openraft::BasicNode>) -> NodeError {
+fn write_error(e: ClientWriteError<NodeId, openraft::BasicNode>) -> NodeError {
     match e {
         ClientWriteError::ForwardToLeader(f) => NodeError::NotLeader(f.leader_id),
         ClientWriteError::ChangeMembershipError(e) => NodeError::Internal(e.to_string()),

@@ -12,10 +12,10 @@ use crate::transport::{PeerRequest, PeerResponse};
 /// After an order on `sku`: if this DC's allowance is under the low-water mark, ask the
 /// others (in the background, one ask per SKU at a time).
 pub fn after_order(node: &Arc<Node>, sku: &str) {
-    let low = node.config.replication.low_water_units;
     if node.config.dcs.len() < 2 {
         return; // no other DC to ask
     }
+    let low = node.config.replication.low_water_units;
     let available = node.sm.inventory(sku).map(|i| i.available(&node.info.dc)).unwrap_or(0);
     if available >= low || !node.begin_ask(sku) {
         return;

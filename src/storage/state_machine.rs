@@ -389,7 +389,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn install_snapshot(&mut self, meta: &SnapshotMeta<NodeId, openraft::BasicNode>, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
         let records: SnapshotRecordsOwned = codec::decode(&data).map_err(|e| io_err(StorageIOError::read, e))?;
-        let records: Vec<(Vec<u8>, Vec<u8>)> = records.into_iter().map(|(k, v)| (k.into_vec(), v.into_vec())).collect();
         let inner = &*self.inner;
         {
             let mut w = inner.write_lock.lock().expect("write lock");
@@ -400,14 +399,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 batch.remove(k);
             }
             for (k, v) in records {
-                batch.insert(k, v);
+                batch.insert(k.into_vec(), v.into_vec());
             }
             batch.insert(APPLIED, codec::encode(&meta.last_log_id));
             batch.insert(MEMBERSHIP, codec::encode(&meta.last_membership));
             inner.tree.apply_batch(batch).map_err(|e| io_err(StorageIOError::write_state_machine, e))?;
             inner.cache.lock().expect("cache lock").clear();
         }
-        self.save_snapshot(StoredSnapshot { meta: meta.clone(), data }).await
+        self.save_snapshot(StoredSnapshot { meta: meta.clone(), data }).await.map(|_| ())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
@@ -420,15 +419,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 }
 
 impl StateMachineStore {
-    async fn save_snapshot(&self, s: StoredSnapshot) -> Result<(), StorageError> {
+    /// Stores `s` durably and hands it back (its data is megabytes: no copy is kept).
+    async fn save_snapshot(&self, s: StoredSnapshot) -> Result<StoredSnapshot, StorageError> {
         let meta = self.inner.meta.clone();
         // Encoding and storing megabytes: off the async workers.
-        tokio::task::spawn_blocking(move || meta.insert(SNAPSHOT, codec::encode(&s)))
+        let s = tokio::task::spawn_blocking(move || meta.insert(SNAPSHOT, codec::encode(&s)).map(|_| s))
             .await
             .map_err(|e| io_err(StorageIOError::write, e))?
             .map_err(|e| io_err(StorageIOError::write, e))?;
         // Durable before openraft purges the log entries the snapshot replaces.
-        self.inner.durable.sync_async().await.map_err(|e| io_err(StorageIOError::write, e))
+        self.inner.durable.sync_async().await.map_err(|e| io_err(StorageIOError::write, e))?;
+        Ok(s)
     }
 }
 
@@ -437,8 +438,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         // Copying and encoding a large state takes a while: off the async workers.
         let this = self.clone();
         let (meta, data) = tokio::task::spawn_blocking(move || this.copy_state()).await.map_err(|e| io_err(StorageIOError::read_state_machine, e))??;
-        self.save_snapshot(StoredSnapshot { meta: meta.clone(), data: data.clone() }).await?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        let s = self.save_snapshot(StoredSnapshot { meta, data }).await?;
+        Ok(Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) })
     }
 }
 

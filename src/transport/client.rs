@@ -213,3 +213,45 @@ impl Peers {
         client.call(req, timeout).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::transport::faults::FaultRules;
+    use crate::transport::message::ProbeAck;
+    use crate::transport::server::{serve, PeerHandler, ServerLimits};
+
+    struct Echo;
+
+    #[async_trait::async_trait]
+    impl PeerHandler for Echo {
+        async fn handle(&self, _from: NodeId, _req: PeerRequest) -> PeerResponse {
+            PeerResponse::Probe(ProbeAck { dc: "dc2".into(), leader: None, term: 0 })
+        }
+    }
+
+    fn delay_to(peer: NodeId, ms: u64) -> Faults {
+        let faults = Faults::default();
+        faults.set(FaultRules { delay_ms: [(peer, ms)].into(), ..FaultRules::default() });
+        faults
+    }
+
+    /// Both ends delay what they send to the other: the request waits once, the answer once.
+    #[tokio::test]
+    async fn a_delayed_link_holds_the_request_and_the_answer() {
+        const MS: u64 = 150;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = ServerLimits { frame_bytes_max: 1 << 20, inflight_per_connection_max: 8 };
+        let server = tokio::spawn(serve(listener, Arc::new(Echo), delay_to(1, MS), limits));
+        let client = PeerClient::new(1, 2, addr, &Limits::default(), delay_to(2, MS));
+        let start = Instant::now();
+        let resp = client.call(PeerRequest::Probe, None).await.expect("answered");
+        assert!(matches!(resp, PeerResponse::Probe(_)), "{resp:?}");
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(2 * MS), "a round trip took {took:?}, less than twice the {MS} ms delay");
+        server.abort();
+    }
+}

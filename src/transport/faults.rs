@@ -1,7 +1,11 @@
 //! Fault injection, in the manner of TiKV's transport filters: tests (through the admin
 //! API, when a node runs with `--enable-test-hooks`) cut this node off from chosen peers
 //! or delay messages to them. A cut drops messages silently in both directions — the
-//! sender waits for its timeout, as on a real partition, instead of failing fast.
+//! sender waits for its timeout, as on a real partition, instead of failing fast. A delay
+//! holds every message each way (our requests to the peer, our answers to it), as a
+//! one-way link latency does: a round trip between two nodes that both set it takes twice
+//! the delay. `scripts/bench-replication` uses it for WAN latency where the kernel has no
+//! netem.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
@@ -16,7 +20,7 @@ use crate::raft::NodeId;
 pub struct FaultRules {
     /// Peers this node neither sends to nor answers.
     pub partitioned: BTreeSet<NodeId>,
-    /// Extra delay before each message to a peer, in milliseconds.
+    /// Extra delay before each message to a peer (request or answer), in milliseconds.
     pub delay_ms: BTreeMap<NodeId, u64>,
 }
 

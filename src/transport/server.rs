@@ -83,9 +83,13 @@ async fn connection(stream: TcpStream, addr: SocketAddr, handler: Arc<dyn PeerHa
         }
         // Waiting for a permit stops reading: TCP back-pressure slows the sender down.
         let Ok(permit) = inflight.clone().acquire_owned().await else { break };
-        let (handler, tx) = (handler.clone(), tx.clone());
+        let (handler, tx, delay) = (handler.clone(), tx.clone(), faults.delay(from));
         tokio::spawn(async move {
             let resp = handler.handle(from, req).await;
+            if let Some(d) = delay {
+                // The answer crosses the same slow link as the request did.
+                tokio::time::sleep(d).await;
+            }
             let _ = tx.send(codec::encode(&(id, resp)));
             drop(permit);
         });

@@ -3,11 +3,13 @@
 
 use std::fmt::Debug;
 use std::ops::RangeBounds;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, RaftLogReader, StorageIOError, Vote};
 
-use super::{io_err, Durable, Waiter};
+use super::{background, io_err, Durable, Waiter};
 use crate::codec;
 use crate::raft::{LogId, NodeId, StorageError, TypeConfig};
 
@@ -20,6 +22,9 @@ pub struct LogStore {
     log: sled::Tree,
     meta: sled::Tree,
     durable: Durable,
+    /// The first index not purged: entries below it may still be in the tree for a while
+    /// (they are removed in the background) but are never read.
+    first_index: Arc<AtomicU64>,
 }
 
 fn key(index: u64) -> [u8; 8] {
@@ -28,7 +33,10 @@ fn key(index: u64) -> [u8; 8] {
 
 impl LogStore {
     pub(super) fn new(db: &sled::Db, durable: Durable) -> anyhow::Result<Self> {
-        Ok(LogStore { log: db.open_tree("raft_log")?, meta: db.open_tree("raft_meta")?, durable })
+        let mut store = LogStore { log: db.open_tree("raft_log")?, meta: db.open_tree("raft_meta")?, durable, first_index: Arc::default() };
+        let purged: Option<LogId> = store.get_meta(LAST_PURGED).map_err(|e| anyhow::anyhow!("read the last purged log id: {e}"))?;
+        store.first_index = Arc::new(AtomicU64::new(purged.map_or(0, |p| p.index + 1)));
+        Ok(store)
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, StorageError> {
@@ -64,6 +72,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => i + 1,
             Bound::Unbounded => 0,
         };
+        let start = start.max(self.first_index.load(Ordering::Acquire));
         let mut entries = Vec::new();
         for item in self.log.range(key(start)..) {
             let (k, v) = item.map_err(|e| io_err(StorageIOError::read_logs, e))?;
@@ -84,8 +93,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged_log_id: Option<LogId> = self.get_meta(LAST_PURGED)?;
-        // An empty log (everything purged) falls back to the last purged id.
-        let last_log_id = self.last_entry_id()?.or(last_purged_log_id);
+        // A log purged to its end (its entries perhaps not yet removed) ends at the last
+        // purged id.
+        let last_log_id = match (self.last_entry_id()?, last_purged_log_id) {
+            (Some(last), Some(purged)) if last.index <= purged.index => Some(purged),
+            (last, purged) => last.or(purged),
+        };
         Ok(LogState { last_purged_log_id, last_log_id })
     }
 
@@ -142,14 +155,67 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        // Record the purge point durably first, so a crash midway never leaves a log that
-        // starts later than `last_purged` says.
+        // Record the purge point durably first: from then on openraft reads nothing at or
+        // below it, and a crash midway never leaves a log that starts later than
+        // `last_purged` says.
         self.put_meta(LAST_PURGED, &log_id)?;
         self.sync().await?;
-        let mut batch = sled::Batch::default();
-        for k in self.log.range(..=key(log_id.index)).keys() {
-            batch.remove(k.map_err(|e| io_err(StorageIOError::write_logs, e))?);
+        self.first_index.fetch_max(log_id.index + 1, Ordering::Release);
+        // Removing the entries themselves is background work: thousands of removes, done
+        // in one sled batch, hold sled's global write lock and stall every append and
+        // apply of the node for tens of milliseconds. Leftovers (a crash midway) are
+        // covered by the next purge's range.
+        let log = self.log.clone();
+        tokio::spawn(background::run_low_priority("log-purge", move || remove_through(&log, log_id.index)));
+        Ok(())
+    }
+}
+
+/// Removes the entries up to `index`, one by one (each remove takes sled's write lock only
+/// for itself).
+fn remove_through(log: &sled::Tree, index: u64) {
+    for k in log.range(..=key(index)).keys() {
+        if let Err(e) = k.and_then(|k| log.remove(k)) {
+            tracing::warn!(error = %e, "removing purged log entries failed; the next purge retries");
+            return;
         }
-        self.log.apply_batch(batch).map_err(|e| io_err(StorageIOError::write_logs, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+
+    fn log_id(index: u64) -> LogId {
+        LogId::new(CommittedLeaderId::new(1, 1), index)
+    }
+
+    /// A crash between recording the purge point and removing the entries leaves them in
+    /// the tree: a restarted store must neither read them nor count them as its log.
+    #[tokio::test]
+    async fn entries_left_behind_by_a_purge_are_never_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let store = LogStore::new(&db, Durable::new(db.clone(), None)).unwrap();
+        for i in 1..=10 {
+            let entry = Entry::<TypeConfig> { log_id: log_id(i), payload: EntryPayload::Blank };
+            store.log.insert(key(i), codec::encode(&entry)).unwrap();
+        }
+        store.put_meta(LAST_PURGED, &log_id(6)).unwrap();
+
+        let mut restarted = LogStore::new(&db, Durable::new(db.clone(), None)).unwrap();
+        let read: Vec<u64> = restarted.try_get_log_entries(0..=10).await.unwrap().iter().map(|e| e.log_id.index).collect();
+        assert_eq!(read, vec![7, 8, 9, 10]);
+        let state = restarted.get_log_state().await.unwrap();
+        assert_eq!((state.last_purged_log_id, state.last_log_id), (Some(log_id(6)), Some(log_id(10))));
+
+        // Purged past its end (as by an installed snapshot), the log ends at the purge
+        // point even before the removal ran.
+        restarted.put_meta(LAST_PURGED, &log_id(12)).unwrap();
+        let state = LogStore::new(&db, Durable::new(db.clone(), None)).unwrap().get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id, Some(log_id(12)));
+        assert!(LogStore::new(&db, Durable::new(db.clone(), None)).unwrap().try_get_log_entries(0..).await.unwrap().is_empty());
     }
 }

@@ -10,7 +10,9 @@
 //! drive's cache nor the file's metadata. With `durability = "fsync"` (the default) we
 //! then `fdatasync` sled's file, as etcd does for its WAL.
 
+pub mod background;
 pub mod log_store;
+pub mod snapshot_file;
 pub mod state_machine;
 
 use std::fs::File;
@@ -118,7 +120,7 @@ pub fn open(dir: &Path, dc: &str, durability: Durability, cache_bytes: u64, cach
     };
     let durable = Durable::new(db.clone(), file);
     let log = LogStore::new(&db, durable.clone())?;
-    let sm = StateMachineStore::new(&db, durable, cache_entities_max, dc)?;
+    let sm = StateMachineStore::new(&db, snapshot_file::SnapshotFile::in_dir(dir), durable, cache_entities_max, dc)?;
     Ok((log, sm))
 }
 

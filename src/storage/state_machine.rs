@@ -20,7 +20,8 @@ use openraft::{EntryPayload, RaftSnapshotBuilder, SnapshotMeta, StorageIOError, 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{io_err, Durable};
+use super::snapshot_file::SnapshotFile;
+use super::{background, io_err, Durable};
 use crate::codec;
 use crate::domain::command::IdempotencyRecord;
 use crate::domain::{apply, Change, DcSettings, Event, Inventory, Order, Outcome, Request, Session, State};
@@ -87,6 +88,7 @@ struct Inner {
     dc: String,
     tree: sled::Tree,
     meta: sled::Tree,
+    snapshot_file: SnapshotFile,
     durable: Durable,
     /// Hot records by key, and keys known to be absent (a new order's id is looked up
     /// by validation and again by apply); std Mutex because no await happens while it
@@ -153,12 +155,13 @@ pub struct SmReader {
 }
 
 impl StateMachineStore {
-    pub(super) fn new(db: &sled::Db, durable: Durable, cache_entities_max: usize, dc: &str) -> anyhow::Result<Self> {
+    pub(super) fn new(db: &sled::Db, snapshot_file: SnapshotFile, durable: Durable, cache_entities_max: usize, dc: &str) -> anyhow::Result<Self> {
         let cap = NonZeroUsize::new(cache_entities_max).unwrap_or(NonZeroUsize::MIN);
         let inner = Inner {
             dc: dc.to_string(),
             tree: db.open_tree("state")?,
             meta: db.open_tree("sm_meta")?,
+            snapshot_file,
             durable,
             cache: Mutex::new(lru::LruCache::new(cap)),
             write_lock: Mutex::new(Writer::default()),
@@ -410,35 +413,60 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let Some(bytes) = self.inner.meta.get(SNAPSHOT).map_err(|e| io_err(StorageIOError::read, e))? else {
-            return Ok(None);
-        };
+        let (file, meta) = (self.inner.snapshot_file.clone(), self.inner.meta.clone());
+        let bytes = tokio::task::spawn_blocking(move || read_snapshot(&file, &meta)).await.map_err(|e| io_err(StorageIOError::read, e))??;
+        let Some(bytes) = bytes else { return Ok(None) };
         let s: StoredSnapshot = codec::decode(&bytes).map_err(|e| io_err(StorageIOError::read, e))?;
         Ok(Some(Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+    }
+}
+
+/// The stored snapshot's bytes: from its file, or, in a data dir written before snapshots
+/// had a file, from sled.
+fn read_snapshot(file: &SnapshotFile, meta: &sled::Tree) -> Result<Option<Vec<u8>>, StorageError> {
+    match file.read().map_err(|e| io_err(StorageIOError::read, e))? {
+        Some(b) => Ok(Some(b)),
+        None => Ok(meta.get(SNAPSHOT).map_err(|e| io_err(StorageIOError::read, e))?.map(|v| v.to_vec())),
     }
 }
 
 impl StateMachineStore {
     /// Stores `s` durably and hands it back (its data is megabytes: no copy is kept).
     async fn save_snapshot(&self, s: StoredSnapshot) -> Result<StoredSnapshot, StorageError> {
-        let meta = self.inner.meta.clone();
+        let this = self.clone();
         // Encoding and storing megabytes: off the async workers.
-        let s = tokio::task::spawn_blocking(move || meta.insert(SNAPSHOT, codec::encode(&s)).map(|_| s))
-            .await
-            .map_err(|e| io_err(StorageIOError::write, e))?
-            .map_err(|e| io_err(StorageIOError::write, e))?;
-        // Durable before openraft purges the log entries the snapshot replaces.
-        self.inner.durable.sync_async().await.map_err(|e| io_err(StorageIOError::write, e))?;
+        let s = tokio::task::spawn_blocking(move || this.store_snapshot(s)).await.map_err(|e| io_err(StorageIOError::write, e))??;
+        self.snapshot_durable().await?;
+        Ok(s)
+    }
+
+    /// The state machine's own writes (an installed snapshot's records) durable too, before
+    /// openraft purges the log entries the snapshot covers.
+    async fn snapshot_durable(&self) -> Result<(), StorageError> {
+        self.inner.durable.sync_async().await.map_err(|e| io_err(StorageIOError::write, e))
+    }
+
+    /// Writes `s` as the current snapshot, durably, and hands it back.
+    fn store_snapshot(&self, s: StoredSnapshot) -> Result<StoredSnapshot, StorageError> {
+        self.inner.snapshot_file.write(&codec::encode(&s)).map_err(|e| io_err(StorageIOError::write, e))?;
+        // A snapshot sled held from before snapshots had a file is now stale.
+        self.inner.meta.remove(SNAPSHOT).map_err(|e| io_err(StorageIOError::write, e))?;
         Ok(s)
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        // Copying and encoding a large state takes a while: off the async workers.
+        // Copying, encoding and storing the whole state: seconds of CPU for a large one,
+        // taken from what the request path leaves (see `background`).
         let this = self.clone();
-        let (meta, data) = tokio::task::spawn_blocking(move || this.copy_state()).await.map_err(|e| io_err(StorageIOError::read_state_machine, e))??;
-        let s = self.save_snapshot(StoredSnapshot { meta, data }).await?;
+        let s = background::run_low_priority("snapshot", move || {
+            let (meta, data) = this.copy_state()?;
+            this.store_snapshot(StoredSnapshot { meta, data })
+        })
+        .await
+        .map_err(|e| io_err(StorageIOError::read_state_machine, e))??;
+        self.snapshot_durable().await?;
         Ok(Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) })
     }
 }

@@ -42,11 +42,17 @@ pub struct BenchArgs {
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Also print throughput and p99 for every second of the run: shows when a tail
+    /// happens (a snapshot, an election) instead of only that it did.
+    #[arg(long)]
+    pub timeline: bool,
 }
 
 #[derive(Default)]
 struct WorkerStats {
     latencies_us: Vec<u32>,
+    /// The second of the measured run each acknowledged request started in (same order).
+    started_s: Vec<u32>,
     errors: u64,
 }
 
@@ -68,6 +74,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for w in workers {
         let s = w.await?;
         all.latencies_us.extend(s.latencies_us);
+        all.started_s.extend(s.started_s);
         all.errors += s.errors;
     }
     let lag = lag_buckets(&client, &args.targets).await.into_iter().map(|(le, n)| (le, n - lag_before.get(&le).copied().unwrap_or(0.0))).collect();
@@ -139,7 +146,10 @@ async fn worker(w: usize, client: reqwest::Client, args: BenchArgs, setup: Setup
             continue;
         }
         match ok {
-            true => stats.latencies_us.push(started.elapsed().as_micros().min(u32::MAX as u128) as u32),
+            true => {
+                stats.latencies_us.push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                stats.started_s.push((started - warmup_end).as_secs() as u32);
+            }
             false => stats.errors += 1,
         }
     }
@@ -199,7 +209,23 @@ fn bucket_quantile(buckets: &std::collections::BTreeMap<u64, f64>, q: f64) -> Op
     buckets.iter().find(|(_, n)| **n >= q * total).map(|(le, _)| *le)
 }
 
+/// Per second of the run: acknowledged requests and their p99 (ms).
+fn timeline(all: &WorkerStats) -> Vec<(u32, usize, f64)> {
+    let mut by_second: std::collections::BTreeMap<u32, Vec<u32>> = std::collections::BTreeMap::new();
+    for (s, l) in all.started_s.iter().zip(&all.latencies_us) {
+        by_second.entry(*s).or_default().push(*l);
+    }
+    by_second
+        .into_iter()
+        .map(|(s, mut l)| {
+            l.sort_unstable();
+            (s, l.len(), percentile(&l, 0.99))
+        })
+        .collect()
+}
+
 fn report(args: &BenchArgs, mut all: WorkerStats, lag: &std::collections::BTreeMap<u64, f64>) {
+    let seconds = if args.timeline { timeline(&all) } else { Vec::new() };
     all.latencies_us.sort_unstable();
     let l = &all.latencies_us;
     let ok = l.len() as f64;
@@ -218,6 +244,7 @@ fn report(args: &BenchArgs, mut all: WorkerStats, lag: &std::collections::BTreeM
         "replication_events": lag.get(&u64::MAX).copied().unwrap_or(0.0),
         "replication_lag_p50_ms_at_most": bucket_quantile(lag, 0.5),
         "replication_lag_p99_ms_at_most": bucket_quantile(lag, 0.99),
+        "timeline": seconds.iter().map(|(s, n, p99)| json!({"second": s, "ok": n, "p99_ms": p99})).collect::<Vec<_>>(),
     });
     if args.json {
         println!("{summary}");
@@ -235,5 +262,19 @@ fn report(args: &BenchArgs, mut all: WorkerStats, lag: &std::collections::BTreeM
     if let (Some(p50), Some(p99)) = (bucket_quantile(lag, 0.5), bucket_quantile(lag, 0.99)) {
         let n = summary["replication_events"].as_f64().unwrap_or(0.0);
         println!("  cross-DC replication lag (origin commit to remote commit, {n} events at the targets): p50 <= {p50} ms, p99 <= {p99} ms");
+    }
+    for (s, n, p99) in &seconds {
+        println!("  second {s:>3}: {n:>6} acknowledged, p99 {p99:.2} ms");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_timeline_groups_requests_by_the_second_they_started_in() {
+        let all = WorkerStats { latencies_us: vec![1_000, 2_000, 50_000, 3_000], started_s: vec![0, 0, 2, 2], errors: 0 };
+        assert_eq!(timeline(&all), vec![(0, 2, 2.0), (2, 2, 50.0)]);
     }
 }

@@ -303,6 +303,7 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     let http_addr = http_listener.local_addr()?;
     tasks.push(tokio::spawn(crate::api::serve(http_listener, node.clone())));
     tasks.push(tokio::spawn(bootstrap(node.clone())));
+    tasks.push(tokio::spawn(crate::raft::snapshots::snapshot_loop(node.clone())));
     tasks.extend(replication::spawn(node.clone()));
     let dns = DnsThread::spawn(node.info.dns, Arc::new(ClusterView::new(node.clone()))).with_context(|| format!("start dns on {}", node.info.dns))?;
     *node.dns.lock().expect("dns lock") = Some(dns);

@@ -4,6 +4,7 @@
 
 pub mod network;
 pub mod proposer;
+pub mod snapshots;
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -38,7 +39,8 @@ pub fn raft_config(config: &ClusterConfig, dc: &str) -> anyhow::Result<Arc<openr
         election_timeout_min: r.election_timeout_min_ms,
         election_timeout_max: r.election_timeout_max_ms,
         install_snapshot_timeout: r.install_snapshot_timeout_ms,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_logs_since_last),
+        // Snapshots are asked for by `snapshots::snapshot_loop`, staggered across the DC.
+        snapshot_policy: openraft::SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: r.logs_to_keep_after_snapshot,
         snapshot_max_chunk_size: r.snapshot_chunk_bytes_max,
         ..Default::default()

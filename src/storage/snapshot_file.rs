@@ -5,10 +5,19 @@
 //! Why not a sled value: storing tens of megabytes as one value held sled's read side of
 //! its global write lock for hundreds of milliseconds, and every state-machine batch (the
 //! applies of the whole node) waited behind it.
+//!
+//! The file is written back to disk as it is written, a few megabytes at a time (as
+//! RocksDB's `bytes_per_sync` does): left to one `fdatasync` at the end, tens of megabytes
+//! of dirty pages went to disk at once, and on ext4 the Raft log's next `fdatasync` waited
+//! for them behind the same journal commit (a 360 ms stall of every write, measured).
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+
+/// Bytes written between two write-back requests.
+const WRITEBACK_CHUNK: usize = 4 << 20;
 
 #[derive(Debug, Clone)]
 pub struct SnapshotFile {
@@ -24,7 +33,18 @@ impl SnapshotFile {
     pub fn write(&self, bytes: &[u8]) -> io::Result<()> {
         let tmp = self.path.with_extension("tmp");
         let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
+        for (i, chunk) in bytes.chunks(WRITEBACK_CHUNK).enumerate() {
+            f.write_all(chunk)?;
+            let offset = i * WRITEBACK_CHUNK;
+            // Start writing this chunk back, and wait for the one before: at most two
+            // chunks are ever dirty, and the writer goes at the disk's pace.
+            sync_range(&f, offset, chunk.len(), libc::SYNC_FILE_RANGE_WRITE)?;
+            if i > 0 {
+                let wait = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+                sync_range(&f, offset - WRITEBACK_CHUNK, WRITEBACK_CHUNK, wait)?;
+            }
+        }
+        // What makes it durable (file size and all); little is left to write by now.
         f.sync_data()?;
         std::fs::rename(&tmp, &self.path)?;
         // The rename itself is durable only once the directory is synced.
@@ -41,6 +61,17 @@ impl SnapshotFile {
     }
 }
 
+/// `sync_file_range(2)`: write-back control only, no durability (`sync_data` gives that).
+fn sync_range(f: &File, offset: usize, len: usize, flags: libc::c_uint) -> io::Result<()> {
+    // SAFETY: a system call on an open file descriptor we own; no memory is passed.
+    let rc = unsafe { libc::sync_file_range(f.as_raw_fd(), offset as libc::off64_t, len as libc::off64_t, flags) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,6 +84,10 @@ mod tests {
         f.write(b"first").unwrap();
         f.write(b"second").unwrap();
         assert_eq!(f.read().unwrap().as_deref(), Some(&b"second"[..]));
+        // Several write-back chunks, the last one partial.
+        let big: Vec<u8> = (0..(2 * WRITEBACK_CHUNK + 12345)).map(|i| (i % 251) as u8).collect();
+        f.write(&big).unwrap();
+        assert_eq!(f.read().unwrap().as_deref(), Some(&big[..]));
         // Nothing left behind but the snapshot itself.
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("raft-snapshot.bin")]);

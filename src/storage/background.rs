@@ -23,9 +23,8 @@ pub async fn run_low_priority<T: Send + 'static>(name: &str, f: impl FnOnce() ->
 
 /// On Linux a priority set for a thread id applies to that thread only, not its process.
 fn lower_priority() {
-    // SAFETY: plain system calls on the calling thread, no memory is shared.
-    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, NICE.max(current_nice())) };
+    // SAFETY: a plain system call on the calling thread; no memory is passed.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid(), NICE.max(current_nice())) };
     if rc != 0 {
         tracing::debug!(error = %io::Error::last_os_error(), "could not lower a background thread's priority");
     }
@@ -35,8 +34,13 @@ fn lower_priority() {
 pub fn current_nice() -> i32 {
     // SAFETY: as above. getpriority may return -1 legitimately; a failure is not expected
     // for the calling thread.
-    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
-    unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) }
+    unsafe { libc::getpriority(libc::PRIO_PROCESS, tid()) }
+}
+
+/// The calling thread's id (what the priority calls take as "process" for one thread).
+fn tid() -> libc::id_t {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as libc::id_t }
 }
 
 #[cfg(test)]

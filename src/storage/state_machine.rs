@@ -440,8 +440,8 @@ impl StateMachineStore {
         Ok(s)
     }
 
-    /// The state machine's own writes (an installed snapshot's records) durable too, before
-    /// openraft purges the log entries the snapshot covers.
+    /// The state machine's own writes durable too (the applies a built snapshot covers, an
+    /// installed snapshot's records), before openraft purges the log entries they replace.
     async fn snapshot_durable(&self) -> Result<(), StorageError> {
         self.inner.durable.sync_async().await.map_err(|e| io_err(StorageIOError::write, e))
     }

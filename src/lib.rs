@@ -6,7 +6,8 @@
 //! - [`domain`]: entities, commands and the rules that apply them — pure, no I/O.
 //! - [`storage`]: sled Raft log, vote, state machine and snapshots.
 //! - [`raft`]: openraft type config and network adapter.
-//! - [`transport`]: peer TCP RPC, with the fault-injection hook.
+//! - [`transport`]: peer RPC over mutual TLS (identity from certificates), with the fault-injection hook.
+//! - [`certs`]: the cluster CA, node and admin certificates, and the admin token.
 //! - [`actors`]: ractor actors for sessions, inventory, orders, and their supervisor.
 //! - [`hlc`]: the hybrid logical clock that orders cross-DC writes.
 //! - [`replication`]: cross-DC event shipping, receiving, rebalancing and link health.
@@ -21,6 +22,7 @@
 pub mod actors;
 pub mod api;
 pub mod bench;
+pub mod certs;
 pub mod chaos;
 pub mod cluster_view;
 pub mod codec;

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use agora::config::ClusterConfig;
-use agora::node::{self, NodeOptions};
+use agora::node::{self, NodeOptions, PeerAuth};
 
 /// glibc's malloc took a quarter of a loaded node's CPU (arena locking, consolidation
 /// of the many short-lived buffers a request makes); mimalloc's thread-local pages do not.
@@ -30,11 +30,34 @@ enum Cmd {
     Cluster(agora::launcher::ClusterArgs),
     /// Fault scenarios against a live cluster, with a checker of the recorded history.
     Chaos(agora::chaos::run::ChaosArgs),
+    /// Create the cluster's CA, node and admin certificates and the admin token.
+    #[command(subcommand)]
+    Certs(CertsCmd),
     /// Check a cluster file and print its nodes.
     Config {
         /// Cluster file (default: the embedded 3 DC × 3 node topology).
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Create a CA (if the directory has none), a certificate for every node of the
+    /// cluster file and for `admin`, and an admin token. Existing files are kept.
+    Create {
+        /// Cluster file (default: the embedded 3 DC × 3 node topology).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Where to write them.
+        #[arg(long, default_value = ".agora/certs")]
+        out: PathBuf,
+        /// Issue node and admin certificates anew from the existing CA (rotation).
+        #[arg(long)]
+        reissue: bool,
+        /// Days the node and admin certificates stay valid.
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(i64).range(1..=3650))]
+        days: i64,
     },
 }
 
@@ -52,6 +75,14 @@ struct NodeArgs {
     /// Enable admin endpoints that inject faults and crash actors (tests only).
     #[arg(long)]
     enable_test_hooks: bool,
+    /// Directory with ca.pem, NODE.pem, NODE.key and admin.token (default: .agora/certs,
+    /// where `agora cluster up` and `agora certs create` put them).
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// INSECURE: accept peer traffic without certificates. Anyone who can reach the peer
+    /// port can then act as any node of any DC. For debugging only.
+    #[arg(long, conflicts_with = "certs")]
+    insecure_plaintext_peers: bool,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -71,7 +102,9 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     init_logging(args.log_json);
     let config = ClusterConfig::load(args.config.as_deref())?;
     let data_dir = args.data_dir.unwrap_or_else(|| PathBuf::from(".agora/data").join(&args.node));
-    let running = node::start(config, NodeOptions { name: args.node, data_dir, test_hooks: args.enable_test_hooks }).await?;
+    let peer_auth = if args.insecure_plaintext_peers { PeerAuth::InsecurePlaintext } else { PeerAuth::Certs(args.certs.unwrap_or_else(|| PathBuf::from(".agora/certs"))) };
+    let opts = NodeOptions { name: args.node, data_dir, test_hooks: args.enable_test_hooks, peer_auth };
+    let running = node::start(config, opts).await?;
     wait_for_signal().await?;
     running.shutdown().await;
     Ok(())
@@ -96,6 +129,21 @@ fn show_config(path: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn certs(cmd: CertsCmd) -> anyhow::Result<()> {
+    let CertsCmd::Create { config, out, reissue, days } = cmd;
+    let config = ClusterConfig::load(config.as_deref())?;
+    let created = agora::certs::create(&out, &config, reissue, agora::certs::Validity { days, ..Default::default() })?;
+    println!(
+        "{}: CA {}, issued {} certificate(s){}, admin token {}",
+        out.display(),
+        if created.ca_created { "created" } else { "kept" },
+        created.issued.len(),
+        if created.issued.is_empty() { String::new() } else { format!(" ({})", created.issued.join(", ")) },
+        if created.token_created { "created" } else { "kept" }
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
@@ -103,6 +151,7 @@ async fn main() {
         Cmd::Node(a) => run_node(a).await,
         Cmd::Bench(a) => agora::bench::run(a).await,
         Cmd::Config { config } => show_config(config),
+        Cmd::Certs(c) => certs(c),
         Cmd::Cluster(a) => agora::launcher::run(a).await,
         // The verdict is the exit code: 0 valid, non-zero on any violation.
         Cmd::Chaos(a) => match agora::chaos::run::main(a).await {

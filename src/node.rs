@@ -27,7 +27,9 @@ use crate::raft::proposer::{Proposer, ProposerLimits};
 use crate::raft::{network::Network, raft_config, NodeId, Raft};
 use crate::replication::{self, Links};
 use crate::storage::{self, SmReader};
-use crate::transport::{self, server::ServerLimits, Faults, PeerHandler, PeerRequest, PeerResponse, Peers};
+use crate::transport::server::{Admission, ServerLimits};
+use crate::transport::tls::{Directory as PeerDirectory, PeerTls, Security};
+use crate::transport::{self, Faults, PeerHandler, PeerRequest, PeerResponse, Peers};
 
 /// Forwarding hops before a write gives up (leadership moving under it).
 const SUBMIT_ATTEMPTS: usize = 3;
@@ -37,6 +39,18 @@ pub struct NodeOptions {
     pub data_dir: PathBuf,
     /// Enables the admin endpoints that inject faults and crash actors.
     pub test_hooks: bool,
+    /// How peers prove who they are: certificates (the default) or nothing at all.
+    pub peer_auth: PeerAuth,
+}
+
+/// Where this node's peer identity comes from.
+#[derive(Debug, Clone)]
+pub enum PeerAuth {
+    /// Mutual TLS with the CA, certificate and key in this certs directory.
+    Certs(PathBuf),
+    /// No authentication (`--insecure-plaintext-peers`): anyone who reaches the peer port
+    /// can act as any node.
+    InsecurePlaintext,
 }
 
 pub struct Node {
@@ -266,7 +280,16 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
         .context("open storage")?;
     let reader = sm.reader();
     let faults = Faults::default();
-    let peers = Peers::new(&config, info.id, faults.clone());
+    let security = match &opts.peer_auth {
+        PeerAuth::Certs(dir) => Security::Tls(Arc::new(
+            PeerTls::load(dir, &info.name).with_context(|| format!("load peer certificates from {} (create them with `agora certs create`)", dir.display()))?,
+        )),
+        PeerAuth::InsecurePlaintext => {
+            tracing::warn!("PEER TRAFFIC IS NOT AUTHENTICATED (--insecure-plaintext-peers): anyone who reaches the peer port can act as any node");
+            Security::Plaintext { me: info.id }
+        }
+    };
+    let peers = Peers::new(&config, info.id, faults.clone(), security.clone());
     let raft = Raft::new(info.id, raft_config(&config, &info.dc)?, Network { peers: peers.clone() }, log, sm).await.context("start raft")?;
     let metrics = Metrics::new(&info.name, &info.dc);
     let request_timeout = Duration::from_millis(config.limits.request_timeout_ms);
@@ -299,7 +322,8 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     });
 
     let limits = ServerLimits { frame_bytes_max: config.limits.peer_frame_bytes_max, inflight_per_connection_max: config.limits.peer_inflight_max };
-    let mut tasks = vec![tokio::spawn(transport::serve(peer_listener, Arc::new(Handler(node.clone())), faults, limits))];
+    let admission = Admission { security, directory: Arc::new(PeerDirectory::new(&config)) };
+    let mut tasks = vec![tokio::spawn(transport::serve(peer_listener, Arc::new(Handler(node.clone())), faults, limits, admission))];
     let http_addr = http_listener.local_addr()?;
     tasks.push(tokio::spawn(crate::api::serve(http_listener, node.clone())));
     tasks.push(tokio::spawn(bootstrap(node.clone())));

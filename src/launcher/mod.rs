@@ -394,6 +394,9 @@ async fn up(st: StateDir, a: UpArgs) -> Result<()> {
     }
     st.create_dirs()?;
     std::fs::write(st.config_path(), toml::to_string(&cfg).context("serialize config")?).context("write cluster.toml")?;
+    // Every node proves who it is to its peers with a certificate of this cluster's CA:
+    // made once per state dir, reused by later `up`s.
+    crate::certs::create(&st.certs_dir(), &cfg, false, crate::certs::Validity::default()).context("create the cluster's certificates")?;
     let meta = Meta { backend: a.backend, wan_latency_ms: a.wan_latency.unwrap_or(0), cuts: BTreeSet::new() };
     // Written before anything is created: from here on, a crash is cleaned by the next `up`.
     st.write_meta(&meta)?;

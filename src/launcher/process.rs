@@ -38,6 +38,8 @@ pub fn spawn_node(st: &StateDir, prefix: &[String], node: &str) -> Result<i32> {
         .arg(st.config_path())
         .arg("--data-dir")
         .arg(st.data_dir(node))
+        .arg("--certs")
+        .arg(st.certs_dir())
         // Logs go to a file that people grep: no colour codes.
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())

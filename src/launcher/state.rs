@@ -58,6 +58,10 @@ impl StateDir {
     pub fn log_path(&self, node: &str) -> PathBuf {
         self.root.join("logs").join(format!("{node}.log"))
     }
+    /// The cluster's CA, node and admin certificates and the admin token (`up` creates them).
+    pub fn certs_dir(&self) -> PathBuf {
+        self.root.join("certs")
+    }
     pub fn data_dir(&self, node: &str) -> PathBuf {
         self.root.join("data").join(node)
     }

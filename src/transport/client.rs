@@ -1,5 +1,6 @@
-//! The sending side: one persistent connection per peer, opened on first use, reopened
-//! with exponential backoff after a failure. Requests are multiplexed by id; each has a
+//! The sending side: one persistent connection per peer, opened on first use (TCP, then
+//! the TLS handshake that proves both ends' identities), reopened with exponential
+//! backoff after a failure. Requests are multiplexed by id; each has a
 //! timeout, and at most `peer_inflight_max` wait for an answer at once.
 
 use std::collections::HashMap;
@@ -13,6 +14,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::frame::{read_frame, write_frame};
+use super::tls::{self, BoxStream, Security};
 use super::{Faults, PeerRequest, PeerResponse};
 use crate::codec;
 use crate::config::{ClusterConfig, Limits};
@@ -36,7 +38,6 @@ struct Outgoing {
 /// A client for one peer. Cheap to clone; all clones share the connection.
 #[derive(Clone)]
 pub struct PeerClient {
-    me: NodeId,
     peer: NodeId,
     tx: mpsc::UnboundedSender<Outgoing>,
     next_id: Arc<AtomicU64>,
@@ -46,13 +47,12 @@ pub struct PeerClient {
 }
 
 impl PeerClient {
-    fn new(me: NodeId, peer: NodeId, addr: SocketAddr, limits: &Limits, faults: Faults) -> Self {
+    fn new(peer: &Target, limits: &Limits, faults: Faults, security: Security) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let backoff_max = Duration::from_millis(limits.peer_backoff_max_ms);
-        tokio::spawn(connection_loop(addr, rx, limits.peer_frame_bytes_max, backoff_max));
+        tokio::spawn(connection_loop(peer.clone(), security, rx, limits.peer_frame_bytes_max, backoff_max));
         PeerClient {
-            me,
-            peer,
+            peer: peer.id,
             tx,
             next_id: Arc::new(AtomicU64::new(1)),
             inflight: Arc::new(Semaphore::new(limits.peer_inflight_max)),
@@ -75,7 +75,7 @@ impl PeerClient {
         let _permit = self.inflight.try_acquire().map_err(|_| NodeError::Overloaded(format!("too many requests in flight to node {}", self.peer)))?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
-        let bytes = codec::encode(&(id, self.me, req));
+        let bytes = codec::encode(&(id, req));
         self.tx.send(Outgoing { id, bytes, reply }).map_err(|_| NodeError::Internal("peer connection task stopped".into()))?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(resp)) => resp,
@@ -86,25 +86,58 @@ impl PeerClient {
     }
 }
 
-async fn connection_loop(addr: SocketAddr, mut rx: mpsc::UnboundedReceiver<Outgoing>, frame_max: usize, backoff_max: Duration) {
+/// A peer as the client needs it: where it listens and who its certificate must say it is.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub id: NodeId,
+    pub name: String,
+    pub dc: String,
+    pub addr: SocketAddr,
+}
+
+/// Opens a connection to `peer` and proves both identities.
+async fn open(peer: &Target, security: &Security) -> Result<BoxStream, String> {
+    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer.addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err("connect timed out".into()),
+    };
+    let _ = tcp.set_nodelay(true);
+    tls::connect(tcp, security, &peer.name, &peer.dc).await
+}
+
+async fn connection_loop(peer: Target, security: Security, mut rx: mpsc::UnboundedReceiver<Outgoing>, frame_max: usize, backoff_max: Duration) {
     let mut backoff = BACKOFF_MIN;
+    let addr = peer.addr;
     // Connect lazily, when there is something to send.
     while let Some(first) = rx.recv().await {
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            _ => {
+        let stream = match open(&peer, &security).await {
+            Ok(s) => s,
+            Err(reason) => {
                 refuse(first, addr);
-                tracing::debug!(%addr, backoff_ms = backoff.as_millis() as u64, "peer connect failed");
+                tracing::debug!(%addr, %reason, backoff_ms = backoff.as_millis() as u64, "peer connect failed");
                 fail_fast_for(&mut rx, backoff, addr).await;
                 backoff = (backoff * 2).min(backoff_max);
                 continue;
             }
         };
         backoff = BACKOFF_MIN;
-        let _ = stream.set_nodelay(true);
         serve_connection(stream, first, &mut rx, frame_max).await;
         tracing::debug!(%addr, "peer connection closed");
     }
+}
+
+/// One request on a fresh connection, as node `peer` expects it from whoever `security`
+/// names: for tools and tests that speak to a node without running one.
+pub async fn call_once(peer: &Target, security: &Security, req: &PeerRequest, frame_max: usize) -> Result<PeerResponse, String> {
+    let stream = open(peer, security).await?;
+    let (mut r, w) = tokio::io::split(stream);
+    let mut w = BufWriter::new(w);
+    write_frame(&mut w, &codec::encode(&(1u64, req))).await.map_err(|e| e.to_string())?;
+    w.flush().await.map_err(|e| e.to_string())?;
+    let frame = read_frame(&mut r, frame_max).await.map_err(|e| e.to_string())?;
+    let (_, resp) = codec::decode::<(u64, PeerResponse)>(&frame).map_err(|e| e.to_string())?;
+    Ok(resp)
 }
 
 /// While backing off from a peer that refused us, fail every request at once (the caller
@@ -129,8 +162,8 @@ fn refuse(o: Outgoing, addr: SocketAddr) {
 
 /// Writes requests and routes answers until the connection fails; then every request
 /// still waiting on it is failed (by dropping its reply sender).
-async fn serve_connection(stream: TcpStream, first: Outgoing, rx: &mut mpsc::UnboundedReceiver<Outgoing>, frame_max: usize) {
-    let (mut r, w) = stream.into_split();
+async fn serve_connection(stream: BoxStream, first: Outgoing, rx: &mut mpsc::UnboundedReceiver<Outgoing>, frame_max: usize) {
+    let (mut r, w) = tokio::io::split(stream);
     let mut w = BufWriter::new(w);
     let pending: Pending = Default::default();
     let reader_pending = pending.clone();
@@ -169,7 +202,7 @@ async fn serve_connection(stream: TcpStream, first: Outgoing, rx: &mut mpsc::Unb
 
 /// Writes `first` and whatever else is already queued, then flushes once.
 async fn write_batch(
-    w: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+    w: &mut BufWriter<tokio::io::WriteHalf<BoxStream>>,
     first: Outgoing,
     rx: &mut mpsc::UnboundedReceiver<Outgoing>,
     pending: &Pending,
@@ -198,9 +231,16 @@ pub struct Peers {
 }
 
 impl Peers {
-    pub fn new(config: &ClusterConfig, me: NodeId, faults: Faults) -> Self {
-        let clients =
-            config.nodes().into_iter().filter(|n| n.id != me).map(|n| (n.id, PeerClient::new(me, n.id, n.peer, &config.limits, faults.clone()))).collect();
+    pub fn new(config: &ClusterConfig, me: NodeId, faults: Faults, security: Security) -> Self {
+        let clients = config
+            .nodes()
+            .into_iter()
+            .filter(|n| n.id != me)
+            .map(|n| {
+                let target = Target { id: n.id, name: n.name, dc: n.dc, addr: n.peer };
+                (n.id, PeerClient::new(&target, &config.limits, faults.clone(), security.clone()))
+            })
+            .collect();
         Peers { clients: Arc::new(clients) }
     }
 
@@ -221,7 +261,8 @@ mod tests {
     use super::*;
     use crate::transport::faults::FaultRules;
     use crate::transport::message::ProbeAck;
-    use crate::transport::server::{serve, PeerHandler, ServerLimits};
+    use crate::transport::server::{serve, Admission, PeerHandler, ServerLimits};
+    use crate::transport::tls::Directory;
 
     struct Echo;
 
@@ -245,8 +286,11 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let limits = ServerLimits { frame_bytes_max: 1 << 20, inflight_per_connection_max: 8 };
-        let server = tokio::spawn(serve(listener, Arc::new(Echo), delay_to(1, MS), limits));
-        let client = PeerClient::new(1, 2, addr, &Limits::default(), delay_to(2, MS));
+        let directory = Arc::new(Directory::of([("n1", 1, "dc1"), ("n2", 2, "dc2")]));
+        let admission = Admission { security: Security::Plaintext { me: 2 }, directory };
+        let server = tokio::spawn(serve(listener, Arc::new(Echo), delay_to(1, MS), limits, admission));
+        let target = Target { id: 2, name: "n2".into(), dc: "dc2".into(), addr };
+        let client = PeerClient::new(&target, &Limits::default(), delay_to(2, MS), Security::Plaintext { me: 1 });
         let start = Instant::now();
         let resp = client.call(PeerRequest::Probe, None).await.expect("answered");
         assert!(matches!(resp, PeerResponse::Probe(_)), "{resp:?}");

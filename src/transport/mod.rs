@@ -1,6 +1,8 @@
 //! Peer transport: every node-to-node message (Raft RPCs, forwarded writes, read-index
-//! requests) travels here, over tokio TCP with length-prefixed, versioned bincode frames.
+//! requests, cross-DC replication) travels here, over mutual TLS (tokio-rustls) with
+//! length-prefixed, versioned bincode frames.
 //!
+//! - [`tls`]: who is on the other end — the identity in the peer's certificate.
 //! - [`frame`]: the frame format and its bounds.
 //! - [`client`]: one persistent connection per peer, reconnect with backoff, request
 //!   timeouts, bounded in-flight requests.
@@ -13,6 +15,7 @@ pub mod faults;
 pub mod frame;
 pub mod message;
 pub mod server;
+pub mod tls;
 
 pub use client::{PeerClient, Peers};
 pub use faults::Faults;

@@ -1,12 +1,16 @@
-//! The receiving side: accepts peer connections and answers each request through a
-//! [`PeerHandler`]. A frame that is oversized, truncated, of an unknown version or
+//! The receiving side: accepts peer connections, learns who connected (the TLS client
+//! certificate, see [`super::tls`]), and answers each request through a [`PeerHandler`]
+//! with that identity. A connection whose identity cannot be established is closed before
+//! any frame is read. A frame that is oversized, truncated, of an unknown version or
 //! undecodable is logged and closes that connection; nothing in it is acted on.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
+
+use super::tls::{self, BoxStream, Directory, Security};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::frame::{read_frame, write_frame};
@@ -24,14 +28,27 @@ pub struct ServerLimits {
     pub inflight_per_connection_max: usize,
 }
 
+/// Who may connect, and how that is checked.
+#[derive(Clone)]
+pub struct Admission {
+    pub security: Security,
+    pub directory: Arc<Directory>,
+}
+
 /// Accepts connections until the task is aborted.
-pub async fn serve(listener: TcpListener, handler: Arc<dyn PeerHandler>, faults: Faults, limits: ServerLimits) {
+pub async fn serve(listener: TcpListener, handler: Arc<dyn PeerHandler>, faults: Faults, limits: ServerLimits, admission: Admission) {
     let limits = Arc::new(limits);
     loop {
         match listener.accept().await {
             Ok((stream, addr)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(connection(stream, addr, handler.clone(), faults.clone(), limits.clone()));
+                let (handler, faults, limits, admission) = (handler.clone(), faults.clone(), limits.clone(), admission.clone());
+                tokio::spawn(async move {
+                    match tls::accept(stream, &admission.security, &admission.directory, limits.frame_bytes_max).await {
+                        Ok((stream, from)) => connection(stream, addr, from, handler, faults, limits).await,
+                        Err(reason) => tracing::warn!(peer = %addr, %reason, "peer connection refused"),
+                    }
+                });
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -42,8 +59,8 @@ pub async fn serve(listener: TcpListener, handler: Arc<dyn PeerHandler>, faults:
     }
 }
 
-async fn connection(stream: TcpStream, addr: SocketAddr, handler: Arc<dyn PeerHandler>, faults: Faults, limits: Arc<ServerLimits>) {
-    let (mut r, w) = stream.into_split();
+async fn connection(stream: BoxStream, addr: SocketAddr, from: NodeId, handler: Arc<dyn PeerHandler>, faults: Faults, limits: Arc<ServerLimits>) {
+    let (mut r, w) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let writer = tokio::spawn(async move {
         let mut w = BufWriter::new(w);
@@ -71,7 +88,7 @@ async fn connection(stream: TcpStream, addr: SocketAddr, handler: Arc<dyn PeerHa
                 break;
             }
         };
-        let (id, from, req) = match codec::decode::<(u64, NodeId, PeerRequest)>(&frame) {
+        let (id, req) = match codec::decode::<(u64, PeerRequest)>(&frame) {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(peer = %addr, error = %e, "undecodable request from peer; closing connection");

@@ -63,7 +63,10 @@ where
 impl TestCluster {
     pub async fn start(net: u8, opts: Options) -> TestCluster {
         let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::write(dir.path().join("cluster.toml"), config_toml(net, &opts)).expect("write config");
+        let toml = config_toml(net, &opts);
+        std::fs::write(dir.path().join("cluster.toml"), &toml).expect("write config");
+        let config = agora::config::ClusterConfig::from_toml(&toml, "test config").expect("valid test config");
+        agora::certs::create(&dir.path().join("certs"), &config, false, Default::default()).expect("create certificates");
         let names = (1..=opts.dcs).flat_map(|d| (1..=opts.nodes).map(move |i| format!("dc{d}-n{i}"))).collect();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("http client");
         let mut c = TestCluster { dir, net, names, children: BTreeMap::new(), http };
@@ -118,21 +121,34 @@ impl TestCluster {
         self.url(name).replace("http://", "").replace(":8080", ":7070")
     }
 
-    /// Sends one peer-protocol request to `name` as if from node id `from`, and returns
-    /// the answer (request id 7 on a fresh connection).
+    pub fn certs_dir(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+
+    /// Sends one peer-protocol request to `name` as node id `from`, with that node's own
+    /// certificate (an authenticated peer), and returns the answer.
     pub async fn peer_call(&self, name: &str, from: u64, req: agora::transport::PeerRequest) -> agora::transport::PeerResponse {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(self.peer_addr(name)).await.expect("connect peer port");
-        let payload = agora::codec::encode(&(7u64, from, req));
-        s.write_all(&(payload.len() as u32).to_be_bytes()).await.unwrap();
-        s.write_all(&payload).await.unwrap();
-        let mut len = [0u8; 4];
-        s.read_exact(&mut len).await.expect("answer length");
-        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-        s.read_exact(&mut body).await.expect("answer body");
-        let (id, resp): (u64, agora::transport::PeerResponse) = agora::codec::decode(&body).expect("decodable answer");
-        assert_eq!(id, 7);
-        resp
+        let from_name = format!("dc{}-n{}", from / 10, from % 10);
+        self.peer_call_with(name, &from_name, &req).await.expect("peer answered")
+    }
+
+    /// Sends one peer-protocol request to `name` over TLS with the certificate `cert`
+    /// (`<cert>.pem` in the certs dir): `Err` when the node refuses the connection.
+    pub async fn peer_call_with(&self, name: &str, cert: &str, req: &agora::transport::PeerRequest) -> Result<agora::transport::PeerResponse, String> {
+        use agora::transport::tls::{PeerTls, Security};
+        let tls = PeerTls::load(&self.certs_dir(), cert).map_err(|e| format!("{e:#}"))?;
+        self.peer_call_secured(name, &Security::Tls(std::sync::Arc::new(tls)), req).await
+    }
+
+    pub async fn peer_call_secured(&self, name: &str, security: &agora::transport::tls::Security, req: &agora::transport::PeerRequest) -> Result<agora::transport::PeerResponse, String> {
+        let (d, _) = Self::parse(name);
+        let target = agora::transport::client::Target {
+            id: Self::id(name),
+            name: name.to_string(),
+            dc: format!("dc{d}"),
+            addr: self.peer_addr(name).parse().expect("peer address"),
+        };
+        agora::transport::client::call_once(&target, security, req, 64 << 20).await
     }
 
     fn data_dir(&self, name: &str) -> PathBuf {
@@ -146,6 +162,8 @@ impl TestCluster {
             .arg(self.dir.path().join("cluster.toml"))
             .arg("--data-dir")
             .arg(self.data_dir(name))
+            .arg("--certs")
+            .arg(self.certs_dir())
             .env("RUST_LOG", "info,openraft=warn,sled=warn,hickory_server=warn")
             .stdout(Stdio::null())
             .stderr(log)

@@ -257,10 +257,16 @@ async fn replication_from_unknown_or_lying_peers_is_refused() {
             change: Change::Session(Session { token: "forged".into(), user: "mallory".into(), dc: origin.into(), hlc: 1, deleted: false }),
         }],
     };
-    // (sender id, request): an id no config knows; dc2's node speaking for dc3; for dc1 itself.
-    for (from, req) in [(99u64, forged("dc9")), (21, forged("dc3")), (21, forged("dc1"))] {
-        let resp = c.peer_call("dc1-n1", from, req).await;
-        assert!(matches!(resp, agora::transport::PeerResponse::Refused(_)), "from {from}: {resp:?}");
+    // A certificate of the cluster's CA for a node the cluster file does not know: the
+    // connection is refused before any frame is read.
+    let stranger = agora::certs::Role::Node { dc: "dc9".into(), name: "dc9-n9".into() };
+    agora::certs::issue_extra(&c.certs_dir(), &stranger, Default::default()).unwrap();
+    let r = c.peer_call_with("dc1-n1", "dc9-n9", &forged("dc9")).await;
+    assert!(r.is_err(), "a node outside the cluster file was answered: {r:?}");
+    // dc2's node (its own certificate) speaking for dc3, and for dc1 itself.
+    for req in [forged("dc3"), forged("dc1")] {
+        let resp = c.peer_call("dc1-n1", 21, req).await;
+        assert!(matches!(resp, agora::transport::PeerResponse::Refused(_)), "{resp:?}");
     }
     assert_eq!(c.get("dc1-n1", "/v1/sessions/forged?consistency=stale").await.0, 404);
     assert_eq!(c.must_converge(Duration::from_secs(5)).await, before);

@@ -7,5 +7,6 @@ mod dns;
 mod harness;
 mod launcher;
 mod multi_dc;
+mod peer_auth;
 mod peer_input;
 mod shop;

@@ -230,12 +230,14 @@ fn write_public(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))
 }
 
-/// The admin token in `dir`, trimmed.
-pub fn read_token(dir: &Path) -> Result<String> {
-    let path = token_path(dir);
+/// The admin token in the file at `path`, trimmed.
+pub fn read_token(path: &Path) -> Result<String> {
     let token = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?.trim().to_string();
     if token.len() < 16 {
         bail!("{}: the admin token must be at least 16 characters", path.display());
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        bail!("{}: the admin token must be printable ASCII without spaces", path.display());
     }
     Ok(token)
 }

@@ -42,6 +42,8 @@ pub struct ClusterConfig {
     pub limits: Limits,
     #[serde(default)]
     pub replication: ReplicationSection,
+    #[serde(default)]
+    pub admin: AdminSection,
     #[serde(rename = "dc")]
     pub dcs: Vec<DcConfig>,
 }
@@ -70,12 +72,39 @@ pub struct Ports {
     pub http: u16,
     pub peer: u16,
     pub dns: u16,
+    /// The admin API (membership, drain, weights, test hooks), apart from the shop's.
+    #[serde(default = "default_admin_port")]
+    pub admin: u16,
+}
+
+fn default_admin_port() -> u16 {
+    9090
 }
 
 impl Default for Ports {
     fn default() -> Self {
-        Ports { http: 8080, peer: 7070, dns: 8553 }
+        Ports { http: 8080, peer: 7070, dns: 8553, admin: default_admin_port() }
     }
+}
+
+/// Where the admin API listens. It always wants the admin token; the address decides who
+/// can try.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminListen {
+    /// 127.0.0.1 — or the node's own address when that is a loopback one (a local
+    /// cluster, where every node has its own 127.x address): only this host can reach it.
+    #[default]
+    Loopback,
+    /// The node's address: operators and the launcher reach it from other hosts,
+    /// containers or namespaces.
+    Node,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    pub listen: AdminListen,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -223,6 +252,8 @@ pub struct NodeConfig {
     pub peer_port: Option<u16>,
     #[serde(default)]
     pub dns_port: Option<u16>,
+    #[serde(default)]
+    pub admin_port: Option<u16>,
 }
 
 /// One node as the rest of the code sees it: names and resolved addresses.
@@ -234,6 +265,7 @@ pub struct NodeInfo {
     pub http: SocketAddr,
     pub peer: SocketAddr,
     pub dns: SocketAddr,
+    pub admin: SocketAddr,
 }
 
 impl ClusterConfig {
@@ -365,7 +397,12 @@ impl ClusterConfig {
                     return Err(invalid(format!("{field}.name"), format!("duplicate node '{}'", n.name)));
                 }
                 let info = self.info(dc, n);
-                for (what, addr) in [("http", info.http), ("peer", info.peer), ("dns", info.dns)] {
+                let mut listeners = vec![("http", info.http), ("peer", info.peer), ("dns", info.dns)];
+                // On its own host's 127.0.0.1, a node's admin port clashes with no other node.
+                if info.admin.ip() == n.ip {
+                    listeners.push(("admin", info.admin));
+                }
+                for (what, addr) in listeners {
                     if addr.port() == 0 {
                         return Err(invalid(format!("{field}.{what}_port"), "port 0 is not allowed"));
                     }
@@ -387,6 +424,16 @@ impl ClusterConfig {
             http: SocketAddr::new(n.ip, n.http_port.unwrap_or(self.ports.http)),
             peer: SocketAddr::new(n.ip, n.peer_port.unwrap_or(self.ports.peer)),
             dns: SocketAddr::new(n.ip, n.dns_port.unwrap_or(self.ports.dns)),
+            admin: SocketAddr::new(self.admin_ip(n.ip), n.admin_port.unwrap_or(self.ports.admin)),
+        }
+    }
+
+    fn admin_ip(&self, node_ip: IpAddr) -> IpAddr {
+        match self.admin.listen {
+            AdminListen::Node => node_ip,
+            AdminListen::Loopback if node_ip.is_loopback() => node_ip,
+            AdminListen::Loopback if node_ip.is_ipv6() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            AdminListen::Loopback => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
         }
     }
 

@@ -23,11 +23,15 @@ pub enum NodeError {
     BadRequest(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A membership change that would leave the DC with fewer voters than a quorum of
+    /// its configured nodes (forcible by the operator).
+    #[error("{0}")]
+    WouldLoseQuorum(String),
 }
 
 impl NodeError {
     /// Worth retrying elsewhere or later: the request may not have been applied.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, NodeError::BadRequest(_) | NodeError::Internal(_))
+        !matches!(self, NodeError::BadRequest(_) | NodeError::Internal(_) | NodeError::WouldLoseQuorum(_))
     }
 }

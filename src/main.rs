@@ -83,6 +83,10 @@ struct NodeArgs {
     /// port can then act as any node of any DC. For debugging only.
     #[arg(long, conflicts_with = "certs")]
     insecure_plaintext_peers: bool,
+    /// File holding the admin API's bearer token (default: admin.token in the certs
+    /// directory). Without a token the admin API refuses every call.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -102,8 +106,11 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     init_logging(args.log_json);
     let config = ClusterConfig::load(args.config.as_deref())?;
     let data_dir = args.data_dir.unwrap_or_else(|| PathBuf::from(".agora/data").join(&args.node));
-    let peer_auth = if args.insecure_plaintext_peers { PeerAuth::InsecurePlaintext } else { PeerAuth::Certs(args.certs.unwrap_or_else(|| PathBuf::from(".agora/certs"))) };
-    let opts = NodeOptions { name: args.node, data_dir, test_hooks: args.enable_test_hooks, peer_auth };
+    let certs = args.certs.unwrap_or_else(|| PathBuf::from(".agora/certs"));
+    let token_file = args.admin_token_file.or_else(|| (!args.insecure_plaintext_peers).then(|| agora::certs::token_path(&certs)));
+    let admin_token = token_file.map(|f| agora::certs::read_token(&f)).transpose()?;
+    let peer_auth = if args.insecure_plaintext_peers { PeerAuth::InsecurePlaintext } else { PeerAuth::Certs(certs) };
+    let opts = NodeOptions { name: args.node, data_dir, test_hooks: args.enable_test_hooks, peer_auth, admin_token };
     let running = node::start(config, opts).await?;
     wait_for_signal().await?;
     running.shutdown().await;

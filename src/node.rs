@@ -41,6 +41,8 @@ pub struct NodeOptions {
     pub test_hooks: bool,
     /// How peers prove who they are: certificates (the default) or nothing at all.
     pub peer_auth: PeerAuth,
+    /// The bearer token the admin API wants; without one, the admin API refuses every call.
+    pub admin_token: Option<String>,
 }
 
 /// Where this node's peer identity comes from.
@@ -79,7 +81,10 @@ pub struct Node {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum MembershipOp {
     Add(NodeId),
+    /// Refused when it would leave fewer voters than a quorum of the DC's configured nodes.
     Remove(NodeId),
+    /// A removal the operator forces past that check (`?force=true`).
+    ForceRemove(NodeId),
 }
 
 impl Node {
@@ -184,12 +189,22 @@ impl Node {
                 self.raft.add_learner(id, node, true).await.map_err(|e| internal(&e))?;
                 voters.insert(id);
             }
-            MembershipOp::Remove(id) => {
+            MembershipOp::Remove(id) | MembershipOp::ForceRemove(id) => {
                 if !voters.remove(&id) {
                     return Err(NodeError::BadRequest(format!("node {id} is not a voter")));
                 }
                 if voters.is_empty() {
                     return Err(NodeError::BadRequest("cannot remove the last voter".into()));
+                }
+                // With fewer voters than a majority of the configured nodes, a write is
+                // "committed" on fewer copies than the DC was built to keep.
+                let quorum = self.dc_members().len() / 2 + 1;
+                if voters.len() < quorum && matches!(op, MembershipOp::Remove(_)) {
+                    return Err(NodeError::WouldLoseQuorum(format!(
+                        "removing node {id} would leave {} voter(s), fewer than a quorum ({quorum}) of this DC's {} configured nodes; add ?force=true to do it anyway",
+                        voters.len(),
+                        self.dc_members().len()
+                    )));
                 }
             }
         }
@@ -276,6 +291,7 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     let config = Arc::new(config);
     let peer_listener = bind(info.peer, "peer").await?;
     let http_listener = bind(info.http, "http").await?;
+    let admin_listener = bind(info.admin, "admin").await?;
     let (log, sm) = storage::open(&opts.data_dir, &info.dc, config.storage.durability, config.storage.sled_cache_bytes_max, config.limits.cache_entities_max)
         .context("open storage")?;
     let reader = sm.reader();
@@ -326,12 +342,17 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     let mut tasks = vec![tokio::spawn(transport::serve(peer_listener, Arc::new(Handler(node.clone())), faults, limits, admission))];
     let http_addr = http_listener.local_addr()?;
     tasks.push(tokio::spawn(crate::api::serve(http_listener, node.clone())));
+    let admin_token = opts.admin_token.map(Arc::<str>::from);
+    if admin_token.is_none() {
+        tracing::warn!(admin = %node.info.admin, "no admin token: the admin API refuses every call");
+    }
+    tasks.push(tokio::spawn(crate::api::serve_admin(admin_listener, node.clone(), admin_token)));
     tasks.push(tokio::spawn(bootstrap(node.clone())));
     tasks.push(tokio::spawn(crate::raft::snapshots::snapshot_loop(node.clone())));
     tasks.extend(replication::spawn(node.clone()));
     let dns = DnsThread::spawn(node.info.dns, Arc::new(ClusterView::new(node.clone()))).with_context(|| format!("start dns on {}", node.info.dns))?;
     *node.dns.lock().expect("dns lock") = Some(dns);
-    tracing::info!(node = %node.info.name, dc = %node.info.dc, id = node.info.id, http = %http_addr, peer = %node.info.peer, "node started");
+    tracing::info!(node = %node.info.name, dc = %node.info.dc, id = node.info.id, http = %http_addr, peer = %node.info.peer, admin = %node.info.admin, "node started");
     Ok(Running { node, http_addr, tasks, supervisor })
 }
 

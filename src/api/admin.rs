@@ -1,10 +1,16 @@
-//! Operator endpoints: DC membership, and the test hooks (fault injection, actor crash)
+//! Operator endpoints, served on the admin listener only and only with the admin token:
+//! DC membership, drain and weights, and the test hooks (fault injection, actor crash)
 //! that exist only when the node runs with `--enable-test-hooks`.
 
+use std::sync::Arc;
+
 use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
+use sha2::{Digest, Sha256};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -40,11 +46,45 @@ pub async fn add_node(State(node): State<AppState>, body: Result<axum::body::Byt
     Ok(voters_json(&node, voters))
 }
 
-pub async fn remove_node(State(node): State<AppState>, name: Result<Path<String>, PathRejection>) -> Result<Json<Value>, ApiError> {
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveParams {
+    #[serde(default)]
+    force: bool,
+}
+
+/// `DELETE /v1/admin/nodes/{name}[?force=true]`: refused (409 `would_lose_quorum`) when
+/// fewer voters than a quorum of the DC's configured nodes would remain, unless forced.
+pub async fn remove_node(
+    State(node): State<AppState>,
+    name: Result<Path<String>, PathRejection>,
+    params: Result<Query<RemoveParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
     let Path(name) = name.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let id = dc_node_id(&node, &name)?;
-    let voters = node.change_membership(MembershipOp::Remove(id)).await?;
+    let op = if params.force { MembershipOp::ForceRemove(id) } else { MembershipOp::Remove(id) };
+    let voters = node.change_membership(op).await?;
     Ok(voters_json(&node, voters))
+}
+
+/// Lets a request through only with `Authorization: Bearer <the admin token>`.
+/// Tokens are compared as SHA-256 digests, so the comparison's time says nothing about
+/// how much of a guess was right.
+pub async fn require_token(State(token): State<Option<Arc<str>>>, req: axum::extract::Request, next: Next) -> Response {
+    let Some(token) = token else {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "admin_disabled", "this node has no admin token (see --admin-token-file)").into_response();
+    };
+    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if Sha256::digest(g.trim().as_bytes()) == Sha256::digest(token.as_bytes()) => next.run(req).await,
+        Some(_) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", "wrong admin token").into_response(),
+        None => {
+            let mut r = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "the admin API wants Authorization: Bearer <admin token>").into_response();
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            r
+        }
+    }
 }
 
 fn require_hooks(node: &AppState) -> Result<(), ApiError> {

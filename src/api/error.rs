@@ -44,6 +44,7 @@ impl From<NodeError> for ApiError {
             NodeError::Lost(_) => (StatusCode::SERVICE_UNAVAILABLE, "unknown_outcome"),
             NodeError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             NodeError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            NodeError::WouldLoseQuorum(_) => (StatusCode::CONFLICT, "would_lose_quorum"),
         };
         ApiError::new(status, code, e.to_string())
     }

@@ -4,7 +4,8 @@
 //!
 //! - [`shop`]: sessions, inventory, orders.
 //! - [`cluster`]: status, digest, health, metrics.
-//! - [`admin`]: membership changes and (with `--enable-test-hooks`) fault injection.
+//! - [`admin`]: membership changes, drain and weights, and (with `--enable-test-hooks`)
+//!   fault injection — on a listener of its own, behind the admin token.
 
 pub mod admin;
 pub mod cluster;
@@ -44,6 +45,16 @@ pub fn router(node: AppState) -> Router {
         .route("/v1/cluster/digest", get(cluster::digest))
         .route("/healthz", get(cluster::healthz))
         .route("/metrics", get(cluster::metrics))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(DefaultBodyLimit::max(body_max))
+        .layer(middleware::from_fn_with_state(node.clone(), observe))
+        .with_state(node)
+}
+
+/// The admin API: every route wants `Authorization: Bearer <admin token>`.
+pub fn admin_router(node: AppState, token: Option<Arc<str>>) -> Router {
+    let body_max = node.config.limits.body_bytes_max;
+    Router::new()
         .route("/v1/admin/nodes", post(admin::add_node))
         .route("/v1/admin/nodes/{name}", axum::routing::delete(admin::remove_node))
         .route("/v1/admin/dcs", get(admin::get_dc_settings))
@@ -52,6 +63,7 @@ pub fn router(node: AppState) -> Router {
         .route("/v1/admin/crash/{actor}", post(admin::crash_actor))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(body_max))
+        .layer(middleware::from_fn_with_state(token, admin::require_token))
         .layer(middleware::from_fn_with_state(node.clone(), observe))
         .with_state(node)
 }
@@ -69,6 +81,12 @@ async fn observe(State(node): State<AppState>, req: Request, next: Next) -> Resp
 pub async fn serve(listener: tokio::net::TcpListener, node: AppState) {
     if let Err(e) = axum::serve(listener, router(node)).await {
         tracing::error!(error = %e, "http server stopped");
+    }
+}
+
+pub async fn serve_admin(listener: tokio::net::TcpListener, node: AppState, token: Option<Arc<str>>) {
+    if let Err(e) = axum::serve(listener, admin_router(node, token)).await {
+        tracing::error!(error = %e, "admin server stopped");
     }
 }
 

@@ -337,9 +337,10 @@ async fn dc_settings(c: &Cluster, dc: &str, body: serde_json::Value) -> Result<(
         anyhow::bail!("unknown datacentre '{dc}'; valid: {}", c.cfg.dc_names().join(", "));
     }
     let http = table::http_client();
+    let token = crate::certs::read_token(&crate::certs::token_path(&c.st.certs_dir()))?;
     let mut last = None;
     for n in c.cfg.nodes() {
-        match http.put(format!("http://{}/v1/admin/dcs/{dc}", n.http)).json(&body).send().await {
+        match http.put(format!("http://{}/v1/admin/dcs/{dc}", n.admin)).bearer_auth(&token).json(&body).send().await {
             Ok(r) if r.status().is_success() => {
                 println!("{}", r.text().await.unwrap_or_default());
                 return Ok(());
@@ -410,7 +411,7 @@ async fn up(st: StateDir, a: UpArgs) -> Result<()> {
     }
     println!("cluster up: {} nodes in {} DCs ({} backend, state in {})", c.cfg.nodes().len(), c.cfg.dcs.len(), c.meta.backend, c.st.root.display());
     c.print_status().await;
-    print!("{}", table::hints(&c.cfg));
+    print!("{}", table::hints(&c.cfg, &c.st.certs_dir()));
     Ok(())
 }
 
@@ -571,6 +572,9 @@ pub fn readdress(user: &ClusterConfig, a: u8, b: u8) -> Result<ClusterConfig> {
             n.ip = IpAddr::V4(std::net::Ipv4Addr::new(a, b, d, j as u8 + 1));
         }
     }
+    // Nodes in namespaces or containers: the launcher (and operators) on the host reach
+    // their admin API at the node's address, with the admin token.
+    cfg.admin.listen = crate::config::AdminListen::Node;
     cfg.validate().context("readdressed config")?;
     Ok(cfg)
 }

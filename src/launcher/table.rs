@@ -19,6 +19,8 @@ pub struct NodeView {
     pub dc: String,
     pub ip: String,
     pub api: String,
+    /// The node's admin API (its own listener; wants the admin token).
+    pub admin: String,
     pub pid: Option<i32>,
     pub role: String,
     pub leader: Option<String>,
@@ -65,6 +67,7 @@ async fn probe(http: &reqwest::Client, st: &StateDir, n: &NodeInfo) -> NodeView 
         dc: n.dc.clone(),
         ip: n.http.ip().to_string(),
         api: format!("http://{}", n.http),
+        admin: format!("http://{}", n.admin),
         pid,
         role: s["role"].as_str().unwrap_or("-").to_string(),
         leader: s["leader"].as_str().map(String::from),
@@ -124,7 +127,7 @@ pub fn summary(views: &[NodeView], dc_count: usize) -> String {
 }
 
 /// Ready-to-paste commands against the first node of each DC.
-pub fn hints(cfg: &ClusterConfig) -> String {
+pub fn hints(cfg: &ClusterConfig, certs: &std::path::Path) -> String {
     let mut s = String::from("Try it:\n");
     if let Some(n) = cfg.nodes().first() {
         let api = format!("http://{}", n.http);
@@ -133,6 +136,11 @@ pub fn hints(cfg: &ClusterConfig) -> String {
         s += &format!("  curl -s -X PUT {api}/v1/inventory/sku-1 -H 'content-type: application/json' -d '{{\"add\":100}}'\n");
         s += &format!("  curl -s -X POST {api}/v1/orders -H 'content-type: application/json' -d '{{\"session\":\"TOKEN\",\"sku\":\"sku-1\",\"qty\":1}}'\n");
         s += &format!("  dig @{} -p {} shop.{} +short\n", n.dns.ip(), n.dns.port(), cfg.cluster.zone.trim_end_matches('.'));
+        s += &format!(
+            "  curl -s -H \"authorization: Bearer $(cat {})\" http://{}/v1/admin/dcs   # admin API\n",
+            crate::certs::token_path(certs).display(),
+            n.admin
+        );
     }
     for dc in &cfg.dcs {
         if let Some(n) = cfg.dc_nodes(&dc.name).first() {

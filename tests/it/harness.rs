@@ -197,8 +197,22 @@ impl TestCluster {
         self.request(reqwest::Method::POST, name, path, Some(body), None).await
     }
 
+    /// The node's admin API (its own listener, port 9090).
+    pub fn admin_url(&self, name: &str) -> String {
+        self.url(name).replace(":8080", ":9090")
+    }
+
+    pub fn admin_token(&self) -> String {
+        agora::certs::read_token(&agora::certs::token_path(&self.certs_dir())).expect("admin token")
+    }
+
+    /// A request to `name`: admin paths go to its admin listener, with the admin token.
     pub async fn request(&self, method: reqwest::Method, name: &str, path: &str, body: Option<Value>, key: Option<&str>) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.url(name)));
+        let mut req = if path.starts_with("/v1/admin/") {
+            self.http.request(method, format!("{}{path}", self.admin_url(name))).bearer_auth(self.admin_token())
+        } else {
+            self.http.request(method, format!("{}{path}", self.url(name)))
+        };
         if let Some(b) = body {
             req = req.json(&b);
         }

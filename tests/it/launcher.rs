@@ -100,8 +100,17 @@ impl Launched {
         Self::node(&self.status(), node)["api"].as_str().expect("api").to_string()
     }
 
+    /// The node's admin API, as the status table shows it.
+    fn admin(&self, node: &str) -> String {
+        Self::node(&self.status(), node)["admin"].as_str().expect("admin").to_string()
+    }
+
     async fn call(&self, method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
-        let mut req = self.http.request(method, url);
+        let mut req = self.http.request(method, url.clone());
+        if url.contains("/v1/admin/") {
+            let token = agora::certs::read_token(&agora::certs::token_path(&self.state().join("certs"))).expect("the launcher's admin token");
+            req = req.bearer_auth(token);
+        }
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -239,7 +248,7 @@ async fn process_backend_end_to_end() {
     assert!(logs.contains("node started node=dc1-n1"), "{logs}");
     // Drain is an operator setting replicated to every DC: dc3 learns of dc2's drain.
     l.must(&["drain", "dc2"]);
-    let settings = format!("{}/v1/admin/dcs", l.api("dc3-n1"));
+    let settings = format!("{}/v1/admin/dcs", l.admin("dc3-n1"));
     must_eventually(Duration::from_secs(10), "dc2 drained as dc3 sees it", || async {
         let (_, v) = l.call(reqwest::Method::GET, settings.clone(), None).await;
         v["dcs"].as_array()?.iter().any(|d| d["dc"] == "dc2" && d["drained"] == true).then_some(())

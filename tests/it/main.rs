@@ -1,5 +1,6 @@
 //! Integration tests: real `agora` processes on loopback, real sled directories, real TCP.
 
+mod admin;
 mod bad_input;
 mod chaos;
 mod dc;

@@ -16,8 +16,9 @@ use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
 use tracing::{debug, info, warn};
 
 use super::answer::{self, Lookup, Outcome, Resolution};
+use super::rrl::{Limiter, Verdict};
 use super::stats::{bump, Counters};
-use super::{DnsView, MAX_UDP_PAYLOAD};
+use super::{DnsView, RateLimit, MAX_UDP_PAYLOAD};
 
 /// Classic DNS UDP limit when the client sent no EDNS.
 const PLAIN_UDP_PAYLOAD: u16 = 512;
@@ -25,6 +26,8 @@ const PLAIN_UDP_PAYLOAD: u16 = 512;
 pub(crate) struct Handler {
     view: Arc<dyn DnsView>,
     stats: Arc<Counters>,
+    /// Response-rate limiter for UDP.
+    limiter: Limiter,
     /// Round-robin position shared by all `shop` / `dcN.shop` answers.
     rotation: AtomicU64,
     /// Whether the last `shop` answer failed open; lets us warn once per
@@ -45,6 +48,20 @@ struct Reply {
 impl RequestHandler for Handler {
     async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, response_handle: R) -> ResponseInfo {
         bump(&self.stats.queries);
+        // Before any work: a forged flood costs one bucket lookup per packet.
+        if request.protocol() == Protocol::Udp {
+            match self.limiter.check(request.src().ip()) {
+                Verdict::Send => {}
+                Verdict::Drop => {
+                    bump(&self.stats.rrl_dropped);
+                    return withheld_info(request);
+                }
+                Verdict::Slip => {
+                    bump(&self.stats.rrl_slipped);
+                    return self.slip(request, response_handle).await;
+                }
+            }
+        }
         let mut reply = self.build_reply(request);
         fit_to_size(request, &mut reply);
         self.send(request, reply, response_handle).await
@@ -52,8 +69,9 @@ impl RequestHandler for Handler {
 }
 
 impl Handler {
-    pub fn new(view: Arc<dyn DnsView>, stats: Arc<Counters>) -> Self {
-        Self { view, stats, rotation: AtomicU64::new(0), failing_open: AtomicBool::new(false) }
+    pub fn new(view: Arc<dyn DnsView>, stats: Arc<Counters>, limit: &RateLimit) -> Self {
+        let limiter = Limiter::new(limit, stats.rrl_sources.clone());
+        Self { view, stats, limiter, rotation: AtomicU64::new(0), failing_open: AtomicBool::new(false) }
     }
 
     fn build_reply(&self, request: &Request) -> Reply {
@@ -106,6 +124,21 @@ impl Handler {
             }
         } else if self.failing_open.swap(false, Ordering::Relaxed) {
             info!("healthy dc available again, shop answers no longer fail open");
+        }
+    }
+
+    /// The rate limiter's "slip": an empty truncated answer (header, question
+    /// and OPT only, never larger than the query), so a real resolver retries
+    /// over TCP, which cannot be forged.
+    async fn slip<R: ResponseHandler>(&self, request: &Request, mut handle: R) -> ResponseInfo {
+        let mut reply = Reply::for_request(request);
+        reply.metadata.truncation = true;
+        match handle.send_response(build_response(request, &reply, 0)).await {
+            Ok(info) => info,
+            Err(error) => {
+                debug!(%error, "failed to send dns response");
+                withheld_info(request)
+            }
         }
     }
 
@@ -256,6 +289,12 @@ fn encoded_len(request: &Request, reply: &Reply, answers: usize) -> usize {
         Ok(_) => buf.len(),
         Err(_) => usize::MAX,
     }
+}
+
+/// What the handler reports for a response it did not send.
+fn withheld_info(request: &Request) -> ResponseInfo {
+    let metadata = Metadata::response_from_request(&request.metadata);
+    ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() })
 }
 
 fn servfail_info(request: &Request) -> ResponseInfo {

@@ -804,6 +804,7 @@ async fn shutdown_releases_the_port() {
     assert_eq!(shop(addr).await.len(), 3);
     timeout(WAIT, server.shutdown()).await.expect("shutdown hangs");
     assert!(TcpStream::connect(addr).await.is_err(), "tcp still accepting");
-    let stats_after_restart = DnsServer::start(addr, Arc::new(TestView(Mutex::new(three_dcs()))), RateLimit::default()).await.expect("port reusable after shutdown");
+    let stats_after_restart =
+        DnsServer::start(addr, Arc::new(TestView(Mutex::new(three_dcs()))), RateLimit::default()).await.expect("port reusable after shutdown");
     assert_eq!(stats_after_restart.stats().queries, 0);
 }

@@ -374,7 +374,8 @@ mod tests {
     }
 
     fn label() -> impl Strategy<Value = Vec<u8>> {
-        let known = ["shop", "SHOP", "dc1", "dc2", "dc9", "leader", "ns1", "ns7", "ns0", "_http", "_tcp", "dc1-n1", "dc2-n4", "agora", "test", "*", "hostmaster"];
+        let known =
+            ["shop", "SHOP", "dc1", "dc2", "dc9", "leader", "ns1", "ns7", "ns0", "_http", "_tcp", "dc1-n1", "dc2-n4", "agora", "test", "*", "hostmaster"];
         prop_oneof![4 => prop::sample::select(known.to_vec()).prop_map(|l| l.as_bytes().to_vec()), 1 => prop::collection::vec(any::<u8>(), 1..64)]
     }
 
@@ -411,7 +412,8 @@ mod tests {
     /// mostly the shape a resolver sends, so most reach the zone lookup.
     fn message() -> impl Strategy<Value = Vec<u8>> {
         let class = prop_oneof![6 => Just(1u16), 1 => Just(255), 1 => any::<u16>()];
-        let types = prop_oneof![Just(RecordType::ANY), Just(RecordType::A), Just(RecordType::AAAA), Just(RecordType::SRV), any::<u16>().prop_map(RecordType::from)];
+        let types =
+            prop_oneof![Just(RecordType::ANY), Just(RecordType::A), Just(RecordType::AAAA), Just(RecordType::SRV), any::<u16>().prop_map(RecordType::from)];
         let op = prop_oneof![7 => Just(0u8), 1 => 0u8..16];
         let questions = (prop::collection::vec((qname(), types, class), 1..3), 0u8..10);
         (questions, any::<u16>(), op, edns()).prop_filter_map("unencodable", |((mut questions, shape), id, op, edns)| {

@@ -75,7 +75,7 @@ pub const DEFAULT_TTL: u32 = 5;
 pub const DEFAULT_RRL_RESPONSES_PER_S: u32 = 1000;
 /// Default slip: every second limited response is sent truncated.
 pub const DEFAULT_RRL_SLIP: u32 = 2;
-/// Default bound on the source netblocks tracked (about 40 bytes each).
+/// Default bound on the source netblocks tracked (some 50 bytes each, allocated at start).
 pub const DEFAULT_RRL_SOURCES_MAX: usize = 20_000;
 
 /// Idle TCP connections are closed after this long.

@@ -55,8 +55,9 @@ pub(crate) struct Counters {
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {
-    // Relaxed is enough: counters are independent and only read for reporting.
-    counter.fetch_add(1, Ordering::Relaxed);
+    // Relaxed is enough: counters are independent and only read for reporting. A
+    // counter stops at u64::MAX rather than wrap to zero.
+    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_add(1));
 }
 
 impl Counters {

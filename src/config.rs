@@ -44,6 +44,8 @@ pub struct ClusterConfig {
     pub replication: ReplicationSection,
     #[serde(default)]
     pub admin: AdminSection,
+    #[serde(default)]
+    pub dns: DnsSection,
     #[serde(rename = "dc")]
     pub dcs: Vec<DcConfig>,
 }
@@ -229,6 +231,36 @@ impl Default for ReplicationSection {
     }
 }
 
+/// The embedded DNS server's defences (zone and TTL are in `[cluster]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsSection {
+    /// UDP responses per second per source netblock (IPv4 /24, IPv6 /56), and the burst
+    /// a netblock may send at once; TCP is not limited.
+    pub rrl_responses_per_s: u32,
+    /// Every Nth rate-limited UDP response is sent empty and truncated (TC=1) so a real
+    /// resolver retries over TCP; the others are dropped. 0 drops them all.
+    pub rrl_slip: u32,
+    /// Source netblocks the rate limiter tracks at most.
+    pub rrl_sources_max: usize,
+}
+
+impl Default for DnsSection {
+    fn default() -> Self {
+        let d = crate::dns::RateLimit::default();
+        DnsSection { rrl_responses_per_s: d.responses_per_s, rrl_slip: d.slip, rrl_sources_max: d.sources_max }
+    }
+}
+
+impl DnsSection {
+    pub fn rate_limit(&self) -> crate::dns::RateLimit {
+        crate::dns::RateLimit { responses_per_s: self.rrl_responses_per_s, slip: self.rrl_slip, sources_max: self.rrl_sources_max }
+    }
+}
+
+/// Most source netblocks the DNS rate limiter may track (a few tens of MB).
+const RRL_SOURCES_MAX_LIMIT: usize = 1_000_000;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DcConfig {
@@ -292,6 +324,7 @@ impl ClusterConfig {
         }
         self.check_raft()?;
         self.check_limits()?;
+        self.check_dns()?;
         if self.dcs.is_empty() {
             return Err(invalid("dc", "at least one datacentre is required"));
         }
@@ -374,6 +407,17 @@ impl ClusterConfig {
         }
         if l.peer_frame_bytes_max < 64 * 1024 {
             return Err(invalid("limits.peer_frame_bytes_max", "must be at least 65536"));
+        }
+        Ok(())
+    }
+
+    fn check_dns(&self) -> Result<(), ConfigError> {
+        let d = &self.dns;
+        if d.rrl_responses_per_s == 0 {
+            return Err(invalid("dns.rrl_responses_per_s", "must be > 0"));
+        }
+        if !(2..=RRL_SOURCES_MAX_LIMIT).contains(&d.rrl_sources_max) {
+            return Err(invalid("dns.rrl_sources_max", format!("must be between 2 and {RRL_SOURCES_MAX_LIMIT}")));
         }
         Ok(())
     }
@@ -535,5 +579,8 @@ mod tests {
         check_err(|t| t.replace("election_timeout_min_ms = 400", "election_timeout_min_ms = 50"), "raft.election_timeout_min_ms");
         check_err(|t| t.replace("name = \"dc2\"", "name = \"DC 2\""), "dc[1].name");
         check_err(|t| t.replace("durability = \"fsync\"", "durability = \"maybe\""), "durability");
+        check_err(|t| t.replace("rrl_responses_per_s = 1000", "rrl_responses_per_s = 0"), "dns.rrl_responses_per_s");
+        check_err(|t| t.replace("rrl_sources_max = 20000", "rrl_sources_max = 1"), "dns.rrl_sources_max");
+        check_err(|t| t.replace("rrl_slip = 2", "rrl_slip = 2\nrrl_window_s = 1"), "unknown field `rrl_window_s`");
     }
 }

@@ -350,7 +350,8 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     tasks.push(tokio::spawn(bootstrap(node.clone())));
     tasks.push(tokio::spawn(crate::raft::snapshots::snapshot_loop(node.clone())));
     tasks.extend(replication::spawn(node.clone()));
-    let dns = DnsThread::spawn(node.info.dns, Arc::new(ClusterView::new(node.clone()))).with_context(|| format!("start dns on {}", node.info.dns))?;
+    let dns = DnsThread::spawn(node.info.dns, Arc::new(ClusterView::new(node.clone())), config.dns.rate_limit())
+        .with_context(|| format!("start dns on {}", node.info.dns))?;
     *node.dns.lock().expect("dns lock") = Some(dns);
     tracing::info!(node = %node.info.name, dc = %node.info.dc, id = node.info.id, http = %http_addr, peer = %node.info.peer, admin = %node.info.admin, "node started");
     Ok(Running { node, http_addr, tasks, supervisor })

@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agora::dns::{DcView, DnsServer, DnsSnapshot, DnsView, NodeView};
+use agora::dns::{DcView, DnsServer, DnsSnapshot, DnsView, NodeView, RateLimit};
 use hickory_server::proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_server::proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
 use hickory_server::proto::rr::{Name, RData, Record, RecordType};
@@ -56,9 +56,13 @@ fn three_dcs() -> DnsSnapshot {
 }
 
 async fn start(snapshot: DnsSnapshot) -> (DnsServer, Arc<TestView>) {
+    start_limited(snapshot, RateLimit::default()).await
+}
+
+async fn start_limited(snapshot: DnsSnapshot, limit: RateLimit) -> (DnsServer, Arc<TestView>) {
     let view = Arc::new(TestView(Mutex::new(snapshot)));
     let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let server = DnsServer::start(addr, view.clone()).await.unwrap();
+    let server = DnsServer::start(addr, view.clone(), limit).await.unwrap();
     (server, view)
 }
 
@@ -573,6 +577,162 @@ async fn custom_zone_and_ttl() {
     assert_eq!(response.metadata.response_code, ResponseCode::Refused);
 }
 
+// ---------- ANY (RFC 8482) ----------
+
+fn assert_minimal_any(msg: &Message, qname: &str) {
+    assert_eq!(msg.metadata.response_code, ResponseCode::NoError);
+    assert!(msg.metadata.authoritative);
+    assert!(!msg.metadata.truncation);
+    assert_eq!(msg.answers.len(), 1, "one synthesized record, not every RRset: {:?}", msg.answers);
+    assert!(msg.authorities.is_empty() && msg.additionals.is_empty());
+    let record = &msg.answers[0];
+    assert_eq!(record.name.to_ascii(), qname);
+    assert_eq!(record.ttl, 5, "zone TTL");
+    let RData::HINFO(hinfo) = &record.data else {
+        panic!("HINFO expected, got {:?}", record.data);
+    };
+    assert_eq!((&*hinfo.cpu, &*hinfo.os), (&b"RFC8482"[..], &b""[..]));
+}
+
+#[tokio::test]
+async fn any_gets_one_small_synthesized_answer() {
+    let (server, _view) = start(three_dcs()).await;
+    let addr = server.local_addr();
+    // The apex holds SOA and 6 NS with glue: the largest ANY answer we could give.
+    let full = udp_raw(addr, &query("agora.test.", RecordType::NS).to_vec().unwrap()).await;
+    for name in ["agora.test.", "shop.agora.test.", "dc1.shop.agora.test.", "_http._tcp.shop.agora.test.", "dc2-n1.agora.test.", "dc1.agora.test."] {
+        let bytes = query(name, RecordType::ANY).to_vec().unwrap();
+        let raw = udp_raw(addr, &bytes).await;
+        // The query echoed, plus one record: owner (at most the name again), type, class,
+        // TTL and length (10 bytes) and the HINFO data (9 bytes).
+        let one_hinfo = name.len() + 1 + 10 + 9;
+        assert!(raw.len() <= bytes.len() + one_hinfo, "{name}: {} bytes for a {}-byte query", raw.len(), bytes.len());
+        assert_minimal_any(&Message::from_vec(&raw).unwrap(), name);
+    }
+    let raw = udp_raw(addr, &query("agora.test.", RecordType::ANY).to_vec().unwrap()).await;
+    assert!(raw.len() * 4 < full.len(), "ANY ({} bytes) is far smaller than NS alone ({} bytes)", raw.len(), full.len());
+    // TCP gets the same answer (see the dns module docs).
+    assert_minimal_any(&tcp(addr, &query("agora.test.", RecordType::ANY)).await, "agora.test.");
+    // With EDNS too, and the ANY did not advance the shop rotation.
+    assert_minimal_any(&udp(addr, &with_edns(query("shop.agora.test.", RecordType::ANY), 1232, None)).await, "shop.agora.test.");
+    assert_eq!(shop(addr).await[0], leader_of(1));
+    // Unknown names and names outside the zone are answered as before.
+    let nx = udp(addr, &query("nope.agora.test.", RecordType::ANY)).await;
+    assert_eq!(nx.metadata.response_code, ResponseCode::NXDomain);
+    assert!(nx.answers.is_empty());
+    let out = udp(addr, &query("example.com.", RecordType::ANY)).await;
+    assert_eq!(out.metadata.response_code, ResponseCode::Refused);
+    assert!(out.answers.is_empty());
+}
+
+// ---------- response-rate limiting ----------
+
+/// Waits, with a deadline, until the server has taken `count` queries in.
+async fn until_queries(server: &DnsServer, count: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server.stats().queries < count {
+        assert!(tokio::time::Instant::now() < deadline, "server took only {:?} of {count} queries", server.stats());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Receives exactly `count` responses on `socket`, each within the deadline.
+async fn receive(socket: &UdpSocket, count: u64) -> Vec<(usize, Message)> {
+    let mut buf = vec![0u8; 65535];
+    let mut out = Vec::new();
+    for _ in 0..count {
+        let (len, _) = timeout(WAIT, socket.recv_from(&mut buf)).await.expect("udp response timed out").unwrap();
+        out.push((len, Message::from_vec(&buf[..len]).unwrap()));
+    }
+    out
+}
+
+#[tokio::test]
+async fn rate_limit_drops_and_slips_a_flood_from_one_netblock_only() {
+    let limit = RateLimit { responses_per_s: 10, slip: 2, sources_max: 100 };
+    let (server, _view) = start_limited(three_dcs(), limit).await;
+    let addr = server.local_addr();
+    let flood = UdpSocket::bind("127.0.51.1:0").await.unwrap();
+    let started = std::time::Instant::now();
+    let sent = 200u16;
+    let mut query_len = 0;
+    for id in 0..sent {
+        let mut msg = query("shop.agora.test.", RecordType::A);
+        msg.metadata.id = id;
+        let bytes = msg.to_vec().unwrap();
+        query_len = bytes.len();
+        flood.send_to(&bytes, addr).await.unwrap();
+    }
+    until_queries(&server, u64::from(sent)).await;
+    let elapsed = started.elapsed();
+    let stats = server.stats();
+    let responses = receive(&flood, u64::from(sent) - stats.rrl_dropped).await;
+    let (slips, full): (Vec<_>, Vec<_>) = responses.iter().partition(|(_, m)| m.metadata.truncation);
+    // The burst (one second's worth), plus what the rate earned while we sent (one
+    // token per 100 ms begun).
+    let earned = u64::try_from(elapsed.as_millis() / 100).unwrap() + 1;
+    assert!(full.len() >= 10 && full.len() as u64 <= 10 + earned, "{} answered in {elapsed:?}", full.len());
+    for (_, m) in &full {
+        assert_eq!(addresses(m).len(), 3);
+    }
+    for (len, m) in &slips {
+        assert!(m.answers.is_empty() && m.authorities.is_empty() && m.additionals.is_empty());
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(m.queries.len(), 1, "a slip keeps the question");
+        assert!(*len <= query_len, "a slip is never larger than the query");
+    }
+    let limited = u64::from(sent) - full.len() as u64;
+    assert_eq!(stats.rrl_slipped, slips.len() as u64);
+    assert_eq!(stats.rrl_slipped + stats.rrl_dropped, limited);
+    assert_eq!(stats.rrl_slipped, limited / 2, "every 2nd limited response slips");
+    assert!(stats.rrl_dropped > 0);
+    assert_eq!(stats.answered, full.len() as u64, "withheld responses are not counted as answered");
+
+    // Another netblock is answered in full, up to its own burst...
+    let other = UdpSocket::bind("127.0.52.1:0").await.unwrap();
+    for id in 0..10u16 {
+        let mut msg = query("shop.agora.test.", RecordType::A);
+        msg.metadata.id = id;
+        other.send_to(&msg.to_vec().unwrap(), addr).await.unwrap();
+    }
+    for (_, m) in receive(&other, 10).await {
+        assert!(!m.metadata.truncation);
+        assert_eq!(addresses(&m).len(), 3);
+    }
+    // ...and TCP is not limited: the flooding netblock still gets its answer there.
+    let over_tcp = tcp(addr, &query("shop.agora.test.", RecordType::A)).await;
+    assert_eq!(addresses(&over_tcp).len(), 3);
+    assert_eq!(server.stats().rrl_dropped, stats.rrl_dropped);
+    assert_eq!(server.stats().rrl_sources, 2);
+}
+
+#[tokio::test]
+async fn rate_limit_table_stays_within_its_bound_under_many_sources() {
+    // One response per second, every limited one slipped: a second query in a row is TC.
+    let limit = RateLimit { responses_per_s: 1, slip: 1, sources_max: 8 };
+    let (server, _view) = start_limited(three_dcs(), limit).await;
+    let addr = server.local_addr();
+    let ask = async |source: &str| {
+        let socket = UdpSocket::bind(format!("{source}:0")).await.unwrap();
+        let msg = query("leader.dc1.agora.test.", RecordType::A);
+        socket.send_to(&msg.to_vec().unwrap(), addr).await.unwrap();
+        receive(&socket, 1).await.remove(0).1
+    };
+    let first = "127.0.60.1";
+    assert!(!ask(first).await.metadata.truncation);
+    assert!(ask(first).await.metadata.truncation, "the first netblock is limited now");
+    let mut most = 0;
+    for k in 0..64u8 {
+        let answer = ask(&format!("127.1.{k}.1")).await;
+        assert!(!answer.metadata.truncation, "a new netblock starts with a full bucket");
+        most = most.max(server.stats().rrl_sources);
+    }
+    assert!(most <= 8, "{most} netblocks tracked, bound 8");
+    assert!(server.stats().rrl_sources > 4, "both generations in use: {:?}", server.stats());
+    // The first netblock was forgotten (least recently seen), so it starts afresh.
+    assert!(!ask(first).await.metadata.truncation, "forgotten netblock is answered again");
+}
+
 // ---------- robustness ----------
 
 /// xorshift64*: deterministic noise without a dev-dependency.
@@ -614,7 +774,9 @@ async fn garbage_flood_does_not_stop_the_server() {
     let template = template.to_vec().unwrap();
     let mut noise = Noise(0x9e37_79b9_7f4a_7c15);
 
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // From a netblock of its own, so the rate limiter's view of it does not
+    // decide whether the checks below are answered.
+    let socket = UdpSocket::bind("127.0.77.1:0").await.unwrap();
     for _ in 0..3000 {
         let packet = noise.packet(&template);
         // Send errors (e.g. a full buffer) are fine: this is a flood.
@@ -643,6 +805,7 @@ async fn shutdown_releases_the_port() {
     assert_eq!(shop(addr).await.len(), 3);
     timeout(WAIT, server.shutdown()).await.expect("shutdown hangs");
     assert!(TcpStream::connect(addr).await.is_err(), "tcp still accepting");
-    let stats_after_restart = DnsServer::start(addr, Arc::new(TestView(Mutex::new(three_dcs())))).await.expect("port reusable after shutdown");
+    let stats_after_restart =
+        DnsServer::start(addr, Arc::new(TestView(Mutex::new(three_dcs()))), RateLimit::default()).await.expect("port reusable after shutdown");
     assert_eq!(stats_after_restart.stats().queries, 0);
 }

@@ -115,10 +115,14 @@ fn dns_metrics(node: &AppState, s: &crate::dns::DnsStats) -> String {
         ("servfail", s.servfail),
         ("truncated", s.truncated),
         ("fail_open", s.fail_open),
+        ("rrl_dropped", s.rrl_dropped),
+        ("rrl_slipped", s.rrl_slipped),
     ];
     let mut out = String::from("# HELP agora_dns_responses_total DNS responses by outcome (queries: all).\n# TYPE agora_dns_responses_total counter\n");
     for (kind, v) in rows {
         out += &format!("agora_dns_responses_total{{kind=\"{kind}\",{labels}}} {v}\n");
     }
+    out += "# HELP agora_dns_rrl_sources Source netblocks the DNS rate limiter tracks.\n# TYPE agora_dns_rrl_sources gauge\n";
+    out += &format!("agora_dns_rrl_sources{{{labels}}} {}\n", s.rrl_sources);
     out
 }

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use hickory_server::proto::op::ResponseCode;
-use hickory_server::proto::rr::rdata::{A, AAAA, NS, SOA, SRV};
+use hickory_server::proto::rr::rdata::{A, AAAA, HINFO, NS, SOA, SRV};
 use hickory_server::proto::rr::{Name, RData, Record, RecordType};
 use tracing::{debug, warn};
 
@@ -158,6 +158,14 @@ impl<'a> Zone<'a> {
 
     fn answer(&self, owner: Owner, lookup: &Lookup<'_>) -> Resolution {
         let mut res = self.negative(ResponseCode::NoError);
+        if lookup.qtype == RecordType::ANY {
+            // RFC 8482: one small synthesized record instead of every RRset (a
+            // 14x amplification for the apex), for every name that exists.
+            let hinfo = HINFO::new("RFC8482".into(), String::new());
+            res.answers.push(Record::from_rdata(lookup.qname.clone(), self.ttl, RData::HINFO(hinfo)));
+            res.authority.clear();
+            return res;
+        }
         match owner {
             Owner::Apex => self.apex_records(lookup.qtype, &mut res),
             Owner::HttpSrv => self.srv_records(lookup.qtype, &mut res),
@@ -187,10 +195,10 @@ impl<'a> Zone<'a> {
     }
 
     fn apex_records(&self, qtype: RecordType, res: &mut Resolution) {
-        if matches!(qtype, RecordType::SOA | RecordType::ANY) {
+        if qtype == RecordType::SOA {
             res.answers.push(self.soa_record());
         }
-        if matches!(qtype, RecordType::NS | RecordType::ANY) {
+        if qtype == RecordType::NS {
             for (index, (d, n)) in self.all_nodes().enumerate().take(MAX_ANSWER_RECORDS) {
                 let Some(ns) = self.name(&format!("ns{}", index + 1)) else {
                     continue;
@@ -204,7 +212,7 @@ impl<'a> Zone<'a> {
     }
 
     fn srv_records(&self, qtype: RecordType, res: &mut Resolution) {
-        if !matches!(qtype, RecordType::SRV | RecordType::ANY) {
+        if qtype != RecordType::SRV {
             return;
         }
         let owner = self.name("_http._tcp.shop");
@@ -234,7 +242,6 @@ impl<'a> Zone<'a> {
         let families: &[Family] = match lookup.qtype {
             RecordType::A => &[Family::V4],
             RecordType::AAAA => &[Family::V6],
-            RecordType::ANY => &[Family::V4, Family::V6],
             _ => &[],
         };
         if families.is_empty() {

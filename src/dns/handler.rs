@@ -16,8 +16,9 @@ use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
 use tracing::{debug, info, warn};
 
 use super::answer::{self, Lookup, Outcome, Resolution};
+use super::rrl::{Limiter, Verdict};
 use super::stats::{bump, Counters};
-use super::{DnsView, MAX_UDP_PAYLOAD};
+use super::{DnsView, RateLimit, MAX_UDP_PAYLOAD};
 
 /// Classic DNS UDP limit when the client sent no EDNS.
 const PLAIN_UDP_PAYLOAD: u16 = 512;
@@ -25,6 +26,8 @@ const PLAIN_UDP_PAYLOAD: u16 = 512;
 pub(crate) struct Handler {
     view: Arc<dyn DnsView>,
     stats: Arc<Counters>,
+    /// Response-rate limiter for UDP.
+    limiter: Limiter,
     /// Round-robin position shared by all `shop` / `dcN.shop` answers.
     rotation: AtomicU64,
     /// Whether the last `shop` answer failed open; lets us warn once per
@@ -45,6 +48,20 @@ struct Reply {
 impl RequestHandler for Handler {
     async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, response_handle: R) -> ResponseInfo {
         bump(&self.stats.queries);
+        // Before any work: a forged flood costs one bucket lookup per packet.
+        if request.protocol() == Protocol::Udp {
+            match self.limiter.check(request.src().ip()) {
+                Verdict::Send => {}
+                Verdict::Drop => {
+                    bump(&self.stats.rrl_dropped);
+                    return withheld_info(request);
+                }
+                Verdict::Slip => {
+                    bump(&self.stats.rrl_slipped);
+                    return self.slip(request, response_handle).await;
+                }
+            }
+        }
         let mut reply = self.build_reply(request);
         fit_to_size(request, &mut reply);
         self.send(request, reply, response_handle).await
@@ -52,8 +69,9 @@ impl RequestHandler for Handler {
 }
 
 impl Handler {
-    pub fn new(view: Arc<dyn DnsView>, stats: Arc<Counters>) -> Self {
-        Self { view, stats, rotation: AtomicU64::new(0), failing_open: AtomicBool::new(false) }
+    pub fn new(view: Arc<dyn DnsView>, stats: Arc<Counters>, limit: &RateLimit) -> Self {
+        let limiter = Limiter::new(limit, stats.rrl_sources.clone());
+        Self { view, stats, limiter, rotation: AtomicU64::new(0), failing_open: AtomicBool::new(false) }
     }
 
     fn build_reply(&self, request: &Request) -> Reply {
@@ -106,6 +124,21 @@ impl Handler {
             }
         } else if self.failing_open.swap(false, Ordering::Relaxed) {
             info!("healthy dc available again, shop answers no longer fail open");
+        }
+    }
+
+    /// The rate limiter's "slip": an empty truncated answer (header, question
+    /// and OPT only, never larger than the query), so a real resolver retries
+    /// over TCP, which cannot be forged.
+    async fn slip<R: ResponseHandler>(&self, request: &Request, mut handle: R) -> ResponseInfo {
+        let mut reply = Reply::for_request(request);
+        reply.metadata.truncation = true;
+        match handle.send_response(build_response(request, &reply, 0)).await {
+            Ok(info) => info,
+            Err(error) => {
+                debug!(%error, "failed to send dns response");
+                withheld_info(request)
+            }
         }
     }
 
@@ -258,6 +291,12 @@ fn encoded_len(request: &Request, reply: &Reply, answers: usize) -> usize {
     }
 }
 
+/// What the handler reports for a response it did not send.
+fn withheld_info(request: &Request) -> ResponseInfo {
+    let metadata = Metadata::response_from_request(&request.metadata);
+    ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() })
+}
+
 fn servfail_info(request: &Request) -> ResponseInfo {
     let mut metadata = Metadata::response_from_request(&request.metadata);
     metadata.response_code = ResponseCode::ServFail;
@@ -266,7 +305,18 @@ fn servfail_info(request: &Request) -> ResponseInfo {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+
+    use hickory_server::net::runtime::TokioTime;
+    use hickory_server::net::NetError;
+    use hickory_server::proto::op::{Message, MessageType, Query};
+    use hickory_server::proto::rr::{Name, RData};
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+
     use super::*;
+    use crate::dns::{DcView, DnsSnapshot, NodeView};
 
     #[test]
     fn largest_fitting_finds_boundary() {
@@ -274,5 +324,187 @@ mod tests {
         assert_eq!(largest_fitting(10, |n| n == 0), 0);
         assert_eq!(largest_fitting(10, |_| true), 10);
         assert_eq!(largest_fitting(0, |_| true), 0);
+    }
+
+    // ---------- fuzzing the handler with generated queries ----------
+
+    struct FixedView(DnsSnapshot);
+
+    impl DnsView for FixedView {
+        fn snapshot(&self) -> DnsSnapshot {
+            self.0.clone()
+        }
+    }
+
+    fn topology() -> DnsSnapshot {
+        let mut dcs = Vec::new();
+        for d in 1..=2u8 {
+            let mut dc = DcView::new(format!("dc{d}"));
+            dc.nodes = (1..=3u8).map(|k| NodeView::new(format!("n{k}"), IpAddr::from([10, d, 0, k]), 8080)).collect();
+            dc.leader = Some(IpAddr::from([10, d, 0, 1]));
+            dc.subnets = vec![(IpAddr::from([192, 0, 2 + d, 0]), 24)];
+            dcs.push(dc);
+        }
+        dcs[1].nodes.push(NodeView::new("v6", "2001:db8::1".parse().unwrap(), 8080));
+        DnsSnapshot { dcs, ..DnsSnapshot::default() }
+    }
+
+    /// Keeps every response the handler sends, encoded as hickory would.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    #[async_trait::async_trait]
+    impl ResponseHandler for Capture {
+        async fn send_response<'a>(
+            &mut self,
+            response: MessageResponse<
+                '_,
+                'a,
+                impl Iterator<Item = &'a Record> + Send + 'a,
+                impl Iterator<Item = &'a Record> + Send + 'a,
+                impl Iterator<Item = &'a Record> + Send + 'a,
+                impl Iterator<Item = &'a Record> + Send + 'a,
+            >,
+        ) -> Result<ResponseInfo, NetError> {
+            let mut buf = Vec::new();
+            let info = response.destructive_emit(&mut BinEncoder::new(&mut buf))?;
+            self.0.lock().unwrap().push(buf);
+            Ok(info)
+        }
+    }
+
+    fn label() -> impl Strategy<Value = Vec<u8>> {
+        let known =
+            ["shop", "SHOP", "dc1", "dc2", "dc9", "leader", "ns1", "ns7", "ns0", "_http", "_tcp", "dc1-n1", "dc2-n4", "agora", "test", "*", "hostmaster"];
+        prop_oneof![4 => prop::sample::select(known.to_vec()).prop_map(|l| l.as_bytes().to_vec()), 1 => prop::collection::vec(any::<u8>(), 1..64)]
+    }
+
+    fn qname() -> impl Strategy<Value = Name> {
+        (prop::collection::vec(label(), 0..4), prop::bool::weighted(0.8)).prop_filter_map("name over 255 bytes", |(mut labels, in_zone)| {
+            if in_zone {
+                labels.extend([b"agora".to_vec(), b"test".to_vec()]);
+            }
+            Name::from_labels(labels).ok()
+        })
+    }
+
+    fn ecs() -> impl Strategy<Value = ClientSubnet> {
+        (any::<bool>(), any::<[u8; 16]>(), any::<u8>(), any::<u8>()).prop_map(|(v4, bytes, source, scope)| {
+            let (addr, bits) = if v4 { (IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]]), 33) } else { (IpAddr::from(bytes), 129) };
+            ClientSubnet::new(addr, source % bits, scope % bits)
+        })
+    }
+
+    fn edns() -> impl Strategy<Value = Option<Edns>> {
+        prop::option::of((any::<u16>(), prop_oneof![7 => Just(0u8), 1 => any::<u8>()], any::<bool>(), prop::option::of(ecs()))).prop_map(|edns| {
+            edns.map(|(payload, version, dnssec_ok, ecs)| {
+                let mut edns = Edns::new();
+                edns.set_max_payload(payload).set_version(version).set_dnssec_ok(dnssec_ok);
+                if let Some(ecs) = ecs {
+                    edns.options_mut().insert(EdnsOption::Subnet(ecs));
+                }
+                edns
+            })
+        })
+    }
+
+    /// A well-formed message: 0-2 questions of any type and class, any opcode, maybe EDNS;
+    /// mostly the shape a resolver sends, so most reach the zone lookup.
+    fn message() -> impl Strategy<Value = Vec<u8>> {
+        let class = prop_oneof![6 => Just(1u16), 1 => Just(255), 1 => any::<u16>()];
+        let types =
+            prop_oneof![Just(RecordType::ANY), Just(RecordType::A), Just(RecordType::AAAA), Just(RecordType::SRV), any::<u16>().prop_map(RecordType::from)];
+        let op = prop_oneof![7 => Just(0u8), 1 => 0u8..16];
+        let questions = (prop::collection::vec((qname(), types, class), 1..3), 0u8..10);
+        (questions, any::<u16>(), op, edns()).prop_filter_map("unencodable", |((mut questions, shape), id, op, edns)| {
+            match shape {
+                0 => questions.clear(),
+                1 => {}
+                _ => questions.truncate(1),
+            }
+            let mut msg = Message::query();
+            msg.metadata.id = id;
+            msg.metadata.op_code = OpCode::from_u8(op);
+            for (name, qtype, class) in questions {
+                let mut query = Query::query(name, qtype);
+                query.set_query_class(DNSClass::from(class));
+                msg.add_query(query);
+            }
+            msg.edns = edns;
+            msg.to_vec().ok()
+        })
+    }
+
+    /// Raw noise, well-formed messages, and well-formed messages with bytes overwritten.
+    fn packet() -> impl Strategy<Value = Vec<u8>> {
+        let mutated = (message(), prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6)).prop_map(|(mut bytes, edits)| {
+            for (at, byte) in edits {
+                let at = at.index(bytes.len());
+                bytes[at] = byte;
+            }
+            bytes
+        });
+        prop_oneof![prop::collection::vec(any::<u8>(), 0..600), message(), mutated]
+    }
+
+    fn source() -> impl Strategy<Value = SocketAddr> {
+        prop_oneof![any::<[u8; 4]>().prop_map(IpAddr::from), any::<[u8; 16]>().prop_map(IpAddr::from)].prop_map(|ip| SocketAddr::new(ip, 5353))
+    }
+
+    /// Feeds one packet to the handler as hickory would; returns what it sent.
+    fn feed(rt: &tokio::runtime::Runtime, handler: &Handler, bytes: Vec<u8>, src: SocketAddr, protocol: Protocol) -> Option<(Request, Vec<Vec<u8>>)> {
+        // hickory answers undecodable packets and drops responses before the handler.
+        let request = Request::from_bytes(bytes, src, protocol).ok()?;
+        if request.metadata.message_type == MessageType::Response {
+            return None;
+        }
+        let capture = Capture::default();
+        rt.block_on(handler.handle_request::<_, TokioTime>(&request, capture.clone()));
+        let sent = std::mem::take(&mut *capture.0.lock().unwrap());
+        Some((request, sent))
+    }
+
+    #[test]
+    fn fuzzed_queries_never_panic_and_answers_stay_well_formed() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let stats = Arc::new(Counters::default());
+        let handler = Handler::new(Arc::new(FixedView(topology())), stats.clone(), &RateLimit::default());
+        let mut runner = TestRunner::new(Config { cases: 5000, failure_persistence: None, ..Config::default() });
+        let udp = prop_oneof![3 => Just(Protocol::Udp), 1 => Just(Protocol::Tcp)];
+        runner
+            .run(&(packet(), source(), udp), |(bytes, src, protocol)| {
+                let Some((request, sent)) = feed(&rt, &handler, bytes, src, protocol) else {
+                    return Ok(());
+                };
+                prop_assert!(sent.len() <= 1, "one response per query at most");
+                for bytes in sent {
+                    let response = Message::from_vec(&bytes).map_err(|e| TestCaseError::fail(format!("undecodable response: {e}")))?;
+                    prop_assert_eq!(response.metadata.id, request.metadata.id);
+                    prop_assert_eq!(response.metadata.message_type, MessageType::Response);
+                    if protocol == Protocol::Udp {
+                        let limit = request.edns.as_ref().map_or(PLAIN_UDP_PAYLOAD, |e| e.max_payload().clamp(PLAIN_UDP_PAYLOAD, MAX_UDP_PAYLOAD));
+                        prop_assert!(bytes.len() <= usize::from(limit), "{} bytes over UDP, limit {}", bytes.len(), limit);
+                    }
+                    let asked_any = request.queries.queries().first().is_some_and(|q| q.query_type() == RecordType::ANY);
+                    if asked_any {
+                        prop_assert!(response.answers.len() <= 1, "ANY answered with {} records", response.answers.len());
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+        let snapshot = stats.snapshot();
+        let in_zone = snapshot.answered + snapshot.nxdomain;
+        assert!(snapshot.queries > 2000 && in_zone > 500, "the generator reached the zone lookup: {snapshot:?}");
+
+        // Still answering normally afterwards.
+        let mut msg = Message::query();
+        msg.add_query(Query::query(Name::from_ascii("shop.agora.test.").unwrap(), RecordType::A));
+        let src = SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 5353);
+        let (_, sent) = feed(&rt, &handler, msg.to_vec().unwrap(), src, Protocol::Udp).unwrap();
+        let response = Message::from_vec(&sent[0]).unwrap();
+        assert_eq!(response.metadata.response_code, ResponseCode::NoError);
+        let addresses = response.answers.iter().filter(|r| matches!(r.data, RData::A(_))).count();
+        assert_eq!(addresses, 2);
     }
 }

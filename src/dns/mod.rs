@@ -33,9 +33,17 @@
 //! non-zero weight (or every DC, if none is left) is listed, each with an
 //! equal share of the rotation, using its leader, first healthy node or first
 //! node. Nearest-first does not apply then, since no DC is known good.
+//!
+//! # ANY and response-rate limiting
+//!
+//! An ANY query for a name of the zone gets the one synthesized record RFC 8482
+//! suggests (`HINFO "RFC8482" ""`, zone TTL), over UDP and TCP alike: no
+//! resolver needs ANY, and a full answer would be the largest we can send.
+//! UDP responses are rate-limited per source netblock ([`RateLimit`], `rrl`).
 
 mod answer;
 mod handler;
+mod rrl;
 mod select;
 mod stats;
 
@@ -61,6 +69,14 @@ pub const MAX_UDP_PAYLOAD: u16 = 1232;
 pub const DEFAULT_ZONE: &str = "agora.test.";
 /// Default record TTL in seconds: short, because health changes quickly.
 pub const DEFAULT_TTL: u32 = 5;
+/// Default UDP responses per second per source netblock. A resolver asks each of
+/// our names again at most once per TTL, so even a netblock full of resolvers
+/// stays far below this.
+pub const DEFAULT_RRL_RESPONSES_PER_S: u32 = 1000;
+/// Default slip: every second limited response is sent truncated.
+pub const DEFAULT_RRL_SLIP: u32 = 2;
+/// Default bound on the source netblocks tracked (some 50 bytes each, allocated at start).
+pub const DEFAULT_RRL_SOURCES_MAX: usize = 20_000;
 
 /// Idle TCP connections are closed after this long.
 const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -104,6 +120,26 @@ pub struct NodeView {
     pub ip: IpAddr,
     pub http_port: u16,
     pub healthy: bool,
+}
+
+/// Response-rate limiting of UDP responses per source netblock (IPv4 /24,
+/// IPv6 /56); TCP is not limited. See the `rrl` module for the algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Responses per second per netblock; a netblock may also send one second's
+    /// worth at once (the burst). Must be > 0.
+    pub responses_per_s: u32,
+    /// Every `slip`-th limited response is sent empty with TC=1 so a real
+    /// resolver retries over TCP; the others are dropped. 0 drops them all.
+    pub slip: u32,
+    /// Netblocks tracked at most; the least recently seen are forgotten first.
+    pub sources_max: usize,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self { responses_per_s: DEFAULT_RRL_RESPONSES_PER_S, slip: DEFAULT_RRL_SLIP, sources_max: DEFAULT_RRL_SOURCES_MAX }
+    }
 }
 
 /// Source of topology for the DNS server; called once per query, keep it cheap.
@@ -169,11 +205,11 @@ impl DnsServer {
     /// # Errors
     /// `DnsError::Bind` if either socket cannot be bound (for port 0, if no
     /// port free for both was found).
-    pub async fn start(addr: SocketAddr, view: Arc<dyn DnsView>) -> Result<DnsServer, DnsError> {
+    pub async fn start(addr: SocketAddr, view: Arc<dyn DnsView>, limit: RateLimit) -> Result<DnsServer, DnsError> {
         let (udp, tcp) = bind_pair(addr).await?;
         let local_addr = udp.local_addr()?;
         let stats = Arc::new(Counters::default());
-        let mut server = Server::new(Handler::new(view, stats.clone()));
+        let mut server = Server::new(Handler::new(view, stats.clone(), &limit));
         server.register_socket(udp);
         server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
         info!(%local_addr, "dns server listening");
@@ -202,8 +238,6 @@ impl DnsServer {
     }
 }
 
-/// Binds UDP and TCP on the same port; for port 0 retries until the kernel's
-/// UDP pick is also free for TCP.
 /// A DNS server on a thread of its own with a single-threaded runtime: each query is
 /// received, answered and sent on one thread, without waking the node's other workers —
 /// a large share of the per-query cost on a small machine.
@@ -216,7 +250,7 @@ pub struct DnsThread {
 
 impl DnsThread {
     /// Binds (errors are returned here, not lost on the thread) and starts serving.
-    pub fn spawn(addr: SocketAddr, view: Arc<dyn DnsView>) -> Result<DnsThread, DnsError> {
+    pub fn spawn(addr: SocketAddr, view: Arc<dyn DnsView>, limit: RateLimit) -> Result<DnsThread, DnsError> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new().name("agora-dns".into()).spawn(move || {
@@ -225,7 +259,7 @@ impl DnsThread {
                 Err(e) => return drop(ready_tx.send(Err(DnsError::Io(e)))),
             };
             rt.block_on(async move {
-                match DnsServer::start(addr, view).await {
+                match DnsServer::start(addr, view, limit).await {
                     Ok(server) => {
                         let _ = ready_tx.send(Ok((server.local_addr(), server.stats.clone())));
                         let _ = stop_rx.await;
@@ -260,6 +294,8 @@ impl DnsThread {
     }
 }
 
+/// Binds UDP and TCP on the same port; for port 0 retries until the kernel's
+/// UDP pick is also free for TCP.
 async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsError> {
     if addr.port() != 0 {
         let udp = bind_udp(addr).await?;

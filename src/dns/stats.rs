@@ -1,6 +1,7 @@
 //! Query counters, shared lock-free between the server tasks.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use hickory_server::proto::op::ResponseCode;
 
@@ -10,6 +11,9 @@ use hickory_server::proto::op::ResponseCode;
 /// cannot decode at all are answered FORMERR (or dropped if shorter than a
 /// header) before the handler sees them, so they appear in neither `queries`
 /// nor `formerr`.
+///
+/// A UDP response withheld by the rate limiter counts only in `rrl_dropped` or
+/// `rrl_slipped`, not under its response code nor in `truncated`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DnsStats {
     pub queries: u64,
@@ -25,6 +29,12 @@ pub struct DnsStats {
     pub truncated: u64,
     /// `shop` answers that had to fail open because no DC was serving.
     pub fail_open: u64,
+    /// UDP responses the rate limiter dropped.
+    pub rrl_dropped: u64,
+    /// UDP responses the rate limiter replaced by an empty truncated one (TC=1).
+    pub rrl_slipped: u64,
+    /// Source netblocks the rate limiter tracks now (a gauge, not a counter).
+    pub rrl_sources: u64,
 }
 
 #[derive(Debug, Default)]
@@ -38,11 +48,16 @@ pub(crate) struct Counters {
     servfail: AtomicU64,
     pub truncated: AtomicU64,
     pub fail_open: AtomicU64,
+    pub rrl_dropped: AtomicU64,
+    pub rrl_slipped: AtomicU64,
+    /// Shared with the limiter, which keeps it current.
+    pub rrl_sources: Arc<AtomicU64>,
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {
-    // Relaxed is enough: counters are independent and only read for reporting.
-    counter.fetch_add(1, Ordering::Relaxed);
+    // Relaxed is enough: counters are independent and only read for reporting. A
+    // counter stops at u64::MAX rather than wrap to zero.
+    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_add(1));
 }
 
 impl Counters {
@@ -71,6 +86,9 @@ impl Counters {
             servfail: get(&self.servfail),
             truncated: get(&self.truncated),
             fail_open: get(&self.fail_open),
+            rrl_dropped: get(&self.rrl_dropped),
+            rrl_slipped: get(&self.rrl_slipped),
+            rrl_sources: get(&self.rrl_sources),
         }
     }
 }

@@ -38,6 +38,8 @@ async fn dig_sees_healthy_dcs_round_robin_and_follows_health_and_drain() {
     assert!(dig(&server, &["example.com", "+noall", "+comments"]).contains("status: REFUSED"));
     assert!(!ips(&dig(&server, &["_http._tcp.shop.agora.test", "SRV", "+short"])).is_empty());
     assert!(!ips(&dig(&server, &["shop.agora.test", "+tcp", "+short"])).is_empty(), "TCP works");
+    // ANY gets RFC 8482's one synthesized record, not the zone's records.
+    assert_eq!(ips(&dig(&server, &["agora.test", "ANY", "+short"])), vec!["\"RFC8482\" \"\"".to_string()]);
 
     // dc3 cut off from the others: it leaves dc1's answers, within the health bound.
     let cut_at = Instant::now();
@@ -67,4 +69,6 @@ async fn dig_sees_healthy_dcs_round_robin_and_follows_health_and_drain() {
     must_eventually(Duration::from_secs(8), "dc2 back", || async { (ips(&dig(&server, &["shop.agora.test", "+short"])).len() == 3).then_some(()) }).await;
     let metrics = c.http.get(format!("{}/metrics", c.url("dc1-n1"))).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("agora_dns_responses_total{kind=\"nxdomain\""), "dns counters exported");
+    assert!(metrics.contains("agora_dns_responses_total{kind=\"rrl_slipped\""), "rate-limit counters exported");
+    assert!(metrics.contains("agora_dns_rrl_sources{"), "rate-limit table size exported");
 }

@@ -8,6 +8,7 @@
 //! - [`raft`]: openraft type config and network adapter.
 //! - [`transport`]: peer TCP RPC, with the fault-injection hook.
 //! - [`actors`]: ractor actors for sessions, inventory, orders, and their supervisor.
+//! - [`expiry`]: the leader's periodic expiry pass (idempotency records, sessions).
 //! - [`hlc`]: the hybrid logical clock that orders cross-DC writes.
 //! - [`replication`]: cross-DC event shipping, receiving, rebalancing and link health.
 //! - [`dns`]: the embedded authoritative DNS server (hickory), self-contained.
@@ -28,6 +29,7 @@ pub mod config;
 pub mod dns;
 pub mod domain;
 pub mod error;
+pub mod expiry;
 pub mod hlc;
 pub mod launcher;
 pub mod metrics;

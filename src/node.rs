@@ -305,6 +305,7 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     tasks.push(tokio::spawn(bootstrap(node.clone())));
     tasks.push(tokio::spawn(crate::raft::snapshots::snapshot_loop(node.clone())));
     tasks.extend(replication::spawn(node.clone()));
+    tasks.push(tokio::spawn(crate::expiry::expiry_loop(node.clone())));
     let dns = DnsThread::spawn(node.info.dns, Arc::new(ClusterView::new(node.clone()))).with_context(|| format!("start dns on {}", node.info.dns))?;
     *node.dns.lock().expect("dns lock") = Some(dns);
     tracing::info!(node = %node.info.name, dc = %node.info.dc, id = node.info.id, http = %http_addr, peer = %node.info.peer, "node started");

@@ -181,6 +181,17 @@ pub struct Limits {
     pub peer_backoff_max_ms: u64,
     pub cache_entities_max: usize,
     pub mailbox_len_max: usize,
+    /// How long an `Idempotency-Key` keeps returning the first result (and a retry in
+    /// another DC is recognised as a duplicate); after that the key is free again.
+    pub idempotency_ttl_s: u64,
+    /// A session unused (no order placed with it) for this long is expired: a tombstone
+    /// written by the DC that wrote its last version, replicated like a logout.
+    pub session_ttl_s: u64,
+    /// How often the leader proposes an expiry pass.
+    pub expiry_interval_ms: u64,
+    /// Records of each kind one expiry pass removes at most (oldest first), so a pass
+    /// stays a small Raft entry that never stalls applies.
+    pub expiry_batch_len_max: u32,
 }
 
 impl Default for Limits {
@@ -194,6 +205,10 @@ impl Default for Limits {
             peer_backoff_max_ms: 2000,
             cache_entities_max: 100_000,
             mailbox_len_max: 10_000,
+            idempotency_ttl_s: 24 * 3600,
+            session_ttl_s: 24 * 3600,
+            expiry_interval_ms: 10_000,
+            expiry_batch_len_max: 1000,
         }
     }
 }
@@ -383,6 +398,10 @@ impl ClusterConfig {
             ("limits.peer_backoff_max_ms", l.peer_backoff_max_ms),
             ("limits.cache_entities_max", l.cache_entities_max as u64),
             ("limits.mailbox_len_max", l.mailbox_len_max as u64),
+            ("limits.idempotency_ttl_s", l.idempotency_ttl_s),
+            ("limits.session_ttl_s", l.session_ttl_s),
+            ("limits.expiry_interval_ms", l.expiry_interval_ms),
+            ("limits.expiry_batch_len_max", l.expiry_batch_len_max as u64),
         ];
         for (field, v) in positive {
             if v == 0 {
@@ -404,6 +423,16 @@ impl ClusterConfig {
         }
         if r.dc_unhealthy_after_ms <= r.probe_interval_ms {
             return Err(invalid("replication.dc_unhealthy_after_ms", "must be greater than probe_interval_ms"));
+        }
+        // Milliseconds in 48 bits of an HLC: a longer TTL would never expire anything.
+        const TTL_S_MAX: u64 = 100 * 365 * 24 * 3600;
+        for (field, v) in [("limits.idempotency_ttl_s", l.idempotency_ttl_s), ("limits.session_ttl_s", l.session_ttl_s)] {
+            if v > TTL_S_MAX {
+                return Err(invalid(field, format!("must be at most {TTL_S_MAX} (100 years)")));
+            }
+        }
+        if l.expiry_batch_len_max > 100_000 {
+            return Err(invalid("limits.expiry_batch_len_max", "must be at most 100000 (one pass is one Raft entry)"));
         }
         if l.peer_frame_bytes_max < 64 * 1024 {
             return Err(invalid("limits.peer_frame_bytes_max", "must be at least 65536"));
@@ -582,5 +611,8 @@ mod tests {
         check_err(|t| t.replace("rrl_responses_per_s = 1000", "rrl_responses_per_s = 0"), "dns.rrl_responses_per_s");
         check_err(|t| t.replace("rrl_sources_max = 20000", "rrl_sources_max = 1"), "dns.rrl_sources_max");
         check_err(|t| t.replace("rrl_slip = 2", "rrl_slip = 2\nrrl_window_s = 1"), "unknown field `rrl_window_s`");
+        check_err(|t| t.replace("session_ttl_s = 86400", "session_ttl_s = 0"), "limits.session_ttl_s");
+        check_err(|t| t.replace("idempotency_ttl_s = 86400", "idempotency_ttl_s = 99999999999"), "limits.idempotency_ttl_s");
+        check_err(|t| t.replace("expiry_batch_len_max = 1000", "expiry_batch_len_max = 0"), "limits.expiry_batch_len_max");
     }
 }

@@ -41,6 +41,11 @@ pub fn physical_ms(ts: u64) -> u64 {
     ts >> LOGICAL_BITS
 }
 
+/// The smallest timestamp of a wall-clock millisecond.
+pub fn from_physical_ms(ms: u64) -> u64 {
+    ms << LOGICAL_BITS
+}
+
 /// Milliseconds from a timestamp to now (0 if it is in the future).
 pub fn age_ms(ts: u64) -> u64 {
     wall_ms().saturating_sub(physical_ms(ts))

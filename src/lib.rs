@@ -9,6 +9,7 @@
 //! - [`transport`]: peer RPC over mutual TLS (identity from certificates), with the fault-injection hook.
 //! - [`certs`]: the cluster CA, node and admin certificates, and the admin token.
 //! - [`actors`]: ractor actors for sessions, inventory, orders, and their supervisor.
+//! - [`expiry`]: the leader's periodic expiry pass (idempotency records, sessions).
 //! - [`hlc`]: the hybrid logical clock that orders cross-DC writes.
 //! - [`replication`]: cross-DC event shipping, receiving, rebalancing and link health.
 //! - [`dns`]: the embedded authoritative DNS server (hickory), self-contained.
@@ -30,6 +31,7 @@ pub mod config;
 pub mod dns;
 pub mod domain;
 pub mod error;
+pub mod expiry;
 pub mod hlc;
 pub mod launcher;
 pub mod metrics;

@@ -350,6 +350,7 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     tasks.push(tokio::spawn(bootstrap(node.clone())));
     tasks.push(tokio::spawn(crate::raft::snapshots::snapshot_loop(node.clone())));
     tasks.extend(replication::spawn(node.clone()));
+    tasks.push(tokio::spawn(crate::expiry::expiry_loop(node.clone())));
     let dns = DnsThread::spawn(node.info.dns, Arc::new(ClusterView::new(node.clone())), config.dns.rate_limit())
         .with_context(|| format!("start dns on {}", node.info.dns))?;
     *node.dns.lock().expect("dns lock") = Some(dns);

@@ -32,8 +32,17 @@ async fn outbox_records_per_entry_read_and_trim_by_event() {
     let (_log, mut sm) = storage::open(dir.path(), "dc1", Durability::Flush, 16 << 20, 1000).expect("open sled store");
     let reader = sm.reader();
     let req = |cmd| Request::new(cmd, None);
-    let order =
-        |i: u32| req(Command::PlaceOrder { id: format!("o{i}"), session: "t1".into(), sku: "sku1".into(), qty: 1, dc: "dc1".into(), hlc: 10 + i as u64 });
+    let order = |i: u32| {
+        req(Command::PlaceOrder {
+            id: format!("o{i}"),
+            session: "t1".into(),
+            sku: "sku1".into(),
+            qty: 1,
+            dc: "dc1".into(),
+            hlc: 10 + i as u64,
+            refresh_session: false,
+        })
+    };
     let entry = |index: u64, cmd: Request| Entry::<TypeConfig> { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(cmd) };
     // Entry 1: session + restock (2 events: session, stock). Entry 2: three orders in one
     // batch (4 events: each order, then one stock row — the last supersedes the others).

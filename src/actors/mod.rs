@@ -43,7 +43,11 @@ impl Kind {
             // An order takes units from its SKU: the SKU's actor serialises it with restocks.
             Command::Restock { .. } | Command::PlaceOrder { .. } | Command::Grant { .. } => Kind::Inventory,
             Command::CancelOrder { .. } | Command::RequestCancel { .. } => Kind::Orders,
-            Command::ApplyRemote { .. } | Command::InstallRemote { .. } | Command::TrimOutbox { .. } | Command::SetDcSettings { .. } => Kind::Replication,
+            Command::ApplyRemote { .. }
+            | Command::InstallRemote { .. }
+            | Command::TrimOutbox { .. }
+            | Command::SetDcSettings { .. }
+            | Command::Expire { .. } => Kind::Replication,
             Command::Batch { .. } => return None,
         })
     }

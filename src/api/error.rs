@@ -65,6 +65,7 @@ impl From<Rejection> for ApiError {
             }
             Rejection::ForeignOrder { owner } => ApiError::new(StatusCode::CONFLICT, "foreign_order", format!("order is owned by {owner}")),
             Rejection::Invalid(m) => ApiError::bad_request(m),
+            Rejection::NotYourOrder => ApiError::new(StatusCode::FORBIDDEN, "forbidden", "the order was placed with another session"),
         }
     }
 }

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use super::{idempotency_key, parse_body, random_hex, ApiError, AppState, ReadParams};
 use crate::domain::{validate, Command, Inventory, Order, Outcome, Rejection, Request, Session};
+use crate::hlc;
 use crate::replication::rebalance;
 
 type Body = Result<Bytes, BytesRejection>;
@@ -46,7 +47,8 @@ fn session_json(s: &Session) -> Value {
 }
 
 fn order_json(o: &Order) -> Value {
-    json!({"id": o.id, "sku": o.sku, "qty": o.qty, "status": o.status.as_str(), "dc": o.dc, "user": o.user, "session": o.session})
+    // Never the session: its token is the buyer's credential (it authorises the cancel).
+    json!({"id": o.id, "sku": o.sku, "qty": o.qty, "status": o.status.as_str(), "dc": o.dc, "user": o.user})
 }
 
 pub fn inventory_json(node: &AppState, inv: &Inventory) -> Value {
@@ -143,7 +145,11 @@ pub async fn place_order(State(node): State<AppState>, headers: HeaderMap, body:
     let qty = validate::qty(qty).map_err(ApiError::bad_request)?;
     // The id names its origin DC, and is globally unique.
     let id = format!("{}-{}", node.info.dc, random_hex());
-    let cmd = Command::PlaceOrder { id, session, sku: sku.clone(), qty, dc: node.info.dc.clone(), hlc: node.hlc.now() };
+    // Use refreshes the session, at most once per tenth of its TTL (from this node's view,
+    // which may be stale: then the version looks older and the refresh happens anyway).
+    let refresh_after_ms = node.config.limits.session_ttl_s * 1000 / 10;
+    let refresh_session = node.sm.session(&session).is_some_and(|s| !s.deleted && hlc::age_ms(s.hlc) >= refresh_after_ms);
+    let cmd = Command::PlaceOrder { id, session, sku: sku.clone(), qty, dc: node.info.dc.clone(), hlc: node.hlc.now(), refresh_session };
     let req = Request::new(cmd, idempotency_key(&headers)?);
     let outcome = node.submit(req).await?;
     rebalance::after_order(&node, &sku);
@@ -174,29 +180,54 @@ pub async fn get_order(State(node): State<AppState>, id: PathArg, q: QueryArg) -
     node.sm.order(&id).map(|o| Json(order_json(&o))).ok_or_else(|| ApiError::not_found("order"))
 }
 
-pub async fn cancel_order(State(node): State<AppState>, headers: HeaderMap, id: PathArg) -> Result<Response, ApiError> {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelBody {
+    session: Option<String>,
+}
+
+/// The session a cancel presents (`{"session": "…"}`): none is 401 `session_required`.
+fn cancel_session(body: Body) -> Result<String, ApiError> {
+    let empty = body.as_ref().is_ok_and(|b| b.iter().all(u8::is_ascii_whitespace));
+    let session = if empty { None } else { parse_body::<CancelBody>(body)?.session };
+    let session = session.ok_or_else(|| {
+        ApiError::new(StatusCode::UNAUTHORIZED, "session_required", "cancelling needs the session that placed the order: {\"session\": \"…\"}")
+    })?;
+    validate::name("session", &session).map_err(ApiError::bad_request)?;
+    Ok(session)
+}
+
+pub async fn cancel_order(State(node): State<AppState>, headers: HeaderMap, id: PathArg, body: Body) -> Result<Response, ApiError> {
     let id = path_name("id", id)?;
     let key = idempotency_key(&headers)?;
+    let session = cancel_session(body)?;
     // The owner is named in the id (`dc1-…`); a local copy of the order confirms it.
-    let owner = node.sm.order(&id).map(|o| o.dc).unwrap_or_else(|| node.info.dc.clone());
+    let local = node.sm.order(&id);
+    let owner = local.as_ref().map(|o| o.dc.clone()).unwrap_or_else(|| node.info.dc.clone());
+    let hlc = node.hlc.now();
     if owner == node.info.dc {
-        let req = Request::new(Command::CancelOrder { id, dc: owner }, key);
+        let req = Request::new(Command::CancelOrder { id, dc: owner, session, hlc }, key);
         return match node.submit(req).await? {
             Outcome::Order(o) => Ok(Json(order_json(&o)).into_response()),
             Outcome::Rejected(r) => Err(r.into()),
             other => Err(unexpected(other)),
         };
     }
-    // Owned by another DC: it alone may cancel. Forward; if it cannot be reached, queue
-    // the request in our outbound stream, which delivers it when the owner is back.
-    let req = Request::new(Command::CancelOrder { id: id.clone(), dc: owner.clone() }, key);
+    // Owned by another DC: it alone may cancel, and checks the session again. A session
+    // our copy of the order already refutes is refused here, never forwarded or queued.
+    if local.is_some_and(|o| o.session != session) {
+        return Err(Rejection::NotYourOrder.into());
+    }
+    // Forward; if the owner cannot be reached, queue the request in our outbound stream,
+    // which delivers it when the owner is back.
+    let req = Request::new(Command::CancelOrder { id: id.clone(), dc: owner.clone(), session: session.clone(), hlc }, key);
     match node.forward_to_owner(&owner, req).await {
         Ok(Outcome::Order(o)) => Ok(Json(order_json(&o)).into_response()),
         Ok(Outcome::Rejected(r)) => Err(r.into()),
         Ok(other) => Err(unexpected(other)),
         Err(e) if e.is_retryable() => {
             tracing::info!(%id, %owner, error = %e, "owner DC unreachable; cancel queued");
-            let cmd = Command::RequestCancel { id: id.clone(), owner: owner.clone(), dc: node.info.dc.clone(), hlc: node.hlc.now() };
+            let cmd = Command::RequestCancel { id: id.clone(), owner: owner.clone(), dc: node.info.dc.clone(), hlc: node.hlc.now(), session };
             match node.submit(Request::new(cmd, None)).await? {
                 Outcome::CancelQueued { owner } => Ok((StatusCode::ACCEPTED, Json(json!({"id": id, "status": "cancel_queued", "dc": owner}))).into_response()),
                 other => Err(unexpected(other)),

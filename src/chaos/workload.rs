@@ -204,9 +204,11 @@ impl Client {
         let live: Vec<usize> = (0..self.orders.len()).filter(|i| self.orders[*i].3).collect();
         let Some(&i) = live.get(self.rng.gen_range(0..live.len().max(1))) else { return };
         let (order_id, sku, qty, _) = self.orders[i].clone();
+        // The session that placed it: the only one allowed to cancel it.
+        let Some(session) = self.session.clone() else { return };
         let node = self.pick_node().await;
         let begun = self.begin();
-        let reply = self.call(&node, reqwest::Method::POST, &format!("/v1/orders/{order_id}/cancel"), None).await;
+        let reply = self.call(&node, reqwest::Method::POST, &format!("/v1/orders/{order_id}/cancel"), Some(json!({"session": session}))).await;
         if reply.outcome != Outcome::Fail {
             // Ok, or unknown: either way it is not ours to cancel again.
             self.orders[i].3 = false;

@@ -4,15 +4,58 @@
 //! and `emit` the new values for the other DCs. Remote events are merged with the
 //! entity merges of `model`, in origin order, exactly once per the origin's cursor.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use super::command::{order_key_scope, Command, IdempotencyRecord, Outcome, Rejection, Request};
+use super::command::{order_key_scope, Command, DuplicateSet, IdempotencyRecord, Outcome, Rejection, Request};
 use super::event::{Change, Event};
 use super::model::{DcSettings, Inventory, Order, OrderStatus, Session};
 use super::validate;
 
 /// Upper bound on events in one `ApplyRemote`.
 pub const REMOTE_BATCH_LEN_MAX: usize = 10_000;
+
+/// The records that expire, each with its own ordered index of (HLC, name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpiryKind {
+    /// `Idempotency-Key` records.
+    Idempotency,
+    /// Duplicate-order indexes (session + key → order ids).
+    Duplicates,
+    /// Live sessions whose current version this DC wrote.
+    Session,
+}
+
+impl ExpiryKind {
+    fn tag(self) -> u8 {
+        match self {
+            ExpiryKind::Idempotency => b'k',
+            ExpiryKind::Duplicates => b'd',
+            ExpiryKind::Session => b's',
+        }
+    }
+}
+
+/// Key of an expiry index entry: `e/`, the kind, the HLC big-endian, the name. Byte order
+/// is (HLC, name) order, so a range scan yields the oldest first, the same on every replica.
+pub fn expiry_key(kind: ExpiryKind, hlc: u64, name: &str) -> Vec<u8> {
+    [EXPIRY_PREFIX, &[kind.tag()], &hlc.to_be_bytes(), name.as_bytes()].concat()
+}
+
+/// The range of `kind`'s index entries older than `before`.
+pub fn expiry_range(kind: ExpiryKind, before: u64) -> std::ops::Range<Vec<u8>> {
+    let lo = [EXPIRY_PREFIX, &[kind.tag()], &0u64.to_be_bytes()].concat();
+    let hi = [EXPIRY_PREFIX, &[kind.tag()], &before.to_be_bytes()].concat();
+    lo..hi
+}
+
+/// (HLC, name) of an index key made by [`expiry_key`].
+pub fn parse_expiry_key(key: &[u8]) -> (u64, String) {
+    let at = EXPIRY_PREFIX.len() + 1;
+    let hlc = u64::from_be_bytes(key[at..at + 8].try_into().expect("expiry key holds an hlc"));
+    (hlc, String::from_utf8_lossy(&key[at + 8..]).into_owned())
+}
+
+pub const EXPIRY_PREFIX: &[u8] = b"e/";
 
 /// Typed access to the state; implemented over sled (the state machine) and in memory.
 pub trait State {
@@ -22,8 +65,8 @@ pub trait State {
     fn inventory(&self, sku: &str) -> Option<Inventory>;
     fn order(&self, id: &str) -> Option<Order>;
     fn idempotency(&self, key: &str) -> Option<IdempotencyRecord>;
-    /// Ids of orders (from any DC) placed with one session + idempotency key.
-    fn duplicates(&self, scope: &str) -> Vec<String>;
+    /// Orders (from any DC) placed with one session + idempotency key.
+    fn duplicates(&self, scope: &str) -> Option<DuplicateSet>;
     fn cursor(&self, origin: &str) -> u64;
     fn settings(&self, dc: &str) -> Option<DcSettings>;
     fn put_settings(&mut self, s: DcSettings);
@@ -31,7 +74,14 @@ pub trait State {
     fn put_inventory(&mut self, i: Inventory);
     fn put_order(&mut self, o: Order);
     fn put_idempotency(&mut self, key: &str, r: IdempotencyRecord);
-    fn put_duplicates(&mut self, scope: &str, ids: Vec<String>);
+    fn remove_idempotency(&mut self, key: &str);
+    fn put_duplicates(&mut self, scope: &str, d: DuplicateSet);
+    fn remove_duplicates(&mut self, scope: &str);
+    /// Adds or removes one entry of an expiry index (raw key from [`expiry_key`]).
+    fn put_expiry(&mut self, key: Vec<u8>);
+    fn remove_expiry(&mut self, key: Vec<u8>);
+    /// The first `max` index keys in `range`, in byte order.
+    fn expiry_keys(&self, range: std::ops::Range<Vec<u8>>, max: usize) -> Vec<Vec<u8>>;
     fn set_cursor(&mut self, origin: &str, seq: u64);
     /// Appends a change this DC made to its outbound stream (assigning the next seq).
     fn emit(&mut self, hlc: u64, change: Change);
@@ -48,8 +98,82 @@ pub fn apply(state: &mut impl State, req: &Request) -> Outcome {
         return if first.fingerprint == fingerprint { first.outcome } else { Outcome::Rejected(Rejection::IdempotencyMismatch) };
     }
     let outcome = execute(state, cmd, req.idempotency_key.as_deref());
-    state.put_idempotency(&key, IdempotencyRecord { fingerprint, outcome: outcome.clone() });
+    let hlc = cmd.hlc().unwrap_or(0);
+    state.put_expiry(expiry_key(ExpiryKind::Idempotency, hlc, &key));
+    state.put_idempotency(&key, IdempotencyRecord { fingerprint, outcome: outcome.clone(), hlc });
     outcome
+}
+
+/// Writes a session version, keeping the index of sessions this DC expires: live ones
+/// whose current version it wrote, by that version's HLC.
+fn store_session(state: &mut impl State, s: Session) {
+    let local = state.local_dc();
+    let old = state.session(&s.token);
+    if old.as_ref() == Some(&s) {
+        return;
+    }
+    if let Some(old) = old.filter(|o| !o.deleted && o.dc == local) {
+        state.remove_expiry(expiry_key(ExpiryKind::Session, old.hlc, &old.token));
+    }
+    if !s.deleted && s.dc == local {
+        state.put_expiry(expiry_key(ExpiryKind::Session, s.hlc, &s.token));
+    }
+    state.put_session(s);
+}
+
+/// Writes a duplicate-order index; a new one enters the expiry index at its first HLC.
+fn store_duplicates(state: &mut impl State, scope: &str, d: DuplicateSet) {
+    if state.duplicates(scope).is_none() {
+        state.put_expiry(expiry_key(ExpiryKind::Duplicates, d.hlc, scope));
+    }
+    state.put_duplicates(scope, d);
+}
+
+/// The entries of `kind` older than `before`, oldest first, at most `max`.
+fn due(state: &impl State, kind: ExpiryKind, before: u64, max: usize) -> Vec<(Vec<u8>, u64, String)> {
+    if max == 0 {
+        return Vec::new();
+    }
+    state
+        .expiry_keys(expiry_range(kind, before), max)
+        .into_iter()
+        .map(|k| {
+            let (hlc, name) = parse_expiry_key(&k);
+            (k, hlc, name)
+        })
+        .collect()
+}
+
+/// One expiry pass: bounded (at most `max` records of each kind), oldest first, and a
+/// function of the state and the command only, so every replica removes the same records.
+fn expire(state: &mut impl State, idempotency_before: u64, sessions_before: u64, max: usize, dc: &str, hlc: u64) -> Outcome {
+    let mut counts = (0u32, 0u32, 0u32);
+    for (k, _, key) in due(state, ExpiryKind::Idempotency, idempotency_before, max) {
+        state.remove_expiry(k);
+        state.remove_idempotency(&key);
+        counts.0 += 1;
+    }
+    for (k, _, scope) in due(state, ExpiryKind::Duplicates, idempotency_before, max) {
+        state.remove_expiry(k);
+        state.remove_duplicates(&scope);
+        counts.1 += 1;
+    }
+    for (k, at, token) in due(state, ExpiryKind::Session, sessions_before, max) {
+        match state.session(&token).filter(|s| !s.deleted && s.dc == dc && s.hlc == at) {
+            // Unused for the TTL: a tombstone, shipped to every DC like a logout.
+            Some(mut s) => {
+                s.hlc = hlc.max(s.hlc + 1);
+                s.deleted = true;
+                store_session(state, s.clone());
+                state.emit(hlc, Change::Session(s));
+                counts.2 += 1;
+            }
+            // An entry that no longer matches the session (cannot happen: every write
+            // goes through `store_session`); drop it rather than loop on it.
+            None => state.remove_expiry(k),
+        }
+    }
+    Outcome::Expired { idempotency: counts.0, duplicates: counts.1, sessions: counts.2 }
 }
 
 fn execute(state: &mut impl State, cmd: &Command, key: Option<&str>) -> Outcome {
@@ -60,14 +184,14 @@ fn execute(state: &mut impl State, cmd: &Command, key: Option<&str>) -> Outcome 
         Command::CreateSession { token, user, dc, hlc } => create_session(state, token, user, dc, *hlc),
         Command::DeleteSession { token, dc, hlc } => delete_session(state, token, dc, *hlc),
         Command::Restock { sku, add, dc, hlc } => restock(state, sku, *add, dc, *hlc),
-        Command::PlaceOrder { id, session, sku, qty, dc, hlc } => {
-            let o = NewOrder { id, session, sku, qty: *qty, dc, hlc: *hlc, key };
+        Command::PlaceOrder { id, session, sku, qty, dc, hlc, refresh_session } => {
+            let o = NewOrder { id, session, sku, qty: *qty, dc, hlc: *hlc, key, refresh_session: *refresh_session };
             place_order(state, o)
         }
-        Command::CancelOrder { id, dc } => cancel_order(state, id, dc),
+        Command::CancelOrder { id, dc, session, .. } => cancel_order(state, id, dc, session),
         Command::Grant { sku, qty, from, to, hlc } => grant(state, sku, *qty, from, to, *hlc),
-        Command::RequestCancel { id, owner, hlc, .. } => {
-            state.emit(*hlc, Change::CancelRequest { id: id.clone(), owner: owner.clone() });
+        Command::RequestCancel { id, owner, hlc, session, .. } => {
+            state.emit(*hlc, Change::CancelRequest { id: id.clone(), owner: owner.clone(), session: session.clone() });
             Outcome::CancelQueued { owner: owner.clone() }
         }
         Command::ApplyRemote { origin, events } => apply_remote(state, origin, events),
@@ -83,6 +207,9 @@ fn execute(state: &mut impl State, cmd: &Command, key: Option<&str>) -> Outcome 
         Command::TrimOutbox { upto } => {
             state.trim_outbox(*upto);
             Outcome::Trimmed
+        }
+        Command::Expire { idempotency_before, sessions_before, batch_len_max, dc, hlc } => {
+            expire(state, *idempotency_before, *sessions_before, *batch_len_max as usize, dc, *hlc)
         }
     }
 }
@@ -101,10 +228,10 @@ fn check(state: &impl State, cmd: &Command) -> Result<(), String> {
             .and(validate::name("sku", sku))
             .and(validate::qty(*qty as i64).map(|_| ()))
             .and(own(dc)),
-        Command::CancelOrder { id, dc } => validate::name("id", id).and(own(dc)),
+        Command::CancelOrder { id, dc, session, .. } => validate::name("id", id).and(validate::name("session", session)).and(own(dc)),
         Command::Grant { sku, from, to, .. } if from != to => validate::name("sku", sku).and(own(from)),
         Command::Grant { .. } => Err("a DC cannot grant to itself".into()),
-        Command::RequestCancel { id, owner, dc, .. } if owner != dc => validate::name("id", id).and(own(dc)),
+        Command::RequestCancel { id, owner, dc, session, .. } if owner != dc => validate::name("id", id).and(validate::name("session", session)).and(own(dc)),
         Command::RequestCancel { .. } => Err("a DC cancels its own orders directly".into()),
         Command::SetDcSettings { target, weight, dc, .. } => {
             validate::name("dc", target).and(own(dc)).and(if *weight <= 100 { Ok(()) } else { Err("weight must be in 0..=100".into()) })
@@ -117,6 +244,9 @@ fn check(state: &impl State, cmd: &Command) -> Result<(), String> {
         }
         Command::ApplyRemote { origin, .. } | Command::InstallRemote { origin, .. } if *origin == local => Err("a DC does not replicate to itself".into()),
         Command::Batch { requests } if requests.iter().any(|r| matches!(r.cmd, Command::Batch { .. })) => Err("a batch inside a batch".into()),
+        Command::Expire { dc, batch_len_max, .. } => {
+            own(dc).and(if *batch_len_max > 0 { Ok(()) } else { Err("an expiry pass removes at least one record".into()) })
+        }
         _ => Ok(()),
     }
 }
@@ -128,7 +258,7 @@ fn create_session(state: &mut impl State, token: &str, user: &str, dc: &str, hlc
         return Outcome::Session(existing);
     }
     let s = Session { token: token.into(), user: user.into(), dc: dc.into(), hlc, deleted: false };
-    state.put_session(s.clone());
+    store_session(state, s.clone());
     state.emit(hlc, Change::Session(s.clone()));
     Outcome::Session(s)
 }
@@ -140,7 +270,7 @@ fn delete_session(state: &mut impl State, token: &str, dc: &str, hlc: u64) -> Ou
             s.hlc = hlc.max(s.hlc + 1);
             s.dc = dc.into();
             s.deleted = true;
-            state.put_session(s.clone());
+            store_session(state, s.clone());
             state.emit(hlc, Change::Session(s));
             Outcome::SessionDeleted
         }
@@ -168,6 +298,7 @@ struct NewOrder<'a> {
     dc: &'a str,
     hlc: u64,
     key: Option<&'a str>,
+    refresh_session: bool,
 }
 
 fn place_order(state: &mut impl State, o: NewOrder) -> Outcome {
@@ -177,7 +308,8 @@ fn place_order(state: &mut impl State, o: NewOrder) -> Outcome {
     let scope = o.key.map(|k| order_key_scope(o.session, k));
     if let Some(scope) = &scope {
         // The same request already placed in another DC and replicated here: a retry.
-        let live = state.duplicates(scope).into_iter().filter_map(|id| state.order(&id)).find(|x| x.status == OrderStatus::Placed);
+        let ids = state.duplicates(scope).map(|d| d.ids).unwrap_or_default();
+        let live = ids.into_iter().filter_map(|id| state.order(&id)).find(|x| x.status == OrderStatus::Placed);
         if let Some(first) = live {
             return Outcome::Order(first);
         }
@@ -196,7 +328,7 @@ fn place_order(state: &mut impl State, o: NewOrder) -> Outcome {
     let order = Order {
         id: o.id.into(),
         session: o.session.into(),
-        user: sess.user,
+        user: sess.user.clone(),
         sku: o.sku.into(),
         qty: o.qty,
         status: OrderStatus::Placed,
@@ -205,7 +337,13 @@ fn place_order(state: &mut impl State, o: NewOrder) -> Outcome {
         idempotency_key: o.key.map(String::from),
     };
     if let Some(scope) = &scope {
-        state.put_duplicates(scope, vec![order.id.clone()]);
+        store_duplicates(state, scope, DuplicateSet { hlc: o.hlc, ids: vec![order.id.clone()] });
+    }
+    if o.refresh_session {
+        // Used: a newer version from this DC, which now expires it TTL after this order.
+        let fresh = Session { hlc: o.hlc.max(sess.hlc + 1), dc: o.dc.into(), ..sess };
+        store_session(state, fresh.clone());
+        state.emit(o.hlc, Change::Session(fresh));
     }
     state.put_inventory(inv.clone());
     state.put_order(order.clone());
@@ -214,12 +352,30 @@ fn place_order(state: &mut impl State, o: NewOrder) -> Outcome {
     Outcome::Order(order)
 }
 
-fn cancel_order(state: &mut impl State, id: &str, dc: &str) -> Outcome {
+/// Whether `session` may change `order`: it must be the session that placed the order,
+/// and still live (not logged out, not expired).
+fn authorize(state: &impl State, order: &Order, session: &str) -> Result<(), Rejection> {
+    // Compared without an early exit: the time taken says nothing about the token.
+    let (a, b) = (order.session.as_bytes(), session.as_bytes());
+    let same = a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+    if !same {
+        return Err(Rejection::NotYourOrder);
+    }
+    match state.session(session) {
+        Some(s) if !s.deleted => Ok(()),
+        _ => Err(Rejection::UnknownSession),
+    }
+}
+
+fn cancel_order(state: &mut impl State, id: &str, dc: &str, session: &str) -> Outcome {
     let Some(order) = state.order(id) else {
         return Outcome::Rejected(Rejection::UnknownOrder);
     };
     if order.dc != dc {
         return Outcome::Rejected(Rejection::ForeignOrder { owner: order.dc });
+    }
+    if let Err(r) = authorize(state, &order, session) {
+        return Outcome::Rejected(r);
     }
     if order.status == OrderStatus::Cancelled {
         return Outcome::Rejected(Rejection::AlreadyCancelled);
@@ -287,7 +443,7 @@ fn merge_change(state: &mut impl State, origin: &str, change: &Change) {
                 Some(old) => old.merge(s.clone()),
                 None => s.clone(),
             };
-            state.put_session(merged);
+            store_session(state, merged);
         }
         Change::Stock { sku, row } => {
             let mut inv = state.inventory(sku).unwrap_or_else(|| Inventory::new(sku));
@@ -303,10 +459,13 @@ fn merge_change(state: &mut impl State, origin: &str, change: &Change) {
             resolve_duplicates(state, &merged);
         }
         Change::Order(_) => {}
-        Change::CancelRequest { id, owner } if *owner == state.local_dc() => {
-            // Queued in another DC while we were unreachable: apply it now, once.
+        Change::CancelRequest { id, owner, session } if *owner == state.local_dc() => {
+            // Queued in another DC while we were unreachable: apply it now, once, if the
+            // session that asked is the one that placed the order.
             if let Some(order) = state.order(id).filter(|o| o.status == OrderStatus::Placed && o.dc == *owner) {
-                cancel_owned(state, order);
+                if authorize(state, &order, session).is_ok() {
+                    cancel_owned(state, order);
+                }
             }
         }
         Change::CancelRequest { .. } => {}
@@ -323,12 +482,13 @@ fn merge_change(state: &mut impl State, origin: &str, change: &Change) {
 fn resolve_duplicates(state: &mut impl State, incoming: &Order) {
     let Some(key) = &incoming.idempotency_key else { return };
     let scope = order_key_scope(&incoming.session, key);
-    let mut ids = state.duplicates(&scope);
-    if !ids.contains(&incoming.id) {
-        ids.push(incoming.id.clone());
-        ids.sort();
-        state.put_duplicates(&scope, ids.clone());
+    let mut d = state.duplicates(&scope).unwrap_or(DuplicateSet { hlc: incoming.hlc, ids: Vec::new() });
+    if !d.ids.contains(&incoming.id) {
+        d.ids.push(incoming.id.clone());
+        d.ids.sort();
+        store_duplicates(state, &scope, d.clone());
     }
+    let ids = d.ids;
     let live: Vec<Order> = ids.iter().filter_map(|id| state.order(id)).filter(|o| o.status == OrderStatus::Placed).collect();
     let Some(winner) = live.iter().reduce(|a, b| if a.precedes(b) { a } else { b }).cloned() else { return };
     let local = state.local_dc();
@@ -336,9 +496,10 @@ fn resolve_duplicates(state: &mut impl State, incoming: &Order) {
         cancel_owned(state, loser);
     }
     // A retry here now returns the order that stays.
-    if state.idempotency(&scope).is_some_and(|r| r.outcome != Outcome::Order(winner.clone())) {
+    if let Some(first) = state.idempotency(&scope).filter(|r| r.outcome != Outcome::Order(winner.clone())) {
+        // Same key, same expiry: the record keeps its first HLC (and index entry).
         let fingerprint = format!("{}/{}", winner.sku, winner.qty);
-        state.put_idempotency(&scope, IdempotencyRecord { fingerprint, outcome: Outcome::Order(winner) });
+        state.put_idempotency(&scope, IdempotencyRecord { fingerprint, outcome: Outcome::Order(winner), hlc: first.hlc });
     }
 }
 
@@ -350,7 +511,9 @@ pub struct MemState {
     pub inventory: BTreeMap<String, Inventory>,
     pub orders: BTreeMap<String, Order>,
     pub idempotency: BTreeMap<String, IdempotencyRecord>,
-    pub duplicates: BTreeMap<String, Vec<String>>,
+    pub duplicates: BTreeMap<String, DuplicateSet>,
+    /// The expiry indexes, keyed as in sled.
+    pub expiry: BTreeSet<Vec<u8>>,
     pub cursors: BTreeMap<String, u64>,
     pub outbox: Vec<Event>,
     pub out_seq: u64,
@@ -385,8 +548,8 @@ impl State for MemState {
     fn idempotency(&self, key: &str) -> Option<IdempotencyRecord> {
         self.idempotency.get(key).cloned()
     }
-    fn duplicates(&self, scope: &str) -> Vec<String> {
-        self.duplicates.get(scope).cloned().unwrap_or_default()
+    fn duplicates(&self, scope: &str) -> Option<DuplicateSet> {
+        self.duplicates.get(scope).cloned()
     }
     fn cursor(&self, origin: &str) -> u64 {
         self.cursors.get(origin).copied().unwrap_or(0)
@@ -409,8 +572,23 @@ impl State for MemState {
     fn put_idempotency(&mut self, key: &str, r: IdempotencyRecord) {
         self.idempotency.insert(key.into(), r);
     }
-    fn put_duplicates(&mut self, scope: &str, ids: Vec<String>) {
-        self.duplicates.insert(scope.into(), ids);
+    fn remove_idempotency(&mut self, key: &str) {
+        self.idempotency.remove(key);
+    }
+    fn put_duplicates(&mut self, scope: &str, d: DuplicateSet) {
+        self.duplicates.insert(scope.into(), d);
+    }
+    fn remove_duplicates(&mut self, scope: &str) {
+        self.duplicates.remove(scope);
+    }
+    fn put_expiry(&mut self, key: Vec<u8>) {
+        self.expiry.insert(key);
+    }
+    fn remove_expiry(&mut self, key: Vec<u8>) {
+        self.expiry.remove(&key);
+    }
+    fn expiry_keys(&self, range: std::ops::Range<Vec<u8>>, max: usize) -> Vec<Vec<u8>> {
+        self.expiry.range(range).take(max).cloned().collect()
     }
     fn set_cursor(&mut self, origin: &str, seq: u64) {
         self.cursors.insert(origin.into(), seq);

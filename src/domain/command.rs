@@ -35,10 +35,17 @@ pub enum Command {
         qty: u32,
         dc: String,
         hlc: u64,
+        /// Use refreshes the session: write a new version of it at `hlc` from this DC
+        /// (chosen by the proposing node when the session's version is older than a tenth
+        /// of its TTL, so a busy session is not rewritten on every order).
+        refresh_session: bool,
     },
+    /// Cancels order `id` of this DC, if `session` is the one that placed it.
     CancelOrder {
         id: String,
         dc: String,
+        session: String,
+        hlc: u64,
     },
     /// `from` hands `qty` units of its allowance to `to` (rebalancing).
     Grant {
@@ -55,6 +62,8 @@ pub enum Command {
         owner: String,
         dc: String,
         hlc: u64,
+        /// The session the client presented; the owner checks it.
+        session: String,
     },
     /// Events another DC originated, in its order; applied exactly once via the cursor.
     ApplyRemote {
@@ -86,6 +95,18 @@ pub enum Command {
     Batch {
         requests: Vec<Request>,
     },
+    /// Housekeeping the leader proposes every `expiry_interval_ms`: drops idempotency
+    /// records (and duplicate-order indexes) written before `idempotency_before`, and
+    /// tombstones this DC's sessions whose version is older than `sessions_before` (HLC
+    /// cutoffs chosen by the leader, so every replica removes the same records). At most
+    /// `batch_len_max` records of each kind, oldest first.
+    Expire {
+        idempotency_before: u64,
+        sessions_before: u64,
+        batch_len_max: u32,
+        dc: String,
+        hlc: u64,
+    },
 }
 
 /// What Raft replicates: a command and the client's `Idempotency-Key`, if it sent one.
@@ -110,7 +131,8 @@ impl Request {
             Command::Restock { sku, add, .. } => (format!("restock/{k}"), format!("{sku}/{add}")),
             // Scoped by session: two shoppers may pick the same key.
             Command::PlaceOrder { session, sku, qty, .. } => (order_key_scope(session, k), format!("{sku}/{qty}")),
-            Command::CancelOrder { id, .. } => (format!("cancel/{k}"), id.clone()),
+            // Scoped by session too: only the same shopper gets the first answer back.
+            Command::CancelOrder { id, session, .. } => (format!("cancel/{session}/{k}"), id.clone()),
             _ => return None,
         })
     }
@@ -131,6 +153,23 @@ impl Command {
             Command::TrimOutbox { .. } => "outbox",
             Command::SetDcSettings { target, .. } => target,
             Command::Batch { .. } => "batch",
+            Command::Expire { .. } => "expiry",
+        }
+    }
+
+    /// The command's timestamp, if it has one: when its idempotency record was written.
+    pub fn hlc(&self) -> Option<u64> {
+        match self {
+            Command::CreateSession { hlc, .. }
+            | Command::DeleteSession { hlc, .. }
+            | Command::Restock { hlc, .. }
+            | Command::PlaceOrder { hlc, .. }
+            | Command::CancelOrder { hlc, .. }
+            | Command::Grant { hlc, .. }
+            | Command::RequestCancel { hlc, .. }
+            | Command::SetDcSettings { hlc, .. }
+            | Command::Expire { hlc, .. } => Some(*hlc),
+            Command::ApplyRemote { .. } | Command::InstallRemote { .. } | Command::TrimOutbox { .. } | Command::Batch { .. } => None,
         }
     }
 }
@@ -158,6 +197,13 @@ pub enum Outcome {
     Noop,
     /// One outcome per request of a [`Command::Batch`], in its order.
     Batch(Vec<Outcome>),
+    /// What one expiry pass removed (idempotency records, duplicate-order indexes) and
+    /// how many sessions it tombstoned.
+    Expired {
+        idempotency: u32,
+        duplicates: u32,
+        sessions: u32,
+    },
 }
 
 /// Why a well-formed command changed nothing. Each maps to one HTTP status in `api`.
@@ -177,6 +223,8 @@ pub enum Rejection {
         owner: String,
     },
     Invalid(String),
+    /// The session presented is not the one that placed the order.
+    NotYourOrder,
 }
 
 /// A remembered first result of an idempotent request.
@@ -184,4 +232,15 @@ pub enum Rejection {
 pub struct IdempotencyRecord {
     pub fingerprint: String,
     pub outcome: Outcome,
+    /// When it was first written (the request's HLC): it expires `idempotency_ttl_s` later.
+    pub hlc: u64,
+}
+
+/// Ids of the orders (from any DC) placed with one session + idempotency key, and when
+/// the first was seen here: kept as long as idempotency records, so a retry in another
+/// DC within the TTL still leaves one live order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DuplicateSet {
+    pub hlc: u64,
+    pub ids: Vec<String>,
 }

@@ -25,10 +25,12 @@ pub enum Change {
         row: StockRow,
     },
     Order(Order),
-    /// A cancel for an order `owner` owns, received by another DC.
+    /// A cancel for an order `owner` owns, received by another DC, with the session the
+    /// client presented: the owner cancels only if it is the one that placed the order.
     CancelRequest {
         id: String,
         owner: String,
+        session: String,
     },
     /// Operator settings of a DC (any DC may write them).
     Settings(DcSettings),

@@ -6,23 +6,26 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// A login: a last-writer-wins register ordered by (HLC timestamp, DC). Logout writes a
-/// tombstone (`deleted`) with a newer timestamp, so a late copy of the create cannot
-/// resurrect it.
+/// A login: a last-writer-wins register ordered by (deleted, HLC timestamp, DC). Logout
+/// and expiry write a tombstone (`deleted`), and a tombstone is final: it wins over every
+/// live version, so neither a late copy of the create nor a refresh written concurrently
+/// in another DC can resurrect the token (tokens are random and never reused).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Session {
     pub token: String,
     pub user: String,
-    /// DC that wrote this version.
+    /// DC that wrote this version: the one that expires it (see `domain::apply::expire`).
     pub dc: String,
+    /// When this version was written: creation, or the last refresh by use.
     pub hlc: u64,
     pub deleted: bool,
 }
 
 impl Session {
-    /// The version that wins under last-writer-wins.
+    /// The version that wins: the larger under the total order (deleted, hlc, dc), so the
+    /// merge is commutative, associative and idempotent, and a tombstone is final.
     pub fn merge(self, other: Session) -> Session {
-        if (other.hlc, &other.dc, other.deleted) > (self.hlc, &self.dc, self.deleted) {
+        if (other.deleted, other.hlc, &other.dc) > (self.deleted, self.hlc, &self.dc) {
             other
         } else {
             self

@@ -16,10 +16,17 @@ fn restock(dc: &str, sku: &str, add: u64) -> Request {
     req(Command::Restock { sku: sku.into(), add, dc: dc.into(), hlc: 1 })
 }
 fn order(dc: &str, id: &str, qty: u32, key: Option<&str>, hlc: u64) -> Request {
-    Request::new(Command::PlaceOrder { id: id.into(), session: "t1".into(), sku: "sku1".into(), qty, dc: dc.into(), hlc }, key.map(String::from))
+    let cmd = Command::PlaceOrder { id: id.into(), session: "t1".into(), sku: "sku1".into(), qty, dc: dc.into(), hlc, refresh_session: false };
+    Request::new(cmd, key.map(String::from))
 }
 fn cancel(dc: &str, id: &str) -> Request {
-    req(Command::CancelOrder { id: id.into(), dc: dc.into() })
+    cancel_as(dc, id, "t1")
+}
+fn cancel_as(dc: &str, id: &str, session: &str) -> Request {
+    req(Command::CancelOrder { id: id.into(), dc: dc.into(), session: session.into(), hlc: 1 })
+}
+fn expire(dc: &str, idempotency_before: u64, sessions_before: u64, max: u32, hlc: u64) -> Request {
+    req(Command::Expire { idempotency_before, sessions_before, batch_len_max: max, dc: dc.into(), hlc })
 }
 
 #[test]
@@ -164,7 +171,10 @@ enum Op {
     Session(usize),
     Logout(usize, usize),
     Restock(usize, u64),
-    Order(usize, u32, Option<u8>),
+    Order(usize, u32, Option<u8>, bool),
+    /// An expiry pass in a DC: sessions unused for 300 HLC units (idempotency records are
+    /// kept: the check below is about duplicates within their TTL).
+    Expire(usize),
     Cancel(usize, usize),
     Grant(usize, usize, u64),
     Deliver(usize, usize, usize, usize),
@@ -177,7 +187,8 @@ fn op() -> impl Strategy<Value = Op> {
         (0..3usize).prop_map(Op::Session),
         (0..3usize, 0..8usize).prop_map(|(d, t)| Op::Logout(d, t)),
         (0..3usize, 1..20u64).prop_map(|(d, n)| Op::Restock(d, n)),
-        (0..3usize, 1..6u32, proptest::option::of(0..3u8)).prop_map(|(d, q, k)| Op::Order(d, q, k)),
+        (0..3usize, 1..6u32, proptest::option::of(0..3u8), any::<bool>()).prop_map(|(d, q, k, r)| Op::Order(d, q, k, r)),
+        (0..3usize).prop_map(Op::Expire),
         (0..3usize, 0..30usize).prop_map(|(d, o)| Op::Cancel(d, o)),
         (0..3usize, 0..3usize, 1..10u64).prop_map(|(f, t, n)| Op::Grant(f, t, n)),
         (0..3usize, 0..30usize).prop_map(|(d, o)| Op::ForeignCancel(d, o)),
@@ -204,15 +215,20 @@ fn run(dcs: &mut [MemState], op: &Op, step: usize) {
         Op::Restock(d, n) => {
             apply(&mut dcs[d], &restock(DCS[d], "sku1", n));
         }
-        Op::Order(d, qty, key) => {
+        Op::Order(d, qty, key, refresh) => {
             let session = "t0".to_string();
-            let cmd = Command::PlaceOrder { id: format!("{}-o{step}", DCS[d]), session, sku: "sku1".into(), qty, dc: DCS[d].into(), hlc };
+            let cmd =
+                Command::PlaceOrder { id: format!("{}-o{step}", DCS[d]), session, sku: "sku1".into(), qty, dc: DCS[d].into(), hlc, refresh_session: refresh };
             apply(&mut dcs[d], &Request::new(cmd, key.map(|k| format!("k{k}"))));
         }
         Op::Cancel(d, o) => {
             if let Some(id) = dcs[d].orders.keys().nth(o).cloned() {
-                apply(&mut dcs[d], &cancel(DCS[d], &id));
+                let session = dcs[d].orders[&id].session.clone();
+                apply(&mut dcs[d], &cancel_as(DCS[d], &id, &session));
             }
+        }
+        Op::Expire(d) => {
+            apply(&mut dcs[d], &expire(DCS[d], 0, hlc.saturating_sub(300), 2, hlc));
         }
         Op::Grant(f, t, n) if f != t => {
             apply(&mut dcs[f], &req(Command::Grant { sku: "sku1".into(), qty: n, from: DCS[f].into(), to: DCS[t].into(), hlc }));
@@ -222,7 +238,7 @@ fn run(dcs: &mut [MemState], op: &Op, step: usize) {
         }
         Op::ForeignCancel(d, o) => {
             if let Some(order) = dcs[d].orders.values().filter(|x| x.dc != DCS[d]).nth(o).cloned() {
-                apply(&mut dcs[d], &req(Command::RequestCancel { id: order.id, owner: order.dc, dc: DCS[d].into(), hlc }));
+                apply(&mut dcs[d], &req(Command::RequestCancel { id: order.id, owner: order.dc, dc: DCS[d].into(), hlc, session: order.session }));
             }
         }
         Op::Deliver(f, t, a, b) if f != t => {
@@ -276,6 +292,206 @@ proptest! {
             live_keys.sort();
             live_keys.dedup();
             prop_assert_eq!(n, live_keys.len(), "duplicate live orders for one key in {}", d.dc);
+        }
+    }
+}
+
+// ---- Expiry and cancel authorisation ----
+
+fn session_at(dc: &str, token: &str, hlc: u64) -> Request {
+    req(Command::CreateSession { token: token.into(), user: "alice".into(), dc: dc.into(), hlc })
+}
+fn keyed_order(dc: &str, id: &str, key: &str, hlc: u64, refresh: bool) -> Request {
+    let cmd = Command::PlaceOrder { id: id.into(), session: "t1".into(), sku: "sku1".into(), qty: 1, dc: dc.into(), hlc, refresh_session: refresh };
+    Request::new(cmd, Some(key.into()))
+}
+fn order_id(o: &Outcome) -> String {
+    match o {
+        Outcome::Order(o) => o.id.clone(),
+        other => panic!("not an order: {other:?}"),
+    }
+}
+
+/// Two replicas applying the same commands, expiry passes included, hold the same state.
+#[test]
+fn expiry_is_deterministic_across_replicas() {
+    let mut cmds = vec![session_at("dc1", "t1", 1), session_at("dc1", "t2", 2), restock("dc1", "sku1", 100)];
+    for i in 0..20u64 {
+        cmds.push(keyed_order("dc1", &format!("o{i}"), &format!("k{i}"), 10 + i * 10, i % 5 == 0));
+        if i % 4 == 3 {
+            cmds.push(expire("dc1", i * 10, i * 10, 3, 10 + i * 10));
+        }
+    }
+    let run = || {
+        let mut s = MemState::new("dc1");
+        let outs: Vec<Outcome> = cmds.iter().map(|c| apply(&mut s, c)).collect();
+        (outs, s)
+    };
+    let (a, b) = (run(), run());
+    assert_eq!(a, b);
+    assert!(a.0.iter().any(|o| matches!(o, Outcome::Expired { idempotency, .. } if *idempotency > 0)), "some records expired");
+}
+
+#[test]
+fn idempotency_records_older_than_the_ttl_go_and_newer_stay() {
+    let mut s = MemState::new("dc1");
+    apply(&mut s, &session("dc1", "t1"));
+    apply(&mut s, &restock("dc1", "sku1", 10));
+    let old = apply(&mut s, &keyed_order("dc1", "o1", "old", 10, false));
+    let new = apply(&mut s, &keyed_order("dc1", "o2", "new", 30, false));
+    // Cutoff 20: the record of "old" (hlc 10) is due, the one of "new" (hlc 30) is not.
+    assert_eq!(apply(&mut s, &expire("dc1", 20, 0, 100, 40)), Outcome::Expired { idempotency: 1, duplicates: 1, sessions: 0 });
+    assert!(s.idempotency.keys().all(|k| k.ends_with("/new")), "{:?}", s.idempotency.keys());
+    assert_eq!(s.duplicates.len(), 1);
+    assert_eq!(s.expiry.len(), 3, "the index holds exactly the records that remain (and the session)");
+    // Within the TTL a retry gets the first order; after it, the key places a new one.
+    assert_eq!(apply(&mut s, &keyed_order("dc1", "o3", "new", 50, false)), new);
+    let again = apply(&mut s, &keyed_order("dc1", "o4", "old", 50, false));
+    assert_eq!(order_id(&again), "o4");
+    assert_ne!(again, old);
+    assert_eq!(s.orders.len(), 3, "order records are the shop's data: they stay");
+}
+
+#[test]
+fn an_expiry_pass_is_bounded_and_takes_the_oldest_first() {
+    let mut s = MemState::new("dc1");
+    apply(&mut s, &session("dc1", "t1"));
+    apply(&mut s, &restock("dc1", "sku1", 100));
+    // Keys named against their age, so name order is not age order.
+    for i in 0..10u64 {
+        apply(&mut s, &keyed_order("dc1", &format!("o{i}"), &format!("k{}", 9 - i), 100 + i, false));
+    }
+    assert_eq!(apply(&mut s, &expire("dc1", 1000, 0, 3, 2000)), Outcome::Expired { idempotency: 3, duplicates: 3, sessions: 0 });
+    let left: Vec<u64> = s.idempotency.values().map(|r| r.hlc).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    assert_eq!(left, (103..110).collect::<Vec<_>>(), "the three oldest went");
+    for _ in 0..3 {
+        apply(&mut s, &expire("dc1", 1000, 0, 3, 2000));
+    }
+    assert!(s.idempotency.is_empty() && s.duplicates.is_empty());
+    assert_eq!(s.expiry.len(), 1, "only the live session's entry is left: {:?}", s.expiry);
+    assert_eq!(apply(&mut s, &expire("dc1", 1000, 0, 3, 2000)), Outcome::Expired { idempotency: 0, duplicates: 0, sessions: 0 });
+}
+
+#[test]
+fn sessions_expire_in_the_dc_that_wrote_them_and_use_refreshes_them() {
+    let mut dcs = [MemState::new("dc1"), MemState::new("dc2")];
+    apply(&mut dcs[0], &session_at("dc1", "t1", 10));
+    apply(&mut dcs[0], &session_at("dc1", "idle", 10));
+    apply(&mut dcs[1], &session_at("dc2", "far", 10));
+    apply(&mut dcs[0], &restock("dc1", "sku1", 10));
+    sync_all(&mut dcs);
+    // t1 is used at 100 (refreshed); "idle" is not.
+    let placed = apply(&mut dcs[0], &keyed_order("dc1", "o1", "k", 100, true));
+    assert!(matches!(placed, Outcome::Order(_)));
+    assert_eq!(dcs[0].sessions["t1"].hlc, 100);
+    sync_all(&mut dcs);
+    // Cutoff 50 in dc1: only "idle" is due. dc2's session is dc2's to expire, not dc1's.
+    let out = apply(&mut dcs[0], &expire("dc1", 0, 50, 100, 120));
+    assert_eq!(out, Outcome::Expired { idempotency: 0, duplicates: 0, sessions: 1 });
+    assert!(dcs[0].sessions["idle"].deleted && !dcs[0].sessions["t1"].deleted && !dcs[0].sessions["far"].deleted);
+    apply(&mut dcs[1], &expire("dc2", 0, 50, 100, 120));
+    sync_all(&mut dcs);
+    assert_eq!(dcs[0].entities(), dcs[1].entities(), "every DC converges on the tombstones");
+    assert!(dcs[1].sessions["idle"].deleted && dcs[1].sessions["far"].deleted && !dcs[1].sessions["t1"].deleted);
+    // An expired session is unknown everywhere: it can neither order nor cancel.
+    apply(&mut dcs[1], &restock("dc2", "sku1", 10));
+    let cmd = Command::PlaceOrder { id: "o2".into(), session: "idle".into(), sku: "sku1".into(), qty: 1, dc: "dc2".into(), hlc: 130, refresh_session: true };
+    assert_eq!(apply(&mut dcs[1], &req(cmd)), Outcome::Rejected(Rejection::UnknownSession));
+    // Later, t1 expires too (its refreshed version is older than the new cutoff).
+    apply(&mut dcs[0], &expire("dc1", 0, 150, 100, 160));
+    assert!(dcs[0].sessions["t1"].deleted);
+}
+
+#[test]
+fn a_refresh_in_another_dc_moves_expiry_there() {
+    let mut dcs = [MemState::new("dc1"), MemState::new("dc2")];
+    apply(&mut dcs[0], &session_at("dc1", "t1", 10));
+    apply(&mut dcs[1], &restock("dc2", "sku1", 10));
+    sync_all(&mut dcs);
+    apply(&mut dcs[1], &keyed_order("dc2", "o1", "k", 100, true));
+    sync_all(&mut dcs);
+    // dc1 no longer writes the current version: its pass leaves it alone, dc2's expires it.
+    assert_eq!(apply(&mut dcs[0], &expire("dc1", 0, 500, 100, 600)), Outcome::Expired { idempotency: 0, duplicates: 0, sessions: 0 });
+    assert_eq!(apply(&mut dcs[1], &expire("dc2", 0, 500, 100, 600)), Outcome::Expired { idempotency: 0, duplicates: 0, sessions: 1 });
+    sync_all(&mut dcs);
+    assert!(dcs[0].sessions["t1"].deleted);
+    assert_eq!(dcs[0].entities(), dcs[1].entities());
+}
+
+#[test]
+fn a_retry_in_another_dc_within_the_ttl_survives_expiry_passes() {
+    let mut dcs = [MemState::new("dc1"), MemState::new("dc2")];
+    apply(&mut dcs[0], &session_at("dc1", "t1", 1));
+    sync_all(&mut dcs);
+    for (i, d) in ["dc1", "dc2"].iter().enumerate() {
+        apply(&mut dcs[i], &restock(d, "sku1", 10));
+    }
+    apply(&mut dcs[0], &keyed_order("dc1", "o-dc1", "k", 100, false));
+    apply(&mut dcs[1], &keyed_order("dc2", "o-dc2", "k", 110, false));
+    // Passes whose cutoff is before the orders (within the TTL) remove nothing of them.
+    for (i, d) in ["dc1", "dc2"].iter().enumerate() {
+        apply(&mut dcs[i], &expire(d, 90, 0, 100, 200));
+    }
+    sync_all(&mut dcs);
+    let live: Vec<_> = dcs[1].orders.values().filter(|o| o.status == OrderStatus::Placed).map(|o| o.id.clone()).collect();
+    assert_eq!(live, vec!["o-dc1".to_string()]);
+    assert_eq!(dcs[0].entities(), dcs[1].entities());
+}
+
+#[test]
+fn cancel_needs_the_session_that_placed_the_order() {
+    let mut s = MemState::new("dc1");
+    apply(&mut s, &session("dc1", "t1"));
+    apply(&mut s, &session("dc1", "t2"));
+    apply(&mut s, &restock("dc1", "sku1", 5));
+    apply(&mut s, &order("dc1", "o1", 1, None, 2));
+    apply(&mut s, &order("dc1", "o2", 1, None, 3));
+    assert_eq!(apply(&mut s, &cancel_as("dc1", "o1", "t2")), Outcome::Rejected(Rejection::NotYourOrder));
+    assert_eq!(s.orders["o1"].status, OrderStatus::Placed);
+    assert!(matches!(apply(&mut s, &cancel_as("dc1", "o1", "t1")), Outcome::Order(o) if o.status == OrderStatus::Cancelled));
+    // A logged-out session cancels nothing, even its own orders.
+    apply(&mut s, &req(Command::DeleteSession { token: "t1".into(), dc: "dc1".into(), hlc: 9 }));
+    assert_eq!(apply(&mut s, &cancel_as("dc1", "o2", "t1")), Outcome::Rejected(Rejection::UnknownSession));
+}
+
+#[test]
+fn a_queued_cancel_is_applied_by_the_owner_only_with_the_right_session() {
+    let mut dcs = [MemState::new("dc1"), MemState::new("dc2")];
+    apply(&mut dcs[0], &session("dc1", "t1"));
+    apply(&mut dcs[0], &session("dc1", "t2"));
+    apply(&mut dcs[0], &restock("dc1", "sku1", 5));
+    apply(&mut dcs[0], &order("dc1", "o1", 1, None, 2));
+    apply(&mut dcs[0], &order("dc1", "o2", 1, None, 3));
+    sync_all(&mut dcs);
+    let queue = |id: &str, session: &str| req(Command::RequestCancel { id: id.into(), owner: "dc1".into(), dc: "dc2".into(), hlc: 5, session: session.into() });
+    apply(&mut dcs[1], &queue("o1", "t2"));
+    apply(&mut dcs[1], &queue("o2", "t1"));
+    sync_all(&mut dcs);
+    assert_eq!(dcs[0].orders["o1"].status, OrderStatus::Placed, "another shopper's session cancels nothing");
+    assert_eq!(dcs[0].orders["o2"].status, OrderStatus::Cancelled);
+    assert_eq!(dcs[0].entities(), dcs[1].entities());
+}
+
+fn arb_session() -> impl Strategy<Value = super::model::Session> {
+    (0..4u64, 0..3usize, any::<bool>()).prop_map(|(hlc, dc, deleted)| super::model::Session {
+        token: "t".into(),
+        user: "u".into(),
+        dc: DCS[dc].into(),
+        hlc,
+        deleted,
+    })
+}
+
+proptest! {
+    /// The session merge is a semilattice (so any delivery order converges), and a
+    /// tombstone wins over every live version (so a refresh cannot resurrect a token).
+    #[test]
+    fn session_merge_is_a_semilattice_with_final_tombstones(a in arb_session(), b in arb_session(), c in arb_session()) {
+        prop_assert_eq!(a.clone().merge(b.clone()), b.clone().merge(a.clone()));
+        prop_assert_eq!(a.clone().merge(b.clone()).merge(c.clone()), a.clone().merge(b.clone().merge(c.clone())));
+        prop_assert_eq!(a.clone().merge(a.clone()), a.clone());
+        if a.deleted || b.deleted {
+            prop_assert!(a.clone().merge(b.clone()).deleted);
         }
     }
 }

@@ -23,7 +23,8 @@ use sha2::{Digest, Sha256};
 use super::snapshot_file::SnapshotFile;
 use super::{background, io_err, Durable};
 use crate::codec;
-use crate::domain::command::IdempotencyRecord;
+use crate::domain::apply::EXPIRY_PREFIX;
+use crate::domain::command::{DuplicateSet, IdempotencyRecord};
 use crate::domain::{apply, Change, DcSettings, Event, Inventory, Order, Outcome, Request, Session, State};
 use crate::raft::{LogId, NodeId, StorageError, TypeConfig};
 
@@ -275,8 +276,8 @@ impl State for Overlay<'_> {
     fn idempotency(&self, key: &str) -> Option<IdempotencyRecord> {
         self.get(idempotency_key(key))
     }
-    fn duplicates(&self, scope: &str) -> Vec<String> {
-        self.get(duplicates_key(scope)).unwrap_or_default()
+    fn duplicates(&self, scope: &str) -> Option<DuplicateSet> {
+        self.get(duplicates_key(scope))
     }
     fn cursor(&self, origin: &str) -> u64 {
         self.get(cursor_key(origin)).unwrap_or(0)
@@ -299,8 +300,36 @@ impl State for Overlay<'_> {
     fn put_idempotency(&mut self, key: &str, r: IdempotencyRecord) {
         self.put(idempotency_key(key), &r)
     }
-    fn put_duplicates(&mut self, scope: &str, ids: Vec<String>) {
-        self.put(duplicates_key(scope), &ids)
+    fn remove_idempotency(&mut self, key: &str) {
+        self.pending.insert(idempotency_key(key), None);
+    }
+    fn put_duplicates(&mut self, scope: &str, d: DuplicateSet) {
+        self.put(duplicates_key(scope), &d)
+    }
+    fn remove_duplicates(&mut self, scope: &str) {
+        self.pending.insert(duplicates_key(scope), None);
+    }
+    fn put_expiry(&mut self, key: Vec<u8>) {
+        self.pending.insert(key, Some(Vec::new()));
+    }
+    fn remove_expiry(&mut self, key: Vec<u8>) {
+        self.pending.insert(key, None);
+    }
+    /// sled's entries in the range, as this call's pending writes change them.
+    fn expiry_keys(&self, range: std::ops::Range<Vec<u8>>, max: usize) -> Vec<Vec<u8>> {
+        let pending: Vec<(&Vec<u8>, bool)> = self.pending.range(range.clone()).map(|(k, v)| (k, v.is_some())).collect();
+        // Enough from sled that deletions pending in this call cannot leave us short.
+        let removed = pending.iter().filter(|(_, present)| !present).count();
+        let mut keys: std::collections::BTreeSet<Vec<u8>> =
+            self.inner.tree.range(range).keys().take(max + removed).map(|k| k.expect("sled read of state machine").to_vec()).collect();
+        for (k, present) in pending {
+            if present {
+                keys.insert(k.clone());
+            } else {
+                keys.remove(k);
+            }
+        }
+        keys.into_iter().take(max).collect()
     }
     fn set_cursor(&mut self, origin: &str, seq: u64) {
         self.put(cursor_key(origin), &seq)
@@ -372,9 +401,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             w.preserve(&inner.tree, pending.iter().map(|(k, _)| k.as_slice()));
             inner.tree.apply_batch(batch).map_err(|e| io_err(StorageIOError::write_state_machine, e))?;
             let mut cache = inner.cache.lock().expect("cache lock");
-            // The shipper reads the outbox from sled in ranges: caching it would only
-            // push entities out.
-            for (k, v) in pending.into_iter().filter(|(k, _)| !k.starts_with(OUTBOX)) {
+            // The shipper reads the outbox, and expiry its indexes, from sled in ranges:
+            // caching them would only push entities out.
+            for (k, v) in pending.into_iter().filter(|(k, _)| !k.starts_with(OUTBOX) && !k.starts_with(EXPIRY_PREFIX)) {
                 cache.put(k, v);
             }
         }
@@ -668,7 +697,7 @@ mod tests {
         Entry { log_id: openraft::LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(Request::new(cmd, None)) }
     }
     fn order(id: &str, hlc: u64) -> Command {
-        Command::PlaceOrder { id: id.into(), session: "t1".into(), sku: "sku1".into(), qty: 1, dc: "dc1".into(), hlc }
+        Command::PlaceOrder { id: id.into(), session: "t1".into(), sku: "sku1".into(), qty: 1, dc: "dc1".into(), hlc, refresh_session: false }
     }
 
     /// Snapshots written before records were encoded in bulk still decode, and the other
@@ -680,6 +709,44 @@ mod tests {
         assert_eq!(codec::encode(&plain), codec::encode(&bulk));
         let back: SnapshotRecordsOwned = codec::decode(&codec::encode(&plain)).expect("decode");
         assert_eq!(back.into_iter().map(|(k, v)| (k.into_vec(), v.into_vec())).collect::<Vec<_>>(), plain);
+    }
+
+    /// An expiry pass over sled (with writes of the same apply call still pending) removes
+    /// exactly what the in-memory state removes: the same records on every replica.
+    #[tokio::test]
+    async fn expiry_over_sled_matches_the_in_memory_rules() {
+        use crate::domain::MemState;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (_log, mut sm) = crate::storage::open(dir.path(), "dc1", Durability::Flush, 16 << 20, 1000).expect("open sled store");
+        let keyed = |id: &str, hlc: u64| {
+            let cmd = Command::PlaceOrder { id: id.into(), session: "t1".into(), sku: "sku1".into(), qty: 1, dc: "dc1".into(), hlc, refresh_session: false };
+            Request::new(cmd, Some(format!("key-{id}")))
+        };
+        let expire = Request::new(Command::Expire { idempotency_before: 13, sessions_before: 0, batch_len_max: 3, dc: "dc1".into(), hlc: 20 }, None);
+        let mut first = vec![
+            Request::new(Command::CreateSession { token: "t1".into(), user: "u".into(), dc: "dc1".into(), hlc: 1 }, None),
+            Request::new(Command::Restock { sku: "sku1".into(), add: 100, dc: "dc1".into(), hlc: 2 }, None),
+        ];
+        first.extend((0..6).map(|i| keyed(&format!("o{i}"), 10 + i)));
+        // In one apply call: an older record still pending in the overlay, then the pass.
+        let second = vec![keyed("late", 5), expire];
+        let mut mem = MemState::new("dc1");
+        for r in first.iter().chain(&second) {
+            apply(&mut mem, r);
+        }
+        let as_entry = |(i, r): (usize, &Request)| Entry {
+            log_id: openraft::LogId::new(CommittedLeaderId::new(1, 1), i as u64 + 1),
+            payload: EntryPayload::Normal(r.clone()),
+        };
+        sm.apply(first.iter().enumerate().map(as_entry).collect::<Vec<_>>()).await.expect("apply");
+        let outs = sm.apply(second.iter().enumerate().map(|(i, r)| as_entry((i + first.len(), r))).collect::<Vec<_>>()).await.expect("apply");
+        assert_eq!(outs[1], Outcome::Expired { idempotency: 3, duplicates: 3, sessions: 0 });
+        let keys =
+            |prefix: &[u8]| -> Vec<String> { sm.inner.tree.scan_prefix(prefix).keys().map(|k| String::from_utf8(k.unwrap()[2..].to_vec()).unwrap()).collect() };
+        assert_eq!(keys(b"k/"), mem.idempotency.keys().cloned().collect::<Vec<_>>());
+        assert_eq!(keys(b"d/"), mem.duplicates.keys().cloned().collect::<Vec<_>>());
+        assert_eq!(sm.inner.tree.scan_prefix(b"e/").count(), mem.expiry.len());
+        assert!(!keys(b"k/").iter().any(|k| k.contains("late") || k.ends_with("o0") || k.ends_with("o1")), "the three oldest went: {:?}", keys(b"k/"));
     }
 
     /// Writes that land while a snapshot copies the tree — inserts, updates, deletes —
@@ -700,7 +767,9 @@ mod tests {
         let (applied, _) = sm.begin_copy().expect("begin");
         assert_eq!(applied.map(|l| l.index), Some(4));
         // A new key, changed keys (order, inventory, outbox) and deleted keys (trimmed outbox).
-        sm.apply([entry(5, order("o3", 5)), entry(6, Command::CancelOrder { id: "o1".into(), dc: "dc1".into() })]).await.expect("apply");
+        sm.apply([entry(5, order("o3", 5)), entry(6, Command::CancelOrder { id: "o1".into(), dc: "dc1".into(), session: "t1".into(), hlc: 6 })])
+            .await
+            .expect("apply");
         sm.apply([entry(7, Command::TrimOutbox { upto: 4 }), entry(8, Command::Restock { sku: "sku1".into(), add: 5, dc: "dc1".into(), hlc: 8 })])
             .await
             .expect("apply");

@@ -17,17 +17,18 @@ pub struct TestCluster {
     pub http: reqwest::Client,
 }
 
-/// The topology and extra TOML for `[raft]` and `[replication]`.
+/// The topology and extra TOML for `[raft]`, `[replication]` and `[limits]`.
 pub struct Options {
     pub dcs: usize,
     pub nodes: usize,
     pub raft: &'static str,
     pub replication: &'static str,
+    pub limits: &'static str,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { dcs: 1, nodes: 3, raft: "", replication: "" }
+        Options { dcs: 1, nodes: 3, raft: "", replication: "", limits: "" }
     }
 }
 
@@ -39,8 +40,8 @@ fn config_toml(net: u8, opts: &Options) -> String {
         dcs += &format!("\n[[dc]]\nname = \"dc{d}\"\nsubnet = \"127.{net}.{d}.0/24\"\nnodes = [\n{}\n]\n", nodes.join("\n"));
     }
     format!(
-        "[cluster]\nname = \"test-{net}\"\n\n[raft]\nheartbeat_interval_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n{}\n\n[storage]\ndurability = \"fsync\"\n\n[replication]\nprobe_interval_ms = 200\ndc_unhealthy_after_ms = 1500\n{}\n{dcs}",
-        opts.raft, opts.replication
+        "[cluster]\nname = \"test-{net}\"\n\n[raft]\nheartbeat_interval_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n{}\n\n[storage]\ndurability = \"fsync\"\n\n[replication]\nprobe_interval_ms = 200\ndc_unhealthy_after_ms = 1500\n{}\n\n[limits]\n{}\n{dcs}",
+        opts.raft, opts.replication, opts.limits
     )
 }
 

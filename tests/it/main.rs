@@ -5,6 +5,7 @@ mod bad_input;
 mod chaos;
 mod dc;
 mod dns;
+mod expiry;
 mod harness;
 mod launcher;
 mod multi_dc;

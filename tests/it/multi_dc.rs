@@ -200,11 +200,11 @@ async fn cancel_of_a_foreign_order_is_forwarded_or_queued() {
     let ids = place_orders(&c, "dc1-n1", &token, "sku-f", 2).await;
     c.must_converge(Duration::from_secs(5)).await;
     // Reachable owner: dc2 forwards the cancel to dc1 and answers with its result.
-    let (code, v) = c.post("dc2-n1", &format!("/v1/orders/{}/cancel", ids[0]), json!({})).await;
+    let (code, v) = c.post("dc2-n1", &format!("/v1/orders/{}/cancel", ids[0]), json!({"session": token})).await;
     assert_eq!((code, v["status"].as_str()), (200, Some("cancelled")), "{v}");
     // Unreachable owner: accepted, queued, applied when dc1 returns.
     c.cut(&c.dc_nodes("dc1"), &c.dc_nodes("dc2")).await;
-    let (code, v) = c.post("dc2-n1", &format!("/v1/orders/{}/cancel", ids[1]), json!({})).await;
+    let (code, v) = c.post("dc2-n1", &format!("/v1/orders/{}/cancel", ids[1]), json!({"session": token})).await;
     assert_eq!(code, 202, "{v}");
     assert_eq!(v["status"], "cancel_queued");
     let (_, o) = c.get("dc1-n1", &format!("/v1/orders/{}", ids[1])).await;

@@ -61,10 +61,11 @@ async fn same_idempotency_key_twice_gives_one_order() {
     assert_eq!(other.0, 422, "{}", other.1);
     // Cancelling with a key twice: the retry gets the first answer.
     let path = format!("/v1/orders/{}/cancel", first["id"].as_str().unwrap());
-    let c1 = c.request(reqwest::Method::POST, &c.names[0], &path, None, Some("cancel-1")).await;
-    let c2 = c.request(reqwest::Method::POST, &c.names[1], &path, None, Some("cancel-1")).await;
+    let mine = Some(json!({"session": token}));
+    let c1 = c.request(reqwest::Method::POST, &c.names[0], &path, mine.clone(), Some("cancel-1")).await;
+    let c2 = c.request(reqwest::Method::POST, &c.names[1], &path, mine.clone(), Some("cancel-1")).await;
     assert_eq!((c1.0, c2.0), (200, 200));
-    let c3 = c.request(reqwest::Method::POST, &c.names[1], &path, None, None).await;
+    let c3 = c.request(reqwest::Method::POST, &c.names[1], &path, mine, None).await;
     assert_eq!(c3.0, 409, "a keyless second cancel conflicts");
 }
 
@@ -85,7 +86,7 @@ async fn crashed_actor_is_restarted_and_the_node_keeps_serving() {
     })
     .await;
     assert_eq!(code, 201, "{v}");
-    let (code, _) = c.request(reqwest::Method::POST, &leader, &format!("/v1/orders/{}/cancel", v["id"].as_str().unwrap()), None, None).await;
+    let (code, _) = c.post(&leader, &format!("/v1/orders/{}/cancel", v["id"].as_str().unwrap()), json!({"session": token})).await;
     assert_eq!(code, 200);
     c.must_session(&leader, "after-crash").await;
     let metrics = c.http.get(format!("{}/metrics", c.url(&leader))).send().await.unwrap().text().await.unwrap();

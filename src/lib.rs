@@ -7,6 +7,8 @@
 //! - [`storage`]: sled Raft log, vote, state machine and snapshots.
 //! - [`raft`]: openraft type config and network adapter.
 //! - [`transport`]: peer TCP RPC, with the fault-injection hook.
+//! - [`door`]: connection caps per listener and source, and idle timeouts.
+//! - [`logs`]: rate-limited warnings for what a remote party can cause at will.
 //! - [`actors`]: ractor actors for sessions, inventory, orders, and their supervisor.
 //! - [`hlc`]: the hybrid logical clock that orders cross-DC writes.
 //! - [`replication`]: cross-DC event shipping, receiving, rebalancing and link health.
@@ -19,6 +21,8 @@
 //! - [`chaos`]: `agora chaos …`: scenarios, workload, nemeses, and the checker of the history.
 
 pub mod actors;
+#[cfg(test)]
+mod alloc_probe;
 pub mod api;
 pub mod bench;
 pub mod chaos;
@@ -27,9 +31,11 @@ pub mod codec;
 pub mod config;
 pub mod dns;
 pub mod domain;
+pub mod door;
 pub mod error;
 pub mod hlc;
 pub mod launcher;
+pub mod logs;
 pub mod metrics;
 pub mod node;
 pub mod raft;

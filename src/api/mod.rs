@@ -9,30 +9,45 @@
 pub mod admin;
 pub mod cluster;
 pub mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod shop;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde::de::DeserializeOwned;
 
 pub use error::ApiError;
 
 use crate::domain::validate;
+use crate::door::{ConnLimits, Door};
+use crate::error::NodeError;
 use crate::node::Node;
 
 pub type AppState = Arc<Node>;
 
 pub fn router(node: AppState) -> Router {
     let body_max = node.config.limits.body_bytes_max;
+    let request_timeout = Duration::from_millis(node.config.limits.http_request_timeout_ms);
+    let admin = Router::new()
+        .route("/v1/admin/nodes", post(admin::add_node))
+        .route("/v1/admin/nodes/{name}", axum::routing::delete(admin::remove_node))
+        .route("/v1/admin/dcs", get(admin::get_dc_settings))
+        .route("/v1/admin/dcs/{dc}", axum::routing::put(admin::set_dc_settings))
+        .route("/v1/admin/faults", get(admin::get_faults).put(admin::set_faults))
+        .route("/v1/admin/crash/{actor}", post(admin::crash_actor));
     Router::new()
         .route("/v1/sessions", post(shop::create_session))
         .route("/v1/sessions/{token}", get(shop::get_session).delete(shop::delete_session))
@@ -44,12 +59,9 @@ pub fn router(node: AppState) -> Router {
         .route("/v1/cluster/digest", get(cluster::digest))
         .route("/healthz", get(cluster::healthz))
         .route("/metrics", get(cluster::metrics))
-        .route("/v1/admin/nodes", post(admin::add_node))
-        .route("/v1/admin/nodes/{name}", axum::routing::delete(admin::remove_node))
-        .route("/v1/admin/dcs", get(admin::get_dc_settings))
-        .route("/v1/admin/dcs/{dc}", axum::routing::put(admin::set_dc_settings))
-        .route("/v1/admin/faults", get(admin::get_faults).put(admin::set_faults))
-        .route("/v1/admin/crash/{actor}", post(admin::crash_actor))
+        // Admin calls are exempt: adding a node waits for the learner to catch up.
+        .layer(middleware::from_fn(move |req: Request, next: Next| time_limit(request_timeout, req, next)))
+        .merge(admin)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(body_max))
         .layer(middleware::from_fn_with_state(node.clone(), observe))
@@ -66,9 +78,48 @@ async fn observe(State(node): State<AppState>, req: Request, next: Next) -> Resp
     resp
 }
 
+/// Answers 503 `timeout` (with `Retry-After`) for a request not answered in time.
+async fn time_limit(limit: Duration, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::from(NodeError::Timeout).into_response(),
+    }
+}
+
+/// Serves HTTP until the task is aborted. Each accepted connection passes the door
+/// first (global and per-source caps; refused ones are closed at once) and runs under
+/// the idle timeout; hyper cuts a request whose headers are slower than
+/// `http_header_timeout_ms` (that timer also closes a keep-alive connection that sends
+/// no next request), and [`time_limit`] bounds each request.
 pub async fn serve(listener: tokio::net::TcpListener, node: AppState) {
-    if let Err(e) = axum::serve(listener, router(node)).await {
-        tracing::error!(error = %e, "http server stopped");
+    let l = &node.config.limits;
+    let door = Door::new(
+        "http",
+        ConnLimits { total_max: l.http_conns_max, per_source_max: l.http_conns_per_source_max },
+        Duration::from_millis(l.http_idle_timeout_ms),
+    );
+    let header_timeout = Duration::from_millis(l.http_header_timeout_ms);
+    let app = router(node);
+    loop {
+        let (stream, addr) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                crate::warn_limited!("http_accept_failed", error = %e, "http accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(stream) = door.admit(stream, addr.ip()) else { continue };
+        let _ = stream.get_ref().set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let mut builder = http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+            if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).with_upgrades().await {
+                tracing::debug!(error = %e, "http connection ended");
+            }
+        });
     }
 }
 

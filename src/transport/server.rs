@@ -5,8 +5,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 
 use super::frame::{read_frame, write_frame};
@@ -22,6 +22,8 @@ pub trait PeerHandler: Send + Sync + 'static {
 pub struct ServerLimits {
     pub frame_bytes_max: usize,
     pub inflight_per_connection_max: usize,
+    /// Connection caps (global, per source IP) and the idle timeout.
+    pub door: crate::door::Door,
 }
 
 /// Accepts connections until the task is aborted.
@@ -31,6 +33,8 @@ pub async fn serve(listener: TcpListener, handler: Arc<dyn PeerHandler>, faults:
         match listener.accept().await {
             Ok((stream, addr)) => {
                 let _ = stream.set_nodelay(true);
+                // Over a connection cap: dropped (closed) at once; else idle-timed.
+                let Some(stream) = limits.door.admit(stream, addr.ip()) else { continue };
                 tokio::spawn(connection(stream, addr, handler.clone(), faults.clone(), limits.clone()));
             }
             Err(e) => {
@@ -42,9 +46,16 @@ pub async fn serve(listener: TcpListener, handler: Arc<dyn PeerHandler>, faults:
     }
 }
 
-async fn connection(stream: TcpStream, addr: SocketAddr, handler: Arc<dyn PeerHandler>, faults: Faults, limits: Arc<ServerLimits>) {
-    let (mut r, w) = stream.into_split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(
+    stream: S,
+    addr: SocketAddr,
+    handler: Arc<dyn PeerHandler>,
+    faults: Faults,
+    limits: Arc<ServerLimits>,
+) {
+    let (mut r, w) = tokio::io::split(stream);
+    // Bounded like the handlers that fill it: at most one answer each.
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(limits.inflight_per_connection_max.max(1));
     let writer = tokio::spawn(async move {
         let mut w = BufWriter::new(w);
         while let Some(bytes) = rx.recv().await {
@@ -67,14 +78,14 @@ async fn connection(stream: TcpStream, addr: SocketAddr, handler: Arc<dyn PeerHa
             Ok(f) => f,
             Err(super::frame::FrameError::Closed) => break,
             Err(e) => {
-                tracing::warn!(peer = %addr, error = %e, "bad frame from peer; closing connection");
+                crate::warn_limited!("peer_bad_frame", peer = %addr, error = %e, "bad frame from peer; closing connection");
                 break;
             }
         };
         let (id, from, req) = match codec::decode::<(u64, NodeId, PeerRequest)>(&frame) {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(peer = %addr, error = %e, "undecodable request from peer; closing connection");
+                crate::warn_limited!("peer_undecodable", peer = %addr, error = %e, "undecodable request from peer; closing connection");
                 break;
             }
         };
@@ -90,7 +101,7 @@ async fn connection(stream: TcpStream, addr: SocketAddr, handler: Arc<dyn PeerHa
                 // The answer crosses the same slow link as the request did.
                 tokio::time::sleep(d).await;
             }
-            let _ = tx.send(codec::encode(&(id, resp)));
+            let _ = tx.send(codec::encode(&(id, resp))).await;
             drop(permit);
         });
     }

@@ -23,11 +23,13 @@ pub struct Options {
     pub nodes: usize,
     pub raft: &'static str,
     pub replication: &'static str,
+    /// Extra TOML for `[limits]`.
+    pub limits: &'static str,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { dcs: 1, nodes: 3, raft: "", replication: "" }
+        Options { dcs: 1, nodes: 3, raft: "", replication: "", limits: "" }
     }
 }
 
@@ -39,8 +41,8 @@ fn config_toml(net: u8, opts: &Options) -> String {
         dcs += &format!("\n[[dc]]\nname = \"dc{d}\"\nsubnet = \"127.{net}.{d}.0/24\"\nnodes = [\n{}\n]\n", nodes.join("\n"));
     }
     format!(
-        "[cluster]\nname = \"test-{net}\"\n\n[raft]\nheartbeat_interval_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n{}\n\n[storage]\ndurability = \"fsync\"\n\n[replication]\nprobe_interval_ms = 200\ndc_unhealthy_after_ms = 1500\n{}\n{dcs}",
-        opts.raft, opts.replication
+        "[cluster]\nname = \"test-{net}\"\n\n[raft]\nheartbeat_interval_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n{}\n\n[storage]\ndurability = \"fsync\"\n\n[replication]\nprobe_interval_ms = 200\ndc_unhealthy_after_ms = 1500\n{}\n\n[limits]\n{}\n{dcs}",
+        opts.raft, opts.replication, opts.limits
     )
 }
 
@@ -152,6 +154,11 @@ impl TestCluster {
             .spawn()
             .expect("spawn agora node");
         self.children.insert(name.to_string(), child);
+    }
+
+    /// The process id of a running node.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.children.get(name).map(|c| c.id())
     }
 
     /// SIGKILL, by pid.

@@ -4,6 +4,7 @@ mod bad_input;
 mod chaos;
 mod dc;
 mod dns;
+mod door;
 mod harness;
 mod launcher;
 mod multi_dc;

@@ -110,7 +110,8 @@ mod tests {
 
     fn peer_frame() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
         use proptest::prelude::*;
-        let valid = codec::encode(&(7u64, 3u64, crate::transport::PeerRequest::Replicate { origin: "dc2".into(), events: vec![] }));
+        let valid = codec::encode(&(7u64, 3u64, crate::transport::PeerRequest::AskStock { sku: "sku-1".into(), want: 3 }));
+        let valid2 = valid.clone();
         prop_oneof![
             // Noise after the version byte.
             prop::collection::vec(any::<u8>(), 0..512).prop_map(|mut v| {
@@ -129,6 +130,20 @@ mod tests {
                     v
                 }
             ),
+            // A valid request with a large length prefix spliced in (where a string's or a
+            // sequence's length may be read).
+            (any::<prop::sample::Index>(), any::<u32>(), any::<bool>()).prop_map(move |(i, n, long)| {
+                let mut v = valid2.clone();
+                let at = 1 + i.index(v.len() - 1);
+                let mut prefix = if long { vec![0xfd] } else { vec![0xfc] };
+                if long {
+                    prefix.extend_from_slice(&(u64::from(n) << 8).to_le_bytes());
+                } else {
+                    prefix.extend_from_slice(&n.to_le_bytes());
+                }
+                v.splice(at..at, prefix);
+                v
+            }),
             prop::collection::vec(any::<u8>(), 0..64),
         ]
     }

@@ -59,6 +59,8 @@ struct Inner {
     limits: ConnLimits,
     state: Mutex<State>,
     refused: AtomicU64,
+    /// Exported refusals, labelled by listener and reason.
+    metric: Option<prometheus::IntCounterVec>,
 }
 
 /// Counts open connections of one listener; cheap to clone.
@@ -73,7 +75,13 @@ pub struct ConnPermit {
 
 impl ConnGuard {
     pub fn new(name: &'static str, limits: ConnLimits) -> Self {
-        ConnGuard(Arc::new(Inner { name, limits, state: Mutex::new(State { total: 0, by_source: HashMap::new() }), refused: AtomicU64::new(0) }))
+        Self::counted(name, limits, None)
+    }
+
+    /// Also counts refusals in `metric` (labels: listener, reason).
+    pub fn counted(name: &'static str, limits: ConnLimits, metric: Option<prometheus::IntCounterVec>) -> Self {
+        let state = Mutex::new(State { total: 0, by_source: HashMap::new() });
+        ConnGuard(Arc::new(Inner { name, limits, state, refused: AtomicU64::new(0), metric }))
     }
 
     /// Admits a connection from `source`, or refuses it (counted and logged, at most one
@@ -82,6 +90,9 @@ impl ConnGuard {
         let r = self.try_admit(source);
         if let Err(why) = r {
             self.0.refused.fetch_add(1, Ordering::Relaxed);
+            if let Some(m) = &self.0.metric {
+                m.with_label_values(&[self.0.name, why.as_str()]).inc();
+            }
             crate::warn_limited!(
                 self.0.name,
                 listener = self.0.name,
@@ -205,6 +216,11 @@ pub struct Door {
 impl Door {
     pub fn new(name: &'static str, limits: ConnLimits, idle: Duration) -> Self {
         Door { guard: ConnGuard::new(name, limits), idle }
+    }
+
+    /// A door whose refusals are also exported in `metric` (labels: listener, reason).
+    pub fn counted(name: &'static str, limits: ConnLimits, idle: Duration, metric: prometheus::IntCounterVec) -> Self {
+        Door { guard: ConnGuard::counted(name, limits, Some(metric)), idle }
     }
 
     /// Admits `stream` from `source`, wrapped in the idle timeout and holding its slot

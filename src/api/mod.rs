@@ -93,11 +93,8 @@ async fn time_limit(limit: Duration, req: Request, next: Next) -> Response {
 /// no next request), and [`time_limit`] bounds each request.
 pub async fn serve(listener: tokio::net::TcpListener, node: AppState) {
     let l = &node.config.limits;
-    let door = Door::new(
-        "http",
-        ConnLimits { total_max: l.http_conns_max, per_source_max: l.http_conns_per_source_max },
-        Duration::from_millis(l.http_idle_timeout_ms),
-    );
+    let conns = ConnLimits { total_max: l.http_conns_max, per_source_max: l.http_conns_per_source_max };
+    let door = Door::counted("http", conns, Duration::from_millis(l.http_idle_timeout_ms), node.metrics.conns_refused.clone());
     let header_timeout = Duration::from_millis(l.http_header_timeout_ms);
     let app = router(node);
     loop {

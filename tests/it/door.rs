@@ -75,6 +75,11 @@ async fn a_connection_flood_from_one_address_is_refused_at_once() {
     let resp = other.get(format!("{}/healthz", c.url(&node))).send().await.expect("request from another address");
     assert_eq!(resp.status(), 200);
 
+    // Counted in /metrics.
+    let metrics = other.get(format!("{}/metrics", c.url(&node))).send().await.unwrap().text().await.unwrap();
+    let line = metrics.lines().find(|l| l.starts_with("agora_conns_refused_total") && l.contains("per_source")).expect("refusals in /metrics");
+    assert!(line.ends_with(&format!(" {}", PER_SOURCE * 9)), "{line}");
+
     // The node holds no socket for the refused connections.
     let fds = open_fds(pid);
     assert!(fds <= fds_before + PER_SOURCE + 8, "{fds} fds open, {fds_before} before the flood");

@@ -32,6 +32,15 @@ pub struct ConnLimits {
     pub per_source_max: usize,
 }
 
+/// Where a door exports what it does.
+#[derive(Clone)]
+pub struct DoorMetrics {
+    /// Refused connections, by listener and reason.
+    pub refused: prometheus::IntCounterVec,
+    /// Open connections, by listener.
+    pub open: prometheus::IntGaugeVec,
+}
+
 /// Why a connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -59,8 +68,8 @@ struct Inner {
     limits: ConnLimits,
     state: Mutex<State>,
     refused: AtomicU64,
-    /// Exported refusals, labelled by listener and reason.
-    metric: Option<prometheus::IntCounterVec>,
+    /// Exported figures, if any.
+    metric: Option<DoorMetrics>,
 }
 
 /// Counts open connections of one listener; cheap to clone.
@@ -78,8 +87,8 @@ impl ConnGuard {
         Self::counted(name, limits, None)
     }
 
-    /// Also counts refusals in `metric` (labels: listener, reason).
-    pub fn counted(name: &'static str, limits: ConnLimits, metric: Option<prometheus::IntCounterVec>) -> Self {
+    /// Also exports refusals and open connections in `metric`.
+    pub fn counted(name: &'static str, limits: ConnLimits, metric: Option<DoorMetrics>) -> Self {
         let state = Mutex::new(State { total: 0, by_source: HashMap::new() });
         ConnGuard(Arc::new(Inner { name, limits, state, refused: AtomicU64::new(0), metric }))
     }
@@ -91,7 +100,7 @@ impl ConnGuard {
         if let Err(why) = r {
             self.0.refused.fetch_add(1, Ordering::Relaxed);
             if let Some(m) = &self.0.metric {
-                m.with_label_values(&[self.0.name, why.as_str()]).inc();
+                m.refused.with_label_values(&[self.0.name, why.as_str()]).inc();
             }
             crate::warn_limited!(
                 self.0.name,
@@ -117,6 +126,9 @@ impl ConnGuard {
         }
         *n += 1;
         st.total += 1;
+        if let Some(m) = &self.0.metric {
+            m.open.with_label_values(&[self.0.name]).set(st.total as i64);
+        }
         Ok(ConnPermit { guard: self.0.clone(), source })
     }
 
@@ -135,6 +147,9 @@ impl Drop for ConnPermit {
     fn drop(&mut self) {
         let mut st = self.guard.state.lock().expect("conn guard lock");
         st.total -= 1;
+        if let Some(m) = &self.guard.metric {
+            m.open.with_label_values(&[self.guard.name]).set(st.total as i64);
+        }
         if let Some(n) = st.by_source.get_mut(&self.source) {
             *n -= 1;
             if *n == 0 {
@@ -218,8 +233,8 @@ impl Door {
         Door { guard: ConnGuard::new(name, limits), idle }
     }
 
-    /// A door whose refusals are also exported in `metric` (labels: listener, reason).
-    pub fn counted(name: &'static str, limits: ConnLimits, idle: Duration, metric: prometheus::IntCounterVec) -> Self {
+    /// A door that also exports refusals and open connections in `metric`.
+    pub fn counted(name: &'static str, limits: ConnLimits, idle: Duration, metric: DoorMetrics) -> Self {
         Door { guard: ConnGuard::counted(name, limits, Some(metric)), idle }
     }
 

@@ -308,7 +308,7 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
 
     let l = &config.limits;
     let conns = ConnLimits { total_max: l.peer_conns_max, per_source_max: l.peer_conns_per_source_max };
-    let door = Door::counted("peer", conns, Duration::from_millis(l.peer_idle_timeout_ms), node.metrics.conns_refused.clone());
+    let door = Door::counted("peer", conns, Duration::from_millis(l.peer_idle_timeout_ms), node.metrics.door());
     let limits = ServerLimits { frame_bytes_max: l.peer_frame_bytes_max, inflight_per_connection_max: l.peer_inflight_max, door };
     let mut tasks = vec![tokio::spawn(transport::serve(peer_listener, Arc::new(Handler(node.clone())), faults, limits))];
     let http_addr = http_listener.local_addr()?;

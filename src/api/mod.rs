@@ -94,7 +94,7 @@ async fn time_limit(limit: Duration, req: Request, next: Next) -> Response {
 pub async fn serve(listener: tokio::net::TcpListener, node: AppState) {
     let l = &node.config.limits;
     let conns = ConnLimits { total_max: l.http_conns_max, per_source_max: l.http_conns_per_source_max };
-    let door = Door::counted("http", conns, Duration::from_millis(l.http_idle_timeout_ms), node.metrics.conns_refused.clone());
+    let door = Door::counted("http", conns, Duration::from_millis(l.http_idle_timeout_ms), node.metrics.door());
     let header_timeout = Duration::from_millis(l.http_header_timeout_ms);
     let app = router(node);
     loop {

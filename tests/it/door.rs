@@ -133,3 +133,35 @@ async fn slow_and_idle_http_clients_are_cut() {
     // And the node still serves.
     c.must_session(&node, "still-serving").await;
 }
+
+/// The peer port has the same door: connections over the per-source cap are closed at
+/// once, a silent one is closed after the idle timeout, and the DC's own links — busy
+/// with heartbeats and probes — are never idle: no election, writes still forwarded.
+#[tokio::test]
+async fn the_peer_port_caps_sources_and_closes_silent_connections() {
+    let limits = "peer_request_timeout_ms = 2000\npeer_idle_timeout_ms = 2500\npeer_conns_per_source_max = 4\n";
+    let c = TestCluster::start(67, Options { limits, ..Options::default() }).await;
+    let leader = c.must_leader(Duration::from_secs(10)).await;
+    let term = c.status(&leader).await.expect("status")["term"].as_u64().expect("term");
+    let peer: SocketAddr = c.peer_addr(&leader).parse().unwrap();
+    let me: IpAddr = "127.67.9.1".parse().unwrap();
+
+    let mut conns = Vec::new();
+    for _ in 0..10 {
+        conns.push(connect_from(me, peer).await);
+    }
+    for s in conns.iter_mut().skip(4) {
+        assert!(closed_within(s, Duration::from_secs(2)).await.is_some(), "a peer connection over the per-source cap was left open");
+    }
+    let start = Instant::now();
+    for s in conns.iter_mut().take(4) {
+        let t = closed_within(s, Duration::from_secs(6)).await.expect("a silent peer connection is closed");
+        assert!(start.elapsed() >= Duration::from_millis(2000), "closed after {t:?}, before the idle timeout");
+    }
+
+    // Meanwhile, and after, the DC is undisturbed.
+    let follower = c.names.iter().find(|n| **n != leader).unwrap().clone();
+    c.must_session(&follower, "forwarded-after-idle").await;
+    assert_eq!(c.must_leader(Duration::from_secs(5)).await, leader);
+    assert_eq!(c.status(&leader).await.expect("status")["term"].as_u64(), Some(term), "an election happened");
+}

@@ -41,10 +41,18 @@ pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R, max_bytes: u
     }
     // Grown as the bytes arrive, not sized by the prefix: a peer that announces 64 MiB
     // and sends 10 bytes makes us hold about 10 bytes (at most twice what arrived).
+    // A frame that fits the first chunk (every heartbeat and most entries) is read into
+    // a buffer of exactly its size.
     let mut buf = Vec::with_capacity(len.min(READ_CHUNK_BYTES));
-    let got = (&mut *r).take(len as u64).read_to_end(&mut buf).await?;
-    if got < len {
-        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    while buf.len() < len {
+        if buf.len() == buf.capacity() {
+            // Doubles, never past the frame's length.
+            buf.reserve_exact((len - buf.len()).min(buf.capacity()));
+        }
+        let room = (buf.capacity() - buf.len()).min(len - buf.len());
+        if (&mut *r).take(room as u64).read_buf(&mut buf).await? == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
     }
     Ok(buf)
 }
@@ -106,6 +114,21 @@ mod tests {
         assert!(matches!(r, Err(FrameError::Io(_))), "{r:?}");
         let peak = crate::alloc_probe::peak();
         assert!(peak <= READ_CHUNK_BYTES, "a 14-byte frame allocated a block of {peak} bytes");
+    }
+
+    /// A frame larger than the first chunk, arriving in pieces, is read whole.
+    #[tokio::test]
+    async fn a_large_frame_in_pieces_is_read_whole() {
+        let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let sent = payload.clone();
+        let writer = tokio::spawn(async move {
+            write_frame(&mut a, &sent).await.unwrap();
+            write_frame(&mut a, b"next").await.unwrap();
+        });
+        assert_eq!(read_frame(&mut b, 1 << 20).await.unwrap(), payload);
+        assert_eq!(read_frame(&mut b, 1 << 20).await.unwrap(), b"next");
+        writer.await.unwrap();
     }
 
     fn peer_frame() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {

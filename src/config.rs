@@ -129,6 +129,9 @@ pub struct RaftSection {
     pub proposals_inflight_max: usize,
     /// Client requests in one Raft entry at most.
     pub proposal_batch_len_max: usize,
+    /// Requests waiting in the leader's proposer for a Raft entry. While the DC has no
+    /// quorum nothing leaves: past this many, a write is answered 503 at once.
+    pub proposal_queue_len_max: usize,
 }
 
 impl Default for RaftSection {
@@ -143,6 +146,7 @@ impl Default for RaftSection {
             snapshot_chunk_bytes_max: 1 << 20,
             proposals_inflight_max: 1,
             proposal_batch_len_max: 256,
+            proposal_queue_len_max: 10_000,
         }
     }
 }
@@ -192,6 +196,23 @@ pub struct Limits {
     /// Records of each kind one expiry pass removes at most (oldest first), so a pass
     /// stays a small Raft entry that never stalls applies.
     pub expiry_batch_len_max: u32,
+    /// Open HTTP connections at most, and from one source IP at most; more are closed
+    /// as soon as they are accepted.
+    pub http_conns_max: usize,
+    pub http_conns_per_source_max: usize,
+    /// An HTTP connection that sends nothing for this long is closed (keep-alive idle).
+    pub http_idle_timeout_ms: u64,
+    /// A request's headers must have arrived this long after its first byte.
+    pub http_header_timeout_ms: u64,
+    /// A whole request, from headers to answer (the admin routes excepted: a membership
+    /// change waits for a learner to catch up).
+    pub http_request_timeout_ms: u64,
+    /// Open peer connections at most, and from one source IP at most.
+    pub peer_conns_max: usize,
+    pub peer_conns_per_source_max: usize,
+    /// A peer connection that sends nothing for this long is closed; the sending side
+    /// reconnects on its next request.
+    pub peer_idle_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -209,6 +230,14 @@ impl Default for Limits {
             session_ttl_s: 24 * 3600,
             expiry_interval_ms: 10_000,
             expiry_batch_len_max: 1000,
+            http_conns_max: 8192,
+            http_conns_per_source_max: 512,
+            http_idle_timeout_ms: 60_000,
+            http_header_timeout_ms: 10_000,
+            http_request_timeout_ms: 10_000,
+            peer_conns_max: 1024,
+            peer_conns_per_source_max: 64,
+            peer_idle_timeout_ms: 60_000,
         }
     }
 }
@@ -385,6 +414,9 @@ impl ClusterConfig {
         if r.proposal_batch_len_max == 0 {
             return Err(invalid("raft.proposal_batch_len_max", "must be > 0"));
         }
+        if r.proposal_queue_len_max < r.proposal_batch_len_max {
+            return Err(invalid("raft.proposal_queue_len_max", "must be at least proposal_batch_len_max"));
+        }
         Ok(())
     }
 
@@ -402,6 +434,13 @@ impl ClusterConfig {
             ("limits.session_ttl_s", l.session_ttl_s),
             ("limits.expiry_interval_ms", l.expiry_interval_ms),
             ("limits.expiry_batch_len_max", l.expiry_batch_len_max as u64),
+            ("limits.http_conns_max", l.http_conns_max as u64),
+            ("limits.http_conns_per_source_max", l.http_conns_per_source_max as u64),
+            ("limits.http_idle_timeout_ms", l.http_idle_timeout_ms),
+            ("limits.http_header_timeout_ms", l.http_header_timeout_ms),
+            ("limits.http_request_timeout_ms", l.http_request_timeout_ms),
+            ("limits.peer_conns_max", l.peer_conns_max as u64),
+            ("limits.peer_conns_per_source_max", l.peer_conns_per_source_max as u64),
         ];
         for (field, v) in positive {
             if v == 0 {
@@ -434,8 +473,39 @@ impl ClusterConfig {
         if l.expiry_batch_len_max > 100_000 {
             return Err(invalid("limits.expiry_batch_len_max", "must be at most 100000 (one pass is one Raft entry)"));
         }
-        if l.peer_frame_bytes_max < 64 * 1024 {
-            return Err(invalid("limits.peer_frame_bytes_max", "must be at least 65536"));
+        self.check_door()?;
+        self.check_frame()
+    }
+
+    /// Connection caps and timeouts at the HTTP and peer ports.
+    fn check_door(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if l.http_conns_per_source_max > l.http_conns_max {
+            return Err(invalid("limits.http_conns_per_source_max", "must be at most http_conns_max"));
+        }
+        if l.peer_conns_per_source_max > l.peer_conns_max {
+            return Err(invalid("limits.peer_conns_per_source_max", "must be at most peer_conns_max"));
+        }
+        if l.http_request_timeout_ms < l.request_timeout_ms {
+            return Err(invalid("limits.http_request_timeout_ms", "must be at least request_timeout_ms (the node's own timeouts answer first)"));
+        }
+        if l.http_idle_timeout_ms <= l.http_request_timeout_ms {
+            return Err(invalid("limits.http_idle_timeout_ms", "must be greater than http_request_timeout_ms"));
+        }
+        if l.http_header_timeout_ms > l.http_idle_timeout_ms {
+            return Err(invalid("limits.http_header_timeout_ms", "must be at most http_idle_timeout_ms"));
+        }
+        // Idle peer connections carry Raft heartbeats and cross-DC probes: a timeout
+        // near their interval would cut live links and race requests with the close.
+        let chatty = self.raft.heartbeat_interval_ms.max(self.replication.probe_interval_ms);
+        if l.peer_idle_timeout_ms < 10 * chatty {
+            return Err(invalid(
+                "limits.peer_idle_timeout_ms",
+                format!("must be at least 10 times the Raft heartbeat and probe intervals ({} ms)", 10 * chatty),
+            ));
+        }
+        if l.peer_idle_timeout_ms <= l.peer_request_timeout_ms {
+            return Err(invalid("limits.peer_idle_timeout_ms", "must be greater than peer_request_timeout_ms"));
         }
         Ok(())
     }
@@ -449,6 +519,52 @@ impl ClusterConfig {
             return Err(invalid("dns.rrl_sources_max", format!("must be between 2 and {RRL_SOURCES_MAX_LIMIT}")));
         }
         Ok(())
+    }
+
+    /// The frame limit must carry the largest message the configuration makes: a snapshot
+    /// chunk, a cross-DC batch, one Raft entry (a batch of client requests, or a remote
+    /// batch applied through the log).
+    fn check_frame(&self) -> Result<(), ConfigError> {
+        use crate::transport::frame::{EVENT_BYTES_MAX, FRAME_BYTES_MAX, FRAME_OVERHEAD_BYTES};
+        let frame = self.limits.peer_frame_bytes_max;
+        if frame < 64 * 1024 {
+            return Err(invalid("limits.peer_frame_bytes_max", "must be at least 65536"));
+        }
+        if frame > FRAME_BYTES_MAX {
+            return Err(invalid("limits.peer_frame_bytes_max", format!("must be at most {FRAME_BYTES_MAX} (the decoder's bound)")));
+        }
+        let chunk = usize::try_from(self.raft.snapshot_chunk_bytes_max).unwrap_or(usize::MAX);
+        if chunk.saturating_add(FRAME_OVERHEAD_BYTES) > frame {
+            return Err(invalid("limits.peer_frame_bytes_max", format!("must hold a snapshot chunk: raft.snapshot_chunk_bytes_max + {FRAME_OVERHEAD_BYTES}")));
+        }
+        let entry = self.raft_entry_bytes_max();
+        let batch = self.replication.batch_len_max.saturating_mul(EVENT_BYTES_MAX).saturating_add(FRAME_OVERHEAD_BYTES);
+        if entry.max(batch).saturating_add(FRAME_OVERHEAD_BYTES) > frame {
+            return Err(invalid(
+                "limits.peer_frame_bytes_max",
+                format!(
+                    "must hold {} bytes: a Raft entry of raft.proposal_batch_len_max requests or a cross-DC batch of replication.batch_len_max events",
+                    entry.max(batch) + FRAME_OVERHEAD_BYTES
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The largest Raft entry the configuration makes (InstallRemote aside, which holds a
+    /// whole DC's owned state): a batch of client requests, or a cross-DC batch.
+    pub fn raft_entry_bytes_max(&self) -> usize {
+        use crate::transport::frame::{EVENT_BYTES_MAX, REQUEST_BYTES_MAX};
+        let requests = self.raft.proposal_batch_len_max.saturating_mul(REQUEST_BYTES_MAX);
+        let events = self.replication.batch_len_max.saturating_mul(EVENT_BYTES_MAX);
+        requests.max(events)
+    }
+
+    /// Raft entries per AppendEntries, so that one always fits in a frame (openraft's
+    /// default is 300).
+    pub fn raft_payload_entries_max(&self) -> u64 {
+        let room = self.limits.peer_frame_bytes_max.saturating_sub(crate::transport::frame::FRAME_OVERHEAD_BYTES);
+        ((room / self.raft_entry_bytes_max().max(1)) as u64).clamp(1, 300)
     }
 
     /// Unique ids, names and listen addresses across the whole cluster.
@@ -614,5 +730,25 @@ mod tests {
         check_err(|t| t.replace("session_ttl_s = 86400", "session_ttl_s = 0"), "limits.session_ttl_s");
         check_err(|t| t.replace("idempotency_ttl_s = 86400", "idempotency_ttl_s = 99999999999"), "limits.idempotency_ttl_s");
         check_err(|t| t.replace("expiry_batch_len_max = 1000", "expiry_batch_len_max = 0"), "limits.expiry_batch_len_max");
+    }
+
+    #[test]
+    fn door_and_frame_limits_are_checked() {
+        check_err(|t| t.replace("peer_idle_timeout_ms = 60000", "peer_idle_timeout_ms = 500"), "limits.peer_idle_timeout_ms");
+        check_err(|t| t.replace("http_conns_per_source_max = 512", "http_conns_per_source_max = 9000"), "limits.http_conns_per_source_max");
+        check_err(|t| t.replace("http_idle_timeout_ms = 60000", "http_idle_timeout_ms = 5000"), "limits.http_idle_timeout_ms");
+        check_err(|t| t.replace("http_conns_max = 8192", "http_conns_max = 0"), "limits.http_conns_max");
+        check_err(|t| t.replace("snapshot_chunk_bytes_max = 1048576", "snapshot_chunk_bytes_max = 67108864"), "snapshot chunk");
+        check_err(
+            |t| {
+                t.replace("peer_frame_bytes_max = 67108864", "peer_frame_bytes_max = 300000")
+                    .replace("snapshot_chunk_bytes_max = 1048576", "snapshot_chunk_bytes_max = 65536")
+            },
+            "cross-DC batch",
+        );
+        check_err(|t| t.replace("peer_frame_bytes_max = 67108864", "peer_frame_bytes_max = 134217728"), "decoder's bound");
+        check_err(|t| t.replace("proposal_queue_len_max = 10000", "proposal_queue_len_max = 10"), "raft.proposal_queue_len_max");
+        let c = ClusterConfig::load(None).unwrap();
+        assert!(c.raft_payload_entries_max() >= 32, "{}", c.raft_payload_entries_max());
     }
 }

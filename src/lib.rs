@@ -8,6 +8,8 @@
 //! - [`raft`]: openraft type config and network adapter.
 //! - [`transport`]: peer RPC over mutual TLS (identity from certificates), with the fault-injection hook.
 //! - [`certs`]: the cluster CA, node and admin certificates, and the admin token.
+//! - [`door`]: connection caps per listener and source, and idle timeouts.
+//! - [`logs`]: rate-limited warnings for what a remote party can cause at will.
 //! - [`actors`]: ractor actors for sessions, inventory, orders, and their supervisor.
 //! - [`expiry`]: the leader's periodic expiry pass (idempotency records, sessions).
 //! - [`hlc`]: the hybrid logical clock that orders cross-DC writes.
@@ -21,6 +23,8 @@
 //! - [`chaos`]: `agora chaos …`: scenarios, workload, nemeses, and the checker of the history.
 
 pub mod actors;
+#[cfg(test)]
+mod alloc_probe;
 pub mod api;
 pub mod bench;
 pub mod certs;
@@ -30,10 +34,12 @@ pub mod codec;
 pub mod config;
 pub mod dns;
 pub mod domain;
+pub mod door;
 pub mod error;
 pub mod expiry;
 pub mod hlc;
 pub mod launcher;
+pub mod logs;
 pub mod metrics;
 pub mod node;
 pub mod raft;

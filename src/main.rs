@@ -102,8 +102,28 @@ fn init_logging(json: bool) {
     }
 }
 
+/// Raises the soft open-file limit to the hard one: every HTTP and peer connection is a
+/// file descriptor, and the connection caps in `[limits]` are meant to be what stops a
+/// flood, not a distribution's default of 1024 (at which `accept` would start failing).
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the open-file limit");
+    }
+    let before = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return tracing::warn!(soft = before, hard = lim.rlim_max, error = %std::io::Error::last_os_error(), "cannot raise the open-file limit");
+        }
+    }
+    tracing::info!(before, now = lim.rlim_cur, "open-file limit");
+}
+
 async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     init_logging(args.log_json);
+    raise_nofile_limit();
     let config = ClusterConfig::load(args.config.as_deref())?;
     let data_dir = args.data_dir.unwrap_or_else(|| PathBuf::from(".agora/data").join(&args.node));
     let certs = args.certs.unwrap_or_else(|| PathBuf::from(".agora/certs"));

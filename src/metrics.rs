@@ -9,6 +9,10 @@ pub struct Metrics {
     pub http_seconds: HistogramVec,
     pub actor_restarts: IntCounterVec,
     pub forwarded_writes: IntCounterVec,
+    /// Connections refused at the door, by listener (`http`, `peer`) and cap.
+    pub conns_refused: IntCounterVec,
+    /// Connections open now, by listener.
+    pub conns_open: IntGaugeVec,
     pub raft_term: IntGauge,
     pub raft_commit_index: IntGauge,
     pub raft_applied_index: IntGauge,
@@ -21,6 +25,11 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// What the listeners' doors export.
+    pub fn door(&self) -> crate::door::DoorMetrics {
+        crate::door::DoorMetrics { refused: self.conns_refused.clone(), open: self.conns_open.clone() }
+    }
+
     pub fn new(node: &str, dc: &str) -> Self {
         let labels = [("node".to_string(), node.to_string()), ("dc".to_string(), dc.to_string())].into_iter().collect();
         let registry = Registry::new_custom(Some("agora".into()), Some(labels)).expect("metrics registry");
@@ -33,6 +42,9 @@ impl Metrics {
             )
             .expect("metric"),
             actor_restarts: IntCounterVec::new(Opts::new("actor_restarts_total", "actors restarted by their supervisor"), &["actor"]).expect("metric"),
+            conns_refused: IntCounterVec::new(Opts::new("conns_refused_total", "connections closed at accept for being over a cap"), &["listener", "reason"])
+                .expect("metric"),
+            conns_open: IntGaugeVec::new(Opts::new("conns_open", "connections open now"), &["listener"]).expect("metric"),
             forwarded_writes: IntCounterVec::new(Opts::new("forwarded_writes_total", "writes forwarded to the DC leader, by result"), &["result"])
                 .expect("metric"),
             raft_term: IntGauge::new("raft_term", "current Raft term").expect("metric"),
@@ -68,6 +80,8 @@ impl Metrics {
         r.register(Box::new(self.http_seconds.clone())).expect("register");
         r.register(Box::new(self.actor_restarts.clone())).expect("register");
         r.register(Box::new(self.forwarded_writes.clone())).expect("register");
+        r.register(Box::new(self.conns_refused.clone())).expect("register");
+        r.register(Box::new(self.conns_open.clone())).expect("register");
         r.register(Box::new(self.raft_term.clone())).expect("register");
         r.register(Box::new(self.raft_commit_index.clone())).expect("register");
         r.register(Box::new(self.raft_applied_index.clone())).expect("register");

@@ -20,6 +20,7 @@ use crate::cluster_view::ClusterView;
 use crate::config::{ClusterConfig, NodeInfo};
 use crate::dns::DnsThread;
 use crate::domain::{Outcome, Request};
+use crate::door::{ConnLimits, Door};
 use crate::error::NodeError;
 use crate::hlc::Hlc;
 use crate::metrics::Metrics;
@@ -265,7 +266,9 @@ impl PeerHandler for Handler {
             PeerRequest::Probe => PeerResponse::Probe(replication::receiver::probe_ack(node)),
             // Cross-DC requests from a node of this DC: a confused or hostile peer.
             other @ (PeerRequest::Replicate { .. } | PeerRequest::InstallRemote { .. } | PeerRequest::AskStock { .. }) => {
-                tracing::warn!(from, ?other, "cross-DC request from a node of this DC refused");
+                // The request's name only: its payload may be a whole DC's state.
+                let request = replication::receiver::request_name(&other);
+                crate::warn_limited!("peer_same_dc_cross_dc_request", from, request, "cross-DC request from a node of this DC refused");
                 PeerResponse::Refused("cross-DC request from the same DC".into())
             }
         }
@@ -312,7 +315,12 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     let actors = Directory::new(config.limits.mailbox_len_max, request_timeout);
     let proposer = Proposer::start(
         raft.clone(),
-        ProposerLimits { inflight_max: config.raft.proposals_inflight_max, batch_len_max: config.raft.proposal_batch_len_max, timeout: request_timeout },
+        ProposerLimits {
+            inflight_max: config.raft.proposals_inflight_max,
+            batch_len_max: config.raft.proposal_batch_len_max,
+            queue_len_max: config.raft.proposal_queue_len_max,
+            timeout: request_timeout,
+        },
     );
     let template = actors::entity::EntityArgs { kind: actors::Kind::Sessions, raft: raft.clone(), proposer, sm: reader.clone() };
     let supervisor = actors::spawn_supervisor(actors::supervisor::SupervisorArgs { template, directory: actors.clone(), metrics: metrics.clone() }).await?;
@@ -337,7 +345,10 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
         dc_ids: config.dc_nodes(&info_dc).iter().map(|n| n.id).collect(),
     });
 
-    let limits = ServerLimits { frame_bytes_max: config.limits.peer_frame_bytes_max, inflight_per_connection_max: config.limits.peer_inflight_max };
+    let l = &config.limits;
+    let conns = ConnLimits { total_max: l.peer_conns_max, per_source_max: l.peer_conns_per_source_max };
+    let door = Door::counted("peer", conns, Duration::from_millis(l.peer_idle_timeout_ms), node.metrics.door());
+    let limits = ServerLimits { frame_bytes_max: l.peer_frame_bytes_max, inflight_per_connection_max: l.peer_inflight_max, door };
     let admission = Admission { security, directory: Arc::new(PeerDirectory::new(&config)) };
     let mut tasks = vec![tokio::spawn(transport::serve(peer_listener, Arc::new(Handler(node.clone())), faults, limits, admission))];
     let http_addr = http_listener.local_addr()?;

@@ -10,30 +10,38 @@
 pub mod admin;
 pub mod cluster;
 pub mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod shop;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde::de::DeserializeOwned;
 
 pub use error::ApiError;
 
 use crate::domain::validate;
+use crate::door::{ConnLimits, Door};
+use crate::error::NodeError;
 use crate::node::Node;
 
 pub type AppState = Arc<Node>;
 
 pub fn router(node: AppState) -> Router {
     let body_max = node.config.limits.body_bytes_max;
+    let request_timeout = Duration::from_millis(node.config.limits.http_request_timeout_ms);
     Router::new()
         .route("/v1/sessions", post(shop::create_session))
         .route("/v1/sessions/{token}", get(shop::get_session).delete(shop::delete_session))
@@ -45,13 +53,15 @@ pub fn router(node: AppState) -> Router {
         .route("/v1/cluster/digest", get(cluster::digest))
         .route("/healthz", get(cluster::healthz))
         .route("/metrics", get(cluster::metrics))
+        .layer(middleware::from_fn(move |req: Request, next: Next| time_limit(request_timeout, req, next)))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(body_max))
         .layer(middleware::from_fn_with_state(node.clone(), observe))
         .with_state(node)
 }
 
-/// The admin API: every route wants `Authorization: Bearer <admin token>`.
+/// The admin API: every route wants `Authorization: Bearer <admin token>`. No request
+/// time limit: adding a node waits for the learner to catch up.
 pub fn admin_router(node: AppState, token: Option<Arc<str>>) -> Router {
     let body_max = node.config.limits.body_bytes_max;
     Router::new()
@@ -78,15 +88,58 @@ async fn observe(State(node): State<AppState>, req: Request, next: Next) -> Resp
     resp
 }
 
-pub async fn serve(listener: tokio::net::TcpListener, node: AppState) {
-    if let Err(e) = axum::serve(listener, router(node)).await {
-        tracing::error!(error = %e, "http server stopped");
+/// Answers 503 `timeout` (with `Retry-After`) for a request not answered in time.
+async fn time_limit(limit: Duration, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::from(NodeError::Timeout).into_response(),
     }
 }
 
+/// Serves HTTP until the task is aborted. Each accepted connection passes the door
+/// first (global and per-source caps; refused ones are closed at once) and runs under
+/// the idle timeout; hyper cuts a request whose headers are slower than
+/// `http_header_timeout_ms` (that timer also closes a keep-alive connection that sends
+/// no next request), and [`time_limit`] bounds each request.
+/// The shop's HTTP port.
+pub async fn serve(listener: tokio::net::TcpListener, node: AppState) {
+    let app = router(node.clone());
+    serve_guarded(listener, app, "http", &node).await
+}
+
+/// The admin port: the same caps and timeouts as the shop's.
 pub async fn serve_admin(listener: tokio::net::TcpListener, node: AppState, token: Option<Arc<str>>) {
-    if let Err(e) = axum::serve(listener, admin_router(node, token)).await {
-        tracing::error!(error = %e, "admin server stopped");
+    let app = admin_router(node.clone(), token);
+    serve_guarded(listener, app, "admin", &node).await
+}
+
+/// Accepts connections behind the door (caps per source and in total, idle timeout) and
+/// serves HTTP/1 with a header timeout.
+async fn serve_guarded(listener: tokio::net::TcpListener, app: Router, label: &'static str, node: &AppState) {
+    let l = &node.config.limits;
+    let conns = ConnLimits { total_max: l.http_conns_max, per_source_max: l.http_conns_per_source_max };
+    let door = Door::counted(label, conns, Duration::from_millis(l.http_idle_timeout_ms), node.metrics.door());
+    let header_timeout = Duration::from_millis(l.http_header_timeout_ms);
+    loop {
+        let (stream, addr) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                crate::warn_limited!(label, error = %e, listener = label, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(stream) = door.admit(stream, addr.ip()) else { continue };
+        let _ = stream.get_ref().set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let mut builder = http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+            if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).with_upgrades().await {
+                tracing::debug!(error = %e, "http connection ended");
+            }
+        });
     }
 }
 

@@ -74,9 +74,15 @@ pub struct NewSession {
     user: String,
 }
 
-pub async fn create_session(State(node): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+/// `POST /v1/sessions`'s body, parsed and checked: the user name.
+pub fn session_input(body: Body) -> Result<String, ApiError> {
     let NewSession { user } = parse_body(body)?;
     validate::name("user", &user).map_err(ApiError::bad_request)?;
+    Ok(user)
+}
+
+pub async fn create_session(State(node): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let user = session_input(body)?;
     let cmd = Command::CreateSession { token: random_hex(), user, dc: node.info.dc.clone(), hlc: node.hlc.now() };
     match submit(&node, cmd, &headers).await? {
         Outcome::Session(s) => Ok((StatusCode::CREATED, Json(session_json(&s))).into_response()),
@@ -112,10 +118,15 @@ pub struct RestockBody {
     add: i64,
 }
 
+/// `PUT /v1/inventory/{sku}`'s body, parsed and checked: the units to add.
+pub fn restock_input(body: Body) -> Result<u64, ApiError> {
+    let RestockBody { add } = parse_body(body)?;
+    validate::restock_add(add).map_err(ApiError::bad_request)
+}
+
 pub async fn restock(State(node): State<AppState>, headers: HeaderMap, sku: PathArg, body: Body) -> Result<Json<Value>, ApiError> {
     let sku = path_name("sku", sku)?;
-    let RestockBody { add } = parse_body(body)?;
-    let add = validate::restock_add(add).map_err(ApiError::bad_request)?;
+    let add = restock_input(body)?;
     let cmd = Command::Restock { sku, add, dc: node.info.dc.clone(), hlc: node.hlc.now() };
     match submit(&node, cmd, &headers).await? {
         Outcome::Inventory(inv) => Ok(Json(inventory_json(&node, &inv))),
@@ -138,11 +149,17 @@ pub struct NewOrder {
     qty: i64,
 }
 
-pub async fn place_order(State(node): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+/// `POST /v1/orders`'s body, parsed and checked: session, SKU, quantity.
+pub fn order_input(body: Body) -> Result<(String, String, u32), ApiError> {
     let NewOrder { session, sku, qty } = parse_body(body)?;
     validate::name("session", &session).map_err(ApiError::bad_request)?;
     validate::name("sku", &sku).map_err(ApiError::bad_request)?;
     let qty = validate::qty(qty).map_err(ApiError::bad_request)?;
+    Ok((session, sku, qty))
+}
+
+pub async fn place_order(State(node): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let (session, sku, qty) = order_input(body)?;
     // The id names its origin DC, and is globally unique.
     let id = format!("{}-{}", node.info.dc, random_hex());
     // Use refreshes the session, at most once per tenth of its TTL (from this node's view,

@@ -43,6 +43,8 @@ pub fn raft_config(config: &ClusterConfig, dc: &str) -> anyhow::Result<Arc<openr
         snapshot_policy: openraft::SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: r.logs_to_keep_after_snapshot,
         snapshot_max_chunk_size: r.snapshot_chunk_bytes_max,
+        // So that one AppendEntries of the largest entries still fits in a peer frame.
+        max_payload_entries: config.raft_payload_entries_max(),
         ..Default::default()
     };
     Ok(Arc::new(c.validate()?))

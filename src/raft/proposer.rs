@@ -31,7 +31,7 @@ struct Pending {
 /// Queue in front of `client_write`; cheap to clone.
 #[derive(Clone)]
 pub struct Proposer {
-    tx: mpsc::UnboundedSender<Pending>,
+    tx: mpsc::Sender<Pending>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +40,9 @@ pub struct ProposerLimits {
     pub inflight_max: usize,
     /// Requests in one entry at most.
     pub batch_len_max: usize,
+    /// Requests waiting for an entry at most; past that a request is refused at once
+    /// (`Overloaded`, 503): with no quorum nothing leaves the queue.
+    pub queue_len_max: usize,
     /// How long a request waits for its entry to be applied.
     pub timeout: Duration,
 }
@@ -47,16 +50,23 @@ pub struct ProposerLimits {
 impl Proposer {
     /// Starts the batching task; it ends when the last `Proposer` is dropped.
     pub fn start(raft: Raft, limits: ProposerLimits) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (proposer, rx) = Self::queue(limits.queue_len_max);
         tokio::spawn(run(raft, rx, limits));
-        Proposer { tx }
+        proposer
+    }
+
+    fn queue(len_max: usize) -> (Self, mpsc::Receiver<Pending>) {
+        let (tx, rx) = mpsc::channel(len_max.max(1));
+        (Proposer { tx }, rx)
     }
 
     /// Queues `req` behind every request queued before it; `done` gets its outcome once
-    /// the entry holding it is applied (or fails).
+    /// the entry holding it is applied (or fails), or at once when the queue is full.
     pub fn propose(&self, req: Request, done: impl FnOnce(Result<Outcome, NodeError>) + Send + 'static) {
-        if let Err(mpsc::error::SendError(p)) = self.tx.send(Pending { req, done: Box::new(done) }) {
-            (p.done)(Err(NodeError::Internal("proposer stopped".into())));
+        match self.tx.try_send(Pending { req, done: Box::new(done) }) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(p)) => (p.done)(Err(NodeError::Overloaded("too many writes waiting for a Raft entry".into()))),
+            Err(mpsc::error::TrySendError::Closed(p)) => (p.done)(Err(NodeError::Internal("proposer stopped".into()))),
         }
     }
 
@@ -70,7 +80,7 @@ impl Proposer {
     }
 }
 
-async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Pending>, limits: ProposerLimits) {
+async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, limits: ProposerLimits) {
     let permits = Arc::new(Semaphore::new(limits.inflight_max.max(1)));
     loop {
         // Take the permit first: while every entry is out, requests pile up in `rx` and
@@ -134,5 +144,38 @@ fn write_error(e: ClientWriteError<NodeId, openraft::BasicNode>) -> NodeError {
     match e {
         ClientWriteError::ForwardToLeader(f) => NodeError::NotLeader(f.leader_id),
         ClientWriteError::ChangeMembershipError(e) => NodeError::Internal(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Command;
+
+    fn req(i: u32) -> Request {
+        Request::new(Command::CancelOrder { id: format!("dc1-{i}"), dc: "dc1".into(), session: "s".into(), hlc: 1 }, None)
+    }
+
+    /// Nothing drains the queue (as when the DC has no quorum): once it is full, the next
+    /// write is answered `Overloaded` at once instead of waiting in memory.
+    #[tokio::test]
+    async fn a_full_queue_refuses_at_once() {
+        let (p, mut rx) = Proposer::queue(3);
+        let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        for i in 0..5 {
+            let answered = answered.clone();
+            p.propose(req(i), move |r| answered.lock().unwrap().push((i, r)));
+        }
+        let answered = answered.lock().unwrap();
+        assert_eq!(answered.len(), 2, "{answered:?}");
+        for (i, r) in answered.iter() {
+            assert!(*i >= 3 && matches!(r, Err(NodeError::Overloaded(_))), "{i}: {r:?}");
+        }
+        let e = crate::api::ApiError::from(NodeError::Overloaded("x".into()));
+        assert_eq!(e.status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        // The three queued wait, in order.
+        for i in 0..3 {
+            assert!(matches!(&rx.try_recv().unwrap().req.cmd, Command::CancelOrder { id, .. } if *id == format!("dc1-{i}")));
+        }
     }
 }

@@ -17,7 +17,7 @@ fn remote_dc(node: &Node, from: NodeId) -> Option<String> {
 /// Handles a request from a node of another DC.
 pub async fn handle(node: &Node, from: NodeId, req: PeerRequest) -> PeerResponse {
     let Some(sender_dc) = remote_dc(node, from) else {
-        tracing::warn!(from, "cross-DC request from an unknown node refused");
+        crate::warn_limited!("peer_unknown_node", from, request = request_name(&req), "cross-DC request from an unknown node refused");
         return PeerResponse::Refused(format!("unknown node {from}"));
     };
     match req {
@@ -53,7 +53,13 @@ pub async fn handle(node: &Node, from: NodeId, req: PeerRequest) -> PeerResponse
         // A cancel for one of our orders, forwarded by the DC that received it.
         PeerRequest::Submit(req) if matches!(&req.cmd, Command::CancelOrder { dc, .. } if *dc == node.info.dc) => PeerResponse::Submit(node.submit(req).await),
         other => {
-            tracing::warn!(from, %sender_dc, request = request_name(&other), "cross-DC request refused: sender does not own what it sends, or the request is not cross-DC");
+            crate::warn_limited!(
+                "peer_cross_dc_refused",
+                from,
+                %sender_dc,
+                request = request_name(&other),
+                "cross-DC request refused: sender does not own what it sends, or the request is not cross-DC"
+            );
             PeerResponse::Refused(format!("{} from {sender_dc} refused", request_name(&other)))
         }
     }
@@ -72,14 +78,15 @@ async fn apply(node: &Node, cmd: Command) -> Result<ReplicateAck, NodeError> {
     match node.actors.submit(Request::new(cmd, None)).await? {
         Outcome::Replicated { cursor } => Ok(ReplicateAck { cursor }),
         Outcome::Rejected(Rejection::Invalid(m)) => {
-            tracing::warn!(reason = %m, "replicated batch rejected");
+            crate::warn_limited!("peer_replicated_batch_rejected", reason = %m, "replicated batch rejected");
             Err(NodeError::BadRequest(m))
         }
         other => Err(NodeError::Internal(format!("unexpected outcome {other:?}"))),
     }
 }
 
-fn request_name(r: &PeerRequest) -> &'static str {
+/// A request's name for logs (never its payload).
+pub fn request_name(r: &PeerRequest) -> &'static str {
     match r {
         PeerRequest::AppendEntries(_) => "append_entries",
         PeerRequest::Vote(_) => "vote",

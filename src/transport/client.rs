@@ -285,7 +285,8 @@ mod tests {
         const MS: u64 = 150;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let limits = ServerLimits { frame_bytes_max: 1 << 20, inflight_per_connection_max: 8 };
+        let door = crate::door::Door::new("peer", crate::door::ConnLimits { total_max: 8, per_source_max: 8 }, Duration::from_secs(60));
+        let limits = ServerLimits { frame_bytes_max: 1 << 20, inflight_per_connection_max: 8, door };
         let directory = Arc::new(Directory::of([("n1", 1, "dc1"), ("n2", 2, "dc2")]));
         let admission = Admission { security: Security::Plaintext { me: 2 }, directory };
         let server = tokio::spawn(serve(listener, Arc::new(Echo), delay_to(1, MS), limits, admission));

@@ -26,6 +26,8 @@ pub trait PeerHandler: Send + Sync + 'static {
 pub struct ServerLimits {
     pub frame_bytes_max: usize,
     pub inflight_per_connection_max: usize,
+    /// Connection caps (global, per source IP) and the idle timeout.
+    pub door: crate::door::Door,
 }
 
 /// Who may connect, and how that is checked.
@@ -42,11 +44,13 @@ pub async fn serve(listener: TcpListener, handler: Arc<dyn PeerHandler>, faults:
         match listener.accept().await {
             Ok((stream, addr)) => {
                 let _ = stream.set_nodelay(true);
+                // Over a connection cap: dropped (closed) at once; else idle-timed.
+                let Some(stream) = limits.door.admit(stream, addr.ip()) else { continue };
                 let (handler, faults, limits, admission) = (handler.clone(), faults.clone(), limits.clone(), admission.clone());
                 tokio::spawn(async move {
                     match tls::accept(stream, &admission.security, &admission.directory, limits.frame_bytes_max).await {
                         Ok((stream, from)) => connection(stream, addr, from, handler, faults, limits).await,
-                        Err(reason) => tracing::warn!(peer = %addr, %reason, "peer connection refused"),
+                        Err(reason) => crate::warn_limited!("peer_refused", peer = %addr, %reason, "peer connection refused"),
                     }
                 });
             }
@@ -61,7 +65,8 @@ pub async fn serve(listener: TcpListener, handler: Arc<dyn PeerHandler>, faults:
 
 async fn connection(stream: BoxStream, addr: SocketAddr, from: NodeId, handler: Arc<dyn PeerHandler>, faults: Faults, limits: Arc<ServerLimits>) {
     let (mut r, w) = tokio::io::split(stream);
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    // Bounded like the handlers that fill it: at most one answer each.
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(limits.inflight_per_connection_max.max(1));
     let writer = tokio::spawn(async move {
         let mut w = BufWriter::new(w);
         while let Some(bytes) = rx.recv().await {
@@ -84,14 +89,14 @@ async fn connection(stream: BoxStream, addr: SocketAddr, from: NodeId, handler: 
             Ok(f) => f,
             Err(super::frame::FrameError::Closed) => break,
             Err(e) => {
-                tracing::warn!(peer = %addr, error = %e, "bad frame from peer; closing connection");
+                crate::warn_limited!("peer_bad_frame", peer = %addr, error = %e, "bad frame from peer; closing connection");
                 break;
             }
         };
         let (id, req) = match codec::decode::<(u64, PeerRequest)>(&frame) {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(peer = %addr, error = %e, "undecodable request from peer; closing connection");
+                crate::warn_limited!("peer_undecodable", peer = %addr, error = %e, "undecodable request from peer; closing connection");
                 break;
             }
         };
@@ -107,7 +112,7 @@ async fn connection(stream: BoxStream, addr: SocketAddr, from: NodeId, handler: 
                 // The answer crosses the same slow link as the request did.
                 tokio::time::sleep(d).await;
             }
-            let _ = tx.send(codec::encode(&(id, resp)));
+            let _ = tx.send(codec::encode(&(id, resp))).await;
             drop(permit);
         });
     }

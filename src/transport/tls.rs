@@ -120,7 +120,7 @@ impl Directory {
 }
 
 /// Server side: the handshake, and the identity of the node that connected.
-pub async fn accept(tcp: TcpStream, security: &Security, directory: &Directory, frame_max: usize) -> Result<(BoxStream, NodeId), String> {
+pub async fn accept<S: PeerStream>(tcp: S, security: &Security, directory: &Directory, frame_max: usize) -> Result<(BoxStream, NodeId), String> {
     match security {
         Security::Tls(tls) => {
             let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor.accept(tcp)).await.map_err(|_| "tls handshake timed out".to_string())?.map_err(|e| format!("tls handshake: {e}"))?;

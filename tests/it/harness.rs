@@ -23,6 +23,7 @@ pub struct Options {
     pub nodes: usize,
     pub raft: &'static str,
     pub replication: &'static str,
+    /// Extra TOML for `[limits]`.
     pub limits: &'static str,
 }
 
@@ -171,6 +172,11 @@ impl TestCluster {
             .spawn()
             .expect("spawn agora node");
         self.children.insert(name.to_string(), child);
+    }
+
+    /// The process id of a running node.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.children.get(name).map(|c| c.id())
     }
 
     /// SIGKILL, by pid.

@@ -6,6 +6,7 @@ mod chaos;
 mod dc;
 mod dns;
 mod expiry;
+mod door;
 mod harness;
 mod launcher;
 mod multi_dc;

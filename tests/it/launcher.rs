@@ -410,7 +410,17 @@ impl Drop for Compose {
 /// README's way: `docker compose -f cluster/docker-compose.yml up -d`, then
 /// `agora cluster wan-routes`; a session made in dc1 reaches dc2.
 async fn standalone_compose_replicates_between_dcs(l: &Launched) {
-    let compose = Compose(Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/docker-compose.yml"));
+    let cluster_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster");
+    // README's step before `up`: the certificates the compose file mounts.
+    let certs = Command::new(env!("CARGO_BIN_EXE_agora"))
+        .args(["certs", "create", "--config"])
+        .arg(cluster_dir.join("docker.toml"))
+        .arg("--out")
+        .arg(cluster_dir.join("certs"))
+        .output()
+        .expect("run agora certs create");
+    assert!(certs.status.success(), "certs create: {}", String::from_utf8_lossy(&certs.stderr));
+    let compose = Compose(cluster_dir.join("docker-compose.yml"));
     let out = compose.run(&["up", "-d"]);
     assert!(out.status.success(), "compose up: {}", String::from_utf8_lossy(&out.stderr));
     l.must(&["wan-routes"]);

@@ -86,6 +86,18 @@ pub enum Command {
     Batch {
         requests: Vec<Request>,
     },
+    /// `from` hands `qty` units of its allowance to `to`, keeping at least `reserve`
+    /// (rebalancing; checked when applied, so concurrent orders cannot push a grant into
+    /// the reserve). Replaces `Grant`, still applied from older logs. (Last, so older
+    /// entries decode.)
+    GrantAboveReserve {
+        sku: String,
+        qty: u64,
+        from: String,
+        to: String,
+        hlc: u64,
+        reserve: u64,
+    },
 }
 
 /// What Raft replicates: a command and the client's `Idempotency-Key`, if it sent one.
@@ -125,7 +137,7 @@ impl Command {
     pub fn entity(&self) -> &str {
         match self {
             Command::CreateSession { token, .. } | Command::DeleteSession { token, .. } => token,
-            Command::Restock { sku, .. } | Command::PlaceOrder { sku, .. } | Command::Grant { sku, .. } => sku,
+            Command::Restock { sku, .. } | Command::PlaceOrder { sku, .. } | Command::Grant { sku, .. } | Command::GrantAboveReserve { sku, .. } => sku,
             Command::CancelOrder { id, .. } | Command::RequestCancel { id, .. } => id,
             Command::ApplyRemote { origin, .. } | Command::InstallRemote { origin, .. } => origin,
             Command::TrimOutbox { .. } => "outbox",

@@ -22,6 +22,8 @@ pub struct Link {
     pub lag_ms: u64,
     /// Times it was caught up from a snapshot because it fell past the outbox cap.
     pub snapshot_catchups: u64,
+    /// Leader only: answers acknowledging more events than we had emitted (ignored).
+    pub bad_acks: u64,
 }
 
 pub struct Links {

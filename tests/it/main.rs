@@ -5,6 +5,7 @@ mod chaos;
 mod dc;
 mod dns;
 mod harness;
+mod hostile_values;
 mod launcher;
 mod multi_dc;
 mod peer_input;

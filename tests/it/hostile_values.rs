@@ -208,6 +208,10 @@ async fn an_ack_beyond_what_was_emitted_does_not_stop_replication() {
     // dc1 ships to the fake for a while (several rounds), and writes meanwhile.
     let token = c.must_session("dc1-n1", "during").await;
     tokio::time::sleep(SECS(3)).await;
+    // The impossible ack was not taken: the cursor is not u64::MAX (which would also
+    // have let dc1 trim events dc2 never applied, and catch it up from a snapshot).
+    let link = dc2_link(&c).await;
+    assert!(link["acked_seq"].as_u64().unwrap_or(0) < 100, "{link}");
     fake.abort();
     tokio::time::sleep(Duration::from_millis(200)).await;
     c.start_node("dc2-n1");
@@ -218,6 +222,13 @@ async fn an_ack_beyond_what_was_emitted_does_not_stop_replication() {
     .await;
     c.must_converge(SECS(10)).await;
     c.must_session("dc1-n1", "after").await;
+    assert_eq!(dc2_link(&c).await["snapshot_catchups"], 0, "caught up from events, not a snapshot");
+}
+
+/// dc1's view of its link to dc2, from its status.
+async fn dc2_link(c: &TestCluster) -> serde_json::Value {
+    let st = c.status("dc1-n1").await.expect("dc1 status");
+    st["dcs"].as_array().expect("dcs").iter().find(|d| d["name"] == "dc2").cloned().expect("dc2 in status")
 }
 
 /// "As a forged dc2, grant dc1 unlimited stock, which dc1 then sold": rows that do not

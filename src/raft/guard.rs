@@ -61,13 +61,13 @@ pub fn check_append_entries(r: &AppendEntriesRequest<TypeConfig>, from: NodeId, 
     check_log_id("prev_log_id", &r.prev_log_id, term)?;
     check_log_id("leader_commit", &r.leader_commit, term)?;
     // Entries follow prev_log_id without gaps, and no entry is of a later term.
-    let mut expect = r.prev_log_id.map(|p| p.index + 1).unwrap_or(0);
-    for e in &r.entries {
+    // (prev_log_id's index is bounded above: no overflow.)
+    let first = r.prev_log_id.map(|p| p.index + 1).unwrap_or(0);
+    for (expect, e) in (first..).zip(&r.entries) {
         check_log_id("entry", &Some(e.log_id), term)?;
         if e.log_id.index != expect {
             return Err(format!("entry index {} where {expect} follows", e.log_id.index));
         }
-        expect += 1;
     }
     Ok(())
 }

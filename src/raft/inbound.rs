@@ -55,11 +55,11 @@ pub async fn install_snapshot(node: &Node, from: NodeId, r: InstallSnapshotReque
         }
     }
     let vote = r.vote;
-    // openraft has the chunk only if it accepted the sender's vote.
+    // openraft has the chunk only if it accepted the sender's vote (then it holds it).
     let chunk = (r.offset, r.done, r.meta.snapshot_id.clone(), r.data.len());
     let resp = node.raft.install_snapshot(r.clone()).await;
     match &resp {
-        Ok(ok) if !(ok.vote > vote) => transfer.accept(&r),
+        Ok(ok) if ok.vote.leader_id == vote.leader_id => transfer.accept(&r),
         _ => {
             tracing::debug!(?chunk, "snapshot chunk not taken by raft");
             transfer.reset();

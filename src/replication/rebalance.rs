@@ -62,7 +62,8 @@ pub async fn grant(node: &Node, sku: &str, want: u64, to: &str) -> Result<u64, N
     if qty == 0 || !node.grants.try_begin(to, sku, Duration::from_millis(r.grant_interval_ms)) {
         return Ok(0);
     }
-    let cmd = Command::GrantAboveReserve { sku: sku.to_string(), qty, from: node.info.dc.clone(), to: to.to_string(), hlc: node.hlc.now(), reserve: r.reserve_units };
+    let cmd =
+        Command::GrantAboveReserve { sku: sku.to_string(), qty, from: node.info.dc.clone(), to: to.to_string(), hlc: node.hlc.now(), reserve: r.reserve_units };
     match node.actors.submit(Request::new(cmd, None)).await? {
         Outcome::Granted { qty } => Ok(qty),
         // Sold in the meantime: nothing to give.

@@ -37,7 +37,8 @@ async fn roles(c: &TestCluster) -> (String, String, String) {
 }
 
 fn snapshot_chunk(term: u64, from: NodeId, id: &str, offset: u64, data: Vec<u8>, done: bool) -> PeerRequest {
-    let meta = SnapshotMeta { last_log_id: Some(LogId::new(CommittedLeaderId::new(term, from), 1_000)), last_membership: Default::default(), snapshot_id: id.into() };
+    let meta =
+        SnapshotMeta { last_log_id: Some(LogId::new(CommittedLeaderId::new(term, from), 1_000)), last_membership: Default::default(), snapshot_id: id.into() };
     PeerRequest::InstallSnapshot(InstallSnapshotRequest::<TypeConfig> { vote: Vote::new(term, from), meta, offset, data, done })
 }
 

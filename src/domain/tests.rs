@@ -329,6 +329,29 @@ fn forged_stock_rows_are_rejected() {
     assert_eq!(s.inventory["sku1"].available("dc1"), 16);
 }
 
+/// A bad row stops a batch right before it (what came first is applied); in a snapshot
+/// of the origin's state (InstallRemote) it rejects the whole install.
+#[test]
+fn a_bad_row_stops_the_batch_before_it_and_rejects_an_install() {
+    let mut s = MemState::new("dc1");
+    let good = Event {
+        seq: 1,
+        origin: "dc2".into(),
+        hlc: 1,
+        change: Change::StockV2 { sku: "a".into(), row: StockRow { stocked: 3, ..Default::default() }, received: BTreeMap::new() },
+    };
+    let bad_change = Change::StockV2 { sku: "a".into(), row: StockRow { sent: sent("dc1", 9), ..Default::default() }, received: BTreeMap::new() };
+    let bad = Event { seq: 2, origin: "dc2".into(), hlc: 1, change: bad_change.clone() };
+    let out = apply(&mut s, &req(Command::ApplyRemote { origin: "dc2".into(), events: vec![good.clone(), bad] }));
+    assert_eq!(out, Outcome::Replicated { cursor: 1 });
+    assert_eq!(s.inventory["a"].stocked["dc2"], 3);
+    assert_eq!(s.inventory["a"].available("dc1"), 0);
+    let before = s.clone();
+    let install = req(Command::InstallRemote { origin: "dc2".into(), upto: 5, changes: vec![good.change, bad_change] });
+    assert!(matches!(apply(&mut s, &install), Outcome::Rejected(Rejection::Invalid(_))));
+    assert_eq!(s, before);
+}
+
 #[test]
 fn counters_do_not_wrap() {
     let mut s = MemState::new("dc1");

@@ -213,6 +213,7 @@ async fn an_ack_beyond_what_was_emitted_does_not_stop_replication() {
     // have let dc1 trim events dc2 never applied, and catch it up from a snapshot).
     let link = dc2_link(&c).await;
     assert!(link["acked_seq"].as_u64().unwrap_or(0) < 100, "{link}");
+    assert!(link["bad_acks"].as_u64().unwrap() >= 1, "the impossible acks are counted: {link}");
     fake.abort();
     tokio::time::sleep(Duration::from_millis(200)).await;
     c.start_node("dc2-n1");

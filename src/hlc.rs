@@ -23,7 +23,7 @@ impl Hlc {
         let physical = wall_ms() << LOGICAL_BITS;
         let mut last = self.last.load(Ordering::Relaxed);
         loop {
-            let next = physical.max(last + 1);
+            let next = physical.max(last.saturating_add(1));
             match self.last.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
                 Ok(_) => return next,
                 Err(seen) => last = seen,

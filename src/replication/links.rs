@@ -104,7 +104,7 @@ pub async fn probe_loop(node: Arc<Node>, dc: String) {
             other => {
                 tracing::debug!(%dc, target, answer = ?other.err(), "probe failed");
                 node.links.record_probe(target, false);
-                i += 1;
+                i = i.wrapping_add(1);
             }
         }
         tokio::time::sleep(interval.saturating_sub(started.elapsed())).await;

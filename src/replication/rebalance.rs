@@ -41,7 +41,8 @@ async fn ask_peers(node: &Node, sku: &str, want: u64) -> u64 {
         let Some(leader) = node.links.get(&dc).remote_leader else { continue };
         let req = PeerRequest::AskStock { sku: sku.to_string(), want: want - got };
         if let Ok(PeerResponse::Granted(Ok(n))) = node.peers.call(leader, req, None).await {
-            got += n;
+            // A number from another DC, used only to stop asking: it must not overflow.
+            got = got.saturating_add(n);
         }
     }
     got

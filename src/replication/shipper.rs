@@ -50,7 +50,7 @@ async fn ship_once(node: &Node, dc: &str) -> Result<bool, NodeError> {
             // before the state, so the state covers every event up to it).
             tracing::warn!(%dc, acked = a, floor, "peer DC behind the outbox cap; catching it up from a snapshot");
             let changes = sm.owned_state();
-            node.links.update(dc, |l| l.snapshot_catchups += 1);
+            node.links.update(dc, |l| l.snapshot_catchups = l.snapshot_catchups.saturating_add(1));
             send_to_dc(node, dc, || PeerRequest::InstallRemote { origin: me.clone(), upto: out_seq, changes: changes.clone() }).await?
         }
         Some(a) => {
@@ -65,7 +65,7 @@ async fn ship_once(node: &Node, dc: &str) -> Result<bool, NodeError> {
     if let Err(e) = super::guard::accept_ack(ack.cursor, emitted) {
         let mut n = 0;
         node.links.update(dc, |l| {
-            l.bad_acks += 1;
+            l.bad_acks = l.bad_acks.saturating_add(1);
             n = l.bad_acks;
         });
         // The first time, then at every power of two: visible without flooding the log.

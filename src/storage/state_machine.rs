@@ -626,7 +626,7 @@ impl SmReader {
     pub fn outbox_floor(&self) -> u64 {
         match self.inner.tree.scan_prefix(OUTBOX).keys().next() {
             Some(k) => outbox_first_seq(&k.expect("sled read of state machine")),
-            None => self.out_seq() + 1,
+            None => self.out_seq().saturating_add(1),
         }
     }
 

@@ -17,12 +17,22 @@ use super::{LogId, NodeId, TypeConfig};
 pub const LOG_INDEX_MAX: u64 = 1 << 62;
 
 /// What the checks need from the node.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
+#[derive(Clone, Copy)]
+pub struct Limits<'a> {
     /// This node's current term.
     pub current_term: u64,
     /// `raft.term_jump_max`.
     pub term_jump_max: u64,
+    /// Whether a node id belongs to this DC in the cluster file (asked only of the rare
+    /// membership entries and snapshots: a membership naming other nodes is refused).
+    pub is_member: &'a dyn Fn(NodeId) -> bool,
+}
+
+fn check_members<'n>(mut ids: impl Iterator<Item = &'n NodeId>, l: Limits) -> Result<(), String> {
+    match ids.find(|id| !(l.is_member)(**id)) {
+        Some(id) => Err(format!("membership names node {id}, not of this DC")),
+        None => Ok(()),
+    }
 }
 
 fn check_vote(v: &Vote<NodeId>, from: NodeId, l: Limits) -> Result<(), String> {
@@ -68,6 +78,9 @@ pub fn check_append_entries(r: &AppendEntriesRequest<TypeConfig>, from: NodeId, 
         if e.log_id.index != expect {
             return Err(format!("entry index {} where {expect} follows", e.log_id.index));
         }
+        if let openraft::EntryPayload::Membership(m) = &e.payload {
+            check_members(m.nodes().map(|(id, _)| id), l)?;
+        }
     }
     Ok(())
 }
@@ -75,7 +88,8 @@ pub fn check_append_entries(r: &AppendEntriesRequest<TypeConfig>, from: NodeId, 
 /// The checks of an InstallSnapshot chunk that need no transfer state.
 pub fn check_install_snapshot(r: &InstallSnapshotRequest<TypeConfig>, from: NodeId, l: Limits) -> Result<(), String> {
     check_vote(&r.vote, from, l)?;
-    check_log_id("snapshot last_log_id", &r.meta.last_log_id, r.vote.leader_id.term)
+    check_log_id("snapshot last_log_id", &r.meta.last_log_id, r.vote.leader_id.term)?;
+    check_members(r.meta.last_membership.nodes().map(|(id, _)| id), l)
 }
 
 /// The one snapshot being received: its id and the bytes accepted so far (openraft holds
@@ -147,7 +161,7 @@ mod tests {
 
     use super::*;
 
-    const L: Limits = Limits { current_term: 5, term_jump_max: 100 };
+    const L: Limits = Limits { current_term: 5, term_jump_max: 100, is_member: &|id| id < 10 };
 
     fn vote(term: u64, node: NodeId) -> Vote<NodeId> {
         Vote::new(term, node)
@@ -165,7 +179,7 @@ mod tests {
         assert!(check_vote_request(&VoteRequest::new(vote(6, 2), Some(log_id(6, u64::MAX))), 2, L).is_err());
         assert!(check_vote_request(&VoteRequest::new(vote(6, 2), Some(log_id(7, 3))), 2, L).is_err(), "a log term beyond the vote");
         // No overflow at the top of the range.
-        let top = Limits { current_term: u64::MAX - 1, term_jump_max: 100 };
+        let top = Limits { current_term: u64::MAX - 1, ..L };
         assert!(check_vote_request(&VoteRequest::new(vote(u64::MAX, 2), None), 2, top).is_ok());
     }
 
@@ -183,6 +197,18 @@ mod tests {
         assert!(check_append_entries(&append(5, Some(log_id(5, u64::MAX)), &[], None), 2, L).is_err());
         assert!(check_append_entries(&append(5, Some(log_id(5, 9)), &[log_id(5, 12)], None), 2, L).is_err(), "a gap");
         assert!(check_append_entries(&append(5, Some(log_id(5, 9)), &[log_id(6, 10)], None), 2, L).is_err(), "an entry of a later term");
+        let members = |ids: &[NodeId]| {
+            let nodes: std::collections::BTreeMap<NodeId, openraft::BasicNode> = ids.iter().map(|i| (*i, openraft::BasicNode::default())).collect();
+            let m = openraft::Membership::new(vec![nodes.keys().copied().collect()], nodes);
+            AppendEntriesRequest {
+                vote: vote(5, 2),
+                prev_log_id: None,
+                entries: vec![Entry { log_id: log_id(5, 0), payload: EntryPayload::Membership(m) }],
+                leader_commit: None,
+            }
+        };
+        assert!(check_append_entries(&members(&[1, 2, 3]), 2, L).is_ok());
+        assert!(check_append_entries(&members(&[1, 2, 66]), 2, L).is_err(), "a node not of this DC");
     }
 
     fn chunk(id: &str, offset: u64, data: &[u8], done: bool) -> InstallSnapshotRequest<TypeConfig> {
@@ -203,13 +229,18 @@ mod tests {
         assert_eq!(t.check(&chunk("b", 3, b"x", false), 1000, ok), Err(ChunkRefusal::Offset { expect: 0 }), "another snapshot");
         assert!(matches!(t.check(&chunk("a", 3, &[0; 998], false), 1000, ok), Err(ChunkRefusal::Invalid(_))), "over the limit");
         let seen = std::cell::RefCell::new(Vec::new());
-        assert!(t.check(&chunk("a", 3, b"def", true), 1000, |d: &[u8]| Ok(seen.borrow_mut().extend_from_slice(d))).is_ok());
+        assert!(t
+            .check(&chunk("a", 3, b"def", true), 1000, |d: &[u8]| {
+                seen.borrow_mut().extend_from_slice(d);
+                Ok(())
+            })
+            .is_ok());
         assert_eq!(seen.borrow().as_slice(), b"abcdef", "the last chunk verifies the whole data");
         assert!(matches!(t.check(&chunk("a", 3, b"def", true), 1000, |_: &[u8]| Err("bad".into())), Err(ChunkRefusal::Invalid(_))));
         t.accept(&chunk("a", 3, b"def", true));
         assert_eq!(t.check(&chunk("a", 6, b"x", false), 1000, ok), Err(ChunkRefusal::Offset { expect: 0 }), "a finished transfer is gone");
         // A new transfer (or a restart of one) begins at 0.
         assert!(t.check(&chunk("c", 0, b"x", false), 1000, ok).is_ok());
-        assert!(matches!(check_install_snapshot(&chunk("a", 0, b"", false), 3, L), Err(_)), "sent as another node");
+        assert!(check_install_snapshot(&chunk("a", 0, b"", false), 3, L).is_err(), "sent as another node");
     }
 }

@@ -10,8 +10,12 @@ use super::{NodeId, TypeConfig};
 use crate::node::Node;
 use crate::transport::PeerResponse;
 
-fn limits(node: &Node) -> Limits {
-    Limits { current_term: node.raft.metrics().borrow().current_term, term_jump_max: node.config.raft.term_jump_max }
+fn limits<'a>(node: &Node, is_member: &'a dyn Fn(NodeId) -> bool) -> Limits<'a> {
+    Limits { current_term: node.raft.metrics().borrow().current_term, term_jump_max: node.config.raft.term_jump_max, is_member }
+}
+
+fn member_of(node: &Node) -> impl Fn(NodeId) -> bool + '_ {
+    |id| node.config.node_by_id(id).is_some_and(|n| n.dc == node.info.dc)
 }
 
 fn refuse(from: NodeId, what: &str, reason: String) -> PeerResponse {
@@ -20,14 +24,14 @@ fn refuse(from: NodeId, what: &str, reason: String) -> PeerResponse {
 }
 
 pub async fn vote(node: &Node, from: NodeId, r: VoteRequest<NodeId>) -> PeerResponse {
-    match guard::check_vote_request(&r, from, limits(node)) {
+    match guard::check_vote_request(&r, from, limits(node, &member_of(node))) {
         Ok(()) => PeerResponse::Vote(node.raft.vote(r).await),
         Err(e) => refuse(from, "vote", e),
     }
 }
 
 pub async fn append_entries(node: &Node, from: NodeId, r: AppendEntriesRequest<TypeConfig>) -> PeerResponse {
-    match guard::check_append_entries(&r, from, limits(node)) {
+    match guard::check_append_entries(&r, from, limits(node, &member_of(node))) {
         Ok(()) => PeerResponse::AppendEntries(node.raft.append_entries(r).await),
         Err(e) => refuse(from, "append_entries", e),
     }
@@ -37,7 +41,7 @@ pub async fn append_entries(node: &Node, from: NodeId, r: AppendEntriesRequest<T
 /// one), in order, up to `raft.snapshot_bytes_max`; the last is handed on only if the
 /// whole snapshot verifies (format, checksum, records).
 pub async fn install_snapshot(node: &Node, from: NodeId, r: InstallSnapshotRequest<TypeConfig>) -> PeerResponse {
-    if let Err(e) = guard::check_install_snapshot(&r, from, limits(node)) {
+    if let Err(e) = guard::check_install_snapshot(&r, from, limits(node, &member_of(node))) {
         return refuse(from, "install_snapshot", e);
     }
     let mut transfer = node.snapshot_transfer.lock().await;

@@ -132,6 +132,15 @@ pub struct RaftSection {
     /// Requests waiting in the leader's proposer for a Raft entry. While the DC has no
     /// quorum nothing leaves: past this many, a write is answered 503 at once.
     pub proposal_queue_len_max: usize,
+    /// How far beyond this node's current term a Raft request's term may be; further is
+    /// refused before openraft sees it (a term near `u64::MAX` made openraft overflow at
+    /// the next election, and again after every restart). An honest node cut off from its
+    /// DC raises its term once per election timeout (openraft 0.9 has no pre-vote): the
+    /// default, 1,000,000, covers about 4.6 days of that at a 400 ms timeout.
+    pub term_jump_max: u64,
+    /// Largest snapshot a node accepts from its leader (bytes, summed over its chunks).
+    /// Received snapshots are held in memory while they arrive.
+    pub snapshot_bytes_max: u64,
 }
 
 impl Default for RaftSection {
@@ -147,6 +156,8 @@ impl Default for RaftSection {
             proposals_inflight_max: 1,
             proposal_batch_len_max: 256,
             proposal_queue_len_max: 10_000,
+            term_jump_max: 1_000_000,
+            snapshot_bytes_max: 2 << 30,
         }
     }
 }
@@ -260,6 +271,14 @@ pub struct ReplicationSection {
     pub low_water_units: u64,
     /// A DC grants only what it holds above this reserve.
     pub reserve_units: u64,
+    /// Timestamps another node sends (replicated events and what they carry, forwarded
+    /// commands) may be at most this far ahead of this node's clock; later ones are
+    /// refused before anything is applied or observed (as CockroachDB's --max-offset).
+    pub max_clock_offset_ms: u64,
+    /// Units one AskStock can obtain at most.
+    pub grant_units_max: u64,
+    /// One grant per asking DC and SKU per this interval at most.
+    pub grant_interval_ms: u64,
 }
 
 impl Default for ReplicationSection {
@@ -271,6 +290,9 @@ impl Default for ReplicationSection {
             dc_unhealthy_after_ms: 2000,
             low_water_units: 10,
             reserve_units: 10,
+            max_clock_offset_ms: 500,
+            grant_units_max: 100,
+            grant_interval_ms: 1000,
         }
     }
 }
@@ -416,6 +438,12 @@ impl ClusterConfig {
         }
         if r.proposal_queue_len_max < r.proposal_batch_len_max {
             return Err(invalid("raft.proposal_queue_len_max", "must be at least proposal_batch_len_max"));
+        }
+        if r.term_jump_max == 0 {
+            return Err(invalid("raft.term_jump_max", "must be > 0"));
+        }
+        if r.snapshot_bytes_max < 4096 {
+            return Err(invalid("raft.snapshot_bytes_max", "must be at least 4096"));
         }
         Ok(())
     }

@@ -12,7 +12,8 @@ pub struct Hlc {
     last: AtomicU64,
 }
 
-fn wall_ms() -> u64 {
+/// This node's wall clock, in milliseconds since the epoch.
+pub fn wall_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
@@ -22,7 +23,7 @@ impl Hlc {
         let physical = wall_ms() << LOGICAL_BITS;
         let mut last = self.last.load(Ordering::Relaxed);
         loop {
-            let next = physical.max(last + 1);
+            let next = physical.max(last.saturating_add(1));
             match self.last.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
                 Ok(_) => return next,
                 Err(seen) => last = seen,
@@ -30,9 +31,13 @@ impl Hlc {
         }
     }
 
-    /// Takes in a timestamp from elsewhere.
-    pub fn observe(&self, remote: u64) {
+    /// Takes in a timestamp from elsewhere, unless it is more than `max_offset_ms` ahead
+    /// of this node's wall clock: a peer must not push every later timestamp of this node
+    /// (and so every last-writer-wins decision) into the future.
+    pub fn observe(&self, remote: u64, max_offset_ms: u64) -> Result<(), String> {
+        crate::replication::guard::check_hlc("observed", remote, wall_ms(), max_offset_ms)?;
         self.last.fetch_max(remote, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -61,9 +66,13 @@ mod tests {
         let a = c.now();
         let b = c.now();
         assert!(b > a);
-        let future = (wall_ms() + 60_000) << LOGICAL_BITS;
-        c.observe(future);
+        let future = (wall_ms() + 300) << LOGICAL_BITS;
+        c.observe(future, 500).expect("within the offset");
         assert!(c.now() > future, "after observing a later clock, timestamps follow it");
+        let far = (wall_ms() + 60_000) << LOGICAL_BITS;
+        assert!(c.observe(far, 500).is_err());
+        assert!(c.observe(u64::MAX, 500).is_err());
+        assert!(c.now() < far, "a refused timestamp is not observed");
         assert!(physical_ms(a) <= wall_ms());
     }
 }

@@ -76,6 +76,10 @@ pub struct Node {
     dc_ids: HashSet<NodeId>,
     /// SKUs this node is asking other DCs for stock for (one ask at a time per SKU).
     asking: Mutex<HashSet<String>>,
+    /// The snapshot being received from the leader (see `raft::guard`).
+    pub snapshot_transfer: tokio::sync::Mutex<crate::raft::guard::SnapshotTransfer>,
+    /// Grants to other DCs: how much and how often (see `replication::guard`).
+    pub grants: crate::replication::guard::GrantLimiter,
 }
 
 /// A membership change asked of the DC leader.
@@ -255,10 +259,11 @@ impl PeerHandler for Handler {
             return replication::receiver::handle(node, from, req).await;
         }
         match req {
-            PeerRequest::AppendEntries(r) => PeerResponse::AppendEntries(node.raft.append_entries(r).await),
-            PeerRequest::Vote(r) => PeerResponse::Vote(node.raft.vote(r).await),
-            PeerRequest::InstallSnapshot(r) => PeerResponse::InstallSnapshot(node.raft.install_snapshot(r).await),
-            PeerRequest::Submit(cmd) if node.is_leader() => PeerResponse::Submit(node.actors.submit(cmd).await),
+            // Checked by `raft::guard` before openraft sees them.
+            PeerRequest::AppendEntries(r) => crate::raft::inbound::append_entries(node, from, r).await,
+            PeerRequest::Vote(r) => crate::raft::inbound::vote(node, from, r).await,
+            PeerRequest::InstallSnapshot(r) => crate::raft::inbound::install_snapshot(node, from, r).await,
+            PeerRequest::Submit(cmd) if node.is_leader() => PeerResponse::Submit(replication::receiver::submit_forwarded(node, cmd).await),
             PeerRequest::Submit(_) => PeerResponse::Submit(Err(NodeError::NotLeader(node.leader()))),
             PeerRequest::ReadIndex => PeerResponse::ReadIndex(node.read_index_local().await),
             PeerRequest::Membership(op) if node.is_leader() => PeerResponse::Membership(node.change_membership_local(op).await),
@@ -342,6 +347,8 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
         hlc: Hlc::default(),
         request_timeout,
         asking: Mutex::new(HashSet::new()),
+        snapshot_transfer: Default::default(),
+        grants: Default::default(),
         dc_ids: config.dc_nodes(&info_dc).iter().map(|n| n.id).collect(),
     });
 

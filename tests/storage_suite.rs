@@ -62,12 +62,12 @@ async fn outbox_records_per_entry_read_and_trim_by_event() {
     let stock_sold: Vec<u64> = events
         .iter()
         .filter_map(|e| match &e.change {
-            Change::Stock { row, .. } => Some(row.sold),
+            Change::StockV2 { row, .. } => Some(row.sold),
             _ => None,
         })
         .collect();
     assert_eq!(stock_sold, vec![0, 3, 4], "one row per entry, the entry's last");
-    assert!(matches!(events[5].change, Change::Stock { .. }), "the row stays where its last version was emitted");
+    assert!(matches!(events[5].change, Change::StockV2 { .. }), "the row stays where its last version was emitted");
     let seqs = |from, max| reader.outbox(from, max).iter().map(|e| e.seq).collect::<Vec<_>>();
     assert_eq!(seqs(4, 3), vec![4, 5, 6], "from the middle of entry 2's record");
     assert_eq!(seqs(9, 5), Vec::<u64>::new());

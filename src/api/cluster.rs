@@ -67,6 +67,8 @@ fn dc_views(node: &AppState, local_leader: Option<String>) -> Vec<Value> {
                 "acked_seq": l.acked,
                 "applied_from_it": node.sm.cursor(&dc),
                 "snapshot_catchups": l.snapshot_catchups,
+                // Answers acknowledging more of our events than we emitted (ignored).
+                "bad_acks": l.bad_acks,
             })
         })
         .collect()

@@ -189,7 +189,8 @@ fn execute(state: &mut impl State, cmd: &Command, key: Option<&str>) -> Outcome 
             place_order(state, o)
         }
         Command::CancelOrder { id, dc, session, .. } => cancel_order(state, id, dc, session),
-        Command::Grant { sku, qty, from, to, hlc } => grant(state, sku, *qty, from, to, *hlc),
+        Command::Grant { sku, qty, from, to, hlc } => grant(state, sku, *qty, from, to, *hlc, 0),
+        Command::GrantAboveReserve { sku, qty, from, to, hlc, reserve } => grant(state, sku, *qty, from, to, *hlc, *reserve),
         Command::RequestCancel { id, owner, hlc, session, .. } => {
             state.emit(*hlc, Change::CancelRequest { id: id.clone(), owner: owner.clone(), session: session.clone() });
             Outcome::CancelQueued { owner: owner.clone() }
@@ -231,6 +232,8 @@ fn check(state: &impl State, cmd: &Command) -> Result<(), String> {
         Command::CancelOrder { id, dc, session, .. } => validate::name("id", id).and(validate::name("session", session)).and(own(dc)),
         Command::Grant { sku, from, to, .. } if from != to => validate::name("sku", sku).and(own(from)),
         Command::Grant { .. } => Err("a DC cannot grant to itself".into()),
+        Command::GrantAboveReserve { sku, from, to, .. } if from != to => validate::name("sku", sku).and(own(from)),
+        Command::GrantAboveReserve { .. } => Err("a DC cannot grant to itself".into()),
         Command::RequestCancel { id, owner, dc, session, .. } if owner != dc => validate::name("id", id).and(validate::name("session", session)).and(own(dc)),
         Command::RequestCancel { .. } => Err("a DC cancels its own orders directly".into()),
         Command::SetDcSettings { target, weight, dc, .. } => {
@@ -267,7 +270,7 @@ fn delete_session(state: &mut impl State, token: &str, dc: &str, hlc: u64) -> Ou
     match state.session(token) {
         Some(mut s) if !s.deleted => {
             // The tombstone must win over the version it deletes, whatever the clocks say.
-            s.hlc = hlc.max(s.hlc + 1);
+            s.hlc = hlc.max(s.hlc.saturating_add(1));
             s.dc = dc.into();
             s.deleted = true;
             store_session(state, s.clone());
@@ -279,12 +282,14 @@ fn delete_session(state: &mut impl State, token: &str, dc: &str, hlc: u64) -> Ou
 }
 
 fn emit_stock(state: &mut impl State, inv: &Inventory, dc: &str, hlc: u64) {
-    state.emit(hlc, Change::Stock { sku: inv.sku.clone(), row: inv.row(dc) });
+    state.emit(hlc, Change::StockV2 { sku: inv.sku.clone(), row: inv.row(dc), received: inv.received_by(dc) });
 }
 
 fn restock(state: &mut impl State, sku: &str, add: u64, dc: &str, hlc: u64) -> Outcome {
     let mut inv = state.inventory(sku).unwrap_or_else(|| Inventory::new(sku));
-    Inventory::add(&mut inv.stocked, dc, add);
+    if let Err(e) = Inventory::add(&mut inv.stocked, dc, add) {
+        return Outcome::Rejected(Rejection::Invalid(e));
+    }
     state.put_inventory(inv.clone());
     emit_stock(state, &inv, dc, hlc);
     Outcome::Inventory(inv)
@@ -324,7 +329,11 @@ fn place_order(state: &mut impl State, o: NewOrder) -> Outcome {
     if available < o.qty as u64 {
         return Outcome::Rejected(Rejection::SoldOut { available, requested: o.qty });
     }
-    Inventory::add(&mut inv.sold, o.dc, o.qty as u64);
+    if let Err(e) = Inventory::add(&mut inv.sold, o.dc, o.qty as u64) {
+        return Outcome::Rejected(Rejection::Invalid(e));
+    }
+    // Where this DC writes its own counters: crash rather than sell phantom stock.
+    inv.check_own(o.dc).expect("escrow invariant after an order");
     let order = Order {
         id: o.id.into(),
         session: o.session.into(),
@@ -386,7 +395,9 @@ fn cancel_order(state: &mut impl State, id: &str, dc: &str, session: &str) -> Ou
 /// Cancels an order this DC owns and releases its units.
 fn cancel_owned(state: &mut impl State, mut order: Order) -> Order {
     let mut inv = state.inventory(&order.sku).unwrap_or_else(|| Inventory::new(&order.sku));
-    Inventory::add(&mut inv.released, &order.dc, order.qty as u64);
+    // Released never exceeds sold (each order is released once), so this cannot overflow;
+    // if it could, keeping the counter is the safe side (units stay sold).
+    let _ = Inventory::add(&mut inv.released, &order.dc, order.qty as u64);
     order.status = OrderStatus::Cancelled;
     state.put_inventory(inv.clone());
     state.put_order(order.clone());
@@ -395,28 +406,42 @@ fn cancel_owned(state: &mut impl State, mut order: Order) -> Order {
     order
 }
 
-fn grant(state: &mut impl State, sku: &str, qty: u64, from: &str, to: &str, hlc: u64) -> Outcome {
+/// `from` hands `qty` units to `to`, out of what it holds above `reserve`.
+fn grant(state: &mut impl State, sku: &str, qty: u64, from: &str, to: &str, hlc: u64, reserve: u64) -> Outcome {
     let Some(mut inv) = state.inventory(sku) else {
         return Outcome::Rejected(Rejection::UnknownSku);
     };
-    let available = inv.available(from);
+    let available = inv.available(from).saturating_sub(reserve);
     if qty == 0 || available < qty {
         return Outcome::Rejected(Rejection::SoldOut { available, requested: qty.min(u32::MAX as u64) as u32 });
     }
-    Inventory::add(inv.sent.entry(from.to_string()).or_default(), to, qty);
+    if let Err(e) = Inventory::add(inv.sent.entry(from.to_string()).or_default(), to, qty) {
+        return Outcome::Rejected(Rejection::Invalid(e));
+    }
+    inv.check_own(from).expect("escrow invariant after a grant");
     state.put_inventory(inv.clone());
     emit_stock(state, &inv, from, hlc);
     Outcome::Granted { qty }
 }
 
+/// Applies `origin`'s events from our cursor on, in order. An event this DC may not
+/// merge (a stock row that does not balance, see `Inventory::check_row`) stops the batch
+/// before it; when it is the first new event, the batch is rejected (nothing changes).
 fn apply_remote(state: &mut impl State, origin: &str, events: &[Event]) -> Outcome {
-    let mut cursor = state.cursor(origin);
+    let start = state.cursor(origin);
+    let mut cursor = start;
     for e in events {
         if e.seq <= cursor {
             continue; // already applied: a duplicate or a replay
         }
-        if e.seq != cursor + 1 {
+        if Some(e.seq) != cursor.checked_add(1) {
             break; // a gap: the sender resends from our cursor
+        }
+        if let Err(reason) = check_change(state, origin, &e.change) {
+            if cursor == start {
+                return Outcome::Rejected(Rejection::Invalid(format!("event {} from {origin}: {reason}", e.seq)));
+            }
+            break;
         }
         merge_change(state, origin, &e.change);
         cursor = e.seq;
@@ -425,7 +450,23 @@ fn apply_remote(state: &mut impl State, origin: &str, events: &[Event]) -> Outco
     Outcome::Replicated { cursor }
 }
 
+/// Whether this DC may merge a change `origin` shipped, as its state stands.
+fn check_change(state: &impl State, origin: &str, change: &Change) -> Result<(), String> {
+    let (sku, row, received) = match change {
+        Change::Stock { sku, row } => (sku, row, None),
+        Change::StockV2 { sku, row, received } => (sku, row, Some(received)),
+        _ => return Ok(()),
+    };
+    let inv = state.inventory(sku).unwrap_or_else(|| Inventory::new(sku));
+    inv.check_row(&state.local_dc(), origin, row, received)
+}
+
 fn install_remote(state: &mut impl State, origin: &str, upto: u64, changes: &[Change]) -> Outcome {
+    // All or nothing: every row is checked against the state before any is merged (the
+    // changes are one per entity, so one does not vouch for another).
+    if let Some(reason) = changes.iter().find_map(|c| check_change(state, origin, c).err()) {
+        return Outcome::Rejected(Rejection::Invalid(format!("snapshot from {origin}: {reason}")));
+    }
     for c in changes {
         merge_change(state, origin, c);
     }
@@ -445,7 +486,7 @@ fn merge_change(state: &mut impl State, origin: &str, change: &Change) {
             };
             store_session(state, merged);
         }
-        Change::Stock { sku, row } => {
+        Change::Stock { sku, row } | Change::StockV2 { sku, row, .. } => {
             let mut inv = state.inventory(sku).unwrap_or_else(|| Inventory::new(sku));
             inv.merge_row(origin, row);
             state.put_inventory(inv);
@@ -594,7 +635,7 @@ impl State for MemState {
         self.cursors.insert(origin.into(), seq);
     }
     fn emit(&mut self, hlc: u64, change: Change) {
-        self.out_seq += 1;
+        self.out_seq = self.out_seq.checked_add(1).expect("outbox seq exhausted");
         self.outbox.push(Event { seq: self.out_seq, origin: self.dc.clone(), hlc, change });
     }
     fn trim_outbox(&mut self, upto: u64) {

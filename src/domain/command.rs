@@ -107,6 +107,18 @@ pub enum Command {
         dc: String,
         hlc: u64,
     },
+    /// `from` hands `qty` units of its allowance to `to`, keeping at least `reserve`
+    /// (rebalancing; checked when applied, so concurrent orders cannot push a grant into
+    /// the reserve). Replaces `Grant`, still applied from older logs. (Last, so older
+    /// entries decode.)
+    GrantAboveReserve {
+        sku: String,
+        qty: u64,
+        from: String,
+        to: String,
+        hlc: u64,
+        reserve: u64,
+    },
 }
 
 /// What Raft replicates: a command and the client's `Idempotency-Key`, if it sent one.
@@ -147,7 +159,7 @@ impl Command {
     pub fn entity(&self) -> &str {
         match self {
             Command::CreateSession { token, .. } | Command::DeleteSession { token, .. } => token,
-            Command::Restock { sku, .. } | Command::PlaceOrder { sku, .. } | Command::Grant { sku, .. } => sku,
+            Command::Restock { sku, .. } | Command::PlaceOrder { sku, .. } | Command::Grant { sku, .. } | Command::GrantAboveReserve { sku, .. } => sku,
             Command::CancelOrder { id, .. } | Command::RequestCancel { id, .. } => id,
             Command::ApplyRemote { origin, .. } | Command::InstallRemote { origin, .. } => origin,
             Command::TrimOutbox { .. } => "outbox",
@@ -166,6 +178,7 @@ impl Command {
             | Command::PlaceOrder { hlc, .. }
             | Command::CancelOrder { hlc, .. }
             | Command::Grant { hlc, .. }
+            | Command::GrantAboveReserve { hlc, .. }
             | Command::RequestCancel { hlc, .. }
             | Command::SetDcSettings { hlc, .. }
             | Command::Expire { hlc, .. } => Some(*hlc),

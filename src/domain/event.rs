@@ -2,6 +2,8 @@
 //! value of an owned entity (state-based, not a delta), so applying one twice or late is
 //! harmless; the per-origin cursor makes it exactly-once in order on top of that.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::model::{DcSettings, Order, Session, StockRow};
@@ -34,4 +36,13 @@ pub enum Change {
     },
     /// Operator settings of a DC (any DC may write them).
     Settings(DcSettings),
+    /// The origin's own counters for a SKU and what it has received from each DC (its
+    /// view of sent[x→origin]), so a receiver can check the row balances (see
+    /// `Inventory::check_row`). What this build emits; `Stock` (without `received`) is
+    /// still read from outboxes and peers written before. Last, so older records decode.
+    StockV2 {
+        sku: String,
+        row: StockRow,
+        received: BTreeMap<String, u64>,
+    },
 }

@@ -70,20 +70,40 @@ impl Inventory {
         Inventory { sku: sku.to_string(), ..Default::default() }
     }
 
+    /// What `dc` has received from every other DC: Σ sent[x→dc], per x.
+    pub fn received_by(&self, dc: &str) -> BTreeMap<String, u64> {
+        self.sent.iter().filter(|(from, _)| from.as_str() != dc).filter_map(|(from, to)| to.get(dc).filter(|n| **n > 0).map(|n| (from.clone(), *n))).collect()
+    }
+
+    /// `dc`'s allowance as this view sees it, exactly (i128: sums of u64 counters cannot
+    /// overflow it): stocked + released + Σ sent[x→dc] − sold − Σ sent[dc→x].
+    pub fn balance(&self, dc: &str) -> i128 {
+        let received: i128 = self.sent.iter().filter(|(from, _)| from.as_str() != dc).map(|(_, to)| get(to, dc) as i128).sum();
+        let given: i128 = self.sent.get(dc).map(|to| to.values().map(|n| *n as i128).sum()).unwrap_or(0);
+        get(&self.stocked, dc) as i128 + get(&self.released, dc) as i128 + received - get(&self.sold, dc) as i128 - given
+    }
+
     /// Units `dc` may still sell: stocked − sold + released + Σ sent[x→dc] − Σ sent[dc→x].
     pub fn available(&self, dc: &str) -> u64 {
-        let received: u64 = self.sent.iter().filter(|(from, _)| from.as_str() != dc).map(|(_, to)| get(to, dc)).sum();
-        let given: u64 = self.sent.get(dc).map(|to| to.values().sum()).unwrap_or(0);
-        let plus = get(&self.stocked, dc) as i128 + get(&self.released, dc) as i128 + received as i128;
-        let minus = get(&self.sold, dc) as i128 + given as i128;
-        // In a DC's own view its counters never let minus exceed plus. In another DC's
-        // view a grant may arrive before the stock behind it; show 0 rather than wrap.
-        (plus - minus).max(0) as u64
+        // In a DC's own view its counters never let minus exceed plus (`check_own`). In
+        // another DC's view a grant may arrive before the stock behind it; show 0 rather
+        // than wrap.
+        self.balance(dc).clamp(0, u64::MAX as i128) as u64
+    }
+
+    /// The escrow invariant for the DC that writes its own counters: it never holds less
+    /// than nothing (sold and given away never exceed stocked, released and received).
+    pub fn check_own(&self, dc: &str) -> Result<(), String> {
+        let b = self.balance(dc);
+        if b < 0 {
+            return Err(format!("escrow invariant broken for {dc} on {}: allowance {b}", self.sku));
+        }
+        Ok(())
     }
 
     /// Units left cluster-wide (this node's view of every DC's counters).
     pub fn total(&self) -> u64 {
-        self.dcs().iter().map(|dc| self.available(dc)).sum()
+        self.dcs().iter().fold(0u64, |t, dc| t.saturating_add(self.available(dc)))
     }
 
     pub fn dcs(&self) -> Vec<String> {
@@ -96,8 +116,13 @@ impl Inventory {
         dcs
     }
 
-    pub fn add(map: &mut BTreeMap<String, u64>, dc: &str, n: u64) {
-        *map.entry(dc.to_string()).or_insert(0) += n;
+    /// Adds to a counter; one that would pass `u64::MAX` is left alone, as an error.
+    pub fn add(map: &mut BTreeMap<String, u64>, dc: &str, n: u64) -> Result<(), String> {
+        let v = get(map, dc).checked_add(n).ok_or_else(|| format!("counter of {dc} would overflow"))?;
+        if v > 0 {
+            map.insert(dc.to_string(), v);
+        }
+        Ok(())
     }
 
     pub fn row(&self, dc: &str) -> StockRow {
@@ -107,6 +132,49 @@ impl Inventory {
             released: get(&self.released, dc),
             sent: self.sent.get(dc).cloned().unwrap_or_default(),
         }
+    }
+
+    /// Whether this DC (`me`) may merge the row `origin` shipped, `received` being
+    /// origin's own account of what each DC sent it (absent in rows from builds before
+    /// it was shipped). A DC speaks only for itself and grants only out of what it holds:
+    ///
+    /// 1. the row balances: stocked + released + Σ received − sold − Σ sent ≥ 0;
+    /// 2. it received from us no more than we recorded sending it;
+    /// 3. a row that raises what origin gave *us* must balance with what it received
+    ///    from third DCs counted only as far as our own view confirms it (a grant from
+    ///    y not yet replicated here holds the row back until it is).
+    ///
+    /// Residual trust: origin's own stocked (a restock is its prerogative), and its
+    /// claims about third DCs when they do not raise its grants to us (each such DC
+    /// checks rule 2 for itself).
+    pub fn check_row(&self, me: &str, origin: &str, row: &StockRow, received: Option<&BTreeMap<String, u64>>) -> Result<(), String> {
+        let sum = |m: &BTreeMap<String, u64>| m.values().map(|n| *n as i128).sum::<i128>();
+        let own = row.stocked as i128 + row.released as i128 - row.sold as i128 - sum(&row.sent);
+        let view = self.received_by(origin);
+        if let Some(received) = received {
+            if received.contains_key(origin) || row.sent.contains_key(origin) {
+                return Err(format!("{origin}'s row on {} names itself", self.sku));
+            }
+            if own + sum(received) < 0 {
+                return Err(format!("{origin}'s row on {} hands out more than it holds", self.sku));
+            }
+            let ours = self.sent.get(me).map(|to| get(to, origin)).unwrap_or(0);
+            if get(received, me) > ours {
+                return Err(format!("{origin} claims {} units of {} from {me}, which sent {ours}", get(received, me), self.sku));
+            }
+        }
+        let to_me = get(&row.sent, me);
+        let had = self.sent.get(origin).map(|to| get(to, me)).unwrap_or(0);
+        if to_me > had {
+            let confirmed: i128 = match received {
+                Some(r) => r.iter().map(|(y, n)| (*n).min(get(&view, y)) as i128).sum(),
+                None => sum(&view),
+            };
+            if own + confirmed < 0 {
+                return Err(format!("{origin}'s grant of {} to {me} is not backed by what {me} knows it holds", self.sku));
+            }
+        }
+        Ok(())
     }
 
     /// Merges `dc`'s own counters, as shipped by `dc`.

@@ -1,10 +1,14 @@
 //! Rules and merge laws, checked on in-memory state.
 
+use std::collections::BTreeMap;
+
 use proptest::prelude::*;
 
 use super::apply::{apply, MemState};
 use super::command::{Command, Outcome, Rejection, Request};
-use super::model::OrderStatus;
+use super::event::{Change, Event};
+use super::model::{Inventory, OrderStatus, StockRow};
+use super::validate;
 
 fn req(cmd: Command) -> Request {
     Request::new(cmd, None)
@@ -492,6 +496,193 @@ proptest! {
         prop_assert_eq!(a.clone().merge(a.clone()), a.clone());
         if a.deleted || b.deleted {
             prop_assert!(a.clone().merge(b.clone()).deleted);
+        }
+    }
+}
+
+fn remote_stock(origin: &str, seq: u64, sku: &str, row: StockRow, received: Option<BTreeMap<String, u64>>) -> Request {
+    let change = match received {
+        Some(received) => Change::StockV2 { sku: sku.into(), row, received },
+        None => Change::Stock { sku: sku.into(), row },
+    };
+    req(Command::ApplyRemote { origin: origin.into(), events: vec![Event { seq, origin: origin.into(), hlc: 1, change }] })
+}
+
+fn sent(to: &str, n: u64) -> BTreeMap<String, u64> {
+    BTreeMap::from([(to.to_string(), n)])
+}
+
+/// "As a forged dc2, grant dc1 unlimited stock": a row must balance, claim from us no
+/// more than we sent, and back a grant to us with what we know it received.
+#[test]
+fn forged_stock_rows_are_rejected() {
+    let mut s = MemState::new("dc1");
+    apply(&mut s, &restock("dc1", "sku1", 5));
+    let before = s.clone();
+    let rejected = |s: &mut MemState, r: &Request| matches!(apply(s, r), Outcome::Rejected(Rejection::Invalid(_)));
+    // Gives dc1 units it never had.
+    let row = StockRow { sent: sent("dc1", u64::MAX), ..Default::default() };
+    assert!(rejected(&mut s, &remote_stock("dc2", 1, "sku1", row.clone(), Some(BTreeMap::new()))));
+    assert!(rejected(&mut s, &remote_stock("dc2", 1, "sku1", row, None)), "the same as a row of an older build");
+    // Balances only with units dc1 never sent it.
+    let row = StockRow { sent: sent("dc1", 1000), ..Default::default() };
+    assert!(rejected(&mut s, &remote_stock("dc2", 1, "sku1", row.clone(), Some(sent("dc1", 1000)))));
+    // Balances with units from dc3 that dc1 has not seen dc3 send.
+    assert!(rejected(&mut s, &remote_stock("dc2", 1, "sku1", row, Some(sent("dc3", 1000)))));
+    // Overflowing sums.
+    let row = StockRow { stocked: u64::MAX, sent: BTreeMap::from([("dc1".into(), u64::MAX), ("dc3".into(), u64::MAX)]), ..Default::default() };
+    assert!(rejected(&mut s, &remote_stock("dc2", 1, "sku1", row, Some(BTreeMap::new()))));
+    assert_eq!(s, before, "nothing changed");
+    assert_eq!(s.inventory["sku1"].available("dc1"), 5);
+    // An honest row: dc2 stocked 10 and gave dc1 4.
+    let row = StockRow { stocked: 10, sent: sent("dc1", 4), ..Default::default() };
+    assert_eq!(apply(&mut s, &remote_stock("dc2", 1, "sku1", row, Some(BTreeMap::new()))), Outcome::Replicated { cursor: 1 });
+    assert_eq!(s.inventory["sku1"].available("dc1"), 9);
+    // Once dc3's grant to dc2 is known here, dc2 may pass it on.
+    apply(&mut s, &remote_stock("dc3", 1, "sku1", StockRow { stocked: 7, sent: sent("dc2", 7), ..Default::default() }, Some(BTreeMap::new())));
+    let row = StockRow { stocked: 10, sent: sent("dc1", 11), ..Default::default() };
+    assert_eq!(apply(&mut s, &remote_stock("dc2", 2, "sku1", row, Some(sent("dc3", 7)))), Outcome::Replicated { cursor: 2 });
+    assert_eq!(s.inventory["sku1"].available("dc1"), 16);
+}
+
+/// A bad row stops a batch right before it (what came first is applied); in a snapshot
+/// of the origin's state (InstallRemote) it rejects the whole install.
+#[test]
+fn a_bad_row_stops_the_batch_before_it_and_rejects_an_install() {
+    let mut s = MemState::new("dc1");
+    let good = Event {
+        seq: 1,
+        origin: "dc2".into(),
+        hlc: 1,
+        change: Change::StockV2 { sku: "a".into(), row: StockRow { stocked: 3, ..Default::default() }, received: BTreeMap::new() },
+    };
+    let bad_change = Change::StockV2 { sku: "a".into(), row: StockRow { sent: sent("dc1", 9), ..Default::default() }, received: BTreeMap::new() };
+    let bad = Event { seq: 2, origin: "dc2".into(), hlc: 1, change: bad_change.clone() };
+    let out = apply(&mut s, &req(Command::ApplyRemote { origin: "dc2".into(), events: vec![good.clone(), bad] }));
+    assert_eq!(out, Outcome::Replicated { cursor: 1 });
+    assert_eq!(s.inventory["a"].stocked["dc2"], 3);
+    assert_eq!(s.inventory["a"].available("dc1"), 0);
+    let before = s.clone();
+    let install = req(Command::InstallRemote { origin: "dc2".into(), upto: 5, changes: vec![good.change, bad_change] });
+    assert!(matches!(apply(&mut s, &install), Outcome::Rejected(Rejection::Invalid(_))));
+    assert_eq!(s, before);
+}
+
+#[test]
+fn counters_do_not_wrap() {
+    let mut s = MemState::new("dc1");
+    for _ in 0..3 {
+        apply(&mut s, &restock("dc1", "sku1", 1_000_000));
+    }
+    let mut m = BTreeMap::from([("dc1".to_string(), u64::MAX - 1)]);
+    assert!(Inventory::add(&mut m, "dc1", 1).is_ok());
+    assert!(Inventory::add(&mut m, "dc1", 1).is_err());
+    assert_eq!(m["dc1"], u64::MAX, "left alone");
+    // A view whose sums exceed u64 neither wraps nor panics.
+    let mut inv = Inventory::new("sku1");
+    inv.stocked.insert("dc1".into(), u64::MAX);
+    inv.sent.insert("dc2".into(), sent("dc1", u64::MAX));
+    inv.sent.insert("dc3".into(), sent("dc1", u64::MAX));
+    assert_eq!(inv.available("dc1"), u64::MAX);
+    assert_eq!(inv.total(), u64::MAX);
+    // A stocked counter at the top refuses more rather than wrapping.
+    s.inventory.get_mut("sku1").unwrap().stocked.insert("dc1".into(), u64::MAX);
+    assert!(matches!(apply(&mut s, &req(Command::Restock { sku: "sku1".into(), add: 1, dc: "dc1".into(), hlc: 2 })), Outcome::Rejected(Rejection::Invalid(_))));
+    // A session tombstone after a timestamp at the top does not wrap.
+    apply(&mut s, &session("dc1", "t1"));
+    s.sessions.get_mut("t1").unwrap().hlc = u64::MAX;
+    assert_eq!(apply(&mut s, &req(Command::DeleteSession { token: "t1".into(), dc: "dc1".into(), hlc: 5 })), Outcome::SessionDeleted);
+    assert_eq!(s.sessions["t1"].hlc, u64::MAX);
+}
+
+#[test]
+fn a_grant_keeps_the_reserve() {
+    let mut s = MemState::new("dc1");
+    apply(&mut s, &restock("dc1", "sku1", 15));
+    let grant = |qty| req(Command::GrantAboveReserve { sku: "sku1".into(), qty, from: "dc1".into(), to: "dc2".into(), hlc: 2, reserve: 10 });
+    assert!(matches!(apply(&mut s, &grant(6)), Outcome::Rejected(Rejection::SoldOut { available: 5, .. })));
+    assert_eq!(apply(&mut s, &grant(5)), Outcome::Granted { qty: 5 });
+    assert!(matches!(apply(&mut s, &grant(1)), Outcome::Rejected(Rejection::SoldOut { .. })));
+    assert_eq!(s.inventory["sku1"].available("dc1"), 10);
+}
+
+#[derive(Debug, Clone)]
+struct Forgery {
+    to: usize,
+    stocked: u64,
+    sold: u64,
+    to_victim: u64,
+    /// (DC, units) the forger claims to have received.
+    received: Vec<(usize, u64)>,
+    legacy: bool,
+}
+
+fn forgery() -> impl Strategy<Value = Forgery> {
+    let big = prop_oneof![0..50u64, Just(u64::MAX), Just(1u64 << 63), 0..u64::MAX];
+    (0..2usize, big.clone(), big.clone(), big.clone(), proptest::collection::vec((0..3usize, big), 0..3), any::<bool>())
+        .prop_map(|(to, stocked, sold, to_victim, received, legacy)| Forgery { to, stocked, sold, to_victim, received, legacy })
+}
+
+/// The forger in these tests: dc3, an authenticated DC that lies.
+const FORGER: usize = 2;
+
+/// Delivers a forged stock row from dc3 to `f.to`, at its next seq.
+fn forge(dcs: &mut [MemState], f: &Forgery) {
+    let origin = DCS[FORGER];
+    let victim = &mut dcs[f.to];
+    let row = StockRow { stocked: f.stocked, sold: f.sold, released: 0, sent: sent(DCS[f.to], f.to_victim) };
+    let received: BTreeMap<String, u64> = f.received.iter().filter(|(d, _)| *d != FORGER).map(|(d, n)| (DCS[*d].to_string(), *n)).collect();
+    let seq = victim.cursors.get(origin).copied().unwrap_or(0) + 1;
+    apply(victim, &remote_stock(origin, seq, "sku1", row, (!f.legacy).then_some(received)));
+}
+
+/// Every DC's own allowance, in its own view, never below zero; and what the forger gave
+/// each honest DC, in that DC's view, never beyond what it claims to have stocked and
+/// released plus what the honest DCs truly sent it (each DC's own record): no phantom
+/// units. (Its claimed stock is its prerogative, like a restock; telling two DCs
+/// different stories is not caught by either — see ARCHITECTURE.md.)
+fn check_no_phantom(dcs: &[MemState]) -> Result<(), TestCaseError> {
+    let counter = |m: &BTreeMap<String, u64>, dc: &str| m.get(dc).copied().unwrap_or(0) as u128;
+    let sent_by = |inv: &Inventory, from: &str, to: &str| inv.sent.get(from).map(|t| counter(t, to)).unwrap_or(0);
+    let truly_received: u128 = (0..2).filter_map(|g| dcs[g].inventory.get("sku1").map(|inv| sent_by(inv, DCS[g], DCS[FORGER]))).sum();
+    for (i, d) in dcs.iter().enumerate() {
+        let Some(inv) = d.inventory.get("sku1") else { continue };
+        prop_assert!(inv.check_own(&d.dc).is_ok(), "{}: own allowance overdrawn: {inv:?}", d.dc);
+        if i == FORGER {
+            continue;
+        }
+        let given = sent_by(inv, DCS[FORGER], &d.dc);
+        let backing = counter(&inv.stocked, DCS[FORGER]) + counter(&inv.released, DCS[FORGER]) + truly_received;
+        prop_assert!(given <= backing, "{}: {given} phantom units from {}: {inv:?}", d.dc, DCS[FORGER]);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Honest traffic mixed with forged stock rows (grants out of nothing, claims of
+    /// units never received, overflowing counters, rows of older builds): no DC's own
+    /// allowance is ever overdrawn, and no DC is credited units its granter never held.
+    #[test]
+    fn forged_rows_never_oversell(ops in proptest::collection::vec(prop_oneof![op().prop_map(Ok), forgery().prop_map(Err)], 1..120)) {
+        let mut dcs: Vec<MemState> = DCS.iter().map(|d| MemState::new(d)).collect();
+        apply(&mut dcs[0], &session("dc1", "t0"));
+        for (step, op) in ops.iter().enumerate() {
+            match op {
+                Ok(op) => run(&mut dcs, op, step + 1),
+                Err(f) => forge(&mut dcs, f),
+            }
+            // Sell what each DC believes it holds: a phantom grant would be sold here.
+            for (i, d) in dcs.iter_mut().enumerate() {
+                let avail = d.inventory.get("sku1").map(|inv| inv.available(DCS[i])).unwrap_or(0);
+                if avail > 0 && step % 5 == 0 {
+                    let qty = avail.min(validate::QTY_MAX as u64) as u32;
+                    let cmd = Command::PlaceOrder { id: format!("{}-sweep{step}", DCS[i]), session: "t0".into(), sku: "sku1".into(), qty, dc: DCS[i].into(), hlc: step as u64, refresh_session: false };
+                    apply(d, &req(cmd));
+                }
+            }
+            check_no_phantom(&dcs)?;
         }
     }
 }

@@ -2,6 +2,8 @@
 //! over the peer transport, and the settings derived from the cluster file. The sled
 //! stores that openraft drives live in `storage`.
 
+pub mod guard;
+pub mod inbound;
 pub mod network;
 pub mod proposer;
 pub mod snapshots;

@@ -22,6 +22,8 @@ pub struct Link {
     pub lag_ms: u64,
     /// Times it was caught up from a snapshot because it fell past the outbox cap.
     pub snapshot_catchups: u64,
+    /// Leader only: answers acknowledging more events than we had emitted (ignored).
+    pub bad_acks: u64,
 }
 
 pub struct Links {
@@ -102,7 +104,7 @@ pub async fn probe_loop(node: Arc<Node>, dc: String) {
             other => {
                 tracing::debug!(%dc, target, answer = ?other.err(), "probe failed");
                 node.links.record_probe(target, false);
-                i += 1;
+                i = i.wrapping_add(1);
             }
         }
         tokio::time::sleep(interval.saturating_sub(started.elapsed())).await;

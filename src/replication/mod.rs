@@ -7,6 +7,7 @@
 //! answers and DNS read. A DC short of stock asks the others for part of their surplus
 //! ([`rebalance`]).
 
+pub mod guard;
 pub mod links;
 pub mod rebalance;
 pub mod receiver;

@@ -3,6 +3,7 @@
 //! `sent[me→them]` through its own Raft log (so it can never grant units it has sold).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::domain::{Command, Outcome, Request};
 use crate::error::NodeError;
@@ -40,23 +41,30 @@ async fn ask_peers(node: &Node, sku: &str, want: u64) -> u64 {
         let Some(leader) = node.links.get(&dc).remote_leader else { continue };
         let req = PeerRequest::AskStock { sku: sku.to_string(), want: want - got };
         if let Ok(PeerResponse::Granted(Ok(n))) = node.peers.call(leader, req, None).await {
-            got += n;
+            // A number from another DC, used only to stop asking: it must not overflow.
+            got = got.saturating_add(n);
         }
     }
     got
 }
 
-/// On the granting DC's leader: hands over up to `want` units above the reserve.
+/// On the granting DC's leader: hands over up to `want` units above the reserve, at
+/// most `grant_units_max` per ask and one grant per asking DC and SKU per
+/// `grant_interval_ms` (so a forged ask can move little, and never the reserve). The
+/// reserve is checked again when the grant is applied: an order sold in between cannot
+/// push it below.
 pub async fn grant(node: &Node, sku: &str, want: u64, to: &str) -> Result<u64, NodeError> {
     if !node.is_leader() {
         return Err(NodeError::NotLeader(node.leader()));
     }
+    let r = &node.config.replication;
     let available = node.sm.inventory(sku).map(|i| i.available(&node.info.dc)).unwrap_or(0);
-    let qty = want.min(available.saturating_sub(node.config.replication.reserve_units));
-    if qty == 0 {
+    let qty = super::guard::grant_qty(want, available, r.reserve_units, r.grant_units_max);
+    if qty == 0 || !node.grants.try_begin(to, sku, Duration::from_millis(r.grant_interval_ms)) {
         return Ok(0);
     }
-    let cmd = Command::Grant { sku: sku.to_string(), qty, from: node.info.dc.clone(), to: to.to_string(), hlc: node.hlc.now() };
+    let cmd =
+        Command::GrantAboveReserve { sku: sku.to_string(), qty, from: node.info.dc.clone(), to: to.to_string(), hlc: node.hlc.now(), reserve: r.reserve_units };
     match node.actors.submit(Request::new(cmd, None)).await? {
         Outcome::Granted { qty } => Ok(qty),
         // Sold in the meantime: nothing to give.

@@ -23,8 +23,15 @@ pub async fn handle(node: &Node, from: NodeId, req: PeerRequest) -> PeerResponse
     match req {
         PeerRequest::Probe => PeerResponse::Probe(probe_ack(node)),
         PeerRequest::Replicate { origin, events } if origin == sender_dc => {
+            // Before anything is applied or observed: no timestamp from the far future.
+            let max_offset = node.config.replication.max_clock_offset_ms;
+            if let Err(m) = super::guard::check_events(&events, crate::hlc::wall_ms(), max_offset) {
+                tracing::warn!(%origin, reason = %m, "replicated batch refused");
+                return PeerResponse::Replicate(Err(NodeError::BadRequest(m)));
+            }
             if let Some(max) = events.iter().map(|e| e.hlc).max() {
-                node.hlc.observe(max);
+                // Checked above; a refusal here only means the clock moved back meanwhile.
+                let _ = node.hlc.observe(max, max_offset);
             }
             let stamps: Vec<(u64, u64)> = events.iter().map(|e| (e.seq, e.hlc)).collect();
             let before = node.sm.cursor(&origin);
@@ -46,11 +53,19 @@ pub async fn handle(node: &Node, from: NodeId, req: PeerRequest) -> PeerResponse
             PeerResponse::Replicate(r)
         }
         PeerRequest::InstallRemote { origin, upto, changes } if origin == sender_dc => {
+            let max_offset = node.config.replication.max_clock_offset_ms;
+            if let Err(m) = changes.iter().try_for_each(|c| super::guard::check_change(c, crate::hlc::wall_ms(), max_offset)) {
+                tracing::warn!(%origin, reason = %m, "snapshot of another DC refused");
+                return PeerResponse::Replicate(Err(NodeError::BadRequest(m)));
+            }
             tracing::warn!(%origin, upto, changes = changes.len(), "installing a snapshot of another DC's state");
             PeerResponse::Replicate(apply(node, Command::InstallRemote { origin, upto, changes }).await)
         }
         PeerRequest::AskStock { sku, want } => PeerResponse::Granted(crate::replication::rebalance::grant(node, &sku, want, &sender_dc).await),
-        // A cancel for one of our orders, forwarded by the DC that received it.
+        // A cancel for one of our orders, forwarded by the DC that received it. Not checked
+        // today: any node of another DC may cancel any of our orders by id (and likewise
+        // through a `CancelRequest` event in its stream), without the buyer's session.
+        // Refuting a forged one needs proof of the buyer (the session that placed it).
         PeerRequest::Submit(req) if matches!(&req.cmd, Command::CancelOrder { dc, .. } if *dc == node.info.dc) => PeerResponse::Submit(node.submit(req).await),
         other => {
             crate::warn_limited!(
@@ -63,6 +78,16 @@ pub async fn handle(node: &Node, from: NodeId, req: PeerRequest) -> PeerResponse
             PeerResponse::Refused(format!("{} from {sender_dc} refused", request_name(&other)))
         }
     }
+}
+
+/// A write forwarded by a follower of this DC, on the leader: its timestamp must not be
+/// beyond the clock offset (a command is proposed with the timestamp it carries).
+pub async fn submit_forwarded(node: &Node, req: Request) -> Result<Outcome, NodeError> {
+    if let Err(m) = super::guard::check_command(&req.cmd, crate::hlc::wall_ms(), node.config.replication.max_clock_offset_ms) {
+        tracing::warn!(reason = %m, "forwarded command refused");
+        return Err(NodeError::BadRequest(m));
+    }
+    node.actors.submit(req).await
 }
 
 pub fn probe_ack(node: &Node) -> ProbeAck {

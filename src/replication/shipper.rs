@@ -45,22 +45,36 @@ async fn ship_once(node: &Node, dc: &str) -> Result<bool, NodeError> {
     let floor = sm.outbox_floor();
     let me = node.info.dc.clone();
     let ack = match acked {
-        Some(a) if a + 1 < floor => {
+        Some(a) if a.saturating_add(1) < floor => {
             // Fell past the outbox cap: install our owned state as of `out_seq` (read
             // before the state, so the state covers every event up to it).
             tracing::warn!(%dc, acked = a, floor, "peer DC behind the outbox cap; catching it up from a snapshot");
             let changes = sm.owned_state();
-            node.links.update(dc, |l| l.snapshot_catchups += 1);
+            node.links.update(dc, |l| l.snapshot_catchups = l.snapshot_catchups.saturating_add(1));
             send_to_dc(node, dc, || PeerRequest::InstallRemote { origin: me.clone(), upto: out_seq, changes: changes.clone() }).await?
         }
         Some(a) => {
-            let events = sm.outbox(a + 1, node.config.replication.batch_len_max);
+            let events = sm.outbox(a.saturating_add(1), node.config.replication.batch_len_max);
             send_to_dc(node, dc, || PeerRequest::Replicate { origin: me.clone(), events: events.clone() }).await?
         }
         // Unknown cursor (new leader): an empty batch asks for it.
         None => send_to_dc(node, dc, || PeerRequest::Replicate { origin: me.clone(), events: Vec::new() }).await?,
     };
-    let oldest_unacked = sm.outbox(ack.cursor + 1, 1).first().map(|e| hlc::age_ms(e.hlc)).unwrap_or(0);
+    // Read again: events emitted while the batch was out may have been in it.
+    let emitted = sm.out_seq();
+    if let Err(e) = super::guard::accept_ack(ack.cursor, emitted) {
+        let mut n = 0;
+        node.links.update(dc, |l| {
+            l.bad_acks = l.bad_acks.saturating_add(1);
+            n = l.bad_acks;
+        });
+        // The first time, then at every power of two: visible without flooding the log.
+        if n.is_power_of_two() {
+            tracing::warn!(%dc, error = %e, bad_acks = n, "impossible acknowledgement ignored; keeping the old cursor");
+        }
+        return Err(NodeError::Internal(e));
+    }
+    let oldest_unacked = sm.outbox(ack.cursor.saturating_add(1), 1).first().map(|e| hlc::age_ms(e.hlc)).unwrap_or(0);
     node.links.update(dc, |l| {
         l.acked = Some(ack.cursor);
         l.last_contact = Some(Instant::now());

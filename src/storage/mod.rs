@@ -26,7 +26,7 @@ use crate::config::Durability;
 use crate::raft::TypeConfig;
 
 pub use log_store::LogStore;
-pub use state_machine::{SmReader, StateMachineStore};
+pub use state_machine::{verify_snapshot_data, SmReader, StateMachineStore};
 
 /// Makes everything written to the db so far durable, to the configured level.
 #[derive(Clone)]

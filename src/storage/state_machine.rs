@@ -83,6 +83,54 @@ struct StoredSnapshot {
 type SnapshotRecords<'a> = Vec<(&'a serde_bytes::Bytes, &'a serde_bytes::Bytes)>;
 type SnapshotRecordsOwned = Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>;
 
+/// Snapshot data, format 2: this tag, the body's length (u64 big-endian), the SHA-256 of
+/// the body, then the body (the encoded records). Format 1 was the body alone; it starts
+/// with the codec's version byte (1), never with this tag, so the two are told apart. A
+/// node reads format 1 only from its own disk (a snapshot built before the upgrade),
+/// sealing it as format 2 before it serves it; from a leader it takes format 2 only.
+pub const SNAPSHOT_TAG: &[u8; 8] = b"AGSNAP02";
+const SNAPSHOT_HEADER_LEN: usize = 8 + 8 + 32;
+
+/// Wraps encoded records as format-2 snapshot data.
+pub fn seal_snapshot_body(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SNAPSHOT_HEADER_LEN + body.len());
+    out.extend_from_slice(SNAPSHOT_TAG);
+    out.extend_from_slice(&(body.len() as u64).to_be_bytes());
+    out.extend_from_slice(&Sha256::digest(body));
+    out.extend_from_slice(body);
+    out
+}
+
+/// The body of format-2 snapshot data whose checksum matches (bytes after the declared
+/// length are ignored: a receive buffer rewritten from offset 0 may keep a longer
+/// earlier attempt's tail). Format 1 (no checksum) only if `legacy_ok`.
+pub fn open_snapshot_data(data: &[u8], legacy_ok: bool) -> Result<&[u8], String> {
+    if !data.starts_with(SNAPSHOT_TAG) {
+        return if legacy_ok { Ok(data) } else { Err("snapshot data without a checksum (format 1) refused".into()) };
+    }
+    if data.len() < SNAPSHOT_HEADER_LEN {
+        return Err(format!("snapshot data of {} bytes is shorter than its header", data.len()));
+    }
+    let len = u64::from_be_bytes(data[8..16].try_into().expect("8 bytes"));
+    let end = (SNAPSHOT_HEADER_LEN as u64)
+        .checked_add(len)
+        .filter(|e| *e <= data.len() as u64)
+        .ok_or_else(|| format!("snapshot body of {len} bytes declared, {} present", data.len() - SNAPSHOT_HEADER_LEN))?;
+    let body = &data[SNAPSHOT_HEADER_LEN..end as usize];
+    if Sha256::digest(body).as_slice() != &data[16..SNAPSHOT_HEADER_LEN] {
+        return Err("snapshot checksum mismatch".into());
+    }
+    Ok(body)
+}
+
+/// Whether `data` is a snapshot this node could install: format 2, its checksum matching,
+/// its records decoding. Checked before the last chunk reaches openraft, for which a
+/// failing install is a fatal storage error.
+pub fn verify_snapshot_data(data: &[u8]) -> Result<(), String> {
+    let body = open_snapshot_data(data, false)?;
+    codec::decode::<SnapshotRecordsOwned>(body).map(|_| ()).map_err(|e| format!("snapshot records do not decode: {e}"))
+}
+
 /// Shared by the state machine (writer) and every reader.
 struct Inner {
     /// The DC this node belongs to: the origin of what it emits.
@@ -211,10 +259,11 @@ impl<'a> Overlay<'a> {
             return;
         }
         let changes = coalesce_stock(std::mem::take(&mut self.emitted));
-        let first = self.get::<u64>(OUT_SEQ.to_vec()).unwrap_or(0) + 1;
+        // 2^64 events is out of reach; wrapping would reuse seqs, so crash instead.
+        let first = self.get::<u64>(OUT_SEQ.to_vec()).unwrap_or(0).checked_add(1).expect("outbox seq exhausted");
         let origin = &self.inner.dc;
         let events: Vec<Event> = changes.into_iter().zip(first..).map(|((hlc, change), seq)| Event { seq, origin: origin.clone(), hlc, change }).collect();
-        let last = first + events.len() as u64 - 1;
+        let last = first.checked_add(events.len() as u64 - 1).expect("outbox seq exhausted");
         self.put(outbox_key(first), &events);
         self.put(OUT_SEQ.to_vec(), &last);
     }
@@ -239,7 +288,7 @@ fn coalesce_stock(changes: Vec<(u64, Change)>) -> Vec<(u64, Change)> {
         .into_iter()
         .rev()
         .filter(|(_, c)| match c {
-            Change::Stock { sku, .. } => seen.insert(sku.clone()),
+            Change::Stock { sku, .. } | Change::StockV2 { sku, .. } => seen.insert(sku.clone()),
             _ => true,
         })
         .collect();
@@ -419,8 +468,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta<NodeId, openraft::BasicNode>, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
-        let data = snapshot.into_inner();
-        let records: SnapshotRecordsOwned = codec::decode(&data).map_err(|e| io_err(StorageIOError::read, e))?;
+        let mut data = snapshot.into_inner();
+        let body = open_snapshot_data(&data, false).map_err(|e| io_err(StorageIOError::read, std::io::Error::other(e)))?;
+        let records: SnapshotRecordsOwned = codec::decode(body).map_err(|e| io_err(StorageIOError::read, e))?;
+        let sealed_len = SNAPSHOT_HEADER_LEN + body.len();
+        data.truncate(sealed_len);
         let inner = &*self.inner;
         {
             let mut w = inner.write_lock.lock().expect("write lock");
@@ -446,7 +498,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let bytes = tokio::task::spawn_blocking(move || read_snapshot(&file, &meta)).await.map_err(|e| io_err(StorageIOError::read, e))??;
         let Some(bytes) = bytes else { return Ok(None) };
         let s: StoredSnapshot = codec::decode(&bytes).map_err(|e| io_err(StorageIOError::read, e))?;
-        Ok(Some(Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+        // Built before snapshots carried a checksum: sealed now, as followers require.
+        let data = if s.data.starts_with(SNAPSHOT_TAG) { s.data } else { seal_snapshot_body(&s.data) };
+        Ok(Some(Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(data)) }))
     }
 }
 
@@ -519,7 +573,7 @@ impl StateMachineStore {
         };
         let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
         let records: SnapshotRecords = records.iter().map(|(k, v)| (serde_bytes::Bytes::new(k.as_ref()), serde_bytes::Bytes::new(v.as_ref()))).collect();
-        let data = codec::encode(&records);
+        let data = seal_snapshot_body(&codec::encode(&records));
         tracing::info!(
             records = records.len(),
             bytes = data.len(),
@@ -601,7 +655,7 @@ impl SmReader {
     pub fn outbox_floor(&self) -> u64 {
         match self.inner.tree.scan_prefix(OUTBOX).keys().next() {
             Some(k) => outbox_first_seq(&k.expect("sled read of state machine")),
-            None => self.out_seq() + 1,
+            None => self.out_seq().saturating_add(1),
         }
     }
 
@@ -634,7 +688,7 @@ impl SmReader {
                 }
                 b"i/" => {
                     let i: Inventory = codec::decode(&v).expect("inventory decodes");
-                    out.push(Change::Stock { sku: i.sku.clone(), row: i.row(dc) });
+                    out.push(Change::StockV2 { sku: i.sku.clone(), row: i.row(dc), received: i.received_by(dc) });
                 }
                 b"o/" => {
                     let o: Order = codec::decode(&v).expect("order decodes");
@@ -747,6 +801,32 @@ mod tests {
         assert_eq!(keys(b"d/"), mem.duplicates.keys().cloned().collect::<Vec<_>>());
         assert_eq!(sm.inner.tree.scan_prefix(b"e/").count(), mem.expiry.len());
         assert!(!keys(b"k/").iter().any(|k| k.contains("late") || k.ends_with("o0") || k.ends_with("o1")), "the three oldest went: {:?}", keys(b"k/"));
+    }
+
+    /// Snapshot data carries a checksum: a flipped byte, a truncation or data without a
+    /// checksum (from the wire) are refused; a longer buffer's tail is ignored.
+    #[test]
+    fn snapshot_data_is_checksummed() {
+        let records: Vec<(Vec<u8>, Vec<u8>)> = vec![(b"s/t1".to_vec(), vec![1, 2, 3])];
+        let body = codec::encode(&records);
+        let data = seal_snapshot_body(&body);
+        assert_eq!(open_snapshot_data(&data, false), Ok(body.as_slice()));
+        assert!(verify_snapshot_data(&data).is_ok());
+        let mut longer = data.clone();
+        longer.extend_from_slice(b"stale tail");
+        assert_eq!(open_snapshot_data(&longer, false), Ok(body.as_slice()));
+        let mut flipped = data.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(verify_snapshot_data(&flipped).is_err());
+        assert!(verify_snapshot_data(&data[..data.len() - 1]).is_err());
+        assert!(verify_snapshot_data(&data[..20]).is_err());
+        assert!(verify_snapshot_data(&body).is_err(), "format 1 is not taken from a leader");
+        assert_eq!(open_snapshot_data(&body, true), Ok(body.as_slice()), "but read from our own disk");
+        // Checksummed garbage is caught by decoding.
+        assert!(verify_snapshot_data(&seal_snapshot_body(&[1, 0xff, 0xff])).is_err());
+        let mut huge_len = data.clone();
+        huge_len[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
+        assert!(verify_snapshot_data(&huge_len).is_err());
     }
 
     /// Writes that land while a snapshot copies the tree — inserts, updates, deletes —

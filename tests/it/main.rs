@@ -8,6 +8,7 @@ mod dns;
 mod expiry;
 mod door;
 mod harness;
+mod hostile_values;
 mod launcher;
 mod multi_dc;
 mod peer_auth;

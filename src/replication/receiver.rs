@@ -62,10 +62,9 @@ pub async fn handle(node: &Node, from: NodeId, req: PeerRequest) -> PeerResponse
             PeerResponse::Replicate(apply(node, Command::InstallRemote { origin, upto, changes }).await)
         }
         PeerRequest::AskStock { sku, want } => PeerResponse::Granted(crate::replication::rebalance::grant(node, &sku, want, &sender_dc).await),
-        // A cancel for one of our orders, forwarded by the DC that received it. Not checked
-        // today: any node of another DC may cancel any of our orders by id (and likewise
-        // through a `CancelRequest` event in its stream), without the buyer's session.
-        // Refuting a forged one needs proof of the buyer (the session that placed it).
+        // A cancel for one of our orders, forwarded by the DC that received it. It carries
+        // the session that placed the order, which apply checks (as for a `CancelRequest`
+        // event in the sender's stream): an order id alone cancels nothing.
         PeerRequest::Submit(req) if matches!(&req.cmd, Command::CancelOrder { dc, .. } if *dc == node.info.dc) => PeerResponse::Submit(node.submit(req).await),
         other => {
             crate::warn_limited!(

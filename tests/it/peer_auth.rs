@@ -109,6 +109,28 @@ async fn peers_without_valid_credentials_are_refused_before_any_frame() {
     c.must_session(&leader, "still-serving").await;
 }
 
+/// A cancel forwarded by another DC's node names the order and must carry the session
+/// that placed it: a forged one (right order id, another session) cancels nothing.
+#[tokio::test]
+async fn a_forwarded_cancel_without_the_buyers_session_cancels_nothing() {
+    use serde_json::json;
+    let c = TestCluster::start(85, Options { dcs: 2, nodes: 1, ..Options::default() }).await;
+    let buyer = c.must_session("dc1-n1", "buyer").await;
+    c.must_restock("dc1-n1", "sku-c", 5).await;
+    let (code, order) = c.post("dc1-n1", "/v1/orders", json!({"session": buyer, "sku": "sku-c", "qty": 1})).await;
+    assert_eq!(code, 201, "{order}");
+    let id = order["id"].as_str().unwrap().to_string();
+    let mallory = c.must_session("dc2-n1", "mallory").await;
+    c.must_converge(Duration::from_secs(10)).await;
+    for session in [mallory.as_str(), "no-such-session"] {
+        let cancel = Request::new(Command::CancelOrder { id: id.clone(), dc: "dc1".into(), session: session.into(), hlc: 1 }, None);
+        let resp = c.peer_call("dc1-n1", 21, PeerRequest::Submit(cancel)).await;
+        assert!(!matches!(resp, PeerResponse::Submit(Ok(agora::domain::Outcome::Order(ref o))) if o.status == agora::domain::OrderStatus::Cancelled), "{resp:?}");
+    }
+    let (_, o) = c.get("dc1-n1", &format!("/v1/orders/{id}")).await;
+    assert_eq!(o["status"], "placed", "{o}");
+}
+
 #[tokio::test]
 async fn a_node_of_another_dc_cannot_speak_raft_or_admin_to_this_dc() {
     let c = TestCluster::start(82, Options { dcs: 2, nodes: 3, ..Options::default() }).await;

@@ -6,9 +6,14 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// Format version written in front of every frame and stored record.
-pub const FORMAT_VERSION: u8 = 1;
+///
+/// 2: cancels carry the buyer's session, idempotency records and duplicate sets their
+/// time of writing, and `Command::Expire` exists. Version 1 records are not decodable
+/// as version 2 types (bincode is positional), so they are refused by version, with a
+/// message, rather than misread.
+pub const FORMAT_VERSION: u8 = 2;
 /// Oldest version this build still reads.
-pub const FORMAT_VERSION_MIN: u8 = 1;
+pub const FORMAT_VERSION_MIN: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {

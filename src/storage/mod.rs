@@ -114,6 +114,7 @@ pub fn open(dir: &Path, dc: &str, durability: Durability, cache_bytes: u64, cach
         .flush_every_ms(Some(1000))
         .open()
         .map_err(|e| anyhow::anyhow!("open sled db in {}: {e}", dir.display()))?;
+    check_format(&db, dir)?;
     let file = match durability {
         Durability::Fsync => Some(Arc::new(File::open(dir.join("db"))?)),
         Durability::Flush => None,
@@ -124,7 +125,81 @@ pub fn open(dir: &Path, dc: &str, durability: Durability, cache_bytes: u64, cach
     Ok((log, sm))
 }
 
+/// The record format a data dir was written in, kept under this key of the default tree.
+const FORMAT_KEY: &[u8] = b"agora-format";
+
+/// A data dir written in another record format than this build's is refused at start
+/// with a message, rather than read as garbage later. A data dir without the marker but
+/// with data predates it: format 1.
+fn check_format(db: &sled::Db, dir: &Path) -> anyhow::Result<()> {
+    let found = match db.get(FORMAT_KEY)? {
+        Some(v) => v.first().copied().unwrap_or(0),
+        None if !has_data(db) => {
+            db.insert(FORMAT_KEY, &[crate::codec::FORMAT_VERSION])?;
+            db.flush()?;
+            return Ok(());
+        }
+        None => 1,
+    };
+    if (crate::codec::FORMAT_VERSION_MIN..=crate::codec::FORMAT_VERSION).contains(&found) {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "{}: data written in record format {found}, this build reads {}..={}: start the build that wrote it, or move the data dir away (the node then catches up from its DC)",
+        dir.display(),
+        crate::codec::FORMAT_VERSION_MIN,
+        crate::codec::FORMAT_VERSION
+    )
+}
+
+fn has_data(db: &sled::Db) -> bool {
+    db.tree_names().iter().any(|name| db.open_tree(name).map(|t| !t.is_empty()).unwrap_or(true))
+}
+
 /// Turns any error into openraft's storage error for the given operation.
 pub(crate) fn io_err<E: std::error::Error + 'static>(make: fn(openraft::AnyError) -> openraft::StorageIOError<u64>, e: E) -> openraft::StorageError<u64> {
     openraft::StorageError::IO { source: make(openraft::AnyError::new(&e)) }
+}
+
+#[cfg(test)]
+mod format_tests {
+    use super::*;
+
+    fn open_dir(dir: &Path) -> anyhow::Result<()> {
+        open(dir, "dc1", Durability::Flush, 1 << 20, 100).map(|_| ())
+    }
+
+    /// A fresh dir and a dir marked with this build's format open; a dir with data
+    /// but no marker (format 1) or another format is refused with a message.
+    #[tokio::test]
+    async fn data_of_another_format_is_refused_at_open() {
+        let fresh = tempfile::tempdir().unwrap();
+        open_dir(fresh.path()).expect("fresh dir opens");
+
+        let current = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(current.path()).unwrap();
+            db.insert(FORMAT_KEY, &[crate::codec::FORMAT_VERSION]).unwrap();
+            db.open_tree("log").unwrap().insert(b"entry", &[crate::codec::FORMAT_VERSION, 0][..]).unwrap();
+            db.flush().unwrap();
+        }
+        open_dir(current.path()).expect("data of this format opens");
+
+        let old = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(old.path()).unwrap();
+            db.open_tree("log").unwrap().insert(b"entry", &[1u8, 0][..]).unwrap();
+            db.flush().unwrap();
+        }
+        let err = open_dir(old.path()).expect_err("format 1 data refused");
+        assert!(format!("{err:#}").contains("record format 1"), "{err:#}");
+
+        let future = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(future.path()).unwrap();
+            db.insert(FORMAT_KEY, &[crate::codec::FORMAT_VERSION + 1]).unwrap();
+            db.flush().unwrap();
+        }
+        assert!(open_dir(future.path()).is_err());
+    }
 }

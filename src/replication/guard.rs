@@ -43,20 +43,10 @@ pub fn check_events(events: &[Event], now_ms: u64, max: u64) -> Result<(), Strin
 /// A command forwarded by a peer: the timestamp it carries (the leader proposes it as is).
 pub fn check_command(cmd: &Command, now_ms: u64, max: u64) -> Result<(), String> {
     match cmd {
-        Command::CreateSession { hlc, .. }
-        | Command::DeleteSession { hlc, .. }
-        | Command::Restock { hlc, .. }
-        | Command::PlaceOrder { hlc, .. }
-        | Command::Grant { hlc, .. }
-        | Command::GrantAboveReserve { hlc, .. }
-        | Command::RequestCancel { hlc, .. }
-        | Command::CancelOrder { hlc, .. }
-        | Command::Expire { hlc, .. }
-        | Command::SetDcSettings { hlc, .. } => check_hlc("command", *hlc, now_ms, max),
         Command::ApplyRemote { events, .. } => check_events(events, now_ms, max),
         Command::InstallRemote { changes, .. } => changes.iter().try_for_each(|c| check_change(c, now_ms, max)),
         Command::Batch { requests } => requests.iter().try_for_each(|r| check_command(&r.cmd, now_ms, max)),
-        Command::TrimOutbox { .. } => Ok(()),
+        other => other.hlc().map_or(Ok(()), |hlc| check_hlc("command", hlc, now_ms, max)),
     }
 }
 

@@ -111,8 +111,11 @@ async fn wiped_node_rejoins_from_a_snapshot() {
     .await;
     c.start_node(&victim);
     c.must_converge(Duration::from_secs(20)).await;
-    let s = c.status(&victim).await.unwrap();
-    assert!(s["snapshot_index"].as_u64().is_some(), "victim should hold a snapshot: {s}");
+    // The installed state is read at once; Raft's own metrics follow a moment later.
+    must_eventually(Duration::from_secs(10), "the victim reports the snapshot it installed", || async {
+        c.status(&victim).await?["snapshot_index"].as_u64()
+    })
+    .await;
     for t in tokens.iter().step_by(10) {
         let (code, _) = c.get(&victim, &format!("/v1/sessions/{t}?consistency=stale")).await;
         assert_eq!(code, 200);

@@ -127,6 +127,13 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     let config = ClusterConfig::load(args.config.as_deref())?;
     let data_dir = args.data_dir.unwrap_or_else(|| PathBuf::from(".agora/data").join(&args.node));
     let certs = args.certs.unwrap_or_else(|| PathBuf::from(".agora/certs"));
+    if !args.insecure_plaintext_peers && !certs.is_dir() {
+        anyhow::bail!(
+            "no certificates in {}: create them with `agora certs create --out {}` (with the same --config), or start the cluster with `agora cluster up`, which does",
+            certs.display(),
+            certs.display()
+        );
+    }
     let token_file = args.admin_token_file.or_else(|| (!args.insecure_plaintext_peers).then(|| agora::certs::token_path(&certs)));
     let admin_token = token_file.map(|f| agora::certs::read_token(&f)).transpose()?;
     let peer_auth = if args.insecure_plaintext_peers { PeerAuth::InsecurePlaintext } else { PeerAuth::Certs(certs) };

@@ -41,7 +41,7 @@ impl Kind {
         Some(match cmd {
             Command::CreateSession { .. } | Command::DeleteSession { .. } => Kind::Sessions,
             // An order takes units from its SKU: the SKU's actor serialises it with restocks.
-            Command::Restock { .. } | Command::PlaceOrder { .. } | Command::Grant { .. } => Kind::Inventory,
+            Command::Restock { .. } | Command::PlaceOrder { .. } | Command::PlaceOrderWithSession { .. } | Command::Grant { .. } => Kind::Inventory,
             Command::CancelOrder { .. } | Command::RequestCancel { .. } => Kind::Orders,
             Command::ApplyRemote { .. }
             | Command::InstallRemote { .. }

@@ -188,6 +188,14 @@ fn execute(state: &mut impl State, cmd: &Command, key: Option<&str>) -> Outcome 
             let o = NewOrder { id, session, sku, qty: *qty, dc, hlc: *hlc, key, refresh_session: *refresh_session };
             place_order(state, o)
         }
+        Command::PlaceOrderWithSession { record, id, session, sku, qty, dc, hlc, refresh_session } => {
+            // The owner's version of the session, merged like a replicated one (not ours to
+            // ship: the owner does); then the order, exactly as `PlaceOrder`.
+            let merged = state.session(&record.token).map(|old| old.merge(record.clone())).unwrap_or_else(|| record.clone());
+            store_session(state, merged);
+            let o = NewOrder { id, session, sku, qty: *qty, dc, hlc: *hlc, key, refresh_session: *refresh_session };
+            place_order(state, o)
+        }
         Command::CancelOrder { id, dc, session, .. } => cancel_order(state, id, dc, session),
         Command::Grant { sku, qty, from, to, hlc } => grant(state, sku, *qty, from, to, *hlc),
         Command::RequestCancel { id, owner, hlc, session, .. } => {
@@ -225,6 +233,14 @@ fn check(state: &impl State, cmd: &Command) -> Result<(), String> {
         Command::Restock { sku, add, dc, .. } => validate::name("sku", sku).and(validate::restock_add(*add as i64).map(|_| ())).and(own(dc)),
         Command::PlaceOrder { id, session, sku, qty, dc, .. } => validate::name("id", id)
             .and(validate::name("session", session))
+            .and(validate::name("sku", sku))
+            .and(validate::qty(*qty as i64).map(|_| ()))
+            .and(own(dc)),
+        Command::PlaceOrderWithSession { record, session, .. } if record.token != *session => Err("the session record is not the order's session".into()),
+        Command::PlaceOrderWithSession { record, id, session, sku, qty, dc, .. } => validate::name("id", id)
+            .and(validate::name("session", session))
+            .and(validate::name("user", &record.user))
+            .and(validate::name("dc", &record.dc))
             .and(validate::name("sku", sku))
             .and(validate::qty(*qty as i64).map(|_| ()))
             .and(own(dc)),

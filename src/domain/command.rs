@@ -107,6 +107,20 @@ pub enum Command {
         dc: String,
         hlc: u64,
     },
+    /// `PlaceOrder` with a session this DC had not seen yet: `record` is the session as
+    /// its owner DC answered a lookup for it, merged last-writer-wins (like a replicated
+    /// version) before the order is placed, so every replica applies the same entry to the
+    /// same result. (After `Expire`, so older entries decode.)
+    PlaceOrderWithSession {
+        record: Session,
+        id: String,
+        session: String,
+        sku: String,
+        qty: u32,
+        dc: String,
+        hlc: u64,
+        refresh_session: bool,
+    },
 }
 
 /// What Raft replicates: a command and the client's `Idempotency-Key`, if it sent one.
@@ -130,7 +144,9 @@ impl Request {
             Command::DeleteSession { token, .. } => (format!("logout/{k}"), token.clone()),
             Command::Restock { sku, add, .. } => (format!("restock/{k}"), format!("{sku}/{add}")),
             // Scoped by session: two shoppers may pick the same key.
-            Command::PlaceOrder { session, sku, qty, .. } => (order_key_scope(session, k), format!("{sku}/{qty}")),
+            Command::PlaceOrder { session, sku, qty, .. } | Command::PlaceOrderWithSession { session, sku, qty, .. } => {
+                (order_key_scope(session, k), format!("{sku}/{qty}"))
+            }
             // Scoped by session too: only the same shopper gets the first answer back.
             Command::CancelOrder { id, session, .. } => (format!("cancel/{session}/{k}"), id.clone()),
             _ => return None,
@@ -147,7 +163,7 @@ impl Command {
     pub fn entity(&self) -> &str {
         match self {
             Command::CreateSession { token, .. } | Command::DeleteSession { token, .. } => token,
-            Command::Restock { sku, .. } | Command::PlaceOrder { sku, .. } | Command::Grant { sku, .. } => sku,
+            Command::Restock { sku, .. } | Command::PlaceOrder { sku, .. } | Command::PlaceOrderWithSession { sku, .. } | Command::Grant { sku, .. } => sku,
             Command::CancelOrder { id, .. } | Command::RequestCancel { id, .. } => id,
             Command::ApplyRemote { origin, .. } | Command::InstallRemote { origin, .. } => origin,
             Command::TrimOutbox { .. } => "outbox",
@@ -164,6 +180,7 @@ impl Command {
             | Command::DeleteSession { hlc, .. }
             | Command::Restock { hlc, .. }
             | Command::PlaceOrder { hlc, .. }
+            | Command::PlaceOrderWithSession { hlc, .. }
             | Command::CancelOrder { hlc, .. }
             | Command::Grant { hlc, .. }
             | Command::RequestCancel { hlc, .. }

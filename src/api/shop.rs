@@ -26,10 +26,13 @@ fn path_name(field: &str, p: PathArg) -> Result<String, ApiError> {
     Ok(v)
 }
 
-/// Waits for the read barrier the query asks for.
-async fn barrier(node: &AppState, q: QueryArg) -> Result<(), ApiError> {
+/// Waits for the read barrier the query asks for; returns whether the read is stale
+/// (local copy only: no barrier, and no lookup in the owner DC).
+async fn barrier(node: &AppState, q: QueryArg) -> Result<bool, ApiError> {
     let Query(params) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    node.read_barrier(params.stale()?).await.map_err(ApiError::from)
+    let stale = params.stale()?;
+    node.read_barrier(stale).await.map_err(ApiError::from)?;
+    Ok(stale)
 }
 
 async fn submit(node: &AppState, cmd: Command, headers: &HeaderMap) -> Result<Outcome, ApiError> {
@@ -128,8 +131,9 @@ pub async fn create_session(State(node): State<AppState>, headers: HeaderMap, bo
 
 pub async fn get_session(State(node): State<AppState>, token: PathArg, q: QueryArg) -> Result<Json<Value>, ApiError> {
     let token = path_name("token", token)?;
-    barrier(&node, q).await?;
-    match find_session(&node, &token).await?.0 {
+    let stale = barrier(&node, q).await?;
+    let found = if stale { node.sm.session(&token) } else { find_session(&node, &token).await?.0 };
+    match found {
         Some(s) if !s.deleted => Ok(Json(session_json(&s))),
         _ => Err(ApiError::not_found("session")),
     }
@@ -240,12 +244,12 @@ fn sold_out(node: &AppState, sku: &str, available: u64, requested: u32) -> ApiEr
 
 pub async fn get_order(State(node): State<AppState>, id: PathArg, q: QueryArg) -> Result<Json<Value>, ApiError> {
     let id = path_name("id", id)?;
-    barrier(&node, q).await?;
+    let stale = barrier(&node, q).await?;
     if let Some(o) = node.sm.order(&id) {
         return Ok(Json(order_json(&o)));
     }
-    // Another DC's order this DC has not seen yet: its owner knows.
-    let Some(owner) = foreign_owner(&node, &id) else { return Err(ApiError::not_found("order")) };
+    // Another DC's order this DC has not seen yet: its owner knows (a stale read does not ask).
+    let Some(owner) = foreign_owner(&node, &id).filter(|_| !stale) else { return Err(ApiError::not_found("order")) };
     match node.lookup(&owner, Lookup::Order(id)).await {
         Ok(Found::Order(Some(o))) => Ok(Json(order_json(&o))),
         Ok(_) => Err(ApiError::not_found("order")),

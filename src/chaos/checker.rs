@@ -60,6 +60,7 @@ pub fn check(history: &[Record], final_state: &FinalState, opts: &CheckOptions) 
         linearizability: check_linearizability(&records, &by_id, opts),
         duplicates: check_duplicates(&records, &acked, final_state),
         availability: check_availability(&records, &final_state.nemesis, opts),
+        roaming: check_roaming(&records, &acked),
     };
     decide(&mut report);
     report
@@ -83,6 +84,9 @@ fn decide(r: &mut CheckReport) {
     }
     if !r.duplicates.ok {
         invalid.push(format!("duplicates: {} idempotency key(s) with several live orders", r.duplicates.violations.len()));
+    }
+    if !r.roaming.ok {
+        invalid.push(format!("read-your-writes across DCs: {} violation(s)", r.roaming.violations.len()));
     }
     if !r.availability.ok {
         invalid.push(format!("availability: longest unavailability over {} ms", r.availability.bound_ms.unwrap_or(0)));
@@ -207,6 +211,70 @@ fn stale_order_reads(records: &[&Record], acked: &BTreeMap<&str, Acked>) -> Vec<
         }
     }
     out
+}
+
+/// Invariant 6, read-your-writes wherever the client goes: once an order or a session
+/// was acknowledged, no DC may answer as if it did not exist — a read of the order or
+/// session is never 404, an order with the session never 401, and a cancel with the
+/// session that placed the order is never refused (401, 403, 404 or 409), unless an
+/// earlier cancel of that order may have happened or merge may have cancelled it (a
+/// keyed order acknowledged in two DCs). A DC that cannot ask the owner answers 503
+/// `owner_unreachable`, which is allowed. Only calls made after the acknowledgement
+/// returned count.
+fn check_roaming(records: &[&Record], acked: &BTreeMap<&str, Acked>) -> Roaming {
+    let mut sessions: HashMap<&str, &Record> = HashMap::new();
+    for r in records.iter().filter(|r| r.outcome == Outcome::Ok) {
+        if let Op::Session { token: Some(t), .. } = &r.op {
+            let first = sessions.get(t.as_str()).is_none_or(|a| a.complete_ns > r.complete_ns);
+            if first {
+                sessions.insert(t, r);
+            }
+        }
+    }
+    let cross = cross_dc_keys(records);
+    let before = |ack: &Record, r: &Record| ack.complete_ns.is_some_and(|c| c < r.invoke_ns);
+    // Cancels that may have happened, by order id: (invoke of the earliest).
+    let mut maybe_cancelled: HashMap<&str, u64> = HashMap::new();
+    for r in records.iter().filter(|r| r.outcome != Outcome::Fail) {
+        if let Op::Cancel { order_id, .. } = &r.op {
+            let e = maybe_cancelled.entry(order_id.as_str()).or_insert(r.invoke_ns);
+            *e = (*e).min(r.invoke_ns);
+        }
+    }
+    let (mut checked, mut elsewhere, mut violations) = (0, 0, vec![]);
+    for r in records {
+        let (subject, ack, kind): (&str, Option<&Record>, &str) = match &r.op {
+            Op::ReadOrder { order_id, .. } => (order_id, acked.get(order_id.as_str()).map(|a| a.record), "order_not_found"),
+            Op::ReadSession { token, .. } => (token, sessions.get(token.as_str()).copied(), "session_not_found"),
+            Op::Order { session, .. } => (session, sessions.get(session.as_str()).copied(), "session_refused"),
+            Op::Cancel { order_id, session, .. } => {
+                let a = acked.get(order_id.as_str());
+                // Only a cancel with the order's own session must succeed (when it is known).
+                let own = a.filter(|a| session.as_deref().is_none_or(|s| s == a.session));
+                (order_id, own.map(|a| a.record), "cancel_refused")
+            }
+            _ => continue,
+        };
+        let Some(ack) = ack.filter(|a| before(a, r)) else { continue };
+        checked += 1;
+        elsewhere += usize::from(ack.dc != r.dc);
+        let refused = r.outcome == Outcome::Fail
+            && match &r.op {
+                Op::ReadOrder { .. } | Op::ReadSession { .. } => r.status == 404,
+                Op::Order { .. } => r.status == 401,
+                Op::Cancel { order_id, .. } => {
+                    let a = &acked[order_id.as_str()];
+                    let merged_away = a.key.is_some_and(|k| cross.contains(&(a.session, k)));
+                    let earlier = maybe_cancelled.get(order_id.as_str()).is_some_and(|t| *t < r.invoke_ns);
+                    matches!(r.status, 401 | 403 | 404 | 409) && !(r.status == 409 && (merged_away || earlier))
+                }
+                _ => false,
+            };
+        if refused {
+            violations.push(RoamViolation { kind: kind.into(), subject: subject.to_string(), op: op_ref(r), acknowledged_by: ack.id });
+        }
+    }
+    Roaming { ok: violations.is_empty(), checked, elsewhere, violations }
 }
 
 /// Invariant 2: in every DC's view, Σsold − Σreleased ≤ Σstocked and nothing is
@@ -391,7 +459,7 @@ fn key_ops(r: &Record, cross_dc: &HashSet<(&str, &str)>) -> Vec<(String, String,
             vec![here(sku, lin(Step::Restock { add: *add, available_after: if pending { None } else { *available_after } }, pending), None)]
         }
         (Op::ReadInventory { sku, available: Some(a) }, Outcome::Ok) => vec![here(sku, lin(Step::Read { available: *a }, false), None)],
-        (Op::Cancel { order_id, order_dc, qty, sku }, _) => {
+        (Op::Cancel { order_id, order_dc, qty, sku, .. }, _) => {
             let foreign = *order_dc != r.dc;
             let op = KeyOp { op: lin(Step::Cancel { qty: *qty, group: None }, pending || foreign), group: Some(format!("cancel {order_id}")) };
             vec![(order_dc.clone(), sku.clone(), op)]

@@ -26,6 +26,7 @@ pub struct CheckReport {
     pub linearizability: Linearizability,
     pub duplicates: Duplicates,
     pub availability: Availability,
+    pub roaming: Roaming,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -191,6 +192,28 @@ pub struct DuplicateGroup {
     pub ops: Vec<u64>,
 }
 
+/// Invariant 6: read-your-writes across DCs for acknowledged orders and sessions.
+#[derive(Debug, Clone, Serialize)]
+pub struct Roaming {
+    pub ok: bool,
+    /// Calls about an order or session acknowledged before they were made.
+    pub checked: usize,
+    /// Of those, calls sent to another DC than the one that acknowledged it.
+    pub elsewhere: usize,
+    pub violations: Vec<RoamViolation>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RoamViolation {
+    /// `order_not_found`, `session_not_found`, `session_refused` or `cancel_refused`.
+    pub kind: String,
+    /// The order id or session token.
+    pub subject: String,
+    pub op: OpRef,
+    /// The operation that acknowledged the order or session.
+    pub acknowledged_by: u64,
+}
+
 /// Invariant 5: served share per fault window, unavailability after leader kills.
 #[derive(Debug, Clone, Serialize)]
 pub struct Availability {
@@ -272,6 +295,18 @@ pub fn human(r: &CheckReport) -> String {
     let _ = writeln!(s, "{} duplicates: {} of {} keyed orders have several live orders", mark(d.ok), d.violations.len(), d.keyed_groups);
     for g in d.violations.iter().take(SHOWN_MAX) {
         let _ = writeln!(s, "       session {} key {}: {} (ops {:?})", g.session, g.idempotency_key, g.order_ids.join(", "), g.ops);
+    }
+    let ro = &r.roaming;
+    let _ = writeln!(
+        s,
+        "{} read-your-writes across DCs: {} violation(s) in {} calls about acknowledged orders and sessions ({} in another DC)",
+        mark(ro.ok),
+        ro.violations.len(),
+        ro.checked,
+        ro.elsewhere
+    );
+    for v in ro.violations.iter().take(SHOWN_MAX) {
+        let _ = writeln!(s, "       {} {}: {} after op {} acknowledged it", v.kind, v.subject, op_line(&v.op), v.acknowledged_by);
     }
     human_availability(&mut s, &r.availability, mark(r.availability.ok));
     for e in r.input_errors.iter().take(SHOWN_MAX) {

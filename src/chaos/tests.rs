@@ -53,7 +53,7 @@ fn read(sku: &str, available: u64) -> Op {
 }
 fn cancel(order_id: &str, qty: u64, sku: &str) -> Op {
     let order_dc = order_origin(order_id).unwrap_or_default().to_string();
-    Op::Cancel { order_id: order_id.into(), order_dc, qty, sku: sku.into() }
+    Op::Cancel { order_id: order_id.into(), order_dc, qty, sku: sku.into(), session: None }
 }
 
 /// A healthy final state for `dcs`: every acknowledged order present everywhere, one
@@ -82,6 +82,7 @@ fn failing(r: &CheckReport) -> Vec<&'static str> {
         ("linearizability", r.linearizability.ok),
         ("duplicates", r.duplicates.ok),
         ("availability", r.availability.ok),
+        ("roaming", r.roaming.ok),
     ];
     sections.iter().filter(|(_, ok)| !ok).map(|(name, _)| *name).collect()
 }
@@ -110,6 +111,69 @@ fn lin_failure(r: &CheckReport) -> (String, Option<u64>) {
 
 // ---- the checker fails on bad histories ----
 
+fn session_ok(id: u64, dc: &str, t0: u64, t1: u64, token: &str) -> Record {
+    ok(id, dc, t0, t1, Op::Session { user: "u".into(), token: Some(token.into()) })
+}
+fn read_order(id: &str) -> Op {
+    Op::ReadOrder { order_id: id.into(), order_status: None }
+}
+fn read_session(token: &str) -> Op {
+    Op::ReadSession { token: token.into(), user: None }
+}
+fn cancel_with(order_id: &str, qty: u64, sku: &str, session: &str) -> Op {
+    match cancel(order_id, qty, sku) {
+        Op::Cancel { order_id, order_dc, qty, sku, .. } => Op::Cancel { order_id, order_dc, qty, sku, session: Some(session.into()) },
+        other => other,
+    }
+}
+/// A session from dc1 and an order placed with it in dc2, both acknowledged by t=30.
+fn roamed() -> Vec<Record> {
+    vec![session_ok(1, "dc1", 0, 5, "t1"), ok(2, "dc2", 0, 10, restock("s", 5, 5)), ok(3, "dc2", 20, 30, order("s", 1, "dc2-a"))]
+}
+
+#[test]
+fn an_acknowledged_order_not_found_in_another_dc_breaks_read_your_writes() {
+    let mut h = roamed();
+    // Before the acknowledgement returned, a miss proves nothing; 503 owner_unreachable is allowed.
+    h.push(rec(4, "dc1", (25, Some(26)), Outcome::Fail, 404, read_order("dc2-a")));
+    h.push(rec(5, "dc1", (40, None), Outcome::Unknown, 503, read_order("dc2-a")));
+    must_be_valid(&h);
+    h.push(rec(6, "dc1", (40, Some(50)), Outcome::Fail, 404, read_order("dc2-a")));
+    let r = must_fail_in(&h, &healthy(&h, &["dc1", "dc2"]), &["roaming"]);
+    assert_eq!(r.roaming.violations.len(), 1);
+    assert_eq!((r.roaming.violations[0].kind.as_str(), r.roaming.violations[0].op.id, r.roaming.violations[0].acknowledged_by), ("order_not_found", 6, 3));
+    assert!(human(&r).contains("order_not_found dc2-a"), "{}", human(&r));
+}
+
+#[test]
+fn an_acknowledged_session_not_found_or_refused_elsewhere_breaks_read_your_writes() {
+    let mut h = roamed();
+    h.push(rec(4, "dc3", (40, Some(50)), Outcome::Fail, 404, read_session("t1")));
+    h.push(rec(5, "dc3", (40, Some(50)), Outcome::Fail, 401, order_sent("s", 1)));
+    // A token nobody was given is rightly unknown.
+    h.push(rec(6, "dc3", (40, Some(50)), Outcome::Fail, 404, read_session("t9")));
+    let r = must_fail_in(&h, &healthy(&h, &["dc1", "dc2", "dc3"]), &["roaming"]);
+    let kinds: Vec<(&str, u64)> = r.roaming.violations.iter().map(|v| (v.kind.as_str(), v.op.id)).collect();
+    assert_eq!(kinds, [("session_not_found", 4), ("session_refused", 5)]);
+}
+
+#[test]
+fn a_cancel_of_an_own_order_refused_anywhere_is_caught() {
+    for (status, code) in [(404, "not_found"), (409, "foreign_order"), (401, "unknown_session"), (403, "forbidden")] {
+        let mut h = roamed();
+        h.push(rec(4, "dc1", (40, Some(50)), Outcome::Fail, status, cancel_with("dc2-a", 1, "s", "t1")));
+        let r = must_fail_in(&h, &healthy(&h, &["dc1", "dc2"]), &["roaming"]);
+        assert_eq!(r.roaming.violations[0].kind, "cancel_refused", "{code}");
+    }
+    // Allowed: another session's cancel refused; already_cancelled after a cancel that may
+    // have happened; a queued cancel (202, unknown).
+    let mut h = roamed();
+    h.push(rec(4, "dc1", (40, Some(50)), Outcome::Fail, 403, cancel_with("dc2-a", 1, "s", "t2")));
+    h.push(rec(5, "dc1", (60, None), Outcome::Unknown, 202, cancel_with("dc2-a", 1, "s", "t1")));
+    h.push(rec(6, "dc2", (70, Some(80)), Outcome::Fail, 409, cancel_with("dc2-a", 1, "s", "t1")));
+    must_be_valid(&h);
+}
+
 #[test]
 fn lost_acknowledged_order_is_reported() {
     let h = [ok(1, "dc1", 0, 10, restock("s", 5, 5)), ok(2, "dc1", 20, 30, order("s", 1, "dc1-a"))];
@@ -128,9 +192,7 @@ fn lost_acknowledged_order_is_reported() {
 fn order_not_found_in_its_own_dc_after_ack_is_a_stale_order_read() {
     let mut h = vec![ok(1, "dc1", 0, 10, restock("s", 5, 5)), ok(2, "dc1", 20, 30, order("s", 1, "dc1-a"))];
     h.push(rec(3, "dc1", (40, Some(50)), Outcome::Fail, 404, Op::ReadOrder { order_id: "dc1-a".into(), order_status: None }));
-    // The same miss in another DC is only replication lag.
-    h.push(rec(4, "dc2", (40, Some(50)), Outcome::Fail, 404, Op::ReadOrder { order_id: "dc1-a".into(), order_status: None }));
-    let r = must_fail_in(&h, &healthy(&h, &["dc1", "dc2"]), &["lost_orders"]);
+    let r = must_fail_in(&h, &healthy(&h, &["dc1", "dc2"]), &["lost_orders", "roaming"]);
     assert_eq!(r.lost_orders.stale_reads.len(), 1);
     assert_eq!(r.lost_orders.stale_reads[0].read.id, 3);
 }

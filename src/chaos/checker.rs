@@ -560,7 +560,57 @@ fn window_stats(records: &[&Record], name: &str, start_ns: u64, end_ns: u64) -> 
     // (4xx such as sold out). A refused connection or a 503 (no quorum) was not served.
     let served = inside.iter().filter(|r| r.outcome == Outcome::Ok || (r.outcome == Outcome::Fail && (400..500).contains(&r.status))).count();
     let served_share = if inside.is_empty() { 1.0 } else { served as f64 / inside.len() as f64 };
-    WindowStats { name: name.to_string(), start_ns, end_ns, invoked: inside.len(), ok, fail, unknown, served_share }
+    WindowStats {
+        name: name.to_string(),
+        start_ns,
+        end_ns,
+        invoked: inside.len(),
+        ok,
+        fail,
+        unknown,
+        served_share,
+        phases: phase_stats(records, start_ns, end_ns),
+    }
+}
+
+/// The fault's own window is closed at both ends (as `window_stats` counts it); the
+/// phases around it leave those instants out.
+fn in_phase(phase: &str, from: u64, to: u64, t: u64) -> bool {
+    match phase {
+        "before" => (from..to).contains(&t),
+        "during" => (from..=to).contains(&t),
+        _ => t > from && t <= to,
+    }
+}
+
+/// Throughput and success rate per DC before, during and after a fault, as etcd's
+/// robustness tests report availability: "before" and "after" are as long as the fault
+/// (clipped to the history), so the three are comparable. A call counts in the DC it was
+/// sent to, in the phase it was invoked in; `ok_per_s` counts ok calls per second.
+fn phase_stats(records: &[&Record], start_ns: u64, end_ns: u64) -> Vec<PhaseStats> {
+    let len = end_ns.saturating_sub(start_ns).max(1);
+    let last = records.iter().map(|r| r.complete_ns.unwrap_or(r.invoke_ns)).max().unwrap_or(end_ns);
+    let phases = [("before", start_ns.saturating_sub(len), start_ns), ("during", start_ns, end_ns), ("after", end_ns, (end_ns + len).min(last.max(end_ns)))];
+    let dcs: BTreeSet<&str> = records.iter().map(|r| r.dc.as_str()).collect();
+    let mut out = vec![];
+    for dc in dcs {
+        for (phase, from, to) in phases {
+            let inside: Vec<&&Record> = records.iter().filter(|r| r.dc == dc && in_phase(phase, from, to, r.invoke_ns)).collect();
+            let ok = inside.iter().filter(|r| r.outcome == Outcome::Ok).count();
+            let secs = to.saturating_sub(from) as f64 / 1e9;
+            out.push(PhaseStats {
+                dc: dc.to_string(),
+                phase: phase.to_string(),
+                start_ns: from,
+                end_ns: to,
+                invoked: inside.len(),
+                ok,
+                ok_per_s: if secs > 0.0 { ok as f64 / secs } else { 0.0 },
+                success_rate: if inside.is_empty() { 1.0 } else { ok as f64 / inside.len() as f64 },
+            });
+        }
+    }
+    out
 }
 
 fn kill_stats(records: &[&Record], dc: &str, node: &str, at_ns: u64) -> KillStats {

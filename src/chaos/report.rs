@@ -237,6 +237,24 @@ pub struct WindowStats {
     pub unknown: usize,
     /// (ok + fail) / invoked, 1.0 when nothing was invoked.
     pub served_share: f64,
+    /// Per DC: before, during and after the fault.
+    pub phases: Vec<PhaseStats>,
+}
+
+/// One DC's calls in one phase around a fault (etcd-style availability).
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseStats {
+    pub dc: String,
+    /// `before`, `during` or `after`.
+    pub phase: String,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub invoked: usize,
+    pub ok: usize,
+    /// Ok calls per second of the phase.
+    pub ok_per_s: f64,
+    /// ok / invoked (1.0 when nothing was invoked).
+    pub success_rate: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -343,6 +361,13 @@ fn human_availability(s: &mut String, a: &Availability, mark: &str) {
     let _ = writeln!(s, "{mark} availability: {} fault window(s), {} leader kill(s), longest unavailability {longest}", a.windows.len(), a.leader_kills.len());
     for w in &a.windows {
         let _ = writeln!(s, "       {}: served {} of {} ({:.1} %), unknown {}", w.name, w.ok + w.fail, w.invoked, w.served_share * 100.0, w.unknown);
+        let mut dcs: Vec<&str> = w.phases.iter().map(|p| p.dc.as_str()).collect();
+        dcs.dedup();
+        for dc in dcs {
+            let cells: Vec<String> =
+                w.phases.iter().filter(|p| p.dc == dc).map(|p| format!("{} {:.1} ok/s {:.1} %", p.phase, p.ok_per_s, p.success_rate * 100.0)).collect();
+            let _ = writeln!(s, "         {dc}: {}", cells.join(" | "));
+        }
     }
     for k in &a.leader_kills {
         let gap =

@@ -132,6 +132,42 @@ fn roamed() -> Vec<Record> {
 }
 
 #[test]
+fn availability_is_reported_per_dc_before_during_and_after_a_fault() {
+    let s = 1_000_000_000u64;
+    // dc1: 2 ok calls a second throughout except during the fault, where half fail; dc2: steady.
+    let mut h = vec![];
+    let mut id = 0;
+    for t in 0..30u64 {
+        for (dc, bad) in [("dc1", (10..20).contains(&t) && t % 2 == 0), ("dc2", false)] {
+            id += 1;
+            let at = t * s / 2;
+            h.push(if bad {
+                unknown(id, dc, at, read("s", 0))
+            } else {
+                ok(id, dc, at, at + 1000, Op::ReadOrder { order_id: "x".into(), order_status: Some("placed".into()) })
+            });
+        }
+    }
+    let mut state = healthy(&h, &["dc1", "dc2"]);
+    state.nemesis.faults.push(FaultWindow { name: "kill dc1 leader".into(), start_ns: 5 * s, end_ns: 10 * s });
+    let r = check(&h, &state, &opts());
+    let w = &r.availability.windows[0];
+    let get = |dc: &str, phase: &str| w.phases.iter().find(|p| p.dc == dc && p.phase == phase).cloned().expect("phase");
+    let (before, during, after) = (get("dc1", "before"), get("dc1", "during"), get("dc1", "after"));
+    assert_eq!((before.invoked, before.ok), (10, 10));
+    // The fault's end is inside it (t = 10 s, ok): 11 calls, 5 lost.
+    assert_eq!((during.invoked, during.ok), (11, 6), "{during:?}");
+    assert!((during.success_rate - 6.0 / 11.0).abs() < 1e-9);
+    assert!((before.ok_per_s - 2.0).abs() < 1e-9 && (during.ok_per_s - 1.2).abs() < 1e-9, "{before:?} {during:?}");
+    assert_eq!(after.invoked, 9, "after is clipped to the history: {after:?}");
+    assert_eq!(get("dc2", "during").success_rate, 1.0);
+    let text = human(&r);
+    assert!(text.contains("dc1: before 2.0 ok/s 100.0 % | during 1.2 ok/s 54.5 %"), "{text}");
+    let json = serde_json::to_value(&r).expect("json");
+    assert_eq!(json["availability"]["windows"][0]["phases"][0]["phase"], "before");
+}
+
+#[test]
 fn an_acknowledged_order_not_found_in_another_dc_breaks_read_your_writes() {
     let mut h = roamed();
     // Before the acknowledgement returned, a miss proves nothing; 503 owner_unreachable is allowed.

@@ -568,6 +568,7 @@ fn window_stats(records: &[&Record], name: &str, start_ns: u64, end_ns: u64) -> 
         ok,
         fail,
         unknown,
+        served,
         served_share,
         phases: phase_stats(records, start_ns, end_ns),
     }

@@ -235,7 +235,9 @@ pub struct WindowStats {
     /// Definite refusals: the system answered, so they count as served.
     pub fail: usize,
     pub unknown: usize,
-    /// (ok + fail) / invoked, 1.0 when nothing was invoked.
+    /// Answered about the request itself: ok, or refused for its own reason (4xx).
+    pub served: usize,
+    /// served / invoked, 1.0 when nothing was invoked.
     pub served_share: f64,
     /// Per DC: before, during and after the fault.
     pub phases: Vec<PhaseStats>,
@@ -360,7 +362,7 @@ fn human_availability(s: &mut String, a: &Availability, mark: &str) {
     let longest = a.longest_unavailable_ms.map_or("-".to_string(), |ms| format!("{ms} ms"));
     let _ = writeln!(s, "{mark} availability: {} fault window(s), {} leader kill(s), longest unavailability {longest}", a.windows.len(), a.leader_kills.len());
     for w in &a.windows {
-        let _ = writeln!(s, "       {}: served {} of {} ({:.1} %), unknown {}", w.name, w.ok + w.fail, w.invoked, w.served_share * 100.0, w.unknown);
+        let _ = writeln!(s, "       {}: served {} of {} ({:.1} %), unknown {}", w.name, w.served, w.invoked, w.served_share * 100.0, w.unknown);
         let mut dcs: Vec<&str> = w.phases.iter().map(|p| p.dc.as_str()).collect();
         dcs.dedup();
         for dc in dcs {

@@ -141,7 +141,14 @@ pub async fn get_session(State(node): State<AppState>, token: PathArg, q: QueryA
 
 pub async fn delete_session(State(node): State<AppState>, headers: HeaderMap, token: PathArg) -> Result<StatusCode, ApiError> {
     let token = path_name("token", token)?;
-    let cmd = Command::DeleteSession { token, dc: node.info.dc.clone(), hlc: node.hlc.now() };
+    let (dc, hlc) = (node.info.dc.clone(), node.hlc.now());
+    // A token another DC created that this DC has not seen yet: its owner's version
+    // travels in the entry (as for an order), and the logout is written here.
+    let cmd = match find_session(&node, &token).await? {
+        (Some(record), true) if !record.deleted => Command::DeleteSessionWithRecord { record, token, dc, hlc },
+        (_, true) => return Err(ApiError::not_found("session")),
+        _ => Command::DeleteSession { token, dc, hlc },
+    };
     let req = Request::new(cmd, idempotency_key(&headers)?);
     match node.submit(req).await? {
         Outcome::SessionDeleted => Ok(StatusCode::NO_CONTENT),

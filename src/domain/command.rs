@@ -121,6 +121,14 @@ pub enum Command {
         hlc: u64,
         refresh_session: bool,
     },
+    /// `DeleteSession` (logout) of a session this DC had not seen yet: `record` is the
+    /// owner DC's version, merged first as in `PlaceOrderWithSession`.
+    DeleteSessionWithRecord {
+        record: Session,
+        token: String,
+        dc: String,
+        hlc: u64,
+    },
 }
 
 /// What Raft replicates: a command and the client's `Idempotency-Key`, if it sent one.
@@ -141,7 +149,7 @@ impl Request {
         let k = self.idempotency_key.as_ref()?;
         Some(match &self.cmd {
             Command::CreateSession { user, .. } => (format!("session/{k}"), user.clone()),
-            Command::DeleteSession { token, .. } => (format!("logout/{k}"), token.clone()),
+            Command::DeleteSession { token, .. } | Command::DeleteSessionWithRecord { token, .. } => (format!("logout/{k}"), token.clone()),
             Command::Restock { sku, add, .. } => (format!("restock/{k}"), format!("{sku}/{add}")),
             // Scoped by session: two shoppers may pick the same key.
             Command::PlaceOrder { session, sku, qty, .. } | Command::PlaceOrderWithSession { session, sku, qty, .. } => {
@@ -162,7 +170,7 @@ impl Command {
     /// The entity a command is about: commands for one entity are serialised by its actor.
     pub fn entity(&self) -> &str {
         match self {
-            Command::CreateSession { token, .. } | Command::DeleteSession { token, .. } => token,
+            Command::CreateSession { token, .. } | Command::DeleteSession { token, .. } | Command::DeleteSessionWithRecord { token, .. } => token,
             Command::Restock { sku, .. } | Command::PlaceOrder { sku, .. } | Command::PlaceOrderWithSession { sku, .. } | Command::Grant { sku, .. } => sku,
             Command::CancelOrder { id, .. } | Command::RequestCancel { id, .. } => id,
             Command::ApplyRemote { origin, .. } | Command::InstallRemote { origin, .. } => origin,
@@ -181,6 +189,7 @@ impl Command {
             | Command::Restock { hlc, .. }
             | Command::PlaceOrder { hlc, .. }
             | Command::PlaceOrderWithSession { hlc, .. }
+            | Command::DeleteSessionWithRecord { hlc, .. }
             | Command::CancelOrder { hlc, .. }
             | Command::Grant { hlc, .. }
             | Command::RequestCancel { hlc, .. }

@@ -89,8 +89,16 @@ async fn a_session_from_dc2_places_an_order_in_dc1_before_replication() {
     // A token dc2 never made: 401, answered by dc2.
     let (code, v) = c.post("dc1-n1", "/v1/orders", json!({"session": "dc2-feedfacefeedface", "sku": "sku-s", "qty": 1})).await;
     assert_eq!((code, v["error"]["code"].as_str()), (401, Some("unknown_session")), "{v}");
+    // Logging out through dc1 of a session only dc2 has: written in dc1, final everywhere.
+    let leaving = c.must_session("dc2-n1", "leaving").await;
+    let (code, v) = c.request(reqwest::Method::DELETE, "dc1-n1", &format!("/v1/sessions/{leaving}"), None, None).await;
+    assert_eq!(code, 204, "logout through dc1: {v}");
+    let (code, _) = c.get("dc1-n1", &format!("/v1/sessions/{leaving}")).await;
+    assert_eq!(code, 404);
     c.heal().await;
     c.must_converge(Duration::from_secs(10)).await;
+    let (code, _) = c.get("dc2-n1", &format!("/v1/sessions/{leaving}")).await;
+    assert_eq!(code, 404, "dc1's tombstone reached dc2");
 }
 
 #[tokio::test]
@@ -113,6 +121,8 @@ async fn an_unreachable_owner_gives_503_for_reads_and_202_for_cancels() {
     }
     let (code, v) = c.post("dc1-n1", "/v1/orders", json!({"session": token, "sku": "sku-u", "qty": 1})).await;
     assert_eq!((code, v["error"]["code"].as_str()), (503, Some("owner_unreachable")), "an unknown foreign session is not 401: {v}");
+    let (code, v) = c.request(reqwest::Method::DELETE, "dc1-n1", &format!("/v1/sessions/{token}"), None, None).await;
+    assert_eq!((code, v["error"]["code"].as_str()), (503, Some("owner_unreachable")), "a logout is not a false 404 either: {v}");
     let (code, v) = c.post("dc1-n1", &format!("/v1/orders/{id}/cancel"), json!({"session": token})).await;
     assert_eq!((code, v["status"].as_str()), (202, Some("cancel_queued")), "{v}");
     c.heal().await;

@@ -51,7 +51,8 @@ impl Role {
 /// The role in a certificate (DER): its one `urn:agora:` URI name.
 pub fn role_of(cert: &[u8]) -> Result<Role, String> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert).map_err(|e| format!("unparsable certificate: {e}"))?;
-    let san = x509.subject_alternative_name().map_err(|e| format!("bad subject alternative names: {e}"))?.ok_or("certificate has no subject alternative names")?;
+    let san =
+        x509.subject_alternative_name().map_err(|e| format!("bad subject alternative names: {e}"))?.ok_or("certificate has no subject alternative names")?;
     let mut roles = san.value.general_names.iter().filter_map(|g| match g {
         x509_parser::extensions::GeneralName::URI(u) if u.starts_with("urn:agora:") => Some(Role::from_uri(u)),
         _ => None,
@@ -123,7 +124,8 @@ pub fn create(dir: &Path, config: &ClusterConfig, reissue: bool, validity: Valid
             new_ca(dir, &config.cluster.name)?
         }
     };
-    let mut roles: Vec<(Role, Option<NodeInfo>)> = config.nodes().into_iter().map(|n| (Role::Node { dc: n.dc.clone(), name: n.name.clone() }, Some(n))).collect();
+    let mut roles: Vec<(Role, Option<NodeInfo>)> =
+        config.nodes().into_iter().map(|n| (Role::Node { dc: n.dc.clone(), name: n.name.clone() }, Some(n))).collect();
     roles.push((Role::Admin { name: "admin".into() }, None));
     for (role, node) in roles {
         let name = match &role {
@@ -218,7 +220,8 @@ fn set_validity(params: &mut CertificateParams, v: Validity) {
 fn write_secret(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).with_context(|| format!("create {}", tmp.display()))?;
     std::io::Write::write_all(&mut f, bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))
@@ -251,7 +254,9 @@ mod tests {
         for role in [Role::Node { dc: "dc1".into(), name: "dc1-n1".into() }, Role::Admin { name: "admin".into() }] {
             assert_eq!(Role::from_uri(&role.uri()), Some(role));
         }
-        for bad in ["urn:agora:node:dc1", "urn:agora:node:DC1:n1", "urn:agora:root:x", "urn:other:node:dc1:n1", "urn:agora:node:dc1:n1:extra", "urn:agora:admin:"] {
+        for bad in
+            ["urn:agora:node:dc1", "urn:agora:node:DC1:n1", "urn:agora:root:x", "urn:other:node:dc1:n1", "urn:agora:node:dc1:n1:extra", "urn:agora:admin:"]
+        {
             assert_eq!(Role::from_uri(bad), None, "{bad}");
         }
     }

@@ -677,6 +677,18 @@ impl ClusterConfig {
     pub fn dc_nodes(&self, dc: &str) -> Vec<NodeInfo> {
         self.nodes().into_iter().filter(|n| n.dc == dc).collect()
     }
+
+    /// The DC an order id or session token names (`<dc>-<random>`), if it names a
+    /// configured DC (the longest such prefix). Tokens made before tokens named their DC
+    /// (bare hex) name none.
+    pub fn owner_of(&self, id: &str) -> Option<String> {
+        self.dcs
+            .iter()
+            .map(|d| &d.name)
+            .filter(|d| id.len() > d.len() + 1 && id.starts_with(d.as_str()) && id.as_bytes()[d.len()] == b'-')
+            .max_by_key(|d| d.len())
+            .cloned()
+    }
 }
 
 /// Names (cluster, DC, node) go into URLs, ids, file names and DNS labels.

@@ -9,6 +9,7 @@ pub struct Metrics {
     pub http_seconds: HistogramVec,
     pub actor_restarts: IntCounterVec,
     pub forwarded_writes: IntCounterVec,
+    pub lookups: IntCounterVec,
     /// Connections refused at the door, by listener (`http`, `peer`) and cap.
     pub conns_refused: IntCounterVec,
     /// Connections open now, by listener.
@@ -47,6 +48,11 @@ impl Metrics {
             conns_open: IntGaugeVec::new(Opts::new("conns_open", "connections open now"), &["listener"]).expect("metric"),
             forwarded_writes: IntCounterVec::new(Opts::new("forwarded_writes_total", "writes forwarded to the DC leader, by result"), &["result"])
                 .expect("metric"),
+            lookups: IntCounterVec::new(
+                Opts::new("owner_lookups_total", "ids and tokens asked of the DC that owns them, by owner and result"),
+                &["owner", "result"],
+            )
+            .expect("metric"),
             raft_term: IntGauge::new("raft_term", "current Raft term").expect("metric"),
             raft_commit_index: IntGauge::new("raft_commit_index", "last committed log index").expect("metric"),
             raft_applied_index: IntGauge::new("raft_applied_index", "last applied log index").expect("metric"),
@@ -80,6 +86,7 @@ impl Metrics {
         r.register(Box::new(self.http_seconds.clone())).expect("register");
         r.register(Box::new(self.actor_restarts.clone())).expect("register");
         r.register(Box::new(self.forwarded_writes.clone())).expect("register");
+        r.register(Box::new(self.lookups.clone())).expect("register");
         r.register(Box::new(self.conns_refused.clone())).expect("register");
         r.register(Box::new(self.conns_open.clone())).expect("register");
         r.register(Box::new(self.raft_term.clone())).expect("register");

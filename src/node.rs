@@ -28,6 +28,7 @@ use crate::raft::proposer::{Proposer, ProposerLimits};
 use crate::raft::{network::Network, raft_config, NodeId, Raft};
 use crate::replication::{self, Links};
 use crate::storage::{self, SmReader};
+use crate::transport::message::{Found, Lookup};
 use crate::transport::server::{Admission, ServerLimits};
 use crate::transport::tls::{Directory as PeerDirectory, PeerTls, Security};
 use crate::transport::{self, Faults, PeerHandler, PeerRequest, PeerResponse, Peers};
@@ -242,6 +243,68 @@ impl Node {
         Err(last)
     }
 
+    /// Asks `owner` (another DC) for its copy of an order or session it created: one
+    /// lookup, bounded by half the request timeout. Its last known leader first, then its
+    /// nodes in turn (healthy ones first); any node of the owner answers after a read
+    /// barrier, so what it says is linearizable in the owner DC. An error means the owner
+    /// could not answer (retryable: `owner_unreachable` to the client).
+    pub async fn lookup(&self, owner: &str, what: Lookup) -> Result<Found, NodeError> {
+        let mut targets: Vec<NodeId> = self.config.dc_nodes(owner).iter().map(|n| n.id).collect();
+        let leader = self.links.get(owner).remote_leader;
+        targets.sort_by_key(|t| (Some(*t) != leader, !self.links.node_healthy(*t)));
+        let per_call = self.request_timeout / 5;
+        let attempt = async {
+            let mut last = NodeError::Unreachable(owner.to_string());
+            let mut tried = Vec::new();
+            while let Some(t) = targets.first().copied() {
+                targets.remove(0);
+                tried.push(t);
+                match self.peers.call(t, PeerRequest::Lookup(what.clone()), Some(per_call)).await {
+                    Ok(PeerResponse::Lookup(Ok(found))) => {
+                        let max_offset = self.config.replication.max_clock_offset_ms;
+                        return replication::guard::check_found(&what, owner, &found, crate::hlc::wall_ms(), max_offset).map(|_| found).map_err(|m| {
+                            crate::warn_limited!("bad_lookup_answer", %owner, reason = %m, "lookup answer refused");
+                            NodeError::BadRequest(m)
+                        });
+                    }
+                    // Its leader is elsewhere (or it has none): try the node it names next.
+                    Ok(PeerResponse::Lookup(Err(NodeError::NotLeader(Some(l)))))
+                        if !tried.contains(&l) && self.config.dc_nodes(owner).iter().any(|n| n.id == l) =>
+                    {
+                        targets.retain(|x| *x != l);
+                        targets.insert(0, l);
+                        last = NodeError::NotLeader(Some(l));
+                    }
+                    Ok(PeerResponse::Lookup(Err(e))) => last = e,
+                    Ok(other) => last = NodeError::Internal(format!("unexpected answer to a lookup: {other:?}")),
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        };
+        let r = tokio::time::timeout(self.request_timeout / 2, attempt).await.unwrap_or(Err(NodeError::Timeout));
+        let label = if r.is_ok() { "ok" } else { "error" };
+        self.metrics.lookups.with_label_values(&[owner, label]).inc();
+        r
+    }
+
+    /// On the owner: answers a lookup from another DC, for what this DC owns only, after
+    /// a read barrier.
+    pub async fn answer_lookup(&self, what: Lookup) -> Result<Found, NodeError> {
+        let id = match &what {
+            Lookup::Order(id) | Lookup::Session(id) => id,
+        };
+        crate::domain::validate::name("id", id).map_err(NodeError::BadRequest)?;
+        if self.config.owner_of(id).as_deref() != Some(self.info.dc.as_str()) {
+            return Err(NodeError::BadRequest(format!("{id} is not {}'s", self.info.dc)));
+        }
+        self.read_barrier(false).await?;
+        Ok(match what {
+            Lookup::Order(id) => Found::Order(self.sm.order(&id).filter(|o| o.dc == self.info.dc)),
+            Lookup::Session(token) => Found::Session(self.sm.session(&token)),
+        })
+    }
+
     /// Commit index, from Raft's own state.
     pub async fn commit_index(&self) -> u64 {
         self.raft.with_raft_state(|st| st.committed.map(|l| l.index).unwrap_or(0)).await.unwrap_or(0)
@@ -270,7 +333,7 @@ impl PeerHandler for Handler {
             PeerRequest::Membership(_) => PeerResponse::Membership(Err(NodeError::NotLeader(node.leader()))),
             PeerRequest::Probe => PeerResponse::Probe(replication::receiver::probe_ack(node)),
             // Cross-DC requests from a node of this DC: a confused or hostile peer.
-            other @ (PeerRequest::Replicate { .. } | PeerRequest::InstallRemote { .. } | PeerRequest::AskStock { .. }) => {
+            other @ (PeerRequest::Replicate { .. } | PeerRequest::InstallRemote { .. } | PeerRequest::AskStock { .. } | PeerRequest::Lookup(_)) => {
                 // The request's name only: its payload may be a whole DC's state.
                 let request = replication::receiver::request_name(&other);
                 crate::warn_limited!("peer_same_dc_cross_dc_request", from, request, "cross-DC request from a node of this DC refused");

@@ -11,8 +11,10 @@ use serde_json::{json, Value};
 
 use super::{idempotency_key, parse_body, random_hex, ApiError, AppState, ReadParams};
 use crate::domain::{validate, Command, Inventory, Order, Outcome, Rejection, Request, Session};
+use crate::error::NodeError;
 use crate::hlc;
 use crate::replication::rebalance;
+use crate::transport::message::{Found, Lookup};
 
 type Body = Result<Bytes, BytesRejection>;
 type PathArg = Result<Path<String>, PathRejection>;
@@ -24,10 +26,13 @@ fn path_name(field: &str, p: PathArg) -> Result<String, ApiError> {
     Ok(v)
 }
 
-/// Waits for the read barrier the query asks for.
-async fn barrier(node: &AppState, q: QueryArg) -> Result<(), ApiError> {
+/// Waits for the read barrier the query asks for; returns whether the read is stale
+/// (local copy only: no barrier, and no lookup in the owner DC).
+async fn barrier(node: &AppState, q: QueryArg) -> Result<bool, ApiError> {
     let Query(params) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    node.read_barrier(params.stale()?).await.map_err(ApiError::from)
+    let stale = params.stale()?;
+    node.read_barrier(stale).await.map_err(ApiError::from)?;
+    Ok(stale)
 }
 
 async fn submit(node: &AppState, cmd: Command, headers: &HeaderMap) -> Result<Outcome, ApiError> {
@@ -81,9 +86,43 @@ pub fn session_input(body: Body) -> Result<String, ApiError> {
     Ok(user)
 }
 
+/// The other DC an id or token names (`dc2-…`), if it names one: the DC to ask when this
+/// one has not seen it yet.
+fn foreign_owner(node: &AppState, id: &str) -> Option<String> {
+    node.config.owner_of(id).filter(|dc| *dc != node.info.dc)
+}
+
+/// 503 `owner_unreachable`: the DC that created what the request names could not be
+/// asked about it, and this DC has not seen it yet. Nothing was done; retry later.
+fn owner_unreachable(owner: &str, e: NodeError) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "owner_unreachable",
+        format!("{owner} created it and could not be asked about it ({e}); this datacentre has not seen it yet"),
+    )
+    .with("owner", json!(owner))
+}
+
+/// The session `token` names, as far as a linearizable view can tell: this DC's copy, or
+/// — for a token another DC created that this DC has not seen yet — that DC's. `Ok(None)`:
+/// no such session. The second value says whether the session came from the owner.
+async fn find_session(node: &AppState, token: &str) -> Result<(Option<Session>, bool), ApiError> {
+    if let Some(s) = node.sm.session(token) {
+        return Ok((Some(s), false));
+    }
+    let Some(owner) = foreign_owner(node, token) else { return Ok((None, false)) };
+    match node.lookup(&owner, Lookup::Session(token.to_string())).await {
+        Ok(Found::Session(s)) => Ok((s.filter(|s| s.token == token), true)),
+        Ok(Found::Order(_)) => Err(ApiError::from(NodeError::Internal(format!("{owner} answered a session lookup with an order")))),
+        Err(e) => Err(owner_unreachable(&owner, e)),
+    }
+}
+
 pub async fn create_session(State(node): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let user = session_input(body)?;
-    let cmd = Command::CreateSession { token: random_hex(), user, dc: node.info.dc.clone(), hlc: node.hlc.now() };
+    // The token names the DC that created it, which any DC can then ask about it.
+    let token = format!("{}-{}", node.info.dc, random_hex());
+    let cmd = Command::CreateSession { token, user, dc: node.info.dc.clone(), hlc: node.hlc.now() };
     match submit(&node, cmd, &headers).await? {
         Outcome::Session(s) => Ok((StatusCode::CREATED, Json(session_json(&s))).into_response()),
         other => Err(unexpected(other)),
@@ -92,8 +131,9 @@ pub async fn create_session(State(node): State<AppState>, headers: HeaderMap, bo
 
 pub async fn get_session(State(node): State<AppState>, token: PathArg, q: QueryArg) -> Result<Json<Value>, ApiError> {
     let token = path_name("token", token)?;
-    barrier(&node, q).await?;
-    match node.sm.session(&token) {
+    let stale = barrier(&node, q).await?;
+    let found = if stale { node.sm.session(&token) } else { find_session(&node, &token).await?.0 };
+    match found {
         Some(s) if !s.deleted => Ok(Json(session_json(&s))),
         _ => Err(ApiError::not_found("session")),
     }
@@ -101,7 +141,14 @@ pub async fn get_session(State(node): State<AppState>, token: PathArg, q: QueryA
 
 pub async fn delete_session(State(node): State<AppState>, headers: HeaderMap, token: PathArg) -> Result<StatusCode, ApiError> {
     let token = path_name("token", token)?;
-    let cmd = Command::DeleteSession { token, dc: node.info.dc.clone(), hlc: node.hlc.now() };
+    let (dc, hlc) = (node.info.dc.clone(), node.hlc.now());
+    // A token another DC created that this DC has not seen yet: its owner's version
+    // travels in the entry (as for an order), and the logout is written here.
+    let cmd = match find_session(&node, &token).await? {
+        (Some(record), true) if !record.deleted => Command::DeleteSessionWithRecord { record, token, dc, hlc },
+        (_, true) => return Err(ApiError::not_found("session")),
+        _ => Command::DeleteSession { token, dc, hlc },
+    };
     let req = Request::new(cmd, idempotency_key(&headers)?);
     match node.submit(req).await? {
         Outcome::SessionDeleted => Ok(StatusCode::NO_CONTENT),
@@ -165,8 +212,19 @@ pub async fn place_order(State(node): State<AppState>, headers: HeaderMap, body:
     // Use refreshes the session, at most once per tenth of its TTL (from this node's view,
     // which may be stale: then the version looks older and the refresh happens anyway).
     let refresh_after_ms = node.config.limits.session_ttl_s * 1000 / 10;
-    let refresh_session = node.sm.session(&session).is_some_and(|s| !s.deleted && hlc::age_ms(s.hlc) >= refresh_after_ms);
-    let cmd = Command::PlaceOrder { id, session, sku: sku.clone(), qty, dc: node.info.dc.clone(), hlc: node.hlc.now(), refresh_session };
+    // A session another DC created and this one has not seen yet: its owner is asked (a
+    // read there, no write), and the entry carries the owner's version, which every
+    // replica merges before placing the order.
+    let (found, from_owner) = find_session(&node, &session).await?;
+    let refresh_session = found.as_ref().is_some_and(|s| !s.deleted && hlc::age_ms(s.hlc) >= refresh_after_ms);
+    let (dc, hlc) = (node.info.dc.clone(), node.hlc.now());
+    let cmd = match found {
+        Some(record) if from_owner && !record.deleted => {
+            Command::PlaceOrderWithSession { record, id, session, sku: sku.clone(), qty, dc, hlc, refresh_session }
+        }
+        Some(_) if from_owner => return Err(Rejection::UnknownSession.into()),
+        _ => Command::PlaceOrder { id, session, sku: sku.clone(), qty, dc, hlc, refresh_session },
+    };
     let req = Request::new(cmd, idempotency_key(&headers)?);
     let outcome = node.submit(req).await?;
     rebalance::after_order(&node, &sku);
@@ -193,8 +251,17 @@ fn sold_out(node: &AppState, sku: &str, available: u64, requested: u32) -> ApiEr
 
 pub async fn get_order(State(node): State<AppState>, id: PathArg, q: QueryArg) -> Result<Json<Value>, ApiError> {
     let id = path_name("id", id)?;
-    barrier(&node, q).await?;
-    node.sm.order(&id).map(|o| Json(order_json(&o))).ok_or_else(|| ApiError::not_found("order"))
+    let stale = barrier(&node, q).await?;
+    if let Some(o) = node.sm.order(&id) {
+        return Ok(Json(order_json(&o)));
+    }
+    // Another DC's order this DC has not seen yet: its owner knows (a stale read does not ask).
+    let Some(owner) = foreign_owner(&node, &id).filter(|_| !stale) else { return Err(ApiError::not_found("order")) };
+    match node.lookup(&owner, Lookup::Order(id)).await {
+        Ok(Found::Order(Some(o))) => Ok(Json(order_json(&o))),
+        Ok(_) => Err(ApiError::not_found("order")),
+        Err(e) => Err(owner_unreachable(&owner, e)),
+    }
 }
 
 #[derive(Deserialize)]
@@ -218,26 +285,32 @@ pub async fn cancel_order(State(node): State<AppState>, headers: HeaderMap, id: 
     let id = path_name("id", id)?;
     let key = idempotency_key(&headers)?;
     let session = cancel_session(body)?;
-    // The owner is named in the id (`dc1-…`); a local copy of the order confirms it.
+    // The owner is the DC the id names (`dc2-…`), whether or not this DC has a copy yet.
     let local = node.sm.order(&id);
-    let owner = local.as_ref().map(|o| o.dc.clone()).unwrap_or_else(|| node.info.dc.clone());
-    let hlc = node.hlc.now();
-    if owner == node.info.dc {
-        let req = Request::new(Command::CancelOrder { id, dc: owner, session, hlc }, key);
-        return match node.submit(req).await? {
-            Outcome::Order(o) => Ok(Json(order_json(&o)).into_response()),
-            Outcome::Rejected(r) => Err(r.into()),
-            other => Err(unexpected(other)),
-        };
+    let owner = node.config.owner_of(&id).or_else(|| local.as_ref().map(|o| o.dc.clone())).unwrap_or_else(|| node.info.dc.clone());
+    if owner != node.info.dc {
+        return cancel_foreign(&node, id, owner, session, key, local).await;
     }
-    // Owned by another DC: it alone may cancel, and checks the session again. A session
-    // our copy of the order already refutes is refused here, never forwarded or queued.
+    let req = Request::new(Command::CancelOrder { id: id.clone(), dc: owner, session: session.clone(), hlc: node.hlc.now() }, key.clone());
+    match node.submit(req).await? {
+        Outcome::Order(o) => Ok(Json(order_json(&o)).into_response()),
+        // Cannot happen for ids this system makes (they name their owner); an order owned
+        // elsewhere goes to its owner rather than back to the client.
+        Outcome::Rejected(Rejection::ForeignOrder { owner }) if owner != node.info.dc => cancel_foreign(&node, id, owner, session, key, None).await,
+        Outcome::Rejected(r) => Err(r.into()),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// A cancel for an order `owner` owns: it alone may cancel, and checks the session again.
+/// A session our copy of the order already refutes is refused here, never forwarded or
+/// queued. Forwarded; if the owner cannot be reached, queued in our outbound stream,
+/// which delivers it when the owner is back (202).
+async fn cancel_foreign(node: &AppState, id: String, owner: String, session: String, key: Option<String>, local: Option<Order>) -> Result<Response, ApiError> {
     if local.is_some_and(|o| o.session != session) {
         return Err(Rejection::NotYourOrder.into());
     }
-    // Forward; if the owner cannot be reached, queue the request in our outbound stream,
-    // which delivers it when the owner is back.
-    let req = Request::new(Command::CancelOrder { id: id.clone(), dc: owner.clone(), session: session.clone(), hlc }, key);
+    let req = Request::new(Command::CancelOrder { id: id.clone(), dc: owner.clone(), session: session.clone(), hlc: node.hlc.now() }, key);
     match node.forward_to_owner(&owner, req).await {
         Ok(Outcome::Order(o)) => Ok(Json(order_json(&o)).into_response()),
         Ok(Outcome::Rejected(r)) => Err(r.into()),

@@ -60,6 +60,7 @@ pub fn check(history: &[Record], final_state: &FinalState, opts: &CheckOptions) 
         linearizability: check_linearizability(&records, &by_id, opts),
         duplicates: check_duplicates(&records, &acked, final_state),
         availability: check_availability(&records, &final_state.nemesis, opts),
+        roaming: check_roaming(&records, &acked),
     };
     decide(&mut report);
     report
@@ -83,6 +84,9 @@ fn decide(r: &mut CheckReport) {
     }
     if !r.duplicates.ok {
         invalid.push(format!("duplicates: {} idempotency key(s) with several live orders", r.duplicates.violations.len()));
+    }
+    if !r.roaming.ok {
+        invalid.push(format!("read-your-writes across DCs: {} violation(s)", r.roaming.violations.len()));
     }
     if !r.availability.ok {
         invalid.push(format!("availability: longest unavailability over {} ms", r.availability.bound_ms.unwrap_or(0)));
@@ -207,6 +211,70 @@ fn stale_order_reads(records: &[&Record], acked: &BTreeMap<&str, Acked>) -> Vec<
         }
     }
     out
+}
+
+/// Invariant 6, read-your-writes wherever the client goes: once an order or a session
+/// was acknowledged, no DC may answer as if it did not exist — a read of the order or
+/// session is never 404, an order with the session never 401, and a cancel with the
+/// session that placed the order is never refused (401, 403, 404 or 409), unless an
+/// earlier cancel of that order may have happened or merge may have cancelled it (a
+/// keyed order acknowledged in two DCs). A DC that cannot ask the owner answers 503
+/// `owner_unreachable`, which is allowed. Only calls made after the acknowledgement
+/// returned count.
+fn check_roaming(records: &[&Record], acked: &BTreeMap<&str, Acked>) -> Roaming {
+    let mut sessions: HashMap<&str, &Record> = HashMap::new();
+    for r in records.iter().filter(|r| r.outcome == Outcome::Ok) {
+        if let Op::Session { token: Some(t), .. } = &r.op {
+            let first = sessions.get(t.as_str()).is_none_or(|a| a.complete_ns > r.complete_ns);
+            if first {
+                sessions.insert(t, r);
+            }
+        }
+    }
+    let cross = cross_dc_keys(records);
+    let before = |ack: &Record, r: &Record| ack.complete_ns.is_some_and(|c| c < r.invoke_ns);
+    // Cancels that may have happened, by order id: (invoke of the earliest).
+    let mut maybe_cancelled: HashMap<&str, u64> = HashMap::new();
+    for r in records.iter().filter(|r| r.outcome != Outcome::Fail) {
+        if let Op::Cancel { order_id, .. } = &r.op {
+            let e = maybe_cancelled.entry(order_id.as_str()).or_insert(r.invoke_ns);
+            *e = (*e).min(r.invoke_ns);
+        }
+    }
+    let (mut checked, mut elsewhere, mut violations) = (0, 0, vec![]);
+    for r in records {
+        let (subject, ack, kind): (&str, Option<&Record>, &str) = match &r.op {
+            Op::ReadOrder { order_id, .. } => (order_id, acked.get(order_id.as_str()).map(|a| a.record), "order_not_found"),
+            Op::ReadSession { token, .. } => (token, sessions.get(token.as_str()).copied(), "session_not_found"),
+            Op::Order { session, .. } => (session, sessions.get(session.as_str()).copied(), "session_refused"),
+            Op::Cancel { order_id, session, .. } => {
+                let a = acked.get(order_id.as_str());
+                // Only a cancel with the order's own session must succeed (when it is known).
+                let own = a.filter(|a| session.as_deref().is_none_or(|s| s == a.session));
+                (order_id, own.map(|a| a.record), "cancel_refused")
+            }
+            _ => continue,
+        };
+        let Some(ack) = ack.filter(|a| before(a, r)) else { continue };
+        checked += 1;
+        elsewhere += usize::from(ack.dc != r.dc);
+        let refused = r.outcome == Outcome::Fail
+            && match &r.op {
+                Op::ReadOrder { .. } | Op::ReadSession { .. } => r.status == 404,
+                Op::Order { .. } => r.status == 401,
+                Op::Cancel { order_id, .. } => {
+                    let a = &acked[order_id.as_str()];
+                    let merged_away = a.key.is_some_and(|k| cross.contains(&(a.session, k)));
+                    let earlier = maybe_cancelled.get(order_id.as_str()).is_some_and(|t| *t < r.invoke_ns);
+                    matches!(r.status, 401 | 403 | 404 | 409) && !(r.status == 409 && (merged_away || earlier))
+                }
+                _ => false,
+            };
+        if refused {
+            violations.push(RoamViolation { kind: kind.into(), subject: subject.to_string(), op: op_ref(r), acknowledged_by: ack.id });
+        }
+    }
+    Roaming { ok: violations.is_empty(), checked, elsewhere, violations }
 }
 
 /// Invariant 2: in every DC's view, Σsold − Σreleased ≤ Σstocked and nothing is
@@ -391,7 +459,7 @@ fn key_ops(r: &Record, cross_dc: &HashSet<(&str, &str)>) -> Vec<(String, String,
             vec![here(sku, lin(Step::Restock { add: *add, available_after: if pending { None } else { *available_after } }, pending), None)]
         }
         (Op::ReadInventory { sku, available: Some(a) }, Outcome::Ok) => vec![here(sku, lin(Step::Read { available: *a }, false), None)],
-        (Op::Cancel { order_id, order_dc, qty, sku }, _) => {
+        (Op::Cancel { order_id, order_dc, qty, sku, .. }, _) => {
             let foreign = *order_dc != r.dc;
             let op = KeyOp { op: lin(Step::Cancel { qty: *qty, group: None }, pending || foreign), group: Some(format!("cancel {order_id}")) };
             vec![(order_dc.clone(), sku.clone(), op)]
@@ -492,7 +560,58 @@ fn window_stats(records: &[&Record], name: &str, start_ns: u64, end_ns: u64) -> 
     // (4xx such as sold out). A refused connection or a 503 (no quorum) was not served.
     let served = inside.iter().filter(|r| r.outcome == Outcome::Ok || (r.outcome == Outcome::Fail && (400..500).contains(&r.status))).count();
     let served_share = if inside.is_empty() { 1.0 } else { served as f64 / inside.len() as f64 };
-    WindowStats { name: name.to_string(), start_ns, end_ns, invoked: inside.len(), ok, fail, unknown, served_share }
+    WindowStats {
+        name: name.to_string(),
+        start_ns,
+        end_ns,
+        invoked: inside.len(),
+        ok,
+        fail,
+        unknown,
+        served,
+        served_share,
+        phases: phase_stats(records, start_ns, end_ns),
+    }
+}
+
+/// The fault's own window is closed at both ends (as `window_stats` counts it); the
+/// phases around it leave those instants out.
+fn in_phase(phase: &str, from: u64, to: u64, t: u64) -> bool {
+    match phase {
+        "before" => (from..to).contains(&t),
+        "during" => (from..=to).contains(&t),
+        _ => t > from && t <= to,
+    }
+}
+
+/// Throughput and success rate per DC before, during and after a fault, as etcd's
+/// robustness tests report availability: "before" and "after" are as long as the fault
+/// (clipped to the history), so the three are comparable. A call counts in the DC it was
+/// sent to, in the phase it was invoked in; `ok_per_s` counts ok calls per second.
+fn phase_stats(records: &[&Record], start_ns: u64, end_ns: u64) -> Vec<PhaseStats> {
+    let len = end_ns.saturating_sub(start_ns).max(1);
+    let last = records.iter().map(|r| r.complete_ns.unwrap_or(r.invoke_ns)).max().unwrap_or(end_ns);
+    let phases = [("before", start_ns.saturating_sub(len), start_ns), ("during", start_ns, end_ns), ("after", end_ns, (end_ns + len).min(last.max(end_ns)))];
+    let dcs: BTreeSet<&str> = records.iter().map(|r| r.dc.as_str()).collect();
+    let mut out = vec![];
+    for dc in dcs {
+        for (phase, from, to) in phases {
+            let inside: Vec<&&Record> = records.iter().filter(|r| r.dc == dc && in_phase(phase, from, to, r.invoke_ns)).collect();
+            let ok = inside.iter().filter(|r| r.outcome == Outcome::Ok).count();
+            let secs = to.saturating_sub(from) as f64 / 1e9;
+            out.push(PhaseStats {
+                dc: dc.to_string(),
+                phase: phase.to_string(),
+                start_ns: from,
+                end_ns: to,
+                invoked: inside.len(),
+                ok,
+                ok_per_s: if secs > 0.0 { ok as f64 / secs } else { 0.0 },
+                success_rate: if inside.is_empty() { 1.0 } else { ok as f64 / inside.len() as f64 },
+            });
+        }
+    }
+    out
 }
 
 fn kill_stats(records: &[&Record], dc: &str, node: &str, at_ns: u64) -> KillStats {

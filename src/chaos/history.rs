@@ -104,6 +104,10 @@ pub enum Op {
         /// The order's quantity, released on success.
         qty: u64,
         sku: String,
+        /// The session sent in the body, if recorded: a cancel with the session that
+        /// placed the order must never be refused (401, 403, 404, 409).
+        #[serde(default)]
+        session: Option<String>,
     },
     /// `GET /v1/inventory/{sku}` (linearizable, the default).
     ReadInventory {
@@ -118,6 +122,13 @@ pub enum Op {
         /// Result: the order's status (`placed`, `cancelled`, …).
         #[serde(default)]
         order_status: Option<String>,
+    },
+    /// `GET /v1/sessions/{token}`; `fail` with status 404 means "not found".
+    ReadSession {
+        token: String,
+        /// Result: the session's user.
+        #[serde(default)]
+        user: Option<String>,
     },
 }
 
@@ -137,6 +148,7 @@ impl Op {
             Op::Cancel { .. } => "cancel",
             Op::ReadInventory { .. } => "read_inventory",
             Op::ReadOrder { .. } => "read_order",
+            Op::ReadSession { .. } => "read_session",
         }
     }
 
@@ -155,6 +167,7 @@ impl Op {
             Op::Cancel { order_id, qty, sku, .. } => format!("cancel {order_id} ({sku} x{qty})"),
             Op::ReadInventory { sku, available } => format!("read_inventory {sku} -> {}", opt(available)),
             Op::ReadOrder { order_id, order_status } => format!("read_order {order_id} -> {}", opt(order_status)),
+            Op::ReadSession { token, user } => format!("read_session {token} -> {}", opt(user)),
         }
     }
 }
@@ -334,6 +347,7 @@ fn validate_ok_result(op: &Op) -> Result<(), String> {
         Op::Order { order_id: None, .. } => Some("order_id"),
         Op::ReadInventory { available: None, .. } => Some("available"),
         Op::ReadOrder { order_status: None, .. } => Some("order_status"),
+        Op::ReadSession { user: None, .. } => Some("user"),
         _ => None,
     };
     match (missing, op) {

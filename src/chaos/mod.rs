@@ -21,6 +21,11 @@
 //!    of calls served during each fault window, and the time from each leader kill to
 //!    the next successful write in that DC. Also: no idempotency key has two live orders.
 //!
+//! 6. **Read-your-writes across DCs**: once an order or session was acknowledged, no call
+//!    about it — wherever it was sent — answers 404 (order or session reads), 401 (an
+//!    order with the session) or refuses a cancel by the session that placed the order
+//!    (401, 403, 404, 409); 503 `owner_unreachable` is allowed.
+//!
 //! A run in which fewer than `min_ok_ops` operations succeeded, or a key's search hit its
 //! time bound, is *inconclusive*, never valid. Operations with an unknown outcome are
 //! never assumed to have failed.

@@ -26,6 +26,7 @@ pub struct CheckReport {
     pub linearizability: Linearizability,
     pub duplicates: Duplicates,
     pub availability: Availability,
+    pub roaming: Roaming,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -191,6 +192,28 @@ pub struct DuplicateGroup {
     pub ops: Vec<u64>,
 }
 
+/// Invariant 6: read-your-writes across DCs for acknowledged orders and sessions.
+#[derive(Debug, Clone, Serialize)]
+pub struct Roaming {
+    pub ok: bool,
+    /// Calls about an order or session acknowledged before they were made.
+    pub checked: usize,
+    /// Of those, calls sent to another DC than the one that acknowledged it.
+    pub elsewhere: usize,
+    pub violations: Vec<RoamViolation>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RoamViolation {
+    /// `order_not_found`, `session_not_found`, `session_refused` or `cancel_refused`.
+    pub kind: String,
+    /// The order id or session token.
+    pub subject: String,
+    pub op: OpRef,
+    /// The operation that acknowledged the order or session.
+    pub acknowledged_by: u64,
+}
+
 /// Invariant 5: served share per fault window, unavailability after leader kills.
 #[derive(Debug, Clone, Serialize)]
 pub struct Availability {
@@ -212,8 +235,28 @@ pub struct WindowStats {
     /// Definite refusals: the system answered, so they count as served.
     pub fail: usize,
     pub unknown: usize,
-    /// (ok + fail) / invoked, 1.0 when nothing was invoked.
+    /// Answered about the request itself: ok, or refused for its own reason (4xx).
+    pub served: usize,
+    /// served / invoked, 1.0 when nothing was invoked.
     pub served_share: f64,
+    /// Per DC: before, during and after the fault.
+    pub phases: Vec<PhaseStats>,
+}
+
+/// One DC's calls in one phase around a fault (etcd-style availability).
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseStats {
+    pub dc: String,
+    /// `before`, `during` or `after`.
+    pub phase: String,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub invoked: usize,
+    pub ok: usize,
+    /// Ok calls per second of the phase.
+    pub ok_per_s: f64,
+    /// ok / invoked (1.0 when nothing was invoked).
+    pub success_rate: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -273,6 +316,18 @@ pub fn human(r: &CheckReport) -> String {
     for g in d.violations.iter().take(SHOWN_MAX) {
         let _ = writeln!(s, "       session {} key {}: {} (ops {:?})", g.session, g.idempotency_key, g.order_ids.join(", "), g.ops);
     }
+    let ro = &r.roaming;
+    let _ = writeln!(
+        s,
+        "{} read-your-writes across DCs: {} violation(s) in {} calls about acknowledged orders and sessions ({} in another DC)",
+        mark(ro.ok),
+        ro.violations.len(),
+        ro.checked,
+        ro.elsewhere
+    );
+    for v in ro.violations.iter().take(SHOWN_MAX) {
+        let _ = writeln!(s, "       {} {}: {} after op {} acknowledged it", v.kind, v.subject, op_line(&v.op), v.acknowledged_by);
+    }
     human_availability(&mut s, &r.availability, mark(r.availability.ok));
     for e in r.input_errors.iter().take(SHOWN_MAX) {
         let _ = writeln!(s, "input error: {e}");
@@ -307,7 +362,14 @@ fn human_availability(s: &mut String, a: &Availability, mark: &str) {
     let longest = a.longest_unavailable_ms.map_or("-".to_string(), |ms| format!("{ms} ms"));
     let _ = writeln!(s, "{mark} availability: {} fault window(s), {} leader kill(s), longest unavailability {longest}", a.windows.len(), a.leader_kills.len());
     for w in &a.windows {
-        let _ = writeln!(s, "       {}: served {} of {} ({:.1} %), unknown {}", w.name, w.ok + w.fail, w.invoked, w.served_share * 100.0, w.unknown);
+        let _ = writeln!(s, "       {}: served {} of {} ({:.1} %), unknown {}", w.name, w.served, w.invoked, w.served_share * 100.0, w.unknown);
+        let mut dcs: Vec<&str> = w.phases.iter().map(|p| p.dc.as_str()).collect();
+        dcs.dedup();
+        for dc in dcs {
+            let cells: Vec<String> =
+                w.phases.iter().filter(|p| p.dc == dc).map(|p| format!("{} {:.1} ok/s {:.1} %", p.phase, p.ok_per_s, p.success_rate * 100.0)).collect();
+            let _ = writeln!(s, "         {dc}: {}", cells.join(" | "));
+        }
     }
     for k in &a.leader_kills {
         let gap =

@@ -60,8 +60,15 @@ pub struct WorkloadSpec {
     pub read_inventory: u32,
     pub read_order: u32,
     pub restock: u32,
+    pub read_session: u32,
     /// Per-call timeout: a call that takes longer has an unknown outcome.
     pub timeout_ms: u64,
+    /// Share of calls (0..=1) a client sends to another DC than its home, as DNS names
+    /// it; 0 keeps every client at home for good.
+    pub roam_share: f64,
+    /// A roaming client moves home for good once its home DC has been left out of every
+    /// other DC's DNS answer this long.
+    pub move_after_ms: u64,
 }
 
 impl Default for WorkloadSpec {
@@ -76,7 +83,10 @@ impl Default for WorkloadSpec {
             read_inventory: 20,
             read_order: 5,
             restock: 5,
+            read_session: 0,
             timeout_ms: 2000,
+            roam_share: 0.0,
+            move_after_ms: 3000,
         }
     }
 }
@@ -147,8 +157,11 @@ impl Scenario {
         if w.clients_per_dc == 0 || w.skus == 0 || !(w.rate_per_client > 0.0) || w.timeout_ms == 0 {
             bail!("workload: clients_per_dc, skus, rate_per_client and timeout_ms must be > 0");
         }
-        if w.order + w.cancel + w.read_inventory + w.read_order + w.restock == 0 {
+        if w.order + w.cancel + w.read_inventory + w.read_order + w.restock + w.read_session == 0 {
             bail!("workload: at least one operation needs a weight");
+        }
+        if !(0.0..=1.0).contains(&w.roam_share) {
+            bail!("workload: roam_share must be within 0..=1");
         }
         for (i, s) in self.nemesis.iter().enumerate() {
             if s.at_s < 0.0 || s.at_s + s.hold_s > self.duration_s {

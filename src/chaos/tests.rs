@@ -53,7 +53,7 @@ fn read(sku: &str, available: u64) -> Op {
 }
 fn cancel(order_id: &str, qty: u64, sku: &str) -> Op {
     let order_dc = order_origin(order_id).unwrap_or_default().to_string();
-    Op::Cancel { order_id: order_id.into(), order_dc, qty, sku: sku.into() }
+    Op::Cancel { order_id: order_id.into(), order_dc, qty, sku: sku.into(), session: None }
 }
 
 /// A healthy final state for `dcs`: every acknowledged order present everywhere, one
@@ -82,6 +82,7 @@ fn failing(r: &CheckReport) -> Vec<&'static str> {
         ("linearizability", r.linearizability.ok),
         ("duplicates", r.duplicates.ok),
         ("availability", r.availability.ok),
+        ("roaming", r.roaming.ok),
     ];
     sections.iter().filter(|(_, ok)| !ok).map(|(name, _)| *name).collect()
 }
@@ -110,6 +111,105 @@ fn lin_failure(r: &CheckReport) -> (String, Option<u64>) {
 
 // ---- the checker fails on bad histories ----
 
+fn session_ok(id: u64, dc: &str, t0: u64, t1: u64, token: &str) -> Record {
+    ok(id, dc, t0, t1, Op::Session { user: "u".into(), token: Some(token.into()) })
+}
+fn read_order(id: &str) -> Op {
+    Op::ReadOrder { order_id: id.into(), order_status: None }
+}
+fn read_session(token: &str) -> Op {
+    Op::ReadSession { token: token.into(), user: None }
+}
+fn cancel_with(order_id: &str, qty: u64, sku: &str, session: &str) -> Op {
+    match cancel(order_id, qty, sku) {
+        Op::Cancel { order_id, order_dc, qty, sku, .. } => Op::Cancel { order_id, order_dc, qty, sku, session: Some(session.into()) },
+        other => other,
+    }
+}
+/// A session from dc1 and an order placed with it in dc2, both acknowledged by t=30.
+fn roamed() -> Vec<Record> {
+    vec![session_ok(1, "dc1", 0, 5, "t1"), ok(2, "dc2", 0, 10, restock("s", 5, 5)), ok(3, "dc2", 20, 30, order("s", 1, "dc2-a"))]
+}
+
+#[test]
+fn availability_is_reported_per_dc_before_during_and_after_a_fault() {
+    let s = 1_000_000_000u64;
+    // dc1: 2 ok calls a second throughout except during the fault, where half fail; dc2: steady.
+    let mut h = vec![];
+    let mut id = 0;
+    for t in 0..30u64 {
+        for (dc, bad) in [("dc1", (10..20).contains(&t) && t % 2 == 0), ("dc2", false)] {
+            id += 1;
+            let at = t * s / 2;
+            h.push(if bad {
+                unknown(id, dc, at, read("s", 0))
+            } else {
+                ok(id, dc, at, at + 1000, Op::ReadOrder { order_id: "x".into(), order_status: Some("placed".into()) })
+            });
+        }
+    }
+    let mut state = healthy(&h, &["dc1", "dc2"]);
+    state.nemesis.faults.push(FaultWindow { name: "kill dc1 leader".into(), start_ns: 5 * s, end_ns: 10 * s });
+    let r = check(&h, &state, &opts());
+    let w = &r.availability.windows[0];
+    let get = |dc: &str, phase: &str| w.phases.iter().find(|p| p.dc == dc && p.phase == phase).cloned().expect("phase");
+    let (before, during, after) = (get("dc1", "before"), get("dc1", "during"), get("dc1", "after"));
+    assert_eq!((before.invoked, before.ok), (10, 10));
+    // The fault's end is inside it (t = 10 s, ok): 11 calls, 5 lost.
+    assert_eq!((during.invoked, during.ok), (11, 6), "{during:?}");
+    assert!((during.success_rate - 6.0 / 11.0).abs() < 1e-9);
+    assert!((before.ok_per_s - 2.0).abs() < 1e-9 && (during.ok_per_s - 1.2).abs() < 1e-9, "{before:?} {during:?}");
+    assert_eq!(after.invoked, 9, "after is clipped to the history: {after:?}");
+    assert_eq!(get("dc2", "during").success_rate, 1.0);
+    let text = human(&r);
+    assert!(text.contains("dc1: before 2.0 ok/s 100.0 % | during 1.2 ok/s 54.5 %"), "{text}");
+    let json = serde_json::to_value(&r).expect("json");
+    assert_eq!(json["availability"]["windows"][0]["phases"][0]["phase"], "before");
+}
+
+#[test]
+fn an_acknowledged_order_not_found_in_another_dc_breaks_read_your_writes() {
+    let mut h = roamed();
+    // Before the acknowledgement returned, a miss proves nothing; 503 owner_unreachable is allowed.
+    h.push(rec(4, "dc1", (25, Some(26)), Outcome::Fail, 404, read_order("dc2-a")));
+    h.push(rec(5, "dc1", (40, None), Outcome::Unknown, 503, read_order("dc2-a")));
+    must_be_valid(&h);
+    h.push(rec(6, "dc1", (40, Some(50)), Outcome::Fail, 404, read_order("dc2-a")));
+    let r = must_fail_in(&h, &healthy(&h, &["dc1", "dc2"]), &["roaming"]);
+    assert_eq!(r.roaming.violations.len(), 1);
+    assert_eq!((r.roaming.violations[0].kind.as_str(), r.roaming.violations[0].op.id, r.roaming.violations[0].acknowledged_by), ("order_not_found", 6, 3));
+    assert!(human(&r).contains("order_not_found dc2-a"), "{}", human(&r));
+}
+
+#[test]
+fn an_acknowledged_session_not_found_or_refused_elsewhere_breaks_read_your_writes() {
+    let mut h = roamed();
+    h.push(rec(4, "dc3", (40, Some(50)), Outcome::Fail, 404, read_session("t1")));
+    h.push(rec(5, "dc3", (40, Some(50)), Outcome::Fail, 401, order_sent("s", 1)));
+    // A token nobody was given is rightly unknown.
+    h.push(rec(6, "dc3", (40, Some(50)), Outcome::Fail, 404, read_session("t9")));
+    let r = must_fail_in(&h, &healthy(&h, &["dc1", "dc2", "dc3"]), &["roaming"]);
+    let kinds: Vec<(&str, u64)> = r.roaming.violations.iter().map(|v| (v.kind.as_str(), v.op.id)).collect();
+    assert_eq!(kinds, [("session_not_found", 4), ("session_refused", 5)]);
+}
+
+#[test]
+fn a_cancel_of_an_own_order_refused_anywhere_is_caught() {
+    for (status, code) in [(404, "not_found"), (409, "foreign_order"), (401, "unknown_session"), (403, "forbidden")] {
+        let mut h = roamed();
+        h.push(rec(4, "dc1", (40, Some(50)), Outcome::Fail, status, cancel_with("dc2-a", 1, "s", "t1")));
+        let r = must_fail_in(&h, &healthy(&h, &["dc1", "dc2"]), &["roaming"]);
+        assert_eq!(r.roaming.violations[0].kind, "cancel_refused", "{code}");
+    }
+    // Allowed: another session's cancel refused; already_cancelled after a cancel that may
+    // have happened; a queued cancel (202, unknown).
+    let mut h = roamed();
+    h.push(rec(4, "dc1", (40, Some(50)), Outcome::Fail, 403, cancel_with("dc2-a", 1, "s", "t2")));
+    h.push(rec(5, "dc1", (60, None), Outcome::Unknown, 202, cancel_with("dc2-a", 1, "s", "t1")));
+    h.push(rec(6, "dc2", (70, Some(80)), Outcome::Fail, 409, cancel_with("dc2-a", 1, "s", "t1")));
+    must_be_valid(&h);
+}
+
 #[test]
 fn lost_acknowledged_order_is_reported() {
     let h = [ok(1, "dc1", 0, 10, restock("s", 5, 5)), ok(2, "dc1", 20, 30, order("s", 1, "dc1-a"))];
@@ -128,9 +228,7 @@ fn lost_acknowledged_order_is_reported() {
 fn order_not_found_in_its_own_dc_after_ack_is_a_stale_order_read() {
     let mut h = vec![ok(1, "dc1", 0, 10, restock("s", 5, 5)), ok(2, "dc1", 20, 30, order("s", 1, "dc1-a"))];
     h.push(rec(3, "dc1", (40, Some(50)), Outcome::Fail, 404, Op::ReadOrder { order_id: "dc1-a".into(), order_status: None }));
-    // The same miss in another DC is only replication lag.
-    h.push(rec(4, "dc2", (40, Some(50)), Outcome::Fail, 404, Op::ReadOrder { order_id: "dc1-a".into(), order_status: None }));
-    let r = must_fail_in(&h, &healthy(&h, &["dc1", "dc2"]), &["lost_orders"]);
+    let r = must_fail_in(&h, &healthy(&h, &["dc1", "dc2"]), &["lost_orders", "roaming"]);
     assert_eq!(r.lost_orders.stale_reads.len(), 1);
     assert_eq!(r.lost_orders.stale_reads[0].read.id, 3);
 }

@@ -2,9 +2,14 @@
 //! DNS (`dcN.shop.<zone>`), fail over between them, and record every call — invoke and
 //! completion times, node, result — as the history the checker reads.
 //!
-//! Clients stay in their home DC, send cancels only for orders their DC owns, and never
-//! retry a write (a retry is a new operation): the rules under which the checker's
-//! per-(DC, SKU) linearizability model holds. Checked runs disable rebalancing.
+//! Clients never retry a write (a retry is a new operation), and checked runs disable
+//! rebalancing: the rules under which the checker's per-(DC, SKU) linearizability model
+//! holds. With `roam_share` above 0, clients also follow the shop's DNS name as real
+//! clients do: they ask `shop.<zone>` of the other DCs' servers, send that share of
+//! their calls to a DC other than their home (its leader, as DNS names it), and move
+//! home for good once every other DC has left their home out of its answers for
+//! `move_after_ms` (their home failed). Their sessions and orders then live in one DC
+//! and are used from another — what the checker's read-your-writes rule checks.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -85,7 +90,7 @@ fn outcome_of(status: u16, body: &Value) -> Outcome {
         // Accepted, not done: may or may not happen.
         202 => Outcome::Unknown,
         400..=499 => Outcome::Fail,
-        503 if matches!(body["error"]["code"].as_str(), Some("no_quorum" | "overloaded" | "unreachable")) => Outcome::Fail,
+        503 if matches!(body["error"]["code"].as_str(), Some("no_quorum" | "overloaded" | "unreachable" | "owner_unreachable")) => Outcome::Fail,
         _ => Outcome::Unknown,
     }
 }
@@ -102,6 +107,11 @@ struct Client {
     nodes: Vec<NodeInfo>,
     next_node: usize,
     resolved_at: Option<Instant>,
+    /// Roaming: the healthy DCs' addresses as other DCs' DNS servers answer `shop.<zone>`.
+    shop: Vec<NodeInfo>,
+    shop_at: Option<Instant>,
+    /// Since when every other DC's answer has left the home DC out.
+    home_missing_since: Option<Instant>,
     session: Option<String>,
     /// Orders this client placed and saw acknowledged: (id, sku, qty, still live).
     orders: Vec<(String, String, u64, bool)>,
@@ -136,12 +146,67 @@ impl Client {
     /// This DC's nodes as its DNS names them (`dcN.shop.<zone>`), refreshed every few
     /// seconds; the config's list when no DNS server answers.
     async fn pick_node(&mut self) -> NodeInfo {
+        if self.spec.roam_share > 0.0 {
+            self.follow_shop_dns().await;
+            if self.rng.gen_bool(self.spec.roam_share.min(1.0)) {
+                let away: Vec<NodeInfo> = self.shop.iter().filter(|n| n.dc != self.dc).cloned().collect();
+                if !away.is_empty() {
+                    return away[self.rng.gen_range(0..away.len())].clone();
+                }
+            }
+        }
         if self.resolved_at.is_none_or(|t| t.elapsed() > Duration::from_secs(3)) || self.nodes.is_empty() {
             self.nodes = resolve_dc(&self.control, &self.dc).await;
             self.resolved_at = Some(Instant::now());
         }
         self.next_node = (self.next_node + 1) % self.nodes.len();
         self.nodes[self.next_node].clone()
+    }
+
+    /// Asks `shop.<zone>` of one server in each other DC (every 3 s, every second while
+    /// home looks down, or after a lost call), keeps the union as the roaming targets, and
+    /// moves home for good to the first DC answered once home has been missing from every
+    /// answer for `move_after_ms`.
+    async fn follow_shop_dns(&mut self) {
+        let every = if self.home_missing_since.is_some() { Duration::from_secs(1) } else { Duration::from_secs(3) };
+        if self.shop_at.is_some_and(|t| t.elapsed() < every) && self.resolved_at.is_some() {
+            return;
+        }
+        self.shop_at = Some(Instant::now());
+        let name = format!("shop.{}", self.control.config.cluster.zone);
+        let all: Vec<NodeInfo> = self.control.config.dc_names().iter().flat_map(|d| self.control.nodes(d)).collect();
+        let (mut seen, mut answered, mut home_named) = (Vec::<NodeInfo>::new(), 0, false);
+        for dc in self.control.config.dc_names().into_iter().filter(|d| *d != self.dc) {
+            let servers = self.control.nodes(&dc);
+            let start = self.rng.gen_range(0..servers.len().max(1));
+            for server in servers.iter().cycle().skip(start).take(servers.len()) {
+                if let Some(ips) = query_a(server.dns, &name).await {
+                    answered += 1;
+                    for n in all.iter().filter(|n| ips.contains(&n.http.ip())) {
+                        home_named |= n.dc == self.dc;
+                        if !seen.iter().any(|s| s.name == n.name) {
+                            seen.push(n.clone());
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        self.shop = seen;
+        if answered == 0 || home_named {
+            self.home_missing_since = None;
+            return;
+        }
+        let since = *self.home_missing_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= Duration::from_millis(self.spec.move_after_ms) {
+            if let Some(new_home) = self.shop.iter().map(|n| n.dc.clone()).find(|d| *d != self.dc) {
+                tracing::info!(client = %self.name, from = %self.dc, to = %new_home, "home DC left every DNS answer; moving for good");
+                self.dc = new_home;
+                self.home_missing_since = None;
+                self.resolved_at = None;
+                self.nodes.clear();
+            }
+        }
     }
 
     /// An id and invoke time, taken just before the call is sent.
@@ -208,12 +273,13 @@ impl Client {
         let Some(session) = self.session.clone() else { return };
         let node = self.pick_node().await;
         let begun = self.begin();
-        let reply = self.call(&node, reqwest::Method::POST, &format!("/v1/orders/{order_id}/cancel"), Some(json!({"session": session}))).await;
+        let reply = self.call(&node, reqwest::Method::POST, &format!("/v1/orders/{order_id}/cancel"), Some(json!({"session": session.clone()}))).await;
         if reply.outcome != Outcome::Fail {
             // Ok, or unknown: either way it is not ours to cancel again.
             self.orders[i].3 = false;
         }
-        let op = Op::Cancel { order_id, order_dc: self.dc.clone(), qty, sku };
+        let order_dc = super::history::order_origin(&order_id).unwrap_or_default().to_string();
+        let op = Op::Cancel { order_id, order_dc, qty, sku, session: Some(session) };
         self.finish(begun, node, &reply, op).await;
     }
 
@@ -235,17 +301,27 @@ impl Client {
         self.finish(begun, node, &reply, op).await;
     }
 
+    async fn read_session(&mut self) {
+        let Some(token) = self.session.clone() else { return };
+        let node = self.pick_node().await;
+        let begun = self.begin();
+        let reply = self.call(&node, reqwest::Method::GET, &format!("/v1/sessions/{token}"), None).await;
+        let op = Op::ReadSession { token, user: reply.body["user"].as_str().map(String::from) };
+        self.finish(begun, node, &reply, op).await;
+    }
+
     async fn step(&mut self) {
         let w = &self.spec;
-        let total = w.order + w.cancel + w.read_inventory + w.read_order + w.restock;
+        let total = w.order + w.cancel + w.read_inventory + w.read_order + w.restock + w.read_session;
         let mut pick = self.rng.gen_range(0..total);
-        for (weight, kind) in [(w.order, 0), (w.cancel, 1), (w.read_inventory, 2), (w.read_order, 3), (w.restock, 4)] {
+        for (weight, kind) in [(w.order, 0), (w.cancel, 1), (w.read_inventory, 2), (w.read_order, 3), (w.restock, 4), (w.read_session, 5)] {
             if pick < weight {
                 return match kind {
                     0 => self.order().await,
                     1 => self.cancel().await,
                     2 => self.read_inventory().await,
                     3 => self.read_order().await,
+                    5 => self.read_session().await,
                     _ => {
                         let sku = self.skus[self.rng.gen_range(0..self.skus.len())].clone();
                         let add = self.rng.gen_range(1..=10);
@@ -312,6 +388,9 @@ impl Workload {
                     nodes: Vec::new(),
                     next_node: c,
                     resolved_at: None,
+                    shop: Vec::new(),
+                    shop_at: None,
+                    home_missing_since: None,
                     session: None,
                     orders: Vec::new(),
                     seq: 0,
@@ -320,9 +399,12 @@ impl Workload {
         }
         // One client per DC stocks that DC before anyone buys.
         for client in clients.iter_mut().filter(|c| c.name.ends_with("-c0")) {
+            // At home, whatever the roaming share.
+            client.spec.roam_share = 0.0;
             for sku in self.skus.clone() {
                 while client.restock(sku.clone(), self.spec.stock_per_dc).await == Outcome::Unknown {}
             }
+            client.spec.roam_share = self.spec.roam_share;
         }
         let period = Duration::from_secs_f64(1.0 / self.spec.rate_per_client);
         let tasks: Vec<_> = clients

@@ -188,6 +188,19 @@ fn execute(state: &mut impl State, cmd: &Command, key: Option<&str>) -> Outcome 
             let o = NewOrder { id, session, sku, qty: *qty, dc, hlc: *hlc, key, refresh_session: *refresh_session };
             place_order(state, o)
         }
+        Command::PlaceOrderWithSession { record, id, session, sku, qty, dc, hlc, refresh_session } => {
+            // The owner's version of the session, merged like a replicated one (not ours to
+            // ship: the owner does); then the order, exactly as `PlaceOrder`.
+            let merged = state.session(&record.token).map(|old| old.merge(record.clone())).unwrap_or_else(|| record.clone());
+            store_session(state, merged);
+            let o = NewOrder { id, session, sku, qty: *qty, dc, hlc: *hlc, key, refresh_session: *refresh_session };
+            place_order(state, o)
+        }
+        Command::DeleteSessionWithRecord { record, token, dc, hlc } => {
+            let merged = state.session(&record.token).map(|old| old.merge(record.clone())).unwrap_or_else(|| record.clone());
+            store_session(state, merged);
+            delete_session(state, token, dc, *hlc)
+        }
         Command::CancelOrder { id, dc, session, .. } => cancel_order(state, id, dc, session),
         Command::Grant { sku, qty, from, to, hlc } => grant(state, sku, *qty, from, to, *hlc, 0),
         Command::GrantAboveReserve { sku, qty, from, to, hlc, reserve } => grant(state, sku, *qty, from, to, *hlc, *reserve),
@@ -229,7 +242,19 @@ fn check(state: &impl State, cmd: &Command) -> Result<(), String> {
             .and(validate::name("sku", sku))
             .and(validate::qty(*qty as i64).map(|_| ()))
             .and(own(dc)),
+        Command::PlaceOrderWithSession { record, session, .. } if record.token != *session => Err("the session record is not the order's session".into()),
+        Command::PlaceOrderWithSession { record, id, session, sku, qty, dc, .. } => validate::name("id", id)
+            .and(validate::name("session", session))
+            .and(validate::name("user", &record.user))
+            .and(validate::name("dc", &record.dc))
+            .and(validate::name("sku", sku))
+            .and(validate::qty(*qty as i64).map(|_| ()))
+            .and(own(dc)),
         Command::CancelOrder { id, dc, session, .. } => validate::name("id", id).and(validate::name("session", session)).and(own(dc)),
+        Command::DeleteSessionWithRecord { record, token, .. } if record.token != *token => Err("the session record is not the one deleted".into()),
+        Command::DeleteSessionWithRecord { record, token, dc, .. } => {
+            validate::name("token", token).and(validate::name("user", &record.user)).and(validate::name("dc", &record.dc)).and(own(dc))
+        }
         Command::Grant { sku, from, to, .. } if from != to => validate::name("sku", sku).and(own(from)),
         Command::Grant { .. } => Err("a DC cannot grant to itself".into()),
         Command::GrantAboveReserve { sku, from, to, .. } if from != to => validate::name("sku", sku).and(own(from)),

@@ -119,6 +119,28 @@ pub enum Command {
         hlc: u64,
         reserve: u64,
     },
+    /// `PlaceOrder` with a session this DC had not seen yet: `record` is the session as
+    /// its owner DC answered a lookup for it, merged last-writer-wins (like a replicated
+    /// version) before the order is placed, so every replica applies the same entry to the
+    /// same result. (After `Expire`, so older entries decode.)
+    PlaceOrderWithSession {
+        record: Session,
+        id: String,
+        session: String,
+        sku: String,
+        qty: u32,
+        dc: String,
+        hlc: u64,
+        refresh_session: bool,
+    },
+    /// `DeleteSession` (logout) of a session this DC had not seen yet: `record` is the
+    /// owner DC's version, merged first as in `PlaceOrderWithSession`.
+    DeleteSessionWithRecord {
+        record: Session,
+        token: String,
+        dc: String,
+        hlc: u64,
+    },
 }
 
 /// What Raft replicates: a command and the client's `Idempotency-Key`, if it sent one.
@@ -139,10 +161,12 @@ impl Request {
         let k = self.idempotency_key.as_ref()?;
         Some(match &self.cmd {
             Command::CreateSession { user, .. } => (format!("session/{k}"), user.clone()),
-            Command::DeleteSession { token, .. } => (format!("logout/{k}"), token.clone()),
+            Command::DeleteSession { token, .. } | Command::DeleteSessionWithRecord { token, .. } => (format!("logout/{k}"), token.clone()),
             Command::Restock { sku, add, .. } => (format!("restock/{k}"), format!("{sku}/{add}")),
             // Scoped by session: two shoppers may pick the same key.
-            Command::PlaceOrder { session, sku, qty, .. } => (order_key_scope(session, k), format!("{sku}/{qty}")),
+            Command::PlaceOrder { session, sku, qty, .. } | Command::PlaceOrderWithSession { session, sku, qty, .. } => {
+                (order_key_scope(session, k), format!("{sku}/{qty}"))
+            }
             // Scoped by session too: only the same shopper gets the first answer back.
             Command::CancelOrder { id, session, .. } => (format!("cancel/{session}/{k}"), id.clone()),
             _ => return None,
@@ -158,8 +182,8 @@ impl Command {
     /// The entity a command is about: commands for one entity are serialised by its actor.
     pub fn entity(&self) -> &str {
         match self {
-            Command::CreateSession { token, .. } | Command::DeleteSession { token, .. } => token,
-            Command::Restock { sku, .. } | Command::PlaceOrder { sku, .. } | Command::Grant { sku, .. } | Command::GrantAboveReserve { sku, .. } => sku,
+            Command::CreateSession { token, .. } | Command::DeleteSession { token, .. } | Command::DeleteSessionWithRecord { token, .. } => token,
+            Command::Restock { sku, .. } | Command::PlaceOrder { sku, .. } | Command::PlaceOrderWithSession { sku, .. } | Command::Grant { sku, .. } | Command::GrantAboveReserve { sku, .. } => sku,
             Command::CancelOrder { id, .. } | Command::RequestCancel { id, .. } => id,
             Command::ApplyRemote { origin, .. } | Command::InstallRemote { origin, .. } => origin,
             Command::TrimOutbox { .. } => "outbox",
@@ -176,6 +200,8 @@ impl Command {
             | Command::DeleteSession { hlc, .. }
             | Command::Restock { hlc, .. }
             | Command::PlaceOrder { hlc, .. }
+            | Command::PlaceOrderWithSession { hlc, .. }
+            | Command::DeleteSessionWithRecord { hlc, .. }
             | Command::CancelOrder { hlc, .. }
             | Command::Grant { hlc, .. }
             | Command::GrantAboveReserve { hlc, .. }

@@ -686,3 +686,41 @@ proptest! {
         }
     }
 }
+
+/// An order placed in dc1 with a session dc2 created, carried in the entry as dc2 answered
+/// a lookup: merged like a replicated version, so dc1 converges with dc2's later events.
+#[test]
+fn an_order_with_a_session_from_another_dc_carries_and_merges_its_record() {
+    let mut dc2 = MemState::new("dc2");
+    apply(&mut dc2, &session("dc2", "t1"));
+    let record = dc2.sessions["t1"].clone();
+    let mut dc1 = MemState::new("dc1");
+    apply(&mut dc1, &restock("dc1", "sku1", 5));
+    let with = |record, id: &str, hlc| {
+        req(Command::PlaceOrderWithSession {
+            record,
+            id: id.into(),
+            session: "t1".into(),
+            sku: "sku1".into(),
+            qty: 1,
+            dc: "dc1".into(),
+            hlc,
+            refresh_session: false,
+        })
+    };
+    assert!(matches!(apply(&mut dc1, &with(record.clone(), "o1", 2)), Outcome::Order(o) if o.user == "alice"));
+    assert_eq!(dc1.sessions["t1"], record, "the owner's version, not one of dc1's own (dc1 does not ship it)");
+    assert!(!dc1.expiry.iter().any(|k| k.starts_with(b"e/s")), "dc1 does not expire a session dc2 wrote");
+    // A cancel in dc1 now finds the session.
+    assert!(matches!(apply(&mut dc1, &cancel("dc1", "o1")), Outcome::Order(o) if o.status == OrderStatus::Cancelled));
+    // dc2 logs out meanwhile; the tombstone wins over a later, stale record.
+    apply(&mut dc2, &req(Command::DeleteSession { token: "t1".into(), dc: "dc2".into(), hlc: 5 }));
+    let events: Vec<_> = dc2.outbox.clone();
+    apply(&mut dc1, &req(Command::ApplyRemote { origin: "dc2".into(), events }));
+    assert_eq!(apply(&mut dc1, &with(record.clone(), "o2", 6)), Outcome::Rejected(Rejection::UnknownSession));
+    assert!(dc1.sessions["t1"].deleted);
+    // A record for another token than the order's is refused outright.
+    let mut other = record;
+    other.token = "t2".into();
+    assert!(matches!(apply(&mut dc1, &with(other, "o3", 7)), Outcome::Rejected(Rejection::Invalid(_))));
+}

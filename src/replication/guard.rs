@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::domain::{Change, Command, Event};
+use crate::transport::message::{Found, Lookup};
 use crate::hlc;
 
 /// A timestamp at most `max_offset_ms` ahead of `now_ms` (this node's wall clock).
@@ -46,7 +47,22 @@ pub fn check_command(cmd: &Command, now_ms: u64, max: u64) -> Result<(), String>
         Command::ApplyRemote { events, .. } => check_events(events, now_ms, max),
         Command::InstallRemote { changes, .. } => changes.iter().try_for_each(|c| check_change(c, now_ms, max)),
         Command::Batch { requests } => requests.iter().try_for_each(|r| check_command(&r.cmd, now_ms, max)),
+        // The session record a DC fetched from its owner rides in the entry: its time too.
+        Command::PlaceOrderWithSession { record, hlc, .. } | Command::DeleteSessionWithRecord { record, hlc, .. } => {
+            check_hlc("command", *hlc, now_ms, max).and_then(|_| check_hlc("session record", record.hlc, now_ms, max))
+        }
         other => other.hlc().map_or(Ok(()), |hlc| check_hlc("command", hlc, now_ms, max)),
+    }
+}
+
+/// An owner DC's answer to a lookup: it must be about what was asked, created by the DC
+/// asked, and not stamped beyond the clock offset — the asker puts it in its own Raft log.
+pub fn check_found(asked: &Lookup, owner: &str, found: &Found, now_ms: u64, max: u64) -> Result<(), String> {
+    match (asked, found) {
+        (_, Found::Order(None) | Found::Session(None)) => Ok(()),
+        (Lookup::Order(id), Found::Order(Some(o))) if o.id == *id && o.dc == owner => check_hlc("looked-up order", o.hlc, now_ms, max),
+        (Lookup::Session(token), Found::Session(Some(s))) if s.token == *token => check_hlc("looked-up session", s.hlc, now_ms, max),
+        _ => Err(format!("{owner} answered a lookup for {asked:?} with something else")),
     }
 }
 
@@ -94,6 +110,34 @@ impl GrantLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lookup_answer_must_be_what_was_asked_and_not_from_the_future() {
+        use crate::domain::{Order, OrderStatus, Session};
+        let now = 1_000_000;
+        let session = |token: &str, hlc_ms: u64| Session { token: token.into(), user: "u".into(), dc: "dc2".into(), hlc: hlc_ms << 16, deleted: false };
+        let order = |id: &str, dc: &str| Order {
+            id: id.into(),
+            session: "s".into(),
+            user: "u".into(),
+            sku: "k".into(),
+            qty: 1,
+            status: OrderStatus::Placed,
+            dc: dc.into(),
+            hlc: now << 16,
+            idempotency_key: None,
+        };
+        let asked = Lookup::Session("dc2-t".into());
+        assert!(check_found(&asked, "dc2", &Found::Session(Some(session("dc2-t", now))), now, 500).is_ok());
+        assert!(check_found(&asked, "dc2", &Found::Session(None), now, 500).is_ok());
+        assert!(check_found(&asked, "dc2", &Found::Session(Some(session("dc2-other", now))), now, 500).is_err());
+        assert!(check_found(&asked, "dc2", &Found::Session(Some(session("dc2-t", now + 10_000))), now, 500).is_err());
+        assert!(check_found(&asked, "dc2", &Found::Order(None), now, 500).is_ok(), "nothing found is an honest answer");
+        let asked = Lookup::Order("dc2-o".into());
+        assert!(check_found(&asked, "dc2", &Found::Order(Some(order("dc2-o", "dc2"))), now, 500).is_ok());
+        assert!(check_found(&asked, "dc2", &Found::Order(Some(order("dc2-o", "dc3"))), now, 500).is_err(), "dc2 answers only for its own orders");
+        assert!(check_found(&asked, "dc2", &Found::Session(Some(session("dc2-o", now))), now, 500).is_err());
+    }
     use crate::domain::{DcSettings, Request, Session};
 
     const NOW: u64 = 1_800_000_000_000;

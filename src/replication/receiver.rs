@@ -62,6 +62,8 @@ pub async fn handle(node: &Node, from: NodeId, req: PeerRequest) -> PeerResponse
             PeerResponse::Replicate(apply(node, Command::InstallRemote { origin, upto, changes }).await)
         }
         PeerRequest::AskStock { sku, want } => PeerResponse::Granted(crate::replication::rebalance::grant(node, &sku, want, &sender_dc).await),
+        // A client of the sender's DC asks for an order or session we created.
+        PeerRequest::Lookup(what) => PeerResponse::Lookup(node.answer_lookup(what).await),
         // A cancel for one of our orders, forwarded by the DC that received it. It carries
         // the session that placed the order, which apply checks (as for a `CancelRequest`
         // event in the sender's stream): an order id alone cancels nothing.
@@ -122,5 +124,6 @@ pub fn request_name(r: &PeerRequest) -> &'static str {
         PeerRequest::InstallRemote { .. } => "install_remote",
         PeerRequest::Probe => "probe",
         PeerRequest::AskStock { .. } => "ask_stock",
+        PeerRequest::Lookup(_) => "lookup",
     }
 }

@@ -16,6 +16,11 @@ pub async fn ship_loop(node: Arc<Node>, dc: String) {
     let interval = Duration::from_millis(node.config.replication.probe_interval_ms);
     let mut metrics = node.raft.metrics();
     loop {
+        if node.faults.replication_paused() {
+            // Test hook: hold our events back (probes and lookups still flow).
+            tokio::time::sleep(interval).await;
+            continue;
+        }
         if !node.is_leader() {
             // A new leader learns the remote cursor afresh.
             node.links.update(&dc, |l| l.acked = None);

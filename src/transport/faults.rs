@@ -22,6 +22,9 @@ pub struct FaultRules {
     pub partitioned: BTreeSet<NodeId>,
     /// Extra delay before each message to a peer (request or answer), in milliseconds.
     pub delay_ms: BTreeMap<NodeId, u64>,
+    /// This node, as its DC's leader, ships no events to other DCs (every other message
+    /// still flows): how tests hold replication back while lookups go through.
+    pub replication_paused: bool,
 }
 
 #[derive(Clone, Default)]
@@ -41,6 +44,10 @@ impl Faults {
 
     pub fn is_cut(&self, peer: NodeId) -> bool {
         self.rules.read().expect("faults lock").partitioned.contains(&peer)
+    }
+
+    pub fn replication_paused(&self) -> bool {
+        self.rules.read().expect("faults lock").replication_paused
     }
 
     pub fn delay(&self, peer: NodeId) -> Option<Duration> {

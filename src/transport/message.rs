@@ -4,7 +4,7 @@ use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{Change, Event, Outcome, Request};
+use crate::domain::{Change, Event, Order, Outcome, Request, Session};
 use crate::error::NodeError;
 use crate::raft::{NodeId, TypeConfig};
 
@@ -38,6 +38,25 @@ pub enum PeerRequest {
         sku: String,
         want: u64,
     },
+    /// From any node of another DC: your copy of something your DC owns, read
+    /// linearizably — how a DC answers a client for an id or token it has not seen yet.
+    Lookup(Lookup),
+}
+
+/// What a [`PeerRequest::Lookup`] asks for: an order or a session the asked DC created
+/// (its id or token names that DC).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Lookup {
+    Order(String),
+    Session(String),
+}
+
+/// The owner's answer: what it holds under that id or token (`None`: nothing, a 404 the
+/// asker may give). A session comes back as the owner's merged version, tombstone included.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Found {
+    Order(Option<Order>),
+    Session(Option<Session>),
 }
 
 /// A DC's answer to replication traffic: its cursor for the origin after applying.
@@ -66,4 +85,5 @@ pub enum PeerResponse {
     Granted(Result<u64, NodeError>),
     /// The request could not be handled at all (e.g. it was for another DC's Raft group).
     Refused(String),
+    Lookup(Result<Found, NodeError>),
 }

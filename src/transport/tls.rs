@@ -44,7 +44,9 @@ pub struct Hello {
 pub enum Security {
     Tls(Arc<PeerTls>),
     /// No authentication: only behind `--insecure-plaintext-peers`.
-    Plaintext { me: NodeId },
+    Plaintext {
+        me: NodeId,
+    },
 }
 
 pub struct PeerTls {
@@ -65,8 +67,10 @@ impl PeerTls {
             roots.add(cert.with_context(|| format!("parse {}", ca_path.display()))?).context("add CA certificate")?;
         }
         let cert_path = certs::cert_path(dir, name);
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_file_iter(&cert_path).with_context(|| format!("read {}", cert_path.display()))?.collect::<Result<_, _>>().context("parse certificate")?;
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
+            .with_context(|| format!("read {}", cert_path.display()))?
+            .collect::<Result<_, _>>()
+            .context("parse certificate")?;
         let key_path = certs::key_path(dir, name);
         let key = PrivateKeyDer::from_pem_file(&key_path).with_context(|| format!("read {}", key_path.display()))?;
         let roots = Arc::new(roots);
@@ -123,14 +127,20 @@ impl Directory {
 pub async fn accept<S: PeerStream>(tcp: S, security: &Security, directory: &Directory, frame_max: usize) -> Result<(BoxStream, NodeId), String> {
     match security {
         Security::Tls(tls) => {
-            let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor.accept(tcp)).await.map_err(|_| "tls handshake timed out".to_string())?.map_err(|e| format!("tls handshake: {e}"))?;
+            let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor.accept(tcp))
+                .await
+                .map_err(|_| "tls handshake timed out".to_string())?
+                .map_err(|e| format!("tls handshake: {e}"))?;
             let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).ok_or("no client certificate")?;
             let id = directory.node_of(&certs::role_of(cert)?)?;
             Ok((Box::new(stream), id))
         }
         Security::Plaintext { .. } => {
             let mut tcp = tcp;
-            let frame = tokio::time::timeout(HANDSHAKE_TIMEOUT, super::frame::read_frame(&mut tcp, frame_max)).await.map_err(|_| "hello timed out".to_string())?.map_err(|e| e.to_string())?;
+            let frame = tokio::time::timeout(HANDSHAKE_TIMEOUT, super::frame::read_frame(&mut tcp, frame_max))
+                .await
+                .map_err(|_| "hello timed out".to_string())?
+                .map_err(|e| e.to_string())?;
             let Hello { node } = crate::codec::decode(&frame).map_err(|e| format!("bad hello: {e}"))?;
             if !directory.has_id(node) {
                 return Err(format!("hello names unknown node {node}"));
@@ -146,7 +156,10 @@ pub async fn connect(tcp: TcpStream, security: &Security, peer_name: &str, peer_
     match security {
         Security::Tls(tls) => {
             let server_name = ServerName::try_from(peer_name.to_string()).map_err(|e| format!("node name as server name: {e}"))?;
-            let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.connector.connect(server_name, tcp)).await.map_err(|_| "tls handshake timed out".to_string())?.map_err(|e| format!("tls handshake: {e}"))?;
+            let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.connector.connect(server_name, tcp))
+                .await
+                .map_err(|_| "tls handshake timed out".to_string())?
+                .map_err(|e| format!("tls handshake: {e}"))?;
             let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).ok_or("no server certificate")?;
             let expected = Role::Node { dc: peer_dc.to_string(), name: peer_name.to_string() };
             let role = certs::role_of(cert)?;

@@ -142,7 +142,12 @@ impl TestCluster {
         self.peer_call_secured(name, &Security::Tls(std::sync::Arc::new(tls)), req).await
     }
 
-    pub async fn peer_call_secured(&self, name: &str, security: &agora::transport::tls::Security, req: &agora::transport::PeerRequest) -> Result<agora::transport::PeerResponse, String> {
+    pub async fn peer_call_secured(
+        &self,
+        name: &str,
+        security: &agora::transport::tls::Security,
+        req: &agora::transport::PeerRequest,
+    ) -> Result<agora::transport::PeerResponse, String> {
         let (d, _) = Self::parse(name);
         let target = agora::transport::client::Target {
             id: Self::id(name),

@@ -23,15 +23,23 @@ fn attacks(target_leader: u64) -> Vec<(&'static str, PeerRequest)> {
     let huge = Vote::new_committed(u64::MAX - 1, target_leader);
     let restock = Request::new(Command::Restock { sku: "forged".into(), add: 1_000_000, dc: "dc1".into(), hlc: 1 }, None);
     let grant = StockRow { stocked: 0, sold: 0, released: 0, sent: [("dc1".to_string(), u64::MAX / 2)].into() };
-    let events = vec![agora::domain::Event { seq: 1, origin: "dc2".into(), hlc: u64::MAX, change: agora::domain::Change::Stock { sku: "forged".into(), row: grant } }];
+    let events =
+        vec![agora::domain::Event { seq: 1, origin: "dc2".into(), hlc: u64::MAX, change: agora::domain::Change::Stock { sku: "forged".into(), row: grant } }];
     vec![
-        ("append_entries with a huge term", PeerRequest::AppendEntries(AppendEntriesRequest { vote: huge, prev_log_id: None, entries: vec![], leader_commit: None })),
+        (
+            "append_entries with a huge term",
+            PeerRequest::AppendEntries(AppendEntriesRequest { vote: huge, prev_log_id: None, entries: vec![], leader_commit: None }),
+        ),
         ("vote with a huge term", PeerRequest::Vote(VoteRequest { vote: Vote::new(u64::MAX - 1, target_leader), last_log_id: None })),
         (
             "install_snapshot at a huge offset",
             PeerRequest::InstallSnapshot(InstallSnapshotRequest {
                 vote: huge,
-                meta: SnapshotMeta { last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(1, target_leader), 1 << 30)), last_membership: StoredMembership::default(), snapshot_id: "forged".into() },
+                meta: SnapshotMeta {
+                    last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(1, target_leader), 1 << 30)),
+                    last_membership: StoredMembership::default(),
+                    snapshot_id: "forged".into(),
+                },
                 offset: 1 << 40,
                 data: vec![1],
                 done: false,

@@ -41,7 +41,8 @@ async fn garbage_truncated_and_unknown_version_frames_are_rejected() {
     let c = TestCluster::start(32, Options::default()).await;
     let addr = c.peer_addr(&c.names[0]);
     let before = c.must_converge(Duration::from_secs(5)).await;
-    let frames: [&[u8]; 5] = [&[0, 0, 0, 3, 99, 1, 2], &[0, 0, 0, 100, 1, 2, 3], &[0, 0, 0, 5, 1, 0xff, 0xff, 0xff, 0xff], &[0xff, 0xff, 0xff, 0xff], b"GET / HTTP/1.1\r\n\r\n"];
+    let frames: [&[u8]; 5] =
+        [&[0, 0, 0, 3, 99, 1, 2], &[0, 0, 0, 100, 1, 2, 3], &[0, 0, 0, 5, 1, 0xff, 0xff, 0xff, 0xff], &[0xff, 0xff, 0xff, 0xff], b"GET / HTTP/1.1\r\n\r\n"];
     for f in frames {
         send_authenticated(&c, &c.names[0], &c.names[1], f).await;
     }

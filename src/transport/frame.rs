@@ -1,6 +1,7 @@
 //! A frame is a big-endian `u32` length, then that many bytes of `codec` output (whose
-//! first byte is the format version). Requests carry `(id, from, PeerRequest)`, responses
-//! `(id, PeerResponse)`.
+//! first byte is the format version). Requests carry `(id, PeerRequest)`, responses
+//! `(id, PeerResponse)`; who sent a request is known from the connection (its TLS
+//! certificate), never from the frame.
 
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 

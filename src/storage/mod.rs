@@ -128,3 +128,35 @@ pub fn open(dir: &Path, dc: &str, durability: Durability, cache_bytes: u64, cach
 pub(crate) fn io_err<E: std::error::Error + 'static>(make: fn(openraft::AnyError) -> openraft::StorageIOError<u64>, e: E) -> openraft::StorageError<u64> {
     openraft::StorageError::IO { source: make(openraft::AnyError::new(&e)) }
 }
+
+/// Where a stopped node's data dir's bytes go: per sled tree, and in the `state` tree per
+/// record kind (its two-byte key prefix), the records and their key and value bytes; and
+/// the files of the dir. Opens sled, so the node must not be running.
+pub fn usage(dir: &Path) -> anyhow::Result<serde_json::Value> {
+    use std::collections::BTreeMap;
+    let mut files = BTreeMap::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let m = e.metadata()?;
+        let bytes = if m.is_dir() { std::fs::read_dir(e.path())?.filter_map(|f| f.ok()?.metadata().ok()).map(|m| m.len()).sum() } else { m.len() };
+        files.insert(e.file_name().to_string_lossy().into_owned(), bytes);
+    }
+    let db = sled::Config::new().path(dir).open().map_err(|e| anyhow::anyhow!("open sled db in {}: {e}", dir.display()))?;
+    let mut trees = BTreeMap::new();
+    for name in db.tree_names() {
+        let tree = db.open_tree(&name)?;
+        let mut kinds: BTreeMap<String, [u64; 3]> = BTreeMap::new();
+        for item in tree.iter() {
+            let (k, v) = item?;
+            let kind = if &*name == b"state" { String::from_utf8_lossy(&k[..k.len().min(2)]).into_owned() } else { "all".to_string() };
+            let c = kinds.entry(kind).or_default();
+            c[0] += 1;
+            c[1] += k.len() as u64;
+            c[2] += v.len() as u64;
+        }
+        let kinds: BTreeMap<String, serde_json::Value> =
+            kinds.into_iter().map(|(kind, [n, kb, vb])| (kind, serde_json::json!({"records": n, "key_bytes": kb, "value_bytes": vb}))).collect();
+        trees.insert(String::from_utf8_lossy(&name).into_owned(), kinds);
+    }
+    Ok(serde_json::json!({"files": files, "trees": trees}))
+}

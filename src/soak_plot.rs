@@ -34,7 +34,7 @@ const WIDTH: f64 = 760.0;
 const PANEL_H: f64 = 150.0;
 const LEFT: f64 = 70.0;
 const RIGHT: f64 = 20.0;
-const TOP: f64 = 40.0;
+const TOP: f64 = 56.0;
 const GAP: f64 = 40.0;
 
 pub fn run(args: PlotArgs) -> anyhow::Result<()> {

@@ -64,7 +64,10 @@ pub fn svg(title: &str, rows: &[Value]) -> String {
     let plot_w = WIDTH - LEFT - RIGHT;
     let t_max = rows.iter().filter_map(|r| r["t_s"].as_f64()).fold(0.0, f64::max).max(1.0);
     let mut out = String::new();
-    let _ = writeln!(out, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="11">"#);
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="11">"#
+    );
     let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(out, r#"<text x="{LEFT}" y="22" font-size="14" font-weight="bold">{}</text>"#, escape(title));
     for (i, (field, label)) in PANELS.iter().enumerate() {

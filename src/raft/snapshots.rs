@@ -50,7 +50,8 @@ pub fn writes_base(records: u64, percent: u64) -> u64 {
 /// The whole rule: whether a node that has applied `entries` entries and `writes` client
 /// writes since its last snapshot, of a state of `records` records, builds one now.
 pub fn due(entries: u64, writes: u64, records: u64, raft: &crate::config::RaftSection, rank: u64, leader: bool) -> bool {
-    entries >= threshold(raft.snapshot_logs_since_last, rank, leader) && writes >= threshold(writes_base(records, raft.snapshot_state_ratio_percent), rank, leader)
+    entries >= threshold(raft.snapshot_logs_since_last, rank, leader)
+        && writes >= threshold(writes_base(records, raft.snapshot_state_ratio_percent), rank, leader)
 }
 
 /// Asks openraft for a snapshot whenever this node's log since the last one passes its

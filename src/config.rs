@@ -172,11 +172,14 @@ pub struct StorageSection {
     pub durability: Durability,
     /// sled's page cache bound.
     pub sled_cache_bytes_max: u64,
+    /// sled's segment size (a power of two; 0: sled's default, 512 KiB). Fixed when the
+    /// data dir is created: sled refuses to open a dir with another one.
+    pub sled_segment_bytes: usize,
 }
 
 impl Default for StorageSection {
     fn default() -> Self {
-        StorageSection { durability: Durability::Fsync, sled_cache_bytes_max: 256 << 20 }
+        StorageSection { durability: Durability::Fsync, sled_cache_bytes_max: 256 << 20, sled_segment_bytes: 0 }
     }
 }
 

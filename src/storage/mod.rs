@@ -105,13 +105,29 @@ async fn group_commit(db: sled::Db, file: Option<Arc<File>>, mut rx: mpsc::Unbou
 
 /// Opens (or creates) a node's data dir and returns its log store and state machine.
 pub fn open(dir: &Path, dc: &str, durability: Durability, cache_bytes: u64, cache_entities_max: usize) -> anyhow::Result<(LogStore, StateMachineStore)> {
+    open_with(dir, dc, durability, cache_bytes, 0, cache_entities_max)
+}
+
+/// [`open`] with sled's segment size (0: sled's default).
+pub fn open_with(
+    dir: &Path,
+    dc: &str,
+    durability: Durability,
+    cache_bytes: u64,
+    segment_bytes: usize,
+    cache_entities_max: usize,
+) -> anyhow::Result<(LogStore, StateMachineStore)> {
     std::fs::create_dir_all(dir)?;
-    let db = sled::Config::new()
+    let mut config = sled::Config::new()
         .path(dir)
         .cache_capacity(cache_bytes)
         // We flush when Raft needs it; the background flush only bounds what an
         // unsynced state-machine write may lose, which the log replays anyway.
-        .flush_every_ms(Some(1000))
+        .flush_every_ms(Some(1000));
+    if segment_bytes > 0 {
+        config = config.segment_size(segment_bytes);
+    }
+    let db = config
         .open()
         .map_err(|e| anyhow::anyhow!("open sled db in {}: {e}", dir.display()))?;
     let file = match durability {

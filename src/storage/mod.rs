@@ -127,9 +127,7 @@ pub fn open_with(
     if segment_bytes > 0 {
         config = config.segment_size(segment_bytes);
     }
-    let db = config
-        .open()
-        .map_err(|e| anyhow::anyhow!("open sled db in {}: {e}", dir.display()))?;
+    let db = config.open().map_err(|e| anyhow::anyhow!("open sled db in {}: {e}", dir.display()))?;
     let file = match durability {
         Durability::Fsync => Some(Arc::new(File::open(dir.join("db"))?)),
         Durability::Flush => None,
@@ -150,6 +148,7 @@ pub(crate) fn io_err<E: std::error::Error + 'static>(make: fn(openraft::AnyError
 /// the files of the dir. Opens sled, so the node must not be running.
 pub fn usage(dir: &Path) -> anyhow::Result<serde_json::Value> {
     use std::collections::BTreeMap;
+    anyhow::ensure!(dir.join("conf").is_file() && dir.join("db").is_file(), "{} holds no sled database", dir.display());
     let mut files = BTreeMap::new();
     for e in std::fs::read_dir(dir)? {
         let e = e?;
@@ -157,7 +156,14 @@ pub fn usage(dir: &Path) -> anyhow::Result<serde_json::Value> {
         let bytes = if m.is_dir() { std::fs::read_dir(e.path())?.filter_map(|f| f.ok()?.metadata().ok()).map(|m| m.len()).sum() } else { m.len() };
         files.insert(e.file_name().to_string_lossy().into_owned(), bytes);
     }
-    let db = sled::Config::new().path(dir).open().map_err(|e| anyhow::anyhow!("open sled db in {}: {e}", dir.display()))?;
+    // sled opens a dir only with the segment size it was created with (its `conf` file).
+    let conf = String::from_utf8_lossy(&std::fs::read(dir.join("conf"))?).into_owned(); // text, then a checksum
+    let segment = conf.lines().find_map(|l| l.strip_prefix("segment_size: ")?.trim().parse::<usize>().ok());
+    let mut config = sled::Config::new().path(dir);
+    if let Some(bytes) = segment {
+        config = config.segment_size(bytes);
+    }
+    let db = config.open().map_err(|e| anyhow::anyhow!("open sled db in {}: {e}", dir.display()))?;
     let mut trees = BTreeMap::new();
     for name in db.tree_names() {
         let tree = db.open_tree(&name)?;
@@ -175,4 +181,27 @@ pub fn usage(dir: &Path) -> anyhow::Result<serde_json::Value> {
         trees.insert(String::from_utf8_lossy(&name).into_owned(), kinds);
     }
     Ok(serde_json::json!({"files": files, "trees": trees}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A data dir created with another segment size still opens for `usage`, which counts
+    /// the state's records by kind; a dir without sled is refused, not turned into one.
+    #[test]
+    fn usage_reads_a_data_dir_of_any_segment_size() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let db = sled::Config::new().path(dir.path()).segment_size(1 << 20).open().expect("open sled");
+            db.open_tree("state").expect("tree").insert(b"o/1", b"order".as_slice()).expect("insert");
+            db.flush().expect("flush");
+        }
+        let u = usage(dir.path()).expect("usage");
+        assert!(u["files"]["db"].as_u64().is_some(), "{u}");
+        assert_eq!(u["trees"]["state"]["o/"]["records"], 1, "{u}");
+        let empty = tempfile::tempdir().expect("temp dir");
+        assert!(usage(empty.path()).is_err());
+        assert!(!empty.path().join("db").exists());
+    }
 }

@@ -46,7 +46,21 @@ pub struct BenchArgs {
     /// happens (a snapshot, an election) instead of only that it did.
     #[arg(long)]
     pub timeline: bool,
+    /// Also print, every this many seconds while the run goes on, one JSON line of that
+    /// interval's acknowledged requests, errors and p50/p99 (0: none). What a soak run
+    /// (`scripts/bench-soak`) reads as it goes.
+    #[arg(long, default_value_t = 0)]
+    pub interval: u64,
 }
+
+/// Latencies (µs) and errors of the interval in progress, shared by the workers and the
+/// interval reporter.
+#[derive(Default)]
+struct Window {
+    latencies_us: Vec<u32>,
+    errors: u64,
+}
+type SharedWindow = std::sync::Arc<std::sync::Mutex<Window>>;
 
 #[derive(Default)]
 struct WorkerStats {
@@ -65,10 +79,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let lag_before = lag_buckets(&client, &args.targets).await;
     let warmup_end = Instant::now() + Duration::from_secs(args.warmup);
     let end = warmup_end + Duration::from_secs(args.duration);
+    let window = (args.interval > 0).then(SharedWindow::default);
+    let reporter = window.clone().map(|w| tokio::spawn(report_intervals(w, Duration::from_secs(args.interval), warmup_end, end)));
     let mut workers = Vec::new();
     for w in 0..args.concurrency {
-        let (client, args, setup) = (client.clone(), args.clone(), setup.clone());
-        workers.push(tokio::spawn(async move { worker(w, client, args, setup, warmup_end, end).await }));
+        let (client, args, setup, window) = (client.clone(), args.clone(), setup.clone(), window.clone());
+        workers.push(tokio::spawn(async move { worker(w, client, args, setup, warmup_end, end, window).await }));
     }
     let mut all = WorkerStats::default();
     for w in workers {
@@ -76,6 +92,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         all.latencies_us.extend(s.latencies_us);
         all.started_s.extend(s.started_s);
         all.errors += s.errors;
+    }
+    if let Some(r) = reporter {
+        r.await?;
     }
     let lag = lag_buckets(&client, &args.targets).await.into_iter().map(|(le, n)| (le, n - lag_before.get(&le).copied().unwrap_or(0.0))).collect();
     report(&args, all, &lag);
@@ -126,7 +145,48 @@ async fn prepare(client: &reqwest::Client, args: &BenchArgs) -> anyhow::Result<S
     Ok(Setup { sessions, skus, orders })
 }
 
-async fn worker(w: usize, client: reqwest::Client, args: BenchArgs, setup: Setup, warmup_end: Instant, end: Instant) -> WorkerStats {
+/// Every `every` from `start` to `end`: one JSON line of the interval just ended.
+async fn report_intervals(window: SharedWindow, every: Duration, start: Instant, end: Instant) {
+    use std::io::Write;
+    let mut n = 0u64;
+    let mut from = start;
+    while from < end {
+        let to = (from + every).min(end);
+        tokio::time::sleep_until(to.into()).await;
+        let Window { latencies_us: mut l, errors } = std::mem::take(&mut *window.lock().expect("window lock"));
+        l.sort_unstable();
+        n += 1;
+        let secs = (to - from).as_secs_f64().max(1e-3);
+        let line = interval_line(n, (to - start).as_secs_f64(), secs, &l, errors);
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+        from = to;
+    }
+}
+
+/// One interval's figures: `l` sorted latencies (µs) of its acknowledged requests.
+fn interval_line(n: u64, t_s: f64, secs: f64, l: &[u32], errors: u64) -> Value {
+    json!({
+        "interval": n,
+        "t_s": t_s.round(),
+        "ok": l.len(),
+        "errors": errors,
+        "throughput_per_s": (l.len() as f64 / secs).round(),
+        "p50_ms": percentile(l, 0.50),
+        "p99_ms": percentile(l, 0.99),
+    })
+}
+
+async fn worker(
+    w: usize,
+    client: reqwest::Client,
+    args: BenchArgs,
+    setup: Setup,
+    warmup_end: Instant,
+    end: Instant,
+    window: Option<SharedWindow>,
+) -> WorkerStats {
     let mut stats = WorkerStats::default();
     let t = w % args.targets.len();
     let base = &args.targets[t];
@@ -145,12 +205,20 @@ async fn worker(w: usize, client: reqwest::Client, args: BenchArgs, setup: Setup
         if started < warmup_end {
             continue;
         }
+        let us = started.elapsed().as_micros().min(u32::MAX as u128) as u32;
         match ok {
             true => {
-                stats.latencies_us.push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                stats.latencies_us.push(us);
                 stats.started_s.push((started - warmup_end).as_secs() as u32);
             }
             false => stats.errors += 1,
+        }
+        if let Some(w) = &window {
+            let mut w = w.lock().expect("window lock");
+            match ok {
+                true => w.latencies_us.push(us),
+                false => w.errors += 1,
+            }
         }
     }
     stats
@@ -276,5 +344,18 @@ mod tests {
     fn the_timeline_groups_requests_by_the_second_they_started_in() {
         let all = WorkerStats { latencies_us: vec![1_000, 2_000, 50_000, 3_000], started_s: vec![0, 0, 2, 2], errors: 0 };
         assert_eq!(timeline(&all), vec![(0, 2, 2.0), (2, 2, 50.0)]);
+    }
+
+    #[test]
+    fn an_interval_line_has_its_rate_and_percentiles() {
+        let l: Vec<u32> = (1..=100).map(|ms| ms * 1000).collect();
+        let v = interval_line(3, 30.0, 10.0, &l, 2);
+        assert_eq!(v["interval"], 3);
+        assert_eq!(v["ok"], 100);
+        assert_eq!(v["errors"], 2);
+        assert_eq!(v["throughput_per_s"], 10.0);
+        assert_eq!(v["p50_ms"], 51.0);
+        assert_eq!(v["p99_ms"], 99.0);
+        assert_eq!(interval_line(1, 10.0, 10.0, &[], 0)["p99_ms"], 0.0);
     }
 }

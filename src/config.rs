@@ -119,6 +119,11 @@ pub struct RaftSection {
     /// first node; its second and third wait 1.25 and 1.5 times as long, so their builds
     /// rarely overlap, and whichever node leads waits twice as long as it would otherwise.
     pub snapshot_logs_since_last: u64,
+    /// And not before the client writes since the last snapshot reach this percentage of
+    /// the state's records (staggered the same way): a build copies the whole state, so
+    /// spacing builds in proportion to it keeps their cost per write constant as it grows.
+    /// 0: entries alone decide (the cost per write then grows with the state).
+    pub snapshot_state_ratio_percent: u64,
     /// Entries kept in the log behind a snapshot, so slightly lagging followers catch up
     /// from the log instead of a snapshot.
     pub logs_to_keep_after_snapshot: u64,
@@ -150,6 +155,7 @@ impl Default for RaftSection {
             election_timeout_min_ms: 400,
             election_timeout_max_ms: 800,
             snapshot_logs_since_last: 5000,
+            snapshot_state_ratio_percent: 25,
             logs_to_keep_after_snapshot: 1000,
             install_snapshot_timeout_ms: 10_000,
             snapshot_chunk_bytes_max: 1 << 20,
@@ -177,11 +183,14 @@ pub struct StorageSection {
     pub durability: Durability,
     /// sled's page cache bound.
     pub sled_cache_bytes_max: u64,
+    /// sled's segment size (a power of two; 0: sled's default, 512 KiB). Fixed when the
+    /// data dir is created: sled refuses to open a dir with another one.
+    pub sled_segment_bytes: usize,
 }
 
 impl Default for StorageSection {
     fn default() -> Self {
-        StorageSection { durability: Durability::Fsync, sled_cache_bytes_max: 256 << 20 }
+        StorageSection { durability: Durability::Fsync, sled_cache_bytes_max: 256 << 20, sled_segment_bytes: 0 }
     }
 }
 

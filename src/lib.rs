@@ -44,5 +44,6 @@ pub mod metrics;
 pub mod node;
 pub mod raft;
 pub mod replication;
+pub mod soak_plot;
 pub mod storage;
 pub mod transport;

@@ -26,6 +26,13 @@ enum Cmd {
     Node(NodeArgs),
     /// Load a running cluster's HTTP API and report throughput and latency.
     Bench(agora::bench::BenchArgs),
+    /// Draw a soak run's per-interval rows (`scripts/bench-soak`) as an SVG.
+    SoakPlot(agora::soak_plot::PlotArgs),
+    /// Where a stopped node's data dir's bytes go: files, sled trees, record kinds (JSON).
+    StorageUsage {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
     /// Launch and drive a whole local cluster (processes, network namespaces or docker).
     Cluster(agora::launcher::ClusterArgs),
     /// Fault scenarios against a live cluster, with a checker of the recorded history.
@@ -184,6 +191,8 @@ async fn main() {
     let r = match cli.command {
         Cmd::Node(a) => run_node(a).await,
         Cmd::Bench(a) => agora::bench::run(a).await,
+        Cmd::SoakPlot(a) => agora::soak_plot::run(a),
+        Cmd::StorageUsage { data_dir } => agora::storage::usage(&data_dir).map(|u| println!("{u:#}")),
         Cmd::Config { config } => show_config(config),
         Cmd::Certs(c) => certs(c),
         Cmd::Cluster(a) => agora::launcher::run(a).await,

@@ -363,7 +363,8 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     let peer_listener = bind(info.peer, "peer").await?;
     let http_listener = bind(info.http, "http").await?;
     let admin_listener = bind(info.admin, "admin").await?;
-    let (log, sm) = storage::open(&opts.data_dir, &info.dc, config.storage.durability, config.storage.sled_cache_bytes_max, config.limits.cache_entities_max)
+    let st = &config.storage;
+    let (log, sm) = storage::open_with(&opts.data_dir, &info.dc, st.durability, st.sled_cache_bytes_max, st.sled_segment_bytes, config.limits.cache_entities_max)
         .context("open storage")?;
     let reader = sm.reader();
     let faults = Faults::default();

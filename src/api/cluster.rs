@@ -97,11 +97,32 @@ pub async fn metrics(State(node): State<AppState>) -> impl IntoResponse {
         node.metrics.replication_last_contact_ms.with_label_values(&[&dc]).set(since);
     }
     let mut text = node.metrics.render();
+    text += &snapshot_metrics(&node);
     let dns = node.dns.lock().expect("dns lock").as_ref().map(|d| d.stats());
     if let Some(s) = dns {
         text += &dns_metrics(&node, &s);
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+/// Snapshot counters live in the state machine; rendered here in Prometheus text.
+fn snapshot_metrics(node: &AppState) -> String {
+    let labels = format!("node=\"{}\",dc=\"{}\"", node.info.name, node.info.dc);
+    let s = node.sm.snapshot_stats();
+    let rows = [
+        ("snapshot_builds_total", "counter", "snapshots this node built since it started", s.builds as f64),
+        ("snapshot_build_seconds_total", "counter", "wall time of those builds: copy, encode, write, sync", s.build_ms_total as f64 / 1000.0),
+        ("snapshot_build_last_seconds", "gauge", "wall time of the last build", s.build_ms_last as f64 / 1000.0),
+        ("snapshot_installs_total", "counter", "snapshots this node installed from its leader since it started", s.installs as f64),
+        ("snapshot_records", "gauge", "records in the last snapshot built or installed (0: none since start)", s.records as f64),
+        ("snapshot_bytes", "gauge", "encoded bytes of the last snapshot built or installed", s.bytes as f64),
+        ("snapshot_writes_since", "gauge", "client writes applied since the last snapshot began", s.writes_since as f64),
+    ];
+    let mut out = String::new();
+    for (name, kind, help, v) in rows {
+        out += &format!("# HELP agora_{name} {help}\n# TYPE agora_{name} {kind}\nagora_{name}{{{labels}}} {v}\n");
+    }
+    out
 }
 
 /// DNS counters live in the DNS server; they are rendered here in Prometheus text.

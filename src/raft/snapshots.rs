@@ -2,13 +2,28 @@
 //! of a DC build at the same entry: all three copy and write the whole state at once, the
 //! leader with them, and the DC's writes slow down together (seen as a 2–3 s dip of a
 //! third of the throughput with p99 up to four times its usual, `agora bench --timeline`).
-//! Here, with
-//! openraft's policy off:
-//! - the DC's nodes wait 1, 1.25 and 1.5 × `snapshot_logs_since_last` entries (by their
-//!   place in the cluster file), so their builds drift apart and rarely overlap: while one
-//!   follower builds, the leader and the other follower still form a quorum at full speed;
+//! Here, with openraft's policy off, a node builds once both hold:
+//! - at least `snapshot_logs_since_last` entries since its last snapshot, and
+//! - at least `snapshot_state_ratio_percent` % of the state's records (as counted by the
+//!   last snapshot built or installed) in client writes since it.
+//!
+//! The second part keeps the cost of snapshots per write constant as the state grows: a
+//! build copies every record, and it happens at most once per `ratio × records` writes,
+//! so each write pays for at most `1 / ratio` record copies on each node (4 at 25 %),
+//! whether the state holds a thousand records or ten million. Counted in writes, not
+//! entries: one entry carries up to `proposal_batch_len_max` client requests.
+//!
+//! Both thresholds are staggered the same way:
+//! - the DC's nodes wait 1, 1.25 and 1.5 × the threshold (by their place in the cluster
+//!   file), so their builds drift apart and rarely overlap: while one follower builds,
+//!   the leader and the other follower still form a quorum at full speed;
 //! - the leader, whose CPU serves every request, waits twice as long as it would as a
 //!   follower, so most builds happen off the request path.
+//!
+//! Bound on the log: a node's log since its last snapshot holds at most 3 × max(entries
+//! threshold, writes threshold) entries (leader, last rank) plus the build in progress,
+//! and `logs_to_keep_after_snapshot` behind it: with the defaults, at most 0.75 × the
+//! state's records in client writes, or 15,000 entries while the state is small.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,20 +32,32 @@ use openraft::ServerState;
 
 use crate::node::Node;
 
-/// Entries since the last snapshot after which a node builds one.
+/// `base` staggered by the node's place in the DC and its role: 1, 1.25 or 1.5 × it,
+/// twice that on the leader. Saturates instead of overflowing.
 pub fn threshold(base: u64, rank: u64, leader: bool) -> u64 {
-    let staggered = base + base * rank / 4;
-    if leader {
-        2 * staggered
-    } else {
-        staggered
-    }
+    let base = u128::from(base);
+    let staggered = base + base * u128::from(rank) / 4;
+    let t = if leader { 2 * staggered } else { staggered };
+    u64::try_from(t).unwrap_or(u64::MAX)
+}
+
+/// Client writes to wait for since the last snapshot, before the stagger: `percent` % of
+/// the state's `records`. Saturates instead of overflowing.
+pub fn writes_base(records: u64, percent: u64) -> u64 {
+    u64::try_from(u128::from(records) * u128::from(percent) / 100).unwrap_or(u64::MAX)
+}
+
+/// The whole rule: whether a node that has applied `entries` entries and `writes` client
+/// writes since its last snapshot, of a state of `records` records, builds one now.
+pub fn due(entries: u64, writes: u64, records: u64, raft: &crate::config::RaftSection, rank: u64, leader: bool) -> bool {
+    entries >= threshold(raft.snapshot_logs_since_last, rank, leader)
+        && writes >= threshold(writes_base(records, raft.snapshot_state_ratio_percent), rank, leader)
 }
 
 /// Asks openraft for a snapshot whenever this node's log since the last one passes its
 /// threshold. openraft ignores a request while a build runs, so asking again is harmless.
 pub async fn snapshot_loop(node: Arc<Node>) {
-    let base = node.config.raft.snapshot_logs_since_last;
+    let raft = node.config.raft.clone();
     let rank = node.config.dc_nodes(&node.info.dc).iter().position(|n| n.id == node.info.id).unwrap_or(0) as u64;
     let mut metrics = node.raft.metrics();
     loop {
@@ -40,7 +67,8 @@ pub async fn snapshot_loop(node: Arc<Node>) {
             let snapshot = m.snapshot.map_or(0, |l| l.index);
             (applied.saturating_sub(snapshot), m.state == ServerState::Leader)
         };
-        if since >= threshold(base, rank, leader) {
+        let stats = node.sm.snapshot_stats();
+        if due(since, stats.writes_since, stats.records, &raft, rank, leader) {
             if let Err(e) = node.raft.trigger().snapshot().await {
                 tracing::debug!(error = %e, "snapshot request refused");
             }
@@ -57,6 +85,7 @@ pub async fn snapshot_loop(node: Arc<Node>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::RaftSection;
 
     #[test]
     fn nodes_wait_staggered_and_the_leader_twice_as_long() {
@@ -66,5 +95,50 @@ mod tests {
         for base in [1, 50, 5000] {
             assert!((0..3).all(|r| threshold(base, r, true) > threshold(base, 2, false)), "base {base}");
         }
+    }
+
+    #[test]
+    fn a_small_state_builds_every_base_entries() {
+        let raft = RaftSection { snapshot_logs_since_last: 5000, snapshot_state_ratio_percent: 25, ..Default::default() };
+        // 10,000 records: the writes threshold (2,500) is below one entry per write.
+        assert!(!due(4999, 4999, 10_000, &raft, 0, false));
+        assert!(due(5000, 5000, 10_000, &raft, 0, false));
+        // No snapshot yet (0 records known): entries alone decide.
+        assert!(due(5000, 0, 0, &raft, 0, false));
+        assert!(!due(14_999, 0, 0, &raft, 2, true));
+        assert!(due(15_000, 0, 0, &raft, 2, true));
+    }
+
+    #[test]
+    fn a_large_state_waits_for_writes_in_proportion_to_it() {
+        let raft = RaftSection { snapshot_logs_since_last: 5000, snapshot_state_ratio_percent: 25, ..Default::default() };
+        // A million records want 250,000 writes, however many entries carried them.
+        assert!(!due(50_000, 249_999, 1_000_000, &raft, 0, false));
+        assert!(due(5_000, 250_000, 1_000_000, &raft, 0, false));
+        // And never fewer entries than the base.
+        assert!(!due(4_999, 1_000_000, 1_000_000, &raft, 0, false));
+        // Staggered like the entries threshold: 1.5 × on the last rank, twice on the leader.
+        assert!(!due(10_000, 374_999, 1_000_000, &raft, 2, false));
+        assert!(due(10_000, 375_000, 1_000_000, &raft, 2, false));
+        assert!(!due(20_000, 749_999, 1_000_000, &raft, 2, true));
+        assert!(due(20_000, 750_000, 1_000_000, &raft, 2, true));
+        // The work per write stays constant: builds per write fall as the state grows,
+        // in inverse proportion to it (records copied per write = records / interval).
+        for records in [100_000u64, 1_000_000, 10_000_000] {
+            let interval = threshold(writes_base(records, 25), 0, false);
+            assert_eq!(records / interval, 4, "records {records}");
+        }
+    }
+
+    #[test]
+    fn huge_counts_saturate_instead_of_overflowing() {
+        assert_eq!(threshold(u64::MAX, 2, true), u64::MAX);
+        assert_eq!(threshold(u64::MAX, 0, false), u64::MAX);
+        assert_eq!(writes_base(u64::MAX, 100), u64::MAX);
+        assert_eq!(writes_base(u64::MAX, 25), u64::MAX / 4);
+        assert_eq!(writes_base(u64::MAX, u64::MAX), u64::MAX);
+        let raft = RaftSection { snapshot_logs_since_last: u64::MAX, snapshot_state_ratio_percent: u64::MAX, ..Default::default() };
+        assert!(due(u64::MAX, u64::MAX, u64::MAX, &raft, 2, true));
+        assert!(!due(u64::MAX - 1, u64::MAX, u64::MAX, &raft, 2, true));
     }
 }

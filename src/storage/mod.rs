@@ -105,15 +105,29 @@ async fn group_commit(db: sled::Db, file: Option<Arc<File>>, mut rx: mpsc::Unbou
 
 /// Opens (or creates) a node's data dir and returns its log store and state machine.
 pub fn open(dir: &Path, dc: &str, durability: Durability, cache_bytes: u64, cache_entities_max: usize) -> anyhow::Result<(LogStore, StateMachineStore)> {
+    open_with(dir, dc, durability, cache_bytes, 0, cache_entities_max)
+}
+
+/// [`open`] with sled's segment size (0: sled's default).
+pub fn open_with(
+    dir: &Path,
+    dc: &str,
+    durability: Durability,
+    cache_bytes: u64,
+    segment_bytes: usize,
+    cache_entities_max: usize,
+) -> anyhow::Result<(LogStore, StateMachineStore)> {
     std::fs::create_dir_all(dir)?;
-    let db = sled::Config::new()
+    let mut config = sled::Config::new()
         .path(dir)
         .cache_capacity(cache_bytes)
         // We flush when Raft needs it; the background flush only bounds what an
         // unsynced state-machine write may lose, which the log replays anyway.
-        .flush_every_ms(Some(1000))
-        .open()
-        .map_err(|e| anyhow::anyhow!("open sled db in {}: {e}", dir.display()))?;
+        .flush_every_ms(Some(1000));
+    if segment_bytes > 0 {
+        config = config.segment_size(segment_bytes);
+    }
+    let db = config.open().map_err(|e| anyhow::anyhow!("open sled db in {}: {e}", dir.display()))?;
     check_format(&db, dir)?;
     let file = match durability {
         Durability::Fsync => Some(Arc::new(File::open(dir.join("db"))?)),
@@ -159,6 +173,69 @@ fn has_data(db: &sled::Db) -> bool {
 /// Turns any error into openraft's storage error for the given operation.
 pub(crate) fn io_err<E: std::error::Error + 'static>(make: fn(openraft::AnyError) -> openraft::StorageIOError<u64>, e: E) -> openraft::StorageError<u64> {
     openraft::StorageError::IO { source: make(openraft::AnyError::new(&e)) }
+}
+
+/// Where a stopped node's data dir's bytes go: per sled tree, and in the `state` tree per
+/// record kind (its two-byte key prefix), the records and their key and value bytes; and
+/// the files of the dir. Opens sled, so the node must not be running.
+pub fn usage(dir: &Path) -> anyhow::Result<serde_json::Value> {
+    use std::collections::BTreeMap;
+    anyhow::ensure!(dir.join("conf").is_file() && dir.join("db").is_file(), "{} holds no sled database", dir.display());
+    let mut files = BTreeMap::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let m = e.metadata()?;
+        let bytes = if m.is_dir() { std::fs::read_dir(e.path())?.filter_map(|f| f.ok()?.metadata().ok()).map(|m| m.len()).sum() } else { m.len() };
+        files.insert(e.file_name().to_string_lossy().into_owned(), bytes);
+    }
+    // sled opens a dir only with the segment size it was created with (its `conf` file).
+    let conf = String::from_utf8_lossy(&std::fs::read(dir.join("conf"))?).into_owned(); // text, then a checksum
+    let segment = conf.lines().find_map(|l| l.strip_prefix("segment_size: ")?.trim().parse::<usize>().ok());
+    let mut config = sled::Config::new().path(dir);
+    if let Some(bytes) = segment {
+        config = config.segment_size(bytes);
+    }
+    let db = config.open().map_err(|e| anyhow::anyhow!("open sled db in {}: {e}", dir.display()))?;
+    let mut trees = BTreeMap::new();
+    for name in db.tree_names() {
+        let tree = db.open_tree(&name)?;
+        let mut kinds: BTreeMap<String, [u64; 3]> = BTreeMap::new();
+        for item in tree.iter() {
+            let (k, v) = item?;
+            let kind = if &*name == b"state" { String::from_utf8_lossy(&k[..k.len().min(2)]).into_owned() } else { "all".to_string() };
+            let c = kinds.entry(kind).or_default();
+            c[0] += 1;
+            c[1] += k.len() as u64;
+            c[2] += v.len() as u64;
+        }
+        let kinds: BTreeMap<String, serde_json::Value> =
+            kinds.into_iter().map(|(kind, [n, kb, vb])| (kind, serde_json::json!({"records": n, "key_bytes": kb, "value_bytes": vb}))).collect();
+        trees.insert(String::from_utf8_lossy(&name).into_owned(), kinds);
+    }
+    Ok(serde_json::json!({"files": files, "trees": trees}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A data dir created with another segment size still opens for `usage`, which counts
+    /// the state's records by kind; a dir without sled is refused, not turned into one.
+    #[test]
+    fn usage_reads_a_data_dir_of_any_segment_size() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let db = sled::Config::new().path(dir.path()).segment_size(1 << 20).open().expect("open sled");
+            db.open_tree("state").expect("tree").insert(b"o/1", b"order".as_slice()).expect("insert");
+            db.flush().expect("flush");
+        }
+        let u = usage(dir.path()).expect("usage");
+        assert!(u["files"]["db"].as_u64().is_some(), "{u}");
+        assert_eq!(u["trees"]["state"]["o/"]["records"], 1, "{u}");
+        let empty = tempfile::tempdir().expect("temp dir");
+        assert!(usage(empty.path()).is_err());
+        assert!(!empty.path().join("db").exists());
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -148,6 +149,40 @@ struct Inner {
     /// One snapshot copy at a time.
     snapshot_lock: Mutex<()>,
     snapshot_seq: std::sync::atomic::AtomicU64,
+    /// What the snapshot schedule and `/metrics` read: builds, their cost, the state's size.
+    stats: SnapshotCounters,
+}
+
+/// Counters kept by the state machine for the snapshot schedule and `/metrics`.
+#[derive(Default)]
+struct SnapshotCounters {
+    /// Client writes applied since this process started (a batch counts its requests).
+    writes: AtomicU64,
+    /// `writes` when the last snapshot copy began (or was installed).
+    writes_at_snapshot: AtomicU64,
+    /// Records of the last snapshot built or installed (0: none since start).
+    records: AtomicU64,
+    /// Encoded bytes of the last snapshot built or installed.
+    bytes: AtomicU64,
+    builds: AtomicU64,
+    build_ms_total: AtomicU64,
+    build_ms_last: AtomicU64,
+    installs: AtomicU64,
+}
+
+/// A reading of the snapshot counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotStats {
+    /// Client writes applied since the last snapshot began (or since start).
+    pub writes_since: u64,
+    /// Records in the last snapshot built or installed (0: none since start).
+    pub records: u64,
+    pub bytes: u64,
+    pub builds: u64,
+    /// Wall time of builds: copy, encode, write and sync of the file.
+    pub build_ms_total: u64,
+    pub build_ms_last: u64,
+    pub installs: u64,
 }
 
 /// What the write lock guards besides the tree: while a snapshot copies the tree without
@@ -216,6 +251,7 @@ impl StateMachineStore {
             write_lock: Mutex::new(Writer::default()),
             snapshot_lock: Mutex::new(()),
             snapshot_seq: Default::default(),
+            stats: Default::default(),
         };
         Ok(StateMachineStore { inner: Arc::new(inner) })
     }
@@ -418,11 +454,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut outcomes = Vec::new();
         let mut last = None;
         let mut membership = None;
+        let mut writes = 0u64;
         for entry in entries {
             last = Some(entry.log_id);
             outcomes.push(match entry.payload {
                 EntryPayload::Blank => Outcome::Noop,
                 EntryPayload::Normal(cmd) => {
+                    writes += match &cmd.cmd {
+                        crate::domain::Command::Batch { requests } => requests.len() as u64,
+                        _ => 1,
+                    };
                     let outcome = apply(&mut overlay, &cmd);
                     overlay.seal_entry();
                     outcome
@@ -455,6 +496,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             for (k, v) in pending.into_iter().filter(|(k, _)| !k.starts_with(OUTBOX) && !k.starts_with(EXPIRY_PREFIX)) {
                 cache.put(k, v);
             }
+            // Under the write lock, as a snapshot copy's start is.
+            inner.stats.writes.fetch_add(writes, Ordering::Relaxed);
         }
         Ok(outcomes)
     }
@@ -474,6 +517,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let sealed_len = SNAPSHOT_HEADER_LEN + body.len();
         data.truncate(sealed_len);
         let inner = &*self.inner;
+        let st = &inner.stats;
+        st.writes_at_snapshot.store(st.writes.load(Ordering::Relaxed), Ordering::Relaxed);
+        st.records.store(records.len() as u64, Ordering::Relaxed);
+        st.bytes.store(data.len() as u64, Ordering::Relaxed);
+        st.installs.fetch_add(1, Ordering::Relaxed);
         {
             let mut w = inner.write_lock.lock().expect("write lock");
             let old: Vec<sled::IVec> = inner.tree.iter().keys().collect::<Result<_, _>>().map_err(|e| io_err(StorageIOError::write_state_machine, e))?;
@@ -543,6 +591,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         // Copying, encoding and storing the whole state: seconds of CPU for a large one,
         // taken from what the request path leaves (see `background`).
         let this = self.clone();
+        let started = std::time::Instant::now();
         let s = background::run_low_priority("snapshot", move || {
             let (meta, data) = this.copy_state()?;
             this.store_snapshot(StoredSnapshot { meta, data })
@@ -550,6 +599,13 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         .await
         .map_err(|e| io_err(StorageIOError::read_state_machine, e))??;
         self.snapshot_durable().await?;
+        let ms = started.elapsed().as_millis() as u64;
+        let st = &self.inner.stats;
+        st.bytes.store(s.data.len() as u64, Ordering::Relaxed);
+        st.builds.fetch_add(1, Ordering::Relaxed);
+        st.build_ms_total.fetch_add(ms, Ordering::Relaxed);
+        st.build_ms_last.store(ms, Ordering::Relaxed);
+        tracing::info!(bytes = s.data.len(), build_ms = ms, "snapshot stored");
         Ok(Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) })
     }
 }
@@ -566,6 +622,7 @@ impl StateMachineStore {
         let (applied, membership) = self.begin_copy()?;
         let paused = started.elapsed();
         let records = self.finish_copy(self.scan()?);
+        self.inner.stats.records.store(records.len() as u64, Ordering::Relaxed);
         let seq = self.inner.snapshot_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let snapshot_id = match applied {
             Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
@@ -588,6 +645,9 @@ impl StateMachineStore {
     fn begin_copy(&self) -> Result<(Option<LogId>, Membership), StorageError> {
         let mut w = self.inner.write_lock.lock().expect("write lock");
         w.preimages = Some(BTreeMap::new());
+        // Under the write lock: exactly the writes the snapshot does not hold count on.
+        let st = &self.inner.stats;
+        st.writes_at_snapshot.store(st.writes.load(Ordering::Relaxed), Ordering::Relaxed);
         self.read_applied()
     }
 
@@ -628,6 +688,21 @@ impl StateMachineStore {
 }
 
 impl SmReader {
+    /// The snapshot counters: what the schedule decides on, what `/metrics` shows.
+    pub fn snapshot_stats(&self) -> SnapshotStats {
+        let st = &self.inner.stats;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        SnapshotStats {
+            writes_since: get(&st.writes).saturating_sub(get(&st.writes_at_snapshot)),
+            records: get(&st.records),
+            bytes: get(&st.bytes),
+            builds: get(&st.builds),
+            build_ms_total: get(&st.build_ms_total),
+            build_ms_last: get(&st.build_ms_last),
+            installs: get(&st.installs),
+        }
+    }
+
     pub fn session(&self, token: &str) -> Option<Session> {
         self.inner.get_typed(&session_key(token))
     }

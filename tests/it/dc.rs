@@ -120,6 +120,16 @@ async fn wiped_node_rejoins_from_a_snapshot() {
         let (code, _) = c.get(&victim, &format!("/v1/sessions/{t}?consistency=stale")).await;
         assert_eq!(code, 200);
     }
+    // The builds and the install are counted in /metrics.
+    let value = |text: &str, name: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(&format!("{name}{{"))).unwrap_or_else(|| panic!("{name} in /metrics"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let leader_metrics = c.http.get(format!("{}/metrics", c.url(&leader))).send().await.unwrap().text().await.unwrap();
+    assert!(value(&leader_metrics, "agora_snapshot_builds_total") >= 1.0, "{leader_metrics}");
+    assert!(value(&leader_metrics, "agora_snapshot_records") >= 150.0, "the state's size is known: {leader_metrics}");
+    let victim_metrics = c.http.get(format!("{}/metrics", c.url(&victim))).send().await.unwrap().text().await.unwrap();
+    assert!(value(&victim_metrics, "agora_snapshot_installs_total") >= 1.0, "{victim_metrics}");
 }
 
 #[tokio::test]

@@ -65,10 +65,20 @@ pub fn role_of(cert: &[u8]) -> Result<Role, String> {
     }
 }
 
-/// The role in the first certificate of a PEM file, if it can be read.
-fn role_in_file(path: &Path) -> Option<Role> {
+/// A kept certificate is issued again this long before it expires, so a cluster started
+/// again and again by `agora cluster up` never ends up with nodes refusing each other.
+const RENEW_BEFORE_DAYS: i64 = 30;
+
+/// The role in the first certificate of a PEM file, if it can be read and stays valid for
+/// more than `RENEW_BEFORE_DAYS`.
+fn kept_role(path: &Path) -> Option<Role> {
     use rustls::pki_types::pem::PemObject;
     let cert = rustls::pki_types::CertificateDer::pem_file_iter(path).ok()?.next()?.ok()?;
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let renew_at = time::OffsetDateTime::now_utc() + time::Duration::days(RENEW_BEFORE_DAYS);
+    if x509.validity().not_after.to_datetime() <= renew_at {
+        return None;
+    }
     role_of(&cert).ok()
 }
 
@@ -132,8 +142,8 @@ pub fn create(dir: &Path, config: &ClusterConfig, reissue: bool, validity: Valid
             Role::Node { name, .. } | Role::Admin { name } => name.clone(),
         };
         // A kept certificate must still say what the cluster file says (a node may have
-        // moved to another DC in a new file).
-        if !reissue && key_path(dir, &name).exists() && role_in_file(&cert_path(dir, &name)).as_ref() == Some(&role) {
+        // moved to another DC in a new file), and not be about to expire.
+        if !reissue && key_path(dir, &name).exists() && kept_role(&cert_path(dir, &name)).as_ref() == Some(&role) {
             continue;
         }
         issue(dir, &ca, &role, node.as_ref(), validity)?;
@@ -248,6 +258,23 @@ pub fn read_token(path: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `create` keeps what is valid, and issues again a certificate that expired or is about
+    /// to, or that names its node in another DC than the cluster file.
+    #[test]
+    fn create_keeps_valid_certificates_and_renews_expiring_or_wrong_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ClusterConfig::from_toml(crate::config::DEFAULT_TOML, "embedded").unwrap();
+        let first = create(dir.path(), &config, false, Validity::default()).unwrap();
+        assert!(first.ca_created && first.token_created && first.issued.len() == config.nodes().len() + 1);
+        assert!(create(dir.path(), &config, false, Validity::default()).unwrap().issued.is_empty(), "all kept");
+        issue_extra(dir.path(), &Role::Node { dc: "dc1".into(), name: "dc1-n2".into() }, Validity { not_before_days: 10, days: 5 }).unwrap();
+        issue_extra(dir.path(), &Role::Node { dc: "dc2".into(), name: "dc1-n3".into() }, Validity::default()).unwrap();
+        let again = create(dir.path(), &config, false, Validity::default()).unwrap();
+        assert_eq!(again.issued, vec!["dc1-n2".to_string(), "dc1-n3".to_string()]);
+        assert!(!again.ca_created && !again.token_created);
+        assert_eq!(kept_role(&cert_path(dir.path(), "dc1-n3")), Some(Role::Node { dc: "dc1".into(), name: "dc1-n3".into() }));
+    }
 
     #[test]
     fn roles_round_trip_through_their_uri() {

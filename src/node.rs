@@ -364,8 +364,9 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     let http_listener = bind(info.http, "http").await?;
     let admin_listener = bind(info.admin, "admin").await?;
     let st = &config.storage;
-    let (log, sm) = storage::open_with(&opts.data_dir, &info.dc, st.durability, st.sled_cache_bytes_max, st.sled_segment_bytes, config.limits.cache_entities_max)
-        .context("open storage")?;
+    let (log, sm) =
+        storage::open_with(&opts.data_dir, &info.dc, st.durability, st.sled_cache_bytes_max, st.sled_segment_bytes, config.limits.cache_entities_max)
+            .context("open storage")?;
     let reader = sm.reader();
     let faults = Faults::default();
     let security = match &opts.peer_auth {

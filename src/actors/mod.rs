@@ -41,9 +41,11 @@ impl Kind {
         Some(match cmd {
             Command::CreateSession { .. } | Command::DeleteSession { .. } | Command::DeleteSessionWithRecord { .. } => Kind::Sessions,
             // An order takes units from its SKU: the SKU's actor serialises it with restocks.
-            Command::Restock { .. } | Command::PlaceOrder { .. } | Command::PlaceOrderWithSession { .. } | Command::Grant { .. } | Command::GrantAboveReserve { .. } => {
-                Kind::Inventory
-            }
+            Command::Restock { .. }
+            | Command::PlaceOrder { .. }
+            | Command::PlaceOrderWithSession { .. }
+            | Command::Grant { .. }
+            | Command::GrantAboveReserve { .. } => Kind::Inventory,
             Command::CancelOrder { .. } | Command::RequestCancel { .. } => Kind::Orders,
             Command::ApplyRemote { .. }
             | Command::InstallRemote { .. }

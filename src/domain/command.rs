@@ -183,7 +183,11 @@ impl Command {
     pub fn entity(&self) -> &str {
         match self {
             Command::CreateSession { token, .. } | Command::DeleteSession { token, .. } | Command::DeleteSessionWithRecord { token, .. } => token,
-            Command::Restock { sku, .. } | Command::PlaceOrder { sku, .. } | Command::PlaceOrderWithSession { sku, .. } | Command::Grant { sku, .. } | Command::GrantAboveReserve { sku, .. } => sku,
+            Command::Restock { sku, .. }
+            | Command::PlaceOrder { sku, .. }
+            | Command::PlaceOrderWithSession { sku, .. }
+            | Command::Grant { sku, .. }
+            | Command::GrantAboveReserve { sku, .. } => sku,
             Command::CancelOrder { id, .. } | Command::RequestCancel { id, .. } => id,
             Command::ApplyRemote { origin, .. } | Command::InstallRemote { origin, .. } => origin,
             Command::TrimOutbox { .. } => "outbox",

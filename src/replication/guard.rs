@@ -9,8 +9,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::domain::{Change, Command, Event};
-use crate::transport::message::{Found, Lookup};
 use crate::hlc;
+use crate::transport::message::{Found, Lookup};
 
 /// A timestamp at most `max_offset_ms` ahead of `now_ms` (this node's wall clock).
 pub fn check_hlc(what: &str, ts: u64, now_ms: u64, max_offset_ms: u64) -> Result<(), String> {

@@ -112,10 +112,8 @@ async fn wiped_node_rejoins_from_a_snapshot() {
     c.start_node(&victim);
     c.must_converge(Duration::from_secs(20)).await;
     // The installed state is read at once; Raft's own metrics follow a moment later.
-    must_eventually(Duration::from_secs(10), "the victim reports the snapshot it installed", || async {
-        c.status(&victim).await?["snapshot_index"].as_u64()
-    })
-    .await;
+    must_eventually(Duration::from_secs(10), "the victim reports the snapshot it installed", || async { c.status(&victim).await?["snapshot_index"].as_u64() })
+        .await;
     for t in tokens.iter().step_by(10) {
         let (code, _) = c.get(&victim, &format!("/v1/sessions/{t}?consistency=stale")).await;
         assert_eq!(code, 200);

@@ -133,7 +133,10 @@ async fn a_forwarded_cancel_without_the_buyers_session_cancels_nothing() {
     for session in [mallory.as_str(), "no-such-session"] {
         let cancel = Request::new(Command::CancelOrder { id: id.clone(), dc: "dc1".into(), session: session.into(), hlc: 1 }, None);
         let resp = c.peer_call("dc1-n1", 21, PeerRequest::Submit(cancel)).await;
-        assert!(!matches!(resp, PeerResponse::Submit(Ok(agora::domain::Outcome::Order(ref o))) if o.status == agora::domain::OrderStatus::Cancelled), "{resp:?}");
+        assert!(
+            !matches!(resp, PeerResponse::Submit(Ok(agora::domain::Outcome::Order(ref o))) if o.status == agora::domain::OrderStatus::Cancelled),
+            "{resp:?}"
+        );
     }
     let (_, o) = c.get("dc1-n1", &format!("/v1/orders/{id}")).await;
     assert_eq!(o["status"], "placed", "{o}");

@@ -205,7 +205,8 @@ async fn worker(
         if started < warmup_end {
             continue;
         }
-        let us = started.elapsed().as_micros().min(u32::MAX as u128) as u32;
+        // Over u32::MAX µs (71 min) counts as the largest latency the histogram holds.
+        let us = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
         match ok {
             true => {
                 stats.latencies_us.push(us);

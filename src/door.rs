@@ -164,15 +164,20 @@ impl Drop for ConnPermit {
 /// A stream whose reads end (as at end of stream) once no byte has arrived for
 /// `timeout` while the reader was waiting. Writes pass through untouched. A reader that stops
 /// reading (back-pressure) is not timed: the clock only runs out inside a pending read.
+/// An admitted connection also holds its slot under the caps here, freed when it drops.
 pub struct IdleTimeout<S> {
     inner: S,
     timeout: Duration,
     deadline: Pin<Box<Sleep>>,
+    _permit: Option<ConnPermit>,
 }
+
+/// An admitted connection: the stream under its idle timeout, holding its slot.
+pub type Admitted<S> = IdleTimeout<S>;
 
 impl<S> IdleTimeout<S> {
     pub fn new(inner: S, timeout: Duration) -> Self {
-        IdleTimeout { inner, timeout, deadline: Box::pin(tokio::time::sleep(timeout)) }
+        IdleTimeout { inner, timeout, deadline: Box::pin(tokio::time::sleep(timeout)), _permit: None }
     }
 
     pub fn get_ref(&self) -> &S {
@@ -243,43 +248,7 @@ impl Door {
     /// caller drops the stream, which closes it at once.
     pub fn admit<S>(&self, stream: S, source: IpAddr) -> Option<Admitted<S>> {
         let permit = self.guard.admit(source).ok()?;
-        Some(Admitted { io: IdleTimeout::new(stream, self.idle), _permit: permit })
-    }
-}
-
-/// An admitted connection: the stream under its idle timeout, and its slot.
-pub struct Admitted<S> {
-    io: IdleTimeout<S>,
-    _permit: ConnPermit,
-}
-
-impl<S> Admitted<S> {
-    pub fn get_ref(&self) -> &S {
-        self.io.get_ref()
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Admitted<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Admitted<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        Some(IdleTimeout { _permit: Some(permit), ..IdleTimeout::new(stream, self.idle) })
     }
 }
 

@@ -223,7 +223,8 @@ fn execute(state: &mut impl State, cmd: &Command, key: Option<&str>) -> Outcome 
             Outcome::Trimmed
         }
         Command::Expire { idempotency_before, sessions_before, batch_len_max, dc, hlc } => {
-            expire(state, *idempotency_before, *sessions_before, *batch_len_max as usize, dc, *hlc)
+            // A u32 always fits in usize on the 64-bit targets Agora builds for; saturate otherwise.
+            expire(state, *idempotency_before, *sessions_before, usize::try_from(*batch_len_max).unwrap_or(usize::MAX), dc, *hlc)
         }
     }
 }

@@ -677,7 +677,7 @@ proptest! {
             for (i, d) in dcs.iter_mut().enumerate() {
                 let avail = d.inventory.get("sku1").map(|inv| inv.available(DCS[i])).unwrap_or(0);
                 if avail > 0 && step % 5 == 0 {
-                    let qty = avail.min(validate::QTY_MAX as u64) as u32;
+                    let qty = u32::try_from(avail.min(u64::from(validate::QTY_MAX))).expect("at most QTY_MAX");
                     let cmd = Command::PlaceOrder { id: format!("{}-sweep{step}", DCS[i]), session: "t0".into(), sku: "sku1".into(), qty, dc: DCS[i].into(), hlc: step as u64, refresh_session: false };
                     apply(d, &req(cmd));
                 }

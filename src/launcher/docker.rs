@@ -194,7 +194,11 @@ impl Runtime for Docker {
         if !containers.is_empty() {
             exec(Command::new("docker").args(["rm", "-f"]).args(&containers))?;
         }
-        remove_networks(&self.labelled("network")?)
+        let networks = self.labelled("network")?;
+        if !networks.is_empty() {
+            exec(Command::new("docker").args(["network", "rm"]).args(&networks))?;
+        }
+        Ok(())
     }
 
     fn net_prefix(&self, st: &StateDir, node: &str) -> Result<Vec<String>> {
@@ -239,25 +243,4 @@ impl Runtime for Docker {
         }
         Ok(())
     }
-}
-
-/// Removes docker networks. dockerd releases a removed container's endpoints a moment
-/// after `docker rm -f` returns (seen on a loaded machine): "has active endpoints" is
-/// retried for a few seconds before it counts as a failure.
-fn remove_networks(networks: &[String]) -> Result<()> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let mut left: Vec<String> = networks.to_vec();
-    while !left.is_empty() {
-        match exec(Command::new("docker").args(["network", "rm"]).args(&left)) {
-            Ok(_) => return Ok(()),
-            Err(e) if format!("{e:#}").contains("active endpoints") && std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(200));
-                // Those already removed would now fail as missing: ask again which are left.
-                let existing = exec(Command::new("docker").args(["network", "ls", "-q"]))?;
-                left.retain(|n| existing.lines().any(|l| l.trim() == n));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }

@@ -104,7 +104,8 @@ pub async fn probe_loop(node: Arc<Node>, dc: String) {
             other => {
                 tracing::debug!(%dc, target, answer = ?other.err(), "probe failed");
                 node.links.record_probe(target, false);
-                i = i.wrapping_add(1);
+                // The next node of that DC; kept below the list's length, so it never grows.
+                i = (i + 1) % targets.len();
             }
         }
         tokio::time::sleep(interval.saturating_sub(started.elapsed())).await;

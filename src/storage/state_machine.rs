@@ -113,11 +113,12 @@ pub fn open_snapshot_data(data: &[u8], legacy_ok: bool) -> Result<&[u8], String>
         return Err(format!("snapshot data of {} bytes is shorter than its header", data.len()));
     }
     let len = u64::from_be_bytes(data[8..16].try_into().expect("8 bytes"));
-    let end = (SNAPSHOT_HEADER_LEN as u64)
-        .checked_add(len)
-        .filter(|e| *e <= data.len() as u64)
+    let end = usize::try_from(len)
+        .ok()
+        .and_then(|l| SNAPSHOT_HEADER_LEN.checked_add(l))
+        .filter(|e| *e <= data.len())
         .ok_or_else(|| format!("snapshot body of {len} bytes declared, {} present", data.len() - SNAPSHOT_HEADER_LEN))?;
-    let body = &data[SNAPSHOT_HEADER_LEN..end as usize];
+    let body = &data[SNAPSHOT_HEADER_LEN..end];
     if Sha256::digest(body).as_slice() != &data[16..SNAPSHOT_HEADER_LEN] {
         return Err("snapshot checksum mismatch".into());
     }

@@ -88,6 +88,10 @@ async fn peers_without_valid_credentials_are_refused_before_any_frame() {
     c.must_restock("dc1-n1", "sku-a", 50).await;
     let leader = c.must_leader(Duration::from_secs(10)).await;
     let before = fingerprint(&c, &leader).await;
+    // Control: the same client path with a valid certificate of the DC is answered, so a
+    // refusal below is the node's, not a client that never reached it.
+    let ok = c.peer_call_with(&leader, "dc1-n2", &PeerRequest::Probe).await;
+    assert!(matches!(ok, Ok(PeerResponse::Probe(_))), "a valid peer was not answered: {ok:?}");
 
     // Plaintext: a hello naming a real node of the DC.
     must_refuse_connection(&c, &leader, "plaintext", &Security::Plaintext { me: 12 }).await;

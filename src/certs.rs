@@ -150,7 +150,7 @@ pub fn create(dir: &Path, config: &ClusterConfig, reissue: bool, validity: Valid
         created.issued.push(name);
     }
     if !token_path(dir).exists() {
-        write_secret(&token_path(dir), format!("{}\n", crate::api::random_hex()).as_bytes())?;
+        write_secret(&token_path(dir), format!("{}\n", crate::ids::random_hex()).as_bytes())?;
         created.token_created = true;
     }
     Ok(created)

@@ -8,52 +8,47 @@ use std::time::{Duration, Instant};
 
 use crate::config::{parse_cidr, NodeId};
 use crate::dns::{DcView, DnsSnapshot, DnsView, NodeView};
-use crate::node::Node;
+use crate::replication::CrossDc;
 
 /// How long a computed snapshot serves queries: far below the health bound (seconds),
 /// and it keeps the per-query cost to a clone.
 const SNAPSHOT_TTL: Duration = Duration::from_millis(100);
 
 pub struct ClusterView {
-    node: Arc<Node>,
+    cross: Arc<CrossDc>,
     // std Mutex: held to swap or clone a snapshot, never across an await.
     cached: Mutex<Option<(Instant, DnsSnapshot)>>,
 }
 
 impl ClusterView {
-    pub fn new(node: Arc<Node>) -> Self {
-        ClusterView { node, cached: Mutex::new(None) }
+    pub fn new(cross: Arc<CrossDc>) -> Self {
+        ClusterView { cross, cached: Mutex::new(None) }
     }
 
     fn compute(&self) -> DnsSnapshot {
-        let c = &self.node.config;
+        let c = &self.cross.shard.config;
         DnsSnapshot { zone: c.cluster.zone.clone(), ttl: c.cluster.dns_ttl_s, dcs: c.dcs.iter().map(|dc| self.dc_view(dc)).collect() }
     }
 
     fn ip_of(&self, id: Option<NodeId>) -> Option<IpAddr> {
-        id.and_then(|id| self.node.config.node_by_id(id)).map(|n| n.http.ip())
+        id.and_then(|id| self.cross.shard.config.node_by_id(id)).map(|n| n.http.ip())
     }
 
     fn dc_view(&self, dc: &crate::config::DcConfig) -> DcView {
-        let node = &self.node;
-        let local = dc.name == node.info.dc;
+        let (shard, links) = (&self.cross.shard, &self.cross.links);
+        let local = dc.name == shard.dc;
         let (healthy, leader) = if local {
-            let leader = node.leader();
+            let leader = shard.leader();
             (leader.is_some(), self.ip_of(leader))
         } else {
-            (node.links.healthy(&dc.name), self.ip_of(node.links.get(&dc.name).remote_leader))
+            (links.healthy(&dc.name), self.ip_of(links.get(&dc.name).remote_leader))
         };
-        let settings = node.sm.settings(&dc.name);
-        let nodes = node
+        let settings = shard.sm.settings(&dc.name);
+        let nodes = shard
             .config
             .dc_nodes(&dc.name)
             .into_iter()
-            .map(|n| NodeView {
-                healthy: healthy && (n.id == node.info.id || node.links.node_healthy(n.id)),
-                name: n.name,
-                ip: n.http.ip(),
-                http_port: n.http.port(),
-            })
+            .map(|n| NodeView { healthy: healthy && (n.id == shard.me || links.node_healthy(n.id)), name: n.name, ip: n.http.ip(), http_port: n.http.port() })
             .collect();
         let subnets = dc.subnet.as_deref().and_then(|s| parse_cidr(s).ok()).into_iter().collect();
         DcView { name: dc.name.clone(), healthy, drained: settings.drained, weight: settings.weight, leader, nodes, subnets }

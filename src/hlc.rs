@@ -35,10 +35,19 @@ impl Hlc {
     /// of this node's wall clock: a peer must not push every later timestamp of this node
     /// (and so every last-writer-wins decision) into the future.
     pub fn observe(&self, remote: u64, max_offset_ms: u64) -> Result<(), String> {
-        crate::replication::guard::check_hlc("observed", remote, wall_ms(), max_offset_ms)?;
+        check("observed", remote, wall_ms(), max_offset_ms)?;
         self.last.fetch_max(remote, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// A timestamp at most `max_offset_ms` ahead of `now_ms` (this node's wall clock).
+pub fn check(what: &str, ts: u64, now_ms: u64, max_offset_ms: u64) -> Result<(), String> {
+    let ahead = physical_ms(ts).saturating_sub(now_ms);
+    if ahead > max_offset_ms {
+        return Err(format!("{what} timestamp is {ahead} ms ahead of this node's clock (replication.max_clock_offset_ms = {max_offset_ms})"));
+    }
+    Ok(())
 }
 
 /// The wall-clock milliseconds of a timestamp.

@@ -5,19 +5,23 @@
 //! - [`codec`]: the one wire/disk format (bincode behind a version byte).
 //! - [`domain`]: entities, commands and the rules that apply them — pure, no I/O.
 //! - [`storage`]: sled Raft log, vote, state machine and snapshots.
-//! - [`raft`]: openraft type config and network adapter.
+//! - [`raft`]: openraft type config, network adapter, guards, proposer, snapshot rule.
 //! - [`transport`]: peer RPC over mutual TLS (identity from certificates), with the fault-injection hook.
 //! - [`certs`]: the cluster CA, node and admin certificates, and the admin token.
 //! - [`door`]: connection caps per listener and source, and idle timeouts.
 //! - [`logs`]: rate-limited warnings for what a remote party can cause at will.
 //! - [`actors`]: ractor actors for sessions, inventory, orders, and their supervisor.
-//! - [`expiry`]: the leader's periodic expiry pass (idempotency records, sessions).
+//! - [`expiry`]: the expiry pass (idempotency records, sessions) the leader proposes.
+//! - [`ids`]: random identifiers (tokens, order ids).
 //! - [`hlc`]: the hybrid logical clock that orders cross-DC writes.
-//! - [`replication`]: cross-DC event shipping, receiving, rebalancing and link health.
+//! - [`shard`]: one Raft group as hosted on this node: the write and read paths, peers'
+//!   Raft requests, snapshot and expiry loops.
+//! - [`replication`]: cross-DC event shipping, receiving, rebalancing, lookups and link health.
+//! - [`shop`]: the shop's request paths (what each API call does), without HTTP.
 //! - [`dns`]: the embedded authoritative DNS server (hickory), self-contained.
 //! - [`cluster_view`]: this node's view of cluster health, as DNS answers from it.
-//! - [`node`]: wiring of one node, and the write/read paths (forwarding, read index).
 //! - [`api`]: HTTP routes, validation, the error-to-status map, metrics.
+//! - [`node`]: the composition root: starts and stops every part of a node.
 //! - [`bench`]: the HTTP load generator behind `agora bench`.
 //! - [`launcher`]: `agora cluster …`, the local multi-DC launcher (process, netns, docker).
 //! - [`chaos`]: `agora chaos …`: scenarios, workload, nemeses, and the checker of the history.
@@ -38,12 +42,15 @@ pub mod door;
 pub mod error;
 pub mod expiry;
 pub mod hlc;
+pub mod ids;
 pub mod launcher;
 pub mod logs;
 pub mod metrics;
 pub mod node;
 pub mod raft;
 pub mod replication;
+pub mod shard;
+pub mod shop;
 pub mod soak_plot;
 pub mod storage;
 pub mod transport;

@@ -51,6 +51,12 @@ impl Actor for EntityActor {
 
 #[tracing::instrument(level = "debug", skip_all, fields(actor = st.kind.name(), entity = cmd.cmd.entity()))]
 async fn submit(st: &EntityArgs, cmd: Request, reply: RpcReplyPort<Result<Outcome, NodeError>>) {
+    // Cross-DC batches and the leader's own housekeeping are proposed as they are: they
+    // were checked when they arrived, the apply decides them anyway, and a dry run of a
+    // batch would apply every event twice on the leader.
+    if st.kind == Kind::Replication {
+        return propose(st, cmd, reply);
+    }
     if let Outcome::Rejected(_) = st.sm.dry_run(&cmd) {
         // A rejection read from local state is only trustworthy once this node has
         // confirmed it still leads (a deposed leader's state may be stale). Confirm off

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use super::{parse_body, ApiError, AppState};
 use crate::actors::Kind;
 use crate::domain::{Command, Outcome, Request};
-use crate::node::MembershipOp;
+use crate::raft::MembershipOp;
 use crate::transport::faults::FaultRules;
 
 #[derive(Deserialize)]
@@ -42,7 +42,7 @@ fn voters_json(node: &AppState, voters: std::collections::BTreeSet<u64>) -> Json
 pub async fn add_node(State(node): State<AppState>, body: Result<axum::body::Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
     let AddNode { node: name } = parse_body(body)?;
     let id = dc_node_id(&node, &name)?;
-    let voters = node.change_membership(MembershipOp::Add(id)).await?;
+    let voters = node.shard.change_membership(MembershipOp::Add(id)).await?;
     Ok(voters_json(&node, voters))
 }
 
@@ -64,7 +64,7 @@ pub async fn remove_node(
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let id = dc_node_id(&node, &name)?;
     let op = if params.force { MembershipOp::ForceRemove(id) } else { MembershipOp::Remove(id) };
-    let voters = node.change_membership(op).await?;
+    let voters = node.shard.change_membership(op).await?;
     Ok(voters_json(&node, voters))
 }
 
@@ -113,7 +113,7 @@ pub async fn crash_actor(State(node): State<AppState>, actor: Result<Path<String
     require_hooks(&node)?;
     let Path(actor) = actor.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let kind = Kind::parse(&actor).ok_or_else(|| ApiError::not_found(&format!("actor '{actor}'")))?;
-    if node.actors.crash(kind) {
+    if node.shard.actors.crash(kind) {
         Ok(StatusCode::ACCEPTED)
     } else {
         Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "actor_restarting", "actor is restarting"))
@@ -142,7 +142,7 @@ pub async fn set_dc_settings(
     if weight.is_some_and(|w| w > 100) {
         return Err(ApiError::bad_request("weight must be in 0..=100"));
     }
-    let current = node.sm.settings(&dc);
+    let current = node.shard.sm.settings(&dc);
     let cmd = Command::SetDcSettings {
         target: dc,
         drained: drained.unwrap_or(current.drained),
@@ -150,7 +150,7 @@ pub async fn set_dc_settings(
         dc: node.info.dc.clone(),
         hlc: node.hlc.now(),
     };
-    match node.submit(Request::new(cmd, None)).await? {
+    match node.shard.submit(Request::new(cmd, None)).await? {
         Outcome::Settings(s) => Ok(Json(json!({"dc": s.dc, "drained": s.drained, "weight": s.weight}))),
         Outcome::Rejected(r) => Err(r.into()),
         other => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("unexpected outcome {other:?}"))),
@@ -159,6 +159,6 @@ pub async fn set_dc_settings(
 
 pub async fn get_dc_settings(State(node): State<AppState>) -> Json<Value> {
     let all: Vec<Value> =
-        node.config.dc_names().iter().map(|dc| node.sm.settings(dc)).map(|s| json!({"dc": s.dc, "drained": s.drained, "weight": s.weight})).collect();
+        node.config.dc_names().iter().map(|dc| node.shard.sm.settings(dc)).map(|s| json!({"dc": s.dc, "drained": s.drained, "weight": s.weight})).collect();
     Json(json!({ "dcs": all }))
 }

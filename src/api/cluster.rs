@@ -20,8 +20,8 @@ fn role(s: ServerState) -> &'static str {
 }
 
 pub async fn status(State(node): State<AppState>) -> Json<Value> {
-    let m = node.raft.metrics().borrow().clone();
-    let commit_index = node.commit_index().await;
+    let m = node.shard.raft.metrics().borrow().clone();
+    let commit_index = node.shard.commit_index().await;
     let leader_name = m.current_leader.and_then(|id| node.config.node_by_id(id)).map(|n| n.name);
     let voters: Vec<String> = m.membership_config.membership().voter_ids().filter_map(|id| node.config.node_by_id(id)).map(|n| n.name).collect();
     let dcs = dc_views(&node, leader_name.clone());
@@ -37,8 +37,8 @@ pub async fn status(State(node): State<AppState>) -> Json<Value> {
         "snapshot_index": m.snapshot.map(|l| l.index),
         "purged_index": m.purged.map(|l| l.index),
         "voters": voters,
-        "out_seq": node.sm.out_seq(),
-        "outbox_floor": node.sm.outbox_floor(),
+        "out_seq": node.shard.sm.out_seq(),
+        "outbox_floor": node.shard.sm.outbox_floor(),
         "dcs": dcs,
     }))
 }
@@ -53,19 +53,19 @@ fn dc_views(node: &AppState, local_leader: Option<String>) -> Vec<Value> {
             if dc == node.info.dc {
                 return json!({"name": dc, "local": true, "healthy": local_leader.is_some(), "leader": local_leader, "lag_ms": 0, "lag_events": 0});
             }
-            let l = node.links.get(&dc);
+            let l = node.cross.links.get(&dc);
             json!({
                 "name": dc,
                 "local": false,
-                "healthy": node.links.healthy(&dc),
-                "reachable": node.links.reachable(&dc),
+                "healthy": node.cross.links.healthy(&dc),
+                "reachable": node.cross.links.reachable(&dc),
                 "leader": name(l.remote_leader),
                 "last_contact_ms": l.last_contact.map(|t| t.elapsed().as_millis() as u64),
                 // How far that DC is behind our events (known on our leader).
                 "lag_ms": l.lag_ms,
                 "lag_events": l.lag_events,
                 "acked_seq": l.acked,
-                "applied_from_it": node.sm.cursor(&dc),
+                "applied_from_it": node.shard.sm.cursor(&dc),
                 "snapshot_catchups": l.snapshot_catchups,
                 // Answers acknowledging more of our events than we emitted (ignored).
                 "bad_acks": l.bad_acks,
@@ -75,24 +75,24 @@ fn dc_views(node: &AppState, local_leader: Option<String>) -> Vec<Value> {
 }
 
 pub async fn digest(State(node): State<AppState>) -> Json<Value> {
-    let mut d = serde_json::to_value(node.sm.digest()).unwrap_or_default();
-    d["applied_index"] = json!(node.sm.applied_index());
+    let mut d = serde_json::to_value(node.shard.sm.digest()).unwrap_or_default();
+    d["applied_index"] = json!(node.shard.sm.applied_index());
     Json(d)
 }
 
 pub async fn healthz(State(node): State<AppState>) -> Json<Value> {
-    let m = node.raft.metrics().borrow().clone();
+    let m = node.shard.raft.metrics().borrow().clone();
     Json(json!({"ok": true, "node": node.info.name, "leader_known": m.current_leader.is_some()}))
 }
 
 pub async fn metrics(State(node): State<AppState>) -> impl IntoResponse {
-    let m = node.raft.metrics().borrow().clone();
+    let m = node.shard.raft.metrics().borrow().clone();
     node.metrics.raft_term.set(m.current_term as i64);
     node.metrics.raft_applied_index.set(m.last_applied.map(|l| l.index).unwrap_or(0) as i64);
-    node.metrics.raft_commit_index.set(node.commit_index().await as i64);
+    node.metrics.raft_commit_index.set(node.shard.commit_index().await as i64);
     node.metrics.raft_is_leader.set((m.state == ServerState::Leader) as i64);
-    for (dc, l) in node.links.all() {
-        node.metrics.replication_link_up.with_label_values(&[&dc]).set(node.links.healthy(&dc) as i64);
+    for (dc, l) in node.cross.links.all() {
+        node.metrics.replication_link_up.with_label_values(&[&dc]).set(node.cross.links.healthy(&dc) as i64);
         let since = l.last_contact.map(|t| t.elapsed().as_millis() as i64).unwrap_or(-1);
         node.metrics.replication_last_contact_ms.with_label_values(&[&dc]).set(since);
     }
@@ -108,7 +108,7 @@ pub async fn metrics(State(node): State<AppState>) -> impl IntoResponse {
 /// Snapshot counters live in the state machine; rendered here in Prometheus text.
 fn snapshot_metrics(node: &AppState) -> String {
     let labels = format!("node=\"{}\",dc=\"{}\"", node.info.name, node.info.dc);
-    let s = node.sm.snapshot_stats();
+    let s = node.shard.sm.snapshot_stats();
     let rows = [
         ("snapshot_builds_total", "counter", "snapshots this node built since it started", s.builds as f64),
         ("snapshot_build_seconds_total", "counter", "wall time of those builds: copy, encode, write, sync", s.build_ms_total as f64 / 1000.0),

@@ -1,6 +1,6 @@
-//! HTTP/JSON API (DESIGN §3): routes turn requests into domain commands for
-//! [`Node::submit`] or reads after [`Node::read_barrier`]. Input is parsed by hand from
-//! the raw body, so that every malformed request gets our JSON error, never a panic.
+//! HTTP/JSON API: routes parse requests into calls of the shop's request paths
+//! ([`crate::shop`]) and render their results. Input is parsed by hand from the raw body,
+//! so that every malformed request gets our JSON error, never a panic.
 //!
 //! - [`shop`]: sessions, inventory, orders.
 //! - [`cluster`]: status, digest, health, metrics.
@@ -32,12 +32,36 @@ use serde::de::DeserializeOwned;
 
 pub use error::ApiError;
 
+use crate::config::{ClusterConfig, NodeInfo};
+use crate::dns::DnsThread;
 use crate::domain::validate;
 use crate::door::{ConnLimits, Door};
 use crate::error::NodeError;
-use crate::node::Node;
+use crate::hlc::Hlc;
+use crate::metrics::Metrics;
+use crate::replication::CrossDc;
+use crate::shard::Shard;
+use crate::shop::Shop;
+use crate::transport::Faults;
 
-pub type AppState = Arc<Node>;
+/// What the HTTP handlers may use: the shop's request paths, this node's shard (status,
+/// digest, membership), the links to other DCs, the metrics, and the test hooks.
+pub struct ApiState {
+    pub info: NodeInfo,
+    pub config: Arc<ClusterConfig>,
+    pub shop: Shop,
+    pub shard: Arc<Shard>,
+    pub cross: Arc<CrossDc>,
+    pub hlc: Arc<Hlc>,
+    pub metrics: Metrics,
+    pub faults: Faults,
+    /// Enables the admin endpoints that inject faults and crash actors.
+    pub test_hooks: bool,
+    /// The DNS server, once started (its counters feed /metrics; the node stops it).
+    pub dns: std::sync::Mutex<Option<DnsThread>>,
+}
+
+pub type AppState = Arc<ApiState>;
 
 pub fn router(node: AppState) -> Router {
     let body_max = node.config.limits.body_bytes_max;
@@ -179,13 +203,4 @@ impl ReadParams {
             Some(other) => Err(ApiError::bad_request(format!("consistency must be 'linearizable' or 'stale', not '{other}'"))),
         }
     }
-}
-
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-/// A random 128-bit value in hex, for session tokens and order ids.
-pub fn random_hex() -> String {
-    format!("{:032x}", rand::random::<u128>())
 }

@@ -6,6 +6,7 @@
 pub mod apply;
 pub mod command;
 pub mod event;
+pub mod lookup;
 pub mod model;
 pub mod validate;
 
@@ -15,4 +16,5 @@ mod tests;
 pub use apply::{apply, MemState, State};
 pub use command::{Command, Outcome, Rejection, Request};
 pub use event::{Change, Event};
+pub use lookup::{Found, Lookup};
 pub use model::{DcSettings, Inventory, Order, OrderStatus, Session, StockRow};

@@ -3,13 +3,14 @@
 //! stores that openraft drives live in `storage`.
 
 pub mod guard;
-pub mod inbound;
 pub mod network;
 pub mod proposer;
 pub mod snapshots;
 
 use std::io::Cursor;
 use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
 
 use crate::config::ClusterConfig;
 use crate::domain::{Outcome, Request};
@@ -50,4 +51,14 @@ pub fn raft_config(config: &ClusterConfig, dc: &str) -> anyhow::Result<Arc<openr
         ..Default::default()
     };
     Ok(Arc::new(c.validate()?))
+}
+
+/// A membership change asked of the DC leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MembershipOp {
+    Add(NodeId),
+    /// Refused when it would leave fewer voters than a quorum of the DC's configured nodes.
+    Remove(NodeId),
+    /// A removal the operator forces past that check (`?force=true`).
+    ForceRemove(NodeId),
 }

@@ -25,13 +25,6 @@
 //! and `logs_to_keep_after_snapshot` behind it: with the defaults, at most 0.75 × the
 //! state's records in client writes, or 15,000 entries while the state is small.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use openraft::ServerState;
-
-use crate::node::Node;
-
 /// `base` staggered by the node's place in the DC and its role: 1, 1.25 or 1.5 × it,
 /// twice that on the leader. Saturates instead of overflowing.
 pub fn threshold(base: u64, rank: u64, leader: bool) -> u64 {
@@ -52,34 +45,6 @@ pub fn writes_base(records: u64, percent: u64) -> u64 {
 pub fn due(entries: u64, writes: u64, records: u64, raft: &crate::config::RaftSection, rank: u64, leader: bool) -> bool {
     entries >= threshold(raft.snapshot_logs_since_last, rank, leader)
         && writes >= threshold(writes_base(records, raft.snapshot_state_ratio_percent), rank, leader)
-}
-
-/// Asks openraft for a snapshot whenever this node's log since the last one passes its
-/// threshold. openraft ignores a request while a build runs, so asking again is harmless.
-pub async fn snapshot_loop(node: Arc<Node>) {
-    let raft = node.config.raft.clone();
-    let rank = node.config.dc_nodes(&node.info.dc).iter().position(|n| n.id == node.info.id).unwrap_or(0) as u64;
-    let mut metrics = node.raft.metrics();
-    loop {
-        let (since, leader) = {
-            let m = metrics.borrow_and_update();
-            let applied = m.last_applied.map_or(0, |l| l.index);
-            let snapshot = m.snapshot.map_or(0, |l| l.index);
-            (applied.saturating_sub(snapshot), m.state == ServerState::Leader)
-        };
-        let stats = node.sm.snapshot_stats();
-        if due(since, stats.writes_since, stats.records, &raft, rank, leader) {
-            if let Err(e) = node.raft.trigger().snapshot().await {
-                tracing::debug!(error = %e, "snapshot request refused");
-            }
-            // Give the build time to start before asking again.
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        // Woken by every applied entry; the timeout only bounds a missed change.
-        if tokio::time::timeout(Duration::from_secs(1), metrics.changed()).await.is_ok_and(|r| r.is_err()) {
-            return; // Raft stopped
-        }
-    }
 }
 
 #[cfg(test)]

@@ -9,25 +9,16 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::domain::{Change, Command, Event};
+use crate::domain::{Found, Lookup};
 use crate::hlc;
-use crate::transport::message::{Found, Lookup};
-
-/// A timestamp at most `max_offset_ms` ahead of `now_ms` (this node's wall clock).
-pub fn check_hlc(what: &str, ts: u64, now_ms: u64, max_offset_ms: u64) -> Result<(), String> {
-    let ahead = hlc::physical_ms(ts).saturating_sub(now_ms);
-    if ahead > max_offset_ms {
-        return Err(format!("{what} timestamp is {ahead} ms ahead of this node's clock (replication.max_clock_offset_ms = {max_offset_ms})"));
-    }
-    Ok(())
-}
 
 /// The timestamps a change carries (sessions, orders and DC settings are last-writer-wins
 /// or ordered by them: one from the far future would win forever).
 pub fn check_change(c: &Change, now_ms: u64, max: u64) -> Result<(), String> {
     match c {
-        Change::Session(s) => check_hlc("session", s.hlc, now_ms, max),
-        Change::Order(o) => check_hlc("order", o.hlc, now_ms, max),
-        Change::Settings(s) => check_hlc("dc settings", s.hlc, now_ms, max),
+        Change::Session(s) => hlc::check("session", s.hlc, now_ms, max),
+        Change::Order(o) => hlc::check("order", o.hlc, now_ms, max),
+        Change::Settings(s) => hlc::check("dc settings", s.hlc, now_ms, max),
         Change::Stock { .. } | Change::StockV2 { .. } | Change::CancelRequest { .. } => Ok(()),
     }
 }
@@ -35,7 +26,7 @@ pub fn check_change(c: &Change, now_ms: u64, max: u64) -> Result<(), String> {
 /// A replicated batch: every event's timestamp and what its change carries.
 pub fn check_events(events: &[Event], now_ms: u64, max: u64) -> Result<(), String> {
     for e in events {
-        check_hlc(&format!("event {}", e.seq), e.hlc, now_ms, max)?;
+        hlc::check(&format!("event {}", e.seq), e.hlc, now_ms, max)?;
         check_change(&e.change, now_ms, max).map_err(|m| format!("event {}: {m}", e.seq))?;
     }
     Ok(())
@@ -49,9 +40,9 @@ pub fn check_command(cmd: &Command, now_ms: u64, max: u64) -> Result<(), String>
         Command::Batch { requests } => requests.iter().try_for_each(|r| check_command(&r.cmd, now_ms, max)),
         // The session record a DC fetched from its owner rides in the entry: its time too.
         Command::PlaceOrderWithSession { record, hlc, .. } | Command::DeleteSessionWithRecord { record, hlc, .. } => {
-            check_hlc("command", *hlc, now_ms, max).and_then(|_| check_hlc("session record", record.hlc, now_ms, max))
+            hlc::check("command", *hlc, now_ms, max).and_then(|_| hlc::check("session record", record.hlc, now_ms, max))
         }
-        other => other.hlc().map_or(Ok(()), |hlc| check_hlc("command", hlc, now_ms, max)),
+        other => other.hlc().map_or(Ok(()), |hlc| hlc::check("command", hlc, now_ms, max)),
     }
 }
 
@@ -60,8 +51,8 @@ pub fn check_command(cmd: &Command, now_ms: u64, max: u64) -> Result<(), String>
 pub fn check_found(asked: &Lookup, owner: &str, found: &Found, now_ms: u64, max: u64) -> Result<(), String> {
     match (asked, found) {
         (_, Found::Order(None) | Found::Session(None)) => Ok(()),
-        (Lookup::Order(id), Found::Order(Some(o))) if o.id == *id && o.dc == owner => check_hlc("looked-up order", o.hlc, now_ms, max),
-        (Lookup::Session(token), Found::Session(Some(s))) if s.token == *token => check_hlc("looked-up session", s.hlc, now_ms, max),
+        (Lookup::Order(id), Found::Order(Some(o))) if o.id == *id && o.dc == owner => hlc::check("looked-up order", o.hlc, now_ms, max),
+        (Lookup::Session(token), Found::Session(Some(s))) if s.token == *token => hlc::check("looked-up session", s.hlc, now_ms, max),
         _ => Err(format!("{owner} answered a lookup for {asked:?} with something else")),
     }
 }
@@ -147,11 +138,11 @@ mod tests {
 
     #[test]
     fn timestamps_beyond_the_offset_are_refused() {
-        assert!(check_hlc("x", ts(NOW + 500), NOW, 500).is_ok());
-        assert!(check_hlc("x", ts(NOW + 500) | 0xffff, NOW, 500).is_ok(), "the logical part does not count");
-        assert!(check_hlc("x", ts(NOW + 501), NOW, 500).is_err());
-        assert!(check_hlc("x", u64::MAX, NOW, 500).is_err());
-        assert!(check_hlc("x", 0, NOW, 500).is_ok(), "the past is fine");
+        assert!(hlc::check("x", ts(NOW + 500), NOW, 500).is_ok());
+        assert!(hlc::check("x", ts(NOW + 500) | 0xffff, NOW, 500).is_ok(), "the logical part does not count");
+        assert!(hlc::check("x", ts(NOW + 501), NOW, 500).is_err());
+        assert!(hlc::check("x", u64::MAX, NOW, 500).is_err());
+        assert!(hlc::check("x", 0, NOW, 500).is_ok(), "the past is fine");
         let settings = |hlc| Change::Settings(DcSettings { dc: "dc1".into(), drained: true, weight: 1, hlc, by: "dc2".into() });
         let ev = |hlc, change| Event { seq: 1, origin: "dc2".into(), hlc, change };
         assert!(check_events(&[ev(ts(NOW), settings(ts(NOW)))], NOW, 500).is_ok());

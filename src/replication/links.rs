@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::node::Node;
+use super::CrossDc;
 use crate::raft::NodeId;
 use crate::transport::{PeerRequest, PeerResponse};
 
@@ -86,24 +86,24 @@ impl Links {
 
 /// Every node asks one node of `dc`, every probe interval, whether it is alive and who
 /// leads it; it tries the next node when one does not answer.
-pub async fn probe_loop(node: Arc<Node>, dc: String) {
-    let interval = Duration::from_millis(node.config.replication.probe_interval_ms);
-    let targets: Vec<NodeId> = node.config.dc_nodes(&dc).iter().map(|n| n.id).collect();
+pub async fn probe_loop(cross: Arc<CrossDc>, dc: String) {
+    let interval = Duration::from_millis(cross.config().replication.probe_interval_ms);
+    let targets: Vec<NodeId> = cross.config().dc_nodes(&dc).iter().map(|n| n.id).collect();
     let mut i = 0usize;
     loop {
         let started = Instant::now();
         let target = targets[i % targets.len()];
-        match node.peers.call(target, PeerRequest::Probe, Some(interval * 2)).await {
+        match cross.peers.call(target, PeerRequest::Probe, Some(interval * 2)).await {
             Ok(PeerResponse::Probe(ack)) if ack.dc == dc => {
-                node.links.record_probe(target, true);
-                node.links.update(&dc, |l| {
+                cross.links.record_probe(target, true);
+                cross.links.update(&dc, |l| {
                     l.last_contact = Some(Instant::now());
                     l.remote_leader = ack.leader;
                 });
             }
             other => {
                 tracing::debug!(%dc, target, answer = ?other.err(), "probe failed");
-                node.links.record_probe(target, false);
+                cross.links.record_probe(target, false);
                 // The next node of that DC; kept below the list's length, so it never grows.
                 i = (i + 1) % targets.len();
             }
@@ -113,14 +113,15 @@ pub async fn probe_loop(node: Arc<Node>, dc: String) {
 }
 
 /// Every node probes the other nodes of its own DC, so DNS can leave out a dead one.
-pub async fn probe_local_loop(node: Arc<Node>) {
-    let interval = Duration::from_millis(node.config.replication.probe_interval_ms);
-    let peers: Vec<NodeId> = node.config.dc_nodes(&node.info.dc).iter().map(|n| n.id).filter(|id| *id != node.info.id).collect();
+pub async fn probe_local_loop(cross: Arc<CrossDc>) {
+    let interval = Duration::from_millis(cross.config().replication.probe_interval_ms);
+    let me = cross.shard.me;
+    let peers: Vec<NodeId> = cross.config().dc_nodes(cross.dc()).iter().map(|n| n.id).filter(|id| *id != me).collect();
     loop {
         let started = Instant::now();
-        let probes = peers.iter().map(|p| async { (*p, node.peers.call(*p, PeerRequest::Probe, Some(interval * 2)).await) });
+        let probes = peers.iter().map(|p| async { (*p, cross.peers.call(*p, PeerRequest::Probe, Some(interval * 2)).await) });
         for (peer, r) in futures::future::join_all(probes).await {
-            node.links.record_probe(peer, matches!(r, Ok(PeerResponse::Probe(_))));
+            cross.links.record_probe(peer, matches!(r, Ok(PeerResponse::Probe(_))));
         }
         tokio::time::sleep(interval.saturating_sub(started.elapsed())).await;
     }

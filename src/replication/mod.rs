@@ -1,31 +1,79 @@
-//! Cross-DC replication (DESIGN §2). Each DC's leader streams the events its DC
-//! originated — kept in the replicated outbox of the state machine — to every other DC,
-//! batched, in origin order ([`shipper`]). The receiving DC applies them through its own
-//! Raft log; its per-origin cursor, also in the state machine, makes that exactly-once
-//! across restarts and leader changes on both sides ([`receiver`]). Every node probes the
-//! other DCs for liveness and leadership ([`links`]), which status, metrics, inventory
-//! answers and DNS read. A DC short of stock asks the others for part of their surplus
-//! ([`rebalance`]).
+//! Cross-DC replication. Each DC's leader streams the events its DC originated — kept in
+//! the replicated outbox of the state machine — to every other DC, batched, in origin
+//! order ([`shipper`]). The receiving DC applies them through its own Raft log; its
+//! per-origin cursor, also in the state machine, makes that exactly-once across restarts
+//! and leader changes on both sides ([`receiver`]). Every node probes the other DCs for
+//! liveness and leadership ([`links`]), which status, metrics, inventory answers and DNS
+//! read. A DC short of stock asks the others for part of their surplus ([`rebalance`]).
+//! A DC asks the owner of an order or session it has not seen yet, and forwards cancels
+//! to it ([`remote`]).
 
 pub mod guard;
 pub mod links;
 pub mod rebalance;
 pub mod receiver;
+pub mod remote;
 pub mod shipper;
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use crate::node::Node;
+use crate::config::ClusterConfig;
+use crate::hlc::Hlc;
+use crate::metrics::Metrics;
+use crate::shard::Shard;
+use crate::transport::{Faults, Peers};
 pub use links::{Link, Links};
 
-/// Starts, for every other DC, its prober and its shipper, plus the outbox trimmer.
-pub fn spawn(node: Arc<Node>) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut tasks = Vec::new();
-    for dc in node.config.dc_names().into_iter().filter(|d| *d != node.info.dc) {
-        tasks.push(tokio::spawn(links::probe_loop(node.clone(), dc.clone())));
-        tasks.push(tokio::spawn(shipper::ship_loop(node.clone(), dc)));
+/// Everything between this node's shard and the other DCs: the links to them, and the
+/// state of the asks and grants in flight.
+pub struct CrossDc {
+    pub shard: Arc<Shard>,
+    pub links: Arc<Links>,
+    pub hlc: Arc<Hlc>,
+    peers: Peers,
+    faults: Faults,
+    metrics: Metrics,
+    request_timeout: Duration,
+    /// SKUs this node is asking other DCs for stock for (one ask at a time per SKU).
+    asking: Mutex<HashSet<String>>,
+    /// Grants to other DCs: how much and how often (see [`guard`]).
+    grants: guard::GrantLimiter,
+}
+
+impl CrossDc {
+    pub fn new(shard: Arc<Shard>, hlc: Arc<Hlc>, peers: Peers, faults: Faults, metrics: Metrics) -> Arc<Self> {
+        let c = &shard.config;
+        let remote_dcs = c.dc_names().into_iter().filter(|d| *d != shard.dc);
+        let links = Links::new(remote_dcs, Duration::from_millis(c.replication.dc_unhealthy_after_ms));
+        let request_timeout = Duration::from_millis(c.limits.request_timeout_ms);
+        Arc::new(CrossDc { shard, links, hlc, peers, faults, metrics, request_timeout, asking: Default::default(), grants: Default::default() })
     }
-    tasks.push(tokio::spawn(links::probe_local_loop(node.clone())));
-    tasks.push(tokio::spawn(shipper::trim_loop(node)));
+
+    fn config(&self) -> &ClusterConfig {
+        &self.shard.config
+    }
+
+    /// This node's DC.
+    pub fn dc(&self) -> &str {
+        &self.shard.dc
+    }
+
+    /// The other DCs, in cluster-file order.
+    pub fn remote_dcs(&self) -> Vec<String> {
+        self.config().dc_names().into_iter().filter(|d| d != self.dc()).collect()
+    }
+}
+
+/// Starts, for every other DC, its prober and its shipper, plus the outbox trimmer.
+pub fn spawn(cross: Arc<CrossDc>) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for dc in cross.remote_dcs() {
+        tasks.push(tokio::spawn(links::probe_loop(cross.clone(), dc.clone())));
+        tasks.push(tokio::spawn(shipper::ship_loop(cross.clone(), dc)));
+    }
+    tasks.push(tokio::spawn(links::probe_local_loop(cross.clone())));
+    tasks.push(tokio::spawn(shipper::trim_loop(cross)));
     tasks
 }

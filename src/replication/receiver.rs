@@ -2,50 +2,50 @@
 //! file first: the sender must be a node of another DC, and may only speak for its own
 //! DC. Anything else is refused and logged, never applied.
 
+use super::CrossDc;
 use crate::domain::{Command, Outcome, Rejection, Request};
 use crate::error::NodeError;
-use crate::node::Node;
 use crate::raft::NodeId;
-use crate::transport::message::{ProbeAck, ReplicateAck};
+use crate::transport::message::ReplicateAck;
 use crate::transport::{PeerRequest, PeerResponse};
 
 /// The sender's DC, if it is a known node of another DC.
-fn remote_dc(node: &Node, from: NodeId) -> Option<String> {
-    node.config.node_by_id(from).map(|n| n.dc).filter(|dc| *dc != node.info.dc)
+fn remote_dc(cross: &CrossDc, from: NodeId) -> Option<String> {
+    cross.config().node_by_id(from).map(|n| n.dc).filter(|dc| dc != cross.dc())
 }
 
 /// Handles a request from a node of another DC.
-pub async fn handle(node: &Node, from: NodeId, req: PeerRequest) -> PeerResponse {
-    let Some(sender_dc) = remote_dc(node, from) else {
+pub async fn handle(cross: &CrossDc, from: NodeId, req: PeerRequest) -> PeerResponse {
+    let Some(sender_dc) = remote_dc(cross, from) else {
         crate::warn_limited!("peer_unknown_node", from, request = request_name(&req), "cross-DC request from an unknown node refused");
         return PeerResponse::Refused(format!("unknown node {from}"));
     };
     match req {
-        PeerRequest::Probe => PeerResponse::Probe(probe_ack(node)),
+        PeerRequest::Probe => PeerResponse::Probe(cross.shard.probe_ack()),
         PeerRequest::Replicate { origin, events } if origin == sender_dc => {
             // Before anything is applied or observed: no timestamp from the far future.
-            let max_offset = node.config.replication.max_clock_offset_ms;
+            let max_offset = cross.config().replication.max_clock_offset_ms;
             if let Err(m) = super::guard::check_events(&events, crate::hlc::wall_ms(), max_offset) {
                 tracing::warn!(%origin, reason = %m, "replicated batch refused");
                 return PeerResponse::Replicate(Err(NodeError::BadRequest(m)));
             }
             if let Some(max) = events.iter().map(|e| e.hlc).max() {
                 // Checked above; a refusal here only means the clock moved back meanwhile.
-                let _ = node.hlc.observe(max, max_offset);
+                let _ = cross.hlc.observe(max, max_offset);
             }
             let stamps: Vec<(u64, u64)> = events.iter().map(|e| (e.seq, e.hlc)).collect();
-            let before = node.sm.cursor(&origin);
+            let before = cross.shard.sm.cursor(&origin);
             // Nothing new (an empty heartbeat batch, or a replay): answer from the applied
             // cursor without a Raft write — writing would wake our own shippers, whose
             // heartbeats would wake the sender's, in a loop.
             if stamps.iter().all(|(seq, _)| *seq <= before) {
-                let ack = if node.is_leader() { Ok(ReplicateAck { cursor: before }) } else { Err(NodeError::NotLeader(node.leader())) };
+                let ack = if cross.shard.is_leader() { Ok(ReplicateAck { cursor: before }) } else { Err(NodeError::NotLeader(cross.shard.leader())) };
                 return PeerResponse::Replicate(ack);
             }
-            let r = apply(node, Command::ApplyRemote { origin: origin.clone(), events }).await;
+            let r = apply(cross, Command::ApplyRemote { origin: origin.clone(), events }).await;
             if r.is_ok() {
                 // Lag of the events this batch newly applied: origin timestamp to commit here.
-                let lag = node.metrics.replication_apply_lag.with_label_values(&[&origin]);
+                let lag = cross.metrics.replication_apply_lag.with_label_values(&[&origin]);
                 for (_, ts) in stamps.iter().filter(|(seq, ts)| *seq > before && *ts > 0) {
                     lag.observe(crate::hlc::age_ms(*ts) as f64 / 1000.0);
                 }
@@ -53,21 +53,23 @@ pub async fn handle(node: &Node, from: NodeId, req: PeerRequest) -> PeerResponse
             PeerResponse::Replicate(r)
         }
         PeerRequest::InstallRemote { origin, upto, changes } if origin == sender_dc => {
-            let max_offset = node.config.replication.max_clock_offset_ms;
+            let max_offset = cross.config().replication.max_clock_offset_ms;
             if let Err(m) = changes.iter().try_for_each(|c| super::guard::check_change(c, crate::hlc::wall_ms(), max_offset)) {
                 tracing::warn!(%origin, reason = %m, "snapshot of another DC refused");
                 return PeerResponse::Replicate(Err(NodeError::BadRequest(m)));
             }
             tracing::warn!(%origin, upto, changes = changes.len(), "installing a snapshot of another DC's state");
-            PeerResponse::Replicate(apply(node, Command::InstallRemote { origin, upto, changes }).await)
+            PeerResponse::Replicate(apply(cross, Command::InstallRemote { origin, upto, changes }).await)
         }
-        PeerRequest::AskStock { sku, want } => PeerResponse::Granted(crate::replication::rebalance::grant(node, &sku, want, &sender_dc).await),
+        PeerRequest::AskStock { sku, want } => PeerResponse::Granted(cross.grant(&sku, want, &sender_dc).await),
         // A client of the sender's DC asks for an order or session we created.
-        PeerRequest::Lookup(what) => PeerResponse::Lookup(node.answer_lookup(what).await),
+        PeerRequest::Lookup(what) => PeerResponse::Lookup(cross.answer_lookup(what).await),
         // A cancel for one of our orders, forwarded by the DC that received it. It carries
         // the session that placed the order, which apply checks (as for a `CancelRequest`
         // event in the sender's stream): an order id alone cancels nothing.
-        PeerRequest::Submit(req) if matches!(&req.cmd, Command::CancelOrder { dc, .. } if *dc == node.info.dc) => PeerResponse::Submit(node.submit(req).await),
+        PeerRequest::Submit(req) if matches!(&req.cmd, Command::CancelOrder { dc, .. } if dc == cross.dc()) => {
+            PeerResponse::Submit(cross.shard.submit(req).await)
+        }
         other => {
             crate::warn_limited!(
                 "peer_cross_dc_refused",
@@ -81,27 +83,9 @@ pub async fn handle(node: &Node, from: NodeId, req: PeerRequest) -> PeerResponse
     }
 }
 
-/// A write forwarded by a follower of this DC, on the leader: its timestamp must not be
-/// beyond the clock offset (a command is proposed with the timestamp it carries).
-pub async fn submit_forwarded(node: &Node, req: Request) -> Result<Outcome, NodeError> {
-    if let Err(m) = super::guard::check_command(&req.cmd, crate::hlc::wall_ms(), node.config.replication.max_clock_offset_ms) {
-        tracing::warn!(reason = %m, "forwarded command refused");
-        return Err(NodeError::BadRequest(m));
-    }
-    node.actors.submit(req).await
-}
-
-pub fn probe_ack(node: &Node) -> ProbeAck {
-    let m = node.raft.metrics().borrow().clone();
-    ProbeAck { dc: node.info.dc.clone(), leader: m.current_leader, term: m.current_term }
-}
-
 /// Applies replicated data through this DC's Raft log, on its leader.
-async fn apply(node: &Node, cmd: Command) -> Result<ReplicateAck, NodeError> {
-    if !node.is_leader() {
-        return Err(NodeError::NotLeader(node.leader()));
-    }
-    match node.actors.submit(Request::new(cmd, None)).await? {
+async fn apply(cross: &CrossDc, cmd: Command) -> Result<ReplicateAck, NodeError> {
+    match cross.shard.submit_local(Request::new(cmd, None)).await? {
         Outcome::Replicated { cursor } => Ok(ReplicateAck { cursor }),
         Outcome::Rejected(Rejection::Invalid(m)) => {
             crate::warn_limited!("peer_replicated_batch_rejected", reason = %m, "replicated batch rejected");

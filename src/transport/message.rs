@@ -4,7 +4,8 @@ use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{Change, Event, Order, Outcome, Request, Session};
+use crate::domain::{Change, Event, Outcome, Request};
+pub use crate::domain::{Found, Lookup};
 use crate::error::NodeError;
 use crate::raft::{NodeId, TypeConfig};
 
@@ -19,7 +20,7 @@ pub enum PeerRequest {
     /// linearizable read must wait for.
     ReadIndex,
     /// An admin membership change for the leader to run.
-    Membership(crate::node::MembershipOp),
+    Membership(crate::raft::MembershipOp),
     /// From another DC's leader: its events, in order from our cursor.
     Replicate {
         origin: String,
@@ -41,22 +42,6 @@ pub enum PeerRequest {
     /// From any node of another DC: your copy of something your DC owns, read
     /// linearizably — how a DC answers a client for an id or token it has not seen yet.
     Lookup(Lookup),
-}
-
-/// What a [`PeerRequest::Lookup`] asks for: an order or a session the asked DC created
-/// (its id or token names that DC).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Lookup {
-    Order(String),
-    Session(String),
-}
-
-/// The owner's answer: what it holds under that id or token (`None`: nothing, a 404 the
-/// asker may give). A session comes back as the owner's merged version, tombstone included.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Found {
-    Order(Option<Order>),
-    Session(Option<Session>),
 }
 
 /// A DC's answer to replication traffic: its cursor for the origin after applying.

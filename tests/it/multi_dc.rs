@@ -116,8 +116,10 @@ async fn leaders_killed_during_replication_lose_nothing_and_apply_once() {
     // Load until told to stop: a fixed number of calls would burn out fast while the
     // leader is down (those calls fail at once).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked_count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let load = {
         let (http, urls, token, stop) = (c.http.clone(), c.dc_nodes("dc1").iter().map(|n| c.url(n)).collect::<Vec<_>>(), token.clone(), stop.clone());
+        let acked_count = acked_count.clone();
         tokio::spawn(async move {
             let (mut acked, mut attempts) = (Vec::new(), 0u64);
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -125,7 +127,10 @@ async fn leaders_killed_during_replication_lose_nothing_and_apply_once() {
                 attempts += 1;
                 let r = http.post(format!("{url}/v1/orders")).json(&json!({"session": token, "sku": "sku-r", "qty": 1})).send().await;
                 match r {
-                    Ok(r) if r.status() == 201 => acked.push(r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()),
+                    Ok(r) if r.status() == 201 => {
+                        acked.push(r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string());
+                        acked_count.store(acked.len(), std::sync::atomic::Ordering::Relaxed);
+                    }
                     // Refused or no leader: back off a little, as a client would.
                     _ => tokio::time::sleep(Duration::from_millis(20)).await,
                 }
@@ -143,7 +148,13 @@ async fn leaders_killed_during_replication_lose_nothing_and_apply_once() {
     c.start_node(&receiver);
     c.must_leader_in("dc1", Duration::from_secs(10)).await;
     c.must_leader_in("dc2", Duration::from_secs(10)).await;
+    // At least 2 s more of load after the restarts, and until enough orders count (a
+    // loaded machine answers slower, not fewer).
+    let more_until = std::time::Instant::now() + Duration::from_secs(30);
     tokio::time::sleep(Duration::from_secs(2)).await;
+    while acked_count.load(std::sync::atomic::Ordering::Relaxed) < 50 && std::time::Instant::now() < more_until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (acked, attempts) = load.await.unwrap();
     assert!(acked.len() >= 50, "enough orders acknowledged to matter: {} of {attempts}", acked.len());

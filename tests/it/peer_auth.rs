@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use agora::certs::{self, Role, Validity};
 use agora::domain::{Command, Request, StockRow};
-use agora::node::MembershipOp;
+use agora::raft::MembershipOp;
 use agora::transport::tls::{PeerTls, Security};
 use agora::transport::{PeerRequest, PeerResponse};
 use openraft::{LogId, SnapshotMeta, StoredMembership, Vote};

@@ -1,21 +1,21 @@
-//! Raft requests from peers of this DC, checked by [`super::guard`] before openraft
+//! Raft requests from peers of this DC, checked by [`crate::raft::guard`] before openraft
 //! handles them. A refused request is answered without reaching openraft.
 
 use openraft::error::{InstallSnapshotError, RaftError, SnapshotMismatch};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::SnapshotSegmentId;
 
-use super::guard::{self, ChunkRefusal, Limits};
-use super::{NodeId, TypeConfig};
-use crate::node::Node;
+use super::Shard;
+use crate::raft::guard::{self, ChunkRefusal, Limits};
+use crate::raft::{NodeId, TypeConfig};
 use crate::transport::PeerResponse;
 
-fn limits<'a>(node: &Node, is_member: &'a dyn Fn(NodeId) -> bool) -> Limits<'a> {
-    Limits { current_term: node.raft.metrics().borrow().current_term, term_jump_max: node.config.raft.term_jump_max, is_member }
+fn limits<'a>(shard: &Shard, is_member: &'a dyn Fn(NodeId) -> bool) -> Limits<'a> {
+    Limits { current_term: shard.raft.metrics().borrow().current_term, term_jump_max: shard.config.raft.term_jump_max, is_member }
 }
 
-fn member_of(node: &Node) -> impl Fn(NodeId) -> bool + '_ {
-    |id| node.config.node_by_id(id).is_some_and(|n| n.dc == node.info.dc)
+fn member_of(shard: &Shard) -> impl Fn(NodeId) -> bool + '_ {
+    |id| shard.is_member(id)
 }
 
 fn refuse(from: NodeId, what: &str, reason: String) -> PeerResponse {
@@ -23,16 +23,16 @@ fn refuse(from: NodeId, what: &str, reason: String) -> PeerResponse {
     PeerResponse::Refused(format!("{what} refused: {reason}"))
 }
 
-pub async fn vote(node: &Node, from: NodeId, r: VoteRequest<NodeId>) -> PeerResponse {
-    match guard::check_vote_request(&r, from, limits(node, &member_of(node))) {
-        Ok(()) => PeerResponse::Vote(node.raft.vote(r).await),
+pub async fn vote(shard: &Shard, from: NodeId, r: VoteRequest<NodeId>) -> PeerResponse {
+    match guard::check_vote_request(&r, from, limits(shard, &member_of(shard))) {
+        Ok(()) => PeerResponse::Vote(shard.raft.vote(r).await),
         Err(e) => refuse(from, "vote", e),
     }
 }
 
-pub async fn append_entries(node: &Node, from: NodeId, r: AppendEntriesRequest<TypeConfig>) -> PeerResponse {
-    match guard::check_append_entries(&r, from, limits(node, &member_of(node))) {
-        Ok(()) => PeerResponse::AppendEntries(node.raft.append_entries(r).await),
+pub async fn append_entries(shard: &Shard, from: NodeId, r: AppendEntriesRequest<TypeConfig>) -> PeerResponse {
+    match guard::check_append_entries(&r, from, limits(shard, &member_of(shard))) {
+        Ok(()) => PeerResponse::AppendEntries(shard.raft.append_entries(r).await),
         Err(e) => refuse(from, "append_entries", e),
     }
 }
@@ -40,12 +40,12 @@ pub async fn append_entries(node: &Node, from: NodeId, r: AppendEntriesRequest<T
 /// Chunks are taken one at a time (the transfer's lock is held while openraft writes
 /// one), in order, up to `raft.snapshot_bytes_max`; the last is handed on only if the
 /// whole snapshot verifies (format, checksum, records).
-pub async fn install_snapshot(node: &Node, from: NodeId, r: InstallSnapshotRequest<TypeConfig>) -> PeerResponse {
-    if let Err(e) = guard::check_install_snapshot(&r, from, limits(node, &member_of(node))) {
+pub async fn install_snapshot(shard: &Shard, from: NodeId, r: InstallSnapshotRequest<TypeConfig>) -> PeerResponse {
+    if let Err(e) = guard::check_install_snapshot(&r, from, limits(shard, &member_of(shard))) {
         return refuse(from, "install_snapshot", e);
     }
-    let mut transfer = node.snapshot_transfer.lock().await;
-    match transfer.check(&r, node.config.raft.snapshot_bytes_max, crate::storage::verify_snapshot_data) {
+    let mut transfer = shard.snapshot_transfer.lock().await;
+    match transfer.check(&r, shard.config.raft.snapshot_bytes_max, crate::storage::verify_snapshot_data) {
         Ok(()) => {}
         Err(ChunkRefusal::Offset { expect }) => {
             tracing::warn!(from, offset = r.offset, expect, id = %r.meta.snapshot_id, "snapshot chunk out of order refused");
@@ -61,7 +61,7 @@ pub async fn install_snapshot(node: &Node, from: NodeId, r: InstallSnapshotReque
     let vote = r.vote;
     // openraft has the chunk only if it accepted the sender's vote (then it holds it).
     let chunk = (r.offset, r.done, r.meta.snapshot_id.clone(), r.data.len());
-    let resp = node.raft.install_snapshot(r.clone()).await;
+    let resp = shard.raft.install_snapshot(r.clone()).await;
     match &resp {
         Ok(ok) if ok.vote.leader_id == vote.leader_id => transfer.accept(&r),
         _ => {

@@ -1,0 +1,205 @@
+//! A node: a process hosting this DC's shard, wired in [`start`] in dependency order —
+//! storage, transport, Raft, actors, the cross-DC links, DNS, HTTP — and stopped in
+//! [`Running::shutdown`]. This is the composition root: the parts it builds hold only what
+//! they use, and nothing below imports it.
+
+mod peer;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::actors::{self, Directory};
+use crate::api::ApiState;
+use crate::cluster_view::ClusterView;
+use crate::config::ClusterConfig;
+use crate::dns::DnsThread;
+use crate::door::{ConnLimits, Door};
+use crate::hlc::Hlc;
+use crate::metrics::Metrics;
+use crate::raft::proposer::{Proposer, ProposerLimits};
+use crate::raft::{network::Network, raft_config, Raft};
+use crate::replication::{self, CrossDc};
+use crate::shard::{background, Shard, ShardParts};
+use crate::shop::Shop;
+use crate::storage;
+use crate::transport::server::{Admission, ServerLimits};
+use crate::transport::tls::{Directory as PeerDirectory, PeerTls, Security};
+use crate::transport::{self, Faults, Peers};
+
+pub struct NodeOptions {
+    pub name: String,
+    pub data_dir: PathBuf,
+    /// Enables the admin endpoints that inject faults and crash actors.
+    pub test_hooks: bool,
+    /// How peers prove who they are: certificates (the default) or nothing at all.
+    pub peer_auth: PeerAuth,
+    /// The bearer token the admin API wants; without one, the admin API refuses every call.
+    pub admin_token: Option<String>,
+}
+
+/// Where this node's peer identity comes from.
+#[derive(Debug, Clone)]
+pub enum PeerAuth {
+    /// Mutual TLS with the CA, certificate and key in this certs directory.
+    Certs(PathBuf),
+    /// No authentication (`--insecure-plaintext-peers`): anyone who reaches the peer port
+    /// can act as any node.
+    InsecurePlaintext,
+}
+
+/// A started node: its HTTP address and how to stop it.
+pub struct Running {
+    pub state: Arc<ApiState>,
+    pub http_addr: SocketAddr,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    supervisor: ractor::ActorRef<()>,
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind {what} port {addr} (is another node or program using it?)"))
+}
+
+/// How this node proves who it is to peers, and checks who they are.
+fn security(opts: &NodeOptions, name: &str, id: u64) -> anyhow::Result<Security> {
+    Ok(match &opts.peer_auth {
+        PeerAuth::Certs(dir) => Security::Tls(Arc::new(
+            PeerTls::load(dir, name).with_context(|| format!("load peer certificates from {} (create them with `agora certs create`)", dir.display()))?,
+        )),
+        PeerAuth::InsecurePlaintext => {
+            tracing::warn!("PEER TRAFFIC IS NOT AUTHENTICATED (--insecure-plaintext-peers): anyone who reaches the peer port can act as any node");
+            Security::Plaintext { me: id }
+        }
+    })
+}
+
+/// The actors that serialise the shard's writes, and the proposer that batches them
+/// into Raft.
+async fn start_actors(
+    config: &ClusterConfig,
+    raft: &Raft,
+    sm: &storage::SmReader,
+    metrics: &Metrics,
+) -> anyhow::Result<(Arc<Directory>, ractor::ActorRef<()>)> {
+    let request_timeout = Duration::from_millis(config.limits.request_timeout_ms);
+    let directory = Directory::new(config.limits.mailbox_len_max, request_timeout);
+    let r = &config.raft;
+    let limits = ProposerLimits {
+        inflight_max: r.proposals_inflight_max,
+        batch_len_max: r.proposal_batch_len_max,
+        queue_len_max: r.proposal_queue_len_max,
+        timeout: request_timeout,
+    };
+    let proposer = Proposer::start(raft.clone(), limits);
+    let template = actors::entity::EntityArgs { kind: actors::Kind::Sessions, raft: raft.clone(), proposer, sm: sm.clone() };
+    let supervisor = actors::spawn_supervisor(actors::supervisor::SupervisorArgs { template, directory: directory.clone(), metrics: metrics.clone() }).await?;
+    Ok((directory, supervisor))
+}
+
+/// Starts every part of a node, in dependency order: storage, transport, Raft, actors,
+/// the cross-DC links, DNS, HTTP; then bootstraps the DC if this is its first start.
+pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<Running> {
+    let info = config.node(&opts.name).ok_or_else(|| anyhow::anyhow!("unknown node '{}'; valid nodes: {}", opts.name, config.node_names().join(", ")))?;
+    let config = Arc::new(config);
+    let peer_listener = bind(info.peer, "peer").await?;
+    let http_listener = bind(info.http, "http").await?;
+    let admin_listener = bind(info.admin, "admin").await?;
+    let st = &config.storage;
+    let (log, sm) =
+        storage::open_with(&opts.data_dir, &info.dc, st.durability, st.sled_cache_bytes_max, st.sled_segment_bytes, config.limits.cache_entities_max)
+            .context("open storage")?;
+    let reader = sm.reader();
+    let faults = Faults::default();
+    let security = security(&opts, &info.name, info.id)?;
+    let peers = Peers::new(&config, info.id, faults.clone(), security.clone());
+    let raft = Raft::new(info.id, raft_config(&config, &info.dc)?, Network { peers: peers.clone() }, log, sm).await.context("start raft")?;
+    let metrics = Metrics::new(&info.name, &info.dc);
+    let (actors, supervisor) = start_actors(&config, &raft, &reader, &metrics).await?;
+    let shard_parts =
+        ShardParts { dc: info.dc.clone(), me: info.id, config: config.clone(), raft, sm: reader, actors, peers: peers.clone(), metrics: metrics.clone() };
+    let shard = Shard::new(shard_parts);
+    let hlc = Arc::new(Hlc::default());
+    let cross = CrossDc::new(shard.clone(), hlc.clone(), peers, faults.clone(), metrics.clone());
+
+    let l = &config.limits;
+    let conns = ConnLimits { total_max: l.peer_conns_max, per_source_max: l.peer_conns_per_source_max };
+    let door = Door::counted("peer", conns, Duration::from_millis(l.peer_idle_timeout_ms), metrics.door());
+    let limits = ServerLimits { frame_bytes_max: l.peer_frame_bytes_max, inflight_per_connection_max: l.peer_inflight_max, door };
+    let admission = Admission { security, directory: Arc::new(PeerDirectory::new(&config)) };
+    let handler = Arc::new(peer::Handler { shard: shard.clone(), cross: cross.clone() });
+    let mut tasks = vec![tokio::spawn(transport::serve(peer_listener, handler, faults.clone(), limits, admission))];
+    tasks.push(tokio::spawn(bootstrap(shard.clone())));
+    tasks.push(tokio::spawn(background::snapshot_loop(shard.clone())));
+    tasks.push(tokio::spawn(background::expiry_loop(shard.clone(), hlc.clone())));
+    tasks.extend(replication::spawn(cross.clone()));
+    let dns =
+        DnsThread::spawn(info.dns, Arc::new(ClusterView::new(cross.clone())), config.dns.rate_limit()).with_context(|| format!("start dns on {}", info.dns))?;
+
+    let state = Arc::new(ApiState {
+        info: info.clone(),
+        config: config.clone(),
+        shop: Shop::new(shard.clone(), cross.clone(), hlc.clone()),
+        shard,
+        cross,
+        hlc,
+        metrics,
+        faults,
+        test_hooks: opts.test_hooks,
+        dns: Mutex::new(Some(dns)),
+    });
+    let http_addr = http_listener.local_addr()?;
+    tasks.push(tokio::spawn(crate::api::serve(http_listener, state.clone())));
+    let admin_token = opts.admin_token.map(Arc::<str>::from);
+    if admin_token.is_none() {
+        tracing::warn!(admin = %info.admin, "no admin token: the admin API refuses every call");
+    }
+    tasks.push(tokio::spawn(crate::api::serve_admin(admin_listener, state.clone(), admin_token)));
+    tracing::info!(node = %info.name, dc = %info.dc, id = info.id, http = %http_addr, peer = %info.peer, admin = %info.admin, "node started");
+    Ok(Running { state, http_addr, tasks, supervisor })
+}
+
+/// A fresh DC forms by itself: every node whose store is empty proposes the configured
+/// members. openraft writes that membership as log entry 0 with the same id on every
+/// node, so several nodes doing it is harmless, and an initialised node refuses.
+async fn bootstrap(shard: Arc<Shard>) {
+    match shard.raft.is_initialized().await {
+        Ok(false) => {}
+        Ok(true) => return rejoin_quietly(&shard).await,
+        Err(_) => return,
+    }
+    match shard.raft.initialize(shard.configured_members()).await {
+        Ok(()) => tracing::info!(dc = %shard.dc, "bootstrapped datacentre membership"),
+        Err(e) => tracing::debug!(error = %e, "bootstrap skipped"),
+    }
+}
+
+/// A restarted node holds back its own election timer for two election timeouts, so it
+/// hears the current leader's heartbeat before it could depose it with a higher term
+/// (openraft 0.9 has no pre-vote). It still votes, and a DC whose every node restarted
+/// elects a leader once the grace ends.
+async fn rejoin_quietly(shard: &Shard) {
+    shard.raft.runtime_config().elect(false);
+    tokio::time::sleep(Duration::from_millis(2 * shard.config.raft.election_timeout_max_ms)).await;
+    shard.raft.runtime_config().elect(true);
+}
+
+impl Running {
+    /// Stops serving, then Raft (which flushes what it has), then the actors.
+    pub async fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let dns = self.state.dns.lock().expect("dns lock").take();
+        if let Some(dns) = dns {
+            dns.shutdown().await;
+        }
+        if let Err(e) = self.state.shard.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        self.supervisor.stop(None);
+        tracing::info!(node = %self.state.info.name, "node stopped");
+    }
+}

@@ -1,0 +1,58 @@
+//! The peer port's dispatcher: Raft RPCs, forwarded writes, read-index asks and
+//! membership changes from nodes of this DC go to the shard; everything from other DCs
+//! goes to the cross-DC receiver.
+
+use std::sync::Arc;
+
+use crate::domain::{Outcome, Request};
+use crate::error::NodeError;
+use crate::raft::NodeId;
+use crate::replication::{receiver, CrossDc};
+use crate::shard::{inbound, Shard};
+use crate::transport::{PeerHandler, PeerRequest, PeerResponse};
+
+pub struct Handler {
+    pub shard: Arc<Shard>,
+    pub cross: Arc<CrossDc>,
+}
+
+#[async_trait::async_trait]
+impl PeerHandler for Handler {
+    async fn handle(&self, from: NodeId, req: PeerRequest) -> PeerResponse {
+        let shard = &self.shard;
+        if !shard.is_member(from) {
+            return receiver::handle(&self.cross, from, req).await;
+        }
+        match req {
+            // Checked by `raft::guard` before openraft sees them.
+            PeerRequest::AppendEntries(r) => inbound::append_entries(shard, from, r).await,
+            PeerRequest::Vote(r) => inbound::vote(shard, from, r).await,
+            PeerRequest::InstallSnapshot(r) => inbound::install_snapshot(shard, from, r).await,
+            PeerRequest::Submit(cmd) => PeerResponse::Submit(self.submit_forwarded(cmd).await),
+            PeerRequest::ReadIndex => PeerResponse::ReadIndex(shard.read_index_local().await),
+            PeerRequest::Membership(op) => PeerResponse::Membership(shard.change_membership_local(op).await),
+            PeerRequest::Probe => PeerResponse::Probe(shard.probe_ack()),
+            // Cross-DC requests from a node of this DC: a confused or hostile peer.
+            other @ (PeerRequest::Replicate { .. } | PeerRequest::InstallRemote { .. } | PeerRequest::AskStock { .. } | PeerRequest::Lookup(_)) => {
+                // The request's name only: its payload may be a whole DC's state.
+                let request = receiver::request_name(&other);
+                crate::warn_limited!("peer_same_dc_cross_dc_request", from, request, "cross-DC request from a node of this DC refused");
+                PeerResponse::Refused("cross-DC request from the same DC".into())
+            }
+        }
+    }
+}
+
+impl Handler {
+    /// A write forwarded by a follower of this DC, run here if this node leads: its
+    /// timestamp must not be beyond the clock offset (a command is proposed with the
+    /// timestamp it carries).
+    async fn submit_forwarded(&self, req: Request) -> Result<Outcome, NodeError> {
+        let max_offset = self.shard.config.replication.max_clock_offset_ms;
+        if let Err(m) = crate::replication::guard::check_command(&req.cmd, crate::hlc::wall_ms(), max_offset) {
+            tracing::warn!(reason = %m, "forwarded command refused");
+            return Err(NodeError::BadRequest(m));
+        }
+        self.shard.submit_local(req).await
+    }
+}

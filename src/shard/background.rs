@@ -1,0 +1,70 @@
+//! What a shard does by itself, on every node that hosts it: build snapshots when its
+//! log has grown enough, and — on the leader — propose the expiry passes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ServerState;
+
+use super::Shard;
+use crate::domain::{Outcome, Request};
+use crate::hlc::Hlc;
+use crate::raft::snapshots::due;
+
+/// Asks openraft for a snapshot whenever this node's log since the last one passes its
+/// threshold (`raft::snapshots`). openraft ignores a request while a build runs, so
+/// asking again is harmless.
+pub async fn snapshot_loop(shard: Arc<Shard>) {
+    let raft = shard.config.raft.clone();
+    let rank = shard.config.dc_nodes(&shard.dc).iter().position(|n| n.id == shard.me).unwrap_or(0);
+    let rank = u64::try_from(rank).unwrap_or(u64::MAX);
+    let mut metrics = shard.raft.metrics();
+    loop {
+        let (since, leader) = {
+            let m = metrics.borrow_and_update();
+            let applied = m.last_applied.map_or(0, |l| l.index);
+            let snapshot = m.snapshot.map_or(0, |l| l.index);
+            (applied.saturating_sub(snapshot), m.state == ServerState::Leader)
+        };
+        let stats = shard.sm.snapshot_stats();
+        if due(since, stats.writes_since, stats.records, &raft, rank, leader) {
+            if let Err(e) = shard.raft.trigger().snapshot().await {
+                tracing::debug!(error = %e, "snapshot request refused");
+            }
+            // Give the build time to start before asking again.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        // Woken by every applied entry; the timeout only bounds a missed change.
+        if tokio::time::timeout(Duration::from_secs(1), metrics.changed()).await.is_ok_and(|r| r.is_err()) {
+            return; // Raft stopped
+        }
+    }
+}
+
+/// While leader, proposes an expiry pass (`expiry`) every interval; at once again after
+/// a full pass (more records were due than one pass removes).
+pub async fn expiry_loop(shard: Arc<Shard>, hlc: Arc<Hlc>) {
+    let limits = &shard.config.limits;
+    let interval = Duration::from_millis(limits.expiry_interval_ms);
+    let max = limits.expiry_batch_len_max;
+    let mut full = false;
+    loop {
+        if !full {
+            tokio::time::sleep(interval).await;
+        }
+        full = false;
+        if !shard.is_leader() {
+            continue;
+        }
+        let cmd = crate::expiry::pass(limits, &shard.dc, hlc.now());
+        match shard.actors.submit(Request::new(cmd, None)).await {
+            Ok(Outcome::Expired { idempotency, duplicates, sessions }) => {
+                if idempotency + duplicates + sessions > 0 {
+                    tracing::info!(idempotency, duplicates, sessions, "expired records");
+                }
+                full = idempotency == max || duplicates == max || sessions == max;
+            }
+            other => tracing::debug!(?other, "expiry pass failed"),
+        }
+    }
+}

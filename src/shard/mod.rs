@@ -1,0 +1,243 @@
+//! One Raft group as hosted on this node: its Raft, its state machine (read side), the
+//! actors that serialise its writes, and the two request paths every call takes —
+//! [`Shard::submit`] for writes (to the local actors on the leader, forwarded over the
+//! transport from a follower) and [`Shard::read_barrier`] for linearizable reads (read
+//! index: the leader confirms its lease with a quorum, the reading node waits until it
+//! has applied up to that index).
+//!
+//! A DC is one group today, so a node hosts one shard; everything a group owns lives
+//! here, so that hosting several is a matter of the wiring in `node`.
+
+pub mod background;
+pub mod inbound;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{CheckIsLeaderError, RaftError};
+use openraft::{BasicNode, RaftMetrics, ServerState};
+
+use crate::actors::Directory;
+use crate::config::ClusterConfig;
+use crate::domain::{Outcome, Request};
+use crate::error::NodeError;
+use crate::metrics::Metrics;
+use crate::raft::guard::SnapshotTransfer;
+use crate::raft::{MembershipOp, NodeId, Raft};
+use crate::storage::SmReader;
+use crate::transport::message::ProbeAck;
+use crate::transport::{PeerRequest, PeerResponse, Peers};
+
+/// Forwarding hops before a write gives up (leadership moving under it).
+const SUBMIT_ATTEMPTS: usize = 3;
+
+pub struct Shard {
+    /// The DC this group replicates within.
+    pub dc: String,
+    /// This node's id.
+    pub me: NodeId,
+    pub config: Arc<ClusterConfig>,
+    pub raft: Raft,
+    pub sm: SmReader,
+    pub actors: Arc<Directory>,
+    peers: Peers,
+    metrics: Metrics,
+    request_timeout: Duration,
+    /// Ids of this DC's nodes: checked on every peer request (each Raft heartbeat), so
+    /// computed once rather than from the config's node list each time.
+    members: HashSet<NodeId>,
+    /// The snapshot being received from the leader (see `raft::guard`).
+    snapshot_transfer: tokio::sync::Mutex<SnapshotTransfer>,
+}
+
+/// What a shard is built from; the startup wiring owns the parts.
+pub struct ShardParts {
+    pub dc: String,
+    pub me: NodeId,
+    pub config: Arc<ClusterConfig>,
+    pub raft: Raft,
+    pub sm: SmReader,
+    pub actors: Arc<Directory>,
+    pub peers: Peers,
+    pub metrics: Metrics,
+}
+
+impl Shard {
+    pub fn new(p: ShardParts) -> Arc<Self> {
+        let members = p.config.dc_nodes(&p.dc).iter().map(|n| n.id).collect();
+        let request_timeout = Duration::from_millis(p.config.limits.request_timeout_ms);
+        Arc::new(Shard {
+            dc: p.dc,
+            me: p.me,
+            config: p.config,
+            raft: p.raft,
+            sm: p.sm,
+            actors: p.actors,
+            peers: p.peers,
+            metrics: p.metrics,
+            request_timeout,
+            members,
+            snapshot_transfer: Default::default(),
+        })
+    }
+
+    /// Whether `id` is a node of this group's DC.
+    pub fn is_member(&self, id: NodeId) -> bool {
+        self.members.contains(&id)
+    }
+
+    /// The configured members, as openraft wants them for initialisation and learners.
+    pub fn configured_members(&self) -> BTreeMap<NodeId, BasicNode> {
+        self.config.dc_nodes(&self.dc).into_iter().map(|n| (n.id, BasicNode::new(n.peer))).collect()
+    }
+
+    pub fn metrics(&self) -> RaftMetrics<NodeId, BasicNode> {
+        self.raft.metrics().borrow().clone()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// This DC and its leader as another DC's probe wants them.
+    pub fn probe_ack(&self) -> ProbeAck {
+        let m = self.raft.metrics().borrow().clone();
+        ProbeAck { dc: self.dc.clone(), leader: m.current_leader, term: m.current_term }
+    }
+
+    /// Commit index, from Raft's own state.
+    pub async fn commit_index(&self) -> u64 {
+        self.raft.with_raft_state(|st| st.committed.map(|l| l.index).unwrap_or(0)).await.unwrap_or(0)
+    }
+
+    /// The current leader, waiting up to an election's length for one to appear.
+    async fn wait_leader(&self) -> Result<NodeId, NodeError> {
+        if let Some(l) = self.leader() {
+            return Ok(l);
+        }
+        let wait = Duration::from_millis(self.config.raft.election_timeout_max_ms * 2);
+        self.raft.wait(Some(wait)).metrics(|m| m.current_leader.is_some(), "leader").await.ok().and_then(|m| m.current_leader).ok_or(NodeError::NoLeader)
+    }
+
+    /// Runs a write on the group's leader and returns its outcome once applied there.
+    pub async fn submit(&self, cmd: Request) -> Result<Outcome, NodeError> {
+        let mut last = NodeError::NoLeader;
+        for _ in 0..SUBMIT_ATTEMPTS {
+            let leader = self.wait_leader().await?;
+            let r = if leader == self.me { self.actors.submit(cmd.clone()).await } else { self.forward(leader, cmd.clone()).await };
+            match r {
+                Err(NodeError::NotLeader(hint)) => {
+                    last = NodeError::NotLeader(hint);
+                    // Leadership is moving: give the new leader a heartbeat to show up.
+                    tokio::time::sleep(Duration::from_millis(self.config.raft.heartbeat_interval_ms)).await;
+                }
+                other => return other,
+            }
+        }
+        Err(if matches!(last, NodeError::NotLeader(_)) { NodeError::NoLeader } else { last })
+    }
+
+    /// Runs a write here if this node leads, else answers where the leader is: for
+    /// requests that arrived from elsewhere, which must not be forwarded again.
+    pub async fn submit_local(&self, cmd: Request) -> Result<Outcome, NodeError> {
+        if !self.is_leader() {
+            return Err(NodeError::NotLeader(self.leader()));
+        }
+        self.actors.submit(cmd).await
+    }
+
+    async fn forward(&self, leader: NodeId, cmd: Request) -> Result<Outcome, NodeError> {
+        let r = match self.peers.call(leader, PeerRequest::Submit(cmd), Some(self.request_timeout)).await {
+            Ok(PeerResponse::Submit(r)) => r,
+            Ok(other) => Err(NodeError::Internal(format!("unexpected answer to a forwarded write: {other:?}"))),
+            Err(e) => Err(e),
+        };
+        let label = if r.is_ok() { "ok" } else { "error" };
+        self.metrics.forwarded_writes.with_label_values(&[label]).inc();
+        r
+    }
+
+    /// Returns once a read of local state is linearizable (or at once for stale reads).
+    pub async fn read_barrier(&self, stale: bool) -> Result<(), NodeError> {
+        if stale {
+            return Ok(());
+        }
+        let leader = self.wait_leader().await?;
+        let index = if leader == self.me {
+            self.read_index_local().await?
+        } else {
+            match self.peers.call(leader, PeerRequest::ReadIndex, Some(self.request_timeout)).await? {
+                PeerResponse::ReadIndex(r) => r?,
+                other => return Err(NodeError::Internal(format!("unexpected answer to read index: {other:?}"))),
+            }
+        };
+        self.raft.wait(Some(self.request_timeout)).applied_index_at_least(Some(index), "read index").await.map_err(|_| NodeError::Timeout)?;
+        Ok(())
+    }
+
+    /// On the leader: confirms leadership with a quorum and returns the read index.
+    pub async fn read_index_local(&self) -> Result<u64, NodeError> {
+        let r = tokio::time::timeout(self.request_timeout, self.raft.ensure_linearizable()).await.map_err(|_| NodeError::Timeout)?;
+        match r {
+            Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(NodeError::NotLeader(f.leader_id)),
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => Err(NodeError::NoLeader),
+            Err(RaftError::Fatal(f)) => Err(NodeError::Internal(f.to_string())),
+        }
+    }
+
+    /// Adds (learner, then voter) or removes a node of this DC; on a follower, asks the leader.
+    pub async fn change_membership(&self, op: MembershipOp) -> Result<BTreeSet<NodeId>, NodeError> {
+        let leader = self.wait_leader().await?;
+        if leader != self.me {
+            return match self.peers.call(leader, PeerRequest::Membership(op), Some(Duration::from_secs(30))).await? {
+                PeerResponse::Membership(r) => r,
+                other => Err(NodeError::Internal(format!("unexpected answer to membership change: {other:?}"))),
+            };
+        }
+        self.change_membership_local(op).await
+    }
+
+    /// On the leader: the change itself (a follower answers where the leader is).
+    pub async fn change_membership_local(&self, op: MembershipOp) -> Result<BTreeSet<NodeId>, NodeError> {
+        if !self.is_leader() {
+            return Err(NodeError::NotLeader(self.leader()));
+        }
+        let internal = |e: &dyn std::fmt::Display| NodeError::Internal(e.to_string());
+        let mut voters: BTreeSet<NodeId> = self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        let configured = self.configured_members();
+        match op {
+            MembershipOp::Add(id) => {
+                let node = configured.get(&id).cloned().ok_or_else(|| NodeError::BadRequest(format!("node {id} is not in this DC's config")))?;
+                // Blocking: returns once the learner has caught up with the log.
+                self.raft.add_learner(id, node, true).await.map_err(|e| internal(&e))?;
+                voters.insert(id);
+            }
+            MembershipOp::Remove(id) | MembershipOp::ForceRemove(id) => {
+                if !voters.remove(&id) {
+                    return Err(NodeError::BadRequest(format!("node {id} is not a voter")));
+                }
+                if voters.is_empty() {
+                    return Err(NodeError::BadRequest("cannot remove the last voter".into()));
+                }
+                // With fewer voters than a majority of the configured nodes, a write is
+                // "committed" on fewer copies than the DC was built to keep.
+                let quorum = configured.len() / 2 + 1;
+                if voters.len() < quorum && matches!(op, MembershipOp::Remove(_)) {
+                    return Err(NodeError::WouldLoseQuorum(format!(
+                        "removing node {id} would leave {} voter(s), fewer than a quorum ({quorum}) of this DC's {} configured nodes; add ?force=true to do it anyway",
+                        voters.len(),
+                        configured.len()
+                    )));
+                }
+            }
+        }
+        self.raft.change_membership(voters.clone(), false).await.map_err(|e| internal(&e))?;
+        Ok(voters)
+    }
+}

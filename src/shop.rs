@@ -1,0 +1,252 @@
+//! The shop's request paths: what each API call does, in terms of this node's shard and
+//! the other DCs — which writes it makes, which reads it waits for, when it asks the DC
+//! that created an order or session, where a cancel goes, and when it asks other DCs for
+//! stock. The HTTP layer (`api::shop`) only parses requests and renders these results.
+
+use std::sync::Arc;
+
+use crate::domain::{Command, Found, Inventory, Lookup, Order, Outcome, Rejection, Request, Session};
+use crate::error::NodeError;
+use crate::hlc::{self, Hlc};
+use crate::ids::random_hex;
+use crate::replication::CrossDc;
+use crate::shard::Shard;
+
+/// Why a shop call did not do what it was asked.
+#[derive(Debug)]
+pub enum ShopError {
+    /// The node could not run it (no leader, overloaded, timeout, bad input …).
+    Node(NodeError),
+    /// The rules refused it (unknown session, not your order …).
+    Rejected(Rejection),
+    /// Not enough stock here; how many units other DCs hold, and how many of those are in
+    /// DCs this one cannot reach right now.
+    SoldOut { available: u64, requested: u32, held_by_other_dcs: u64, held_by_unreachable_dcs: u64 },
+    /// No such session, order or SKU (`what` names which).
+    NotFound(&'static str),
+    /// The DC that created what the request names could not be asked about it, and this
+    /// DC has not seen it yet. Nothing was done; retry later.
+    OwnerUnreachable { owner: String, cause: NodeError },
+}
+
+impl From<NodeError> for ShopError {
+    fn from(e: NodeError) -> Self {
+        ShopError::Node(e)
+    }
+}
+
+impl From<Rejection> for ShopError {
+    fn from(r: Rejection) -> Self {
+        ShopError::Rejected(r)
+    }
+}
+
+/// What a cancel did.
+#[derive(Debug)]
+pub enum Cancelled {
+    /// The owner cancelled it (or it was already cancelled).
+    Done(Order),
+    /// The owner could not be reached: the cancel waits in this DC's outbound stream,
+    /// which delivers it when the owner is back.
+    Queued { owner: String },
+}
+
+fn unexpected(o: Outcome) -> ShopError {
+    ShopError::Node(NodeError::Internal(format!("unexpected outcome {o:?}")))
+}
+
+pub struct Shop {
+    shard: Arc<Shard>,
+    cross: Arc<CrossDc>,
+    hlc: Arc<Hlc>,
+}
+
+impl Shop {
+    pub fn new(shard: Arc<Shard>, cross: Arc<CrossDc>, hlc: Arc<Hlc>) -> Self {
+        Shop { shard, cross, hlc }
+    }
+
+    /// This node's DC.
+    pub fn dc(&self) -> &str {
+        &self.shard.dc
+    }
+
+    /// Whether `dc` answers this node right now (this DC always does).
+    pub fn reachable(&self, dc: &str) -> bool {
+        dc == self.dc() || self.cross.links.reachable(dc)
+    }
+
+    /// A write through Raft; a rejection by the rules is an error.
+    async fn write(&self, cmd: Command, key: Option<String>) -> Result<Outcome, ShopError> {
+        match self.shard.submit(Request::new(cmd, key)).await? {
+            Outcome::Rejected(r) => Err(r.into()),
+            other => Ok(other),
+        }
+    }
+
+    /// The other DC an id or token names (`dc2-…`), if it names one: the DC to ask when
+    /// this one has not seen it yet.
+    fn foreign_owner(&self, id: &str) -> Option<String> {
+        self.shard.config.owner_of(id).filter(|dc| dc != self.dc())
+    }
+
+    /// The session `token` names, as far as a linearizable view can tell: this DC's
+    /// copy, or — for a token another DC created that this DC has not seen yet — that
+    /// DC's. `None`: no such session. The second value says whether it came from the owner.
+    async fn find_session(&self, token: &str) -> Result<(Option<Session>, bool), ShopError> {
+        if let Some(s) = self.shard.sm.session(token) {
+            return Ok((Some(s), false));
+        }
+        let Some(owner) = self.foreign_owner(token) else { return Ok((None, false)) };
+        match self.cross.lookup(&owner, Lookup::Session(token.to_string())).await {
+            Ok(Found::Session(s)) => Ok((s.filter(|s| s.token == token), true)),
+            Ok(Found::Order(_)) => Err(NodeError::Internal(format!("{owner} answered a session lookup with an order")).into()),
+            Err(cause) => Err(ShopError::OwnerUnreachable { owner, cause }),
+        }
+    }
+
+    pub async fn create_session(&self, user: String, key: Option<String>) -> Result<Session, ShopError> {
+        // The token names the DC that created it, which any DC can then ask about it.
+        let token = format!("{}-{}", self.dc(), random_hex());
+        let cmd = Command::CreateSession { token, user, dc: self.dc().to_string(), hlc: self.hlc.now() };
+        match self.write(cmd, key).await? {
+            Outcome::Session(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A live session, read linearizably (asking its owner if need be) unless `stale`.
+    pub async fn session(&self, token: &str, stale: bool) -> Result<Session, ShopError> {
+        self.shard.read_barrier(stale).await?;
+        let found = if stale { self.shard.sm.session(token) } else { self.find_session(token).await?.0 };
+        found.filter(|s| !s.deleted).ok_or(ShopError::NotFound("session"))
+    }
+
+    pub async fn delete_session(&self, token: String, key: Option<String>) -> Result<(), ShopError> {
+        let (dc, hlc) = (self.dc().to_string(), self.hlc.now());
+        // A token another DC created that this DC has not seen yet: its owner's version
+        // travels in the entry (as for an order), and the logout is written here.
+        let cmd = match self.find_session(&token).await? {
+            (Some(record), true) if !record.deleted => Command::DeleteSessionWithRecord { record, token, dc, hlc },
+            (_, true) => return Err(ShopError::NotFound("session")),
+            _ => Command::DeleteSession { token, dc, hlc },
+        };
+        match self.write(cmd, key).await {
+            Ok(Outcome::SessionDeleted) => Ok(()),
+            // The session is what the URL names: unknown means not found, not unauthorised.
+            Err(ShopError::Rejected(Rejection::UnknownSession)) => Err(ShopError::NotFound("session")),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn restock(&self, sku: String, add: u64, key: Option<String>) -> Result<Inventory, ShopError> {
+        let cmd = Command::Restock { sku, add, dc: self.dc().to_string(), hlc: self.hlc.now() };
+        match self.write(cmd, key).await? {
+            Outcome::Inventory(inv) => Ok(inv),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn inventory(&self, sku: &str, stale: bool) -> Result<Inventory, ShopError> {
+        self.shard.read_barrier(stale).await?;
+        self.shard.sm.inventory(sku).ok_or(ShopError::NotFound("sku"))
+    }
+
+    /// Places an order: one Raft write. A session another DC created and this one has
+    /// not seen yet is fetched from its owner (a read there, no write), and the entry
+    /// carries the owner's version, which every replica merges before placing the order.
+    /// Afterwards, if this DC runs low on the SKU, it asks the others for stock.
+    pub async fn place_order(&self, session: String, sku: String, qty: u32, key: Option<String>) -> Result<Order, ShopError> {
+        // The id names its origin DC, and is globally unique.
+        let id = format!("{}-{}", self.dc(), random_hex());
+        // Use refreshes the session, at most once per tenth of its TTL (from this node's
+        // view, which may be stale: then the version looks older and the refresh happens
+        // anyway).
+        let refresh_after_ms = self.shard.config.limits.session_ttl_s.saturating_mul(1000) / 10;
+        let (found, from_owner) = self.find_session(&session).await?;
+        let refresh_session = found.as_ref().is_some_and(|s| !s.deleted && hlc::age_ms(s.hlc) >= refresh_after_ms);
+        let (dc, hlc) = (self.dc().to_string(), self.hlc.now());
+        let cmd = match found {
+            Some(record) if from_owner && !record.deleted => {
+                Command::PlaceOrderWithSession { record, id, session, sku: sku.clone(), qty, dc, hlc, refresh_session }
+            }
+            Some(_) if from_owner => return Err(Rejection::UnknownSession.into()),
+            _ => Command::PlaceOrder { id, session, sku: sku.clone(), qty, dc, hlc, refresh_session },
+        };
+        let r = self.write(cmd, key).await;
+        self.cross.after_order(&sku);
+        match r {
+            Ok(Outcome::Order(o)) => Ok(o),
+            Ok(other) => Err(unexpected(other)),
+            Err(ShopError::Rejected(Rejection::SoldOut { available, requested })) => Err(self.sold_out(&sku, available, requested)),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn sold_out(&self, sku: &str, available: u64, requested: u32) -> ShopError {
+        let inv = self.shard.sm.inventory(sku).unwrap_or_default();
+        let others: Vec<String> = inv.dcs().into_iter().filter(|d| d != self.dc()).collect();
+        let held_by_other_dcs = others.iter().map(|d| inv.available(d)).fold(0u64, u64::saturating_add);
+        let held_by_unreachable_dcs = others.iter().filter(|d| !self.reachable(d)).map(|d| inv.available(d)).fold(0u64, u64::saturating_add);
+        ShopError::SoldOut { available, requested, held_by_other_dcs, held_by_unreachable_dcs }
+    }
+
+    /// An order, read linearizably unless `stale`; another DC's order this DC has not
+    /// seen yet is asked of its owner (a stale read does not ask).
+    pub async fn order(&self, id: &str, stale: bool) -> Result<Order, ShopError> {
+        self.shard.read_barrier(stale).await?;
+        if let Some(o) = self.shard.sm.order(id) {
+            return Ok(o);
+        }
+        let Some(owner) = self.foreign_owner(id).filter(|_| !stale) else { return Err(ShopError::NotFound("order")) };
+        match self.cross.lookup(&owner, Lookup::Order(id.to_string())).await {
+            Ok(Found::Order(Some(o))) => Ok(o),
+            Ok(_) => Err(ShopError::NotFound("order")),
+            Err(cause) => Err(ShopError::OwnerUnreachable { owner, cause }),
+        }
+    }
+
+    /// Cancels an order with the session that placed it. The owner — the DC the id names
+    /// (`dc2-…`), whether or not this DC has a copy yet — alone may cancel.
+    pub async fn cancel(&self, id: String, session: String, key: Option<String>) -> Result<Cancelled, ShopError> {
+        let local = self.shard.sm.order(&id);
+        let owner = self.shard.config.owner_of(&id).or_else(|| local.as_ref().map(|o| o.dc.clone())).unwrap_or_else(|| self.dc().to_string());
+        if owner != self.dc() {
+            return self.cancel_foreign(id, owner, session, key, local).await;
+        }
+        let cmd = Command::CancelOrder { id: id.clone(), dc: owner, session: session.clone(), hlc: self.hlc.now() };
+        match self.write(cmd, key.clone()).await {
+            Ok(Outcome::Order(o)) => Ok(Cancelled::Done(o)),
+            Ok(other) => Err(unexpected(other)),
+            // Cannot happen for ids this system makes (they name their owner); an order
+            // owned elsewhere goes to its owner rather than back to the client.
+            Err(ShopError::Rejected(Rejection::ForeignOrder { owner })) if owner != self.dc() => self.cancel_foreign(id, owner, session, key, None).await,
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A cancel for an order `owner` owns; it checks the session again. A session our
+    /// copy of the order already refutes is refused here, never forwarded or queued.
+    /// Forwarded; if the owner cannot be reached, queued in our outbound stream.
+    async fn cancel_foreign(&self, id: String, owner: String, session: String, key: Option<String>, local: Option<Order>) -> Result<Cancelled, ShopError> {
+        if local.is_some_and(|o| o.session != session) {
+            return Err(Rejection::NotYourOrder.into());
+        }
+        let req = Request::new(Command::CancelOrder { id: id.clone(), dc: owner.clone(), session: session.clone(), hlc: self.hlc.now() }, key);
+        match self.cross.forward_to_owner(&owner, req).await {
+            Ok(Outcome::Order(o)) => Ok(Cancelled::Done(o)),
+            Ok(Outcome::Rejected(r)) => Err(r.into()),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) if e.is_retryable() => {
+                tracing::info!(%id, %owner, error = %e, "owner DC unreachable; cancel queued");
+                let cmd = Command::RequestCancel { id, owner, dc: self.dc().to_string(), hlc: self.hlc.now(), session };
+                match self.write(cmd, None).await? {
+                    Outcome::CancelQueued { owner } => Ok(Cancelled::Queued { owner }),
+                    other => Err(unexpected(other)),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}

@@ -27,6 +27,10 @@ pub enum NodeError {
     /// its configured nodes (forcible by the operator).
     #[error("{0}")]
     WouldLoseQuorum(String),
+    /// A write stamped by a node whose clock runs further ahead of this one's than
+    /// `replication.max_clock_offset_ms`: the clocks disagree, the request is fine.
+    #[error("clocks disagree: {0}")]
+    ClockSkew(String),
 }
 
 impl NodeError {

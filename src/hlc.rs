@@ -3,18 +3,41 @@
 //! from another DC issues later ones after it — so last-writer-wins follows causality
 //! even when clocks disagree.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 const LOGICAL_BITS: u32 = 16;
+
+/// The largest clock skew the test hook sets: a day either way.
+pub const SKEW_MS_MAX: i64 = 86_400_000;
+
+/// Added to the system clock for everything this process reads as wall time: the test
+/// hook that makes one node's clock run ahead or behind (a node is a process). Zero
+/// unless `PUT /v1/admin/clock` set it.
+static SKEW_MS: AtomicI64 = AtomicI64::new(0);
+
+/// Sets the test skew; refused beyond [`SKEW_MS_MAX`] either way.
+pub fn set_skew_ms(ms: i64) -> Result<(), String> {
+    if ms.checked_abs().is_none_or(|a| a > SKEW_MS_MAX) {
+        return Err(format!("skew_ms must be within ±{SKEW_MS_MAX}"));
+    }
+    SKEW_MS.store(ms, Ordering::Relaxed);
+    Ok(())
+}
+
+pub fn skew_ms() -> i64 {
+    SKEW_MS.load(Ordering::Relaxed)
+}
 
 #[derive(Default)]
 pub struct Hlc {
     last: AtomicU64,
 }
 
-/// This node's wall clock, in milliseconds since the epoch.
+/// This node's wall clock, in milliseconds since the epoch (with the test skew, if set).
 pub fn wall_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    let system = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let system = u64::try_from(system).unwrap_or(u64::MAX);
+    system.saturating_add_signed(skew_ms())
 }
 
 impl Hlc {

@@ -109,6 +109,28 @@ pub async fn set_faults(State(node): State<AppState>, body: Result<axum::body::B
     Ok(Json(rules))
 }
 
+#[derive(Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Clock {
+    skew_ms: i64,
+}
+
+pub async fn get_clock(State(node): State<AppState>) -> Result<Json<Clock>, ApiError> {
+    require_hooks(&node)?;
+    Ok(Json(Clock { skew_ms: crate::hlc::skew_ms() }))
+}
+
+/// Body: `{"skew_ms": N}`: this node's wall clock runs N ms ahead (or behind, if
+/// negative) from now on; `0` puts it back. The hybrid clock never goes back: after a
+/// skew ahead is undone, its timestamps stay ahead until the wall clock catches up.
+pub async fn set_clock(State(node): State<AppState>, body: Result<axum::body::Bytes, BytesRejection>) -> Result<Json<Clock>, ApiError> {
+    require_hooks(&node)?;
+    let Clock { skew_ms } = parse_body(body)?;
+    crate::hlc::set_skew_ms(skew_ms).map_err(ApiError::bad_request)?;
+    tracing::warn!(skew_ms, "clock skew set (test hook)");
+    Ok(Json(Clock { skew_ms }))
+}
+
 pub async fn crash_actor(State(node): State<AppState>, actor: Result<Path<String>, PathRejection>) -> Result<StatusCode, ApiError> {
     require_hooks(&node)?;
     let Path(actor) = actor.map_err(|e| ApiError::bad_request(e.body_text()))?;

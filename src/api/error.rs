@@ -45,6 +45,8 @@ impl From<NodeError> for ApiError {
             NodeError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             NodeError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             NodeError::WouldLoseQuorum(_) => (StatusCode::CONFLICT, "would_lose_quorum"),
+            // The nodes' clocks disagree beyond the bound: retry, possibly on another node.
+            NodeError::ClockSkew(_) => (StatusCode::SERVICE_UNAVAILABLE, "clock_skew"),
         };
         ApiError::new(status, code, e.to_string())
     }

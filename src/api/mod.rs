@@ -95,6 +95,7 @@ pub fn admin_router(node: AppState, token: Option<Arc<str>>) -> Router {
         .route("/v1/admin/dcs/{dc}", axum::routing::put(admin::set_dc_settings))
         .route("/v1/admin/faults", get(admin::get_faults).put(admin::set_faults))
         .route("/v1/admin/crash/{actor}", post(admin::crash_actor))
+        .route("/v1/admin/clock", get(admin::get_clock).put(admin::set_clock))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(body_max))
         .layer(middleware::from_fn_with_state(token, admin::require_token))

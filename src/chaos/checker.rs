@@ -61,6 +61,7 @@ pub fn check(history: &[Record], final_state: &FinalState, opts: &CheckOptions) 
         duplicates: check_duplicates(&records, &acked, final_state),
         availability: check_availability(&records, &final_state.nemesis, opts),
         roaming: check_roaming(&records, &acked),
+        wrongly_refused: check_wrongly_refused(&records),
     };
     decide(&mut report);
     report
@@ -87,6 +88,9 @@ fn decide(r: &mut CheckReport) {
     }
     if !r.roaming.ok {
         invalid.push(format!("read-your-writes across DCs: {} violation(s)", r.roaming.violations.len()));
+    }
+    if !r.wrongly_refused.ok {
+        invalid.push(format!("{} valid request(s) answered 400 or 500", r.wrongly_refused.violations.len()));
     }
     if !r.availability.ok {
         invalid.push(format!("availability: longest unavailability over {} ms", r.availability.bound_ms.unwrap_or(0)));
@@ -275,6 +279,15 @@ fn check_roaming(records: &[&Record], acked: &BTreeMap<&str, Acked>) -> Roaming 
         }
     }
     Roaming { ok: violations.is_empty(), checked, elsewhere, violations }
+}
+
+/// The workload sends only well-formed requests, so a 400 means a node refused a valid
+/// request as malformed (e.g. over a disagreement between clocks, which is the cluster's
+/// problem, not the client's), and a 500 that it failed. Both are defects.
+fn check_wrongly_refused(records: &[&Record]) -> WronglyRefused {
+    let answered: Vec<&&Record> = records.iter().filter(|r| r.status != 0).collect();
+    let violations: Vec<OpRef> = answered.iter().filter(|r| r.outcome == Outcome::Fail && matches!(r.status, 400 | 500)).map(|r| op_ref(r)).collect();
+    WronglyRefused { ok: violations.is_empty(), checked: answered.len(), violations }
 }
 
 /// Invariant 2: in every DC's view, Σsold − Σreleased ≤ Σstocked and nothing is

@@ -28,7 +28,8 @@ impl Control {
     pub fn up(state_dir: &Path, config: &Path, backend: Backend) -> anyhow::Result<Control> {
         std::fs::create_dir_all(state_dir)?;
         let mut c = Control { state_dir: state_dir.to_path_buf(), config: ClusterConfig::load(Some(config))?, http: reqwest::Client::new(), up: false };
-        c.cluster(&["up", "--wipe", "--config", &config.display().to_string(), "--backend", &backend.to_string()])?;
+        // Test hooks on: the clock-skew nemesis sets a node's clock through them.
+        c.cluster(&["up", "--wipe", "--enable-test-hooks", "--config", &config.display().to_string(), "--backend", &backend.to_string()])?;
         c.up = true;
         c.config = ClusterConfig::load(Some(&state_dir.join("cluster.toml"))).context("read the running cluster's config")?;
         c.http = reqwest::Client::builder().timeout(Duration::from_secs(3)).build()?;

@@ -117,6 +117,11 @@ async fn apply(control: &Control, step: &Step, rng: &mut StdRng, clock: &Clock) 
             cluster(control, s(&["latency", &step.ms.to_string()])).await?;
             (format!("{} ms between DCs", step.ms), s(&["latency", "0"]))
         }
+        Action::ClockSkew => {
+            let node = leader_or_random(control, step, &dc, rng).await;
+            cluster(control, vec!["clock".into(), node.clone(), step.skew_ms.to_string()]).await?;
+            (format!("clock of {node} {:+} ms", step.skew_ms), vec!["clock".into(), node, "0".into()])
+        }
         Action::RollingRestart => {
             let nodes = control.config.node_names();
             let pause = Duration::from_secs_f64(step.hold_s / nodes.len().max(1) as f64);

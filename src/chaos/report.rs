@@ -27,6 +27,7 @@ pub struct CheckReport {
     pub duplicates: Duplicates,
     pub availability: Availability,
     pub roaming: Roaming,
+    pub wrongly_refused: WronglyRefused,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -194,6 +195,15 @@ pub struct DuplicateGroup {
 
 /// Invariant 6: read-your-writes across DCs for acknowledged orders and sessions.
 #[derive(Debug, Clone, Serialize)]
+pub struct WronglyRefused {
+    pub ok: bool,
+    /// Answers checked (every answered call).
+    pub checked: usize,
+    /// Calls answered 400 (a valid request refused as malformed) or 500 (the node failed).
+    pub violations: Vec<OpRef>,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct Roaming {
     pub ok: bool,
     /// Calls about an order or session acknowledged before they were made.
@@ -327,6 +337,11 @@ pub fn human(r: &CheckReport) -> String {
     );
     for v in ro.violations.iter().take(SHOWN_MAX) {
         let _ = writeln!(s, "       {} {}: {} after op {} acknowledged it", v.kind, v.subject, op_line(&v.op), v.acknowledged_by);
+    }
+    let w = &r.wrongly_refused;
+    let _ = writeln!(s, "{} valid requests refused as malformed (400) or failed (500): {} of {} answers", mark(w.ok), w.violations.len(), w.checked);
+    for op in w.violations.iter().take(SHOWN_MAX) {
+        let _ = writeln!(s, "       {}", op_line(op));
     }
     human_availability(&mut s, &r.availability, mark(r.availability.ok));
     for e in r.input_errors.iter().take(SHOWN_MAX) {

@@ -106,6 +106,9 @@ pub struct Step {
     /// For `latency`.
     #[serde(default)]
     pub ms: u64,
+    /// For `clock-skew`: how far the node's clock runs ahead (negative: behind), in ms.
+    #[serde(default)]
+    pub skew_ms: i64,
 }
 
 fn default_hold() -> f64 {
@@ -133,6 +136,9 @@ pub enum Action {
     RollingRestart,
     /// Delay between DCs (tc netem) for `hold_s`.
     Latency,
+    /// Run a node's clock `skew_ms` ahead or behind (the target node, else the DC's
+    /// leader) for `hold_s`, through its test hook.
+    ClockSkew,
 }
 
 impl Action {
@@ -166,6 +172,12 @@ impl Scenario {
         for (i, s) in self.nemesis.iter().enumerate() {
             if s.at_s < 0.0 || s.at_s + s.hold_s > self.duration_s {
                 bail!("nemesis[{i}]: at_s + hold_s must fall within duration_s");
+            }
+            if s.action == Action::ClockSkew && (s.skew_ms == 0 || s.skew_ms.checked_abs().is_none_or(|a| a > crate::hlc::SKEW_MS_MAX)) {
+                bail!("nemesis[{i}]: clock-skew needs skew_ms, non-zero and within ±{} ms", crate::hlc::SKEW_MS_MAX);
+            }
+            if s.action == Action::ClockSkew && self.backend == Backend::Docker {
+                bail!("nemesis[{i}]: clock-skew needs test hooks, which the docker backend's nodes do not start with");
             }
             if s.action.needs_network() && self.backend == Backend::Process {
                 bail!("nemesis[{i}]: {:?} needs real networks: use backend = \"netns\" or \"docker\"", s.action);

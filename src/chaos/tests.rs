@@ -83,6 +83,7 @@ fn failing(r: &CheckReport) -> Vec<&'static str> {
         ("duplicates", r.duplicates.ok),
         ("availability", r.availability.ok),
         ("roaming", r.roaming.ok),
+        ("wrongly_refused", r.wrongly_refused.ok),
     ];
     sections.iter().filter(|(_, ok)| !ok).map(|(name, _)| *name).collect()
 }
@@ -165,6 +166,20 @@ fn availability_is_reported_per_dc_before_during_and_after_a_fault() {
     assert!(text.contains("dc1: before 2.0 ok/s 100.0 % | during 1.2 ok/s 54.5 %"), "{text}");
     let json = serde_json::to_value(&r).expect("json");
     assert_eq!(json["availability"]["windows"][0]["phases"][0]["phase"], "before");
+}
+
+#[test]
+fn a_valid_request_answered_400_or_500_is_caught() {
+    let mut h = roamed();
+    // Refusals the rules or the cluster may give are not defects: sold out, no quorum.
+    h.push(fail(4, "dc1", 30, 31, sold_out("a", 1, 0)));
+    h.push(rec(5, "dc1", (32, Some(33)), Outcome::Fail, 503, order_sent("a", 1)));
+    must_be_valid(&h);
+    h.push(rec(6, "dc2", (34, Some(35)), Outcome::Fail, 400, order_sent("a", 1)));
+    h.push(rec(7, "dc2", (36, Some(37)), Outcome::Fail, 500, read("a", 0)));
+    let r = must_fail_in(&h, &healthy(&h, &["dc1", "dc2"]), &["wrongly_refused"]);
+    assert_eq!(r.wrongly_refused.violations.iter().map(|o| o.id).collect::<Vec<_>>(), [6, 7]);
+    assert!(human(&r).contains("refused as malformed (400) or failed (500): 2 of"), "{}", human(&r));
 }
 
 #[test]

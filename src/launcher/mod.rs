@@ -67,6 +67,11 @@ pub struct UpArgs {
     /// How long to wait for every node to answer and every DC to elect a leader.
     #[arg(long, default_value_t = 90)]
     pub timeout_s: u64,
+    /// Start the nodes with their test hooks on (`agora cluster clock`, fault rules, actor
+    /// crashes through the admin API): for chaos runs, never for a shop (process and
+    /// netns backends).
+    #[arg(long)]
+    pub enable_test_hooks: bool,
 }
 
 #[derive(Subcommand)]
@@ -118,6 +123,13 @@ pub enum ClusterCmd {
     Undrain { dc: String },
     /// Set a DC's share of the DNS rotation (0 takes it out, like a drain; at most 100).
     Weight { dc: String, weight: u32 },
+    /// Make a node's clock run SKEW_MS ahead (negative: behind); 0 puts it back. Needs
+    /// `up --enable-test-hooks`.
+    Clock {
+        node: String,
+        #[arg(allow_hyphen_values = true)]
+        skew_ms: i64,
+    },
     /// Set the one-way delay between DCs with tc netem, in ms (0 removes it; the kernel needs sch_netem).
     Latency { ms: u64 },
     /// Write Kubernetes manifests (StatefulSet, headless Service, ConfigMap per DC).
@@ -352,6 +364,26 @@ async fn dc_settings(c: &Cluster, dc: &str, body: serde_json::Value) -> Result<(
     anyhow::bail!("no node took the setting (last answer: {})", last.unwrap_or_default())
 }
 
+/// Sets a node's clock skew through its admin API (a test hook).
+async fn clock(c: &Cluster, node: &str, skew_ms: i64) -> Result<()> {
+    let n = c.node(node)?;
+    let token = crate::certs::read_token(&crate::certs::token_path(&c.st.certs_dir()))?;
+    let r = table::http_client()
+        .put(format!("http://{}/v1/admin/clock", n.admin))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({ "skew_ms": skew_ms }))
+        .send()
+        .await
+        .with_context(|| format!("reach {node}'s admin API"))?;
+    let status = r.status();
+    let text = r.text().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!("{node}: {status} {text} (start the cluster with `up --enable-test-hooks`)");
+    }
+    println!("{node}: clock skew {skew_ms} ms");
+    Ok(())
+}
+
 /// The commands that act on a cluster that `up` started.
 async fn drive(c: Cluster, cmd: ClusterCmd) -> Result<()> {
     match cmd {
@@ -368,6 +400,7 @@ async fn drive(c: Cluster, cmd: ClusterCmd) -> Result<()> {
         ClusterCmd::Partition { targets } => partition(c, &targets)?,
         ClusterCmd::Heal => heal(c)?,
         ClusterCmd::Latency { ms } => latency(c, ms)?,
+        ClusterCmd::Clock { node, skew_ms } => clock(&c, &node, skew_ms).await?,
         ClusterCmd::Drain { dc } => dc_settings(&c, &dc, serde_json::json!({"drained": true})).await?,
         ClusterCmd::Undrain { dc } => dc_settings(&c, &dc, serde_json::json!({"drained": false})).await?,
         ClusterCmd::Weight { dc, weight } => dc_settings(&c, &dc, serde_json::json!({"weight": weight})).await?,
@@ -398,7 +431,7 @@ async fn up(st: StateDir, a: UpArgs) -> Result<()> {
     // Every node proves who it is to its peers with a certificate of this cluster's CA:
     // made once per state dir, reused by later `up`s.
     crate::certs::create(&st.certs_dir(), &cfg, false, crate::certs::Validity::default()).context("create the cluster's certificates")?;
-    let meta = Meta { backend: a.backend, wan_latency_ms: a.wan_latency.unwrap_or(0), cuts: BTreeSet::new() };
+    let meta = Meta { backend: a.backend, wan_latency_ms: a.wan_latency.unwrap_or(0), test_hooks: a.enable_test_hooks, cuts: BTreeSet::new() };
     // Written before anything is created: from here on, a crash is cleaned by the next `up`.
     st.write_meta(&meta)?;
     let c = Cluster { st, cfg, meta, rt };

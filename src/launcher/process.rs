@@ -40,6 +40,7 @@ pub fn spawn_node(st: &StateDir, prefix: &[String], node: &str) -> Result<i32> {
         .arg(st.data_dir(node))
         .arg("--certs")
         .arg(st.certs_dir())
+        .args(st.read_meta()?.filter(|m| m.test_hooks).map(|_| "--enable-test-hooks"))
         // Logs go to a file that people grep: no colour codes.
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())

@@ -21,6 +21,9 @@ pub const STATE_DIR_ENV: &str = "AGORA_STATE_DIR";
 pub struct Meta {
     pub backend: Backend,
     pub wan_latency_ms: u64,
+    /// Nodes start with `--enable-test-hooks` (fault rules, clock skew, actor crashes).
+    #[serde(default)]
+    pub test_hooks: bool,
     /// Node pairs (sorted) whose traffic is dropped, until `heal`.
     pub cuts: BTreeSet<(String, String)>,
 }

@@ -46,12 +46,13 @@ impl PeerHandler for Handler {
 impl Handler {
     /// A write forwarded by a follower of this DC, run here if this node leads: its
     /// timestamp must not be beyond the clock offset (a command is proposed with the
-    /// timestamp it carries).
+    /// timestamp it carries). The sender is a node of this DC, so a timestamp too far
+    /// ahead means the two clocks disagree: a retryable `ClockSkew`, not a bad request.
     async fn submit_forwarded(&self, req: Request) -> Result<Outcome, NodeError> {
         let max_offset = self.shard.config.replication.max_clock_offset_ms;
         if let Err(m) = crate::replication::guard::check_command(&req.cmd, crate::hlc::wall_ms(), max_offset) {
-            tracing::warn!(reason = %m, "forwarded command refused");
-            return Err(NodeError::BadRequest(m));
+            crate::warn_limited!("forwarded_clock_skew", reason = %m, "forwarded command refused: clocks disagree");
+            return Err(NodeError::ClockSkew(m));
         }
         self.shard.submit_local(req).await
     }

@@ -68,6 +68,12 @@ pub async fn handle(cross: &CrossDc, from: NodeId, req: PeerRequest) -> PeerResp
         // the session that placed the order, which apply checks (as for a `CancelRequest`
         // event in the sender's stream): an order id alone cancels nothing.
         PeerRequest::Submit(req) if matches!(&req.cmd, Command::CancelOrder { dc, .. } if dc == cross.dc()) => {
+            // Its timestamp orders the order's versions: not from the far future.
+            let max_offset = cross.config().replication.max_clock_offset_ms;
+            if let Err(m) = super::guard::check_command(&req.cmd, crate::hlc::wall_ms(), max_offset) {
+                crate::warn_limited!("forwarded_cancel_clock_skew", %sender_dc, reason = %m, "forwarded cancel refused: clocks disagree");
+                return PeerResponse::Submit(Err(NodeError::ClockSkew(m)));
+            }
             PeerResponse::Submit(cross.shard.submit(req).await)
         }
         other => {

@@ -3,6 +3,7 @@
 mod admin;
 mod bad_input;
 mod chaos;
+mod clock;
 mod dc;
 mod dns;
 mod door;

@@ -53,3 +53,13 @@ fn chaos_cut_dc_on_netns_is_valid() {
     let (code, out) = must_run("cut-dc.toml");
     assert_eq!(code, 0, "cut-dc run invalid: {:#}", report(out.path()));
 }
+
+#[test]
+fn chaos_clock_skew_is_valid_with_no_valid_request_refused_as_malformed() {
+    let (code, out) = must_run("clock-skew.toml");
+    let r = report(out.path());
+    assert_eq!(code, 0, "clock-skew run invalid: {r:#}");
+    assert!(r["wrongly_refused"]["checked"].as_u64().unwrap_or(0) > 0, "answers were checked: {r:#}");
+    let windows = r["availability"]["windows"].as_array().expect("fault windows");
+    assert!(windows.iter().any(|w| w["name"].as_str().is_some_and(|n| n.contains("clock of"))), "the skews happened: {r:#}");
+}

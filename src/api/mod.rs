@@ -75,6 +75,7 @@ pub fn router(node: AppState) -> Router {
         .route("/v1/orders/{id}/cancel", post(shop::cancel_order))
         .route("/v1/cluster/status", get(cluster::status))
         .route("/v1/cluster/digest", get(cluster::digest))
+        .route("/v1/cluster/lag", get(cluster::lag))
         .route("/healthz", get(cluster::healthz))
         .route("/metrics", get(cluster::metrics))
         .layer(middleware::from_fn(move |req: Request, next: Next| time_limit(request_timeout, req, next)))

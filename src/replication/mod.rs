@@ -9,6 +9,7 @@
 //! to it ([`remote`]).
 
 pub mod guard;
+pub mod lag;
 pub mod links;
 pub mod rebalance;
 pub mod receiver;
@@ -32,6 +33,8 @@ pub struct CrossDc {
     pub shard: Arc<Shard>,
     pub links: Arc<Links>,
     pub hlc: Arc<Hlc>,
+    /// Exact lag of the events applied here, per origin (bounded).
+    pub lag: lag::LagSamples,
     peers: Peers,
     faults: Faults,
     metrics: Metrics,
@@ -48,7 +51,18 @@ impl CrossDc {
         let remote_dcs = c.dc_names().into_iter().filter(|d| *d != shard.dc);
         let links = Links::new(remote_dcs, Duration::from_millis(c.replication.dc_unhealthy_after_ms));
         let request_timeout = Duration::from_millis(c.limits.request_timeout_ms);
-        Arc::new(CrossDc { shard, links, hlc, peers, faults, metrics, request_timeout, asking: Default::default(), grants: Default::default() })
+        Arc::new(CrossDc {
+            shard,
+            links,
+            hlc,
+            lag: Default::default(),
+            peers,
+            faults,
+            metrics,
+            request_timeout,
+            asking: Default::default(),
+            grants: Default::default(),
+        })
     }
 
     fn config(&self) -> &ClusterConfig {

@@ -45,10 +45,12 @@ pub async fn handle(cross: &CrossDc, from: NodeId, req: PeerRequest) -> PeerResp
             let r = apply(cross, Command::ApplyRemote { origin: origin.clone(), events }).await;
             if r.is_ok() {
                 // Lag of the events this batch newly applied: origin timestamp to commit here.
-                let lag = cross.metrics.replication_apply_lag.with_label_values(&[&origin]);
-                for (_, ts) in stamps.iter().filter(|(seq, ts)| *seq > before && *ts > 0) {
-                    lag.observe(crate::hlc::age_ms(*ts) as f64 / 1000.0);
+                let lags: Vec<u64> = stamps.iter().filter(|(seq, ts)| *seq > before && *ts > 0).map(|(_, ts)| crate::hlc::age_ms(*ts)).collect();
+                let histogram = cross.metrics.replication_apply_lag.with_label_values(&[&origin]);
+                for ms in &lags {
+                    histogram.observe(*ms as f64 / 1000.0);
                 }
+                cross.lag.record(&origin, lags);
             }
             PeerResponse::Replicate(r)
         }

@@ -174,6 +174,20 @@ async fn leaders_killed_during_replication_lose_nothing_and_apply_once() {
     let (_, s2) = c.get(&leader2, "/v1/cluster/status").await;
     let applied = s2["dcs"].as_array().unwrap().iter().find(|d| d["name"] == "dc1").unwrap()["applied_from_it"].clone();
     assert_eq!(applied, s1["out_seq"], "dc2's cursor for dc1 is dc1's last event");
+
+    // The exact lag of dc1's events, as dc2's nodes applied them (each as leader).
+    let mut events = 0;
+    for n in c.dc_nodes("dc2") {
+        let (code, lag) = c.get(&n, "/v1/cluster/lag?window_s=600").await;
+        assert_eq!(code, 200, "{lag}");
+        if let Some(s) = lag["origins"].get("dc1") {
+            let ms = |k: &str| s[k].as_u64().unwrap();
+            assert!(ms("p50_ms") <= ms("p99_ms") && ms("p99_ms") <= ms("max_ms"), "{lag}");
+            events += s["events"].as_u64().unwrap();
+        }
+    }
+    assert!(events >= acked.len() as u64, "every applied event of dc1 has its lag: {events} for {} acknowledged orders", acked.len());
+    assert_eq!(c.get("dc2-n1", "/v1/cluster/lag?window_s=x").await.0, 400);
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 mod admin;
 mod bad_input;
 mod chaos;
+mod console;
 mod dc;
 mod dns;
 mod door;

@@ -12,6 +12,7 @@ mod harness;
 mod hostile_values;
 mod launcher;
 mod multi_dc;
+mod observability;
 mod peer_auth;
 mod peer_input;
 mod roaming;

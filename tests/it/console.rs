@@ -1,6 +1,7 @@
 //! The operators' console in a real browser: headless Chromium loads `/ui` from one node
 //! of a 3-DC × 3-node cluster, runs its JavaScript, and the DOM it ends with must show
-//! every DC and node; then a DC is cut off and then killed, and the page must say so.
+//! every DC and node; then a DC is cut off and then killed, and the page must say so;
+//! last, a node whose DC lost its quorum must say it knows no leader.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -119,4 +120,10 @@ async fn console_page_shows_every_dc_and_node_then_a_cut_and_a_dead_dc() {
     down.push("data-dc=\"dc3\" data-health=\"down\"".into());
     down.push("data-dc=\"dc1\" data-health=\"up\"".into());
     must_show(&chromium, &url, &down).await;
+
+    // A node whose DC lost its quorum says so at the top of its own page.
+    for n in ["dc2-n1", "dc2-n2"] {
+        c.kill(n);
+    }
+    must_show(&chromium, &format!("{}/ui", c.url("dc2-n3")), &["knows no leader of dc2".to_string()]).await;
 }

@@ -78,6 +78,8 @@ fn dir_bytes(dir: &Path) -> Option<u64> {
 }
 
 /// (size, available) of the filesystem holding `dir`.
+// statvfs's field types are u64 here but narrower on 32-bit targets.
+#[allow(clippy::useless_conversion)]
 fn fs_space(dir: &Path) -> Option<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;

@@ -18,6 +18,7 @@ pub struct Metrics {
     pub raft_commit_index: IntGauge,
     pub raft_applied_index: IntGauge,
     pub raft_is_leader: IntGauge,
+    pub raft_leader_known: IntGauge,
     pub replication_lag_events: IntGaugeVec,
     pub replication_lag_ms: IntGaugeVec,
     pub replication_link_up: IntGaugeVec,
@@ -57,6 +58,7 @@ impl Metrics {
             raft_commit_index: IntGauge::new("raft_commit_index", "last committed log index").expect("metric"),
             raft_applied_index: IntGauge::new("raft_applied_index", "last applied log index").expect("metric"),
             raft_is_leader: IntGauge::new("raft_is_leader", "1 on the DC leader").expect("metric"),
+            raft_leader_known: IntGauge::new("raft_leader_known", "1 if this node knows a leader of its DC").expect("metric"),
             replication_lag_events: IntGaugeVec::new(Opts::new("replication_lag_events", "our events the peer DC has not applied (leader only)"), &["peer"])
                 .expect("metric"),
             replication_lag_ms: IntGaugeVec::new(
@@ -93,6 +95,7 @@ impl Metrics {
         r.register(Box::new(self.raft_commit_index.clone())).expect("register");
         r.register(Box::new(self.raft_applied_index.clone())).expect("register");
         r.register(Box::new(self.raft_is_leader.clone())).expect("register");
+        r.register(Box::new(self.raft_leader_known.clone())).expect("register");
         r.register(Box::new(self.replication_lag_events.clone())).expect("register");
         r.register(Box::new(self.replication_lag_ms.clone())).expect("register");
         r.register(Box::new(self.replication_link_up.clone())).expect("register");

@@ -1,13 +1,16 @@
 //! Cluster status, state digest, health and metrics.
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::Json;
+use axum::{Extension, Json};
 use openraft::ServerState;
 use serde_json::{json, Value};
 
 use super::AppState;
+use crate::console::Console;
 
 fn role(s: ServerState) -> &'static str {
     match s {
@@ -102,12 +105,13 @@ pub async fn healthz(State(node): State<AppState>) -> Json<Value> {
     Json(json!({"ok": true, "node": node.info.name, "leader_known": m.current_leader.is_some()}))
 }
 
-pub async fn metrics(State(node): State<AppState>) -> impl IntoResponse {
+pub async fn metrics(State(node): State<AppState>, Extension(console): Extension<Arc<Console>>) -> impl IntoResponse {
     let m = node.shard.raft.metrics().borrow().clone();
     node.metrics.raft_term.set(m.current_term as i64);
     node.metrics.raft_applied_index.set(m.last_applied.map(|l| l.index).unwrap_or(0) as i64);
     node.metrics.raft_commit_index.set(node.shard.commit_index().await as i64);
     node.metrics.raft_is_leader.set((m.state == ServerState::Leader) as i64);
+    node.metrics.raft_leader_known.set(m.current_leader.is_some() as i64);
     for (dc, l) in node.cross.links.all() {
         node.metrics.replication_link_up.with_label_values(&[&dc]).set(node.cross.links.healthy(&dc) as i64);
         let since = l.last_contact.map(|t| t.elapsed().as_millis() as i64).unwrap_or(-1);
@@ -115,6 +119,12 @@ pub async fn metrics(State(node): State<AppState>) -> impl IntoResponse {
     }
     let mut text = node.metrics.render();
     text += &snapshot_metrics(&node);
+    let labels = format!("node=\"{}\",dc=\"{}\"", node.info.name, node.info.dc);
+    text += &crate::resources::render(&crate::resources::measure(node.shard.sm.data_dir()), &labels);
+    if let Some(s) = console.diverged_seconds() {
+        text += "# HELP agora_digests_diverged_seconds How long the DCs' state digests have differed, as this node compares them (0: equal).\n";
+        text += &format!("# TYPE agora_digests_diverged_seconds gauge\nagora_digests_diverged_seconds{{{labels}}} {s}\n");
+    }
     let dns = node.dns.lock().expect("dns lock").as_ref().map(|d| d.stats());
     if let Some(s) = dns {
         text += &dns_metrics(&node, &s);

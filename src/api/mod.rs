@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod cluster;
+pub mod console;
 pub mod error;
 #[cfg(test)]
 mod fuzz;
@@ -63,7 +64,7 @@ pub struct ApiState {
 
 pub type AppState = Arc<ApiState>;
 
-pub fn router(node: AppState) -> Router {
+pub fn router(node: AppState, console: Arc<crate::console::Console>) -> Router {
     let body_max = node.config.limits.body_bytes_max;
     let request_timeout = Duration::from_millis(node.config.limits.http_request_timeout_ms);
     Router::new()
@@ -78,6 +79,10 @@ pub fn router(node: AppState) -> Router {
         .route("/v1/cluster/lag", get(cluster::lag))
         .route("/healthz", get(cluster::healthz))
         .route("/metrics", get(cluster::metrics))
+        .route("/", get(console::root))
+        .route("/ui", get(console::page))
+        .route("/v1/console", get(console::data))
+        .layer(axum::Extension(console))
         .layer(middleware::from_fn(move |req: Request, next: Next| time_limit(request_timeout, req, next)))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(body_max))
@@ -128,9 +133,22 @@ async fn time_limit(limit: Duration, req: Request, next: Next) -> Response {
 /// `http_header_timeout_ms` (that timer also closes a keep-alive connection that sends
 /// no next request), and [`time_limit`] bounds each request.
 /// The shop's HTTP port.
+/// The console's rounds run as long as the port is served.
 pub async fn serve(listener: tokio::net::TcpListener, node: AppState) {
-    let app = router(node.clone());
-    serve_guarded(listener, app, "http", &node).await
+    let console = crate::console::Console::new(node.info.clone(), node.cross.clone());
+    let rounds = AbortOnDrop(tokio::spawn(console.clone().run()));
+    let app = router(node.clone(), console);
+    serve_guarded(listener, app, "http", &node).await;
+    drop(rounds);
+}
+
+/// Stops a task when dropped: the node aborts `serve` at shutdown, which drops this.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The admin port: the same caps and timeouts as the shop's.

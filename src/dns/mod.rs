@@ -98,6 +98,15 @@ pub struct DnsSnapshot {
     pub dcs: Vec<DcView>,
 }
 
+/// What `shop.<zone> A` answers now to a client outside every DC's subnet: (DC, address)
+/// in the order of the rotation's first slot, and whether the answer fails open (no DC
+/// serving, so every DC is listed).
+pub fn shop_answer(snap: &DnsSnapshot) -> (Vec<(String, IpAddr)>, bool) {
+    let pick = select::pick_shop(&snap.dcs, select::Family::V4, 0, None);
+    let order = pick.order.iter().filter_map(|(i, ip)| Some((snap.dcs.get(*i)?.name.clone(), *ip))).collect();
+    (order, pick.fail_open)
+}
+
 /// One datacentre as seen by the DNS server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DcView {

@@ -31,6 +31,11 @@ impl SnapshotFile {
         SnapshotFile { path: dir.join("raft-snapshot.bin") }
     }
 
+    /// The data dir the file lives in.
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+
     /// Replaces the snapshot with `bytes`, durably.
     pub fn write(&self, bytes: &[u8]) -> io::Result<()> {
         let tmp = self.path.with_extension("tmp");

@@ -689,6 +689,11 @@ impl StateMachineStore {
 }
 
 impl SmReader {
+    /// The node's data dir (the snapshot file's directory), for disk usage metrics.
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.inner.snapshot_file.dir()
+    }
+
     /// The snapshot counters: what the schedule decides on, what `/metrics` shows.
     pub fn snapshot_stats(&self) -> SnapshotStats {
         let st = &self.inner.stats;

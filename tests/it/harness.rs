@@ -316,3 +316,37 @@ impl Drop for TestCluster {
         }
     }
 }
+
+/// The path of an external tool a test needs. Missing, the test fails when run as root
+/// or in CI (`scripts/test` installs it there) and is skipped otherwise, saying why.
+pub fn tool(name: &str, package: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|p| p.join(name)).find(|p| p.is_file()));
+    if found.is_none() {
+        // SAFETY: geteuid only reads the process's credentials.
+        let root = unsafe { libc::geteuid() } == 0;
+        assert!(!root && std::env::var_os("CI").is_none(), "'{name}' is missing: install the Debian package '{package}' (scripts/test does)");
+        eprintln!("skipped: '{name}' is missing (Debian package '{package}'); not root and not CI");
+    }
+    found
+}
+
+/// Runs `cmd` to its end, killing it (by pid) after `deadline`; returns its stdout.
+pub fn run_with_deadline(mut cmd: Command, deadline: Duration) -> String {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn tool");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
+        out
+    });
+    let start = Instant::now();
+    while child.try_wait().expect("wait tool").is_none() {
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} still running after {deadline:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    reader.join().expect("tool output")
+}

@@ -107,7 +107,7 @@ impl Console {
             let watched = self.viewed_at.lock().expect("console lock").is_some_and(|t| t.elapsed() < VIEW_KEEPALIVE);
             if watched {
                 self.round().await;
-            } else if self.node.is_leader() && ticks % DIGEST_EVERY == 0 {
+            } else if self.node.is_leader() && ticks.is_multiple_of(DIGEST_EVERY) {
                 self.digest_round().await;
             }
         }

@@ -4,10 +4,11 @@
 //! Every second a round asks every configured node for its `/v1/cluster/status` and
 //! `/metrics` over HTTP (the same port a client uses, so a node this one cannot reach
 //! shows as down *from here*), and every [`DIGEST_EVERY`] rounds one node per DC (its
-//! leader when known) for `/v1/cluster/digest`. Rounds run on the DC leader always (its
-//! digest divergence feeds `/metrics`) and on any other node while someone has looked at
-//! its console in the last [`VIEW_KEEPALIVE`]: nine nodes polling each other every second
-//! would be work nobody reads. History is bounded: [`rates::HISTORY_LEN`] points per DC.
+//! leader when known) for `/v1/cluster/digest`. Rounds run only while someone has looked
+//! at this node's console in the last [`VIEW_KEEPALIVE`]: nine nodes polling each other
+//! every second would be work nobody reads. Unwatched, a DC leader still compares the
+//! digests every [`DIGEST_EVERY`] seconds, for `agora_digests_diverged_seconds`.
+//! History is bounded: [`rates::HISTORY_LEN`] points per DC.
 
 pub mod promtext;
 pub mod rates;
@@ -99,15 +100,20 @@ impl Console {
         })
     }
 
-    /// Samples every [`ROUND`] while this node leads its DC or its console is watched.
+    /// Samples every [`ROUND`] while the console is watched; unwatched, a DC leader
+    /// only compares digests every [`DIGEST_EVERY`] rounds (for `/metrics`).
     pub async fn run(self: Arc<Self>) {
         let mut tick = tokio::time::interval(ROUND);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks = 0u64;
         loop {
             tick.tick().await;
+            ticks = ticks.wrapping_add(1);
             let watched = self.viewed_at.lock().expect("console lock").is_some_and(|t| t.elapsed() < VIEW_KEEPALIVE);
-            if watched || self.cross.shard.is_leader() {
+            if watched {
                 self.round().await;
+            } else if self.cross.shard.is_leader() && ticks.is_multiple_of(DIGEST_EVERY) {
+                self.digest_round().await;
             }
         }
     }
@@ -176,7 +182,7 @@ impl Console {
     async fn digest_round(&self) {
         let askees: Vec<(String, NodeInfo)> = {
             let seen = self.seen.lock().expect("console lock");
-            self.config.dc_names().into_iter().filter_map(|dc| Some((dc.clone(), digest_source(&self.config, &seen, &dc)?))).collect()
+            self.config.dc_names().into_iter().filter_map(|dc| Some((dc.clone(), digest_source(self, &seen, &dc)?))).collect()
         };
         let answers = join_all(askees.iter().map(|(_, n)| self.get_text(format!("http://{}/v1/cluster/digest", n.http)))).await;
         let mut digests = BTreeMap::new();
@@ -257,15 +263,13 @@ impl Console {
     }
 }
 
-/// Where to ask a DC's digest: the node its members name as leader, else any that answered.
-fn digest_source(config: &ClusterConfig, seen: &Seen, dc: &str) -> Option<NodeInfo> {
-    let members = config.dc_nodes(dc);
+/// Where to ask a DC's digest: its leader as this node knows it (Raft for its own DC,
+/// the probes for the others), else a node that answered the last round.
+fn digest_source(console: &Console, seen: &Seen, dc: &str) -> Option<NodeInfo> {
+    let members = console.config.dc_nodes(dc);
+    let leader = if dc == console.info.dc { console.cross.shard.leader() } else { console.cross.links.get(dc).remote_leader };
     let answered = |n: &&NodeInfo| seen.nodes.get(&n.name).is_some_and(|s| s.status.is_ok());
-    let leader = members.iter().filter(answered).find_map(|n| {
-        let l = seen.nodes.get(&n.name)?.status.as_ref().ok()?["leader"].as_str()?.to_string();
-        members.iter().find(|m| m.name == l).filter(answered).cloned()
-    });
-    leader.or_else(|| members.iter().find(answered).cloned())
+    leader.and_then(|id| members.iter().find(|m| m.id == id).cloned()).or_else(|| members.iter().find(answered).cloned())
 }
 
 fn node_json(n: &NodeInfo, sample: Option<&NodeSample>) -> Value {

@@ -11,13 +11,13 @@ use crate::dns::{DcView, DnsSnapshot, DnsView, NodeView};
 use crate::replication::CrossDc;
 
 /// How long a computed snapshot serves queries: far below the health bound (seconds),
-/// and it keeps the per-query cost to a clone.
+/// and it keeps the per-query cost to a reference count.
 const SNAPSHOT_TTL: Duration = Duration::from_millis(100);
 
 pub struct ClusterView {
     cross: Arc<CrossDc>,
     // std Mutex: held to swap or clone a snapshot, never across an await.
-    cached: Mutex<Option<(Instant, DnsSnapshot)>>,
+    cached: Mutex<Option<(Instant, Arc<DnsSnapshot>)>>,
 }
 
 impl ClusterView {
@@ -57,11 +57,25 @@ impl ClusterView {
 
 impl DnsView for ClusterView {
     fn snapshot(&self) -> DnsSnapshot {
-        let mut cached = self.cached.lock().expect("dns view lock");
-        match &*cached {
+        (*self.shared()).clone()
+    }
+
+    /// The same `Arc` for `SNAPSHOT_TTL`, and again after it while nothing changed, so
+    /// the DNS answer caches stay valid.
+    fn shared(&self) -> Arc<DnsSnapshot> {
+        let mut cached = self.cached.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &mut *cached {
             Some((at, snap)) if at.elapsed() < SNAPSHOT_TTL => snap.clone(),
-            _ => {
-                let snap = self.compute();
+            Some((at, snap)) => {
+                let fresh = self.compute();
+                if **snap != fresh {
+                    *snap = Arc::new(fresh);
+                }
+                *at = Instant::now();
+                snap.clone()
+            }
+            None => {
+                let snap = Arc::new(self.compute());
                 *cached = Some((Instant::now(), snap.clone()));
                 snap
             }

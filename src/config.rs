@@ -274,7 +274,9 @@ pub struct ReplicationSection {
     /// How often every node probes the other DCs, and the leader sends an empty batch
     /// when it has nothing to ship.
     pub probe_interval_ms: u64,
-    /// A DC not heard from for this long counts as unreachable (status, DNS).
+    /// A DC not heard from for this long counts as unreachable (status, DNS). A DC
+    /// whose every node failed its probe (at least three probes in a row; refused
+    /// connections are retried at once) counts as unreachable before that.
     pub dc_unhealthy_after_ms: u64,
     /// Below this many units of its own allowance a DC asks the others for more.
     pub low_water_units: u64,
@@ -295,8 +297,8 @@ impl Default for ReplicationSection {
         ReplicationSection {
             batch_len_max: 512,
             outbox_len_max: 100_000,
-            probe_interval_ms: 300,
-            dc_unhealthy_after_ms: 2000,
+            probe_interval_ms: 100,
+            dc_unhealthy_after_ms: 900,
             low_water_units: 10,
             reserve_units: 10,
             max_clock_offset_ms: 500,

@@ -22,6 +22,7 @@ pub struct Metrics {
     pub replication_lag_events: IntGaugeVec,
     pub replication_lag_ms: IntGaugeVec,
     pub replication_link_up: IntGaugeVec,
+    pub replication_link_health_changes: IntCounterVec,
     pub replication_last_contact_ms: IntGaugeVec,
     pub replication_apply_lag: HistogramVec,
 }
@@ -68,6 +69,11 @@ impl Metrics {
             .expect("metric"),
             replication_link_up: IntGaugeVec::new(Opts::new("replication_link_up", "1 if the peer DC answered recently and has a leader"), &["peer"])
                 .expect("metric"),
+            replication_link_health_changes: IntCounterVec::new(
+                Opts::new("replication_link_health_changes_total", "times the peer DC's health (replication_link_up) changed, as the probes saw it"),
+                &["peer"],
+            )
+            .expect("metric"),
             replication_apply_lag: HistogramVec::new(
                 HistogramOpts::new("replication_apply_lag_seconds", "from an event's origin timestamp to its commit in this DC")
                     .buckets(vec![0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]),
@@ -99,6 +105,7 @@ impl Metrics {
         r.register(Box::new(self.replication_lag_events.clone())).expect("register");
         r.register(Box::new(self.replication_lag_ms.clone())).expect("register");
         r.register(Box::new(self.replication_link_up.clone())).expect("register");
+        r.register(Box::new(self.replication_link_health_changes.clone())).expect("register");
         r.register(Box::new(self.replication_last_contact_ms.clone())).expect("register");
         r.register(Box::new(self.replication_apply_lag.clone())).expect("register");
     }

@@ -114,6 +114,8 @@ pub async fn metrics(State(node): State<AppState>, Extension(console): Extension
     node.metrics.raft_leader_known.set(m.current_leader.is_some() as i64);
     for (dc, l) in node.cross.links.all() {
         node.metrics.replication_link_up.with_label_values(&[&dc]).set(node.cross.links.healthy(&dc) as i64);
+        let changes = node.metrics.replication_link_health_changes.with_label_values(&[&dc]);
+        changes.inc_by(l.health_changes.saturating_sub(changes.get()));
         let since = l.last_contact.map(|t| t.elapsed().as_millis() as i64).unwrap_or(-1);
         node.metrics.replication_last_contact_ms.with_label_values(&[&dc]).set(since);
     }

@@ -45,6 +45,17 @@ pub(crate) struct Resolution {
     pub client_dependent: bool,
     /// Prefix of the DC subnet that matched the client, if any.
     pub client_scope: Option<u8>,
+    /// The rotation step this answer took, if it rotates.
+    pub turn: Option<Turn>,
+}
+
+/// One step of the shared rotation: the answer depends on `slot` only modulo
+/// `period`, so an encoded answer can be reused for every slot of the same phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Turn {
+    pub slot: u64,
+    /// At least 1.
+    pub period: u64,
 }
 
 /// Outcome of looking a name up.
@@ -191,6 +202,7 @@ impl<'a> Zone<'a> {
             fail_open: false,
             client_dependent: false,
             client_scope: None,
+            turn: None,
         }
     }
 
@@ -259,6 +271,8 @@ impl<'a> Zone<'a> {
         }
     }
 
+    /// The owner's addresses of one family; records the rotation period in `res.turn`
+    /// for rotating owners.
     fn owner_addresses(&self, owner: Owner, family: Family, slot: u64, client: Option<IpAddr>, res: &mut Resolution) -> Vec<IpAddr> {
         let dcs = &self.snap.dcs;
         match owner {
@@ -267,9 +281,15 @@ impl<'a> Zone<'a> {
                 res.fail_open |= pick.fail_open;
                 res.client_dependent = true;
                 res.client_scope = pick.client_scope;
+                res.turn = Some(Turn { slot, period: pick.cycle.max(1) });
                 pick.order.into_iter().map(|(_, ip)| ip).collect()
             }
-            Owner::DcShop(d) => select::rotated_nodes(&dcs[d], family, slot),
+            Owner::DcShop(d) => {
+                let ips = select::rotated_nodes(&dcs[d], family, slot);
+                let period = u64::try_from(ips.len()).unwrap_or(u64::MAX).max(1);
+                res.turn = Some(Turn { slot, period });
+                ips
+            }
             Owner::Leader(d) => dcs[d].leader.filter(|ip| family.matches(*ip)).into_iter().collect(),
             Owner::Node(d, n) | Owner::Ns(d, n) => {
                 let ip = dcs[d].nodes[n].ip;

@@ -42,22 +42,25 @@
 //! UDP responses are rate-limited per source netblock ([`RateLimit`], `rrl`).
 
 mod answer;
+mod cache;
 mod handler;
 mod rrl;
 mod select;
 mod stats;
+mod udp;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_server::Server;
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use self::handler::Handler;
+use self::handler::{Handler, SharedHandler};
 use self::stats::Counters;
 pub use self::stats::DnsStats;
+use self::udp::UdpWorkers;
 
 /// Upper bound on a DC weight; keeps the rotation cycle short.
 pub const MAX_WEIGHT: u32 = 100;
@@ -154,6 +157,13 @@ impl Default for RateLimit {
 /// Source of topology for the DNS server; called once per query, keep it cheap.
 pub trait DnsView: Send + Sync + 'static {
     fn snapshot(&self) -> DnsSnapshot;
+
+    /// The snapshot, shared. A view that keeps a snapshot for a while should hand
+    /// out the same `Arc` meanwhile: the UDP answer caches then know at a pointer
+    /// comparison that their answers still hold.
+    fn shared(&self) -> Arc<DnsSnapshot> {
+        Arc::new(self.snapshot())
+    }
 }
 
 /// Errors from starting the DNS server.
@@ -199,11 +209,14 @@ impl NodeView {
     }
 }
 
-/// Handle to a running DNS server (UDP and TCP on the same port).
+/// Handle to a running DNS server (UDP and TCP on the same port): UDP served by
+/// worker threads of its own (see `udp`), TCP by hickory's server.
 ///
-/// Dropping the handle aborts the server tasks; `shutdown` stops them gracefully.
+/// Dropping the handle aborts the server tasks and tells the UDP workers to stop;
+/// `shutdown` stops them gracefully.
 pub struct DnsServer {
-    server: Server<Handler>,
+    server: Server<SharedHandler>,
+    udp: Option<UdpWorkers>,
     local_addr: SocketAddr,
     stats: Arc<Counters>,
 }
@@ -215,14 +228,16 @@ impl DnsServer {
     /// `DnsError::Bind` if either socket cannot be bound (for port 0, if no
     /// port free for both was found).
     pub async fn start(addr: SocketAddr, view: Arc<dyn DnsView>, limit: RateLimit) -> Result<DnsServer, DnsError> {
-        let (udp, tcp) = bind_pair(addr).await?;
-        let local_addr = udp.local_addr()?;
+        let workers = UdpWorkers::default_count();
+        let (tcp, sockets) = bind_all(addr, workers).await?;
+        let local_addr = tcp.local_addr()?;
         let stats = Arc::new(Counters::default());
-        let mut server = Server::new(Handler::new(view, stats.clone(), &limit));
-        server.register_socket(udp);
+        let handler = Arc::new(Handler::new(view, stats.clone(), &limit));
+        let udp = UdpWorkers::start(sockets, &handler)?;
+        let mut server = Server::new(SharedHandler(handler));
         server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
-        info!(%local_addr, "dns server listening");
-        Ok(DnsServer { server, local_addr, stats })
+        info!(%local_addr, udp_workers = workers, "dns server listening");
+        Ok(DnsServer { server, udp: Some(udp), local_addr, stats })
     }
 
     /// The bound address (with the real port when started on port 0).
@@ -233,6 +248,9 @@ impl DnsServer {
 
     /// Stops accepting queries and waits (bounded) for the server tasks to end.
     pub async fn shutdown(mut self) {
+        if let Some(udp) = self.udp.take() {
+            let _ = tokio::task::spawn_blocking(move || udp.stop_and_join()).await;
+        }
         match tokio::time::timeout(SHUTDOWN_TIMEOUT, self.server.shutdown_gracefully()).await {
             Ok(Ok(())) => info!(addr = %self.local_addr, "dns server stopped"),
             Ok(Err(error)) => warn!(%error, "dns server stopped with error"),
@@ -303,52 +321,24 @@ impl DnsThread {
     }
 }
 
-/// Binds UDP and TCP on the same port; for port 0 retries until the kernel's
-/// UDP pick is also free for TCP.
-async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsError> {
+/// Binds TCP, then the UDP workers' sockets on the same port; for port 0 retries
+/// until the kernel's TCP pick is also free for UDP. TCP first: it takes no
+/// `SO_REUSEPORT`, so a port another server holds fails here before any UDP
+/// socket could join that server's sockets.
+async fn bind_all(addr: SocketAddr, workers: usize) -> Result<(TcpListener, Vec<socket2::Socket>), DnsError> {
     if addr.port() != 0 {
-        let udp = bind_udp(addr).await?;
-        return Ok((udp, bind_tcp(addr).await?));
+        let tcp = bind_tcp(addr).await?;
+        return Ok((tcp, UdpWorkers::bind(addr, workers)?));
     }
     let mut last_error = None;
     for _ in 0..EPHEMERAL_BIND_ATTEMPTS {
-        let udp = bind_udp(addr).await?;
-        let chosen = udp.local_addr()?;
-        match bind_tcp(chosen).await {
-            Ok(tcp) => return Ok((udp, tcp)),
+        let tcp = bind_tcp(addr).await?;
+        match UdpWorkers::bind(tcp.local_addr()?, workers) {
+            Ok(udp) => return Ok((tcp, udp)),
             Err(error) => last_error = Some(error),
         }
     }
     Err(last_error.unwrap_or_else(|| DnsError::Io(std::io::Error::other("no free port"))))
-}
-
-/// Receive buffer asked of the kernel for the UDP socket: bursts of queries wait there
-/// instead of being dropped while the server thread is busy.
-const UDP_RECV_BUFFER_BYTES: libc::c_int = 4 << 20;
-
-async fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, DnsError> {
-    let sock = UdpSocket::bind(addr).await.map_err(|source| DnsError::Bind { proto: "udp", addr, source })?;
-    set_recv_buffer(&sock);
-    Ok(sock)
-}
-
-/// Best effort: the kernel caps it at `net.core.rmem_max`; a failure only costs bursts.
-fn set_recv_buffer(sock: &UdpSocket) {
-    use std::os::fd::AsRawFd;
-    let size = UDP_RECV_BUFFER_BYTES;
-    // SAFETY: a valid socket fd and a pointer to a c_int of the size we pass.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            &size as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        warn!(error = %std::io::Error::last_os_error(), "could not enlarge the dns receive buffer");
-    }
 }
 
 async fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, DnsError> {

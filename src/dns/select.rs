@@ -29,6 +29,8 @@ pub(crate) struct ShopPick {
     pub fail_open: bool,
     /// Prefix length of the most specific DC subnet holding the client.
     pub client_scope: Option<u8>,
+    /// Length of the rotation cycle: the order depends on the slot only modulo this.
+    pub cycle: u64,
 }
 
 /// A DC serves `shop` traffic when it is healthy, undrained, weighted and
@@ -42,21 +44,22 @@ pub(crate) fn serves(dc: &DcView) -> bool {
 pub(crate) fn pick_shop(dcs: &[DcView], family: Family, slot: u64, client: Option<IpAddr>) -> ShopPick {
     let client_scope = client.and_then(|ip| best_subnet(dcs, ip, |_| true).map(|(_, p)| p));
     if !dcs.iter().any(serves) {
-        return ShopPick { order: fail_open_order(dcs, family, slot), fail_open: true, client_scope };
+        let (order, cycle) = fail_open_order(dcs, family, slot);
+        return ShopPick { order, fail_open: true, client_scope, cycle };
     }
     let candidates: Vec<(usize, IpAddr, u32)> =
         dcs.iter().enumerate().filter(|(_, dc)| serves(dc)).filter_map(|(i, dc)| serving_address(dc, family).map(|ip| (i, ip, dc.weight))).collect();
-    let mut order = rotate(&candidates, slot);
+    let (mut order, cycle) = rotate(&candidates, slot);
     let nearest = client.and_then(|ip| best_subnet(dcs, ip, |i| order.iter().any(|o| o.0 == i)));
     if let Some((dc, _)) = nearest {
         move_to_front(&mut order, dc);
     }
-    ShopPick { order, fail_open: false, client_scope }
+    ShopPick { order, fail_open: false, client_scope, cycle }
 }
 
 /// Fail-open candidates: undrained, weighted DCs, or every DC if none is left,
 /// each with an equal share of the rotation.
-fn fail_open_order(dcs: &[DcView], family: Family, slot: u64) -> Vec<(usize, IpAddr)> {
+fn fail_open_order(dcs: &[DcView], family: Family, slot: u64) -> (Vec<(usize, IpAddr)>, u64) {
     let undrained = |dc: &DcView| !dc.drained && dc.weight > 0;
     let any_undrained = dcs.iter().any(undrained);
     let candidates: Vec<(usize, IpAddr, u32)> = dcs
@@ -83,15 +86,16 @@ fn first_node(nodes: &[NodeView], family: Family, healthy_only: bool) -> Option<
 }
 
 /// Leads with the DC owning `slot` in the weighted cycle, then the others in
-/// snapshot order after it, wrapping around.
-fn rotate(candidates: &[(usize, IpAddr, u32)], slot: u64) -> Vec<(usize, IpAddr)> {
+/// snapshot order after it, wrapping around. Also returns the cycle's length.
+fn rotate(candidates: &[(usize, IpAddr, u32)], slot: u64) -> (Vec<(usize, IpAddr)>, u64) {
     if candidates.is_empty() {
-        return Vec::new();
+        return (Vec::new(), 1);
     }
     let weights: Vec<u32> = candidates.iter().map(|c| c.2.clamp(1, MAX_WEIGHT)).collect();
     let lead = smooth_pick(&weights, slot);
     let n = candidates.len();
-    (0..n).map(|k| candidates[(lead + k) % n]).map(|(i, ip, _)| (i, ip)).collect()
+    let order = (0..n).map(|k| candidates[(lead + k) % n]).map(|(i, ip, _)| (i, ip)).collect();
+    (order, weights.iter().map(|w| u64::from(*w)).sum())
 }
 
 /// Smooth weighted round-robin (as in nginx): returns the index chosen at

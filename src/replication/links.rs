@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use super::CrossDc;
+use crate::error::NodeError;
 use crate::raft::NodeId;
 use crate::transport::{PeerRequest, PeerResponse};
 
@@ -24,6 +25,24 @@ pub struct Link {
     pub snapshot_catchups: u64,
     /// Leader only: answers acknowledging more events than we had emitted (ignored).
     pub bad_acks: u64,
+    /// Probes in a row that no node of that DC answered.
+    pub misses: u32,
+    /// Every node of that DC failed its last probe, and at least [`DOWN_AFTER_MISSES`]
+    /// probes in a row failed: down without waiting for `unhealthy_after`.
+    pub down: bool,
+    /// Health as the probe loop last saw it (None before the first probe), and how
+    /// often it changed since (flaps show here).
+    pub was_healthy: Option<bool>,
+    pub health_changes: u64,
+}
+
+/// Probes in a row that must fail (and at least one per node of the DC) before a DC
+/// counts as down: one late answer from a busy DC does not take it out of DNS, while
+/// refused connections (a dead DC) add up within one probe round.
+pub const DOWN_AFTER_MISSES: usize = 3;
+
+fn misses_to_down(nodes: usize) -> usize {
+    nodes.max(DOWN_AFTER_MISSES)
 }
 
 pub struct Links {
@@ -77,35 +96,68 @@ impl Links {
         self.get(dc).last_contact.is_some_and(|t| t.elapsed() < self.unhealthy_after)
     }
 
-    /// Reachable, and it has a leader: it takes writes.
+    /// Reachable, not down, and it has a leader: it takes writes.
     pub fn healthy(&self, dc: &str) -> bool {
-        let l = self.get(dc);
-        l.last_contact.is_some_and(|t| t.elapsed() < self.unhealthy_after) && l.remote_leader.is_some()
+        self.healthy_link(&self.get(dc))
+    }
+
+    fn healthy_link(&self, l: &Link) -> bool {
+        l.last_contact.is_some_and(|t| t.elapsed() < self.unhealthy_after) && l.remote_leader.is_some() && !l.down
+    }
+
+    /// Records one probe of `dc` (of `nodes` nodes) and counts a change of its health.
+    fn record_dc_probe(&self, dc: &str, nodes: usize, answer: Option<Option<NodeId>>) {
+        let mut map = self.map.write().expect("links lock");
+        let Some(l) = map.get_mut(dc) else { return };
+        match answer {
+            Some(leader) => {
+                l.last_contact = Some(Instant::now());
+                l.remote_leader = leader;
+                l.misses = 0;
+                l.down = false;
+            }
+            None => {
+                l.misses = l.misses.saturating_add(1);
+                l.down = usize::try_from(l.misses).is_ok_and(|m| m >= misses_to_down(nodes));
+            }
+        }
+        let healthy = self.healthy_link(l);
+        if l.was_healthy.replace(healthy).is_some_and(|was| was != healthy) {
+            l.health_changes = l.health_changes.saturating_add(1);
+            tracing::info!(%dc, healthy, changes = l.health_changes, "dc health changed");
+        }
     }
 }
 
 /// Every node asks one node of `dc`, every probe interval, whether it is alive and who
-/// leads it; it tries the next node when one does not answer.
+/// leads it; when one does not answer it tries the next node, at once if the failure
+/// was quick (a refused connection) — so a dead DC is found within one round.
 pub async fn probe_loop(cross: Arc<CrossDc>, dc: String) {
     let interval = Duration::from_millis(cross.config().replication.probe_interval_ms);
     let targets: Vec<NodeId> = cross.config().dc_nodes(&dc).iter().map(|n| n.id).collect();
     let mut i = 0usize;
+    let mut quick_failures = 0usize;
     loop {
         let started = Instant::now();
         let target = targets[i % targets.len()];
         match cross.peers.call(target, PeerRequest::Probe, Some(interval * 2)).await {
             Ok(PeerResponse::Probe(ack)) if ack.dc == dc => {
                 cross.links.record_probe(target, true);
-                cross.links.update(&dc, |l| {
-                    l.last_contact = Some(Instant::now());
-                    l.remote_leader = ack.leader;
-                });
+                cross.links.record_dc_probe(&dc, targets.len(), Some(ack.leader));
+                quick_failures = 0;
             }
             other => {
+                let refused = matches!(other, Err(NodeError::Unreachable(_)));
                 tracing::debug!(%dc, target, answer = ?other.err(), "probe failed");
                 cross.links.record_probe(target, false);
+                cross.links.record_dc_probe(&dc, targets.len(), None);
                 // The next node of that DC; kept below the list's length, so it never grows.
                 i = (i + 1) % targets.len();
+                if refused && quick_failures < misses_to_down(targets.len()) {
+                    quick_failures += 1;
+                    continue;
+                }
+                quick_failures = 0;
             }
         }
         tokio::time::sleep(interval.saturating_sub(started.elapsed())).await;

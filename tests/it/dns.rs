@@ -72,3 +72,63 @@ async fn dig_sees_healthy_dcs_round_robin_and_follows_health_and_drain() {
     assert!(metrics.contains("agora_dns_responses_total{kind=\"rrl_slipped\""), "rate-limit counters exported");
     assert!(metrics.contains("agora_dns_rrl_sources{"), "rate-limit table size exported");
 }
+
+/// The `replication_link_health_changes_total` counter of `node` for `peer`.
+async fn health_changes(c: &TestCluster, node: &str, peer: &str) -> u64 {
+    let metrics = c.http.get(format!("{}/metrics", c.url(node))).send().await.unwrap().text().await.unwrap();
+    let label = format!("peer=\"{peer}\"");
+    let line = metrics.lines().find(|l| l.starts_with("agora_replication_link_health_changes_total{") && l.contains(&label));
+    line.and_then(|l| l.split_whitespace().last()).map_or(0, |v| v.parse().expect("counter value"))
+}
+
+#[tokio::test]
+async fn a_dead_dc_leaves_the_answers_within_a_second_and_returns_when_it_heals() {
+    let mut c = TestCluster::start(131, Options { dcs: 3, nodes: 1, ..Options::default() }).await;
+    let server = c.url("dc1-n1").replace("http://", "").replace(":8080", "");
+    let net = c.net;
+    let dc_ip = move |d: u8| format!("127.{net}.{d}.1");
+    must_eventually(Duration::from_secs(10), "three DCs in the answer", || async {
+        (ips(&dig(&server, &["shop.agora.test", "+short"])).len() == 3).then_some(())
+    })
+    .await;
+    let before = health_changes(&c, "dc1-n1", "dc3").await;
+
+    // Killed: its connections are refused, so the probes find every node down at once.
+    let killed_at = Instant::now();
+    c.kill("dc3-n1");
+    must_eventually(Duration::from_secs(8), "dc3 out of the answer", || async {
+        let a = ips(&dig(&server, &["shop.agora.test", "+short"]));
+        (a.len() == 2 && !a.contains(&dc_ip(3))).then_some(())
+    })
+    .await;
+    let out_ms = killed_at.elapsed().as_millis();
+    println!("dc3 left the DNS answer {out_ms} ms after its node was killed");
+
+    // Cut off (packets dropped, nothing refused): probes time out instead.
+    c.start_node("dc3-n1");
+    must_eventually(Duration::from_secs(15), "dc3 back after restart", || async {
+        (ips(&dig(&server, &["shop.agora.test", "+short"])).len() == 3).then_some(())
+    })
+    .await;
+    let cut_at = Instant::now();
+    c.cut(&c.dc_nodes("dc3"), &[c.dc_nodes("dc1"), c.dc_nodes("dc2")].concat()).await;
+    must_eventually(Duration::from_secs(8), "dc3 out of the answer after the cut", || async {
+        (!ips(&dig(&server, &["shop.agora.test", "+short"])).contains(&dc_ip(3))).then_some(())
+    })
+    .await;
+    let cut_ms = cut_at.elapsed().as_millis();
+    let healed_at = Instant::now();
+    c.heal().await;
+    must_eventually(Duration::from_secs(8), "dc3 back after healing", || async {
+        (ips(&dig(&server, &["shop.agora.test", "+short"])).len() == 3).then_some(())
+    })
+    .await;
+    let back_ms = healed_at.elapsed().as_millis();
+    println!("dc3 left the DNS answer {cut_ms} ms after the cut, and was back {back_ms} ms after healing");
+
+    // Goal 1 s; the margin is for this shared, busy machine.
+    assert!(out_ms < 1500 && cut_ms < 1500 && back_ms < 1500, "killed {out_ms} ms, cut {cut_ms} ms, healed {back_ms} ms");
+    // Down on the kill, up after the restart, down on the cut, up after healing.
+    let changes = health_changes(&c, "dc1-n1", "dc3").await - before;
+    assert_eq!(changes, 4, "dc3's health changed exactly four times as seen from dc1");
+}

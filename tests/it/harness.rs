@@ -41,7 +41,7 @@ fn config_toml(net: u8, opts: &Options) -> String {
         dcs += &format!("\n[[dc]]\nname = \"dc{d}\"\nsubnet = \"127.{net}.{d}.0/24\"\nnodes = [\n{}\n]\n", nodes.join("\n"));
     }
     format!(
-        "[cluster]\nname = \"test-{net}\"\n\n[raft]\nheartbeat_interval_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n{}\n\n[storage]\ndurability = \"fsync\"\n\n[replication]\nprobe_interval_ms = 200\ndc_unhealthy_after_ms = 1500\n{}\n\n[limits]\n{}\n{dcs}",
+        "[cluster]\nname = \"test-{net}\"\n\n[raft]\nheartbeat_interval_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n{}\n\n[storage]\ndurability = \"fsync\"\n\n[replication]\nprobe_interval_ms = 100\ndc_unhealthy_after_ms = 900\n{}\n\n[limits]\n{}\n{dcs}",
         opts.raft, opts.replication, opts.limits
     )
 }

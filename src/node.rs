@@ -65,6 +65,8 @@ pub struct Node {
     pub peers: Peers,
     pub actors: Arc<Directory>,
     pub faults: Faults,
+    /// WAN emulation: the delay of frames to other DCs (`[wan]`, `PUT /v1/admin/wan`).
+    pub wan: transport::Wan,
     pub metrics: Metrics,
     pub test_hooks: bool,
     pub links: Arc<Links>,
@@ -378,7 +380,8 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
             Security::Plaintext { me: info.id }
         }
     };
-    let peers = Peers::new(&config, info.id, faults.clone(), security.clone());
+    let wan = transport::Wan::new(&config, &info.dc);
+    let peers = Peers::new(&config, info.id, faults.clone(), security.clone(), &wan);
     let raft = Raft::new(info.id, raft_config(&config, &info.dc)?, Network { peers: peers.clone() }, log, sm).await.context("start raft")?;
     let metrics = Metrics::new(&info.name, &info.dc);
     let request_timeout = Duration::from_millis(config.limits.request_timeout_ms);
@@ -405,6 +408,7 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
         peers,
         actors,
         faults: faults.clone(),
+        wan: wan.clone(),
         metrics,
         test_hooks: opts.test_hooks,
         links,
@@ -422,7 +426,7 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     let door = Door::counted("peer", conns, Duration::from_millis(l.peer_idle_timeout_ms), node.metrics.door());
     let limits = ServerLimits { frame_bytes_max: l.peer_frame_bytes_max, inflight_per_connection_max: l.peer_inflight_max, door };
     let admission = Admission { security, directory: Arc::new(PeerDirectory::new(&config)) };
-    let mut tasks = vec![tokio::spawn(transport::serve(peer_listener, Arc::new(Handler(node.clone())), faults, limits, admission))];
+    let mut tasks = vec![tokio::spawn(transport::serve(peer_listener, Arc::new(Handler(node.clone())), faults, wan, limits, admission))];
     let http_addr = http_listener.local_addr()?;
     tasks.push(tokio::spawn(crate::api::serve(http_listener, node.clone())));
     let admin_token = opts.admin_token.map(Arc::<str>::from);

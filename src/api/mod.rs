@@ -70,6 +70,7 @@ pub fn admin_router(node: AppState, token: Option<Arc<str>>) -> Router {
         .route("/v1/admin/dcs", get(admin::get_dc_settings))
         .route("/v1/admin/dcs/{dc}", axum::routing::put(admin::set_dc_settings))
         .route("/v1/admin/faults", get(admin::get_faults).put(admin::set_faults))
+        .route("/v1/admin/wan", get(admin::get_wan).put(admin::set_wan))
         .route("/v1/admin/crash/{actor}", post(admin::crash_actor))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(body_max))

@@ -131,13 +131,14 @@ pub enum Action {
     CutAll,
     /// Restart every node of the cluster, one after the other.
     RollingRestart,
-    /// Delay between DCs (tc netem) for `hold_s`.
+    /// Delay between DCs for `hold_s` (`agora cluster latency`: the nodes' transport, or
+    /// tc netem for a cluster started with `--wan-via netem`).
     Latency,
 }
 
 impl Action {
     pub fn needs_network(self) -> bool {
-        matches!(self, Action::IsolateLeader | Action::SplitDc | Action::CutDc | Action::CutAll | Action::Latency)
+        matches!(self, Action::IsolateLeader | Action::SplitDc | Action::CutDc | Action::CutAll)
     }
 }
 

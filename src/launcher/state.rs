@@ -21,6 +21,9 @@ pub const STATE_DIR_ENV: &str = "AGORA_STATE_DIR";
 pub struct Meta {
     pub backend: Backend,
     pub wan_latency_ms: u64,
+    /// What applies `wan_latency_ms`: the nodes' transport or tc netem.
+    #[serde(default)]
+    pub wan_via: super::wan::WanVia,
     /// Node pairs (sorted) whose traffic is dropped, until `heal`.
     pub cuts: BTreeSet<(String, String)>,
 }

@@ -15,3 +15,4 @@ mod peer_auth;
 mod peer_input;
 mod roaming;
 mod shop;
+mod wan;

@@ -46,7 +46,8 @@ pub struct ClusterConfig {
     pub admin: AdminSection,
     #[serde(default)]
     pub dns: DnsSection,
-    #[serde(default)]
+    /// Written out only when set: the committed deployment files need no `[wan]`.
+    #[serde(default, skip_serializing_if = "WanSection::is_off")]
     pub wan: WanSection,
     #[serde(rename = "dc")]
     pub dcs: Vec<DcConfig>,
@@ -330,6 +331,10 @@ impl Default for DnsSection {
 }
 
 impl WanSection {
+    pub fn is_off(&self) -> bool {
+        *self == WanSection::default()
+    }
+
     /// Latencies in bounds, links between two distinct DCs of the cluster.
     pub fn check(&self, dcs: &[String]) -> Result<(), ConfigError> {
         if !(1..=1_000_000).contains(&self.queue_len_max) {

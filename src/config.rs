@@ -856,6 +856,22 @@ mod tests {
     }
 
     #[test]
+    fn wan_latencies_are_checked() {
+        // The section goes before the first DC (a TOML table after [[dc]] would nest in it).
+        let wan = |section: &'static str| move |t: &str| t.replacen("[[dc]]", &format!("{section}\n\n[[dc]]"), 1);
+        check_err(wan("[wan]\nlatency_ms = 60001"), "wan.latency_ms");
+        check_err(wan("[wan]\nqueue_len_max = 0"), "wan.queue_len_max");
+        check_err(wan("[[wan.link]]\ndcs = [\"dc1\", \"dc9\"]"), "unknown datacentre 'dc9'");
+        check_err(wan("[[wan.link]]\ndcs = [\"dc2\", \"dc2\"]"), "two different DCs");
+        check_err(wan("[[wan.link]]\ndcs = [\"dc1\", \"dc2\"]\njitter_ms = 70000"), "wan.link[0].jitter_ms");
+        let ok = DEFAULT_TOML.replacen("[[dc]]", "[wan]\nlatency_ms = 80\n[[wan.link]]\ndcs = [\"dc1\", \"dc3\"]\nlatency_ms = 150\n\n[[dc]]", 1);
+        let c = ClusterConfig::from_toml(&ok, "wan").expect("a valid [wan]");
+        assert_eq!(c.wan.link("dc3", "dc1").latency_ms, 150);
+        let back = ClusterConfig::from_toml(&toml::to_string(&c).unwrap(), "round trip").unwrap();
+        assert_eq!(back.wan, c.wan, "[wan] survives the launcher's rewrite of the cluster file");
+    }
+
+    #[test]
     fn door_and_frame_limits_are_checked() {
         check_err(|t| t.replace("peer_idle_timeout_ms = 60000", "peer_idle_timeout_ms = 500"), "limits.peer_idle_timeout_ms");
         check_err(|t| t.replace("http_conns_per_source_max = 512", "http_conns_per_source_max = 9000"), "limits.http_conns_per_source_max");

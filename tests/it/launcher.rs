@@ -345,9 +345,13 @@ async fn check_latency(l: &Launched) {
     assert!(l.must(&["status"]).contains("wan latency"), "status says what delays traffic");
     let took = lookup().await;
     assert!(took >= Duration::from_millis(400), "a cross-DC lookup took {took:?} with 200 ms each way");
-    l.must(&["latency", "0"]);
-    let took = lookup().await;
-    assert!(took < Duration::from_millis(200), "a cross-DC lookup took {took:?} with no latency");
+    // Removed on every node (the lookup's speed without latency depends on the machine's
+    // load; tests/it/wan.rs compares the two on a quieter cluster).
+    assert!(l.must(&["latency", "0"]).contains("wan latency: none"));
+    for node in ["dc1-n1", "dc2-n3"] {
+        let (code, v) = l.call(reqwest::Method::GET, format!("{}/v1/admin/wan", l.admin(node)), None).await;
+        assert_eq!((code, &v["latency_ms"]), (200, &json!(0)), "{node}: {v}");
+    }
 }
 
 /// Builds the static image once per test run (a debug build: much faster to compile).

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::harness::{Options, TestCluster};
 
-const LATENCY_MS: u64 = 250;
+const LATENCY_MS: u64 = 400;
 
 /// How long `node` takes to answer 404 for an order id of `owner_dc` that nobody has:
 /// for another DC's id, one lookup in that DC (a cross-DC round trip); for its own DC's,
@@ -25,7 +25,7 @@ async fn time_unknown_order(c: &TestCluster, node: &str, owner_dc: &str) -> Dura
 
 #[tokio::test]
 async fn the_wan_delay_holds_cross_dc_round_trips_only_and_changes_at_run_time() {
-    let wan = "latency_ms = 250";
+    let wan = "latency_ms = 400";
     let c = TestCluster::start(125, Options { dcs: 2, nodes: 3, wan, ..Options::default() }).await;
     let leader = c.must_leader_in("dc1", Duration::from_secs(20)).await;
     let follower = c.dc_nodes("dc1").into_iter().find(|n| *n != leader).expect("a follower");

@@ -46,6 +46,9 @@ pub struct ClusterConfig {
     pub admin: AdminSection,
     #[serde(default)]
     pub dns: DnsSection,
+    /// Written out only when set: the committed deployment files need no `[wan]`.
+    #[serde(default, skip_serializing_if = "WanSection::is_off")]
+    pub wan: WanSection,
     #[serde(rename = "dc")]
     pub dcs: Vec<DcConfig>,
 }
@@ -329,11 +332,81 @@ impl Default for DnsSection {
     }
 }
 
+impl WanSection {
+    pub fn is_off(&self) -> bool {
+        *self == WanSection::default()
+    }
+
+    /// Latencies in bounds, links between two distinct DCs of the cluster.
+    pub fn check(&self, dcs: &[String]) -> Result<(), ConfigError> {
+        if !(1..=1_000_000).contains(&self.queue_len_max) {
+            return Err(invalid("wan.queue_len_max", "must be between 1 and 1000000"));
+        }
+        let delays = [("wan.latency_ms", self.latency_ms), ("wan.jitter_ms", self.jitter_ms)];
+        let link_delays = self
+            .links
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| [(format!("wan.link[{i}].latency_ms"), l.latency_ms), (format!("wan.link[{i}].jitter_ms"), l.jitter_ms)]);
+        for (field, ms) in delays.into_iter().map(|(f, ms)| (f.to_string(), ms)).chain(link_delays) {
+            if ms > WAN_DELAY_MS_MAX {
+                return Err(invalid(field, format!("must be at most {WAN_DELAY_MS_MAX}")));
+            }
+        }
+        for (i, l) in self.links.iter().enumerate() {
+            if let Some(unknown) = l.dcs.iter().find(|d| !dcs.contains(d)) {
+                return Err(invalid(format!("wan.link[{i}].dcs"), format!("unknown datacentre '{unknown}'")));
+            }
+            if l.dcs[0] == l.dcs[1] {
+                return Err(invalid(format!("wan.link[{i}].dcs"), "names two different DCs"));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl DnsSection {
     pub fn rate_limit(&self) -> crate::dns::RateLimit {
         crate::dns::RateLimit { responses_per_s: self.rrl_responses_per_s, slip: self.rrl_slip, sources_max: self.rrl_sources_max }
     }
 }
+
+/// WAN emulation: a delay the peer transport adds to every frame sent to another DC's
+/// node, in each direction (a round trip takes twice `latency_ms`). For testing and
+/// measuring on machines without netem; 0 (the default) adds nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WanSection {
+    /// One-way latency between any two DCs, in ms.
+    pub latency_ms: u64,
+    /// Each frame's delay is `latency_ms` ± up to this much (uniform), in ms.
+    pub jitter_ms: u64,
+    /// Frames waiting for their delay on one connection at most; more are refused.
+    pub queue_len_max: usize,
+    /// Pairs of DCs with a latency of their own.
+    #[serde(rename = "link")]
+    pub links: Vec<WanLink>,
+}
+
+impl Default for WanSection {
+    fn default() -> Self {
+        WanSection { latency_ms: 0, jitter_ms: 0, queue_len_max: 4096, links: Vec::new() }
+    }
+}
+
+/// `[[wan.link]] dcs = ["dc1", "dc3"]`: the latency between these two DCs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WanLink {
+    pub dcs: [String; 2],
+    #[serde(default)]
+    pub latency_ms: u64,
+    #[serde(default)]
+    pub jitter_ms: u64,
+}
+
+/// The longest WAN latency or jitter the cluster file may set: a minute.
+pub const WAN_DELAY_MS_MAX: u64 = 60_000;
 
 /// Most source netblocks the DNS rate limiter may track (a few tens of MB).
 const RRL_SOURCES_MAX_LIMIT: usize = 1_000_000;
@@ -424,7 +497,8 @@ impl ClusterConfig {
                 }
             }
         }
-        self.check_nodes()
+        self.check_nodes()?;
+        self.wan.check(&self.dc_names())
     }
 
     fn check_raft(&self) -> Result<(), ConfigError> {
@@ -781,6 +855,22 @@ mod tests {
         check_err(|t| t.replace("session_ttl_s = 86400", "session_ttl_s = 0"), "limits.session_ttl_s");
         check_err(|t| t.replace("idempotency_ttl_s = 86400", "idempotency_ttl_s = 99999999999"), "limits.idempotency_ttl_s");
         check_err(|t| t.replace("expiry_batch_len_max = 1000", "expiry_batch_len_max = 0"), "limits.expiry_batch_len_max");
+    }
+
+    #[test]
+    fn wan_latencies_are_checked() {
+        // The section goes before the first DC (a TOML table after [[dc]] would nest in it).
+        let wan = |section: &'static str| move |t: &str| t.replacen("[[dc]]", &format!("{section}\n\n[[dc]]"), 1);
+        check_err(wan("[wan]\nlatency_ms = 60001"), "wan.latency_ms");
+        check_err(wan("[wan]\nqueue_len_max = 0"), "wan.queue_len_max");
+        check_err(wan("[[wan.link]]\ndcs = [\"dc1\", \"dc9\"]"), "unknown datacentre 'dc9'");
+        check_err(wan("[[wan.link]]\ndcs = [\"dc2\", \"dc2\"]"), "two different DCs");
+        check_err(wan("[[wan.link]]\ndcs = [\"dc1\", \"dc2\"]\njitter_ms = 70000"), "wan.link[0].jitter_ms");
+        let ok = DEFAULT_TOML.replacen("[[dc]]", "[wan]\nlatency_ms = 80\n[[wan.link]]\ndcs = [\"dc1\", \"dc3\"]\nlatency_ms = 150\n\n[[dc]]", 1);
+        let c = ClusterConfig::from_toml(&ok, "wan").expect("a valid [wan]");
+        assert_eq!(c.wan.link("dc3", "dc1").latency_ms, 150);
+        let back = ClusterConfig::from_toml(&toml::to_string(&c).unwrap(), "round trip").unwrap();
+        assert_eq!(back.wan, c.wan, "[wan] survives the launcher's rewrite of the cluster file");
     }
 
     #[test]

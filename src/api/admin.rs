@@ -1,5 +1,5 @@
 //! Operator endpoints, served on the admin listener only and only with the admin token:
-//! DC membership, drain and weights, and the test hooks (fault injection, actor crash)
+//! DC membership, drain and weights, WAN emulation, and the test hooks (fault injection, actor crash)
 //! that exist only when the node runs with `--enable-test-hooks`.
 
 use std::sync::Arc;
@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::{parse_body, ApiError, AppState};
 use crate::actors::Kind;
+use crate::config::WanSection;
 use crate::domain::{Command, Outcome, Request};
 use crate::raft::MembershipOp;
 use crate::transport::faults::FaultRules;
@@ -129,6 +130,23 @@ pub async fn set_clock(State(node): State<AppState>, body: Result<axum::body::By
     crate::hlc::set_skew_ms(skew_ms).map_err(ApiError::bad_request)?;
     tracing::warn!(skew_ms, "clock skew set (test hook)");
     Ok(Json(Clock { skew_ms }))
+}
+
+/// `GET /v1/admin/wan`: the WAN emulation's latencies on this node.
+pub async fn get_wan(State(node): State<AppState>) -> Json<WanSection> {
+    Json(node.wan.get())
+}
+
+/// `PUT /v1/admin/wan` `{"latency_ms": 80, "jitter_ms": 5, "link": [{"dcs": ["dc1", "dc3"],
+/// "latency_ms": 150}]}`: the delay this node adds to frames it sends to other DCs, at
+/// once and until changed or restarted (`{}` removes it). Each node is set on its own;
+/// `agora cluster latency` sets every node.
+pub async fn set_wan(State(node): State<AppState>, body: Result<axum::body::Bytes, BytesRejection>) -> Result<Json<WanSection>, ApiError> {
+    let section: WanSection = parse_body(body)?;
+    section.check(&node.config.dc_names()).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    tracing::info!(?section, "WAN emulation set");
+    node.wan.set(section);
+    Ok(Json(node.wan.get()))
 }
 
 pub async fn crash_actor(State(node): State<AppState>, actor: Result<Path<String>, PathRejection>) -> Result<StatusCode, ApiError> {

@@ -56,6 +56,8 @@ pub struct ApiState {
     pub hlc: Arc<Hlc>,
     pub metrics: Metrics,
     pub faults: Faults,
+    /// WAN emulation: the delay of frames to other DCs (`[wan]`, `PUT /v1/admin/wan`).
+    pub wan: crate::transport::Wan,
     /// Enables the admin endpoints that inject faults and crash actors.
     pub test_hooks: bool,
     /// The DNS server, once started (its counters feed /metrics; the node stops it).
@@ -100,6 +102,7 @@ pub fn admin_router(node: AppState, token: Option<Arc<str>>) -> Router {
         .route("/v1/admin/dcs", get(admin::get_dc_settings))
         .route("/v1/admin/dcs/{dc}", axum::routing::put(admin::set_dc_settings))
         .route("/v1/admin/faults", get(admin::get_faults).put(admin::set_faults))
+        .route("/v1/admin/wan", get(admin::get_wan).put(admin::set_wan))
         .route("/v1/admin/crash/{actor}", post(admin::crash_actor))
         .route("/v1/admin/clock", get(admin::get_clock).put(admin::set_clock))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })

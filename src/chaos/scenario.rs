@@ -134,7 +134,8 @@ pub enum Action {
     CutAll,
     /// Restart every node of the cluster, one after the other.
     RollingRestart,
-    /// Delay between DCs (tc netem) for `hold_s`.
+    /// Delay between DCs for `hold_s` (`agora cluster latency`: the nodes' transport, or
+    /// tc netem for a cluster started with `--wan-via netem`).
     Latency,
     /// Run a node's clock `skew_ms` ahead or behind (the target node, else the DC's
     /// leader) for `hold_s`, through its test hook.
@@ -143,7 +144,7 @@ pub enum Action {
 
 impl Action {
     pub fn needs_network(self) -> bool {
-        matches!(self, Action::IsolateLeader | Action::SplitDc | Action::CutDc | Action::CutAll | Action::Latency)
+        matches!(self, Action::IsolateLeader | Action::SplitDc | Action::CutDc | Action::CutAll)
     }
 }
 

@@ -5,7 +5,8 @@
 //! - [`netns`]: one network namespace per node, a bridge per DC, routers and a WAN bridge.
 //! - [`docker`]: containers from a `FROM scratch` image, a network per DC plus a WAN network.
 //! - [`table`]: node status from the HTTP API, the status table.
-//! - [`partition`]: partitions (iptables DROP) and WAN latency (tc netem).
+//! - [`partition`]: partitions (iptables DROP) and WAN latency by tc netem.
+//! - [`wan`]: WAN latency by the nodes' own peer transport (`[wan]`, `PUT /v1/admin/wan`).
 //! - [`manifests`]: docker compose and Kubernetes files generated from a cluster file.
 //!
 //! Nodes are always found through their pid files, never by process name, so two clusters
@@ -18,6 +19,7 @@ pub mod partition;
 pub mod process;
 pub mod state;
 pub mod table;
+pub mod wan;
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -61,9 +63,16 @@ pub struct UpArgs {
     /// Delete data dirs and logs of a previous run first.
     #[arg(long)]
     pub wipe: bool,
-    /// One-way delay between DCs, in ms (netns and docker backends).
+    /// One-way delay between DCs, in ms.
     #[arg(long, value_name = "MS")]
     pub wan_latency: Option<u64>,
+    /// Each frame's delay varies by up to ± this, in ms (`--wan-via transport` only).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub wan_jitter: u64,
+    /// What delays traffic between DCs: the nodes' peer transport (every backend, any
+    /// kernel) or tc netem (netns and docker backends, kernels with sch_netem).
+    #[arg(long, value_enum, default_value = "transport")]
+    pub wan_via: wan::WanVia,
     /// How long to wait for every node to answer and every DC to elect a leader.
     #[arg(long, default_value_t = 90)]
     pub timeout_s: u64,
@@ -130,8 +139,9 @@ pub enum ClusterCmd {
         #[arg(allow_hyphen_values = true)]
         skew_ms: i64,
     },
-    /// Set the one-way delay between DCs with tc netem, in ms (0 removes it; the kernel needs sch_netem).
-    Latency { ms: u64 },
+    /// Set the one-way delay between DCs on the running cluster, in ms (0 removes it), by
+    /// what `up --wan-via` chose.
+    Latency(wan::LatencyArgs),
     /// Write Kubernetes manifests (StatefulSet, headless Service, ConfigMap per DC).
     K8s(manifests::K8sArgs),
     /// Write a docker compose file for a cluster file.
@@ -231,7 +241,7 @@ impl Cluster {
     /// namespace is new after a restart).
     fn start_node(&self, name: &str) -> Result<()> {
         self.rt.start(&self.st, &self.cfg, name)?;
-        if self.meta.wan_latency_ms > 0 {
+        if self.meta.wan_via == wan::WanVia::Netem && self.meta.wan_latency_ms > 0 {
             self.rt.set_latency(&self.st, &self.cfg, self.meta.wan_latency_ms)?;
         }
         if !self.meta.cuts.is_empty() {
@@ -315,8 +325,8 @@ impl Cluster {
         if !self.meta.cuts.is_empty() {
             println!("partitioned: {} node pairs cut (`agora cluster heal` removes them)", self.meta.cuts.len());
         }
-        if self.meta.wan_latency_ms > 0 {
-            println!("wan latency: {} ms one way", self.meta.wan_latency_ms);
+        if let Some(line) = wan::describe(&self.cfg, &self.meta) {
+            println!("{line}");
         }
     }
 }
@@ -399,7 +409,7 @@ async fn drive(c: Cluster, cmd: ClusterCmd) -> Result<()> {
         }
         ClusterCmd::Partition { targets } => partition(c, &targets)?,
         ClusterCmd::Heal => heal(c)?,
-        ClusterCmd::Latency { ms } => latency(c, ms)?,
+        ClusterCmd::Latency(a) => wan::latency(c, &a).await?,
         ClusterCmd::Clock { node, skew_ms } => clock(&c, &node, skew_ms).await?,
         ClusterCmd::Drain { dc } => dc_settings(&c, &dc, serde_json::json!({"drained": true})).await?,
         ClusterCmd::Undrain { dc } => dc_settings(&c, &dc, serde_json::json!({"drained": false})).await?,
@@ -419,8 +429,16 @@ async fn up(st: StateDir, a: UpArgs) -> Result<()> {
     }
     let rt = runtime(a.backend, &st);
     let cfg = rt.derive_config(&ClusterConfig::load(a.config.as_deref())?)?;
-    if a.wan_latency.is_some_and(|ms| ms > 0) {
-        rt.supports_faults()?;
+    let mut cfg = cfg;
+    let wan_latency_ms = a.wan_latency.unwrap_or(0);
+    match a.wan_via {
+        wan::WanVia::Netem if wan_latency_ms > 0 || a.wan_jitter > 0 => {
+            rt.supports_faults()?;
+            anyhow::ensure!(a.wan_jitter == 0, "--wan-jitter needs --wan-via transport");
+        }
+        wan::WanVia::Netem => {}
+        // The nodes start with the delay in their cluster file, restarts included.
+        wan::WanVia::Transport => wan::configure(&mut cfg, wan_latency_ms, a.wan_jitter, None)?,
     }
     rt.check_free(&cfg)?;
     if a.wipe {
@@ -431,7 +449,7 @@ async fn up(st: StateDir, a: UpArgs) -> Result<()> {
     // Every node proves who it is to its peers with a certificate of this cluster's CA:
     // made once per state dir, reused by later `up`s.
     crate::certs::create(&st.certs_dir(), &cfg, false, crate::certs::Validity::default()).context("create the cluster's certificates")?;
-    let meta = Meta { backend: a.backend, wan_latency_ms: a.wan_latency.unwrap_or(0), test_hooks: a.enable_test_hooks, cuts: BTreeSet::new() };
+    let meta = Meta { backend: a.backend, wan_latency_ms, wan_via: a.wan_via, test_hooks: a.enable_test_hooks, cuts: BTreeSet::new() };
     // Written before anything is created: from here on, a crash is cleaned by the next `up`.
     st.write_meta(&meta)?;
     let c = Cluster { st, cfg, meta, rt };
@@ -479,7 +497,7 @@ async fn start_cluster(c: &Cluster, deadline: Duration) -> Result<()> {
     eprintln!("creating the {} cluster …", c.meta.backend);
     c.rt.create(&c.st, &c.cfg, &c.meta)?;
     c.rt.start_all(&c.st, &c.cfg)?;
-    if c.meta.wan_latency_ms > 0 {
+    if c.meta.wan_via == wan::WanVia::Netem && c.meta.wan_latency_ms > 0 {
         c.rt.set_latency(&c.st, &c.cfg, c.meta.wan_latency_ms)?;
     }
     eprintln!("started {} nodes; waiting for them to answer and for a leader in each DC …", c.cfg.nodes().len());
@@ -567,15 +585,6 @@ fn heal(mut c: Cluster) -> Result<()> {
     c.st.write_meta(&c.meta)?;
     c.apply_all_cuts()?;
     println!("healed: every node reaches every other node");
-    Ok(())
-}
-
-fn latency(mut c: Cluster, ms: u64) -> Result<()> {
-    c.rt.supports_faults()?;
-    c.rt.set_latency(&c.st, &c.cfg, ms)?;
-    c.meta.wan_latency_ms = ms;
-    c.st.write_meta(&c.meta)?;
-    println!("wan latency: {ms} ms one way between DCs");
     Ok(())
 }
 

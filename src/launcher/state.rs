@@ -24,6 +24,9 @@ pub struct Meta {
     /// Nodes start with `--enable-test-hooks` (fault rules, clock skew, actor crashes).
     #[serde(default)]
     pub test_hooks: bool,
+    /// What applies `wan_latency_ms`: the nodes' transport or tc netem.
+    #[serde(default)]
+    pub wan_via: super::wan::WanVia,
     /// Node pairs (sorted) whose traffic is dropped, until `heal`.
     pub cuts: BTreeSet<(String, String)>,
 }

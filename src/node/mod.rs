@@ -114,7 +114,8 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     let reader = sm.reader();
     let faults = Faults::default();
     let security = security(&opts, &info.name, info.id)?;
-    let peers = Peers::new(&config, info.id, faults.clone(), security.clone());
+    let wan = transport::Wan::new(&config, &info.dc);
+    let peers = Peers::new(&config, info.id, faults.clone(), security.clone(), &wan);
     let raft = Raft::new(info.id, raft_config(&config, &info.dc)?, Network { peers: peers.clone() }, log, sm).await.context("start raft")?;
     let metrics = Metrics::new(&info.name, &info.dc);
     let (actors, supervisor) = start_actors(&config, &raft, &reader, &metrics).await?;
@@ -130,7 +131,7 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     let limits = ServerLimits { frame_bytes_max: l.peer_frame_bytes_max, inflight_per_connection_max: l.peer_inflight_max, door };
     let admission = Admission { security, directory: Arc::new(PeerDirectory::new(&config)) };
     let handler = Arc::new(peer::Handler { shard: shard.clone(), cross: cross.clone() });
-    let mut tasks = vec![tokio::spawn(transport::serve(peer_listener, handler, faults.clone(), limits, admission))];
+    let mut tasks = vec![tokio::spawn(transport::serve(peer_listener, handler, faults.clone(), wan.clone(), limits, admission))];
     tasks.push(tokio::spawn(bootstrap(shard.clone())));
     tasks.push(tokio::spawn(background::snapshot_loop(shard.clone())));
     tasks.push(tokio::spawn(background::expiry_loop(shard.clone(), hlc.clone())));
@@ -147,6 +148,7 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
         hlc,
         metrics,
         faults,
+        wan,
         test_hooks: opts.test_hooks,
         dns: Mutex::new(Some(dns)),
     });

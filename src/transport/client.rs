@@ -1,7 +1,8 @@
 //! The sending side: one persistent connection per peer, opened on first use (TCP, then
 //! the TLS handshake that proves both ends' identities), reopened with exponential
 //! backoff after a failure. Requests are multiplexed by id; each has a
-//! timeout, and at most `peer_inflight_max` wait for an answer at once.
+//! timeout, and at most `peer_inflight_max` wait for an answer at once. Requests to a node
+//! of another DC pass through a [`super::wan::delay_line`] first.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,7 +16,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::frame::{read_frame, write_frame};
 use super::tls::{self, BoxStream, Security};
-use super::{Faults, PeerRequest, PeerResponse};
+use super::{Faults, PeerRequest, PeerResponse, Wan};
 use crate::codec;
 use crate::config::{ClusterConfig, Limits};
 use crate::error::NodeError;
@@ -47,8 +48,17 @@ pub struct PeerClient {
 }
 
 impl PeerClient {
-    fn new(peer: &Target, limits: &Limits, faults: Faults, security: Security) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
+    fn new(peer: &Target, limits: &Limits, faults: Faults, security: Security, wan: &Wan) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        if wan.crosses(peer.id) {
+            let (delayed_tx, delayed_rx) = mpsc::unbounded_channel();
+            let addr = peer.addr;
+            let refuse = move |o: Outgoing| {
+                let _ = o.reply.send(Err(NodeError::Overloaded(format!("WAN delay queue to {addr} is full"))));
+            };
+            tokio::spawn(super::wan::delay_line(rx, delayed_tx, wan.clone(), peer.id, refuse));
+            rx = delayed_rx;
+        }
         let backoff_max = Duration::from_millis(limits.peer_backoff_max_ms);
         tokio::spawn(connection_loop(peer.clone(), security, rx, limits.peer_frame_bytes_max, backoff_max));
         PeerClient {
@@ -231,14 +241,14 @@ pub struct Peers {
 }
 
 impl Peers {
-    pub fn new(config: &ClusterConfig, me: NodeId, faults: Faults, security: Security) -> Self {
+    pub fn new(config: &ClusterConfig, me: NodeId, faults: Faults, security: Security, wan: &Wan) -> Self {
         let clients = config
             .nodes()
             .into_iter()
             .filter(|n| n.id != me)
             .map(|n| {
                 let target = Target { id: n.id, name: n.name, dc: n.dc, addr: n.peer };
-                (n.id, PeerClient::new(&target, &config.limits, faults.clone(), security.clone()))
+                (n.id, PeerClient::new(&target, &config.limits, faults.clone(), security.clone(), wan))
             })
             .collect();
         Peers { clients: Arc::new(clients) }
@@ -289,9 +299,9 @@ mod tests {
         let limits = ServerLimits { frame_bytes_max: 1 << 20, inflight_per_connection_max: 8, door };
         let directory = Arc::new(Directory::of([("n1", 1, "dc1"), ("n2", 2, "dc2")]));
         let admission = Admission { security: Security::Plaintext { me: 2 }, directory };
-        let server = tokio::spawn(serve(listener, Arc::new(Echo), delay_to(1, MS), limits, admission));
+        let server = tokio::spawn(serve(listener, Arc::new(Echo), delay_to(1, MS), Wan::default(), limits, admission));
         let target = Target { id: 2, name: "n2".into(), dc: "dc2".into(), addr };
-        let client = PeerClient::new(&target, &Limits::default(), delay_to(2, MS), Security::Plaintext { me: 1 });
+        let client = PeerClient::new(&target, &Limits::default(), delay_to(2, MS), Security::Plaintext { me: 1 }, &Wan::default());
         let start = Instant::now();
         let resp = client.call(PeerRequest::Probe, None).await.expect("answered");
         assert!(matches!(resp, PeerResponse::Probe(_)), "{resp:?}");

@@ -8,6 +8,7 @@
 //!   timeouts, bounded in-flight requests.
 //! - [`server`]: the listener; answers each request through a [`PeerHandler`].
 //! - [`faults`]: the one place where tests drop, delay or partition messages.
+//! - [`wan`]: WAN emulation: frames to other DCs wait a configured latency, in order.
 //! - [`message`]: what travels.
 
 pub mod client;
@@ -16,8 +17,10 @@ pub mod frame;
 pub mod message;
 pub mod server;
 pub mod tls;
+pub mod wan;
 
 pub use client::{PeerClient, Peers};
 pub use faults::Faults;
 pub use message::{PeerRequest, PeerResponse};
 pub use server::{serve, PeerHandler};
+pub use wan::Wan;

@@ -14,7 +14,7 @@ use super::tls::{self, BoxStream, Directory, Security};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::frame::{read_frame, write_frame};
-use super::{Faults, PeerRequest, PeerResponse};
+use super::{Faults, PeerRequest, PeerResponse, Wan};
 use crate::codec;
 use crate::raft::NodeId;
 
@@ -38,7 +38,7 @@ pub struct Admission {
 }
 
 /// Accepts connections until the task is aborted.
-pub async fn serve(listener: TcpListener, handler: Arc<dyn PeerHandler>, faults: Faults, limits: ServerLimits, admission: Admission) {
+pub async fn serve(listener: TcpListener, handler: Arc<dyn PeerHandler>, faults: Faults, wan: Wan, limits: ServerLimits, admission: Admission) {
     let limits = Arc::new(limits);
     loop {
         match listener.accept().await {
@@ -46,10 +46,10 @@ pub async fn serve(listener: TcpListener, handler: Arc<dyn PeerHandler>, faults:
                 let _ = stream.set_nodelay(true);
                 // Over a connection cap: dropped (closed) at once; else idle-timed.
                 let Some(stream) = limits.door.admit(stream, addr.ip()) else { continue };
-                let (handler, faults, limits, admission) = (handler.clone(), faults.clone(), limits.clone(), admission.clone());
+                let (handler, faults, wan, limits, admission) = (handler.clone(), faults.clone(), wan.clone(), limits.clone(), admission.clone());
                 tokio::spawn(async move {
                     match tls::accept(stream, &admission.security, &admission.directory, limits.frame_bytes_max).await {
-                        Ok((stream, from)) => connection(stream, addr, from, handler, faults, limits).await,
+                        Ok((stream, from)) => connection(stream, addr, from, handler, faults, wan, limits).await,
                         Err(reason) => crate::warn_limited!("peer_refused", peer = %addr, %reason, "peer connection refused"),
                     }
                 });
@@ -63,10 +63,17 @@ pub async fn serve(listener: TcpListener, handler: Arc<dyn PeerHandler>, faults:
     }
 }
 
-async fn connection(stream: BoxStream, addr: SocketAddr, from: NodeId, handler: Arc<dyn PeerHandler>, faults: Faults, limits: Arc<ServerLimits>) {
+async fn connection(stream: BoxStream, addr: SocketAddr, from: NodeId, handler: Arc<dyn PeerHandler>, faults: Faults, wan: Wan, limits: Arc<ServerLimits>) {
     let (mut r, w) = tokio::io::split(stream);
     // Bounded like the handlers that fill it: at most one answer each.
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(limits.inflight_per_connection_max.max(1));
+    if wan.crosses(from) {
+        // Answers to another DC's node cross the WAN: they wait its latency, in order.
+        let (delayed_tx, delayed_rx) = mpsc::channel(limits.inflight_per_connection_max.max(1));
+        let refuse = move |_| crate::warn_limited!("wan_queue_full", peer = %addr, "WAN delay queue full; answer dropped");
+        tokio::spawn(super::wan::delay_line(rx, delayed_tx, wan, from, refuse));
+        rx = delayed_rx;
+    }
     let writer = tokio::spawn(async move {
         let mut w = BufWriter::new(w);
         while let Some(bytes) = rx.recv().await {

@@ -25,11 +25,13 @@ pub struct Options {
     pub replication: &'static str,
     /// Extra TOML for `[limits]`.
     pub limits: &'static str,
+    /// TOML for `[wan]` (WAN emulation between DCs).
+    pub wan: &'static str,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { dcs: 1, nodes: 3, raft: "", replication: "", limits: "" }
+        Options { dcs: 1, nodes: 3, raft: "", replication: "", limits: "", wan: "" }
     }
 }
 
@@ -41,8 +43,8 @@ fn config_toml(net: u8, opts: &Options) -> String {
         dcs += &format!("\n[[dc]]\nname = \"dc{d}\"\nsubnet = \"127.{net}.{d}.0/24\"\nnodes = [\n{}\n]\n", nodes.join("\n"));
     }
     format!(
-        "[cluster]\nname = \"test-{net}\"\n\n[raft]\nheartbeat_interval_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n{}\n\n[storage]\ndurability = \"fsync\"\n\n[replication]\nprobe_interval_ms = 100\ndc_unhealthy_after_ms = 900\n{}\n\n[limits]\n{}\n{dcs}",
-        opts.raft, opts.replication, opts.limits
+        "[cluster]\nname = \"test-{net}\"\n\n[raft]\nheartbeat_interval_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n{}\n\n[storage]\ndurability = \"fsync\"\n\n[replication]\nprobe_interval_ms = 100\ndc_unhealthy_after_ms = 900\n{}\n\n[limits]\n{}\n\n[wan]\n{}\n{dcs}",
+        opts.raft, opts.replication, opts.limits, opts.wan
     )
 }
 

@@ -192,7 +192,7 @@ async fn fake_dc2(c: &TestCluster) -> tokio::runtime::Runtime {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     rt.spawn(async move {
         let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-        agora::transport::serve(listener, std::sync::Arc::new(LyingDc2), Default::default(), limits, admission).await
+        agora::transport::serve(listener, std::sync::Arc::new(LyingDc2), Default::default(), Default::default(), limits, admission).await
     });
     rt
 }

@@ -18,3 +18,4 @@ mod peer_auth;
 mod peer_input;
 mod roaming;
 mod shop;
+mod wan;

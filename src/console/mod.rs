@@ -21,9 +21,9 @@ use futures::future::join_all;
 use serde_json::{json, Value};
 
 use crate::cluster_view::ClusterView;
+use crate::config::ClusterConfig;
 use crate::config::NodeInfo;
 use crate::dns::DnsView;
-use crate::config::ClusterConfig;
 use crate::replication::CrossDc;
 use rates::{OrderCounters, Rates};
 

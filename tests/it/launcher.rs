@@ -181,8 +181,16 @@ async fn up_write_kill_restart(l: &Launched, up: &[&str]) {
     assert_eq!(code, 201, "order: {v}");
     let id = v["id"].as_str().expect("order id").to_string();
     for n in ["dc1-n1", "dc1-n2", "dc1-n3"] {
-        let (code, v) = l.call(reqwest::Method::GET, format!("{}/v1/orders/{id}", l.api(n)), None).await;
-        assert_eq!((code, v["qty"].as_u64()), (200, Some(2)), "{n}: {v}");
+        // A linearizable read during an election answers 503 (retryable); once a leader is
+        // known, every node has the order.
+        let url = format!("{}/v1/orders/{id}", l.api(n));
+        let v = must_eventually(Duration::from_secs(15), &format!("{n} reads the order"), || async {
+            let (code, v) = l.call(reqwest::Method::GET, url.clone(), None).await;
+            assert!(code == 200 || code == 503, "{n}: {code} {v}");
+            (code == 200).then_some(v)
+        })
+        .await;
+        assert_eq!(v["qty"].as_u64(), Some(2), "{n}: {v}");
     }
 
     // SIGKILL dc1's leader: its pid is gone, and the two others take writes again.

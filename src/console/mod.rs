@@ -30,7 +30,7 @@ use rates::{OrderCounters, Rates};
 /// Time between rounds.
 pub const ROUND: Duration = Duration::from_secs(1);
 /// Digests scan the whole state: asked for every this many rounds only.
-pub const DIGEST_EVERY: u64 = 5;
+pub const DIGEST_EVERY: u32 = 5;
 /// A follower keeps sampling this long after its console was last asked for.
 pub const VIEW_KEEPALIVE: Duration = Duration::from_secs(60);
 /// One fetch from another node; below the round so a dead node never delays the next.
@@ -105,14 +105,15 @@ impl Console {
     pub async fn run(self: Arc<Self>) {
         let mut tick = tokio::time::interval(ROUND);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut ticks = 0u64;
+        let mut ticks = 0u32;
         loop {
             tick.tick().await;
-            ticks = ticks.wrapping_add(1);
+            // Counts rounds modulo the digest cadence: stays below DIGEST_EVERY.
+            ticks = (ticks + 1) % DIGEST_EVERY;
             let watched = self.viewed_at.lock().expect("console lock").is_some_and(|t| t.elapsed() < VIEW_KEEPALIVE);
             if watched {
                 self.round().await;
-            } else if self.cross.shard.is_leader() && ticks.is_multiple_of(DIGEST_EVERY) {
+            } else if self.cross.shard.is_leader() && ticks == 0 {
                 self.digest_round().await;
             }
         }
@@ -151,7 +152,7 @@ impl Console {
             seen.rounds = seen.rounds.saturating_add(1);
             seen.rounds
         };
-        if rounds % DIGEST_EVERY == 1 {
+        if rounds % u64::from(DIGEST_EVERY) == 1 {
             self.digest_round().await;
         }
     }
@@ -203,7 +204,7 @@ impl Console {
     /// (`None`: no comparison in the last [`DIGEST_EVERY`] × 3 rounds).
     pub fn diverged_seconds(&self) -> Option<f64> {
         let seen = self.seen.lock().expect("console lock");
-        let fresh = seen.digests_at.is_some_and(|t| t.elapsed() < ROUND * (DIGEST_EVERY as u32) * 3);
+        let fresh = seen.digests_at.is_some_and(|t| t.elapsed() < ROUND * DIGEST_EVERY * 3);
         fresh.then(|| seen.diverged_since.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0))
     }
 

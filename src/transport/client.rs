@@ -49,6 +49,9 @@ pub struct PeerClient {
 
 impl PeerClient {
     fn new(peer: &Target, limits: &Limits, faults: Faults, security: Security, wan: &Wan) -> Self {
+        // Unbounded channels, bounded by their senders: every frame put in them holds one of
+        // the `peer_inflight_max` permits of `call` until its answer, and the WAN delay
+        // line passes on only what its bounded queue (`wan.queue_len_max`) took.
         let (tx, mut rx) = mpsc::unbounded_channel();
         if wan.crosses(peer.id) {
             let (delayed_tx, delayed_rx) = mpsc::unbounded_channel();

@@ -300,6 +300,7 @@ mod tests {
     async fn the_delay_line_holds_each_frame_and_keeps_order() {
         let config = ClusterConfig::from_toml(crate::config::DEFAULT_TOML, "default").unwrap();
         let w = wan(WanSection { latency_ms: 60, jitter_ms: 20, ..WanSection::default() });
+        // Test channels: 50 frames in all.
         let (tx, rx) = mpsc::unbounded_channel();
         let (out_tx, mut out) = mpsc::unbounded_channel();
         tokio::spawn(delay_line(rx, out_tx, w, config.node("dc2-n1").unwrap().id, |_: u32| panic!("the queue is large enough")));

@@ -233,7 +233,12 @@ impl Shop {
         if local.is_some_and(|o| o.session != session) {
             return Err(Rejection::NotYourOrder.into());
         }
-        let req = Request::new(Command::CancelOrder { id: id.clone(), dc: owner.clone(), session: session.clone(), hlc: self.hlc.now() }, key);
+        // Each attempt may reach the owner even when its answer is lost (a cut TCP
+        // connection delivers what it buffered once healed), so every attempt of this one
+        // cancel carries one idempotency key: a retry gets the first attempt's answer,
+        // never `already_cancelled` for a cancel that it made itself.
+        let key = key.unwrap_or_else(|| format!("fwd-{}", crate::ids::random_hex()));
+        let req = Request::new(Command::CancelOrder { id: id.clone(), dc: owner.clone(), session: session.clone(), hlc: self.hlc.now() }, Some(key));
         match self.cross.forward_to_owner(&owner, req).await {
             Ok(Outcome::Order(o)) => Ok(Cancelled::Done(o)),
             Ok(Outcome::Rejected(r)) => Err(r.into()),

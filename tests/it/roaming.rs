@@ -101,6 +101,35 @@ async fn a_session_from_dc2_places_an_order_in_dc1_before_replication() {
     assert_eq!(code, 404, "dc1's tombstone reached dc2");
 }
 
+/// A forwarded cancel whose first attempt reaches the owner but whose answer is lost is
+/// retried through another node of the owner DC: the retry answers with the cancelled
+/// order, never `already_cancelled` for a cancel the same request made.
+#[tokio::test]
+async fn a_forwarded_cancel_whose_answer_is_lost_is_answered_by_its_retry() {
+    let c = TestCluster::start(136, Options { dcs: 2, nodes: 3, ..Options::default() }).await;
+    c.must_restock("dc1-n1", "sku-l", 10).await;
+    let token = c.must_session("dc1-n1", "patient").await;
+    let id = must_order(&c, "dc1-n2", &token, "sku-l").await;
+    c.must_converge(Duration::from_secs(10)).await;
+    let leader = c.must_leader_in("dc1", Duration::from_secs(10)).await;
+    // Every node of dc1 but one follower answers dc2-n1 only after dc2-n1 gave up on it
+    // (a third of the request timeout): the first attempt applies the cancel and its answer
+    // comes too late. The prompt follower is the last dc2-n1 tries (leader first, then by
+    // name), so the retry that answers comes after the cancel was applied.
+    let prompt = c.dc_nodes("dc1").into_iter().filter(|n| *n != leader).max().expect("a follower");
+    let slow = TestCluster::id("dc2-n1").to_string();
+    let delayed: Vec<String> = c.dc_nodes("dc1").into_iter().filter(|n| *n != prompt).collect();
+    set_faults(&c, &delayed, json!({"delay_ms": {slow: 2500}})).await;
+    let (code, v) = c.post("dc2-n1", &format!("/v1/orders/{id}/cancel"), json!({"session": token})).await;
+    assert_eq!((code, v["status"].as_str()), (200, Some("cancelled")), "cancel forwarded from dc2: {v}");
+    let (code, v) = c.get(&leader, &format!("/v1/orders/{id}")).await;
+    assert_eq!((code, v["status"].as_str()), (200, Some("cancelled")), "{v}");
+    c.heal().await;
+    c.must_converge(Duration::from_secs(10)).await;
+    let (_, inv) = c.get("dc2-n1", "/v1/inventory/sku-l").await;
+    assert_eq!(inv["by_dc"]["dc1"]["available"], 10, "one unit released once: {inv}");
+}
+
 #[tokio::test]
 async fn an_unreachable_owner_gives_503_for_reads_and_202_for_cancels() {
     let c = TestCluster::start(103, Options { dcs: 2, nodes: 1, ..Options::default() }).await;

@@ -61,6 +61,21 @@ pub struct ClusterSection {
     pub zone: String,
     #[serde(default = "default_dns_ttl")]
     pub dns_ttl_s: u32,
+    /// Raft groups per DC. Every DC has the same number, so an entity (session by token,
+    /// inventory and orders by SKU) lives in the same shard in every DC. Fixed for the
+    /// life of a cluster: changing it moves every entity.
+    #[serde(default = "default_shards", skip_serializing_if = "is_one_shard")]
+    pub shards: u16,
+}
+
+/// The most shards a DC may have.
+pub const SHARDS_MAX: u16 = 64;
+
+fn default_shards() -> u16 {
+    1
+}
+fn is_one_shard(n: &u16) -> bool {
+    *n == 1
 }
 
 fn default_zone() -> String {
@@ -471,6 +486,9 @@ impl ClusterConfig {
         check_name("cluster.name", &self.cluster.name)?;
         if !self.cluster.zone.ends_with('.') || self.cluster.zone.len() < 2 {
             return Err(invalid("cluster.zone", "must be a fully qualified name ending in '.'"));
+        }
+        if !(1..=SHARDS_MAX).contains(&self.cluster.shards) {
+            return Err(invalid("cluster.shards", format!("must be 1..={SHARDS_MAX}")));
         }
         self.check_raft()?;
         self.check_limits()?;

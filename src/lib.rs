@@ -52,6 +52,7 @@ pub mod raft;
 pub mod replication;
 pub mod resources;
 pub mod shard;
+pub mod shards;
 pub mod shop;
 pub mod soak_plot;
 pub mod storage;

@@ -1,5 +1,5 @@
-//! The shop's request paths: what each API call does, in terms of this node's shard and
-//! the other DCs — which writes it makes, which reads it waits for, when it asks the DC
+//! The shop's request paths: what each API call does, in terms of this node's shards and
+//! the other DCs — which shard holds what it names, which writes it makes, which reads it waits for, when it asks the DC
 //! that created an order or session, where a cancel goes, and when it asks other DCs for
 //! stock. The HTTP layer (`api::shop`) only parses requests and renders these results.
 
@@ -8,9 +8,9 @@ use std::sync::Arc;
 use crate::domain::{Command, Found, Inventory, Lookup, Order, Outcome, Rejection, Request, Session};
 use crate::error::NodeError;
 use crate::hlc::{self, Hlc};
-use crate::ids::random_hex;
+use crate::ids::{order_id, random_hex};
 use crate::replication::CrossDc;
-use crate::shard::Shard;
+use crate::shards::Shards;
 
 /// Why a shop call did not do what it was asked.
 #[derive(Debug)]
@@ -56,29 +56,36 @@ fn unexpected(o: Outcome) -> ShopError {
 }
 
 pub struct Shop {
-    shard: Arc<Shard>,
-    cross: Arc<CrossDc>,
+    shards: Arc<Shards>,
     hlc: Arc<Hlc>,
 }
 
 impl Shop {
-    pub fn new(shard: Arc<Shard>, cross: Arc<CrossDc>, hlc: Arc<Hlc>) -> Self {
-        Shop { shard, cross, hlc }
+    pub fn new(shards: Arc<Shards>, hlc: Arc<Hlc>) -> Self {
+        Shop { shards, hlc }
+    }
+
+    /// The shard (and its cross-DC side) that holds what `key` names: a token, a SKU or
+    /// an order id.
+    fn at(&self, key: &str) -> &Arc<CrossDc> {
+        self.shards.of(key)
     }
 
     /// This node's DC.
     pub fn dc(&self) -> &str {
-        &self.shard.dc
+        &self.shards.first().shard.dc
     }
 
     /// Whether `dc` answers this node right now (this DC always does).
     pub fn reachable(&self, dc: &str) -> bool {
-        dc == self.dc() || self.cross.links.reachable(dc)
+        dc == self.dc() || self.shards.first().links.reachable(dc)
     }
 
-    /// A write through Raft; a rejection by the rules is an error.
+    /// A write through the Raft group of the shard that holds what the command is about;
+    /// a rejection by the rules is an error.
     async fn write(&self, cmd: Command, key: Option<String>) -> Result<Outcome, ShopError> {
-        match self.shard.submit(Request::new(cmd, key)).await? {
+        let shard = &self.at(cmd.entity()).shard;
+        match shard.submit(Request::new(cmd, key)).await? {
             Outcome::Rejected(r) => Err(r.into()),
             other => Ok(other),
         }
@@ -87,18 +94,19 @@ impl Shop {
     /// The other DC an id or token names (`dc2-…`), if it names one: the DC to ask when
     /// this one has not seen it yet.
     fn foreign_owner(&self, id: &str) -> Option<String> {
-        self.shard.config.owner_of(id).filter(|dc| dc != self.dc())
+        self.shards.first().shard.config.owner_of(id).filter(|dc| dc != self.dc())
     }
 
     /// The session `token` names, as far as a linearizable view can tell: this DC's
     /// copy, or — for a token another DC created that this DC has not seen yet — that
     /// DC's. `None`: no such session. The second value says whether it came from the owner.
     async fn find_session(&self, token: &str) -> Result<(Option<Session>, bool), ShopError> {
-        if let Some(s) = self.shard.sm.session(token) {
+        let cross = self.at(token);
+        if let Some(s) = cross.shard.sm.session(token) {
             return Ok((Some(s), false));
         }
         let Some(owner) = self.foreign_owner(token) else { return Ok((None, false)) };
-        match self.cross.lookup(&owner, Lookup::Session(token.to_string())).await {
+        match cross.lookup(&owner, Lookup::Session(token.to_string())).await {
             Ok(Found::Session(s)) => Ok((s.filter(|s| s.token == token), true)),
             Ok(Found::Order(_)) => Err(NodeError::Internal(format!("{owner} answered a session lookup with an order")).into()),
             Err(cause) => Err(ShopError::OwnerUnreachable { owner, cause }),
@@ -117,8 +125,9 @@ impl Shop {
 
     /// A live session, read linearizably (asking its owner if need be) unless `stale`.
     pub async fn session(&self, token: &str, stale: bool) -> Result<Session, ShopError> {
-        self.shard.read_barrier(stale).await?;
-        let found = if stale { self.shard.sm.session(token) } else { self.find_session(token).await?.0 };
+        let shard = &self.at(token).shard;
+        shard.read_barrier(stale).await?;
+        let found = if stale { shard.sm.session(token) } else { self.find_session(token).await?.0 };
         found.filter(|s| !s.deleted).ok_or(ShopError::NotFound("session"))
     }
 
@@ -149,33 +158,27 @@ impl Shop {
     }
 
     pub async fn inventory(&self, sku: &str, stale: bool) -> Result<Inventory, ShopError> {
-        self.shard.read_barrier(stale).await?;
-        self.shard.sm.inventory(sku).ok_or(ShopError::NotFound("sku"))
+        let shard = &self.at(sku).shard;
+        shard.read_barrier(stale).await?;
+        shard.sm.inventory(sku).ok_or(ShopError::NotFound("sku"))
     }
 
-    /// Places an order: one Raft write. A session another DC created and this one has
-    /// not seen yet is fetched from its owner (a read there, no write), and the entry
-    /// carries the owner's version, which every replica merges before placing the order.
-    /// Afterwards, if this DC runs low on the SKU, it asks the others for stock.
+    /// Places an order: one Raft write, in the shard of its SKU. A session another DC
+    /// created and this one has not seen yet is fetched from its owner (a read there, no
+    /// write), and the entry carries the owner's version, which every replica merges
+    /// before placing the order. A session in another shard than the SKU is checked here,
+    /// in its shard (see [`Shop::order_in_other_shard`]). Afterwards, if this DC runs low
+    /// on the SKU, it asks the others for stock.
     pub async fn place_order(&self, session: String, sku: String, qty: u32, key: Option<String>) -> Result<Order, ShopError> {
-        // The id names its origin DC, and is globally unique.
-        let id = format!("{}-{}", self.dc(), random_hex());
-        // Use refreshes the session, at most once per tenth of its TTL (from this node's
-        // view, which may be stale: then the version looks older and the refresh happens
-        // anyway).
-        let refresh_after_ms = self.shard.config.limits.session_ttl_s.saturating_mul(1000) / 10;
-        let (found, from_owner) = self.find_session(&session).await?;
-        let refresh_session = found.as_ref().is_some_and(|s| !s.deleted && hlc::age_ms(s.hlc) >= refresh_after_ms);
-        let (dc, hlc) = (self.dc().to_string(), self.hlc.now());
-        let cmd = match found {
-            Some(record) if from_owner && !record.deleted => {
-                Command::PlaceOrderWithSession { record, id, session, sku: sku.clone(), qty, dc, hlc, refresh_session }
-            }
-            Some(_) if from_owner => return Err(Rejection::UnknownSession.into()),
-            _ => Command::PlaceOrder { id, session, sku: sku.clone(), qty, dc, hlc, refresh_session },
+        let (count, sku_shard) = (self.shards.count(), self.shards.number_of(&sku));
+        // The id names its origin DC and leads to the SKU's shard; it is globally unique.
+        let id = order_id(self.dc(), sku_shard, count);
+        let r = if self.shards.number_of(&session) == sku_shard {
+            self.order_in_one_shard(id, session, &sku, qty, key).await
+        } else {
+            self.order_in_other_shard(id, session, &sku, qty, key).await
         };
-        let r = self.write(cmd, key).await;
-        self.cross.after_order(&sku);
+        self.at(&sku).after_order(&sku);
         match r {
             Ok(Outcome::Order(o)) => Ok(o),
             Ok(other) => Err(unexpected(other)),
@@ -184,8 +187,58 @@ impl Shop {
         }
     }
 
+    /// Whether use should refresh `s`: at most once per tenth of its TTL (from this
+    /// node's view, which may be stale: then the version looks older and the refresh
+    /// happens anyway).
+    fn due_for_refresh(&self, s: &Session) -> bool {
+        let refresh_after_ms = self.shards.first().shard.config.limits.session_ttl_s.saturating_mul(1000) / 10;
+        !s.deleted && hlc::age_ms(s.hlc) >= refresh_after_ms
+    }
+
+    /// The session and the SKU in one shard: the entry checks the session and refreshes it.
+    async fn order_in_one_shard(&self, id: String, session: String, sku: &str, qty: u32, key: Option<String>) -> Result<Outcome, ShopError> {
+        let (found, from_owner) = self.find_session(&session).await?;
+        let refresh_session = found.as_ref().is_some_and(|s| self.due_for_refresh(s));
+        let (dc, hlc, sku) = (self.dc().to_string(), self.hlc.now(), sku.to_string());
+        let cmd = match found {
+            Some(record) if from_owner && !record.deleted => Command::PlaceOrderWithSession { record, id, session, sku, qty, dc, hlc, refresh_session },
+            Some(_) if from_owner => return Err(Rejection::UnknownSession.into()),
+            _ => Command::PlaceOrder { id, session, sku, qty, dc, hlc, refresh_session },
+        };
+        self.write(cmd, key).await
+    }
+
+    /// The session in another shard than the SKU: checked here, in its shard — this
+    /// node's replica when it has the session live, else after a read barrier there (or
+    /// its owner DC's answer) — and named in the order's entry, so the order is still one
+    /// write, in the SKU's shard. A refresh the session is due goes to its shard after the
+    /// order, which does not wait for it. A logout racing the order may lose to it, as it
+    /// would if it came a moment later.
+    async fn order_in_other_shard(&self, id: String, session: String, sku: &str, qty: u32, key: Option<String>) -> Result<Outcome, ShopError> {
+        let mut found = self.find_session(&session).await?;
+        if found.0.as_ref().is_none_or(|s| s.deleted) && !found.1 {
+            self.at(&session).shard.read_barrier(false).await?;
+            found = self.find_session(&session).await?;
+        }
+        let Some(record) = found.0.filter(|s| !s.deleted) else { return Err(Rejection::UnknownSession.into()) };
+        let refresh = !found.1 && self.due_for_refresh(&record);
+        let (dc, hlc) = (self.dc().to_string(), self.hlc.now());
+        let cmd = Command::PlaceOrderChecked { id, session: session.clone(), user: record.user, sku: sku.to_string(), qty, dc: dc.clone(), hlc };
+        let r = self.write(cmd, key).await;
+        if refresh && matches!(r, Ok(Outcome::Order(_))) {
+            let shard = self.at(&session).shard.clone();
+            tokio::spawn(async move {
+                let cmd = Command::RefreshSession { token: session, dc, hlc };
+                if let Err(e) = shard.submit(Request::new(cmd, None)).await {
+                    tracing::debug!(error = %e, "session refresh after an order failed; the next order retries it");
+                }
+            });
+        }
+        r
+    }
+
     fn sold_out(&self, sku: &str, available: u64, requested: u32) -> ShopError {
-        let inv = self.shard.sm.inventory(sku).unwrap_or_default();
+        let inv = self.at(sku).shard.sm.inventory(sku).unwrap_or_default();
         let others: Vec<String> = inv.dcs().into_iter().filter(|d| d != self.dc()).collect();
         let held_by_other_dcs = others.iter().map(|d| inv.available(d)).fold(0u64, u64::saturating_add);
         let held_by_unreachable_dcs = others.iter().filter(|d| !self.reachable(d)).map(|d| inv.available(d)).fold(0u64, u64::saturating_add);
@@ -195,12 +248,13 @@ impl Shop {
     /// An order, read linearizably unless `stale`; another DC's order this DC has not
     /// seen yet is asked of its owner (a stale read does not ask).
     pub async fn order(&self, id: &str, stale: bool) -> Result<Order, ShopError> {
-        self.shard.read_barrier(stale).await?;
-        if let Some(o) = self.shard.sm.order(id) {
+        let cross = self.at(id);
+        cross.shard.read_barrier(stale).await?;
+        if let Some(o) = cross.shard.sm.order(id) {
             return Ok(o);
         }
         let Some(owner) = self.foreign_owner(id).filter(|_| !stale) else { return Err(ShopError::NotFound("order")) };
-        match self.cross.lookup(&owner, Lookup::Order(id.to_string())).await {
+        match cross.lookup(&owner, Lookup::Order(id.to_string())).await {
             Ok(Found::Order(Some(o))) => Ok(o),
             Ok(_) => Err(ShopError::NotFound("order")),
             Err(cause) => Err(ShopError::OwnerUnreachable { owner, cause }),
@@ -210,8 +264,8 @@ impl Shop {
     /// Cancels an order with the session that placed it. The owner — the DC the id names
     /// (`dc2-…`), whether or not this DC has a copy yet — alone may cancel.
     pub async fn cancel(&self, id: String, session: String, key: Option<String>) -> Result<Cancelled, ShopError> {
-        let local = self.shard.sm.order(&id);
-        let owner = self.shard.config.owner_of(&id).or_else(|| local.as_ref().map(|o| o.dc.clone())).unwrap_or_else(|| self.dc().to_string());
+        let local = self.at(&id).shard.sm.order(&id);
+        let owner = self.shards.first().shard.config.owner_of(&id).or_else(|| local.as_ref().map(|o| o.dc.clone())).unwrap_or_else(|| self.dc().to_string());
         if owner != self.dc() {
             return self.cancel_foreign(id, owner, session, key, local).await;
         }
@@ -239,7 +293,7 @@ impl Shop {
         // never `already_cancelled` for a cancel that it made itself.
         let key = key.unwrap_or_else(|| format!("fwd-{}", crate::ids::random_hex()));
         let req = Request::new(Command::CancelOrder { id: id.clone(), dc: owner.clone(), session: session.clone(), hlc: self.hlc.now() }, Some(key));
-        match self.cross.forward_to_owner(&owner, req).await {
+        match self.at(&id).forward_to_owner(&owner, req).await {
             Ok(Outcome::Order(o)) => Ok(Cancelled::Done(o)),
             Ok(Outcome::Rejected(r)) => Err(r.into()),
             Ok(other) => Err(unexpected(other)),

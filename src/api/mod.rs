@@ -51,6 +51,10 @@ pub struct ApiState {
     pub info: NodeInfo,
     pub config: Arc<ClusterConfig>,
     pub shop: Shop,
+    /// Every shard this node hosts.
+    pub shards: Arc<crate::shards::Shards>,
+    /// Shard 0: what belongs to the whole DC (operator settings, the links that DNS and
+    /// health read).
     pub shard: Arc<Shard>,
     pub cross: Arc<CrossDc>,
     pub hlc: Arc<Hlc>,

@@ -185,15 +185,20 @@ fn execute(state: &mut impl State, cmd: &Command, key: Option<&str>) -> Outcome 
         Command::DeleteSession { token, dc, hlc } => delete_session(state, token, dc, *hlc),
         Command::Restock { sku, add, dc, hlc } => restock(state, sku, *add, dc, *hlc),
         Command::PlaceOrder { id, session, sku, qty, dc, hlc, refresh_session } => {
-            let o = NewOrder { id, session, sku, qty: *qty, dc, hlc: *hlc, key, refresh_session: *refresh_session };
+            let o = NewOrder { id, session, sku, qty: *qty, dc, hlc: *hlc, key, refresh_session: *refresh_session, checked_user: None };
             place_order(state, o)
         }
+        Command::PlaceOrderChecked { id, session, user, sku, qty, dc, hlc } => {
+            let o = NewOrder { id, session, sku, qty: *qty, dc, hlc: *hlc, key, refresh_session: false, checked_user: Some(user) };
+            place_order(state, o)
+        }
+        Command::RefreshSession { token, dc, hlc } => refresh_session(state, token, dc, *hlc),
         Command::PlaceOrderWithSession { record, id, session, sku, qty, dc, hlc, refresh_session } => {
             // The owner's version of the session, merged like a replicated one (not ours to
             // ship: the owner does); then the order, exactly as `PlaceOrder`.
             let merged = state.session(&record.token).map(|old| old.merge(record.clone())).unwrap_or_else(|| record.clone());
             store_session(state, merged);
-            let o = NewOrder { id, session, sku, qty: *qty, dc, hlc: *hlc, key, refresh_session: *refresh_session };
+            let o = NewOrder { id, session, sku, qty: *qty, dc, hlc: *hlc, key, refresh_session: *refresh_session, checked_user: None };
             place_order(state, o)
         }
         Command::DeleteSessionWithRecord { record, token, dc, hlc } => {
@@ -251,6 +256,13 @@ fn check(state: &impl State, cmd: &Command) -> Result<(), String> {
             .and(validate::name("sku", sku))
             .and(validate::qty(*qty as i64).map(|_| ()))
             .and(own(dc)),
+        Command::PlaceOrderChecked { id, session, user, sku, qty, dc, .. } => validate::name("id", id)
+            .and(validate::name("session", session))
+            .and(validate::name("user", user))
+            .and(validate::name("sku", sku))
+            .and(validate::qty(*qty as i64).map(|_| ()))
+            .and(own(dc)),
+        Command::RefreshSession { token, dc, .. } => validate::name("token", token).and(own(dc)),
         Command::CancelOrder { id, dc, session, .. } => validate::name("id", id).and(validate::name("session", session)).and(own(dc)),
         Command::DeleteSessionWithRecord { record, token, .. } if record.token != *token => Err("the session record is not the one deleted".into()),
         Command::DeleteSessionWithRecord { record, token, dc, .. } => {
@@ -330,6 +342,8 @@ struct NewOrder<'a> {
     hlc: u64,
     key: Option<&'a str>,
     refresh_session: bool,
+    /// The session's user, when the proposer checked the session in its own shard.
+    checked_user: Option<&'a str>,
 }
 
 fn place_order(state: &mut impl State, o: NewOrder) -> Outcome {
@@ -345,9 +359,15 @@ fn place_order(state: &mut impl State, o: NewOrder) -> Outcome {
             return Outcome::Order(first);
         }
     }
-    let Some(sess) = state.session(o.session).filter(|s| !s.deleted) else {
-        return Outcome::Rejected(Rejection::UnknownSession);
+    // The session: looked up here, unless the proposer checked it in its own shard.
+    let sess = match o.checked_user {
+        Some(_) => None,
+        None => match state.session(o.session).filter(|s| !s.deleted) {
+            Some(s) => Some(s),
+            None => return Outcome::Rejected(Rejection::UnknownSession),
+        },
     };
+    let user = o.checked_user.map(String::from).or_else(|| sess.as_ref().map(|s| s.user.clone())).unwrap_or_default();
     let Some(mut inv) = state.inventory(o.sku) else {
         return Outcome::Rejected(Rejection::UnknownSku);
     };
@@ -363,7 +383,7 @@ fn place_order(state: &mut impl State, o: NewOrder) -> Outcome {
     let order = Order {
         id: o.id.into(),
         session: o.session.into(),
-        user: sess.user.clone(),
+        user,
         sku: o.sku.into(),
         qty: o.qty,
         status: OrderStatus::Placed,
@@ -374,17 +394,35 @@ fn place_order(state: &mut impl State, o: NewOrder) -> Outcome {
     if let Some(scope) = &scope {
         store_duplicates(state, scope, DuplicateSet { hlc: o.hlc, ids: vec![order.id.clone()] });
     }
-    if o.refresh_session {
-        // Used: a newer version from this DC, which now expires it TTL after this order.
-        let fresh = Session { hlc: o.hlc.max(sess.hlc + 1), dc: o.dc.into(), ..sess };
-        store_session(state, fresh.clone());
-        state.emit(o.hlc, Change::Session(fresh));
+    if let Some(sess) = sess.filter(|_| o.refresh_session) {
+        refresh(state, sess, o.dc, o.hlc);
     }
     state.put_inventory(inv.clone());
     state.put_order(order.clone());
     state.emit(o.hlc, Change::Order(order.clone()));
     emit_stock(state, &inv, o.dc, o.hlc);
     Outcome::Order(order)
+}
+
+/// Used: a newer version of the session from this DC, which now expires it TTL after
+/// `hlc`.
+fn refresh(state: &mut impl State, sess: Session, dc: &str, hlc: u64) {
+    let fresh = Session { hlc: hlc.max(sess.hlc.saturating_add(1)), dc: dc.into(), ..sess };
+    store_session(state, fresh.clone());
+    state.emit(hlc, Change::Session(fresh));
+}
+
+/// `RefreshSession`: a live session whose version is older than `hlc` is refreshed; any
+/// other (gone, logged out, already newer) is left alone.
+fn refresh_session(state: &mut impl State, token: &str, dc: &str, hlc: u64) -> Outcome {
+    match state.session(token).filter(|s| !s.deleted) {
+        Some(s) if s.hlc < hlc => {
+            refresh(state, s.clone(), dc, hlc);
+            Outcome::Session(state.session(token).unwrap_or(s))
+        }
+        Some(s) => Outcome::Session(s),
+        None => Outcome::Rejected(Rejection::UnknownSession),
+    }
 }
 
 /// Whether `session` may change `order`: it must be the session that placed the order,

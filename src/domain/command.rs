@@ -141,6 +141,28 @@ pub enum Command {
         dc: String,
         hlc: u64,
     },
+    /// `PlaceOrder` in a DC of several shards when the session lives in another shard than
+    /// the SKU: the proposing node found the session live in its shard (a read, not a
+    /// write) and names its `user`; applying does not look the session up, so placing the
+    /// order stays one entry in the SKU's shard. (After `DeleteSessionWithRecord`, so
+    /// older entries decode.)
+    PlaceOrderChecked {
+        id: String,
+        session: String,
+        user: String,
+        sku: String,
+        qty: u32,
+        dc: String,
+        hlc: u64,
+    },
+    /// Use refreshes a session that lives in another shard than the order that used it:
+    /// a newer version from this DC at `hlc`, if the session is live and older. Proposed
+    /// after the order, which does not wait for it.
+    RefreshSession {
+        token: String,
+        dc: String,
+        hlc: u64,
+    },
 }
 
 /// What Raft replicates: a command and the client's `Idempotency-Key`, if it sent one.
@@ -164,9 +186,9 @@ impl Request {
             Command::DeleteSession { token, .. } | Command::DeleteSessionWithRecord { token, .. } => (format!("logout/{k}"), token.clone()),
             Command::Restock { sku, add, .. } => (format!("restock/{k}"), format!("{sku}/{add}")),
             // Scoped by session: two shoppers may pick the same key.
-            Command::PlaceOrder { session, sku, qty, .. } | Command::PlaceOrderWithSession { session, sku, qty, .. } => {
-                (order_key_scope(session, k), format!("{sku}/{qty}"))
-            }
+            Command::PlaceOrder { session, sku, qty, .. }
+            | Command::PlaceOrderWithSession { session, sku, qty, .. }
+            | Command::PlaceOrderChecked { session, sku, qty, .. } => (order_key_scope(session, k), format!("{sku}/{qty}")),
             // Scoped by session too: only the same shopper gets the first answer back.
             Command::CancelOrder { id, session, .. } => (format!("cancel/{session}/{k}"), id.clone()),
             _ => return None,
@@ -182,10 +204,14 @@ impl Command {
     /// The entity a command is about: commands for one entity are serialised by its actor.
     pub fn entity(&self) -> &str {
         match self {
-            Command::CreateSession { token, .. } | Command::DeleteSession { token, .. } | Command::DeleteSessionWithRecord { token, .. } => token,
+            Command::CreateSession { token, .. }
+            | Command::DeleteSession { token, .. }
+            | Command::DeleteSessionWithRecord { token, .. }
+            | Command::RefreshSession { token, .. } => token,
             Command::Restock { sku, .. }
             | Command::PlaceOrder { sku, .. }
             | Command::PlaceOrderWithSession { sku, .. }
+            | Command::PlaceOrderChecked { sku, .. }
             | Command::Grant { sku, .. }
             | Command::GrantAboveReserve { sku, .. } => sku,
             Command::CancelOrder { id, .. } | Command::RequestCancel { id, .. } => id,
@@ -205,6 +231,8 @@ impl Command {
             | Command::Restock { hlc, .. }
             | Command::PlaceOrder { hlc, .. }
             | Command::PlaceOrderWithSession { hlc, .. }
+            | Command::PlaceOrderChecked { hlc, .. }
+            | Command::RefreshSession { hlc, .. }
             | Command::DeleteSessionWithRecord { hlc, .. }
             | Command::CancelOrder { hlc, .. }
             | Command::Grant { hlc, .. }

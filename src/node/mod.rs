@@ -1,4 +1,4 @@
-//! A node: a process hosting this DC's shard, wired in [`start`] in dependency order —
+//! A node: a process hosting a replica of each of its DC's shards, wired in [`start`] in dependency order —
 //! storage, transport, Raft, actors, the cross-DC links, DNS, HTTP — and stopped in
 //! [`Running::shutdown`]. This is the composition root: the parts it builds hold only what
 //! they use, and nothing below imports it.
@@ -24,6 +24,7 @@ use crate::raft::proposer::{Proposer, ProposerLimits};
 use crate::raft::{network::Network, raft_config, Raft};
 use crate::replication::{self, CrossDc};
 use crate::shard::{background, Shard, ShardParts};
+use crate::shards::Shards;
 use crate::shop::Shop;
 use crate::storage;
 use crate::transport::server::{Admission, ServerLimits};
@@ -56,7 +57,8 @@ pub struct Running {
     pub state: Arc<ApiState>,
     pub http_addr: SocketAddr,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    supervisor: ractor::ActorRef<()>,
+    /// One actor supervisor per shard.
+    supervisors: Vec<ractor::ActorRef<()>>,
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
@@ -99,8 +101,50 @@ async fn start_actors(
     Ok((directory, supervisor))
 }
 
-/// Starts every part of a node, in dependency order: storage, transport, Raft, actors,
-/// the cross-DC links, DNS, HTTP; then bootstraps the DC if this is its first start.
+/// What one shard needs from the node to start.
+struct ShardEnv<'a> {
+    config: &'a Arc<ClusterConfig>,
+    info: &'a crate::config::NodeInfo,
+    peers: &'a Peers,
+    faults: &'a Faults,
+    hlc: &'a Arc<Hlc>,
+    metrics: &'a Metrics,
+}
+
+/// Starts shard `number`'s replica on this node: its Raft group over its own trees, the
+/// actors that serialise its writes, and its cross-DC side; all its peer traffic is
+/// addressed to the same shard on the other nodes.
+async fn start_shard(
+    env: &ShardEnv<'_>,
+    number: u16,
+    log: storage::LogStore,
+    sm: storage::StateMachineStore,
+) -> anyhow::Result<(Arc<CrossDc>, ractor::ActorRef<()>)> {
+    let (config, info) = (env.config, env.info);
+    let peers = env.peers.for_shard(number);
+    let reader = sm.reader();
+    let raft = Raft::new(info.id, raft_config(config, &info.dc)?, Network { peers: peers.clone() }, log, sm)
+        .await
+        .with_context(|| format!("start raft of shard {number}"))?;
+    let (actors, supervisor) = start_actors(config, &raft, &reader, env.metrics).await?;
+    let parts = ShardParts {
+        number,
+        dc: info.dc.clone(),
+        me: info.id,
+        config: config.clone(),
+        raft,
+        sm: reader,
+        actors,
+        peers: peers.clone(),
+        metrics: env.metrics.clone(),
+    };
+    let shard = Shard::new(parts);
+    Ok((CrossDc::new(shard, env.hlc.clone(), peers, env.faults.clone(), env.metrics.clone()), supervisor))
+}
+
+/// Starts every part of a node, in dependency order: storage, transport, each shard's
+/// Raft group, actors and cross-DC links, DNS, HTTP; then bootstraps each shard if this is
+/// the DC's first start.
 pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<Running> {
     let info = config.node(&opts.name).ok_or_else(|| anyhow::anyhow!("unknown node '{}'; valid nodes: {}", opts.name, config.node_names().join(", ")))?;
     let config = Arc::new(config);
@@ -108,41 +152,45 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     let http_listener = bind(info.http, "http").await?;
     let admin_listener = bind(info.admin, "admin").await?;
     let st = &config.storage;
-    let (log, sm) =
-        storage::open_with(&opts.data_dir, &info.dc, st.durability, st.sled_cache_bytes_max, st.sled_segment_bytes, config.limits.cache_entities_max)
-            .context("open storage")?;
-    let reader = sm.reader();
+    let sled = storage::SledOptions { durability: st.durability, cache_bytes: st.sled_cache_bytes_max, segment_bytes: st.sled_segment_bytes };
+    let stores = storage::open_shards(&opts.data_dir, &info.dc, config.cluster.shards, sled, config.limits.cache_entities_max).context("open storage")?;
     let faults = Faults::default();
     let security = security(&opts, &info.name, info.id)?;
     let wan = transport::Wan::new(&config, &info.dc);
     let peers = Peers::new(&config, info.id, faults.clone(), security.clone(), &wan);
-    let raft = Raft::new(info.id, raft_config(&config, &info.dc)?, Network { peers: peers.clone() }, log, sm).await.context("start raft")?;
     let metrics = Metrics::new(&info.name, &info.dc);
-    let (actors, supervisor) = start_actors(&config, &raft, &reader, &metrics).await?;
-    let shard_parts =
-        ShardParts { dc: info.dc.clone(), me: info.id, config: config.clone(), raft, sm: reader, actors, peers: peers.clone(), metrics: metrics.clone() };
-    let shard = Shard::new(shard_parts);
     let hlc = Arc::new(Hlc::default());
-    let cross = CrossDc::new(shard.clone(), hlc.clone(), peers, faults.clone(), metrics.clone());
+    let env = ShardEnv { config: &config, info: &info, peers: &peers, faults: &faults, hlc: &hlc, metrics: &metrics };
+    let (mut hosted, mut supervisors) = (Vec::new(), Vec::new());
+    for (number, (log, sm)) in (0u16..).zip(stores) {
+        let (cross, supervisor) = start_shard(&env, number, log, sm).await?;
+        hosted.push(cross);
+        supervisors.push(supervisor);
+    }
+    let shards = Arc::new(Shards::new(hosted));
+    let (shard, cross) = (shards.first().shard.clone(), shards.first().clone());
 
     let l = &config.limits;
     let conns = ConnLimits { total_max: l.peer_conns_max, per_source_max: l.peer_conns_per_source_max };
     let door = Door::counted("peer", conns, Duration::from_millis(l.peer_idle_timeout_ms), metrics.door());
     let limits = ServerLimits { frame_bytes_max: l.peer_frame_bytes_max, inflight_per_connection_max: l.peer_inflight_max, door };
     let admission = Admission { security, directory: Arc::new(PeerDirectory::new(&config)) };
-    let handler = Arc::new(peer::Handler { shard: shard.clone(), cross: cross.clone() });
+    let handler = Arc::new(peer::Handler { shards: shards.all().to_vec() });
     let mut tasks = vec![tokio::spawn(transport::serve(peer_listener, handler, faults.clone(), wan.clone(), limits, admission))];
-    tasks.push(tokio::spawn(bootstrap(shard.clone())));
-    tasks.push(tokio::spawn(background::snapshot_loop(shard.clone())));
-    tasks.push(tokio::spawn(background::expiry_loop(shard.clone(), hlc.clone())));
-    tasks.extend(replication::spawn(cross.clone()));
+    for c in shards.all() {
+        tasks.push(tokio::spawn(bootstrap(c.shard.clone())));
+        tasks.push(tokio::spawn(background::snapshot_loop(c.shard.clone())));
+        tasks.push(tokio::spawn(background::expiry_loop(c.shard.clone(), hlc.clone())));
+        tasks.extend(replication::spawn(c.clone()));
+    }
     let dns =
         DnsThread::spawn(info.dns, Arc::new(ClusterView::new(cross.clone())), config.dns.rate_limit()).with_context(|| format!("start dns on {}", info.dns))?;
 
     let state = Arc::new(ApiState {
         info: info.clone(),
         config: config.clone(),
-        shop: Shop::new(shard.clone(), cross.clone(), hlc.clone()),
+        shop: Shop::new(shards.clone(), hlc.clone()),
+        shards,
         shard,
         cross,
         hlc,
@@ -159,22 +207,32 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
         tracing::warn!(admin = %info.admin, "no admin token: the admin API refuses every call");
     }
     tasks.push(tokio::spawn(crate::api::serve_admin(admin_listener, state.clone(), admin_token)));
-    tracing::info!(node = %info.name, dc = %info.dc, id = info.id, http = %http_addr, peer = %info.peer, admin = %info.admin, "node started");
-    Ok(Running { state, http_addr, tasks, supervisor })
+    tracing::info!(node = %info.name, dc = %info.dc, id = info.id, shards = config.cluster.shards, http = %http_addr, peer = %info.peer, admin = %info.admin, "node started");
+    Ok(Running { state, http_addr, tasks, supervisors })
 }
 
 /// A fresh DC forms by itself: every node whose store is empty proposes the configured
 /// members. openraft writes that membership as log entry 0 with the same id on every
-/// node, so several nodes doing it is harmless, and an initialised node refuses.
+/// node, so several nodes doing it is harmless, and an initialised node refuses. With
+/// several shards, the first leaders are spread: all but a shard's preferred node hold
+/// back their election timers while it stands first.
 async fn bootstrap(shard: Arc<Shard>) {
     match shard.raft.is_initialized().await {
         Ok(false) => {}
         Ok(true) => return rejoin_quietly(&shard).await,
         Err(_) => return,
     }
+    let hold_back = shard.config.cluster.shards > 1 && shard.preferred_leader() != Some(shard.me);
+    if hold_back {
+        shard.raft.runtime_config().elect(false);
+    }
     match shard.raft.initialize(shard.configured_members()).await {
-        Ok(()) => tracing::info!(dc = %shard.dc, "bootstrapped datacentre membership"),
+        Ok(()) => tracing::info!(dc = %shard.dc, shard = shard.number, "bootstrapped datacentre membership"),
         Err(e) => tracing::debug!(error = %e, "bootstrap skipped"),
+    }
+    if hold_back {
+        tokio::time::sleep(Duration::from_millis(2 * shard.config.raft.election_timeout_max_ms)).await;
+        shard.raft.runtime_config().elect(true);
     }
 }
 
@@ -198,10 +256,14 @@ impl Running {
         if let Some(dns) = dns {
             dns.shutdown().await;
         }
-        if let Err(e) = self.state.shard.raft.shutdown().await {
-            tracing::warn!(error = %e, "raft shutdown");
+        for c in self.state.shards.all() {
+            if let Err(e) = c.shard.raft.shutdown().await {
+                tracing::warn!(shard = c.shard.number, error = %e, "raft shutdown");
+            }
         }
-        self.supervisor.stop(None);
+        for s in &self.supervisors {
+            s.stop(None);
+        }
         tracing::info!(node = %self.state.info.name, "node stopped");
     }
 }

@@ -1,6 +1,7 @@
-//! The peer port's dispatcher: Raft RPCs, forwarded writes, read-index asks and
-//! membership changes from nodes of this DC go to the shard; everything from other DCs
-//! goes to the cross-DC receiver.
+//! The peer port's dispatcher: a request goes to the shard it names (`PeerRequest::Shard`,
+//! or shard 0 when unwrapped); there, Raft RPCs, forwarded writes, read-index asks and
+//! membership changes from nodes of this DC go to the shard's Raft group, and everything
+//! from other DCs goes to the shard's cross-DC receiver.
 
 use std::sync::Arc;
 
@@ -12,48 +13,67 @@ use crate::shard::{inbound, Shard};
 use crate::transport::{PeerHandler, PeerRequest, PeerResponse};
 
 pub struct Handler {
-    pub shard: Arc<Shard>,
-    pub cross: Arc<CrossDc>,
+    /// The shards this node hosts, by number, each with its cross-DC side.
+    pub shards: Vec<Arc<CrossDc>>,
 }
 
 #[async_trait::async_trait]
 impl PeerHandler for Handler {
     async fn handle(&self, from: NodeId, req: PeerRequest) -> PeerResponse {
-        let shard = &self.shard;
-        if !shard.is_member(from) {
-            return receiver::handle(&self.cross, from, req).await;
+        let (number, req) = match req {
+            PeerRequest::Shard { shard, req } => (shard, *req),
+            other => (0, other),
+        };
+        if matches!(req, PeerRequest::Shard { .. }) {
+            crate::warn_limited!("peer_nested_shard", from, "nested shard request refused");
+            return PeerResponse::Refused("nested shard request".into());
         }
-        match req {
-            // Checked by `raft::guard` before openraft sees them.
-            PeerRequest::AppendEntries(r) => inbound::append_entries(shard, from, r).await,
-            PeerRequest::Vote(r) => inbound::vote(shard, from, r).await,
-            PeerRequest::InstallSnapshot(r) => inbound::install_snapshot(shard, from, r).await,
-            PeerRequest::Submit(cmd) => PeerResponse::Submit(self.submit_forwarded(cmd).await),
-            PeerRequest::ReadIndex => PeerResponse::ReadIndex(shard.read_index_local().await),
-            PeerRequest::Membership(op) => PeerResponse::Membership(shard.change_membership_local(op).await),
-            PeerRequest::Probe => PeerResponse::Probe(shard.probe_ack()),
-            // Cross-DC requests from a node of this DC: a confused or hostile peer.
-            other @ (PeerRequest::Replicate { .. } | PeerRequest::InstallRemote { .. } | PeerRequest::AskStock { .. } | PeerRequest::Lookup(_)) => {
-                // The request's name only: its payload may be a whole DC's state.
-                let request = receiver::request_name(&other);
-                crate::warn_limited!("peer_same_dc_cross_dc_request", from, request, "cross-DC request from a node of this DC refused");
-                PeerResponse::Refused("cross-DC request from the same DC".into())
-            }
+        let Some(cross) = self.shards.get(usize::from(number)) else {
+            crate::warn_limited!("peer_unknown_shard", from, shard = number, "request for a shard this DC does not have refused");
+            return PeerResponse::Refused(format!("no shard {number} here"));
+        };
+        handle_in_shard(cross, from, req).await
+    }
+}
+
+/// A request for one shard.
+async fn handle_in_shard(cross: &Arc<CrossDc>, from: NodeId, req: PeerRequest) -> PeerResponse {
+    let shard = &cross.shard;
+    if !shard.is_member(from) {
+        return receiver::handle(cross, from, req).await;
+    }
+    match req {
+        // Checked by `raft::guard` before openraft sees them.
+        PeerRequest::AppendEntries(r) => inbound::append_entries(shard, from, r).await,
+        PeerRequest::Vote(r) => inbound::vote(shard, from, r).await,
+        PeerRequest::InstallSnapshot(r) => inbound::install_snapshot(shard, from, r).await,
+        PeerRequest::Submit(cmd) => PeerResponse::Submit(submit_forwarded(shard, cmd).await),
+        PeerRequest::ReadIndex => PeerResponse::ReadIndex(shard.read_index_local().await),
+        PeerRequest::Membership(op) => PeerResponse::Membership(shard.change_membership_local(op).await),
+        PeerRequest::Probe => PeerResponse::Probe(shard.probe_ack()),
+        // Cross-DC requests from a node of this DC: a confused or hostile peer.
+        other @ (PeerRequest::Replicate { .. }
+        | PeerRequest::InstallRemote { .. }
+        | PeerRequest::AskStock { .. }
+        | PeerRequest::Lookup(_)
+        | PeerRequest::Shard { .. }) => {
+            // The request's name only: its payload may be a whole DC's state.
+            let request = receiver::request_name(&other);
+            crate::warn_limited!("peer_same_dc_cross_dc_request", from, request, "cross-DC request from a node of this DC refused");
+            PeerResponse::Refused("cross-DC request from the same DC".into())
         }
     }
 }
 
-impl Handler {
-    /// A write forwarded by a follower of this DC, run here if this node leads: its
-    /// timestamp must not be beyond the clock offset (a command is proposed with the
-    /// timestamp it carries). The sender is a node of this DC, so a timestamp too far
-    /// ahead means the two clocks disagree: a retryable `ClockSkew`, not a bad request.
-    async fn submit_forwarded(&self, req: Request) -> Result<Outcome, NodeError> {
-        let max_offset = self.shard.config.replication.max_clock_offset_ms;
-        if let Err(m) = crate::replication::guard::check_command(&req.cmd, crate::hlc::wall_ms(), max_offset) {
-            crate::warn_limited!("forwarded_clock_skew", reason = %m, "forwarded command refused: clocks disagree");
-            return Err(NodeError::ClockSkew(m));
-        }
-        self.shard.submit_local(req).await
+/// A write forwarded by a follower of this DC, run here if this node leads: its
+/// timestamp must not be beyond the clock offset (a command is proposed with the
+/// timestamp it carries). The sender is a node of this DC, so a timestamp too far
+/// ahead means the two clocks disagree: a retryable `ClockSkew`, not a bad request.
+async fn submit_forwarded(shard: &Shard, req: Request) -> Result<Outcome, NodeError> {
+    let max_offset = shard.config.replication.max_clock_offset_ms;
+    if let Err(m) = crate::replication::guard::check_command(&req.cmd, crate::hlc::wall_ms(), max_offset) {
+        crate::warn_limited!("forwarded_clock_skew", reason = %m, "forwarded command refused: clocks disagree");
+        return Err(NodeError::ClockSkew(m));
     }
+    shard.submit_local(req).await
 }

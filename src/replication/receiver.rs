@@ -117,5 +117,6 @@ pub fn request_name(r: &PeerRequest) -> &'static str {
         PeerRequest::Probe => "probe",
         PeerRequest::AskStock { .. } => "ask_stock",
         PeerRequest::Lookup(_) => "lookup",
+        PeerRequest::Shard { .. } => "shard",
     }
 }

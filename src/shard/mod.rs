@@ -5,8 +5,8 @@
 //! index: the leader confirms its lease with a quorum, the reading node waits until it
 //! has applied up to that index).
 //!
-//! A DC is one group today, so a node hosts one shard; everything a group owns lives
-//! here, so that hosting several is a matter of the wiring in `node`.
+//! A node hosts one replica of each of its DC's shards (`crate::shards`); everything a
+//! group owns lives here.
 
 pub mod background;
 pub mod inbound;
@@ -33,6 +33,8 @@ use crate::transport::{PeerRequest, PeerResponse, Peers};
 const SUBMIT_ATTEMPTS: usize = 3;
 
 pub struct Shard {
+    /// Which of the DC's shards this is.
+    pub number: u16,
     /// The DC this group replicates within.
     pub dc: String,
     /// This node's id.
@@ -53,6 +55,7 @@ pub struct Shard {
 
 /// What a shard is built from; the startup wiring owns the parts.
 pub struct ShardParts {
+    pub number: u16,
     pub dc: String,
     pub me: NodeId,
     pub config: Arc<ClusterConfig>,
@@ -68,6 +71,7 @@ impl Shard {
         let members = p.config.dc_nodes(&p.dc).iter().map(|n| n.id).collect();
         let request_timeout = Duration::from_millis(p.config.limits.request_timeout_ms);
         Arc::new(Shard {
+            number: p.number,
             dc: p.dc,
             me: p.me,
             config: p.config,
@@ -90,6 +94,14 @@ impl Shard {
     /// The configured members, as openraft wants them for initialisation and learners.
     pub fn configured_members(&self) -> BTreeMap<NodeId, BasicNode> {
         self.config.dc_nodes(&self.dc).into_iter().map(|n| (n.id, BasicNode::new(n.peer))).collect()
+    }
+
+    /// The node meant to lead this shard when all are up, so that leaders spread over
+    /// the DC: the DC's nodes in turn, shard by shard.
+    pub fn preferred_leader(&self) -> Option<NodeId> {
+        let nodes = self.config.dc_nodes(&self.dc);
+        let len = nodes.len().max(1);
+        nodes.get(usize::from(self.number) % len).map(|n| n.id)
     }
 
     pub fn metrics(&self) -> RaftMetrics<NodeId, BasicNode> {

@@ -32,8 +32,15 @@ fn key(index: u64) -> [u8; 8] {
 }
 
 impl LogStore {
-    pub(super) fn new(db: &sled::Db, durable: Durable) -> anyhow::Result<Self> {
-        let store = LogStore { log: db.open_tree("raft_log")?, meta: db.open_tree("raft_meta")?, durable, first_index: Arc::default() };
+    #[cfg(test)]
+    fn new(db: &sled::Db, durable: Durable) -> anyhow::Result<Self> {
+        Self::for_shard(db, 0, durable)
+    }
+
+    /// Shard `shard`'s log, in its own trees of the node's db.
+    pub(super) fn for_shard(db: &sled::Db, shard: u16, durable: Durable) -> anyhow::Result<Self> {
+        let (log, meta) = (super::tree(db, shard, "raft_log")?, super::tree(db, shard, "raft_meta")?);
+        let store = LogStore { log, meta, durable, first_index: Arc::default() };
         let purged: Option<LogId> = store.get_meta(LAST_PURGED).map_err(|e| anyhow::anyhow!("read the last purged log id: {e}"))?;
         store.first_index.store(purged.map_or(0, |p| p.index + 1), Ordering::Release);
         Ok(store)

@@ -105,38 +105,73 @@ async fn group_commit(db: sled::Db, file: Option<Arc<File>>, mut rx: mpsc::Unbou
 
 /// Opens (or creates) a node's data dir and returns its log store and state machine.
 pub fn open(dir: &Path, dc: &str, durability: Durability, cache_bytes: u64, cache_entities_max: usize) -> anyhow::Result<(LogStore, StateMachineStore)> {
-    open_with(dir, dc, durability, cache_bytes, 0, cache_entities_max)
+    let sled = SledOptions { durability, cache_bytes, segment_bytes: 0 };
+    let mut shards = open_shards(dir, dc, 1, sled, cache_entities_max)?;
+    Ok(shards.remove(0))
 }
 
-/// [`open`] with sled's segment size (0: sled's default).
-pub fn open_with(
-    dir: &Path,
-    dc: &str,
-    durability: Durability,
-    cache_bytes: u64,
-    segment_bytes: usize,
-    cache_entities_max: usize,
-) -> anyhow::Result<(LogStore, StateMachineStore)> {
+/// How a node's sled database is opened.
+#[derive(Debug, Clone, Copy)]
+pub struct SledOptions {
+    pub durability: Durability,
+    /// sled's page cache, shared by every shard.
+    pub cache_bytes: u64,
+    /// sled's segment size (0: sled's default).
+    pub segment_bytes: usize,
+}
+
+/// Opens (or creates) a node's data dir and returns the log store and state machine of
+/// each of its `shards` Raft groups: one sled database, a set of trees per shard (shard
+/// 0's under the names a one-group node always used), one group commit for them all (one
+/// sync covers the appends of every shard), and a snapshot file per shard.
+/// `cache_entities_max` is split between the shards.
+pub fn open_shards(dir: &Path, dc: &str, shards: u16, sled: SledOptions, cache_entities_max: usize) -> anyhow::Result<Vec<(LogStore, StateMachineStore)>> {
     std::fs::create_dir_all(dir)?;
     let mut config = sled::Config::new()
         .path(dir)
-        .cache_capacity(cache_bytes)
+        .cache_capacity(sled.cache_bytes)
         // We flush when Raft needs it; the background flush only bounds what an
         // unsynced state-machine write may lose, which the log replays anyway.
         .flush_every_ms(Some(1000));
-    if segment_bytes > 0 {
-        config = config.segment_size(segment_bytes);
+    if sled.segment_bytes > 0 {
+        config = config.segment_size(sled.segment_bytes);
     }
     let db = config.open().map_err(|e| anyhow::anyhow!("open sled db in {}: {e}", dir.display()))?;
     check_format(&db, dir)?;
-    let file = match durability {
+    let file = match sled.durability {
         Durability::Fsync => Some(Arc::new(File::open(dir.join("db"))?)),
         Durability::Flush => None,
     };
     let durable = Durable::new(db.clone(), file);
-    let log = LogStore::new(&db, durable.clone())?;
-    let sm = StateMachineStore::new(&db, snapshot_file::SnapshotFile::in_dir(dir), durable, cache_entities_max, dc)?;
-    Ok((log, sm))
+    let per_shard = cache_entities_max / usize::from(shards.max(1));
+    (0..shards)
+        .map(|shard| {
+            let snapshot_dir = shard_dir(dir, shard);
+            std::fs::create_dir_all(&snapshot_dir)?;
+            let log = LogStore::for_shard(&db, shard, durable.clone())?;
+            let sm = StateMachineStore::new(&db, shard, snapshot_file::SnapshotFile::in_dir(&snapshot_dir), durable.clone(), per_shard.max(1), dc)?;
+            Ok((log, sm))
+        })
+        .collect()
+}
+
+/// Where shard `shard` keeps its snapshot file: the data dir for shard 0, `shard-N/` in
+/// it for the others.
+fn shard_dir(dir: &Path, shard: u16) -> std::path::PathBuf {
+    if shard == 0 {
+        dir.to_path_buf()
+    } else {
+        dir.join(format!("shard-{shard}"))
+    }
+}
+
+/// Shard `shard`'s tree `name`: shard 0 keeps the plain names, the others are prefixed.
+pub(crate) fn tree(db: &sled::Db, shard: u16, name: &str) -> sled::Result<sled::Tree> {
+    if shard == 0 {
+        db.open_tree(name)
+    } else {
+        db.open_tree(format!("s{shard}/{name}"))
+    }
 }
 
 /// The record format a data dir was written in, kept under this key of the default tree.
@@ -202,7 +237,7 @@ pub fn usage(dir: &Path) -> anyhow::Result<serde_json::Value> {
         let mut kinds: BTreeMap<String, [u64; 3]> = BTreeMap::new();
         for item in tree.iter() {
             let (k, v) = item?;
-            let kind = if &*name == b"state" { String::from_utf8_lossy(&k[..k.len().min(2)]).into_owned() } else { "all".to_string() };
+            let kind = if name.ends_with(b"state") { String::from_utf8_lossy(&k[..k.len().min(2)]).into_owned() } else { "all".to_string() };
             let c = kinds.entry(kind).or_default();
             c[0] += 1;
             c[1] += k.len() as u64;

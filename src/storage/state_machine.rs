@@ -240,12 +240,13 @@ pub struct SmReader {
 }
 
 impl StateMachineStore {
-    pub(super) fn new(db: &sled::Db, snapshot_file: SnapshotFile, durable: Durable, cache_entities_max: usize, dc: &str) -> anyhow::Result<Self> {
+    /// Shard `shard`'s state machine, in its own trees of the node's db.
+    pub(super) fn new(db: &sled::Db, shard: u16, snapshot_file: SnapshotFile, durable: Durable, cache_entities_max: usize, dc: &str) -> anyhow::Result<Self> {
         let cap = NonZeroUsize::new(cache_entities_max).unwrap_or(NonZeroUsize::MIN);
         let inner = Inner {
             dc: dc.to_string(),
-            tree: db.open_tree("state")?,
-            meta: db.open_tree("sm_meta")?,
+            tree: super::tree(db, shard, "state")?,
+            meta: super::tree(db, shard, "sm_meta")?,
             snapshot_file,
             durable,
             cache: Mutex::new(lru::LruCache::new(cap)),

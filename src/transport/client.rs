@@ -237,10 +237,12 @@ async fn write_batch(
     Ok(())
 }
 
-/// Clients for every peer in the cluster, by node id.
+/// Clients for every peer in the cluster, by node id, sending for one shard.
 #[derive(Clone)]
 pub struct Peers {
     clients: Arc<HashMap<NodeId, PeerClient>>,
+    /// The shard whose requests these are: wrapped in `PeerRequest::Shard` unless 0.
+    shard: u16,
 }
 
 impl Peers {
@@ -254,7 +256,12 @@ impl Peers {
                 (n.id, PeerClient::new(&target, &config.limits, faults.clone(), security.clone(), wan))
             })
             .collect();
-        Peers { clients: Arc::new(clients) }
+        Peers { clients: Arc::new(clients), shard: 0 }
+    }
+
+    /// The same connections, sending for `shard`.
+    pub fn for_shard(&self, shard: u16) -> Peers {
+        Peers { clients: self.clients.clone(), shard }
     }
 
     pub fn get(&self, id: NodeId) -> Option<&PeerClient> {
@@ -263,6 +270,7 @@ impl Peers {
 
     pub async fn call(&self, id: NodeId, req: PeerRequest, timeout: Option<Duration>) -> Result<PeerResponse, NodeError> {
         let client = self.get(id).ok_or_else(|| NodeError::Unreachable(format!("unknown node {id}")))?;
+        let req = if self.shard == 0 { req } else { PeerRequest::Shard { shard: self.shard, req: Box::new(req) } };
         client.call(req, timeout).await
     }
 }

@@ -42,6 +42,12 @@ pub enum PeerRequest {
     /// From any node of another DC: your copy of something your DC owns, read
     /// linearizably — how a DC answers a client for an id or token it has not seen yet.
     Lookup(Lookup),
+    /// Any request above, for shard `shard` of the receiving node's DC (shard 0's go
+    /// unwrapped). Never nested. (Last, so the other variants keep their encoding.)
+    Shard {
+        shard: u16,
+        req: Box<PeerRequest>,
+    },
 }
 
 /// A DC's answer to replication traffic: its cursor for the origin after applying.

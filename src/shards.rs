@@ -1,0 +1,46 @@
+//! The shards a node hosts: one Raft group each (with its state machine, actors and
+//! cross-DC side), and which of them holds an entity. Sessions live in the shard of their
+//! token, inventory in the shard of its SKU, and an order in its SKU's shard, under an id
+//! that leads there ([`crate::ids::order_id`]); every DC has the same shards, so an
+//! entity's shard is the same in every DC, and each shard replicates to its namesakes.
+
+use std::sync::Arc;
+
+use crate::ids::shard_of;
+use crate::replication::CrossDc;
+
+pub struct Shards {
+    list: Vec<Arc<CrossDc>>,
+}
+
+impl Shards {
+    /// `list[k]` is shard `k`; there is at least one.
+    pub fn new(list: Vec<Arc<CrossDc>>) -> Self {
+        assert!(!list.is_empty() && list.len() <= usize::from(crate::config::SHARDS_MAX), "1..=SHARDS_MAX shards");
+        Shards { list }
+    }
+
+    /// How many there are.
+    pub fn count(&self) -> u16 {
+        u16::try_from(self.list.len()).expect("at most SHARDS_MAX shards")
+    }
+
+    /// Shard 0, which also holds what belongs to the whole DC (operator settings).
+    pub fn first(&self) -> &Arc<CrossDc> {
+        &self.list[0]
+    }
+
+    pub fn all(&self) -> &[Arc<CrossDc>] {
+        &self.list
+    }
+
+    /// The shard that holds the entity `key` names (a token, a SKU, an order id).
+    pub fn of(&self, key: &str) -> &Arc<CrossDc> {
+        &self.list[usize::from(shard_of(key, self.count()))]
+    }
+
+    /// The number of the shard that holds `key`.
+    pub fn number_of(&self, key: &str) -> u16 {
+        shard_of(key, self.count())
+    }
+}

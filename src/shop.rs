@@ -269,6 +269,9 @@ impl Shop {
         if owner != self.dc() {
             return self.cancel_foreign(id, owner, session, key, local).await;
         }
+        if self.shards.session_ended(&session) {
+            return Err(Rejection::UnknownSession.into());
+        }
         let cmd = Command::CancelOrder { id: id.clone(), dc: owner, session: session.clone(), hlc: self.hlc.now() };
         match self.write(cmd, key.clone()).await {
             Ok(Outcome::Order(o)) => Ok(Cancelled::Done(o)),

@@ -43,8 +43,20 @@ fn voters_json(node: &AppState, voters: std::collections::BTreeSet<u64>) -> Json
 pub async fn add_node(State(node): State<AppState>, body: Result<axum::body::Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
     let AddNode { node: name } = parse_body(body)?;
     let id = dc_node_id(&node, &name)?;
-    let voters = node.shard.change_membership(MembershipOp::Add(id)).await?;
+    let voters = change_every_shard(&node, MembershipOp::Add(id)).await?;
     Ok(voters_json(&node, voters))
+}
+
+/// Runs a membership change in every shard of this DC, shard 0 first; answers shard 0's
+/// voters. A failure stops at that shard: the change is idempotent, so the operator
+/// repeats it.
+async fn change_every_shard(node: &AppState, op: MembershipOp) -> Result<std::collections::BTreeSet<u64>, ApiError> {
+    let mut first = None;
+    for c in node.shards.all() {
+        let voters = c.shard.change_membership(op.clone()).await?;
+        first.get_or_insert(voters);
+    }
+    Ok(first.unwrap_or_default())
 }
 
 #[derive(Deserialize, Default)]
@@ -65,7 +77,7 @@ pub async fn remove_node(
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let id = dc_node_id(&node, &name)?;
     let op = if params.force { MembershipOp::ForceRemove(id) } else { MembershipOp::Remove(id) };
-    let voters = node.shard.change_membership(op).await?;
+    let voters = change_every_shard(&node, op).await?;
     Ok(voters_json(&node, voters))
 }
 

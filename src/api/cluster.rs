@@ -8,6 +8,7 @@ use axum::response::IntoResponse;
 use axum::{Extension, Json};
 use openraft::ServerState;
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use super::AppState;
 use crate::console::Console;
@@ -43,7 +44,33 @@ pub async fn status(State(node): State<AppState>) -> Json<Value> {
         "out_seq": node.shard.sm.out_seq(),
         "outbox_floor": node.shard.sm.outbox_floor(),
         "dcs": dcs,
+        // The fields above are shard 0's; every shard's own view:
+        "shards": shard_views(&node).await,
     }))
+}
+
+/// Each shard's Raft state as this node sees it (its leader, term, commit index and how
+/// many records its state holds).
+async fn shard_views(node: &AppState) -> Vec<Value> {
+    let name = |id: Option<u64>| id.and_then(|id| node.config.node_by_id(id)).map(|n| n.name);
+    let mut out = Vec::new();
+    for c in node.shards.all() {
+        let s = &c.shard;
+        let m = s.metrics();
+        out.push(json!({
+            "shard": s.number,
+            "role": role(m.state),
+            "leader": name(m.current_leader),
+            "preferred_leader": name(s.preferred_leader()),
+            "term": m.current_term,
+            "commit_index": s.commit_index().await,
+            "applied_index": m.last_applied.map(|l| l.index).unwrap_or(0),
+            "snapshot_index": m.snapshot.map(|l| l.index),
+            "snapshot_records": s.sm.snapshot_stats().records,
+            "out_seq": s.sm.out_seq(),
+        }));
+    }
+    out
 }
 
 /// This DC from Raft, the others from the links: health, leader, replication lag.
@@ -94,9 +121,28 @@ pub async fn lag(
     Ok(Json(json!({"node": node.info.name, "window_s": window.as_secs(), "origins": node.cross.lag.summary(window)})))
 }
 
+/// Equal digests mean equal state: per entity kind and in all. With several shards,
+/// each kind's digest is the SHA-256 of the shards' digests of that kind, in shard order,
+/// and `shards` lists each shard's own `all`.
 pub async fn digest(State(node): State<AppState>) -> Json<Value> {
-    let mut d = serde_json::to_value(node.shard.sm.digest()).unwrap_or_default();
-    d["applied_index"] = json!(node.shard.sm.applied_index());
+    let per_shard: Vec<_> = node.shards.all().iter().map(|c| c.shard.sm.digest()).collect();
+    let applied: u64 = node.shards.all().iter().map(|c| c.shard.sm.applied_index()).fold(0, u64::saturating_add);
+    let mut d = match per_shard.as_slice() {
+        [one] => serde_json::to_value(one).unwrap_or_default(),
+        many => {
+            let mut combined = serde_json::Map::new();
+            for kind in many[0].keys() {
+                let mut h = Sha256::new();
+                for shard in many {
+                    h.update(shard.get(kind).map(String::as_str).unwrap_or_default());
+                }
+                combined.insert(kind.clone(), json!(hex::encode(h.finalize())));
+            }
+            combined.insert("shards".into(), json!(many.iter().map(|s| s.get("all").cloned().unwrap_or_default()).collect::<Vec<_>>()));
+            Value::Object(combined)
+        }
+    };
+    d["applied_index"] = json!(applied);
     Json(d)
 }
 

@@ -61,6 +61,12 @@ pub const EXPIRY_PREFIX: &[u8] = b"e/";
 pub trait State {
     /// The DC this replica belongs to.
     fn local_dc(&self) -> String;
+    /// Whether the session `token` names lives in this state (in a DC of several shards,
+    /// it lives in its token's shard only). Where it does not, its liveness is checked by
+    /// whoever proposes a command that needs it.
+    fn holds_session(&self, _token: &str) -> bool {
+        true
+    }
     fn session(&self, token: &str) -> Option<Session>;
     fn inventory(&self, sku: &str) -> Option<Inventory>;
     fn order(&self, id: &str) -> Option<Order>;
@@ -426,13 +432,17 @@ fn refresh_session(state: &mut impl State, token: &str, dc: &str, hlc: u64) -> O
 }
 
 /// Whether `session` may change `order`: it must be the session that placed the order,
-/// and still live (not logged out, not expired).
+/// and still live (not logged out, not expired) — checked here when the session lives in
+/// this state, else by the proposer in the session's shard.
 fn authorize(state: &impl State, order: &Order, session: &str) -> Result<(), Rejection> {
     // Compared without an early exit: the time taken says nothing about the token.
     let (a, b) = (order.session.as_bytes(), session.as_bytes());
     let same = a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
     if !same {
         return Err(Rejection::NotYourOrder);
+    }
+    if !state.holds_session(session) {
+        return Ok(());
     }
     match state.session(session) {
         Some(s) if !s.deleted => Ok(()),

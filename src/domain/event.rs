@@ -46,3 +46,17 @@ pub enum Change {
         received: BTreeMap<String, u64>,
     },
 }
+
+impl Change {
+    /// What the change is about, which names its shard (a token, a SKU, an order id);
+    /// `None` for what belongs to the whole DC, kept in shard 0.
+    pub fn entity(&self) -> Option<&str> {
+        match self {
+            Change::Session(s) => Some(&s.token),
+            Change::Stock { sku, .. } | Change::StockV2 { sku, .. } => Some(sku),
+            Change::Order(o) => Some(&o.id),
+            Change::CancelRequest { id, .. } => Some(id),
+            Change::Settings(_) => None,
+        }
+    }
+}

@@ -175,7 +175,7 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     let door = Door::counted("peer", conns, Duration::from_millis(l.peer_idle_timeout_ms), metrics.door());
     let limits = ServerLimits { frame_bytes_max: l.peer_frame_bytes_max, inflight_per_connection_max: l.peer_inflight_max, door };
     let admission = Admission { security, directory: Arc::new(PeerDirectory::new(&config)) };
-    let handler = Arc::new(peer::Handler { shards: shards.all().to_vec() });
+    let handler = Arc::new(peer::Handler { shards: shards.clone() });
     let mut tasks = vec![tokio::spawn(transport::serve(peer_listener, handler, faults.clone(), wan.clone(), limits, admission))];
     for c in shards.all() {
         tasks.push(tokio::spawn(bootstrap(c.shard.clone())));
@@ -214,25 +214,26 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
 /// A fresh DC forms by itself: every node whose store is empty proposes the configured
 /// members. openraft writes that membership as log entry 0 with the same id on every
 /// node, so several nodes doing it is harmless, and an initialised node refuses. With
-/// several shards, the first leaders are spread: all but a shard's preferred node hold
-/// back their election timers while it stands first.
+/// several shards the first leaders are spread: initialising starts an election at once,
+/// so a shard's preferred node does it first and the others only after a grace of two
+/// election timeouts, if they have not heard from it by then.
 async fn bootstrap(shard: Arc<Shard>) {
     match shard.raft.is_initialized().await {
         Ok(false) => {}
         Ok(true) => return rejoin_quietly(&shard).await,
         Err(_) => return,
     }
-    let hold_back = shard.config.cluster.shards > 1 && shard.preferred_leader() != Some(shard.me);
-    if hold_back {
+    if shard.config.cluster.shards > 1 && shard.preferred_leader() != Some(shard.me) {
         shard.raft.runtime_config().elect(false);
+        tokio::time::sleep(Duration::from_millis(2 * shard.config.raft.election_timeout_max_ms)).await;
+        shard.raft.runtime_config().elect(true);
+        if shard.raft.is_initialized().await.unwrap_or(true) {
+            return;
+        }
     }
     match shard.raft.initialize(shard.configured_members()).await {
         Ok(()) => tracing::info!(dc = %shard.dc, shard = shard.number, "bootstrapped datacentre membership"),
         Err(e) => tracing::debug!(error = %e, "bootstrap skipped"),
-    }
-    if hold_back {
-        tokio::time::sleep(Duration::from_millis(2 * shard.config.raft.election_timeout_max_ms)).await;
-        shard.raft.runtime_config().elect(true);
     }
 }
 

@@ -5,16 +5,17 @@
 
 use std::sync::Arc;
 
-use crate::domain::{Outcome, Request};
+use crate::domain::{Command, Outcome, Rejection, Request};
 use crate::error::NodeError;
 use crate::raft::NodeId;
 use crate::replication::{receiver, CrossDc};
 use crate::shard::{inbound, Shard};
+use crate::shards::Shards;
 use crate::transport::{PeerHandler, PeerRequest, PeerResponse};
 
 pub struct Handler {
     /// The shards this node hosts, by number, each with its cross-DC side.
-    pub shards: Vec<Arc<CrossDc>>,
+    pub shards: Arc<Shards>,
 }
 
 #[async_trait::async_trait]
@@ -28,7 +29,14 @@ impl PeerHandler for Handler {
             crate::warn_limited!("peer_nested_shard", from, "nested shard request refused");
             return PeerResponse::Refused("nested shard request".into());
         }
-        let Some(cross) = self.shards.get(usize::from(number)) else {
+        if let PeerRequest::Submit(Request { cmd: Command::CancelOrder { session, .. }, .. }) = &req {
+            // A forwarded cancel whose session lives in another shard: refused here if
+            // that shard holds it ended (the order's shard cannot tell).
+            if self.shards.session_ended(session) {
+                return PeerResponse::Submit(Ok(Outcome::Rejected(Rejection::UnknownSession)));
+            }
+        }
+        let Some(cross) = self.shards.all().get(usize::from(number)) else {
             crate::warn_limited!("peer_unknown_shard", from, shard = number, "request for a shard this DC does not have refused");
             return PeerResponse::Refused(format!("no shard {number} here"));
         };

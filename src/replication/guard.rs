@@ -23,6 +23,18 @@ pub fn check_change(c: &Change, now_ms: u64, max: u64) -> Result<(), String> {
     }
 }
 
+/// Changes sent to shard `shard` (of `shards`) must be about what that shard holds: a
+/// peer cannot plant a session or an order where no read would ever look for it.
+pub fn check_shard<'a>(changes: impl IntoIterator<Item = &'a Change>, shard: u16, shards: u16) -> Result<(), String> {
+    for c in changes {
+        let home = c.entity().map_or(0, |key| crate::ids::shard_of(key, shards));
+        if home != shard {
+            return Err(format!("a change about {:?} belongs to shard {home}, not {shard}", c.entity().unwrap_or("the DC")));
+        }
+    }
+    Ok(())
+}
+
 /// A replicated batch: every event's timestamp and what its change carries.
 pub fn check_events(events: &[Event], now_ms: u64, max: u64) -> Result<(), String> {
     for e in events {

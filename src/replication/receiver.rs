@@ -25,7 +25,10 @@ pub async fn handle(cross: &CrossDc, from: NodeId, req: PeerRequest) -> PeerResp
         PeerRequest::Replicate { origin, events } if origin == sender_dc => {
             // Before anything is applied or observed: no timestamp from the far future.
             let max_offset = cross.config().replication.max_clock_offset_ms;
-            if let Err(m) = super::guard::check_events(&events, crate::hlc::wall_ms(), max_offset) {
+            let (shard, shards) = (cross.shard.number, cross.config().cluster.shards);
+            let checked = super::guard::check_events(&events, crate::hlc::wall_ms(), max_offset)
+                .and_then(|()| super::guard::check_shard(events.iter().map(|e| &e.change), shard, shards));
+            if let Err(m) = checked {
                 tracing::warn!(%origin, reason = %m, "replicated batch refused");
                 return PeerResponse::Replicate(Err(NodeError::BadRequest(m)));
             }
@@ -56,7 +59,12 @@ pub async fn handle(cross: &CrossDc, from: NodeId, req: PeerRequest) -> PeerResp
         }
         PeerRequest::InstallRemote { origin, upto, changes } if origin == sender_dc => {
             let max_offset = cross.config().replication.max_clock_offset_ms;
-            if let Err(m) = changes.iter().try_for_each(|c| super::guard::check_change(c, crate::hlc::wall_ms(), max_offset)) {
+            let (shard, shards) = (cross.shard.number, cross.config().cluster.shards);
+            let checked = changes
+                .iter()
+                .try_for_each(|c| super::guard::check_change(c, crate::hlc::wall_ms(), max_offset))
+                .and_then(|()| super::guard::check_shard(&changes, shard, shards));
+            if let Err(m) = checked {
                 tracing::warn!(%origin, reason = %m, "snapshot of another DC refused");
                 return PeerResponse::Replicate(Err(NodeError::BadRequest(m)));
             }

@@ -149,7 +149,7 @@ pub fn open_shards(dir: &Path, dc: &str, shards: u16, sled: SledOptions, cache_e
             let snapshot_dir = shard_dir(dir, shard);
             std::fs::create_dir_all(&snapshot_dir)?;
             let log = LogStore::for_shard(&db, shard, durable.clone())?;
-            let sm = StateMachineStore::new(&db, shard, snapshot_file::SnapshotFile::in_dir(&snapshot_dir), durable.clone(), per_shard.max(1), dc)?;
+            let sm = StateMachineStore::new(&db, (shard, shards), snapshot_file::SnapshotFile::in_dir(&snapshot_dir), durable.clone(), per_shard.max(1), dc)?;
             Ok((log, sm))
         })
         .collect()

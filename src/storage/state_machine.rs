@@ -137,6 +137,9 @@ pub fn verify_snapshot_data(data: &[u8]) -> Result<(), String> {
 struct Inner {
     /// The DC this node belongs to: the origin of what it emits.
     dc: String,
+    /// Which shard of how many this is: which sessions live here.
+    shard: u16,
+    shards: u16,
     tree: sled::Tree,
     meta: sled::Tree,
     snapshot_file: SnapshotFile,
@@ -241,10 +244,19 @@ pub struct SmReader {
 
 impl StateMachineStore {
     /// Shard `shard`'s state machine, in its own trees of the node's db.
-    pub(super) fn new(db: &sled::Db, shard: u16, snapshot_file: SnapshotFile, durable: Durable, cache_entities_max: usize, dc: &str) -> anyhow::Result<Self> {
+    pub(super) fn new(
+        db: &sled::Db,
+        (shard, shards): (u16, u16),
+        snapshot_file: SnapshotFile,
+        durable: Durable,
+        cache_entities_max: usize,
+        dc: &str,
+    ) -> anyhow::Result<Self> {
         let cap = NonZeroUsize::new(cache_entities_max).unwrap_or(NonZeroUsize::MIN);
         let inner = Inner {
             dc: dc.to_string(),
+            shard,
+            shards,
             tree: super::tree(db, shard, "state")?,
             meta: super::tree(db, shard, "sm_meta")?,
             snapshot_file,
@@ -350,6 +362,9 @@ impl Overlay<'_> {
 impl State for Overlay<'_> {
     fn local_dc(&self) -> String {
         self.inner.dc.clone()
+    }
+    fn holds_session(&self, token: &str) -> bool {
+        crate::ids::shard_of(token, self.inner.shards) == self.inner.shard
     }
     fn session(&self, token: &str) -> Option<Session> {
         self.get(session_key(token))

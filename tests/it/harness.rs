@@ -27,11 +27,13 @@ pub struct Options {
     pub limits: &'static str,
     /// TOML for `[wan]` (WAN emulation between DCs).
     pub wan: &'static str,
+    /// Raft groups per DC (`[cluster] shards`).
+    pub shards: u16,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { dcs: 1, nodes: 3, raft: "", replication: "", limits: "", wan: "" }
+        Options { dcs: 1, nodes: 3, raft: "", replication: "", limits: "", wan: "", shards: 1 }
     }
 }
 
@@ -43,8 +45,8 @@ fn config_toml(net: u8, opts: &Options) -> String {
         dcs += &format!("\n[[dc]]\nname = \"dc{d}\"\nsubnet = \"127.{net}.{d}.0/24\"\nnodes = [\n{}\n]\n", nodes.join("\n"));
     }
     format!(
-        "[cluster]\nname = \"test-{net}\"\n\n[raft]\nheartbeat_interval_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n{}\n\n[storage]\ndurability = \"fsync\"\n\n[replication]\nprobe_interval_ms = 100\ndc_unhealthy_after_ms = 900\n{}\n\n[limits]\n{}\n\n[wan]\n{}\n{dcs}",
-        opts.raft, opts.replication, opts.limits, opts.wan
+        "[cluster]\nname = \"test-{net}\"\nshards = {}\n\n[raft]\nheartbeat_interval_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n{}\n\n[storage]\ndurability = \"fsync\"\n\n[replication]\nprobe_interval_ms = 100\ndc_unhealthy_after_ms = 900\n{}\n\n[limits]\n{}\n\n[wan]\n{}\n{dcs}",
+        opts.shards, opts.raft, opts.replication, opts.limits, opts.wan
     )
 }
 

@@ -17,5 +17,6 @@ mod observability;
 mod peer_auth;
 mod peer_input;
 mod roaming;
+mod shards;
 mod shop;
 mod wan;

@@ -1,0 +1,198 @@
+//! DCs of several Raft groups (`[cluster] shards`): entities spread over the shards by a
+//! stable hash, an order is one entry in its SKU's shard, first leaders spread over the
+//! nodes, a leader kill in one shard leaves the others serving, and shards converge
+//! across DCs.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use agora::ids::shard_of;
+use serde_json::{json, Value};
+
+use super::harness::{must_eventually, Options, TestCluster};
+
+const SHARDS: u16 = 3;
+
+/// Expiry passes are Raft entries too: kept out of the way of entry counts.
+fn sharded(dcs: usize, nodes: usize) -> Options {
+    Options { dcs, nodes, shards: SHARDS, limits: "expiry_interval_ms = 600000", ..Options::default() }
+}
+
+/// `/v1/cluster/status` of `node`, per shard.
+async fn shards_of(c: &TestCluster, node: &str) -> Vec<Value> {
+    try_shards_of(c, node).await.unwrap_or_else(|| panic!("status of {node}"))
+}
+
+async fn try_shards_of(c: &TestCluster, node: &str) -> Option<Vec<Value>> {
+    let (code, v) = c.get(node, "/v1/cluster/status").await;
+    (code == 200).then(|| v["shards"].as_array().cloned()).flatten()
+}
+
+/// Every shard's leader as `node` sees it, once each has one.
+async fn must_shard_leaders(c: &TestCluster, node: &str) -> Vec<String> {
+    must_eventually(Duration::from_secs(20), "a leader in every shard", || async {
+        let shards = shards_of(c, node).await;
+        shards.iter().map(|s| s["leader"].as_str().map(String::from)).collect::<Option<Vec<_>>>()
+    })
+    .await
+}
+
+/// A session (made on `node`) whose token lands in `shard`.
+async fn session_in(c: &TestCluster, node: &str, shard: u16) -> String {
+    for i in 0..100 {
+        let token = c.must_session(node, &format!("user{i}")).await;
+        if shard_of(&token, SHARDS) == shard {
+            return token;
+        }
+    }
+    panic!("no session landed in shard {shard} in 100 tries");
+}
+
+/// A SKU name that lands in `shard`.
+fn sku_in(shard: u16, tag: &str) -> String {
+    (0..).map(|i| format!("{tag}-{i}")).find(|s| shard_of(s, SHARDS) == shard).expect("some name lands in every shard")
+}
+
+fn applied(shards: &[Value], shard: u16) -> u64 {
+    shards[usize::from(shard)]["applied_index"].as_u64().expect("applied index")
+}
+
+async fn must_order(c: &TestCluster, node: &str, token: &str, sku: &str) -> String {
+    let (code, v) = c.post(node, "/v1/orders", json!({"session": token, "sku": sku, "qty": 1})).await;
+    assert_eq!(code, 201, "order on {node}: {v}");
+    v["id"].as_str().expect("order id").to_string()
+}
+
+#[tokio::test]
+async fn an_order_is_one_entry_in_its_skus_shard_and_leaders_spread() {
+    let c = TestCluster::start(137, sharded(1, 3)).await;
+    let leaders = must_shard_leaders(&c, "dc1-n1").await;
+    let distinct: BTreeSet<&String> = leaders.iter().collect();
+    assert!(distinct.len() >= 2, "first leaders spread over the nodes: {leaders:?}");
+    // Entities of every shard, through any node.
+    for shard in 0..SHARDS {
+        let token = session_in(&c, "dc1-n2", shard).await;
+        let sku = sku_in(shard, "spread");
+        c.must_restock("dc1-n3", &sku, 5).await;
+        let id = must_order(&c, "dc1-n1", &token, &sku).await;
+        assert_eq!(shard_of(&id, SHARDS), shard, "the order id leads to its SKU's shard: {id}");
+    }
+    // The session in shard 0, the SKU in shard 1: ten orders are ten entries in shard 1,
+    // and none in shard 0 (the session is checked there by a read, not a write).
+    let token = session_in(&c, "dc1-n1", 0).await;
+    let sku = sku_in(1, "one-entry");
+    c.must_restock("dc1-n1", &sku, 100).await;
+    let before = shards_of(&c, "dc1-n1").await;
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(must_order(&c, "dc1-n2", &token, &sku).await);
+    }
+    let after = shards_of(&c, "dc1-n1").await;
+    let grew = |shard| applied(&after, shard) - applied(&before, shard);
+    assert!(grew(1) >= 10, "ten orders in shard 1: {before:?} → {after:?}");
+    assert!(grew(0) < 10, "no write per order in the session's shard: {before:?} → {after:?}");
+    for id in &ids {
+        for n in c.dc_nodes("dc1") {
+            let (code, v) = c.get(&n, &format!("/v1/orders/{id}")).await;
+            assert_eq!((code, v["user"].as_str().map(|u| u.starts_with("user"))), (200, Some(true)), "{id} on {n}: {v}");
+        }
+    }
+    // A logged-out session in another shard places nothing.
+    let (code, _) = c.request(reqwest::Method::DELETE, "dc1-n1", &format!("/v1/sessions/{token}"), None, None).await;
+    assert_eq!(code, 204);
+    let (code, v) = c.post("dc1-n3", "/v1/orders", json!({"session": token, "sku": sku, "qty": 1})).await;
+    assert_eq!((code, v["error"]["code"].as_str()), (401, Some("unknown_session")), "{v}");
+    // Nor does it cancel, though the order's shard does not hold sessions of its token.
+    let (code, v) = c.post("dc1-n2", &format!("/v1/orders/{}/cancel", ids[0]), json!({"session": token})).await;
+    assert_eq!((code, v["error"]["code"].as_str()), (401, Some("unknown_session")), "{v}");
+}
+
+/// The shop's exactness test on a sharded DC: 200 buyers, sessions in every shard, 100
+/// units of one SKU; exactly 100 orders succeed.
+#[tokio::test]
+async fn two_hundred_buyers_of_one_hundred_units_over_shards() {
+    let c = TestCluster::start(138, sharded(1, 3)).await;
+    must_shard_leaders(&c, "dc1-n1").await;
+    let sku = sku_in(2, "scarce");
+    c.must_restock("dc1-n1", &sku, 100).await;
+    let mut tokens = Vec::new();
+    for i in 0..20 {
+        tokens.push(c.must_session(&format!("dc1-n{}", i % 3 + 1), &format!("buyer{i}")).await);
+    }
+    let shards: BTreeSet<u16> = tokens.iter().map(|t| shard_of(t, SHARDS)).collect();
+    assert_eq!(shards.len(), usize::from(SHARDS), "buyers' sessions in every shard");
+    let calls = (0..200).map(|i| {
+        let (c, token, sku) = (&c, tokens[i % tokens.len()].clone(), sku.clone());
+        async move { c.post(&format!("dc1-n{}", i % 3 + 1), "/v1/orders", json!({"session": token, "sku": sku, "qty": 1})).await.0 }
+    });
+    let codes = futures::future::join_all(calls).await;
+    let placed = codes.iter().filter(|c| **c == 201).count();
+    let sold_out = codes.iter().filter(|c| **c == 409).count();
+    assert_eq!((placed, sold_out), (100, 100), "answers: {codes:?}");
+    let (_, inv) = c.get("dc1-n2", &format!("/v1/inventory/{sku}")).await;
+    assert_eq!(inv["available"], 0, "{inv}");
+}
+
+#[tokio::test]
+async fn a_leader_kill_in_one_shard_leaves_the_others_serving() {
+    let mut c = TestCluster::start(139, sharded(1, 3)).await;
+    let leaders = must_shard_leaders(&c, "dc1-n1").await;
+    let victim = leaders[0].clone();
+    let token = session_in(&c, &victim, 0).await;
+    let skus: Vec<String> = (0..SHARDS).map(|s| sku_in(s, "kill")).collect();
+    for sku in &skus {
+        c.must_restock(&victim, sku, 50).await;
+    }
+    let survivor = c.dc_nodes("dc1").into_iter().find(|n| *n != victim).expect("another node");
+    c.kill(&victim);
+    // Shards the victim did not lead have a leader throughout: their orders go through
+    // at once, while shard 0 elects.
+    for (shard, sku) in skus.iter().enumerate() {
+        if leaders[shard] != victim {
+            must_order(&c, &survivor, &token, sku).await;
+        }
+    }
+    must_eventually(Duration::from_secs(20), "shard 0 serves again", || async {
+        let (code, _) = c.post(&survivor, "/v1/orders", json!({"session": token, "sku": skus[0], "qty": 1})).await;
+        (code == 201).then_some(())
+    })
+    .await;
+    c.start_node(&victim);
+    must_eventually(Duration::from_secs(20), "the restarted node has caught up in every shard", || async {
+        let mine = try_shards_of(&c, &victim).await?;
+        let theirs = shards_of(&c, &survivor).await;
+        (0..SHARDS).all(|s| applied(&mine, s) >= applied(&theirs, s).saturating_sub(5)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn shards_converge_across_dcs_with_keys_and_lookups() {
+    let c = TestCluster::start(140, sharded(2, 1)).await;
+    let sku = sku_in(1, "far");
+    c.must_restock("dc1-n1", &sku, 10).await;
+    c.must_restock("dc2-n1", &sku, 10).await;
+    let token = session_in(&c, "dc1-n1", 0).await;
+    c.must_converge(Duration::from_secs(15)).await;
+    // The same key, the same request: one order, in dc1 and then retried in dc2.
+    let body = json!({"session": token, "sku": sku, "qty": 1});
+    let (code, first) = c.request(reqwest::Method::POST, "dc1-n1", "/v1/orders", Some(body.clone()), Some("k-1")).await;
+    assert_eq!(code, 201, "{first}");
+    let (code, again) = c.request(reqwest::Method::POST, "dc1-n1", "/v1/orders", Some(body.clone()), Some("k-1")).await;
+    assert_eq!((code, &again["id"]), (201, &first["id"]), "{again}");
+    c.must_converge(Duration::from_secs(15)).await;
+    let (code, there) = c.request(reqwest::Method::POST, "dc2-n1", "/v1/orders", Some(body.clone()), Some("k-1")).await;
+    assert_eq!((code, &there["id"]), (201, &first["id"]), "a retry in dc2 after replication: {there}");
+    // The same key with another quantity of the same SKU is not the same request.
+    let (code, v) = c.request(reqwest::Method::POST, "dc1-n1", "/v1/orders", Some(json!({"session": token, "sku": sku, "qty": 2})), Some("k-1")).await;
+    assert_eq!(code, 422, "{v}");
+    // Orders from both DCs, cancels across them, and equal digests per shard.
+    let id2 = must_order(&c, "dc2-n1", &token, &sku).await;
+    let (code, v) = c.post("dc1-n1", &format!("/v1/orders/{id2}/cancel"), json!({"session": token})).await;
+    assert_eq!((code, v["status"].as_str()), (200, Some("cancelled")), "{v}");
+    c.must_converge(Duration::from_secs(15)).await;
+    let (_, d) = c.get("dc2-n1", "/v1/cluster/digest").await;
+    assert_eq!(d["shards"].as_array().map(Vec::len), Some(usize::from(SHARDS)), "{d}");
+    let (_, inv) = c.get("dc1-n1", &format!("/v1/inventory/{sku}")).await;
+    assert_eq!(inv["total"], 19, "one order left of three calls and a cancel: {inv}");
+}

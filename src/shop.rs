@@ -171,6 +171,9 @@ impl Shop {
     /// on the SKU, it asks the others for stock.
     pub async fn place_order(&self, session: String, sku: String, qty: u32, key: Option<String>) -> Result<Order, ShopError> {
         let (count, sku_shard) = (self.shards.count(), self.shards.number_of(&sku));
+        if let Some(k) = &key {
+            self.check_key_unused_elsewhere(&session, k, sku_shard)?;
+        }
         // The id names its origin DC and leads to the SKU's shard; it is globally unique.
         let id = order_id(self.dc(), sku_shard, count);
         let r = if self.shards.number_of(&session) == sku_shard {
@@ -185,6 +188,19 @@ impl Shop {
             Err(ShopError::Rejected(Rejection::SoldOut { available, requested })) => Err(self.sold_out(&sku, available, requested)),
             Err(e) => Err(e),
         }
+    }
+
+    /// A key is one request: the same key with the same session and another SKU is
+    /// another request, refused (422) rather than placed as a second order. Its first use
+    /// is recorded in the first SKU's shard; the others are read here, in this node's
+    /// replicas (a use not yet applied here is not seen).
+    fn check_key_unused_elsewhere(&self, session: &str, key: &str, sku_shard: u16) -> Result<(), ShopError> {
+        let scope = crate::domain::command::order_key_scope(session, key);
+        let elsewhere = self.shards.all().iter().filter(|c| c.shard.number != sku_shard).any(|c| c.shard.sm.has_idempotency(&scope));
+        if elsewhere {
+            return Err(Rejection::IdempotencyMismatch.into());
+        }
+        Ok(())
     }
 
     /// Whether use should refresh `s`: at most once per tenth of its TTL (from this

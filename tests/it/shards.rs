@@ -87,10 +87,14 @@ async fn an_order_is_one_entry_in_its_skus_shard_and_leaders_spread() {
     for _ in 0..10 {
         ids.push(must_order(&c, "dc1-n2", &token, &sku).await);
     }
-    let after = shards_of(&c, "dc1-n1").await;
-    let grew = |shard| applied(&after, shard) - applied(&before, shard);
-    assert!(grew(1) >= 10, "ten orders in shard 1: {before:?} → {after:?}");
-    assert!(grew(0) < 10, "no write per order in the session's shard: {before:?} → {after:?}");
+    // dc1-n1 applies what its shards' leaders committed a moment later.
+    let after = must_eventually(Duration::from_secs(10), "dc1-n1 applied the ten orders", || async {
+        let after = shards_of(&c, "dc1-n1").await;
+        (applied(&after, 1) >= applied(&before, 1) + 10).then_some(after)
+    })
+    .await;
+    let grew = applied(&after, 0) - applied(&before, 0);
+    assert!(grew < 10, "no write per order in the session's shard: {before:?} → {after:?}");
     for id in &ids {
         for n in c.dc_nodes("dc1") {
             let (code, v) = c.get(&n, &format!("/v1/orders/{id}")).await;
@@ -186,6 +190,14 @@ async fn shards_converge_across_dcs_with_keys_and_lookups() {
     // The same key with another quantity of the same SKU is not the same request.
     let (code, v) = c.request(reqwest::Method::POST, "dc1-n1", "/v1/orders", Some(json!({"session": token, "sku": sku, "qty": 2})), Some("k-1")).await;
     assert_eq!(code, 422, "{v}");
+    // So with a SKU of another shard, in either DC.
+    let other = sku_in(2, "far");
+    c.must_restock("dc1-n1", &other, 10).await;
+    c.must_restock("dc2-n1", &other, 10).await;
+    for n in ["dc1-n1", "dc2-n1"] {
+        let (code, v) = c.request(reqwest::Method::POST, n, "/v1/orders", Some(json!({"session": token, "sku": other, "qty": 1})), Some("k-1")).await;
+        assert_eq!(code, 422, "{n}: {v}");
+    }
     // Orders from both DCs, cancels across them, and equal digests per shard.
     let id2 = must_order(&c, "dc2-n1", &token, &sku).await;
     let (code, v) = c.post("dc1-n1", &format!("/v1/orders/{id2}/cancel"), json!({"session": token})).await;
@@ -195,4 +207,6 @@ async fn shards_converge_across_dcs_with_keys_and_lookups() {
     assert_eq!(d["shards"].as_array().map(Vec::len), Some(usize::from(SHARDS)), "{d}");
     let (_, inv) = c.get("dc1-n1", &format!("/v1/inventory/{sku}")).await;
     assert_eq!(inv["total"], 19, "one order left of three calls and a cancel: {inv}");
+    let (_, inv) = c.get("dc2-n1", &format!("/v1/inventory/{other}")).await;
+    assert_eq!(inv["total"], 20, "no order for a reused key: {inv}");
 }

@@ -78,16 +78,21 @@ impl Control {
         r.json().await.ok()
     }
 
-    /// The leader of `dc` as one of its nodes reports it.
+    /// The leader of `dc`: the node that leads most of its shards.
     pub async fn leader(&self, dc: &str) -> Option<String> {
+        // Each node says which shards it leads; the one that leads most is "the leader"
+        // (with one shard, shard 0's). Nodes that do not answer lead nothing we can see.
+        let mut best: Option<(usize, String)> = None;
+        let mut named = None;
         for n in self.nodes(dc) {
-            if let Some(s) = self.get(&n, "/v1/cluster/status").await {
-                if let Some(l) = s["leader"].as_str() {
-                    return Some(l.to_string());
-                }
+            let Some(s) = self.get(&n, "/v1/cluster/status").await else { continue };
+            named = named.or_else(|| s["leader"].as_str().map(String::from));
+            let led = s["shards"].as_array().map_or(0, |all| all.iter().filter(|x| x["role"] == "leader").count());
+            if led > 0 && best.as_ref().is_none_or(|(most, _)| led > *most) {
+                best = Some((led, n.name));
             }
         }
-        None
+        best.map(|(_, n)| n).or(named)
     }
 
     /// A node of `dc` that answers.

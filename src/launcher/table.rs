@@ -26,6 +26,8 @@ pub struct NodeView {
     pub leader: Option<String>,
     pub term: Option<u64>,
     pub commit_index: Option<u64>,
+    /// The shards this node leads, of the DC's shards (shard 0's role is `role`).
+    pub shards_led: Option<(usize, usize)>,
     /// ok (answers and knows its leader), no-leader, paused, down, unreachable.
     pub health: String,
 }
@@ -73,6 +75,7 @@ async fn probe(http: &reqwest::Client, st: &StateDir, n: &NodeInfo) -> NodeView 
         leader: s["leader"].as_str().map(String::from),
         term: s["term"].as_u64(),
         commit_index: s["commit_index"].as_u64(),
+        shards_led: s["shards"].as_array().map(|all| (all.iter().filter(|x| x["role"] == "leader").count(), all.len())),
         health: health.to_string(),
     }
 }
@@ -107,9 +110,20 @@ fn opt<T: ToString>(v: Option<T>) -> String {
 }
 
 pub fn render(views: &[NodeView]) -> String {
-    let mut rows = vec![["NODE", "DC", "IP", "ROLE", "TERM", "COMMIT", "HEALTH", "API"].map(String::from).to_vec()];
+    let mut rows = vec![["NODE", "DC", "IP", "ROLE", "LEADS", "TERM", "COMMIT", "HEALTH", "API"].map(String::from).to_vec()];
     for v in views {
-        rows.push(vec![v.node.clone(), v.dc.clone(), v.ip.clone(), v.role.clone(), opt(v.term), opt(v.commit_index), v.health.clone(), v.api.clone()]);
+        let leads = v.shards_led.map(|(led, of)| format!("{led}/{of}"));
+        rows.push(vec![
+            v.node.clone(),
+            v.dc.clone(),
+            v.ip.clone(),
+            v.role.clone(),
+            opt(leads),
+            opt(v.term),
+            opt(v.commit_index),
+            v.health.clone(),
+            v.api.clone(),
+        ]);
     }
     let widths: Vec<usize> = (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
     rows.iter()

@@ -42,6 +42,15 @@ fn chaos_leader_kill_is_valid_and_a_lost_order_is_caught() {
     assert!(text.contains(lost.as_str().unwrap()), "the report names the lost order:\n{text}");
 }
 
+/// Three shards per DC; the node that leads most of them is killed.
+#[test]
+fn chaos_sharded_leader_kill_is_valid() {
+    let (code, out) = must_run("sharded-leader-kill.toml");
+    let r = report(out.path());
+    assert_eq!(code, 0, "sharded-leader-kill run invalid: {r:#}");
+    assert_eq!(r["availability"]["leader_kills"].as_array().map(Vec::len), Some(2), "both kills happened: {r:#}");
+}
+
 #[test]
 fn chaos_pause_leader_is_valid() {
     let (code, out) = must_run("pause-leader.toml");

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-/// The embedded default: DESIGN §1's 3 DCs × 3 nodes on 127.0.{1,2,3}.{1,2,3}.
+/// The embedded default: 3 DCs × 3 nodes on 127.0.{1,2,3}.{1,2,3}.
 pub const DEFAULT_TOML: &str = include_str!("../cluster/local.toml");
 
 pub type NodeId = u64;

@@ -225,18 +225,24 @@ impl Shop {
     }
 
     /// The session in another shard than the SKU: checked here, in its shard — this
-    /// node's replica when it has the session live, else after a read barrier there (or
-    /// its owner DC's answer) — and named in the order's entry, so the order is still one
+    /// node's replica after a read barrier there (a read-index round trip, not a write),
+    /// or its owner DC's answer — and named in the order's entry, so the order is still one
     /// write, in the SKU's shard. A refresh the session is due goes to its shard after the
     /// order, which does not wait for it. A logout racing the order may lose to it, as it
     /// would if it came a moment later.
     async fn order_in_other_shard(&self, id: String, session: String, sku: &str, qty: u32, key: Option<String>) -> Result<Outcome, ShopError> {
-        let mut found = self.find_session(&session).await?;
-        if found.0.as_ref().is_none_or(|s| s.deleted) && !found.1 {
-            self.at(&session).shard.read_barrier(false).await?;
-            found = self.find_session(&session).await?;
-        }
-        let Some(record) = found.0.filter(|s| !s.deleted) else { return Err(Rejection::UnknownSession.into()) };
+        // A read barrier first: a logout acknowledged before this order began is seen.
+        let barrier = self.at(&session).shard.read_barrier(false).await;
+        let found = self.find_session(&session).await?;
+        let live = found.0.filter(|s| !s.deleted);
+        let record = match (live, barrier) {
+            (Some(s), _) => s,
+            // While the session's shard elects a leader, the replica here still vouches
+            // for a session it holds live (only a logout of the last moments may be
+            // missed), so orders for other shards go on; anything else waits for it.
+            (None, Err(e)) => return Err(e.into()),
+            (None, Ok(())) => return Err(Rejection::UnknownSession.into()),
+        };
         let refresh = !found.1 && self.due_for_refresh(&record);
         let (dc, hlc) = (self.dc().to_string(), self.hlc.now());
         let cmd = Command::PlaceOrderChecked { id, session: session.clone(), user: record.user, sku: sku.to_string(), qty, dc: dc.clone(), hlc };
@@ -285,8 +291,12 @@ impl Shop {
         if owner != self.dc() {
             return self.cancel_foreign(id, owner, session, key, local).await;
         }
-        if self.shards.session_ended(&session) {
-            return Err(Rejection::UnknownSession.into());
+        if self.shards.number_of(&session) != self.shards.number_of(&id) {
+            // The order's shard cannot see the session: checked in its own, linearizably.
+            self.at(&session).shard.read_barrier(false).await?;
+            if self.shards.session_ended(&session) {
+                return Err(Rejection::UnknownSession.into());
+            }
         }
         let cmd = Command::CancelOrder { id: id.clone(), dc: owner, session: session.clone(), hlc: self.hlc.now() };
         match self.write(cmd, key.clone()).await {

@@ -1,4 +1,4 @@
-//! The invariants of DESIGN §5, each a function from the recorded data to one report
+//! The invariants the chaos checker proves, each a function from the recorded data to one report
 //! section; [`check`] runs them all and decides the verdict.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};

@@ -3,7 +3,7 @@
 //! workload and nemeses that record the input are elsewhere, and [`history`] is the
 //! contract between them and the checker.
 //!
-//! What a valid report proves, for the operations recorded (DESIGN §5):
+//! What a valid report proves, for the operations recorded:
 //! 1. **No acknowledged order lost**: every order answered 2xx is found in every DC after
 //!    healing, and its own DC never answered 404 for it after acknowledging it.
 //! 2. **No oversell**: in every DC's view of every SKU, Σsold − Σreleased ≤ Σstocked and

@@ -33,7 +33,7 @@ impl Session {
     }
 }
 
-/// Stock of one SKU as escrow counters (DESIGN §2). Every counter is owned by one DC and
+/// Stock of one SKU as escrow counters. Every counter is owned by one DC and
 /// only grows, so per-DC views merge by taking the larger value.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inventory {

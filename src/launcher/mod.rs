@@ -12,6 +12,7 @@
 //! Nodes are always found through their pid files, never by process name, so two clusters
 //! (two state dirs) on one machine never touch each other.
 
+pub mod budget;
 pub mod docker;
 pub mod manifests;
 pub mod netns;
@@ -81,6 +82,11 @@ pub struct UpArgs {
     /// netns backends).
     #[arg(long)]
     pub enable_test_hooks: bool,
+    /// Each node's CPU budget, in CPUs (e.g. 0.25), through a cgroup v1 cpu controller
+    /// group per node: how one machine stands in for several (process and netns
+    /// backends, root).
+    #[arg(long, value_name = "CPUS")]
+    pub cpus: Option<f64>,
 }
 
 #[derive(Subcommand)]
@@ -273,6 +279,7 @@ impl Cluster {
             if let Some(pid) = self.st.live_pid(&name) {
                 state::stop_pid(pid, Duration::from_secs(5)).with_context(|| format!("stop {name}"))?;
             }
+            budget::remove(&name);
         }
         self.rt.destroy(&self.st)?;
         self.st.clear_run()
@@ -449,7 +456,11 @@ async fn up(st: StateDir, a: UpArgs) -> Result<()> {
     // Every node proves who it is to its peers with a certificate of this cluster's CA:
     // made once per state dir, reused by later `up`s.
     crate::certs::create(&st.certs_dir(), &cfg, false, crate::certs::Validity::default()).context("create the cluster's certificates")?;
-    let meta = Meta { backend: a.backend, wan_latency_ms, wan_via: a.wan_via, test_hooks: a.enable_test_hooks, cuts: BTreeSet::new() };
+    if let Some(cpus) = a.cpus {
+        anyhow::ensure!(!matches!(a.backend, Backend::Docker), "--cpus: use the process or netns backend");
+        budget::check(cpus)?;
+    }
+    let meta = Meta { backend: a.backend, wan_latency_ms, wan_via: a.wan_via, test_hooks: a.enable_test_hooks, cuts: BTreeSet::new(), cpus: a.cpus };
     // Written before anything is created: from here on, a crash is cleaned by the next `up`.
     st.write_meta(&meta)?;
     let c = Cluster { st, cfg, meta, rt };

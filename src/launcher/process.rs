@@ -24,6 +24,7 @@ const EXEC_WAIT: Duration = Duration::from_secs(10);
 /// the node's own.
 pub fn spawn_node(st: &StateDir, prefix: &[String], node: &str) -> Result<i32> {
     let exe = std::env::current_exe().context("find the agora binary")?;
+    let meta = st.read_meta()?;
     let log_path = st.log_path(node);
     let log = OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("open {}", log_path.display()))?;
     let mut cmd = match prefix.split_first() {
@@ -40,7 +41,7 @@ pub fn spawn_node(st: &StateDir, prefix: &[String], node: &str) -> Result<i32> {
         .arg(st.data_dir(node))
         .arg("--certs")
         .arg(st.certs_dir())
-        .args(st.read_meta()?.filter(|m| m.test_hooks).map(|_| "--enable-test-hooks"))
+        .args(meta.as_ref().filter(|m| m.test_hooks).map(|_| "--enable-test-hooks"))
         // Logs go to a file that people grep: no colour codes.
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
@@ -52,6 +53,9 @@ pub fn spawn_node(st: &StateDir, prefix: &[String], node: &str) -> Result<i32> {
     let pid = child.id() as i32;
     st.write_pid(node, pid)?;
     wait_exec(st, &mut child, node)?;
+    if let Some(cpus) = meta.and_then(|m| m.cpus) {
+        super::budget::apply(node, pid, cpus).with_context(|| format!("put {node} under a budget of {cpus} CPUs"))?;
+    }
     Ok(pid)
 }
 

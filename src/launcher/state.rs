@@ -29,6 +29,9 @@ pub struct Meta {
     pub wan_via: super::wan::WanVia,
     /// Node pairs (sorted) whose traffic is dropped, until `heal`.
     pub cuts: BTreeSet<(String, String)>,
+    /// Each node's CPU budget, in CPUs (`--cpus`), kept across restarts.
+    #[serde(default)]
+    pub cpus: Option<f64>,
 }
 
 #[derive(Debug, Clone)]

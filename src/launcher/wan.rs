@@ -129,8 +129,14 @@ mod tests {
         configure(&mut cfg, 150, 0, Some(parse_pair("dc3,dc1").unwrap())).unwrap();
         let t = cfg.wan.table(&cfg.dc_names());
         assert_eq!((t["dc1-dc2"].latency_ms, t["dc1-dc2"].jitter_ms, t["dc1-dc3"].latency_ms, t["dc2-dc3"].latency_ms), (80, 5, 150, 80));
-        let meta =
-            Meta { backend: super::super::Backend::Process, wan_latency_ms: 80, wan_via: WanVia::Transport, test_hooks: false, cuts: Default::default() };
+        let meta = Meta {
+            backend: super::super::Backend::Process,
+            wan_latency_ms: 80,
+            wan_via: WanVia::Transport,
+            test_hooks: false,
+            cuts: Default::default(),
+            cpus: None,
+        };
         let line = describe(&cfg, &meta).unwrap();
         assert!(line.contains("dc1-dc3 150 ms") && line.contains("dc1-dc2 80 ± 5 ms"), "{line}");
         configure(&mut cfg, 0, 0, None).unwrap();

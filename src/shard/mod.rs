@@ -10,12 +10,12 @@
 
 pub mod background;
 pub mod inbound;
+pub mod read_index;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::{BasicNode, RaftMetrics, ServerState};
 
 use crate::actors::Directory;
@@ -51,6 +51,8 @@ pub struct Shard {
     members: HashSet<NodeId>,
     /// The snapshot being received from the leader (see `raft::guard`).
     snapshot_transfer: tokio::sync::Mutex<SnapshotTransfer>,
+    /// Read-index rounds shared by the linearizable reads that queue for one.
+    read_index: read_index::ReadIndex,
 }
 
 /// What a shard is built from; the startup wiring owns the parts.
@@ -70,6 +72,9 @@ impl Shard {
     pub fn new(p: ShardParts) -> Arc<Self> {
         let members = p.config.dc_nodes(&p.dc).iter().map(|n| n.id).collect();
         let request_timeout = Duration::from_millis(p.config.limits.request_timeout_ms);
+        let leader_wait = Duration::from_millis(p.config.raft.election_timeout_max_ms * 2);
+        let read_index =
+            read_index::ReadIndex::new(read_index::Source { me: p.me, raft: p.raft.clone(), peers: p.peers.clone(), request_timeout, leader_wait });
         Arc::new(Shard {
             number: p.number,
             dc: p.dc,
@@ -83,6 +88,7 @@ impl Shard {
             request_timeout,
             members,
             snapshot_transfer: Default::default(),
+            read_index,
         })
     }
 
@@ -129,11 +135,7 @@ impl Shard {
 
     /// The current leader, waiting up to an election's length for one to appear.
     async fn wait_leader(&self) -> Result<NodeId, NodeError> {
-        if let Some(l) = self.leader() {
-            return Ok(l);
-        }
-        let wait = Duration::from_millis(self.config.raft.election_timeout_max_ms * 2);
-        self.raft.wait(Some(wait)).metrics(|m| m.current_leader.is_some(), "leader").await.ok().and_then(|m| m.current_leader).ok_or(NodeError::NoLeader)
+        self.read_index.source().wait_leader().await
     }
 
     /// Runs a write on the group's leader and returns its outcome once applied there.
@@ -179,28 +181,14 @@ impl Shard {
         if stale {
             return Ok(());
         }
-        let leader = self.wait_leader().await?;
-        let index = if leader == self.me {
-            self.read_index_local().await?
-        } else {
-            match self.peers.call(leader, PeerRequest::ReadIndex, Some(self.request_timeout)).await? {
-                PeerResponse::ReadIndex(r) => r?,
-                other => return Err(NodeError::Internal(format!("unexpected answer to read index: {other:?}"))),
-            }
-        };
+        let index = self.read_index.get().await?;
         self.raft.wait(Some(self.request_timeout)).applied_index_at_least(Some(index), "read index").await.map_err(|_| NodeError::Timeout)?;
         Ok(())
     }
 
     /// On the leader: confirms leadership with a quorum and returns the read index.
     pub async fn read_index_local(&self) -> Result<u64, NodeError> {
-        let r = tokio::time::timeout(self.request_timeout, self.raft.ensure_linearizable()).await.map_err(|_| NodeError::Timeout)?;
-        match r {
-            Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
-            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(NodeError::NotLeader(f.leader_id)),
-            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => Err(NodeError::NoLeader),
-            Err(RaftError::Fatal(f)) => Err(NodeError::Internal(f.to_string())),
-        }
+        self.read_index.source().local().await
     }
 
     /// Adds (learner, then voter) or removes a node of this DC; on a follower, asks the leader.

@@ -56,7 +56,7 @@ async fn handle_in_shard(cross: &Arc<CrossDc>, from: NodeId, req: PeerRequest) -
         PeerRequest::Vote(r) => inbound::vote(shard, from, r).await,
         PeerRequest::InstallSnapshot(r) => inbound::install_snapshot(shard, from, r).await,
         PeerRequest::Submit(cmd) => PeerResponse::Submit(submit_forwarded(shard, cmd).await),
-        PeerRequest::ReadIndex => PeerResponse::ReadIndex(shard.read_index_local().await),
+        PeerRequest::ReadIndex => PeerResponse::ReadIndex(shard.read_index_for_follower().await),
         PeerRequest::Membership(op) => PeerResponse::Membership(shard.change_membership_local(op).await),
         PeerRequest::Probe => PeerResponse::Probe(shard.probe_ack()),
         // Cross-DC requests from a node of this DC: a confused or hostile peer.

@@ -186,9 +186,13 @@ impl Shard {
         Ok(())
     }
 
-    /// On the leader: confirms leadership with a quorum and returns the read index.
-    pub async fn read_index_local(&self) -> Result<u64, NodeError> {
-        self.read_index.source().local().await
+    /// A follower's read-index request, on the leader: it shares the rounds of this
+    /// node's own reads (one heartbeat broadcast for all that queued meanwhile).
+    pub async fn read_index_for_follower(&self) -> Result<u64, NodeError> {
+        if !self.is_leader() {
+            return Err(NodeError::NotLeader(self.leader()));
+        }
+        self.read_index.get().await
     }
 
     /// Adds (learner, then voter) or removes a node of this DC; on a follower, asks the leader.

@@ -43,20 +43,28 @@ impl LagSamples {
 
     /// Per origin, the lags of events applied in the last `window` (those still kept).
     pub fn summary(&self, window: Duration) -> BTreeMap<String, LagSummary> {
+        summary_over([self], window)
+    }
+
+    /// The lags recorded in the last `window`, per origin.
+    fn within(&self, window: Duration, into: &mut BTreeMap<String, Vec<u64>>) {
         let now = Instant::now();
         let by_origin = self.by_origin.lock().expect("lag samples lock");
-        by_origin
-            .iter()
-            .filter_map(|(origin, ring)| {
-                let lags: Vec<u64> = ring.iter().filter(|(at, _)| now.duration_since(*at) <= window).map(|(_, l)| *l).collect();
-                summarize(lags).map(|s| (origin.clone(), s))
-            })
-            .collect()
+        for (origin, ring) in by_origin.iter() {
+            into.entry(origin.clone()).or_default().extend(ring.iter().filter(|(at, _)| now.duration_since(*at) <= window).map(|(_, l)| *l));
+        }
     }
 }
 
-/// Nearest-rank percentiles (the smallest sample at or above the rank): exact, no
-/// interpolation. `None` for no samples.
+/// One summary per origin over the samples of several recorders (a node's shards).
+pub fn summary_over<'a>(all: impl IntoIterator<Item = &'a LagSamples>, window: Duration) -> BTreeMap<String, LagSummary> {
+    let mut lags = BTreeMap::new();
+    for samples in all {
+        samples.within(window, &mut lags);
+    }
+    lags.into_iter().filter_map(|(origin, l)| summarize(l).map(|s| (origin, s))).collect()
+}
+
 pub fn summarize(mut lags: Vec<u64>) -> Option<LagSummary> {
     if lags.is_empty() {
         return None;
@@ -89,6 +97,11 @@ mod tests {
         assert_eq!(s["dc2"].events, SAMPLES_MAX, "bounded");
         assert_eq!(s["dc2"].max_ms, SAMPLES_MAX as u64 + 9, "the newest are kept");
         assert_eq!(s["dc3"], LagSummary { events: 1, p50_ms: 5, p99_ms: 5, max_ms: 5 });
+        // Two recorders (two shards) summarised together: one distribution per origin.
+        let m = LagSamples::default();
+        m.record("dc3", [1, 9]);
+        let both = summary_over([&l, &m], Duration::from_secs(60));
+        assert_eq!(both["dc3"], LagSummary { events: 3, p50_ms: 5, p99_ms: 9, max_ms: 9 });
         assert!(l.summary(Duration::ZERO).values().all(|s| s.events <= SAMPLES_MAX));
     }
 }

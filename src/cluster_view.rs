@@ -48,7 +48,12 @@ impl ClusterView {
             .config
             .dc_nodes(&dc.name)
             .into_iter()
-            .map(|n| NodeView { healthy: healthy && (n.id == shard.me || links.node_healthy(n.id)), name: n.name, ip: n.http.ip(), http_port: n.http.port() })
+            .map(|n| {
+                // This node by its own clock check; the others by their probes (a node that
+                // fenced itself for its clock answers as unhealthy).
+                let up = if n.id == shard.me { !links.clock().fenced } else { links.node_healthy(n.id) };
+                NodeView { healthy: healthy && up, name: n.name, ip: n.http.ip(), http_port: n.http.port() }
+            })
             .collect();
         let subnets = dc.subnet.as_deref().and_then(|s| parse_cidr(s).ok()).into_iter().collect();
         DcView { name: dc.name.clone(), healthy, drained: settings.drained, weight: settings.weight, leader, nodes, subnets }

@@ -46,6 +46,8 @@ pub async fn status(State(node): State<AppState>) -> Json<Value> {
         "dcs": dcs,
         // The fields above are shard 0's; every shard's own view:
         "shards": shard_views(&node).await,
+        // This node's clock against its DC's other nodes (their clock minus ours, in ms).
+        "clock": node.cross.links.clock(),
     }))
 }
 
@@ -148,9 +150,12 @@ pub async fn digest(State(node): State<AppState>) -> Json<Value> {
     Json(d)
 }
 
-pub async fn healthz(State(node): State<AppState>) -> Json<Value> {
+/// 200 while this node serves; 503 once it fenced itself for a clock off from its DC's.
+pub async fn healthz(State(node): State<AppState>) -> (axum::http::StatusCode, Json<Value>) {
     let m = node.shard.raft.metrics().borrow().clone();
-    Json(json!({"ok": true, "node": node.info.name, "leader_known": m.current_leader.is_some()}))
+    let clock = node.cross.links.clock();
+    let code = if clock.fenced { axum::http::StatusCode::SERVICE_UNAVAILABLE } else { axum::http::StatusCode::OK };
+    (code, Json(json!({"ok": !clock.fenced, "node": node.info.name, "leader_known": m.current_leader.is_some(), "clock_fenced": clock.fenced})))
 }
 
 pub async fn metrics(State(node): State<AppState>, Extension(console): Extension<Arc<Console>>) -> impl IntoResponse {

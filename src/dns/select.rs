@@ -71,9 +71,16 @@ fn fail_open_order(dcs: &[DcView], family: Family, slot: u64) -> (Vec<(usize, Ip
     rotate(&candidates, slot)
 }
 
-/// The DC's leader if known, else its first healthy node.
+/// The DC's leader if known, else its first healthy node. A leader whose node is not
+/// healthy (e.g. fenced for its clock: it answers its own writes with 503 `clock_skew`)
+/// gives way to a healthy node of the DC, if there is one.
 pub(crate) fn serving_address(dc: &DcView, family: Family) -> Option<IpAddr> {
-    dc.leader.filter(|ip| family.matches(*ip)).or_else(|| first_node(&dc.nodes, family, true))
+    let healthy = |ip: IpAddr| dc.nodes.iter().all(|n| n.ip != ip || n.healthy);
+    match dc.leader.filter(|ip| family.matches(*ip)) {
+        Some(ip) if !healthy(ip) => first_node(&dc.nodes, family, true).or(Some(ip)),
+        Some(ip) => Some(ip),
+        None => first_node(&dc.nodes, family, true),
+    }
 }
 
 /// Like `serving_address` but accepts an unhealthy node as a last resort.

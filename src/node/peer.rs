@@ -59,6 +59,7 @@ async fn handle_in_shard(cross: &Arc<CrossDc>, from: NodeId, req: PeerRequest) -
         PeerRequest::ReadIndex => PeerResponse::ReadIndex(shard.read_index_for_follower().await),
         PeerRequest::Membership(op) => PeerResponse::Membership(shard.change_membership_local(op).await),
         PeerRequest::Probe => PeerResponse::Probe(shard.probe_ack()),
+        PeerRequest::Clock => PeerResponse::Clock { wall_ms: crate::hlc::wall_ms(), fenced: cross.links.clock().fenced },
         // Cross-DC requests from a node of this DC: a confused or hostile peer.
         other @ (PeerRequest::Replicate { .. }
         | PeerRequest::InstallRemote { .. }

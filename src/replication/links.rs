@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use super::clock::{self, ClockView, Sample};
 use super::CrossDc;
 use crate::error::NodeError;
 use crate::raft::NodeId;
@@ -51,12 +52,14 @@ pub struct Links {
     /// Per node probed: when it last answered, and when it last failed to.
     nodes: RwLock<HashMap<NodeId, (Option<Instant>, Option<Instant>)>>,
     unhealthy_after: Duration,
+    /// This node's clock against its DC's, from the last round of local probes.
+    clock: RwLock<ClockView>,
 }
 
 impl Links {
     pub fn new(dcs: impl IntoIterator<Item = String>, unhealthy_after: Duration) -> Arc<Self> {
         let map = dcs.into_iter().map(|d| (d, Link::default())).collect();
-        Arc::new(Links { map: RwLock::new(map), nodes: Default::default(), unhealthy_after })
+        Arc::new(Links { map: RwLock::new(map), nodes: Default::default(), unhealthy_after, clock: Default::default() })
     }
 
     pub fn get(&self, dc: &str) -> Link {
@@ -81,6 +84,19 @@ impl Links {
         } else {
             seen.1 = Some(Instant::now());
         }
+    }
+
+    /// This node's clock against its DC's (fenced: off by more than the bound).
+    pub fn clock(&self) -> ClockView {
+        self.clock.read().expect("links lock").clone()
+    }
+
+    fn set_clock(&self, view: ClockView) {
+        let mut clock = self.clock.write().expect("links lock");
+        if clock.fenced != view.fenced {
+            tracing::warn!(fenced = view.fenced, offsets_ms = ?view.offsets_ms, "this node's clock against its DC's changed");
+        }
+        *clock = view;
     }
 
     /// A node counts as healthy unless its last probe failed (never probed: healthy).
@@ -167,14 +183,29 @@ pub async fn probe_loop(cross: Arc<CrossDc>, dc: String) {
 /// Every node probes the other nodes of its own DC, so DNS can leave out a dead one.
 pub async fn probe_local_loop(cross: Arc<CrossDc>) {
     let interval = Duration::from_millis(cross.config().replication.probe_interval_ms);
+    let max_offset = cross.config().replication.max_clock_offset_ms;
     let me = cross.shard.me;
     let peers: Vec<NodeId> = cross.config().dc_nodes(cross.dc()).iter().map(|n| n.id).filter(|id| *id != me).collect();
     loop {
         let started = Instant::now();
-        let probes = peers.iter().map(|p| async { (*p, cross.peers.call(*p, PeerRequest::Probe, Some(interval * 2)).await) });
-        for (peer, r) in futures::future::join_all(probes).await {
-            cross.links.record_probe(peer, matches!(r, Ok(PeerResponse::Probe(_))));
+        let probes = peers.iter().map(|p| async {
+            let sent_ms = crate::hlc::wall_ms();
+            let r = cross.peers.call(*p, PeerRequest::Clock, Some(interval * 2)).await;
+            (*p, sent_ms, r, crate::hlc::wall_ms())
+        });
+        let mut samples = Vec::new();
+        for (peer, sent_ms, r, received_ms) in futures::future::join_all(probes).await {
+            // A peer that fenced itself for its clock answers, but is not healthy.
+            let healthy = match r {
+                Ok(PeerResponse::Clock { wall_ms, fenced }) => {
+                    samples.push(Sample { peer, sent_ms, their_ms: wall_ms, received_ms });
+                    !fenced
+                }
+                _ => false,
+            };
+            cross.links.record_probe(peer, healthy);
         }
+        cross.links.set_clock(clock::judge(&samples, peers.len(), max_offset));
         tokio::time::sleep(interval.saturating_sub(started.elapsed())).await;
     }
 }

@@ -8,6 +8,7 @@
 //! A DC asks the owner of an order or session it has not seen yet, and forwards cancels
 //! to it ([`remote`]).
 
+pub mod clock;
 pub mod guard;
 pub mod lag;
 pub mod links;
@@ -80,14 +81,18 @@ impl CrossDc {
     }
 }
 
-/// Starts, for every other DC, its prober and its shipper, plus the outbox trimmer.
+/// Starts, for every other DC, its prober and its shipper, plus the outbox trimmer and (in
+/// shard 0) the prober of this DC's nodes.
 pub fn spawn(cross: Arc<CrossDc>) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     for dc in cross.remote_dcs() {
         tasks.push(tokio::spawn(links::probe_loop(cross.clone(), dc.clone())));
         tasks.push(tokio::spawn(shipper::ship_loop(cross.clone(), dc)));
     }
-    tasks.push(tokio::spawn(links::probe_local_loop(cross.clone())));
+    // This DC's nodes (and this node's clock against theirs) once per node, not per shard.
+    if cross.shard.number == 0 {
+        tasks.push(tokio::spawn(links::probe_local_loop(cross.clone())));
+    }
     tasks.push(tokio::spawn(shipper::trim_loop(cross)));
     tasks
 }

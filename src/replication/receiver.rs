@@ -126,5 +126,6 @@ pub fn request_name(r: &PeerRequest) -> &'static str {
         PeerRequest::AskStock { .. } => "ask_stock",
         PeerRequest::Lookup(_) => "lookup",
         PeerRequest::Shard { .. } => "shard",
+        PeerRequest::Clock => "clock",
     }
 }

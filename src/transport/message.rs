@@ -48,6 +48,9 @@ pub enum PeerRequest {
         shard: u16,
         req: Box<PeerRequest>,
     },
+    /// From a node of this DC: are you alive, what does your clock say, and is yours off
+    /// from the DC's (see `replication::clock`)?
+    Clock,
 }
 
 /// A DC's answer to replication traffic: its cursor for the origin after applying.
@@ -77,4 +80,10 @@ pub enum PeerResponse {
     /// The request could not be handled at all (e.g. it was for another DC's Raft group).
     Refused(String),
     Lookup(Result<Found, NodeError>),
+    /// The answering node's wall clock (ms since the epoch), and whether it has fenced
+    /// itself for a clock off from its DC's.
+    Clock {
+        wall_ms: u64,
+        fenced: bool,
+    },
 }

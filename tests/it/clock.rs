@@ -36,14 +36,70 @@ async fn a_leader_whose_clock_is_behind_refuses_forwarded_writes_as_clock_skew_a
     // The follower stamps the order with its own clock, 3 s ahead of the leader's.
     let (code, v) = order(&c, &follower, &token).await;
     assert_eq!((code, v["error"]["code"].as_str()), (503, Some("clock_skew")), "{v}");
-    // The leader stamps its own writes: they go through.
+    // The leader's clock disagrees with both followers': it fences itself and stamps
+    // nothing either.
+    must_eventually(Duration::from_secs(5), "the leader fenced for its clock", || async { (c.get(&leader, "/healthz").await.0 == 503).then_some(()) }).await;
     let (code, v) = order(&c, &leader, &token).await;
-    assert_eq!(code, 201, "{v}");
+    assert_eq!((code, v["error"]["code"].as_str()), (503, Some("clock_skew")), "{v}");
 
     assert_eq!(set_skew(&c, &leader, 0).await.0, 200);
     must_eventually(Duration::from_secs(10), "writes through the follower again", || async { (order(&c, &follower, &token).await.0 == 201).then_some(()) })
         .await;
     c.must_converge(Duration::from_secs(20)).await;
     let (_, inv) = c.get("dc2-n1", "/v1/inventory/sku-c?consistency=stale").await;
-    assert_eq!(inv["by_dc"]["dc1"]["sold"], 3, "every acknowledged order reached dc2: {inv}");
+    assert_eq!(inv["by_dc"]["dc1"]["sold"], 2, "every acknowledged order reached dc2: {inv}");
+}
+
+/// `dig` against `node`'s DNS port.
+fn dig(c: &TestCluster, node: &str, name: &str) -> Vec<String> {
+    let server = c.url(node).replace("http://", "").replace(":8080", "");
+    let out = std::process::Command::new("dig")
+        .arg(format!("@{server}"))
+        .args(["-p", "8553", "+time=1", "+tries=1", name, "+short"])
+        .output()
+        .expect("run dig (install dnsutils)");
+    String::from_utf8_lossy(&out.stdout).lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
+}
+
+/// A node whose clock runs 5 s ahead of the two others of its DC sees both disagree: it
+/// fences itself (out of every node's DNS answers for its DC, `/healthz` 503, its own
+/// writes refused as `clock_skew`), and its peers see only it disagree, so they do not.
+/// Its clock put back, it returns.
+#[tokio::test]
+async fn a_node_whose_clock_is_off_from_its_dc_leaves_dns_and_comes_back() {
+    let c = TestCluster::start(141, Options { dcs: 1, nodes: 3, ..Options::default() }).await;
+    let ip = |n: u8| format!("127.{}.1.{n}", c.net);
+    let name = "dc1.shop.agora.test";
+    must_eventually(Duration::from_secs(10), "three nodes in the DC's answer", || async { (dig(&c, "dc1-n1", name).len() == 3).then_some(()) }).await;
+    let token = c.must_session("dc1-n1", "buyer").await;
+    c.must_restock("dc1-n1", "sku-c", 10).await;
+    assert_eq!(set_skew(&c, "dc1-n2", 5000).await.0, 200);
+    must_eventually(Duration::from_secs(10), "dc1-n2 fenced, and out of the answers", || async {
+        let (code, health) = c.get("dc1-n2", "/healthz").await;
+        let out = !dig(&c, "dc1-n1", name).contains(&ip(2)) && !dig(&c, "dc1-n2", name).contains(&ip(2));
+        (code == 503 && health["clock_fenced"] == true && out).then_some(())
+    })
+    .await;
+    let (code, v) = order(&c, "dc1-n2", &token).await;
+    assert_eq!((code, v["error"]["code"].as_str()), (503, Some("clock_skew")), "{v}");
+    // The others are not fenced: they see one peer off, not a majority.
+    for n in ["dc1-n1", "dc1-n3"] {
+        let (code, health) = c.get(n, "/healthz").await;
+        assert_eq!((code, &health["clock_fenced"]), (200, &json!(false)), "{n}: {health}");
+        let (_, status) = c.get(n, "/v1/cluster/status").await;
+        let offset = status["clock"]["offsets_ms"]["12"].as_i64().expect("dc1-n2's offset");
+        assert!((4000..6000).contains(&offset), "{n} sees dc1-n2 about 5 s ahead: {status}");
+        let answer = dig(&c, n, name);
+        assert!(answer.contains(&ip(1)) && answer.contains(&ip(3)), "the healthy nodes stay in {n}'s answer: {answer:?}");
+        assert_eq!(order(&c, n, &token).await.0, 201, "{n} still takes orders");
+    }
+    assert_eq!(set_skew(&c, "dc1-n2", 0).await.0, 200);
+    must_eventually(Duration::from_secs(10), "dc1-n2 back", || async {
+        let (code, _) = c.get("dc1-n2", "/healthz").await;
+        (code == 200 && dig(&c, "dc1-n1", name).contains(&ip(2))).then_some(())
+    })
+    .await;
+    // Its hybrid clock never goes back: what it stamps runs ahead until real time catches
+    // up with the 5 s it was ahead (refused as `clock_skew` meanwhile, nothing lost).
+    must_eventually(Duration::from_secs(15), "orders through dc1-n2 again", || async { (order(&c, "dc1-n2", &token).await.0 == 201).then_some(()) }).await;
 }

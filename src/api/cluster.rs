@@ -64,6 +64,7 @@ async fn shard_views(node: &AppState) -> Vec<Value> {
             "role": role(m.state),
             "leader": name(m.current_leader),
             "preferred_leader": name(s.preferred_leader()),
+            "voters": m.membership_config.membership().voter_ids().filter_map(|id| name(Some(id))).collect::<Vec<_>>(),
             "term": m.current_term,
             "commit_index": s.commit_index().await,
             "applied_index": m.last_applied.map(|l| l.index).unwrap_or(0),

@@ -196,7 +196,21 @@ impl Shard {
     }
 
     /// Adds (learner, then voter) or removes a node of this DC; on a follower, asks the leader.
+    /// Leadership moving under it (a leader removed from the group steps down, and the
+    /// others elect one) is waited out for up to two elections.
     pub async fn change_membership(&self, op: MembershipOp) -> Result<BTreeSet<NodeId>, NodeError> {
+        let deadline = std::time::Instant::now() + Duration::from_millis(4 * self.config.raft.election_timeout_max_ms);
+        loop {
+            match self.change_membership_once(op.clone()).await {
+                Err(NodeError::NotLeader(_) | NodeError::NoLeader) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(self.config.raft.heartbeat_interval_ms)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn change_membership_once(&self, op: MembershipOp) -> Result<BTreeSet<NodeId>, NodeError> {
         let leader = self.wait_leader().await?;
         if leader != self.me {
             return match self.peers.call(leader, PeerRequest::Membership(op), Some(Duration::from_secs(30))).await? {
@@ -214,6 +228,12 @@ impl Shard {
         }
         let internal = |e: &dyn std::fmt::Display| NodeError::Internal(e.to_string());
         let mut voters: BTreeSet<NodeId> = self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        if !voters.contains(&self.me) {
+            // A leader that removed itself leads until the change commits, then steps down;
+            // openraft 0.9 must not be asked for another change meanwhile (it asserts it is
+            // still leader). The caller retries once the others have elected one.
+            return Err(NodeError::NotLeader(None));
+        }
         let configured = self.configured_members();
         match op {
             MembershipOp::Add(id) => {

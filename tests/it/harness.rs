@@ -301,7 +301,12 @@ impl TestCluster {
         for n in &self.names {
             let path = self.dir.path().join(format!("{n}.log"));
             let text = std::fs::read_to_string(&path).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            let lines: Vec<&str> = text.lines().collect();
+            // A panic's message, however far up the log its backtrace pushed it.
+            for (i, _) in lines.iter().enumerate().filter(|(_, l)| l.contains("panicked at")) {
+                eprintln!("--- {n}.log: {}", lines[i..lines.len().min(i + 3)].join(" | "));
+            }
+            let tail: Vec<&str> = lines.iter().rev().take(30).copied().collect();
             eprintln!("--- last lines of {n}.log ---");
             for l in tail.into_iter().rev() {
                 eprintln!("{l}");

@@ -210,3 +210,38 @@ async fn shards_converge_across_dcs_with_keys_and_lookups() {
     let (_, inv) = c.get("dc2-n1", &format!("/v1/inventory/{other}")).await;
     assert_eq!(inv["total"], 20, "no order for a reused key: {inv}");
 }
+
+/// Membership changes go to every shard: a node removed from a sharded DC leaves every
+/// group, the DC keeps taking orders in every shard, and once added back the node catches
+/// up in every shard with every acknowledged order.
+#[tokio::test]
+async fn a_node_removed_and_added_back_leaves_and_rejoins_every_shard() {
+    let c = TestCluster::start(142, sharded(1, 3)).await;
+    must_shard_leaders(&c, "dc1-n1").await;
+    let voters = |shards: &[Value]| shards.iter().map(|s| s["voters"].as_array().map_or(0, Vec::len)).collect::<Vec<_>>();
+    let (code, v) = c.request(reqwest::Method::DELETE, "dc1-n2", "/v1/admin/nodes/dc1-n3", None, None).await;
+    assert_eq!(code, 200, "{v}");
+    must_eventually(Duration::from_secs(10), "two voters in every shard", || async {
+        (voters(&shards_of(&c, "dc1-n1").await) == vec![2; usize::from(SHARDS)]).then_some(())
+    })
+    .await;
+    // Orders in every shard while dc1-n3 is out.
+    let token = c.must_session("dc1-n1", "member").await;
+    let mut ids = Vec::new();
+    for shard in 0..SHARDS {
+        let sku = sku_in(shard, "member");
+        c.must_restock("dc1-n2", &sku, 5).await;
+        ids.push(must_order(&c, "dc1-n1", &token, &sku).await);
+    }
+    let (code, v) = c.post("dc1-n1", "/v1/admin/nodes", json!({"node": "dc1-n3"})).await;
+    assert_eq!(code, 200, "{v}");
+    must_eventually(Duration::from_secs(10), "three voters in every shard", || async {
+        (voters(&shards_of(&c, "dc1-n1").await) == vec![3; usize::from(SHARDS)]).then_some(())
+    })
+    .await;
+    c.must_converge(Duration::from_secs(15)).await;
+    for id in &ids {
+        let (code, v) = c.get("dc1-n3", &format!("/v1/orders/{id}?consistency=stale")).await;
+        assert_eq!(code, 200, "{id} on the node added back: {v}");
+    }
+}

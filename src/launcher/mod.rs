@@ -138,6 +138,16 @@ pub enum ClusterCmd {
     Undrain { dc: String },
     /// Set a DC's share of the DNS rotation (0 takes it out, like a drain; at most 100).
     Weight { dc: String, weight: u32 },
+    /// Add a node of the cluster file back to every Raft group (shard) of its DC: a learner
+    /// that catches up, then a voter.
+    AddNode { node: String },
+    /// Take a node out of every Raft group of its DC (refused when fewer voters than a
+    /// quorum of the DC's nodes would remain, unless --force).
+    RemoveNode {
+        node: String,
+        #[arg(long)]
+        force: bool,
+    },
     /// Make a node's clock run SKEW_MS ahead (negative: behind); 0 puts it back. Needs
     /// `up --enable-test-hooks`.
     Clock {
@@ -365,20 +375,47 @@ async fn dc_settings(c: &Cluster, dc: &str, body: serde_json::Value) -> Result<(
     if !c.cfg.dc_names().iter().any(|d| d == dc) {
         anyhow::bail!("unknown datacentre '{dc}'; valid: {}", c.cfg.dc_names().join(", "));
     }
-    let http = table::http_client();
+    let answer = admin_any(c, &c.cfg.nodes(), reqwest::Method::PUT, &format!("/v1/admin/dcs/{dc}"), Some(body)).await?;
+    println!("{answer}");
+    Ok(())
+}
+
+/// Adds `node` to (or, `remove`, takes it out of) every Raft group of its DC, through the
+/// admin API of another node of that DC (which forwards to each group's leader).
+async fn membership(c: &Cluster, node: &str, remove: bool, force: bool) -> Result<()> {
+    let target = c.node(node)?;
+    let others: Vec<NodeInfo> = c.cfg.dc_nodes(&target.dc).into_iter().filter(|n| n.name != node).collect();
+    anyhow::ensure!(!others.is_empty(), "{} has no other node to ask", target.dc);
+    let answer = if remove {
+        let query = if force { "?force=true" } else { "" };
+        admin_any(c, &others, reqwest::Method::DELETE, &format!("/v1/admin/nodes/{node}{query}"), None).await?
+    } else {
+        admin_any(c, &others, reqwest::Method::POST, "/v1/admin/nodes", Some(serde_json::json!({ "node": node }))).await?
+    };
+    println!("{answer}");
+    Ok(())
+}
+
+/// Sends one admin request to the first of `nodes` that takes it; its answer's body.
+async fn admin_any(c: &Cluster, nodes: &[NodeInfo], method: reqwest::Method, path: &str, body: Option<serde_json::Value>) -> Result<String> {
+    // Membership changes wait for a learner to catch up: longer than a status probe.
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).no_proxy().build().context("build http client")?;
     let token = crate::certs::read_token(&crate::certs::token_path(&c.st.certs_dir()))?;
     let mut last = None;
-    for n in c.cfg.nodes() {
-        match http.put(format!("http://{}/v1/admin/dcs/{dc}", n.admin)).bearer_auth(&token).json(&body).send().await {
-            Ok(r) if r.status().is_success() => {
-                println!("{}", r.text().await.unwrap_or_default());
-                return Ok(());
-            }
+    for n in nodes {
+        let mut req = http.request(method.clone(), format!("http://{}{path}", n.admin)).bearer_auth(&token);
+        if let Some(b) = &body {
+            req = req.json(b);
+        }
+        match req.send().await {
+            Ok(r) if r.status().is_success() => return Ok(r.text().await.unwrap_or_default()),
+            // The request itself was refused: another node would say the same.
+            Ok(r) if r.status().is_client_error() => anyhow::bail!("{}: {} {}", n.name, r.status(), r.text().await.unwrap_or_default()),
             Ok(r) => last = Some(format!("{}: {} {}", n.name, r.status(), r.text().await.unwrap_or_default())),
             Err(e) => last = Some(format!("{}: {e}", n.name)),
         }
     }
-    anyhow::bail!("no node took the setting (last answer: {})", last.unwrap_or_default())
+    anyhow::bail!("no node took it (last answer: {})", last.unwrap_or_default())
 }
 
 /// Sets a node's clock skew through its admin API (a test hook).
@@ -421,6 +458,8 @@ async fn drive(c: Cluster, cmd: ClusterCmd) -> Result<()> {
         ClusterCmd::Drain { dc } => dc_settings(&c, &dc, serde_json::json!({"drained": true})).await?,
         ClusterCmd::Undrain { dc } => dc_settings(&c, &dc, serde_json::json!({"drained": false})).await?,
         ClusterCmd::Weight { dc, weight } => dc_settings(&c, &dc, serde_json::json!({"weight": weight})).await?,
+        ClusterCmd::AddNode { node } => membership(&c, &node, false, false).await?,
+        ClusterCmd::RemoveNode { node, force } => membership(&c, &node, true, force).await?,
         ClusterCmd::Up(_) | ClusterCmd::Down { .. } | ClusterCmd::K8s(_) | ClusterCmd::Compose(_) | ClusterCmd::WanRoutes(_) => {
             unreachable!("handled in run")
         }

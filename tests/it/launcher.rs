@@ -267,6 +267,13 @@ async fn process_backend_end_to_end() {
     l.must(&["weight", "dc1", "3"]);
     let err = l.must_fail(&["drain", "dc9"]);
     assert!(err.contains("unknown datacentre 'dc9'"), "{err}");
+    // Membership through the CLI: dc1-n3 out of every Raft group of dc1, then back.
+    let out = l.must(&["remove-node", "dc1-n3"]);
+    assert!(out.contains("voters") && !out.contains("dc1-n3"), "{out}");
+    let out = l.must(&["add-node", "dc1-n3"]);
+    assert!(out.contains("dc1-n3"), "{out}");
+    let err = l.must_fail(&["remove-node", "dc9-n9"]);
+    assert!(err.contains("dc9-n9"), "{err}");
     must_down(&l);
 }
 

@@ -67,7 +67,8 @@ impl Source {
 struct Waiting {
     /// A round is in flight (its task runs).
     running: bool,
-    /// Reads that arrived since the current round began: the next round's.
+    /// Reads that arrived since the current round began: the next round's. One per read in
+    /// flight, so bounded by what bounds those (the HTTP and peer connection caps).
     next: Vec<oneshot::Sender<Answer>>,
 }
 

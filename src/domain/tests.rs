@@ -724,3 +724,41 @@ fn an_order_with_a_session_from_another_dc_carries_and_merges_its_record() {
     other.token = "t2".into();
     assert!(matches!(apply(&mut dc1, &with(other, "o3", 7)), Outcome::Rejected(Rejection::Invalid(_))));
 }
+
+/// In a DC of several shards an order may live in another shard than its session: the
+/// proposer checked the session there and names its user, so the entry places the order
+/// without one here; the refresh that use gives the session comes on its own, and only
+/// moves a live session forward.
+#[test]
+fn a_checked_order_needs_no_session_here_and_a_refresh_only_moves_a_live_one_forward() {
+    let mut s = MemState::new("dc1");
+    apply(&mut s, &restock("dc1", "sku1", 5));
+    let checked = |id: &str| {
+        let cmd = Command::PlaceOrderChecked { id: id.into(), session: "t9".into(), user: "bob".into(), sku: "sku1".into(), qty: 1, dc: "dc1".into(), hlc: 5 };
+        req(cmd)
+    };
+    match apply(&mut s, &checked("dc1-a")) {
+        Outcome::Order(o) => assert_eq!((o.user.as_str(), o.session.as_str()), ("bob", "t9")),
+        other => panic!("{other:?}"),
+    }
+    assert!(s.sessions.get("t9").is_none(), "no copy of the session is made here");
+    // A plain order with the same unknown session is still refused.
+    let plain = Command::PlaceOrder { id: "dc1-b".into(), session: "t9".into(), sku: "sku1".into(), qty: 1, dc: "dc1".into(), hlc: 6, refresh_session: false };
+    assert_eq!(apply(&mut s, &req(plain)), Outcome::Rejected(Rejection::UnknownSession));
+    // An empty user is bad input, refused before anything changes.
+    let bad =
+        Command::PlaceOrderChecked { id: "dc1-c".into(), session: "t9".into(), user: String::new(), sku: "sku1".into(), qty: 1, dc: "dc1".into(), hlc: 7 };
+    assert!(matches!(apply(&mut s, &req(bad)), Outcome::Rejected(Rejection::Invalid(_))));
+
+    let refresh = |hlc| req(Command::RefreshSession { token: "t1".into(), dc: "dc1".into(), hlc });
+    assert_eq!(apply(&mut s, &refresh(10)), Outcome::Rejected(Rejection::UnknownSession), "nothing to refresh");
+    apply(&mut s, &session("dc1", "t1"));
+    match apply(&mut s, &refresh(10)) {
+        Outcome::Session(x) => assert_eq!(x.hlc, 10),
+        other => panic!("{other:?}"),
+    }
+    match apply(&mut s, &refresh(4)) {
+        Outcome::Session(x) => assert_eq!(x.hlc, 10, "an older refresh changes nothing"),
+        other => panic!("{other:?}"),
+    }
+}

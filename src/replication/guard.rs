@@ -114,6 +114,23 @@ impl GrantLimiter {
 mod tests {
     use super::*;
 
+    /// A peer cannot plant what a shard does not hold: a session whose token lives in
+    /// another shard, or DC settings outside shard 0.
+    #[test]
+    fn changes_must_belong_to_the_shard_they_are_sent_to() {
+        use crate::domain::{DcSettings, Session};
+        use crate::ids::shard_of;
+        let token = (0..).map(|i| format!("dc2-{i}")).find(|t| shard_of(t, 3) == 1).expect("a token of shard 1");
+        let s = Change::Session(Session { token: token.clone(), user: "u".into(), dc: "dc2".into(), hlc: 1, deleted: false });
+        assert!(check_shard([&s], 1, 3).is_ok());
+        let err = check_shard([&s], 2, 3).expect_err("shard 2 does not hold it");
+        assert!(err.contains("belongs to shard 1"), "{err}");
+        let settings = Change::Settings(DcSettings::default_for("dc2"));
+        assert!(check_shard([&settings], 0, 3).is_ok());
+        assert!(check_shard([&settings], 1, 3).is_err());
+        assert!(check_shard([&s, &settings], 0, 1).is_ok(), "one shard holds everything");
+    }
+
     #[test]
     fn a_lookup_answer_must_be_what_was_asked_and_not_from_the_future() {
         use crate::domain::{Order, OrderStatus, Session};

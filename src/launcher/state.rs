@@ -104,22 +104,35 @@ impl StateDir {
         write_atomic(&self.meta_path(), serde_json::to_string_pretty(meta)?.as_bytes())
     }
 
+    /// Records the node's pid with its start time: pids are reused (`pid_max` may be
+    /// 32768), and another cluster's node of the same name must never pass for this one.
     pub fn write_pid(&self, node: &str, pid: i32) -> Result<()> {
-        write_atomic(&self.pid_path(node), format!("{pid}\n").as_bytes())
+        let started = start_time(pid).map(|t| format!(" {t}")).unwrap_or_default();
+        write_atomic(&self.pid_path(node), format!("{pid}{started}\n").as_bytes())
     }
 
     pub fn read_pid(&self, node: &str) -> Option<i32> {
-        std::fs::read_to_string(self.pid_path(node)).ok()?.trim().parse().ok()
+        self.read_pid_record(node).map(|(pid, _)| pid)
+    }
+
+    /// The pid and, when recorded, the process's start time.
+    fn read_pid_record(&self, node: &str) -> Option<(i32, Option<u64>)> {
+        let text = std::fs::read_to_string(self.pid_path(node)).ok()?;
+        let mut fields = text.split_whitespace();
+        let pid = fields.next()?.parse().ok()?;
+        Some((pid, fields.next().and_then(|t| t.parse().ok())))
     }
 
     pub fn remove_pid(&self, node: &str) {
         let _ = std::fs::remove_file(self.pid_path(node));
     }
 
-    /// The node's pid if its pid file names a live process that is that node: a pid
-    /// reused by another program after a reboot does not count.
+    /// The node's pid if its pid file names a live process that is that node, started
+    /// when the pid was recorded: a pid reused by another program, or by a node of the
+    /// same name in another cluster, does not count.
     pub fn live_pid(&self, node: &str) -> Option<i32> {
-        self.read_pid(node).filter(|&pid| is_agora_node(pid, node))
+        let (pid, started) = self.read_pid_record(node)?;
+        (same_start(pid, started) && is_agora_node(pid, node)).then_some(pid)
     }
 
     /// Forgets the run (pid files, metadata, generated config and compose file) but keeps
@@ -207,6 +220,20 @@ pub fn pid_alive(pid: i32) -> bool {
 }
 
 /// Whether `pid` runs `agora node --node NODE` (directly, or as a container's init).
+/// When `pid` started, in clock ticks after boot (`/proc/PID/stat`, field 22): with the
+/// pid, it names one process for good.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `pid` is the process that started at `started` (unknown: taken on trust).
+fn same_start(pid: i32, started: Option<u64>) -> bool {
+    started.is_none_or(|t| start_time(pid) == Some(t))
+}
+
 fn is_agora_node(pid: i32, node: &str) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
@@ -252,4 +279,30 @@ pub fn stop_pid(pid: i32, grace: Duration) -> Result<()> {
         bail!("pid {pid} survived SIGKILL");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod pid_tests {
+    use super::*;
+
+    /// A pid file names one process: the same pid with another start time (a reused pid)
+    /// is not it, and a file without a start time (written before they were recorded)
+    /// still reads.
+    #[test]
+    fn a_pid_file_names_one_process_by_pid_and_start_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = StateDir { root: dir.path().to_path_buf() };
+        st.create_dirs().unwrap();
+        let me = i32::try_from(std::process::id()).unwrap();
+        st.write_pid("n1", me).unwrap();
+        let (pid, started) = st.read_pid_record("n1").unwrap();
+        assert_eq!((pid, started), (me, start_time(me)));
+        assert!(started.is_some(), "this process's start time is known");
+        std::fs::write(st.pid_path("n1"), format!("{me} 1\n")).unwrap();
+        assert_eq!(st.read_pid_record("n1"), Some((me, Some(1))));
+        assert!(same_start(me, start_time(me)) && same_start(me, None));
+        assert!(!same_start(me, Some(1)), "another start time: a reused pid, not this process");
+        std::fs::write(st.pid_path("n1"), format!("{me}\n")).unwrap();
+        assert_eq!(st.read_pid("n1"), Some(me));
+    }
 }

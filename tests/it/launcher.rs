@@ -60,7 +60,8 @@ impl Launched {
     fn pids(&self) -> BTreeSet<i32> {
         let mut pids = BTreeSet::new();
         for e in std::fs::read_dir(self.state().join("pids")).into_iter().flatten().flatten() {
-            if let Some(pid) = std::fs::read_to_string(e.path()).ok().and_then(|s| s.trim().parse().ok()) {
+            // "PID START_TIME": the pid is the first field.
+            if let Some(pid) = std::fs::read_to_string(e.path()).ok().and_then(|s| s.split_whitespace().next()?.parse().ok()) {
                 pids.insert(pid);
             }
         }

@@ -51,7 +51,7 @@ impl ClusterView {
             .map(|n| {
                 // This node by its own clock check; the others by their probes (a node that
                 // fenced itself for its clock answers as unhealthy).
-                let up = if n.id == shard.me { !links.clock().fenced } else { links.node_healthy(n.id) };
+                let up = if n.id == shard.me { !links.fenced() } else { links.node_healthy(n.id) };
                 NodeView { healthy: healthy && up, name: n.name, ip: n.http.ip(), http_port: n.http.port() }
             })
             .collect();

@@ -84,7 +84,7 @@ impl Shop {
     /// A write through the Raft group of the shard that holds what the command is about;
     /// a rejection by the rules is an error. A node fenced for its clock stamps none.
     async fn write(&self, cmd: Command, key: Option<String>) -> Result<Outcome, ShopError> {
-        if self.shards.first().links.clock().fenced {
+        if self.shards.first().links.fenced() {
             // Its timestamps would be off: another node takes it (the client retries).
             return Err(NodeError::ClockSkew("this node's clock is off from its datacentre's by more than max_clock_offset_ms".into()).into());
         }

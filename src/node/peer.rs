@@ -29,18 +29,23 @@ impl PeerHandler for Handler {
             crate::warn_limited!("peer_nested_shard", from, "nested shard request refused");
             return PeerResponse::Refused("nested shard request".into());
         }
-        if let PeerRequest::Submit(Request { cmd: Command::CancelOrder { session, .. }, .. }) = &req {
-            // A forwarded cancel whose session lives in another shard: refused here if
-            // that shard holds it ended (the order's shard cannot tell).
-            if self.shards.session_ended(session) {
-                return PeerResponse::Submit(Ok(Outcome::Rejected(Rejection::UnknownSession)));
-            }
-        }
         let Some(cross) = self.shards.all().get(usize::from(number)) else {
             crate::warn_limited!("peer_unknown_shard", from, shard = number, "request for a shard this DC does not have refused");
             return PeerResponse::Refused(format!("no shard {number} here"));
         };
+        if !cross.shard.is_member(from) && self.cancels_an_ended_session(&req) {
+            return PeerResponse::Submit(Ok(Outcome::Rejected(Rejection::UnknownSession)));
+        }
         handle_in_shard(cross, from, req).await
+    }
+}
+
+impl Handler {
+    /// A cancel forwarded by another DC whose session this node's replica of the session's
+    /// shard holds ended (the order's shard cannot tell; cancels made in this DC were
+    /// checked by the node that took them).
+    fn cancels_an_ended_session(&self, req: &PeerRequest) -> bool {
+        matches!(req, PeerRequest::Submit(Request { cmd: Command::CancelOrder { session, .. }, .. }) if self.shards.session_ended(session))
     }
 }
 
@@ -59,7 +64,7 @@ async fn handle_in_shard(cross: &Arc<CrossDc>, from: NodeId, req: PeerRequest) -
         PeerRequest::ReadIndex => PeerResponse::ReadIndex(shard.read_index_for_follower().await),
         PeerRequest::Membership(op) => PeerResponse::Membership(shard.change_membership_local(op).await),
         PeerRequest::Probe => PeerResponse::Probe(shard.probe_ack()),
-        PeerRequest::Clock => PeerResponse::Clock { wall_ms: crate::hlc::wall_ms(), fenced: cross.links.clock().fenced },
+        PeerRequest::Clock => PeerResponse::Clock { wall_ms: crate::hlc::wall_ms(), fenced: cross.links.fenced() },
         // Cross-DC requests from a node of this DC: a confused or hostile peer.
         other @ (PeerRequest::Replicate { .. }
         | PeerRequest::InstallRemote { .. }

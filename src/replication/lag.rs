@@ -41,11 +41,6 @@ impl LagSamples {
         }
     }
 
-    /// Per origin, the lags of events applied in the last `window` (those still kept).
-    pub fn summary(&self, window: Duration) -> BTreeMap<String, LagSummary> {
-        summary_over([self], window)
-    }
-
     /// The lags recorded in the last `window`, per origin.
     fn within(&self, window: Duration, into: &mut BTreeMap<String, Vec<u64>>) {
         let now = Instant::now();
@@ -93,7 +88,7 @@ mod tests {
         let l = LagSamples::default();
         l.record("dc2", 0..(SAMPLES_MAX as u64 + 10));
         l.record("dc3", [5]);
-        let s = l.summary(Duration::from_secs(60));
+        let s = summary_over([&l], Duration::from_secs(60));
         assert_eq!(s["dc2"].events, SAMPLES_MAX, "bounded");
         assert_eq!(s["dc2"].max_ms, SAMPLES_MAX as u64 + 9, "the newest are kept");
         assert_eq!(s["dc3"], LagSummary { events: 1, p50_ms: 5, p99_ms: 5, max_ms: 5 });
@@ -102,6 +97,6 @@ mod tests {
         m.record("dc3", [1, 9]);
         let both = summary_over([&l, &m], Duration::from_secs(60));
         assert_eq!(both["dc3"], LagSummary { events: 3, p50_ms: 5, p99_ms: 9, max_ms: 9 });
-        assert!(l.summary(Duration::ZERO).values().all(|s| s.events <= SAMPLES_MAX));
+        assert!(summary_over([&l], Duration::ZERO).values().all(|s| s.events <= SAMPLES_MAX));
     }
 }

@@ -91,6 +91,12 @@ impl Links {
         self.clock.read().expect("links lock").clone()
     }
 
+    /// Whether this node fenced itself for its clock: read on every write, so without
+    /// copying the offsets.
+    pub fn fenced(&self) -> bool {
+        self.clock.read().expect("links lock").fenced
+    }
+
     fn set_clock(&self, view: ClockView) {
         let mut clock = self.clock.write().expect("links lock");
         if clock.fenced != view.fenced {

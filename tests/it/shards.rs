@@ -209,6 +209,16 @@ async fn shards_converge_across_dcs_with_keys_and_lookups() {
     assert_eq!(inv["total"], 19, "one order left of three calls and a cancel: {inv}");
     let (_, inv) = c.get("dc2-n1", &format!("/v1/inventory/{other}")).await;
     assert_eq!(inv["total"], 20, "no order for a reused key: {inv}");
+    // Logged out, the session cancels nothing in the other DC either: dc2's shard of the
+    // order does not hold the session, the node that takes the forwarded cancel checks it.
+    let id3 = must_order(&c, "dc2-n1", &token, &sku).await;
+    let (code, _) = c.request(reqwest::Method::DELETE, "dc1-n1", &format!("/v1/sessions/{token}"), None, None).await;
+    assert_eq!(code, 204);
+    c.must_converge(Duration::from_secs(15)).await;
+    let (code, v) = c.post("dc1-n1", &format!("/v1/orders/{id3}/cancel"), json!({"session": token})).await;
+    assert_eq!((code, v["error"]["code"].as_str()), (401, Some("unknown_session")), "{v}");
+    let (_, o) = c.get("dc2-n1", &format!("/v1/orders/{id3}")).await;
+    assert_eq!(o["status"], "placed", "{o}");
 }
 
 /// Membership changes go to every shard: a node removed from a sharded DC leaves every

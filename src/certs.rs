@@ -197,8 +197,12 @@ pub fn issue(dir: &Path, ca: &Issuer<'static, KeyPair>, role: &Role, node: Optio
     if let Role::Node { name, .. } = role {
         params.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
         params.subject_alt_names.push(SanType::DnsName(name.as_str().try_into().context("node name as DNS name")?));
-        if let Some(n) = node {
-            params.subject_alt_names.push(SanType::IpAddress(n.peer.ip()));
+        match node {
+            Some(NodeInfo { host: Some(host), .. }) => {
+                params.subject_alt_names.push(SanType::DnsName(host.as_str().try_into().context("node host as DNS name")?))
+            }
+            Some(n) => params.subject_alt_names.push(SanType::IpAddress(n.peer.ip())),
+            None => {}
         }
     }
     set_validity(&mut params, validity);

@@ -31,7 +31,7 @@ impl ClusterView {
     }
 
     fn ip_of(&self, id: Option<NodeId>) -> Option<IpAddr> {
-        id.and_then(|id| self.cross.shard.config.node_by_id(id)).map(|n| n.http.ip())
+        id.and_then(|id| self.cross.shard.config.node_by_id(id)).and_then(|n| self.cross.shard.addresses().ip_of(&n))
     }
 
     fn dc_view(&self, dc: &crate::config::DcConfig) -> DcView {
@@ -48,11 +48,13 @@ impl ClusterView {
             .config
             .dc_nodes(&dc.name)
             .into_iter()
-            .map(|n| {
+            // A node named by host whose name has not resolved yet has no address to give.
+            .filter_map(|n| Some((shard.addresses().ip_of(&n)?, n)))
+            .map(|(ip, n)| {
                 // This node by its own clock check; the others by their probes (a node that
                 // fenced itself for its clock answers as unhealthy).
                 let up = if n.id == shard.me { !links.fenced() } else { links.node_healthy(n.id) };
-                NodeView { healthy: healthy && up, name: n.name, ip: n.http.ip(), http_port: n.http.port() }
+                NodeView { healthy: healthy && up, name: n.name, ip, http_port: n.http.port() }
             })
             .collect();
         let subnets = dc.subnet.as_deref().and_then(|s| parse_cidr(s).ok()).into_iter().collect();

@@ -442,7 +442,18 @@ pub struct NodeConfig {
     /// Raft node id, unique in the cluster and stable for the node's life.
     pub id: NodeId,
     pub name: String,
-    pub ip: IpAddr,
+    /// The node's address: where it listens and where the others reach it. A node gives
+    /// either `ip` or `host`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<IpAddr>,
+    /// A DNS name the others reach the node by (a StatefulSet's stable pod name, a compose
+    /// service), resolved again at every connection, so a node that comes back with a new
+    /// address is found. The node listens on `bind`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Where a node named by `host` listens; 0.0.0.0 (every interface) when not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind: Option<IpAddr>,
     #[serde(default)]
     pub http_port: Option<u16>,
     #[serde(default)]
@@ -453,16 +464,35 @@ pub struct NodeConfig {
     pub admin_port: Option<u16>,
 }
 
-/// One node as the rest of the code sees it: names and resolved addresses.
+/// One node as the rest of the code sees it: names and addresses. For a node named by
+/// `host`, the addresses are where it listens (its bind address) and `host` is how the
+/// others reach it: see [`NodeInfo::authority`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeInfo {
     pub id: NodeId,
     pub name: String,
     pub dc: String,
+    pub host: Option<String>,
     pub http: SocketAddr,
     pub peer: SocketAddr,
     pub dns: SocketAddr,
     pub admin: SocketAddr,
+}
+
+impl NodeInfo {
+    /// How the others reach one of this node's listeners: `host:port` for a node named by
+    /// host, else `ip:port`. It is an URL's authority, and `TcpStream::connect` resolves it.
+    pub fn authority(&self, listener: SocketAddr) -> String {
+        match &self.host {
+            Some(host) => format!("{host}:{}", listener.port()),
+            None => listener.to_string(),
+        }
+    }
+
+    /// The URL of the node's shop HTTP API.
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.authority(self.http))
+    }
 }
 
 impl ClusterConfig {
@@ -508,9 +538,10 @@ impl ClusterConfig {
             }
             if let Some(subnet) = &dc.subnet {
                 let (net, len) = parse_cidr(subnet).map_err(|m| invalid(format!("{field}.subnet"), m))?;
-                for (j, n) in dc.nodes.iter().enumerate() {
-                    if !cidr_contains(net, len, n.ip) {
-                        return Err(invalid(format!("{field}.nodes[{j}].ip"), format!("{} is outside the DC's subnet {subnet}", n.ip)));
+                // Nodes named by host get their addresses at start: only fixed ones are checked.
+                for (j, ip) in dc.nodes.iter().enumerate().filter_map(|(j, n)| n.ip.map(|ip| (j, ip))) {
+                    if !cidr_contains(net, len, ip) {
+                        return Err(invalid(format!("{field}.nodes[{j}].ip"), format!("{ip} is outside the DC's subnet {subnet}")));
                     }
                 }
             }
@@ -716,18 +747,21 @@ impl ClusterConfig {
                 if !names.insert(n.name.as_str()) {
                     return Err(invalid(format!("{field}.name"), format!("duplicate node '{}'", n.name)));
                 }
+                check_address(&field, n)?;
                 let info = self.info(dc, n);
                 let mut listeners = vec![("http", info.http), ("peer", info.peer), ("dns", info.dns)];
                 // On its own host's 127.0.0.1, a node's admin port clashes with no other node.
-                if info.admin.ip() == n.ip {
+                if info.admin.ip() == info.http.ip() {
                     listeners.push(("admin", info.admin));
                 }
                 for (what, addr) in listeners {
                     if addr.port() == 0 {
                         return Err(invalid(format!("{field}.{what}_port"), "port 0 is not allowed"));
                     }
+                    // Nodes named by host each have a machine of their own (a pod, a
+                    // container) unless they bind distinct addresses: only those can clash.
                     // DNS uses UDP as well, but its TCP listener clashes the same way.
-                    if !addrs.insert(addr) {
+                    if !addr.ip().is_unspecified() && !addrs.insert((info.host.clone(), addr)) {
                         return Err(invalid(format!("{field}.{what}_port"), format!("port clash: {addr} is used twice")));
                     }
                 }
@@ -737,14 +771,16 @@ impl ClusterConfig {
     }
 
     fn info(&self, dc: &DcConfig, n: &NodeConfig) -> NodeInfo {
+        let ip = n.ip.or(n.bind).unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
         NodeInfo {
             id: n.id,
             name: n.name.clone(),
             dc: dc.name.clone(),
-            http: SocketAddr::new(n.ip, n.http_port.unwrap_or(self.ports.http)),
-            peer: SocketAddr::new(n.ip, n.peer_port.unwrap_or(self.ports.peer)),
-            dns: SocketAddr::new(n.ip, n.dns_port.unwrap_or(self.ports.dns)),
-            admin: SocketAddr::new(self.admin_ip(n.ip), n.admin_port.unwrap_or(self.ports.admin)),
+            host: n.host.clone(),
+            http: SocketAddr::new(ip, n.http_port.unwrap_or(self.ports.http)),
+            peer: SocketAddr::new(ip, n.peer_port.unwrap_or(self.ports.peer)),
+            dns: SocketAddr::new(ip, n.dns_port.unwrap_or(self.ports.dns)),
+            admin: SocketAddr::new(self.admin_ip(ip), n.admin_port.unwrap_or(self.ports.admin)),
         }
     }
 
@@ -792,6 +828,29 @@ impl ClusterConfig {
             .max_by_key(|d| d.len())
             .cloned()
     }
+}
+
+/// A node gives `ip` or `host` (a DNS name), not both; `bind` goes with `host` only.
+fn check_address(field: &str, n: &NodeConfig) -> Result<(), ConfigError> {
+    match (&n.ip, &n.host) {
+        (Some(_), Some(_)) => Err(invalid(format!("{field}.host"), "give ip or host, not both")),
+        (None, None) => Err(invalid(format!("{field}.ip"), "a node needs an ip or a host")),
+        (Some(_), None) if n.bind.is_some() => Err(invalid(format!("{field}.bind"), "bind goes with host (a node with an ip listens on it)")),
+        (Some(_), None) => Ok(()),
+        (None, Some(host)) if is_host_name(host) => Ok(()),
+        (None, Some(host)) => {
+            Err(invalid(format!("{field}.host"), format!("'{host}' is not a DNS name (labels of a-z, 0-9 and '-', dot-separated, 253 chars at most)")))
+        }
+    }
+}
+
+/// A DNS host name: dot-separated labels of 1-63 letters, digits and '-', not starting
+/// or ending with '-', 253 characters at most (a final dot allowed).
+fn is_host_name(host: &str) -> bool {
+    let name = host.strip_suffix('.').unwrap_or(host);
+    let label_ok =
+        |l: &str| (1..=63).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') && !l.starts_with('-') && !l.ends_with('-');
+    !name.is_empty() && name.len() <= 253 && name.split('.').all(label_ok)
 }
 
 /// Names (cluster, DC, node) go into URLs, ids, file names and DNS labels.
@@ -873,6 +932,44 @@ mod tests {
         check_err(|t| t.replace("session_ttl_s = 86400", "session_ttl_s = 0"), "limits.session_ttl_s");
         check_err(|t| t.replace("idempotency_ttl_s = 86400", "idempotency_ttl_s = 99999999999"), "limits.idempotency_ttl_s");
         check_err(|t| t.replace("expiry_batch_len_max = 1000", "expiry_batch_len_max = 0"), "limits.expiry_batch_len_max");
+    }
+
+    #[test]
+    fn nodes_named_by_host_listen_on_bind_and_are_reached_by_name() {
+        let text = DEFAULT_TOML
+            .replace("ip = \"127.0.1.2\"", "host = \"dc1-2.agora-dc1\"")
+            .replace("ip = \"127.0.1.3\"", "host = \"n3.example\", bind = \"127.0.1.3\"");
+        let c = ClusterConfig::from_toml(&text, "test").unwrap();
+        let (any, bound) = (c.node("dc1-n2").unwrap(), c.node("dc1-n3").unwrap());
+        assert_eq!(any.http.to_string(), "0.0.0.0:8080", "no bind: every interface");
+        assert_eq!(any.admin.to_string(), "127.0.0.1:9090", "the admin API stays on loopback");
+        assert_eq!(any.authority(any.peer), "dc1-2.agora-dc1:7070");
+        assert_eq!(any.http_url(), "http://dc1-2.agora-dc1:8080");
+        assert_eq!(bound.peer.to_string(), "127.0.1.3:7070");
+        assert_eq!(bound.authority(bound.peer), "n3.example:7070");
+        let fixed = c.node("dc1-n1").unwrap();
+        assert_eq!(fixed.authority(fixed.peer), "127.0.1.1:7070");
+        // Written back out, the file keeps host and bind and has no ip for them.
+        let again = ClusterConfig::from_toml(&toml::to_string(&c).unwrap(), "round trip").unwrap();
+        assert_eq!(again.node("dc1-n3").unwrap(), bound);
+    }
+
+    #[test]
+    fn node_addresses_are_checked() {
+        let named = |host: &str| DEFAULT_TOML.replace("ip = \"127.0.1.2\"", host);
+        for (edit, expected) in [
+            (named("ip = \"127.0.1.2\", host = \"a.b\""), "give ip or host, not both"),
+            (named("host = \"bad_name.example\""), "is not a DNS name"),
+            (named("host = \"-x.example\""), "is not a DNS name"),
+            (named(&format!("host = \"{}\"", "a.".repeat(130))), "is not a DNS name"),
+            (DEFAULT_TOML.replace("ip = \"127.0.1.2\" }", "ip = \"127.0.1.2\", bind = \"127.0.1.2\" }"), "bind goes with host"),
+        ] {
+            let err = ClusterConfig::from_toml(&edit, "test").expect_err(expected);
+            assert!(err.to_string().contains(expected), "{err} should say {expected:?}");
+        }
+        let no_address = DEFAULT_TOML.replace("ip = \"127.0.1.2\", ", "").replace(", ip = \"127.0.1.2\"", "");
+        let err = ClusterConfig::from_toml(&no_address, "test").expect_err("no address");
+        assert!(err.to_string().contains("needs an ip or a host"), "{err}");
     }
 
     #[test]

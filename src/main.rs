@@ -165,7 +165,7 @@ fn show_config(path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = ClusterConfig::load(path.as_deref())?;
     println!("cluster {} (zone {}): {} DCs, {} nodes", config.cluster.name, config.cluster.zone, config.dcs.len(), config.nodes().len());
     for n in config.nodes() {
-        println!("  {:<10} {:<5} id {:<5} http {}  peer {}  dns {}", n.name, n.dc, n.id, n.http, n.peer, n.dns);
+        println!("  {:<10} {:<5} id {:<5} http {}  peer {}  dns {}", n.name, n.dc, n.id, n.authority(n.http), n.authority(n.peer), n.authority(n.dns));
     }
     Ok(())
 }

@@ -158,7 +158,7 @@ impl Console {
     }
 
     async fn fetch_node(&self, n: &NodeInfo) -> (Result<Value, String>, Option<OrderCounters>) {
-        let base = format!("http://{}", n.http);
+        let base = n.http_url();
         let (status, metrics) = tokio::join!(self.get_text(format!("{base}/v1/cluster/status")), self.get_text(format!("{base}/metrics")));
         let status = status.and_then(|t| serde_json::from_str(&t).map_err(|e| format!("bad status: {e}")));
         (status, metrics.ok().map(|t| OrderCounters::from_metrics(&t)))
@@ -185,7 +185,7 @@ impl Console {
             let seen = self.seen.lock().expect("console lock");
             self.config.dc_names().into_iter().filter_map(|dc| Some((dc.clone(), digest_source(self, &seen, &dc)?))).collect()
         };
-        let answers = join_all(askees.iter().map(|(_, n)| self.get_text(format!("http://{}/v1/cluster/digest", n.http)))).await;
+        let answers = join_all(askees.iter().map(|(_, n)| self.get_text(format!("{}/v1/cluster/digest", n.http_url())))).await;
         let mut digests = BTreeMap::new();
         for ((dc, n), a) in askees.into_iter().zip(answers) {
             let all = a.ok().and_then(|t| serde_json::from_str::<Value>(&t).ok()).and_then(|v| v["all"].as_str().map(str::to_string));
@@ -274,7 +274,7 @@ fn digest_source(console: &Console, seen: &Seen, dc: &str) -> Option<NodeInfo> {
 }
 
 fn node_json(n: &NodeInfo, sample: Option<&NodeSample>) -> Value {
-    let mut v = json!({"name": n.name, "http": n.http.to_string()});
+    let mut v = json!({"name": n.name, "http": n.authority(n.http)});
     match sample.map(|s| &s.status) {
         Some(Ok(st)) => {
             v["state"] = json!(if st["leader"].is_string() { "up" } else { "no_leader" });

@@ -69,26 +69,6 @@ fn route_wan(cfg: &ClusterConfig, node: &str, pid: i32) -> Result<()> {
         .map(|_| ())
 }
 
-#[derive(clap::Args)]
-pub struct WanRoutesArgs {
-    /// Cluster file of the compose file's containers (default: the embedded topology, on the docker plan).
-    #[arg(long)]
-    pub config: Option<std::path::PathBuf>,
-}
-
-/// `agora cluster wan-routes`: the routes between DCs for the containers of a plain
-/// `docker compose -f cluster/docker-compose.yml up`, which docker alone cannot set.
-pub fn wan_routes(a: &WanRoutesArgs) -> Result<()> {
-    super::netns::must_be_root("docker")?;
-    let cfg = readdress(&ClusterConfig::load(a.config.as_deref())?, NET_A, NET_B)?;
-    for node in cfg.node_names() {
-        let container = manifests::standalone_container(&node);
-        route_wan(&cfg, &node, container_pid(&container)?)?;
-    }
-    println!("routes between DCs set on {} containers", cfg.nodes().len());
-    Ok(())
-}
-
 pub struct Docker {
     project: String,
 }

@@ -162,14 +162,17 @@ pub enum ClusterCmd {
     K8s(manifests::K8sArgs),
     /// Write a docker compose file for a cluster file.
     Compose(manifests::ComposeArgs),
-    /// Route traffic between DCs for the containers of `docker compose -f cluster/docker-compose.yml up`.
-    WanRoutes(docker::WanRoutesArgs),
 }
 
 /// What differs between backends; the commands in this module are written once on top.
 pub trait Runtime {
     /// The config the nodes run with: the user's, or a copy on addresses of this backend.
     fn derive_config(&self, user: &ClusterConfig) -> Result<ClusterConfig> {
+        // Processes on this host: the launcher reaches each node where it listens, and no
+        // node may listen on every interface.
+        if let Some(n) = user.dcs.iter().flat_map(|dc| &dc.nodes).find(|n| n.ip.is_none() && n.bind.is_none()) {
+            bail!("node {}: named by host, it needs a bind address to run as a process here (or give it an ip)", n.name);
+        }
         Ok(user.clone())
     }
     /// Fails, changing nothing, if the cluster cannot start here (port or subnet taken).
@@ -363,7 +366,6 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
         ClusterCmd::Up(a) => up(st, a).await,
         ClusterCmd::K8s(a) => manifests::write_k8s(&a),
         ClusterCmd::Compose(a) => manifests::write_compose(&a),
-        ClusterCmd::WanRoutes(a) => docker::wan_routes(&a),
         ClusterCmd::Down { wipe } => down(st, wipe),
         cmd => drive(Cluster::open(st)?, cmd).await,
     }
@@ -460,7 +462,7 @@ async fn drive(c: Cluster, cmd: ClusterCmd) -> Result<()> {
         ClusterCmd::Weight { dc, weight } => dc_settings(&c, &dc, serde_json::json!({"weight": weight})).await?,
         ClusterCmd::AddNode { node } => membership(&c, &node, false, false).await?,
         ClusterCmd::RemoveNode { node, force } => membership(&c, &node, true, force).await?,
-        ClusterCmd::Up(_) | ClusterCmd::Down { .. } | ClusterCmd::K8s(_) | ClusterCmd::Compose(_) | ClusterCmd::WanRoutes(_) => {
+        ClusterCmd::Up(_) | ClusterCmd::Down { .. } | ClusterCmd::K8s(_) | ClusterCmd::Compose(_) => {
             unreachable!("handled in run")
         }
     }
@@ -661,7 +663,8 @@ pub fn readdress(user: &ClusterConfig, a: u8, b: u8) -> Result<ClusterConfig> {
         let d = u8::try_from(i + 1).ok().filter(|d| *d < 250).context("too many DCs for this backend's address plan")?;
         dc.subnet = Some(format!("{a}.{b}.{d}.0/24"));
         for (j, n) in dc.nodes.iter_mut().enumerate() {
-            n.ip = IpAddr::V4(std::net::Ipv4Addr::new(a, b, d, j as u8 + 1));
+            n.ip = Some(IpAddr::V4(std::net::Ipv4Addr::new(a, b, d, j as u8 + 1)));
+            (n.host, n.bind) = (None, None);
         }
     }
     // Nodes in namespaces or containers: the launcher (and operators) on the host reach

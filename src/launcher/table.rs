@@ -67,8 +67,8 @@ async fn probe(http: &reqwest::Client, st: &StateDir, n: &NodeInfo) -> NodeView 
     NodeView {
         node: n.name.clone(),
         dc: n.dc.clone(),
-        ip: n.http.ip().to_string(),
-        api: format!("http://{}", n.http),
+        ip: n.host.clone().unwrap_or_else(|| n.http.ip().to_string()),
+        api: n.http_url(),
         admin: format!("http://{}", n.admin),
         pid,
         role: s["role"].as_str().unwrap_or("-").to_string(),

@@ -176,7 +176,10 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     let limits = ServerLimits { frame_bytes_max: l.peer_frame_bytes_max, inflight_per_connection_max: l.peer_inflight_max, door };
     let admission = Admission { security, directory: Arc::new(PeerDirectory::new(&config)) };
     let handler = Arc::new(peer::Handler { shards: shards.clone() });
-    let mut tasks = vec![tokio::spawn(transport::serve(peer_listener, handler, faults.clone(), wan.clone(), limits, admission))];
+    let mut tasks = vec![
+        tokio::spawn(transport::serve(peer_listener, handler, faults.clone(), wan.clone(), limits, admission)),
+        tokio::spawn(peers.addresses().clone().refresh_loop()),
+    ];
     for c in shards.all() {
         tasks.push(tokio::spawn(bootstrap(c.shard.clone())));
         tasks.push(tokio::spawn(background::snapshot_loop(c.shard.clone())));

@@ -93,6 +93,11 @@ impl Shard {
     }
 
     /// Whether `id` is a node of this group's DC.
+    /// Where the nodes named by host are now (the DNS answers' addresses).
+    pub fn addresses(&self) -> &Arc<crate::transport::addresses::AddressBook> {
+        self.peers.addresses()
+    }
+
     pub fn is_member(&self, id: NodeId) -> bool {
         self.members.contains(&id)
     }

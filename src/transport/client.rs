@@ -5,15 +5,14 @@
 //! of another DC pass through a [`super::wan::delay_line`] first.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use super::addresses::AddressBook;
 use super::frame::{read_frame, write_frame};
 use super::tls::{self, BoxStream, Security};
 use super::{Faults, PeerRequest, PeerResponse, Wan};
@@ -55,7 +54,7 @@ impl PeerClient {
         let (tx, mut rx) = mpsc::unbounded_channel();
         if wan.crosses(peer.id) {
             let (delayed_tx, delayed_rx) = mpsc::unbounded_channel();
-            let addr = peer.addr;
+            let addr = peer.addr.clone();
             let refuse = move |o: Outgoing| {
                 let _ = o.reply.send(Err(NodeError::Overloaded(format!("WAN delay queue to {addr} is full"))));
             };
@@ -105,12 +104,13 @@ pub struct Target {
     pub id: NodeId,
     pub name: String,
     pub dc: String,
-    pub addr: SocketAddr,
+    /// `ip:port`, or `host:port` for a node named by host: resolved at every connection.
+    pub addr: String,
 }
 
 /// Opens a connection to `peer` and proves both identities.
 async fn open(peer: &Target, security: &Security) -> Result<BoxStream, String> {
-    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer.addr)).await {
+    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, super::addresses::connect(&peer.addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(e.to_string()),
         Err(_) => return Err("connect timed out".into()),
@@ -121,7 +121,7 @@ async fn open(peer: &Target, security: &Security) -> Result<BoxStream, String> {
 
 async fn connection_loop(peer: Target, security: Security, mut rx: mpsc::UnboundedReceiver<Outgoing>, frame_max: usize, backoff_max: Duration) {
     let mut backoff = BACKOFF_MIN;
-    let addr = peer.addr;
+    let addr = peer.addr.as_str();
     // Connect lazily, when there is something to send.
     while let Some(first) = rx.recv().await {
         let stream = match open(&peer, &security).await {
@@ -155,7 +155,7 @@ pub async fn call_once(peer: &Target, security: &Security, req: &PeerRequest, fr
 
 /// While backing off from a peer that refused us, fail every request at once (the caller
 /// sees `Unreachable` and can go elsewhere) instead of holding it for the backoff.
-async fn fail_fast_for(rx: &mut mpsc::UnboundedReceiver<Outgoing>, backoff: Duration, addr: SocketAddr) {
+async fn fail_fast_for(rx: &mut mpsc::UnboundedReceiver<Outgoing>, backoff: Duration, addr: &str) {
     let until = tokio::time::Instant::now() + backoff;
     loop {
         tokio::select! {
@@ -169,7 +169,7 @@ async fn fail_fast_for(rx: &mut mpsc::UnboundedReceiver<Outgoing>, backoff: Dura
 }
 
 /// Tells the caller its request was never sent.
-fn refuse(o: Outgoing, addr: SocketAddr) {
+fn refuse(o: Outgoing, addr: &str) {
     let _ = o.reply.send(Err(NodeError::Unreachable(addr.to_string())));
 }
 
@@ -241,6 +241,8 @@ async fn write_batch(
 #[derive(Clone)]
 pub struct Peers {
     clients: Arc<HashMap<NodeId, PeerClient>>,
+    /// Where peers named by host are now, for the DNS answers.
+    addresses: Arc<AddressBook>,
     /// The shard whose requests these are: wrapped in `PeerRequest::Shard` unless 0.
     shard: u16,
 }
@@ -252,16 +254,20 @@ impl Peers {
             .into_iter()
             .filter(|n| n.id != me)
             .map(|n| {
-                let target = Target { id: n.id, name: n.name, dc: n.dc, addr: n.peer };
+                let target = Target { id: n.id, addr: n.authority(n.peer), name: n.name, dc: n.dc };
                 (n.id, PeerClient::new(&target, &config.limits, faults.clone(), security.clone(), wan))
             })
             .collect();
-        Peers { clients: Arc::new(clients), shard: 0 }
+        Peers { clients: Arc::new(clients), addresses: Arc::new(AddressBook::new(config)), shard: 0 }
+    }
+
+    pub fn addresses(&self) -> &Arc<AddressBook> {
+        &self.addresses
     }
 
     /// The same connections, sending for `shard`.
     pub fn for_shard(&self, shard: u16) -> Peers {
-        Peers { clients: self.clients.clone(), shard }
+        Peers { clients: self.clients.clone(), addresses: self.addresses.clone(), shard }
     }
 
     pub fn get(&self, id: NodeId) -> Option<&PeerClient> {
@@ -311,7 +317,7 @@ mod tests {
         let directory = Arc::new(Directory::of([("n1", 1, "dc1"), ("n2", 2, "dc2")]));
         let admission = Admission { security: Security::Plaintext { me: 2 }, directory };
         let server = tokio::spawn(serve(listener, Arc::new(Echo), delay_to(1, MS), Wan::default(), limits, admission));
-        let target = Target { id: 2, name: "n2".into(), dc: "dc2".into(), addr };
+        let target = Target { id: 2, name: "n2".into(), dc: "dc2".into(), addr: addr.to_string() };
         let client = PeerClient::new(&target, &Limits::default(), delay_to(2, MS), Security::Plaintext { me: 1 }, &Wan::default());
         let start = Instant::now();
         let resp = client.call(PeerRequest::Probe, None).await.expect("answered");

@@ -10,7 +10,9 @@
 //! - [`faults`]: the one place where tests drop, delay or partition messages.
 //! - [`wan`]: WAN emulation: frames to other DCs wait a configured latency, in order.
 //! - [`message`]: what travels.
+//! - [`addresses`]: the addresses of nodes named by host, for the DNS answers.
 
+pub mod addresses;
 pub mod client;
 pub mod faults;
 pub mod frame;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::harness::{must_eventually, Options, TestCluster};
+use super::harness::{dig_short, must_eventually, Options, TestCluster};
 
 async fn set_skew(c: &TestCluster, node: &str, skew_ms: i64) -> (u16, Value) {
     c.request(reqwest::Method::PUT, node, "/v1/admin/clock", Some(json!({ "skew_ms": skew_ms })), None).await
@@ -52,13 +52,7 @@ async fn a_leader_whose_clock_is_behind_refuses_forwarded_writes_as_clock_skew_a
 
 /// `dig` against `node`'s DNS port.
 fn dig(c: &TestCluster, node: &str, name: &str) -> Vec<String> {
-    let server = c.url(node).replace("http://", "").replace(":8080", "");
-    let out = std::process::Command::new("dig")
-        .arg(format!("@{server}"))
-        .args(["-p", "8553", "+time=1", "+tries=1", name, "+short"])
-        .output()
-        .expect("run dig (install dnsutils)");
-    String::from_utf8_lossy(&out.stdout).lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
+    dig_short(&c.url(node).replace("http://", "").replace(":8080", ""), name)
 }
 
 /// A node whose clock runs 5 s ahead of the two others of its DC sees both disagree: it

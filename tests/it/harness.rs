@@ -15,6 +15,8 @@ pub struct TestCluster {
     pub names: Vec<String>,
     children: BTreeMap<String, Child>,
     pub http: reqwest::Client,
+    /// Nodes run with the cluster's `hosts` file as their `/etc/hosts` (see `Options::named`).
+    named: bool,
 }
 
 /// The topology and extra TOML for `[raft]`, `[replication]` and `[limits]`.
@@ -29,25 +31,45 @@ pub struct Options {
     pub wan: &'static str,
     /// Raft groups per DC (`[cluster] shards`).
     pub shards: u16,
+    /// Nodes named by host (`dcD-nI.agora.internal`), listening on their address: each
+    /// node runs in a mount namespace of its own that sees the cluster's `hosts` file as
+    /// `/etc/hosts` (so this needs root).
+    pub named: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { dcs: 1, nodes: 3, raft: "", replication: "", limits: "", wan: "", shards: 1 }
+        Options { dcs: 1, nodes: 3, raft: "", replication: "", limits: "", wan: "", shards: 1, named: false }
     }
+}
+
+/// The name a node of a cluster started with `named` is found by.
+pub fn host_name(node: &str) -> String {
+    format!("{node}.agora.internal")
 }
 
 /// Node `dcD-nI` has id D*10+I and address 127.<net>.D.I.
 fn config_toml(net: u8, opts: &Options) -> String {
     let mut dcs = String::new();
     for d in 1..=opts.dcs {
-        let nodes: Vec<String> = (1..=opts.nodes).map(|i| format!("  {{ id = {}, name = \"dc{d}-n{i}\", ip = \"127.{net}.{d}.{i}\" }},", d * 10 + i)).collect();
+        let address = |i: usize| match opts.named {
+            true => format!("host = \"{}\", bind = \"127.{net}.{d}.{i}\"", host_name(&format!("dc{d}-n{i}"))),
+            false => format!("ip = \"127.{net}.{d}.{i}\""),
+        };
+        let nodes: Vec<String> = (1..=opts.nodes).map(|i| format!("  {{ id = {}, name = \"dc{d}-n{i}\", {} }},", d * 10 + i, address(i))).collect();
         dcs += &format!("\n[[dc]]\nname = \"dc{d}\"\nsubnet = \"127.{net}.{d}.0/24\"\nnodes = [\n{}\n]\n", nodes.join("\n"));
     }
     format!(
         "[cluster]\nname = \"test-{net}\"\nshards = {}\n\n[raft]\nheartbeat_interval_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n{}\n\n[storage]\ndurability = \"fsync\"\n\n[replication]\nprobe_interval_ms = 100\ndc_unhealthy_after_ms = 900\n{}\n\n[limits]\n{}\n\n[wan]\n{}\n{dcs}",
         opts.shards, opts.raft, opts.replication, opts.limits, opts.wan
     )
+}
+
+/// `dig +short` of `name` against the DNS port (8553) of `server` (an IP address).
+pub fn dig_short(server: &str, name: &str) -> Vec<String> {
+    let out =
+        Command::new("dig").arg(format!("@{server}")).args(["-p", "8553", "+time=1", "+tries=1", name, "+short"]).output().expect("run dig (install dnsutils)");
+    String::from_utf8_lossy(&out.stdout).lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
 }
 
 /// Polls `f` until it returns `Some`, or panics with `what` after `deadline`.
@@ -75,7 +97,11 @@ impl TestCluster {
         agora::certs::create(&dir.path().join("certs"), &config, false, Default::default()).expect("create certificates");
         let names = (1..=opts.dcs).flat_map(|d| (1..=opts.nodes).map(move |i| format!("dc{d}-n{i}"))).collect();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("http client");
-        let mut c = TestCluster { dir, net, names, children: BTreeMap::new(), http };
+        let mut c = TestCluster { dir, net, names, children: BTreeMap::new(), http, named: opts.named };
+        if opts.named {
+            let hosts: Vec<(String, String)> = c.names.iter().map(|n| (n.clone(), c.url(n).replace("http://", "").replace(":8080", ""))).collect();
+            c.write_hosts(&hosts);
+        }
         for name in c.names.clone() {
             c.start_node(&name);
         }
@@ -167,10 +193,35 @@ impl TestCluster {
     }
 
     pub fn start_node(&mut self, name: &str) {
+        self.start_node_with(name, &self.dir.path().join("cluster.toml"));
+    }
+
+    /// The `hosts` file nodes of a `named` cluster resolve with: (node, IP address) pairs.
+    /// Written in place, so the nodes' bind mounts of it see the new text.
+    pub fn write_hosts(&self, nodes: &[(String, String)]) {
+        let text: String = nodes.iter().map(|(n, ip)| format!("{ip} {}\n", host_name(n))).collect();
+        std::fs::write(self.dir.path().join("hosts"), text).expect("write hosts file");
+    }
+
+    /// A node process, in a mount namespace of its own with the cluster's `hosts` file as
+    /// `/etc/hosts` when the cluster is `named`; `unshare` and `sh` exec into the node, so
+    /// the pid is the node's.
+    fn node_command(&self) -> Command {
+        if !self.named {
+            return Command::new(env!("CARGO_BIN_EXE_agora"));
+        }
+        let mut c = Command::new("unshare");
+        c.args(["--mount", "sh", "-c", "mount --bind \"$0\" /etc/hosts && exec \"$@\""]).arg(self.dir.path().join("hosts")).arg(env!("CARGO_BIN_EXE_agora"));
+        c
+    }
+
+    /// Starts `name` with the cluster file at `config`.
+    pub fn start_node_with(&mut self, name: &str, config: &std::path::Path) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(format!("{name}.log"))).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_agora"))
+        let child = self
+            .node_command()
             .args(["node", "--node", name, "--enable-test-hooks", "--config"])
-            .arg(self.dir.path().join("cluster.toml"))
+            .arg(config)
             .arg("--data-dir")
             .arg(self.data_dir(name))
             .arg("--certs")

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use agora::launcher::state::{pid_alive, StateDir};
 use serde_json::{json, Value};
 
-use crate::harness::must_eventually;
+use crate::harness::{dig_short, must_eventually};
 
 const AGORA: &str = env!("CARGO_BIN_EXE_agora");
 
@@ -432,8 +432,10 @@ impl Drop for Compose {
     }
 }
 
-/// README's way: `docker compose -f cluster/docker-compose.yml up -d`, then
-/// `agora cluster wan-routes`; a session made in dc1 reaches dc2.
+/// README's way: `docker compose -f cluster/docker-compose.yml up -d`. The nodes know
+/// each other by service name only (no address in docker.toml or the compose file), so a
+/// session made in dc1 reaching dc2 shows names resolved inside the containers, across
+/// the DCs' networks.
 async fn standalone_compose_replicates_between_dcs(l: &Launched) {
     let cluster_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster");
     // README's step before `up`: the certificates the compose file mounts.
@@ -448,18 +450,35 @@ async fn standalone_compose_replicates_between_dcs(l: &Launched) {
     let compose = Compose(cluster_dir.join("docker-compose.yml"));
     let out = compose.run(&["up", "-d"]);
     assert!(out.status.success(), "compose up: {}", String::from_utf8_lossy(&out.stderr));
-    l.must(&["wan-routes"]);
-    let url = "http://10.78.1.1:8080/v1/sessions";
+    let (dc1, dc2) = (container_ip("agora-dc1-n1"), container_ip("agora-dc2-n2"));
+    let url = format!("http://{dc1}:8080/v1/sessions");
     let token = must_eventually(Duration::from_secs(30), "a session in the compose cluster", || async {
-        let (code, v) = l.call(reqwest::Method::POST, url.into(), Some(json!({"user": "gina"}))).await;
+        let (code, v) = l.call(reqwest::Method::POST, url.clone(), Some(json!({"user": "gina"}))).await;
         (code == 201).then(|| v["token"].as_str().expect("token").to_string())
     })
     .await;
     must_eventually(Duration::from_secs(20), "the session to reach dc2 over the WAN network", || async {
-        let url = format!("http://10.78.2.2:8080/v1/sessions/{token}?consistency=stale");
+        let url = format!("http://{dc2}:8080/v1/sessions/{token}?consistency=stale");
         (l.call(reqwest::Method::GET, url, None).await.0 == 200).then_some(())
     })
     .await;
+    // dc2's node answers with the addresses dc1's names resolve to (it has no other).
+    let answer = must_eventually(Duration::from_secs(10), "dc1's three nodes in dc2's DNS answer", || async {
+        let answer = dig_short(&dc2, "dc1.shop.agora.test");
+        (answer.len() == 3).then_some(answer)
+    })
+    .await;
+    assert!(answer.iter().all(|a| a.parse::<std::net::Ipv4Addr>().is_ok()), "{answer:?}");
+}
+
+/// A container's address on its first network (docker gave it: nothing fixes it).
+fn container_ip(container: &str) -> String {
+    let out = Command::new("docker")
+        .args(["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", container])
+        .output()
+        .expect("docker inspect");
+    let ips = String::from_utf8_lossy(&out.stdout).to_string();
+    ips.split_whitespace().next().unwrap_or_else(|| panic!("{container} has no address: {ips}")).to_string()
 }
 
 /// The committed deployment files are what the generators make from the cluster files,
@@ -480,8 +499,11 @@ fn committed_manifests_match_the_topology() {
     assert_eq!(read("docker-compose.yml"), compose, "cluster/docker-compose.yml {stale}");
     let y: serde_yaml::Value = serde_yaml::from_str(&compose).unwrap();
     for n in docker.nodes() {
+        // Found by its service name, on its DC's network and the WAN's, at no fixed address.
+        assert_eq!(n.host.as_deref(), Some(n.name.as_str()), "{}: named by its service", n.name);
         let svc = &y["services"][n.name.as_str()];
-        assert_eq!(svc["networks"][n.dc.as_str()]["ipv4_address"].as_str(), Some(n.http.ip().to_string().as_str()));
+        assert!(svc["networks"][n.dc.as_str()].is_mapping() && svc["networks"]["wan"].is_mapping(), "{}: networks", n.name);
+        assert!(!compose.contains("ipv4_address"), "the compose file fixes no address");
     }
 
     // k8s: one file per DC whose StatefulSet has one pod per node and whose ConfigMap holds the topology.
@@ -496,7 +518,14 @@ fn committed_manifests_match_the_topology() {
         assert_eq!(kind("Service")["spec"]["clusterIP"].as_str(), Some("None"), "{name}: headless");
         let toml_text = kind("ConfigMap")["data"]["cluster.toml"].as_str().unwrap();
         let in_map = ClusterConfig::from_toml(toml_text, &name).unwrap();
-        assert_eq!(in_map.nodes(), local.nodes(), "{name}: the ConfigMap's topology");
+        let ids = |c: &ClusterConfig| c.nodes().into_iter().map(|n| (n.id, n.name, n.dc)).collect::<Vec<_>>();
+        assert_eq!(ids(&in_map), ids(&local), "{name}: the ConfigMap's topology");
+        // Each node is its StatefulSet pod's stable name under the headless Service.
+        let service = kind("Service")["metadata"]["name"].as_str().unwrap().to_string();
+        for (k, n) in (1..).zip(in_map.dc_nodes(dc)) {
+            assert_eq!(n.host, Some(format!("{dc}-{k}.{service}")), "{name}: {}", n.name);
+            assert!(n.http.ip().is_unspecified(), "{name}: {} listens on every interface of its pod", n.name);
+        }
     }
 }
 

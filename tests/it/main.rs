@@ -13,6 +13,7 @@ mod harness;
 mod hostile_values;
 mod launcher;
 mod multi_dc;
+mod names;
 mod observability;
 mod peer_auth;
 mod peer_input;

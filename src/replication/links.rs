@@ -152,8 +152,10 @@ impl Links {
 }
 
 /// Every node asks one node of `dc`, every probe interval, whether it is alive and who
-/// leads it; when one does not answer it tries the next node, at once if the failure
-/// was quick (a refused connection) — so a dead DC is found within one round.
+/// leads it, going round the DC's nodes so each one's health is fresh (a node whose
+/// probe failed once is tried again within a round, not only when the others fail);
+/// when one does not answer it tries the next node at once if the failure was quick (a
+/// refused connection) — so a dead DC is found within one round.
 pub async fn probe_loop(cross: Arc<CrossDc>, dc: String) {
     let interval = Duration::from_millis(cross.config().replication.probe_interval_ms);
     let targets: Vec<NodeId> = cross.config().dc_nodes(&dc).iter().map(|n| n.id).collect();
@@ -162,6 +164,8 @@ pub async fn probe_loop(cross: Arc<CrossDc>, dc: String) {
     loop {
         let started = Instant::now();
         let target = targets[i % targets.len()];
+        // The next node of that DC; kept below the list's length, so it never grows.
+        i = (i + 1) % targets.len();
         match cross.peers.call(target, PeerRequest::Probe, Some(interval * 2)).await {
             Ok(PeerResponse::Probe(ack)) if ack.dc == dc => {
                 cross.links.record_probe(target, true);
@@ -173,8 +177,6 @@ pub async fn probe_loop(cross: Arc<CrossDc>, dc: String) {
                 tracing::debug!(%dc, target, answer = ?other.err(), "probe failed");
                 cross.links.record_probe(target, false);
                 cross.links.record_dc_probe(&dc, targets.len(), None);
-                // The next node of that DC; kept below the list's length, so it never grows.
-                i = (i + 1) % targets.len();
                 if refused && quick_failures < misses_to_down(targets.len()) {
                     quick_failures += 1;
                     continue;

@@ -278,8 +278,13 @@ fn node_json(n: &NodeInfo, sample: Option<&NodeSample>) -> Value {
     match sample.map(|s| &s.status) {
         Some(Ok(st)) => {
             v["state"] = json!(if st["leader"].is_string() { "up" } else { "no_leader" });
+            // Role, term and indexes are shard 0's; with shards, how many this node leads.
             for k in ["role", "term", "commit_index", "applied_index", "leader"] {
                 v[k] = st[k].clone();
+            }
+            if let Some(shards) = st["shards"].as_array() {
+                v["shards"] = json!(shards.len());
+                v["leads"] = json!(shards.iter().filter(|s| s["role"] == "leader").count());
             }
         }
         Some(Err(e)) => {

@@ -69,6 +69,14 @@ async fn an_order_is_one_entry_in_its_skus_shard_and_leaders_spread() {
     let leaders = must_shard_leaders(&c, "dc1-n1").await;
     let distinct: BTreeSet<&String> = leaders.iter().collect();
     assert!(distinct.len() >= 2, "first leaders spread over the nodes: {leaders:?}");
+    // The console says how many shards each node leads: every shard once in all.
+    must_eventually(Duration::from_secs(10), "the console's shard leaders", || async {
+        let (_, console) = c.get("dc1-n1", "/v1/console").await;
+        let nodes = console["dcs"][0]["nodes"].as_array()?.clone();
+        let leads: u64 = nodes.iter().map(|n| n["leads"].as_u64().unwrap_or(0)).sum();
+        (nodes.iter().all(|n| n["shards"] == SHARDS) && leads == u64::from(SHARDS)).then_some(())
+    })
+    .await;
     // Entities of every shard, through any node.
     for shard in 0..SHARDS {
         let token = session_in(&c, "dc1-n2", shard).await;

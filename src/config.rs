@@ -261,7 +261,7 @@ impl Default for Limits {
             peer_request_timeout_ms: 3000,
             peer_inflight_max: 1024,
             peer_frame_bytes_max: 64 << 20,
-            peer_backoff_max_ms: 2000,
+            peer_backoff_max_ms: 200,
             cache_entities_max: 100_000,
             mailbox_len_max: 10_000,
             idempotency_ttl_s: 24 * 3600,

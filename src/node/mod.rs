@@ -123,9 +123,15 @@ async fn start_shard(
     let (config, info) = (env.config, env.info);
     let peers = env.peers.for_shard(number);
     let reader = sm.reader();
-    let raft = Raft::new(info.id, raft_config(config, &info.dc)?, Network { peers: peers.clone() }, log, sm)
-        .await
-        .with_context(|| format!("start raft of shard {number}"))?;
+    let raft = Raft::new(
+        info.id,
+        raft_config(config, &info.dc)?,
+        Network { peers: peers.clone(), backoff: Duration::from_millis(config.raft.heartbeat_interval_ms) },
+        log,
+        sm,
+    )
+    .await
+    .with_context(|| format!("start raft of shard {number}"))?;
     let (actors, supervisor) = start_actors(config, &raft, &reader, env.metrics).await?;
     let parts = ShardParts {
         number,

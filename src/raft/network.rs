@@ -17,18 +17,21 @@ type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftE
 #[derive(Clone)]
 pub struct Network {
     pub peers: Peers,
+    /// How long openraft waits before trying an `Unreachable` node again.
+    pub backoff: Duration,
 }
 
 pub struct Connection {
     peers: Peers,
     target: NodeId,
+    backoff: Duration,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Connection;
 
     async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Connection {
-        Connection { peers: self.peers.clone(), target }
+        Connection { peers: self.peers.clone(), target, backoff: self.backoff }
     }
 }
 
@@ -61,6 +64,13 @@ impl Connection {
 }
 
 impl RaftNetwork<TypeConfig> for Connection {
+    /// openraft's own default is 500 ms. A restarted node must hear the leader before its
+    /// election hold ends (two election timeouts), or it starts an election with a stale
+    /// log: rejected, but its higher term then makes the leader step down.
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(std::iter::repeat(self.backoff))
+    }
+
     async fn append_entries(&mut self, rpc: AppendEntriesRequest<TypeConfig>, option: RPCOption) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
         match self.call(PeerRequest::AppendEntries(rpc), &option).await.map_err(transport_err)? {
             PeerResponse::AppendEntries(r) => r.map_err(|e| self.remote(e)),

@@ -53,6 +53,8 @@ pub struct Shard {
     snapshot_transfer: tokio::sync::Mutex<SnapshotTransfer>,
     /// Read-index rounds shared by the linearizable reads that queue for one.
     read_index: read_index::ReadIndex,
+    /// When this node last took an AppendEntries (a heartbeat at least) from a leader.
+    last_append: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// What a shard is built from; the startup wiring owns the parts.
@@ -89,15 +91,16 @@ impl Shard {
             members,
             snapshot_transfer: Default::default(),
             read_index,
+            last_append: Default::default(),
         })
     }
 
-    /// Whether `id` is a node of this group's DC.
     /// Where the nodes named by host are now (the DNS answers' addresses).
     pub fn addresses(&self) -> &Arc<crate::transport::addresses::AddressBook> {
         self.peers.addresses()
     }
 
+    /// Whether `id` is a node of this group's DC.
     pub fn is_member(&self, id: NodeId) -> bool {
         self.members.contains(&id)
     }

@@ -169,9 +169,9 @@ pub struct RaftSection {
 impl Default for RaftSection {
     fn default() -> Self {
         RaftSection {
-            heartbeat_interval_ms: 100,
-            election_timeout_min_ms: 400,
-            election_timeout_max_ms: 800,
+            heartbeat_interval_ms: 50,
+            election_timeout_min_ms: 200,
+            election_timeout_max_ms: 400,
             snapshot_logs_since_last: 5000,
             snapshot_state_ratio_percent: 25,
             logs_to_keep_after_snapshot: 1000,
@@ -923,7 +923,7 @@ mod tests {
         check_err(|t| t.replace("127.0.1.3\" }", "127.0.9.3\" }"), "dc[0].nodes[2].ip");
         check_err(|t| t.replace("ip = \"127.0.1.2\" }", "ip = \"127.0.1.1\" }"), "port clash");
         check_err(|t| t.replace("dns_ttl_s = 5", "dns_ttl_s = 5\ncolour = 1"), "unknown field `colour`");
-        check_err(|t| t.replace("election_timeout_min_ms = 400", "election_timeout_min_ms = 50"), "raft.election_timeout_min_ms");
+        check_err(|t| t.replace("election_timeout_min_ms = 200", "election_timeout_min_ms = 40"), "raft.election_timeout_min_ms");
         check_err(|t| t.replace("name = \"dc2\"", "name = \"DC 2\""), "dc[1].name");
         check_err(|t| t.replace("durability = \"fsync\"", "durability = \"maybe\""), "durability");
         check_err(|t| t.replace("rrl_responses_per_s = 1000", "rrl_responses_per_s = 0"), "dns.rrl_responses_per_s");

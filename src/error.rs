@@ -31,6 +31,9 @@ pub enum NodeError {
     /// `replication.max_clock_offset_ms`: the clocks disagree, the request is fine.
     #[error("clocks disagree: {0}")]
     ClockSkew(String),
+    /// This node's Raft group has stopped (a disk sync failed): another node can serve.
+    #[error("this node's raft group stopped: {0}")]
+    Stopped(String),
 }
 
 impl NodeError {

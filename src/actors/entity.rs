@@ -77,7 +77,7 @@ async fn confirm_rejection(st: &EntityArgs, cmd: Request) -> Result<Outcome, Nod
             openraft::error::CheckIsLeaderError::ForwardToLeader(f) => NodeError::NotLeader(f.leader_id),
             openraft::error::CheckIsLeaderError::QuorumNotEnough(_) => NodeError::NoLeader,
         },
-        RaftError::Fatal(f) => NodeError::Internal(f.to_string()),
+        RaftError::Fatal(f) => NodeError::Stopped(f.to_string()),
     })?;
     match st.sm.dry_run(&cmd) {
         rejected @ Outcome::Rejected(_) => Ok(rejected),

@@ -124,6 +124,30 @@ pub async fn set_faults(State(node): State<AppState>, body: Result<axum::body::B
 
 #[derive(Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
+pub struct DiskState {
+    fault: crate::storage::DiskFault,
+    /// Read only: a sync has failed (the node acknowledges nothing until restarted).
+    #[serde(default)]
+    failed: bool,
+}
+
+pub async fn get_disk(State(node): State<AppState>) -> Result<Json<DiskState>, ApiError> {
+    require_hooks(&node)?;
+    Ok(Json(DiskState { fault: node.disk.fault(), failed: node.disk.failed() }))
+}
+
+/// Body: `{"fault": "sync_error" | "full" | "none"}`. Clearing the fault does not undo a
+/// failed sync.
+pub async fn set_disk(State(node): State<AppState>, body: Result<axum::body::Bytes, BytesRejection>) -> Result<Json<DiskState>, ApiError> {
+    require_hooks(&node)?;
+    let want: DiskState = parse_body(body)?;
+    tracing::warn!(fault = ?want.fault, "disk fault injected");
+    node.disk.inject(want.fault);
+    Ok(Json(DiskState { fault: node.disk.fault(), failed: node.disk.failed() }))
+}
+
+#[derive(Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Clock {
     skew_ms: i64,
 }

@@ -155,8 +155,15 @@ pub async fn digest(State(node): State<AppState>) -> Json<Value> {
 pub async fn healthz(State(node): State<AppState>) -> (axum::http::StatusCode, Json<Value>) {
     let m = node.shard.raft.metrics().borrow().clone();
     let clock = node.cross.links.clock();
-    let code = if clock.fenced { axum::http::StatusCode::SERVICE_UNAVAILABLE } else { axum::http::StatusCode::OK };
-    (code, Json(json!({"ok": !clock.fenced, "node": node.info.name, "leader_known": m.current_leader.is_some(), "clock_fenced": clock.fenced})))
+    let storage_failed = node.disk.failed();
+    let ok = !clock.fenced && !storage_failed;
+    let code = if ok { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
+    (
+        code,
+        Json(
+            json!({"ok": ok, "node": node.info.name, "leader_known": m.current_leader.is_some(), "clock_fenced": clock.fenced, "storage_failed": storage_failed}),
+        ),
+    )
 }
 
 pub async fn metrics(State(node): State<AppState>, Extension(console): Extension<Arc<Console>>) -> impl IntoResponse {

@@ -47,6 +47,7 @@ impl From<NodeError> for ApiError {
             NodeError::WouldLoseQuorum(_) => (StatusCode::CONFLICT, "would_lose_quorum"),
             // The nodes' clocks disagree beyond the bound: retry, possibly on another node.
             NodeError::ClockSkew(_) => (StatusCode::SERVICE_UNAVAILABLE, "clock_skew"),
+            NodeError::Stopped(_) => (StatusCode::SERVICE_UNAVAILABLE, "node_stopped"),
         };
         ApiError::new(status, code, e.to_string())
     }

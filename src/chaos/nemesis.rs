@@ -122,6 +122,14 @@ async fn apply(control: &Control, step: &Step, rng: &mut StdRng, clock: &Clock) 
             cluster(control, vec!["clock".into(), node.clone(), step.skew_ms.to_string()]).await?;
             (format!("clock of {node} {:+} ms", step.skew_ms), vec!["clock".into(), node, "0".into()])
         }
+        Action::DiskFault => {
+            let node = leader_or_random(control, step, &dc, rng).await;
+            let fault = step.disk.ok_or_else(|| anyhow::anyhow!("disk-fault without disk"))?;
+            cluster(control, s(&["disk", &node, fault.arg()])).await?;
+            // Counted like a kill: the DC's time to its next write is what a failed disk costs.
+            kill = Some(LeaderKill { dc: dc.clone(), node: node.clone(), at_ns: clock.now_ns() });
+            (format!("disk of {dc} node {node}: {fault:?}"), s(&["restart", &node]))
+        }
         Action::RollingRestart => {
             let nodes = control.config.node_names();
             let pause = Duration::from_secs_f64(step.hold_s / nodes.len().max(1) as f64);

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
-use crate::launcher::Backend;
+use crate::launcher::{Backend, DiskFaultArg};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -109,6 +109,9 @@ pub struct Step {
     /// For `clock-skew`: how far the node's clock runs ahead (negative: behind), in ms.
     #[serde(default)]
     pub skew_ms: i64,
+    /// For `disk-fault`: `sync-error` (EIO) or `full` (ENOSPC).
+    #[serde(default)]
+    pub disk: Option<crate::launcher::DiskFaultArg>,
 }
 
 fn default_hold() -> f64 {
@@ -140,6 +143,10 @@ pub enum Action {
     /// Run a node's clock `skew_ms` ahead or behind (the target node, else the DC's
     /// leader) for `hold_s`, through its test hook.
     ClockSkew,
+    /// Fail every disk sync of a node (the target node, else the DC's leader) with `disk`,
+    /// through its test hook; after `hold_s` the node is restarted, the only way back
+    /// from a failed sync.
+    DiskFault,
 }
 
 impl Action {
@@ -177,8 +184,11 @@ impl Scenario {
             if s.action == Action::ClockSkew && (s.skew_ms == 0 || s.skew_ms.checked_abs().is_none_or(|a| a > crate::hlc::SKEW_MS_MAX)) {
                 bail!("nemesis[{i}]: clock-skew needs skew_ms, non-zero and within ±{} ms", crate::hlc::SKEW_MS_MAX);
             }
-            if s.action == Action::ClockSkew && self.backend == Backend::Docker {
-                bail!("nemesis[{i}]: clock-skew needs test hooks, which the docker backend's nodes do not start with");
+            if matches!(s.action, Action::ClockSkew | Action::DiskFault) && self.backend == Backend::Docker {
+                bail!("nemesis[{i}]: {:?} needs test hooks, which the docker backend's nodes do not start with", s.action);
+            }
+            if s.action == Action::DiskFault && !matches!(s.disk, Some(DiskFaultArg::SyncError | DiskFaultArg::Full)) {
+                bail!("nemesis[{i}]: disk-fault needs disk = \"sync-error\" or \"full\"");
             }
             if s.action.needs_network() && self.backend == Backend::Process {
                 bail!("nemesis[{i}]: {:?} needs real networks: use backend = \"netns\" or \"docker\"", s.action);

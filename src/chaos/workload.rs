@@ -82,15 +82,17 @@ struct Reply {
 }
 
 /// 2xx happened; 4xx did not; a 503 happened or not as its code says: `no_quorum`,
-/// `overloaded` and `unreachable` are refused before anything is proposed, `timeout` and
-/// `unknown_outcome` may have been applied.
+/// `overloaded`, `unreachable` and `node_stopped` are refused before anything is
+/// proposed, `timeout` and `unknown_outcome` may have been applied.
 fn outcome_of(status: u16, body: &Value) -> Outcome {
     match status {
         200..=201 => Outcome::Ok,
         // Accepted, not done: may or may not happen.
         202 => Outcome::Unknown,
         400..=499 => Outcome::Fail,
-        503 if matches!(body["error"]["code"].as_str(), Some("no_quorum" | "overloaded" | "unreachable" | "owner_unreachable")) => Outcome::Fail,
+        503 if matches!(body["error"]["code"].as_str(), Some("no_quorum" | "overloaded" | "unreachable" | "owner_unreachable" | "node_stopped")) => {
+            Outcome::Fail
+        }
         _ => Outcome::Unknown,
     }
 }

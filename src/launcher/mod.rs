@@ -155,6 +155,10 @@ pub enum ClusterCmd {
         #[arg(allow_hyphen_values = true)]
         skew_ms: i64,
     },
+    /// Make every disk sync of a node fail (`sync-error`: EIO, `full`: ENOSPC) or stop
+    /// failing (`none`); a node whose sync failed acknowledges nothing until restarted.
+    /// Needs `up --enable-test-hooks`.
+    Disk { node: String, fault: DiskFaultArg },
     /// Set the one-way delay between DCs on the running cluster, in ms (0 removes it), by
     /// what `up --wan-via` chose.
     Latency(wan::LatencyArgs),
@@ -421,13 +425,14 @@ async fn admin_any(c: &Cluster, nodes: &[NodeInfo], method: reqwest::Method, pat
 }
 
 /// Sets a node's clock skew through its admin API (a test hook).
-async fn clock(c: &Cluster, node: &str, skew_ms: i64) -> Result<()> {
+/// A test hook of `node`'s admin API: PUT `body` to `path`.
+async fn put_hook(c: &Cluster, node: &str, path: &str, body: serde_json::Value) -> Result<()> {
     let n = c.node(node)?;
     let token = crate::certs::read_token(&crate::certs::token_path(&c.st.certs_dir()))?;
     let r = table::http_client()
-        .put(format!("http://{}/v1/admin/clock", n.admin))
+        .put(format!("http://{}{path}", n.admin))
         .bearer_auth(&token)
-        .json(&serde_json::json!({ "skew_ms": skew_ms }))
+        .json(&body)
         .send()
         .await
         .with_context(|| format!("reach {node}'s admin API"))?;
@@ -436,7 +441,49 @@ async fn clock(c: &Cluster, node: &str, skew_ms: i64) -> Result<()> {
     if !status.is_success() {
         anyhow::bail!("{node}: {status} {text} (start the cluster with `up --enable-test-hooks`)");
     }
+    Ok(())
+}
+
+async fn clock(c: &Cluster, node: &str, skew_ms: i64) -> Result<()> {
+    put_hook(c, node, "/v1/admin/clock", serde_json::json!({ "skew_ms": skew_ms })).await?;
     println!("{node}: clock skew {skew_ms} ms");
+    Ok(())
+}
+
+/// The disk faults `agora cluster disk` injects (and chaos scenarios name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskFaultArg {
+    SyncError,
+    Full,
+    None,
+}
+
+impl DiskFaultArg {
+    /// As the command line spells it.
+    pub fn arg(self) -> &'static str {
+        match self {
+            DiskFaultArg::SyncError => "sync-error",
+            DiskFaultArg::Full => "full",
+            DiskFaultArg::None => "none",
+        }
+    }
+}
+
+impl From<DiskFaultArg> for crate::storage::DiskFault {
+    fn from(a: DiskFaultArg) -> Self {
+        match a {
+            DiskFaultArg::SyncError => crate::storage::DiskFault::SyncError,
+            DiskFaultArg::Full => crate::storage::DiskFault::Full,
+            DiskFaultArg::None => crate::storage::DiskFault::None,
+        }
+    }
+}
+
+async fn disk(c: &Cluster, node: &str, fault: DiskFaultArg) -> Result<()> {
+    let fault = crate::storage::DiskFault::from(fault);
+    put_hook(c, node, "/v1/admin/disk", serde_json::json!({ "fault": fault })).await?;
+    println!("{node}: disk fault {fault:?}");
     Ok(())
 }
 
@@ -457,6 +504,7 @@ async fn drive(c: Cluster, cmd: ClusterCmd) -> Result<()> {
         ClusterCmd::Heal => heal(c)?,
         ClusterCmd::Latency(a) => wan::latency(c, &a).await?,
         ClusterCmd::Clock { node, skew_ms } => clock(&c, &node, skew_ms).await?,
+        ClusterCmd::Disk { node, fault } => disk(&c, &node, fault).await?,
         ClusterCmd::Drain { dc } => dc_settings(&c, &dc, serde_json::json!({"drained": true})).await?,
         ClusterCmd::Undrain { dc } => dc_settings(&c, &dc, serde_json::json!({"drained": false})).await?,
         ClusterCmd::Weight { dc, weight } => dc_settings(&c, &dc, serde_json::json!({"weight": weight})).await?,

@@ -159,7 +159,9 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     let admin_listener = bind(info.admin, "admin").await?;
     let st = &config.storage;
     let sled = storage::SledOptions { durability: st.durability, cache_bytes: st.sled_cache_bytes_max, segment_bytes: st.sled_segment_bytes };
-    let stores = storage::open_shards(&opts.data_dir, &info.dc, config.cluster.shards, sled, config.limits.cache_entities_max).context("open storage")?;
+    let disk = storage::Disk::default();
+    let stores =
+        storage::open_shards(&opts.data_dir, &info.dc, config.cluster.shards, sled, config.limits.cache_entities_max, disk.clone()).context("open storage")?;
     let faults = Faults::default();
     let security = security(&opts, &info.name, info.id)?;
     let wan = transport::Wan::new(&config, &info.dc);
@@ -206,6 +208,7 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
         metrics,
         faults,
         wan,
+        disk,
         test_hooks: opts.test_hooks,
         dns: Mutex::new(Some(dns)),
     });

@@ -104,12 +104,13 @@ async fn propose(raft: &Raft, batch: Vec<Pending>, permit: OwnedSemaphorePermit,
     let entry = if requests.len() == 1 { requests.pop().expect("one request") } else { Request::new(Command::Batch { requests }, None) };
     let rx = match raft.client_write_ff(entry).await {
         Ok(rx) => rx,
-        Err(fatal) => return answer_all(dones, Err(NodeError::Internal(fatal.to_string()))),
+        Err(fatal) => return answer_all(dones, Err(NodeError::Stopped(fatal.to_string()))),
     };
     tokio::spawn(async move {
         let r = match tokio::time::timeout(timeout, rx).await {
             Err(_) => Err(NodeError::Timeout),
-            Ok(Err(_)) => Err(NodeError::Internal("raft dropped the write".into())),
+            // Raft stopped with the entry in hand: it may have been replicated and committed.
+            Ok(Err(_)) => Err(NodeError::Lost("this node's raft group, which stopped".into())),
             Ok(Ok(r)) => r.map(|resp| resp.data).map_err(write_error),
         };
         drop(permit);

@@ -46,7 +46,7 @@ impl Source {
             Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(NodeError::NotLeader(f.leader_id)),
             Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => Err(NodeError::NoLeader),
-            Err(RaftError::Fatal(f)) => Err(NodeError::Internal(f.to_string())),
+            Err(RaftError::Fatal(f)) => Err(NodeError::Stopped(f.to_string())),
         }
     }
 

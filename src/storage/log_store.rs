@@ -206,14 +206,14 @@ mod tests {
     async fn entries_left_behind_by_a_purge_are_never_read() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
-        let store = LogStore::new(&db, Durable::new(db.clone(), None)).unwrap();
+        let store = LogStore::new(&db, Durable::new(db.clone(), None, crate::storage::Disk::default())).unwrap();
         for i in 1..=10 {
             let entry = Entry::<TypeConfig> { log_id: log_id(i), payload: EntryPayload::Blank };
             store.log.insert(key(i), codec::encode(&entry)).unwrap();
         }
         store.put_meta(LAST_PURGED, &log_id(6)).unwrap();
 
-        let mut restarted = LogStore::new(&db, Durable::new(db.clone(), None)).unwrap();
+        let mut restarted = LogStore::new(&db, Durable::new(db.clone(), None, crate::storage::Disk::default())).unwrap();
         let read: Vec<u64> = restarted.try_get_log_entries(0..=10).await.unwrap().iter().map(|e| e.log_id.index).collect();
         assert_eq!(read, vec![7, 8, 9, 10]);
         let state = restarted.get_log_state().await.unwrap();
@@ -222,8 +222,13 @@ mod tests {
         // Purged past its end (as by an installed snapshot), the log ends at the purge
         // point even before the removal ran.
         restarted.put_meta(LAST_PURGED, &log_id(12)).unwrap();
-        let state = LogStore::new(&db, Durable::new(db.clone(), None)).unwrap().get_log_state().await.unwrap();
+        let state = LogStore::new(&db, Durable::new(db.clone(), None, crate::storage::Disk::default())).unwrap().get_log_state().await.unwrap();
         assert_eq!(state.last_log_id, Some(log_id(12)));
-        assert!(LogStore::new(&db, Durable::new(db.clone(), None)).unwrap().try_get_log_entries(0..).await.unwrap().is_empty());
+        assert!(LogStore::new(&db, Durable::new(db.clone(), None, crate::storage::Disk::default()))
+            .unwrap()
+            .try_get_log_entries(0..)
+            .await
+            .unwrap()
+            .is_empty());
     }
 }

@@ -28,6 +28,63 @@ use crate::raft::TypeConfig;
 pub use log_store::LogStore;
 pub use state_machine::{verify_snapshot_data, SmReader, StateMachineStore};
 
+/// A disk failure injected at the sync (a test hook, `PUT /v1/admin/disk`): sled writes
+/// into memory and its file's page cache, so a failing or full disk shows itself when
+/// that is made durable — which is where the hook fails it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskFault {
+    #[default]
+    None,
+    /// Every sync fails with EIO (a failing device).
+    SyncError,
+    /// Every sync fails with ENOSPC (a full disk).
+    Full,
+}
+
+/// The node's disk: the fault injected, and whether a sync has failed. After a failed
+/// fsync the kernel may have dropped the dirty pages and still report the next fsync as
+/// done, so no later sync can vouch for what was written before: once one fails, every
+/// later one fails too, and the node acknowledges nothing more until it is restarted
+/// (its DC then brings it up to date from its log on disk and the leader's).
+#[derive(Clone, Default)]
+pub struct Disk {
+    fault: Arc<std::sync::Mutex<DiskFault>>,
+    failed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Disk {
+    pub fn inject(&self, fault: DiskFault) {
+        *self.fault.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = fault;
+    }
+
+    pub fn fault(&self) -> DiskFault {
+        *self.fault.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A sync has failed: this node's storage can vouch for nothing until a restart.
+    pub fn failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Syncs, unless a sync failed before or a fault is injected; a failure is final.
+    fn sync(&self, db: &sled::Db, file: Option<&File>) -> std::io::Result<()> {
+        let r = if self.failed() {
+            Err(std::io::Error::other("an earlier sync failed: restart the node"))
+        } else {
+            match self.fault() {
+                DiskFault::None => sync(db, file),
+                DiskFault::SyncError => Err(std::io::Error::from_raw_os_error(5)),
+                DiskFault::Full => Err(std::io::Error::from_raw_os_error(28)),
+            }
+        };
+        if r.is_err() && !self.failed.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::error!(error = ?r.as_ref().err(), "storage sync failed: this node acknowledges no more writes until it is restarted");
+        }
+        r
+    }
+}
+
 /// Makes everything written to the db so far durable, to the configured level.
 #[derive(Clone)]
 pub struct Durable {
@@ -44,10 +101,10 @@ pub enum Waiter {
 
 impl Durable {
     /// `file` is sled's single data file; `Some` when fdatasync is wanted.
-    fn new(db: sled::Db, file: Option<Arc<File>>) -> Self {
+    fn new(db: sled::Db, file: Option<Arc<File>>, disk: Disk) -> Self {
         let (flusher, rx) = mpsc::unbounded_channel();
         // The task holds no sender, so it ends when the last Durable is dropped.
-        tokio::spawn(group_commit(db, file, rx));
+        tokio::spawn(group_commit(db, file, disk, rx));
         Durable { flusher }
     }
 
@@ -86,17 +143,14 @@ fn complete(w: Waiter, r: &std::io::Result<()>) {
 
 /// Group commit: takes every waiter queued so far, syncs once on the blocking pool, and
 /// answers them in order. Under load one fsync covers many Raft appends.
-async fn group_commit(db: sled::Db, file: Option<Arc<File>>, mut rx: mpsc::UnboundedReceiver<Waiter>) {
+async fn group_commit(db: sled::Db, file: Option<Arc<File>>, disk: Disk, mut rx: mpsc::UnboundedReceiver<Waiter>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while let Ok(w) = rx.try_recv() {
             batch.push(w);
         }
-        let (db, file) = (db.clone(), file.clone());
-        let r = tokio::task::spawn_blocking(move || sync(&db, file.as_deref())).await.unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        if let Err(e) = &r {
-            tracing::error!(error = %e, "storage sync failed");
-        }
+        let (db, file, disk) = (db.clone(), file.clone(), disk.clone());
+        let r = tokio::task::spawn_blocking(move || disk.sync(&db, file.as_deref())).await.unwrap_or_else(|e| Err(std::io::Error::other(e)));
         for w in batch {
             complete(w, &r);
         }
@@ -106,7 +160,7 @@ async fn group_commit(db: sled::Db, file: Option<Arc<File>>, mut rx: mpsc::Unbou
 /// Opens (or creates) a node's data dir and returns its log store and state machine.
 pub fn open(dir: &Path, dc: &str, durability: Durability, cache_bytes: u64, cache_entities_max: usize) -> anyhow::Result<(LogStore, StateMachineStore)> {
     let sled = SledOptions { durability, cache_bytes, segment_bytes: 0 };
-    let mut shards = open_shards(dir, dc, 1, sled, cache_entities_max)?;
+    let mut shards = open_shards(dir, dc, 1, sled, cache_entities_max, Disk::default())?;
     Ok(shards.remove(0))
 }
 
@@ -125,7 +179,14 @@ pub struct SledOptions {
 /// 0's under the names a one-group node always used), one group commit for them all (one
 /// sync covers the appends of every shard), and a snapshot file per shard.
 /// `cache_entities_max` is split between the shards.
-pub fn open_shards(dir: &Path, dc: &str, shards: u16, sled: SledOptions, cache_entities_max: usize) -> anyhow::Result<Vec<(LogStore, StateMachineStore)>> {
+pub fn open_shards(
+    dir: &Path,
+    dc: &str,
+    shards: u16,
+    sled: SledOptions,
+    cache_entities_max: usize,
+    disk: Disk,
+) -> anyhow::Result<Vec<(LogStore, StateMachineStore)>> {
     std::fs::create_dir_all(dir)?;
     let mut config = sled::Config::new()
         .path(dir)
@@ -142,7 +203,7 @@ pub fn open_shards(dir: &Path, dc: &str, shards: u16, sled: SledOptions, cache_e
         Durability::Fsync => Some(Arc::new(File::open(dir.join("db"))?)),
         Durability::Flush => None,
     };
-    let durable = Durable::new(db.clone(), file);
+    let durable = Durable::new(db.clone(), file, disk);
     let per_shard = cache_entities_max / usize::from(shards.max(1));
     (0..shards)
         .map(|shard| {

@@ -72,3 +72,13 @@ fn chaos_clock_skew_is_valid_with_no_valid_request_refused_as_malformed() {
     let windows = r["availability"]["windows"].as_array().expect("fault windows");
     assert!(windows.iter().any(|w| w["name"].as_str().is_some_and(|n| n.contains("clock of"))), "the skews happened: {r:#}");
 }
+
+/// dc1's leader's fsync fails, then dc2's leader's disk fills: each stops acknowledging,
+/// its DC elects another leader, and nothing acknowledged is lost.
+#[test]
+fn chaos_disk_faults_are_valid() {
+    let (code, out) = must_run("disk-fault.toml");
+    let r = report(out.path());
+    assert_eq!(code, 0, "disk-fault run invalid: {r:#}");
+    assert_eq!(r["availability"]["leader_kills"].as_array().map(Vec::len), Some(2), "both disks failed: {r:#}");
+}

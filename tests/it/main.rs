@@ -6,6 +6,7 @@ mod chaos;
 mod clock;
 mod console;
 mod dc;
+mod disk;
 mod dns;
 mod door;
 mod expiry;

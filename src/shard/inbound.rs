@@ -53,8 +53,16 @@ fn leader_silent(shard: &Shard) -> bool {
 /// wait two more election timeouts before its own next try, so the node best placed to
 /// lead could sit out the election for over a second. It stands now instead. Elections
 /// are always safe in Raft; the conditions only keep this from disturbing a leader that
-/// is alive.
+/// is alive. At most once per minimum election timeout, whatever a peer sends.
 fn campaign(shard: &Shard, candidate: NodeId) {
+    let spacing = Duration::from_millis(shard.config.raft.election_timeout_min_ms);
+    {
+        let mut last = shard.last_campaign.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.is_some_and(|t| t.elapsed() < spacing) {
+            return;
+        }
+        *last = Some(Instant::now());
+    }
     tracing::info!(shard = shard.number, candidate, "leader silent and a candidate with a shorter log asked for votes: standing for election");
     let raft = shard.raft.clone();
     tokio::spawn(async move {

@@ -55,6 +55,8 @@ pub struct Shard {
     read_index: read_index::ReadIndex,
     /// When this node last took an AppendEntries (a heartbeat at least) from a leader.
     last_append: std::sync::Mutex<Option<std::time::Instant>>,
+    /// When this node last stood for election on its own account (`inbound::campaign`).
+    last_campaign: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// What a shard is built from; the startup wiring owns the parts.
@@ -92,6 +94,7 @@ impl Shard {
             snapshot_transfer: Default::default(),
             read_index,
             last_append: Default::default(),
+            last_campaign: Default::default(),
         })
     }
 

@@ -51,9 +51,10 @@ impl ClusterView {
             // A node named by host whose name has not resolved yet has no address to give.
             .filter_map(|n| Some((shard.addresses().ip_of(&n)?, n)))
             .map(|(ip, n)| {
-                // This node by its own clock check; the others by their probes (a node that
-                // fenced itself for its clock answers as unhealthy).
-                let up = if n.id == shard.me { !links.fenced() } else { links.node_healthy(n.id) };
+                // This node by its own clock check and disk; the others by their probes (a
+                // node that fenced itself for its clock, or whose disk failed, answers as
+                // unhealthy).
+                let up = if n.id == shard.me { !links.fenced() && !shard.storage_failed() } else { links.node_healthy(n.id) };
                 NodeView { healthy: healthy && up, name: n.name, ip, http_port: n.http.port() }
             })
             .collect();

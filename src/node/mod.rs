@@ -109,6 +109,7 @@ struct ShardEnv<'a> {
     faults: &'a Faults,
     hlc: &'a Arc<Hlc>,
     metrics: &'a Metrics,
+    disk: &'a storage::Disk,
 }
 
 /// Starts shard `number`'s replica on this node: its Raft group over its own trees, the
@@ -143,6 +144,7 @@ async fn start_shard(
         actors,
         peers: peers.clone(),
         metrics: env.metrics.clone(),
+        disk: env.disk.clone(),
     };
     let shard = Shard::new(parts);
     Ok((CrossDc::new(shard, env.hlc.clone(), peers, env.faults.clone(), env.metrics.clone()), supervisor))
@@ -168,7 +170,7 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     let peers = Peers::new(&config, info.id, faults.clone(), security.clone(), &wan);
     let metrics = Metrics::new(&info.name, &info.dc);
     let hlc = Arc::new(Hlc::default());
-    let env = ShardEnv { config: &config, info: &info, peers: &peers, faults: &faults, hlc: &hlc, metrics: &metrics };
+    let env = ShardEnv { config: &config, info: &info, peers: &peers, faults: &faults, hlc: &hlc, metrics: &metrics, disk: &disk };
     let (mut hosted, mut supervisors) = (Vec::new(), Vec::new());
     for (number, (log, sm)) in (0u16..).zip(stores) {
         let (cross, supervisor) = start_shard(&env, number, log, sm).await?;

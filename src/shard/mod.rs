@@ -57,6 +57,7 @@ pub struct Shard {
     last_append: std::sync::Mutex<Option<std::time::Instant>>,
     /// When this node last stood for election on its own account (`inbound::campaign`).
     last_campaign: std::sync::Mutex<Option<std::time::Instant>>,
+    disk: crate::storage::Disk,
 }
 
 /// What a shard is built from; the startup wiring owns the parts.
@@ -70,6 +71,8 @@ pub struct ShardParts {
     pub actors: Arc<Directory>,
     pub peers: Peers,
     pub metrics: Metrics,
+    /// The node's disk, shared by its shards.
+    pub disk: crate::storage::Disk,
 }
 
 impl Shard {
@@ -95,12 +98,19 @@ impl Shard {
             read_index,
             last_append: Default::default(),
             last_campaign: Default::default(),
+            disk: p.disk,
         })
     }
 
     /// Where the nodes named by host are now (the DNS answers' addresses).
     pub fn addresses(&self) -> &Arc<crate::transport::addresses::AddressBook> {
         self.peers.addresses()
+    }
+
+    /// A disk sync of this node failed: its Raft groups stopped, it serves nothing until
+    /// restarted, so it must not be sent clients either.
+    pub fn storage_failed(&self) -> bool {
+        self.disk.failed()
     }
 
     /// Whether `id` is a node of this group's DC.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::harness::{must_eventually, Options, TestCluster};
+use crate::harness::{dig_short, must_eventually, Options, TestCluster};
 
 async fn order(c: &TestCluster, node: &str, token: &str) -> (u16, Value) {
     c.post(node, "/v1/orders", json!({"session": token, "sku": "sku-disk", "qty": 1})).await
@@ -33,6 +33,16 @@ async fn the_leader_whose_disk_fails_stops_acknowledging(net: u8, fault: &str) {
     }
     let (code, health) = c.get(&leader, "/healthz").await;
     assert_eq!((code, health["storage_failed"].as_bool()), (503, Some(true)), "{health}");
+    // Clients are no longer sent to it: it leaves its DC's answer on the other nodes.
+    let failed_ip = c.url(&leader).replace("http://", "").replace(":8080", "");
+    for n in c.dc_nodes("dc1").into_iter().filter(|n| *n != leader) {
+        let server = c.url(&n).replace("http://", "").replace(":8080", "");
+        must_eventually(Duration::from_secs(10), &format!("{n}'s dc1.shop answer without {leader}"), || async {
+            let answer = dig_short(&server, "dc1.shop.agora.test");
+            (!answer.is_empty() && !answer.contains(&failed_ip)).then_some(())
+        })
+        .await;
+    }
     // The disk "recovers", but what the failed sync lost is unknown: still nothing.
     let (code, v) = c.request(Method::PUT, &leader, "/v1/admin/disk", Some(json!({"fault": "none"})), None).await;
     assert_eq!((code, v["failed"].as_bool()), (200, Some(true)), "{v}");

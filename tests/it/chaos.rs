@@ -82,3 +82,13 @@ fn chaos_disk_faults_are_valid() {
     assert_eq!(code, 0, "disk-fault run invalid: {r:#}");
     assert_eq!(r["availability"]["leader_kills"].as_array().map(Vec::len), Some(2), "both disks failed: {r:#}");
 }
+
+/// The docker backend: dc1's leader container is killed twice, then (another run) dc1's
+/// containers are cut off from the other DCs.
+#[test]
+fn chaos_on_containers_is_valid() {
+    for scenario in ["docker-kill-leader.toml", "docker-cut-dc.toml"] {
+        let (code, out) = must_run(scenario);
+        assert_eq!(code, 0, "{scenario} run invalid: {:#}", report(out.path()));
+    }
+}

@@ -4,7 +4,6 @@
 use openraft::error::{InstallSnapshotError, RaftError, SnapshotMismatch};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::SnapshotSegmentId;
-use std::time::{Duration, Instant};
 
 use super::Shard;
 use crate::raft::guard::{self, ChunkRefusal, Limits};
@@ -25,63 +24,17 @@ fn refuse(from: NodeId, what: &str, reason: String) -> PeerResponse {
 }
 
 pub async fn vote(shard: &Shard, from: NodeId, r: VoteRequest<NodeId>) -> PeerResponse {
-    if let Err(e) = guard::check_vote_request(&r, from, limits(shard, &member_of(shard))) {
-        return refuse(from, "vote", e);
+    match guard::check_vote_request(&r, from, limits(shard, &member_of(shard))) {
+        Ok(()) => PeerResponse::Vote(shard.raft.vote(r).await),
+        Err(e) => refuse(from, "vote", e),
     }
-    let candidate_log = r.last_log_id;
-    let answer = shard.raft.vote(r).await;
-    if let Ok(v) = &answer {
-        if !v.vote_granted && v.last_log_id > candidate_log && leader_silent(shard) {
-            campaign(shard, from);
-        }
-    }
-    PeerResponse::Vote(answer)
-}
-
-/// No AppendEntries from a leader for a whole minimum election timeout, though one came
-/// before (a node that has heard no leader since it started is held back by its restart
-/// grace instead).
-fn leader_silent(shard: &Shard) -> bool {
-    let quiet = Duration::from_millis(shard.config.raft.election_timeout_min_ms);
-    let last = *shard.last_append.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    last.is_some_and(|t| t.elapsed() > quiet) && !shard.is_leader()
-}
-
-/// A candidate whose log is behind this node's asked for its vote while the leader is
-/// silent: the leader is most likely gone, and that candidate cannot win with this
-/// node's vote. openraft 0.9 has no pre-vote, and it makes a node that saw a longer log
-/// wait two more election timeouts before its own next try, so the node best placed to
-/// lead could sit out the election for over a second. It stands now instead. Elections
-/// are always safe in Raft; the conditions only keep this from disturbing a leader that
-/// is alive. At most once per minimum election timeout, whatever a peer sends.
-fn campaign(shard: &Shard, candidate: NodeId) {
-    let spacing = Duration::from_millis(shard.config.raft.election_timeout_min_ms);
-    {
-        let mut last = shard.last_campaign.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if last.is_some_and(|t| t.elapsed() < spacing) {
-            return;
-        }
-        *last = Some(Instant::now());
-    }
-    tracing::info!(shard = shard.number, candidate, "leader silent and a candidate with a shorter log asked for votes: standing for election");
-    let raft = shard.raft.clone();
-    tokio::spawn(async move {
-        if let Err(e) = raft.trigger().elect().await {
-            tracing::debug!(error = %e, "election not started");
-        }
-    });
 }
 
 pub async fn append_entries(shard: &Shard, from: NodeId, r: AppendEntriesRequest<TypeConfig>) -> PeerResponse {
     if let Err(e) = guard::check_append_entries(&r, from, limits(shard, &member_of(shard))) {
         return refuse(from, "append_entries", e);
     }
-    let answer = shard.raft.append_entries(r).await;
-    // A leader spoke to us (a conflict is still its leadership; a higher vote is not).
-    if answer.as_ref().is_ok_and(|a| !matches!(a, openraft::raft::AppendEntriesResponse::HigherVote(_))) {
-        *shard.last_append.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
-    }
-    PeerResponse::AppendEntries(answer)
+    PeerResponse::AppendEntries(shard.raft.append_entries(r).await)
 }
 
 /// Chunks are taken one at a time (the transfer's lock is held while openraft writes

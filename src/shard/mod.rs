@@ -53,10 +53,6 @@ pub struct Shard {
     snapshot_transfer: tokio::sync::Mutex<SnapshotTransfer>,
     /// Read-index rounds shared by the linearizable reads that queue for one.
     read_index: read_index::ReadIndex,
-    /// When this node last took an AppendEntries (a heartbeat at least) from a leader.
-    last_append: std::sync::Mutex<Option<std::time::Instant>>,
-    /// When this node last stood for election on its own account (`inbound::campaign`).
-    last_campaign: std::sync::Mutex<Option<std::time::Instant>>,
     disk: crate::storage::Disk,
 }
 
@@ -96,8 +92,6 @@ impl Shard {
             members,
             snapshot_transfer: Default::default(),
             read_index,
-            last_append: Default::default(),
-            last_campaign: Default::default(),
             disk: p.disk,
         })
     }

@@ -54,7 +54,7 @@ impl ClusterView {
                 // This node by its own clock check and disk; the others by their probes (a
                 // node that fenced itself for its clock, or whose disk failed, answers as
                 // unhealthy).
-                let up = if n.id == shard.me { !links.fenced() && !shard.storage_failed() } else { links.node_healthy(n.id) };
+                let up = if n.id == shard.me { !self.cross.unfit() } else { links.node_healthy(n.id) };
                 NodeView { healthy: healthy && up, name: n.name, ip, http_port: n.http.port() }
             })
             .collect();

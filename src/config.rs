@@ -758,10 +758,10 @@ impl ClusterConfig {
                     if addr.port() == 0 {
                         return Err(invalid(format!("{field}.{what}_port"), "port 0 is not allowed"));
                     }
-                    // Nodes named by host each have a machine of their own (a pod, a
-                    // container) unless they bind distinct addresses: only those can clash.
+                    // A node listening on every interface (named by host, no bind) has a
+                    // machine of its own (a pod, a container): only set addresses can clash.
                     // DNS uses UDP as well, but its TCP listener clashes the same way.
-                    if !addr.ip().is_unspecified() && !addrs.insert((info.host.clone(), addr)) {
+                    if !addr.ip().is_unspecified() && !addrs.insert(addr) {
                         return Err(invalid(format!("{field}.{what}_port"), format!("port clash: {addr} is used twice")));
                     }
                 }

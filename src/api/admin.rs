@@ -133,17 +133,17 @@ pub struct DiskState {
 
 pub async fn get_disk(State(node): State<AppState>) -> Result<Json<DiskState>, ApiError> {
     require_hooks(&node)?;
-    Ok(Json(DiskState { fault: node.disk.fault(), failed: node.disk.failed() }))
+    Ok(Json(DiskState { fault: node.shard.disk.fault(), failed: node.shard.disk.failed() }))
 }
 
-/// Body: `{"fault": "sync_error" | "full" | "none"}`. Clearing the fault does not undo a
+/// Body: `{"fault": "sync-error" | "full" | "none"}`. Clearing the fault does not undo a
 /// failed sync.
 pub async fn set_disk(State(node): State<AppState>, body: Result<axum::body::Bytes, BytesRejection>) -> Result<Json<DiskState>, ApiError> {
     require_hooks(&node)?;
     let want: DiskState = parse_body(body)?;
     tracing::warn!(fault = ?want.fault, "disk fault injected");
-    node.disk.inject(want.fault);
-    Ok(Json(DiskState { fault: node.disk.fault(), failed: node.disk.failed() }))
+    node.shard.disk.inject(want.fault);
+    Ok(Json(DiskState { fault: node.shard.disk.fault(), failed: node.shard.disk.failed() }))
 }
 
 #[derive(Deserialize, serde::Serialize)]

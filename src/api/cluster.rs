@@ -151,17 +151,17 @@ pub async fn digest(State(node): State<AppState>) -> Json<Value> {
     Json(d)
 }
 
-/// 200 while this node serves; 503 once it fenced itself for a clock off from its DC's.
+/// 200 while this node serves; 503 while it is unfit to (its clock off from its DC's, or
+/// a disk sync failed).
 pub async fn healthz(State(node): State<AppState>) -> (axum::http::StatusCode, Json<Value>) {
     let m = node.shard.raft.metrics().borrow().clone();
-    let clock = node.cross.links.clock();
-    let storage_failed = node.disk.failed();
-    let ok = !clock.fenced && !storage_failed;
+    let (clock_fenced, storage_failed) = (node.cross.links.fenced(), node.shard.disk.failed());
+    let ok = !node.cross.unfit();
     let code = if ok { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
     (
         code,
         Json(
-            json!({"ok": ok, "node": node.info.name, "leader_known": m.current_leader.is_some(), "clock_fenced": clock.fenced, "storage_failed": storage_failed}),
+            json!({"ok": ok, "node": node.info.name, "leader_known": m.current_leader.is_some(), "clock_fenced": clock_fenced, "storage_failed": storage_failed}),
         ),
     )
 }

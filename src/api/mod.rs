@@ -62,8 +62,6 @@ pub struct ApiState {
     pub faults: Faults,
     /// WAN emulation: the delay of frames to other DCs (`[wan]`, `PUT /v1/admin/wan`).
     pub wan: crate::transport::Wan,
-    /// The node's disk: whether a sync failed, and the fault a test injected.
-    pub disk: crate::storage::Disk,
     /// Enables the admin endpoints that inject faults and crash actors.
     pub test_hooks: bool,
     /// The DNS server, once started (its counters feed /metrics; the node stops it).

@@ -125,7 +125,7 @@ async fn apply(control: &Control, step: &Step, rng: &mut StdRng, clock: &Clock) 
         Action::DiskFault => {
             let node = leader_or_random(control, step, &dc, rng).await;
             let fault = step.disk.ok_or_else(|| anyhow::anyhow!("disk-fault without disk"))?;
-            cluster(control, s(&["disk", &node, fault.arg()])).await?;
+            cluster(control, s(&["disk", &node, fault.name()])).await?;
             // Counted like a kill: the DC's time to its next write is what a failed disk costs.
             kill = Some(LeaderKill { dc: dc.clone(), node: node.clone(), at_ns: clock.now_ns() });
             (format!("disk of {dc} node {node}: {fault:?}"), s(&["restart", &node]))

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
-use crate::launcher::{Backend, DiskFaultArg};
+use crate::launcher::Backend;
+use crate::storage::DiskFault;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -111,7 +112,7 @@ pub struct Step {
     pub skew_ms: i64,
     /// For `disk-fault`: `sync-error` (EIO) or `full` (ENOSPC).
     #[serde(default)]
-    pub disk: Option<crate::launcher::DiskFaultArg>,
+    pub disk: Option<DiskFault>,
 }
 
 fn default_hold() -> f64 {
@@ -187,7 +188,7 @@ impl Scenario {
             if matches!(s.action, Action::ClockSkew | Action::DiskFault) && self.backend == Backend::Docker {
                 bail!("nemesis[{i}]: {:?} needs test hooks, which the docker backend's nodes do not start with", s.action);
             }
-            if s.action == Action::DiskFault && !matches!(s.disk, Some(DiskFaultArg::SyncError | DiskFaultArg::Full)) {
+            if s.action == Action::DiskFault && !matches!(s.disk, Some(DiskFault::SyncError | DiskFault::Full)) {
                 bail!("nemesis[{i}]: disk-fault needs disk = \"sync-error\" or \"full\"");
             }
             if s.action.needs_network() && self.backend == Backend::Process {

@@ -158,7 +158,7 @@ pub enum ClusterCmd {
     /// Make every disk sync of a node fail (`sync-error`: EIO, `full`: ENOSPC) or stop
     /// failing (`none`); a node whose sync failed acknowledges nothing until restarted.
     /// Needs `up --enable-test-hooks`.
-    Disk { node: String, fault: DiskFaultArg },
+    Disk { node: String, fault: crate::storage::DiskFault },
     /// Set the one-way delay between DCs on the running cluster, in ms (0 removes it), by
     /// what `up --wan-via` chose.
     Latency(wan::LatencyArgs),
@@ -450,38 +450,7 @@ async fn clock(c: &Cluster, node: &str, skew_ms: i64) -> Result<()> {
     Ok(())
 }
 
-/// The disk faults `agora cluster disk` injects (and chaos scenarios name).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum DiskFaultArg {
-    SyncError,
-    Full,
-    None,
-}
-
-impl DiskFaultArg {
-    /// As the command line spells it.
-    pub fn arg(self) -> &'static str {
-        match self {
-            DiskFaultArg::SyncError => "sync-error",
-            DiskFaultArg::Full => "full",
-            DiskFaultArg::None => "none",
-        }
-    }
-}
-
-impl From<DiskFaultArg> for crate::storage::DiskFault {
-    fn from(a: DiskFaultArg) -> Self {
-        match a {
-            DiskFaultArg::SyncError => crate::storage::DiskFault::SyncError,
-            DiskFaultArg::Full => crate::storage::DiskFault::Full,
-            DiskFaultArg::None => crate::storage::DiskFault::None,
-        }
-    }
-}
-
-async fn disk(c: &Cluster, node: &str, fault: DiskFaultArg) -> Result<()> {
-    let fault = crate::storage::DiskFault::from(fault);
+async fn disk(c: &Cluster, node: &str, fault: crate::storage::DiskFault) -> Result<()> {
     put_hook(c, node, "/v1/admin/disk", serde_json::json!({ "fault": fault })).await?;
     println!("{node}: disk fault {fault:?}");
     Ok(())

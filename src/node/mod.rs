@@ -210,7 +210,6 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
         metrics,
         faults,
         wan,
-        disk,
         test_hooks: opts.test_hooks,
         dns: Mutex::new(Some(dns)),
     });

@@ -65,7 +65,7 @@ async fn handle_in_shard(cross: &Arc<CrossDc>, from: NodeId, req: PeerRequest) -
         PeerRequest::Membership(op) => PeerResponse::Membership(shard.change_membership_local(op).await),
         PeerRequest::Probe => PeerResponse::Probe(shard.probe_ack()),
         // "Fenced": not to be sent clients — its clock is off, or its disk failed.
-        PeerRequest::Clock => PeerResponse::Clock { wall_ms: crate::hlc::wall_ms(), fenced: cross.links.fenced() || cross.shard.storage_failed() },
+        PeerRequest::Clock => PeerResponse::Clock { wall_ms: crate::hlc::wall_ms(), fenced: cross.unfit() },
         // Cross-DC requests from a node of this DC: a confused or hostile peer.
         other @ (PeerRequest::Replicate { .. }
         | PeerRequest::InstallRemote { .. }

@@ -47,6 +47,13 @@ pub struct CrossDc {
 }
 
 impl CrossDc {
+    /// This node is not to be sent clients: its clock is off from its DC's, or a disk
+    /// sync failed (its Raft groups stopped). Its DNS view, its answers to its DC's probes
+    /// and `/healthz` all say so.
+    pub fn unfit(&self) -> bool {
+        self.links.fenced() || self.shard.disk.failed()
+    }
+
     pub fn new(shard: Arc<Shard>, hlc: Arc<Hlc>, peers: Peers, faults: Faults, metrics: Metrics) -> Arc<Self> {
         let c = &shard.config;
         let remote_dcs = c.dc_names().into_iter().filter(|d| *d != shard.dc);

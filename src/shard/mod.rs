@@ -53,7 +53,8 @@ pub struct Shard {
     snapshot_transfer: tokio::sync::Mutex<SnapshotTransfer>,
     /// Read-index rounds shared by the linearizable reads that queue for one.
     read_index: read_index::ReadIndex,
-    disk: crate::storage::Disk,
+    /// The node's disk (shared by its shards): whether a sync failed, the injected fault.
+    pub disk: crate::storage::Disk,
 }
 
 /// What a shard is built from; the startup wiring owns the parts.
@@ -99,12 +100,6 @@ impl Shard {
     /// Where the nodes named by host are now (the DNS answers' addresses).
     pub fn addresses(&self) -> &Arc<crate::transport::addresses::AddressBook> {
         self.peers.addresses()
-    }
-
-    /// A disk sync of this node failed: its Raft groups stopped, it serves nothing until
-    /// restarted, so it must not be sent clients either.
-    pub fn storage_failed(&self) -> bool {
-        self.disk.failed()
     }
 
     /// Whether `id` is a node of this group's DC.

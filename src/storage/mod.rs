@@ -31,8 +31,9 @@ pub use state_machine::{verify_snapshot_data, SmReader, StateMachineStore};
 /// A disk failure injected at the sync (a test hook, `PUT /v1/admin/disk`): sled writes
 /// into memory and its file's page cache, so a failing or full disk shows itself when
 /// that is made durable — which is where the hook fails it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// Spelled the same in the admin API, `agora cluster disk` and chaos scenarios.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
 pub enum DiskFault {
     #[default]
     None,
@@ -40,6 +41,17 @@ pub enum DiskFault {
     SyncError,
     /// Every sync fails with ENOSPC (a full disk).
     Full,
+}
+
+impl DiskFault {
+    /// As the command line and the API spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskFault::None => "none",
+            DiskFault::SyncError => "sync-error",
+            DiskFault::Full => "full",
+        }
+    }
 }
 
 /// The node's disk: the fault injected, and whether a sync has failed. After a failed

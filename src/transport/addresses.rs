@@ -49,10 +49,15 @@ impl AddressBook {
         self.resolved.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&node.id).copied()
     }
 
-    /// Resolves every name once; a name that fails keeps its last address.
+    /// Resolves every name once, with one resolver for the round; a name that fails keeps
+    /// its last address.
     pub async fn refresh(&self) {
+        let resolver = match resolver() {
+            Ok(r) => r,
+            Err(e) => return tracing::warn!(error = %e, "no resolver to look node names up with"),
+        };
         for (id, host) in &self.names {
-            match resolve(host).await {
+            match lookup(&resolver, host).await {
                 Ok(ips) => {
                     if let Some(ip) = ips.first() {
                         self.resolved.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(*id, *ip);
@@ -79,15 +84,27 @@ impl AddressBook {
 /// The addresses of `host` now, IPv4 first: an IP literal as it is, a name from
 /// `/etc/hosts` or the resolvers of `/etc/resolv.conf` (with its search domains).
 pub async fn resolve(host: &str) -> io::Result<Vec<IpAddr>> {
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return Ok(vec![ip]);
+    match host.parse::<IpAddr>() {
+        Ok(ip) => Ok(vec![ip]),
+        Err(_) => lookup(&resolver()?, host).await,
     }
+}
+
+/// A resolver from the system's files as they are now (built afresh, so nothing it
+/// answers was cached before).
+fn resolver() -> io::Result<hickory_resolver::TokioResolver> {
     let mut builder = hickory_resolver::TokioResolver::builder_tokio().map_err(io::Error::other)?;
     let opts = builder.options_mut();
     opts.use_hosts_file = ResolveHosts::Always;
     opts.timeout = LOOKUP_TIMEOUT;
     opts.attempts = 1;
-    let resolver = builder.build().map_err(io::Error::other)?;
+    builder.build().map_err(io::Error::other)
+}
+
+async fn lookup(resolver: &hickory_resolver::TokioResolver, host: &str) -> io::Result<Vec<IpAddr>> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![ip]);
+    }
     let found = tokio::time::timeout(LOOKUP_TIMEOUT * 2, resolver.lookup_ip(host))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("looking up {host} timed out")))?

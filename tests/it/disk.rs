@@ -75,7 +75,7 @@ async fn the_leader_whose_disk_fails_stops_acknowledging(net: u8, fault: &str) {
 
 #[tokio::test]
 async fn a_leader_whose_fsync_fails_acknowledges_nothing_more() {
-    the_leader_whose_disk_fails_stops_acknowledging(144, "sync_error").await;
+    the_leader_whose_disk_fails_stops_acknowledging(144, "sync-error").await;
 }
 
 #[tokio::test]

@@ -162,7 +162,7 @@ pub struct RaftSection {
     /// default, 1,000,000, covers about 4.6 days of that at a 400 ms timeout.
     pub term_jump_max: u64,
     /// Largest snapshot a node accepts from its leader (bytes, summed over its chunks).
-    /// Received snapshots are held in memory while they arrive.
+    /// Received snapshots are written to a file as they arrive, never held in memory.
     pub snapshot_bytes_max: u64,
 }
 

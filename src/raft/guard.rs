@@ -11,6 +11,7 @@ use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::Vote;
 
 use super::{LogId, NodeId, TypeConfig};
+use crate::storage::snapshot_data::Verifier;
 
 /// Log indexes beyond this are refused: no log grows to 2^62 entries, and openraft adds
 /// to indexes (`index + 1`) without checking.
@@ -92,12 +93,21 @@ pub fn check_install_snapshot(r: &InstallSnapshotRequest<TypeConfig>, from: Node
     check_members(r.meta.last_membership.nodes().map(|(id, _)| id), l)
 }
 
-/// The one snapshot being received: its id and the bytes accepted so far (openraft holds
-/// the same bytes in its own buffer; ours is checked once the last chunk arrives, before
-/// that chunk is handed on). One transfer at a time; a chunk at offset 0 starts a new one.
-#[derive(Debug, Default)]
+/// The one snapshot being received: its id, how many bytes were accepted, and their check
+/// so far (openraft writes the bytes to the receive file; nothing here keeps them). One
+/// transfer at a time; a chunk at offset 0 starts a new one.
+#[derive(Default)]
 pub struct SnapshotTransfer {
-    current: Option<(String, Vec<u8>)>,
+    current: Option<Transfer>,
+    /// What `current` becomes once openraft takes the chunk just checked.
+    checked: Option<Transfer>,
+}
+
+#[derive(Clone)]
+struct Transfer {
+    id: String,
+    len: u64,
+    check: Verifier,
 }
 
 /// Why a chunk is refused.
@@ -106,52 +116,47 @@ pub enum ChunkRefusal {
     /// Not where the transfer stands: the leader should start again at this offset (0
     /// when no transfer of that id is under way). openraft's own answer to this case.
     Offset { expect: u64 },
-    /// Over the size limit, or (last chunk) not a snapshot this node can install.
+    /// Over the size limit, or not a snapshot this node can install (format, frames, and
+    /// at the last chunk the checksum).
     Invalid(String),
 }
 
 impl SnapshotTransfer {
-    /// Checks a chunk against the transfer: the next one in order, within `bytes_max`;
-    /// on the last chunk, `verify` the whole data. Does not record the chunk: call
-    /// [`SnapshotTransfer::accept`] once openraft has taken it.
-    pub fn check(&self, r: &InstallSnapshotRequest<TypeConfig>, bytes_max: u64, verify: impl Fn(&[u8]) -> Result<(), String>) -> Result<(), ChunkRefusal> {
-        let have = match &self.current {
-            _ if r.offset == 0 => &[][..],
-            Some((id, data)) if *id == r.meta.snapshot_id => data.as_slice(),
+    /// Checks a chunk against the transfer: the next one in order, within `bytes_max`,
+    /// its bytes well formed; the last chunk completes a snapshot whose checksum matches.
+    /// Does not record the chunk: call [`SnapshotTransfer::accept`] once openraft has it.
+    pub fn check(&mut self, r: &InstallSnapshotRequest<TypeConfig>, bytes_max: u64) -> Result<(), ChunkRefusal> {
+        let mut t = match &self.current {
+            _ if r.offset == 0 => Transfer { id: r.meta.snapshot_id.clone(), len: 0, check: Verifier::default() },
+            Some(t) if t.id == r.meta.snapshot_id => t.clone(),
             _ => return Err(ChunkRefusal::Offset { expect: 0 }),
         };
-        if r.offset != have.len() as u64 {
-            return Err(ChunkRefusal::Offset { expect: if r.offset == 0 { 0 } else { have.len() as u64 } });
+        if r.offset != t.len {
+            return Err(ChunkRefusal::Offset { expect: t.len });
         }
-        let total = r.offset.checked_add(r.data.len() as u64).filter(|t| *t <= bytes_max);
-        if total.is_none() {
-            return Err(ChunkRefusal::Invalid(format!("snapshot over raft.snapshot_bytes_max ({bytes_max} bytes)")));
-        }
+        t.len = r
+            .offset
+            .checked_add(r.data.len() as u64)
+            .filter(|l| *l <= bytes_max)
+            .ok_or_else(|| ChunkRefusal::Invalid(format!("snapshot over raft.snapshot_bytes_max ({bytes_max} bytes)")))?;
+        t.check.feed(&r.data).map_err(ChunkRefusal::Invalid)?;
         if r.done {
-            let mut whole = have.to_vec();
-            whole.extend_from_slice(&r.data);
-            verify(&whole).map_err(ChunkRefusal::Invalid)?;
+            t.check.clone().finish().map_err(ChunkRefusal::Invalid)?;
         }
+        self.checked = Some(t);
         Ok(())
     }
 
-    /// Records a chunk openraft accepted (it passed [`SnapshotTransfer::check`]).
+    /// Records the chunk last checked, which openraft accepted.
     pub fn accept(&mut self, r: &InstallSnapshotRequest<TypeConfig>) {
-        if r.done {
-            self.current = None;
-            return;
-        }
-        if r.offset == 0 {
-            self.current = Some((r.meta.snapshot_id.clone(), Vec::new()));
-        }
-        if let Some((_, data)) = self.current.as_mut() {
-            data.extend_from_slice(&r.data);
-        }
+        let t = self.checked.take();
+        self.current = if r.done { None } else { t };
     }
 
     /// Forgets a transfer (a chunk of it was refused).
     pub fn reset(&mut self) {
         self.current = None;
+        self.checked = None;
     }
 }
 
@@ -216,31 +221,40 @@ mod tests {
         InstallSnapshotRequest { vote: vote(5, 2), meta, offset, data: data.to_vec(), done }
     }
 
+    /// Format-3 snapshot data of a few records.
+    fn snapshot_data() -> Vec<u8> {
+        let mut w = crate::storage::snapshot_data::Writer::new(std::io::Cursor::new(Vec::new())).unwrap();
+        for i in 0..20u8 {
+            w.put(&[b'k', i], &[i; 30]).unwrap();
+        }
+        w.finish().unwrap().0.into_inner()
+    }
+
     #[test]
     fn snapshot_chunks_must_come_in_order_within_the_size_limit() {
-        let ok = |_: &[u8]| Ok(());
+        let data = snapshot_data();
+        let (a, b) = data.split_at(100);
+        let n = data.len() as u64;
         let mut t = SnapshotTransfer::default();
         assert!(check_install_snapshot(&chunk("a", 0, b"", false), 2, L).is_ok());
-        assert_eq!(t.check(&chunk("a", 1 << 40, b"x", false), 1000, ok), Err(ChunkRefusal::Offset { expect: 0 }), "no transfer under way");
-        assert!(t.check(&chunk("a", 0, b"abc", false), 1000, ok).is_ok());
-        t.accept(&chunk("a", 0, b"abc", false));
-        assert_eq!(t.check(&chunk("a", 1 << 40, b"x", false), 1000, ok), Err(ChunkRefusal::Offset { expect: 3 }));
-        assert_eq!(t.check(&chunk("a", 2, b"x", false), 1000, ok), Err(ChunkRefusal::Offset { expect: 3 }), "a resent chunk");
-        assert_eq!(t.check(&chunk("b", 3, b"x", false), 1000, ok), Err(ChunkRefusal::Offset { expect: 0 }), "another snapshot");
-        assert!(matches!(t.check(&chunk("a", 3, &[0; 998], false), 1000, ok), Err(ChunkRefusal::Invalid(_))), "over the limit");
-        let seen = std::cell::RefCell::new(Vec::new());
-        assert!(t
-            .check(&chunk("a", 3, b"def", true), 1000, |d: &[u8]| {
-                seen.borrow_mut().extend_from_slice(d);
-                Ok(())
-            })
-            .is_ok());
-        assert_eq!(seen.borrow().as_slice(), b"abcdef", "the last chunk verifies the whole data");
-        assert!(matches!(t.check(&chunk("a", 3, b"def", true), 1000, |_: &[u8]| Err("bad".into())), Err(ChunkRefusal::Invalid(_))));
-        t.accept(&chunk("a", 3, b"def", true));
-        assert_eq!(t.check(&chunk("a", 6, b"x", false), 1000, ok), Err(ChunkRefusal::Offset { expect: 0 }), "a finished transfer is gone");
-        // A new transfer (or a restart of one) begins at 0.
-        assert!(t.check(&chunk("c", 0, b"x", false), 1000, ok).is_ok());
+        assert_eq!(t.check(&chunk("a", 1 << 40, b"x", false), n), Err(ChunkRefusal::Offset { expect: 0 }), "no transfer under way");
+        assert!(t.check(&chunk("a", 0, a, false), n).is_ok());
+        t.accept(&chunk("a", 0, a, false));
+        assert_eq!(t.check(&chunk("a", 1 << 40, b"x", false), n), Err(ChunkRefusal::Offset { expect: 100 }));
+        assert_eq!(t.check(&chunk("a", 2, b"x", false), n), Err(ChunkRefusal::Offset { expect: 100 }), "a resent chunk");
+        assert_eq!(t.check(&chunk("b", 100, b"x", false), n), Err(ChunkRefusal::Offset { expect: 0 }), "another snapshot");
+        assert!(matches!(t.check(&chunk("a", 100, b, false), n - 1), Err(ChunkRefusal::Invalid(_))), "over the limit");
+        // The last chunk completes the data: it must check out whole.
+        let mut bad = b.to_vec();
+        *bad.last_mut().unwrap() ^= 1;
+        assert!(matches!(t.check(&chunk("a", 100, &bad, true), n), Err(ChunkRefusal::Invalid(_))), "checksum mismatch");
+        assert!(matches!(t.check(&chunk("a", 100, &b[..b.len() - 1], true), n), Err(ChunkRefusal::Invalid(_))), "cut short");
+        assert!(t.check(&chunk("a", 100, b, true), n).is_ok());
+        t.accept(&chunk("a", 100, b, true));
+        assert_eq!(t.check(&chunk("a", n, b"x", false), n), Err(ChunkRefusal::Offset { expect: 0 }), "a finished transfer is gone");
+        // A new transfer (or a restart of one) begins at 0, and must start like a snapshot.
+        assert!(t.check(&chunk("c", 0, a, false), n).is_ok());
+        assert!(matches!(t.check(&chunk("d", 0, &[7; 60], false), n), Err(ChunkRefusal::Invalid(_))), "not format 3");
         assert!(check_install_snapshot(&chunk("a", 0, b"", false), 3, L).is_err(), "sent as another node");
     }
 }

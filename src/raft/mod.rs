@@ -7,7 +7,6 @@ pub mod network;
 pub mod proposer;
 pub mod snapshots;
 
-use std::io::Cursor;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -16,14 +15,14 @@ use crate::config::ClusterConfig;
 use crate::domain::{Outcome, Request};
 
 openraft::declare_raft_types!(
-    /// Agora's Raft types: commands in, outcomes out, snapshots as byte buffers.
+    /// Agora's Raft types: commands in, outcomes out, snapshots as files.
     pub TypeConfig:
         D = Request,
         R = Outcome,
         NodeId = u64,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = crate::storage::snapshot_data::SnapshotHandle,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

@@ -38,14 +38,14 @@ pub async fn append_entries(shard: &Shard, from: NodeId, r: AppendEntriesRequest
 }
 
 /// Chunks are taken one at a time (the transfer's lock is held while openraft writes
-/// one), in order, up to `raft.snapshot_bytes_max`; the last is handed on only if the
-/// whole snapshot verifies (format, checksum, records).
+/// one), in order, up to `raft.snapshot_bytes_max`, each checked as it comes (format,
+/// frames); the last is handed on only if the whole snapshot's checksum matches.
 pub async fn install_snapshot(shard: &Shard, from: NodeId, r: InstallSnapshotRequest<TypeConfig>) -> PeerResponse {
     if let Err(e) = guard::check_install_snapshot(&r, from, limits(shard, &member_of(shard))) {
         return refuse(from, "install_snapshot", e);
     }
     let mut transfer = shard.snapshot_transfer.lock().await;
-    match transfer.check(&r, shard.config.raft.snapshot_bytes_max, crate::storage::verify_snapshot_data) {
+    match transfer.check(&r, shard.config.raft.snapshot_bytes_max) {
         Ok(()) => {}
         Err(ChunkRefusal::Offset { expect }) => {
             tracing::warn!(from, offset = r.offset, expect, id = %r.meta.snapshot_id, "snapshot chunk out of order refused");

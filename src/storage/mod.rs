@@ -12,6 +12,7 @@
 
 pub mod background;
 pub mod log_store;
+pub mod snapshot_data;
 pub mod snapshot_file;
 pub mod state_machine;
 
@@ -26,7 +27,7 @@ use crate::config::Durability;
 use crate::raft::TypeConfig;
 
 pub use log_store::LogStore;
-pub use state_machine::{verify_snapshot_data, SmReader, StateMachineStore};
+pub use state_machine::{SmReader, StateMachineStore};
 
 /// A disk failure injected at the sync (a test hook, `PUT /v1/admin/disk`): sled writes
 /// into memory and its file's page cache, so a failing or full disk shows itself when
@@ -222,7 +223,7 @@ pub fn open_shards(
             let snapshot_dir = shard_dir(dir, shard);
             std::fs::create_dir_all(&snapshot_dir)?;
             let log = LogStore::for_shard(&db, shard, durable.clone())?;
-            let sm = StateMachineStore::new(&db, (shard, shards), snapshot_file::SnapshotFile::in_dir(&snapshot_dir), durable.clone(), per_shard.max(1), dc)?;
+            let sm = StateMachineStore::new(&db, (shard, shards), snapshot_file::SnapshotFiles::in_dir(&snapshot_dir), durable.clone(), per_shard.max(1), dc)?;
             Ok((log, sm))
         })
         .collect()

@@ -11,7 +11,6 @@
 //! replicas) keeps every replica's outbox byte-identical.
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,7 +20,8 @@ use openraft::{EntryPayload, RaftSnapshotBuilder, SnapshotMeta, StorageIOError, 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::snapshot_file::SnapshotFile;
+use super::snapshot_data::{self, Frame, SnapshotHandle};
+use super::snapshot_file::{Current, SnapshotFiles, WritebackFile};
 use super::{background, io_err, Durable};
 use crate::codec;
 use crate::domain::apply::EXPIRY_PREFIX;
@@ -33,7 +33,11 @@ type Membership = StoredMembership<NodeId, openraft::BasicNode>;
 
 const APPLIED: &[u8] = b"m/applied";
 const MEMBERSHIP: &[u8] = b"m/membership";
+/// Where a node kept its snapshot before it had files (meta tree).
 const SNAPSHOT: &[u8] = b"snapshot";
+/// Present in the state tree while a snapshot is installed, removed in the install's last
+/// batch: a node that finds it at start resumes the install.
+const INSTALLING: &[u8] = b"m/installing";
 
 /// Key prefixes of the entity kinds, also the digest's kinds.
 pub const KINDS: [(&str, &[u8]); 4] = [("sessions", b"s/"), ("inventory", b"i/"), ("orders", b"o/"), ("settings", b"f/")];
@@ -71,67 +75,38 @@ fn settings_key(dc: &str) -> Vec<u8> {
     [b"f/", dc.as_bytes()].concat()
 }
 
-#[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
+/// How a node kept its snapshot before format 3 (meta and data in one encoded value, in
+/// `raft-snapshot.bin` or, earlier still, in sled). Read once at start, to convert it.
+#[derive(Deserialize)]
+struct LegacySnapshot {
     meta: SnapshotMeta<NodeId, openraft::BasicNode>,
-    /// Bulk bytes (same encoding as a `Vec<u8>`, without a call per byte).
     #[serde(with = "serde_bytes")]
     data: Vec<u8>,
 }
 
-/// A snapshot body: every state record. `serde_bytes` encodes exactly as `Vec<u8>` would,
-/// but copies each record in one go instead of serialising it byte by byte.
-type SnapshotRecords<'a> = Vec<(&'a serde_bytes::Bytes, &'a serde_bytes::Bytes)>;
-type SnapshotRecordsOwned = Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>;
-
-/// Snapshot data, format 2: this tag, the body's length (u64 big-endian), the SHA-256 of
-/// the body, then the body (the encoded records). Format 1 was the body alone; it starts
-/// with the codec's version byte (1), never with this tag, so the two are told apart. A
-/// node reads format 1 only from its own disk (a snapshot built before the upgrade),
-/// sealing it as format 2 before it serves it; from a leader it takes format 2 only.
-pub const SNAPSHOT_TAG: &[u8; 8] = b"AGSNAP02";
-const SNAPSHOT_HEADER_LEN: usize = 8 + 8 + 32;
-
-/// Wraps encoded records as format-2 snapshot data.
-pub fn seal_snapshot_body(body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(SNAPSHOT_HEADER_LEN + body.len());
-    out.extend_from_slice(SNAPSHOT_TAG);
-    out.extend_from_slice(&(body.len() as u64).to_be_bytes());
-    out.extend_from_slice(&Sha256::digest(body));
-    out.extend_from_slice(body);
-    out
+/// A legacy snapshot's records. Its data was format 2 (a tag, the body's length, its
+/// SHA-256, the body) or format 1 (the body alone); the body, the encoded records.
+fn legacy_records(data: &[u8]) -> Result<Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>, String> {
+    const TAG: &[u8; 8] = b"AGSNAP02";
+    const HEADER: usize = 8 + 8 + 32;
+    let body = match data.strip_prefix(TAG) {
+        None => data,
+        Some(_) if data.len() < HEADER => return Err("format-2 snapshot shorter than its header".into()),
+        Some(_) => {
+            let len = u64::from_be_bytes(data[8..16].try_into().expect("8 bytes"));
+            let end = usize::try_from(len).ok().and_then(|l| HEADER.checked_add(l)).filter(|e| *e <= data.len()).ok_or("format-2 snapshot cut short")?;
+            let body = &data[HEADER..end];
+            if Sha256::digest(body).as_slice() != &data[16..HEADER] {
+                return Err("format-2 snapshot checksum mismatch".into());
+            }
+            body
+        }
+    };
+    codec::decode(body).map_err(|e| format!("legacy snapshot records do not decode: {e}"))
 }
 
-/// The body of format-2 snapshot data whose checksum matches (bytes after the declared
-/// length are ignored: a receive buffer rewritten from offset 0 may keep a longer
-/// earlier attempt's tail). Format 1 (no checksum) only if `legacy_ok`.
-pub fn open_snapshot_data(data: &[u8], legacy_ok: bool) -> Result<&[u8], String> {
-    if !data.starts_with(SNAPSHOT_TAG) {
-        return if legacy_ok { Ok(data) } else { Err("snapshot data without a checksum (format 1) refused".into()) };
-    }
-    if data.len() < SNAPSHOT_HEADER_LEN {
-        return Err(format!("snapshot data of {} bytes is shorter than its header", data.len()));
-    }
-    let len = u64::from_be_bytes(data[8..16].try_into().expect("8 bytes"));
-    let end = usize::try_from(len)
-        .ok()
-        .and_then(|l| SNAPSHOT_HEADER_LEN.checked_add(l))
-        .filter(|e| *e <= data.len())
-        .ok_or_else(|| format!("snapshot body of {len} bytes declared, {} present", data.len() - SNAPSHOT_HEADER_LEN))?;
-    let body = &data[SNAPSHOT_HEADER_LEN..end];
-    if Sha256::digest(body).as_slice() != &data[16..SNAPSHOT_HEADER_LEN] {
-        return Err("snapshot checksum mismatch".into());
-    }
-    Ok(body)
-}
-
-/// Whether `data` is a snapshot this node could install: format 2, its checksum matching,
-/// its records decoding. Checked before the last chunk reaches openraft, for which a
-/// failing install is a fatal storage error.
-pub fn verify_snapshot_data(data: &[u8]) -> Result<(), String> {
-    let body = open_snapshot_data(data, false)?;
-    codec::decode::<SnapshotRecordsOwned>(body).map(|_| ()).map_err(|e| format!("snapshot records do not decode: {e}"))
-}
+/// Frames applied to the state tree per sled batch while a snapshot is installed.
+const INSTALL_BATCH: usize = 4096;
 
 /// Shared by the state machine (writer) and every reader.
 struct Inner {
@@ -142,7 +117,7 @@ struct Inner {
     shards: u16,
     tree: sled::Tree,
     meta: sled::Tree,
-    snapshot_file: SnapshotFile,
+    snapshots: SnapshotFiles,
     durable: Durable,
     /// Hot records by key, and keys known to be absent (a new order's id is looked up
     /// by validation and again by apply); std Mutex because no await happens while it
@@ -150,7 +125,7 @@ struct Inner {
     cache: Mutex<lru::LruCache<Vec<u8>, Option<sled::IVec>>>,
     /// Held while a batch is written (and while a cache miss is filled).
     write_lock: Mutex<Writer>,
-    /// One snapshot copy at a time.
+    /// One snapshot build or install at a time, from its start to its commit.
     snapshot_lock: Mutex<()>,
     snapshot_seq: std::sync::atomic::AtomicU64,
     /// What the snapshot schedule and `/metrics` read: builds, their cost, the state's size.
@@ -247,7 +222,7 @@ impl StateMachineStore {
     pub(super) fn new(
         db: &sled::Db,
         (shard, shards): (u16, u16),
-        snapshot_file: SnapshotFile,
+        snapshots: SnapshotFiles,
         durable: Durable,
         cache_entities_max: usize,
         dc: &str,
@@ -259,7 +234,7 @@ impl StateMachineStore {
             shards,
             tree: super::tree(db, shard, "state")?,
             meta: super::tree(db, shard, "sm_meta")?,
-            snapshot_file,
+            snapshots,
             durable,
             cache: Mutex::new(lru::LruCache::new(cap)),
             write_lock: Mutex::new(Writer::default()),
@@ -267,7 +242,10 @@ impl StateMachineStore {
             snapshot_seq: Default::default(),
             stats: Default::default(),
         };
-        Ok(StateMachineStore { inner: Arc::new(inner) })
+        let store = StateMachineStore { inner: Arc::new(inner) };
+        store.convert_legacy().map_err(|e| anyhow::anyhow!("snapshot of shard {shard}: {e}"))?;
+        store.inner.snapshots.remove_leftovers()?;
+        Ok(store)
     }
 
     pub fn reader(&self) -> SmReader {
@@ -458,6 +436,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = Self;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), StorageError> {
+        self.resume_install().await?;
         self.read_applied()
     }
 
@@ -523,69 +502,171 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotHandle>, StorageError> {
+        let (path, f) = self.inner.snapshots.create(true).map_err(|e| io_err(StorageIOError::write, e))?;
+        Ok(Box::new(SnapshotHandle::new(path, f)))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta<NodeId, openraft::BasicNode>, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
-        let mut data = snapshot.into_inner();
-        let body = open_snapshot_data(&data, false).map_err(|e| io_err(StorageIOError::read, std::io::Error::other(e)))?;
-        let records: SnapshotRecordsOwned = codec::decode(body).map_err(|e| io_err(StorageIOError::read, e))?;
-        let sealed_len = SNAPSHOT_HEADER_LEN + body.len();
-        data.truncate(sealed_len);
-        let inner = &*self.inner;
-        let st = &inner.stats;
-        st.writes_at_snapshot.store(st.writes.load(Ordering::Relaxed), Ordering::Relaxed);
-        st.records.store(records.len() as u64, Ordering::Relaxed);
-        st.bytes.store(data.len() as u64, Ordering::Relaxed);
-        st.installs.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut w = inner.write_lock.lock().expect("write lock");
-            let old: Vec<sled::IVec> = inner.tree.iter().keys().collect::<Result<_, _>>().map_err(|e| io_err(StorageIOError::write_state_machine, e))?;
-            w.preserve(&inner.tree, old.iter().map(|k| k.as_ref()).chain(records.iter().map(|(k, _)| k.as_slice())));
-            let mut batch = sled::Batch::default();
-            for k in old {
-                batch.remove(k);
-            }
-            for (k, v) in records {
-                batch.insert(k.into_vec(), v.into_vec());
-            }
-            batch.insert(APPLIED, codec::encode(&meta.last_log_id));
-            batch.insert(MEMBERSHIP, codec::encode(&meta.last_membership));
-            inner.tree.apply_batch(batch).map_err(|e| io_err(StorageIOError::write_state_machine, e))?;
-            inner.cache.lock().expect("cache lock").clear();
-        }
-        self.save_snapshot(StoredSnapshot { meta: meta.clone(), data }).await.map(|_| ())
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta<NodeId, openraft::BasicNode>, snapshot: Box<SnapshotHandle>) -> Result<(), StorageError> {
+        let path = self.received_file(*snapshot).await?;
+        let meta = meta.clone();
+        self.install(move |this| this.commit_received(&path, meta)).await
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let (file, meta) = (self.inner.snapshot_file.clone(), self.inner.meta.clone());
-        let bytes = tokio::task::spawn_blocking(move || read_snapshot(&file, &meta)).await.map_err(|e| io_err(StorageIOError::read, e))??;
-        let Some(bytes) = bytes else { return Ok(None) };
-        let s: StoredSnapshot = codec::decode(&bytes).map_err(|e| io_err(StorageIOError::read, e))?;
-        // Built before snapshots carried a checksum: sealed now, as followers require.
-        let data = if s.data.starts_with(SNAPSHOT_TAG) { s.data } else { seal_snapshot_body(&s.data) };
-        Ok(Some(Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(data)) }))
+        let files = self.inner.snapshots.clone();
+        let opened = tokio::task::spawn_blocking(move || files.open_current()).await.map_err(|e| io_err(StorageIOError::read, e))?;
+        let opened = opened.map_err(|e| io_err(StorageIOError::read, e))?;
+        Ok(opened.map(|(c, path, f)| Snapshot { meta: c.meta, snapshot: Box::new(SnapshotHandle::new(path, f)) }))
     }
 }
 
-/// The stored snapshot's bytes: from its file, or, in a data dir written before snapshots
-/// had a file, from sled.
-fn read_snapshot(file: &SnapshotFile, meta: &sled::Tree) -> Result<Option<Vec<u8>>, StorageError> {
-    match file.read().map_err(|e| io_err(StorageIOError::read, e))? {
-        Some(b) => Ok(Some(b)),
-        None => Ok(meta.get(SNAPSHOT).map_err(|e| io_err(StorageIOError::read, e))?.map(|v| v.to_vec())),
-    }
+/// A sled error as openraft's, for a write of the state machine.
+fn sm_write(e: sled::Error) -> StorageError {
+    io_err(StorageIOError::write_state_machine, e)
 }
 
 impl StateMachineStore {
-    /// Stores `s` durably and hands it back (its data is megabytes: no copy is kept).
-    async fn save_snapshot(&self, s: StoredSnapshot) -> Result<StoredSnapshot, StorageError> {
+    /// The path of a complete snapshot's data, flushed: the receive file it was written
+    /// to, or, for data that is not in a receive file of ours (another store's snapshot
+    /// handed over whole), a receive file it is copied into.
+    async fn received_file(&self, handle: SnapshotHandle) -> Result<std::path::PathBuf, StorageError> {
+        use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+        let ours = handle.path().parent() == Some(self.inner.snapshots.dir()) && handle.path().extension().is_some_and(|e| e == "recv");
+        let path = handle.path().to_path_buf();
+        let mut file = handle.into_file();
+        let write = |e| io_err(StorageIOError::write, e);
+        if ours {
+            file.flush().await.map_err(write)?;
+            return Ok(path);
+        }
+        let (path, copy) = self.inner.snapshots.create(true).map_err(write)?;
+        let mut copy = tokio::fs::File::from_std(copy);
+        file.seek(std::io::SeekFrom::Start(0)).await.map_err(write)?;
+        tokio::io::copy(&mut file, &mut copy).await.map_err(write)?;
+        copy.flush().await.map_err(write)?;
+        Ok(path)
+    }
+
+    /// Checks received data (format, frames, checksum) and makes it the current snapshot.
+    fn commit_received(&self, path: &std::path::Path, meta: SnapshotMeta<NodeId, openraft::BasicNode>) -> Result<Current, StorageError> {
+        let file = std::fs::File::open(path).map_err(|e| io_err(StorageIOError::read, e))?;
+        let bytes = file.metadata().map_err(|e| io_err(StorageIOError::read, e))?.len();
+        let records = snapshot_data::verify(std::io::BufReader::new(file)).map_err(|e| io_err(StorageIOError::read, std::io::Error::other(e)))?;
+        self.inner.snapshots.commit(path, Current { meta, file: String::new(), bytes, records }).map_err(|e| io_err(StorageIOError::write, e))
+    }
+
+    /// Installs the snapshot `commit` makes current (under the snapshot lock, so that no
+    /// build commits an older one in between): marks the tree as being installed
+    /// (durably), replaces its records in batches from the data file, and ends with the
+    /// applied log id and membership in the batch that removes the mark. Memory stays at
+    /// one batch of records whatever the snapshot's size. A crash midway leaves the mark,
+    /// and the next start installs again (see `applied_state`).
+    async fn install(&self, commit: impl FnOnce(&Self) -> Result<Current, StorageError> + Send + 'static) -> Result<(), StorageError> {
         let this = self.clone();
-        // Encoding and storing megabytes: off the async workers.
-        let s = tokio::task::spawn_blocking(move || this.store_snapshot(s)).await.map_err(|e| io_err(StorageIOError::write, e))??;
-        self.snapshot_durable().await?;
-        Ok(s)
+        let rt = tokio::runtime::Handle::current();
+        let installed = tokio::task::spawn_blocking(move || {
+            let _one = this.inner.snapshot_lock.lock().expect("snapshot lock");
+            let current = commit(&this)?;
+            this.inner.tree.insert(INSTALLING, current.meta.snapshot_id.as_bytes()).map_err(sm_write)?;
+            rt.block_on(this.snapshot_durable())?;
+            this.replace_state(&current)?;
+            rt.block_on(this.snapshot_durable())?;
+            Ok::<_, StorageError>(current)
+        });
+        let current = installed.await.map_err(|e| io_err(StorageIOError::write_state_machine, e))??;
+        let st = &self.inner.stats;
+        st.records.store(current.records, Ordering::Relaxed);
+        st.bytes.store(current.bytes, Ordering::Relaxed);
+        st.installs.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(id = %current.meta.snapshot_id, records = current.records, bytes = current.bytes, "snapshot installed");
+        Ok(())
+    }
+
+    /// Replaces the tree's records with the snapshot's. The caller holds the snapshot lock.
+    fn replace_state(&self, current: &Current) -> Result<(), StorageError> {
+        let inner = &*self.inner;
+        {
+            let st = &inner.stats;
+            let _w = inner.write_lock.lock().expect("write lock");
+            st.writes_at_snapshot.store(st.writes.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        // Every record goes, but the mark.
+        let mut from: Vec<u8> = Vec::new();
+        loop {
+            let keys: Vec<sled::IVec> = inner.tree.range(from.as_slice()..).keys().take(INSTALL_BATCH).collect::<Result<_, _>>().map_err(sm_write)?;
+            let Some(last) = keys.last() else { break };
+            from = [last.as_ref(), &[0]].concat();
+            let mut batch = sled::Batch::default();
+            keys.iter().filter(|k| k.as_ref() != INSTALLING).for_each(|k| batch.remove(k.clone()));
+            self.write_install_batch(batch)?;
+        }
+        let path = inner.snapshots.dir().join(&current.file);
+        let file = std::fs::File::open(&path).map_err(|e| io_err(StorageIOError::read, e))?;
+        let mut reader = snapshot_data::Reader::new(std::io::BufReader::new(file)).map_err(|e| io_err(StorageIOError::read, e))?;
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        while let Some(frame) = reader.next_frame().map_err(|e| io_err(StorageIOError::read, e))? {
+            match frame {
+                Frame::Put(k, v) => batch.insert(k, v),
+                Frame::Delete(k) => batch.remove(k),
+            }
+            n += 1;
+            if n % INSTALL_BATCH == 0 {
+                self.write_install_batch(std::mem::take(&mut batch))?;
+            }
+        }
+        batch.insert(APPLIED, codec::encode(&current.meta.last_log_id));
+        batch.insert(MEMBERSHIP, codec::encode(&current.meta.last_membership));
+        batch.remove(INSTALLING);
+        self.write_install_batch(batch)
+    }
+
+    /// One batch of an install, under the write lock, with the cache emptied after it
+    /// (what it held may be gone or changed).
+    fn write_install_batch(&self, batch: sled::Batch) -> Result<(), StorageError> {
+        let _w = self.inner.write_lock.lock().expect("write lock");
+        self.inner.tree.apply_batch(batch).map_err(sm_write)?;
+        self.inner.cache.lock().expect("cache lock").clear();
+        Ok(())
+    }
+
+    /// At start: an install a crash interrupted is done again from the committed snapshot
+    /// (committed before the install began).
+    async fn resume_install(&self) -> Result<(), StorageError> {
+        if !self.inner.tree.contains_key(INSTALLING).map_err(|e| io_err(StorageIOError::read_state_machine, e))? {
+            return Ok(());
+        }
+        let current = self.inner.snapshots.current().map_err(|e| io_err(StorageIOError::read, e))?;
+        let current = current.ok_or_else(|| io_err(StorageIOError::read, std::io::Error::other("an install was interrupted, and no snapshot is committed")))?;
+        tracing::warn!(id = %current.meta.snapshot_id, "resuming a snapshot install a stop interrupted");
+        self.install(move |_| Ok(current)).await
+    }
+
+    /// Writes a legacy snapshot (file or sled value) as format 3, committed; then drops it.
+    fn convert_legacy(&self) -> Result<(), StorageError> {
+        let files = &self.inner.snapshots;
+        let read = |e| io_err(StorageIOError::read, e);
+        let legacy = match files.legacy().map_err(read)? {
+            Some(b) => Some(b),
+            None => self.inner.meta.get(SNAPSHOT).map_err(|e| io_err(StorageIOError::read, e))?.map(|v| v.to_vec()),
+        };
+        let Some(bytes) = legacy else { return Ok(()) };
+        if files.current().map_err(read)?.is_none() {
+            let old: LegacySnapshot = codec::decode(&bytes).map_err(|e| io_err(StorageIOError::read, e))?;
+            let records = legacy_records(&old.data).map_err(|e| read(std::io::Error::other(e)))?;
+            let (path, f) = files.create(false).map_err(read)?;
+            let write = |e| io_err(StorageIOError::write, e);
+            let mut w = snapshot_data::Writer::new(std::io::BufWriter::new(WritebackFile::new(f))).map_err(write)?;
+            for (k, v) in &records {
+                w.put(k, v).map_err(write)?;
+            }
+            let (_, bytes, records) = w.finish().map_err(write)?;
+            files.commit(&path, Current { meta: old.meta, file: String::new(), bytes, records }).map_err(write)?;
+            tracing::info!(records, bytes, "snapshot converted to format 3");
+        }
+        self.inner.meta.remove(SNAPSHOT).map_err(|e| io_err(StorageIOError::write, e))?;
+        Ok(())
     }
 
     /// The state machine's own writes durable too (the applies a built snapshot covers, an
@@ -593,69 +674,80 @@ impl StateMachineStore {
     async fn snapshot_durable(&self) -> Result<(), StorageError> {
         self.inner.durable.sync_async().await.map_err(|e| io_err(StorageIOError::write, e))
     }
-
-    /// Writes `s` as the current snapshot, durably, and hands it back.
-    fn store_snapshot(&self, s: StoredSnapshot) -> Result<StoredSnapshot, StorageError> {
-        self.inner.snapshot_file.write(&codec::encode(&s)).map_err(|e| io_err(StorageIOError::write, e))?;
-        // A snapshot sled held from before snapshots had a file is now stale.
-        self.inner.meta.remove(SNAPSHOT).map_err(|e| io_err(StorageIOError::write, e))?;
-        Ok(s)
-    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        // Copying, encoding and storing the whole state: seconds of CPU for a large one,
+        // Scanning, encoding and writing the whole state: seconds of CPU for a large one,
         // taken from what the request path leaves (see `background`).
         let this = self.clone();
         let started = std::time::Instant::now();
-        let s = background::run_low_priority("snapshot", move || {
-            let (meta, data) = this.copy_state()?;
-            this.store_snapshot(StoredSnapshot { meta, data })
-        })
-        .await
-        .map_err(|e| io_err(StorageIOError::read_state_machine, e))??;
+        let built =
+            background::run_low_priority("snapshot", move || this.build_to_file()).await.map_err(|e| io_err(StorageIOError::read_state_machine, e))??;
+        let (current, path, file) = built;
         self.snapshot_durable().await?;
         let ms = started.elapsed().as_millis() as u64;
         let st = &self.inner.stats;
-        st.bytes.store(s.data.len() as u64, Ordering::Relaxed);
+        st.records.store(current.records, Ordering::Relaxed);
+        st.bytes.store(current.bytes, Ordering::Relaxed);
         st.builds.fetch_add(1, Ordering::Relaxed);
         st.build_ms_total.fetch_add(ms, Ordering::Relaxed);
         st.build_ms_last.store(ms, Ordering::Relaxed);
-        tracing::info!(bytes = s.data.len(), build_ms = ms, "snapshot stored");
-        Ok(Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) })
+        tracing::info!(records = current.records, bytes = current.bytes, build_ms = ms, "snapshot stored");
+        Ok(Snapshot { meta: current.meta, snapshot: Box::new(SnapshotHandle::new(path, file)) })
     }
 }
 
 impl StateMachineStore {
-    /// The state as of the last applied entry, encoded: the body of a snapshot.
+    /// Writes the state as of the last applied entry to a new data file, commits it as the
+    /// current snapshot, and returns it open for reading.
     ///
-    /// Applies go on while the tree is copied: the copy starts at one applied entry, and
+    /// Applies go on while the tree is scanned: the scan starts at one applied entry, and
     /// every key written since then gets back the value it had at that point (from the
-    /// pre-images the writers keep), so the snapshot is exactly that entry's state.
-    fn copy_state(&self) -> Result<(SnapshotMeta<NodeId, openraft::BasicNode>, Vec<u8>), StorageError> {
+    /// pre-images the writers keep) in frames after the scanned ones, so the data is
+    /// exactly that entry's state. Memory: the pre-images of the keys written meanwhile.
+    fn build_to_file(&self) -> Result<(Current, std::path::PathBuf, std::fs::File), StorageError> {
         let _one = self.inner.snapshot_lock.lock().expect("snapshot lock");
         let started = std::time::Instant::now();
         let (applied, membership) = self.begin_copy()?;
-        let paused = started.elapsed();
-        let records = self.finish_copy(self.scan()?);
-        self.inner.stats.records.store(records.len() as u64, Ordering::Relaxed);
         let seq = self.inner.snapshot_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let snapshot_id = match applied {
             Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
             None => format!("none-{seq}"),
         };
         let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
-        let records: SnapshotRecords = records.iter().map(|(k, v)| (serde_bytes::Bytes::new(k.as_ref()), serde_bytes::Bytes::new(v.as_ref()))).collect();
-        let data = seal_snapshot_body(&codec::encode(&records));
-        tracing::info!(
-            records = records.len(),
-            bytes = data.len(),
-            applies_paused_ms = paused.as_millis() as u64,
-            copy_ms = started.elapsed().as_millis() as u64,
-            "snapshot built"
-        );
-        Ok((meta, data))
+        let current = self.write_copy(meta)?;
+        let path = self.inner.snapshots.dir().join(&current.file);
+        let file = std::fs::File::open(&path).map_err(|e| io_err(StorageIOError::read, e))?;
+        tracing::info!(records = current.records, bytes = current.bytes, build_ms = started.elapsed().as_millis() as u64, "snapshot built");
+        Ok((current, path, file))
+    }
+
+    /// Scans the tree into a new data file, rolls back what was written since
+    /// [`Self::begin_copy`], and commits the file as the snapshot `meta` describes.
+    fn write_copy(&self, meta: SnapshotMeta<NodeId, openraft::BasicNode>) -> Result<Current, StorageError> {
+        let write = |e| io_err(StorageIOError::write, e);
+        let (path, f) = self.inner.snapshots.create(false).map_err(write)?;
+        let mut w = snapshot_data::Writer::new(std::io::BufWriter::with_capacity(1 << 20, WritebackFile::new(f))).map_err(write)?;
+        // Progress travels in the snapshot's meta, not among its records.
+        let record = |k: &[u8]| k != APPLIED && k != MEMBERSHIP;
+        for item in self.inner.tree.iter() {
+            let (k, v) = item.map_err(|e| io_err(StorageIOError::read_state_machine, e))?;
+            if record(&k) {
+                w.put(&k, &v).map_err(write)?;
+            }
+        }
+        let preimages = self.inner.write_lock.lock().expect("write lock").preimages.take().unwrap_or_default();
+        for (k, v) in preimages.iter().filter(|(k, _)| record(k)) {
+            match v {
+                Some(v) => w.put(k, v),
+                None => w.delete(k),
+            }
+            .map_err(write)?;
+        }
+        tracing::debug!(rolled_back = preimages.len(), "snapshot scan done");
+        let (_, bytes, records) = w.finish().map_err(write)?;
+        self.inner.snapshots.commit(&path, Current { meta, file: String::new(), bytes, records }).map_err(write)
     }
 
     /// Marks the point the copy is of: from now on writers keep pre-images.
@@ -667,47 +759,12 @@ impl StateMachineStore {
         st.writes_at_snapshot.store(st.writes.load(Ordering::Relaxed), Ordering::Relaxed);
         self.read_applied()
     }
-
-    /// The tree as it is now, without the write lock, in key order (no copy of the bytes).
-    fn scan(&self) -> Result<Vec<(sled::IVec, sled::IVec)>, StorageError> {
-        self.inner.tree.iter().collect::<Result<_, _>>().map_err(|e| io_err(StorageIOError::read_state_machine, e))
-    }
-
-    /// Rolls the scanned records back to the copy's starting point: a key written since
-    /// takes its pre-image, or goes if it did not exist then. Both inputs are in key order,
-    /// so this is one merge.
-    fn finish_copy(&self, scanned: Vec<(sled::IVec, sled::IVec)>) -> Vec<(sled::IVec, sled::IVec)> {
-        let preimages = self.inner.write_lock.lock().expect("write lock").preimages.take().unwrap_or_default();
-        let mut pre = preimages.into_iter().peekable();
-        let mut out = Vec::with_capacity(scanned.len());
-        let keep = |out: &mut Vec<(sled::IVec, sled::IVec)>, k: Vec<u8>, v: Option<sled::IVec>| {
-            if let Some(v) = v {
-                out.push((sled::IVec::from(k), v));
-            }
-        };
-        for (k, v) in scanned {
-            // Written since and gone from the tree before the scan reached them.
-            while let Some((pk, pv)) = pre.next_if(|(pk, _)| pk.as_slice() < k.as_ref()) {
-                keep(&mut out, pk, pv);
-            }
-            match pre.next_if(|(pk, _)| pk.as_slice() == k.as_ref()) {
-                Some((pk, pv)) => keep(&mut out, pk, pv),
-                None => out.push((k, v)),
-            }
-        }
-        for (pk, pv) in pre {
-            keep(&mut out, pk, pv);
-        }
-        // Progress travels in the snapshot's meta, not among its records.
-        out.retain(|(k, _)| k.as_ref() != APPLIED && k.as_ref() != MEMBERSHIP);
-        out
-    }
 }
 
 impl SmReader {
     /// The node's data dir (the snapshot file's directory), for disk usage metrics.
     pub fn data_dir(&self) -> &std::path::Path {
-        self.inner.snapshot_file.dir()
+        self.inner.snapshots.dir()
     }
 
     /// The snapshot counters: what the schedule decides on, what `/metrics` shows.
@@ -856,15 +913,109 @@ mod tests {
         Command::PlaceOrder { id: id.into(), session: "t1".into(), sku: "sku1".into(), qty: 1, dc: "dc1".into(), hlc, refresh_session: false }
     }
 
-    /// Snapshots written before records were encoded in bulk still decode, and the other
-    /// way round: the bytes are the same.
-    #[test]
-    fn bulk_encoded_records_are_byte_identical() {
-        let plain: Vec<(Vec<u8>, Vec<u8>)> = vec![(b"s/t1".to_vec(), vec![1, 2, 3, 255]), (b"o/x".to_vec(), vec![])];
-        let bulk: SnapshotRecords = plain.iter().map(|(k, v)| (serde_bytes::Bytes::new(k), serde_bytes::Bytes::new(v))).collect();
-        assert_eq!(codec::encode(&plain), codec::encode(&bulk));
-        let back: SnapshotRecordsOwned = codec::decode(&codec::encode(&plain)).expect("decode");
-        assert_eq!(back.into_iter().map(|(k, v)| (k.into_vec(), v.into_vec())).collect::<Vec<_>>(), plain);
+    /// The state tree's records (without the progress keys), as a snapshot holds them.
+    fn records(sm: &StateMachineStore) -> BTreeMap<Vec<u8>, Vec<u8>> {
+        sm.inner
+            .tree
+            .iter()
+            .map(|r| r.expect("read"))
+            .filter(|(k, _)| k.as_ref() != APPLIED && k.as_ref() != MEMBERSHIP)
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect()
+    }
+
+    /// What a snapshot's data file holds once its frames are applied in order.
+    fn frames_of(sm: &StateMachineStore, c: &Current) -> BTreeMap<Vec<u8>, Vec<u8>> {
+        let f = std::fs::File::open(sm.inner.snapshots.dir().join(&c.file)).expect("open data");
+        let mut r = snapshot_data::Reader::new(std::io::BufReader::new(f)).expect("header");
+        let mut out = BTreeMap::new();
+        while let Some(frame) = r.next_frame().expect("frame") {
+            match frame {
+                Frame::Put(k, v) => out.insert(k, v),
+                Frame::Delete(k) => out.remove(&k),
+            };
+        }
+        out
+    }
+
+    async fn with_orders(dir: &std::path::Path) -> StateMachineStore {
+        let (_log, mut sm) = crate::storage::open(dir, "dc1", Durability::Flush, 16 << 20, 1000).expect("open sled store");
+        let setup = [
+            entry(1, Command::CreateSession { token: "t1".into(), user: "u".into(), dc: "dc1".into(), hlc: 1 }),
+            entry(2, Command::Restock { sku: "sku1".into(), add: 10, dc: "dc1".into(), hlc: 2 }),
+            entry(3, order("o1", 3)),
+            entry(4, order("o2", 4)),
+        ];
+        sm.apply(setup).await.expect("apply");
+        sm
+    }
+
+    /// A snapshot built on one node and streamed to a fresh one installs the same records
+    /// and progress; an install a crash interrupted is done again at the next start.
+    #[tokio::test]
+    async fn a_streamed_snapshot_installs_and_an_interrupted_install_resumes() {
+        use tokio::io::AsyncWriteExt;
+        let (a, b) = (tempfile::tempdir().expect("temp dir"), tempfile::tempdir().expect("temp dir"));
+        let mut source = with_orders(a.path()).await;
+        let mut built = source.build_snapshot().await.expect("build");
+        let mut data = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut built.snapshot, &mut data).await.expect("read data");
+        {
+            let (_log, mut target) = crate::storage::open(b.path(), "dc1", Durability::Flush, 16 << 20, 1000).expect("open");
+            // Something of its own the install must replace.
+            target.apply([entry(1, Command::CreateSession { token: "gone".into(), user: "u".into(), dc: "dc1".into(), hlc: 1 })]).await.expect("apply");
+            let mut into = target.begin_receiving_snapshot().await.expect("begin");
+            into.write_all(&data).await.expect("write");
+            target.install_snapshot(&built.meta, into).await.expect("install");
+            assert_eq!(records(&target), records(&source));
+            assert_eq!(target.applied_state().await.expect("applied").0, built.meta.last_log_id);
+            // A crash in the middle of the next install: the mark stays, records are missing.
+            target.inner.tree.insert(INSTALLING, b"x".as_slice()).expect("mark");
+            target.inner.tree.remove(b"s/t1").expect("remove");
+            target.inner.tree.flush().expect("flush");
+        }
+        // sled's lock goes with the store's last handle, once its flusher task sees it.
+        let reopen = || crate::storage::open(b.path(), "dc1", Durability::Flush, 16 << 20, 1000);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let (_log, mut target) = loop {
+            match reopen() {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() > deadline => panic!("reopen: {e}"),
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        };
+        assert_eq!(target.applied_state().await.expect("applied").0, built.meta.last_log_id);
+        assert_eq!(records(&target), records(&source), "the install was done again");
+        assert!(!target.inner.tree.contains_key(INSTALLING).expect("read"));
+    }
+
+    /// A snapshot kept in the format before streaming (meta and checksummed records in one
+    /// file) is converted at start; a corrupt one stops the start.
+    #[tokio::test]
+    async fn a_legacy_snapshot_is_converted_at_start() {
+        #[derive(Serialize)]
+        struct Legacy<'a> {
+            meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+            #[serde(with = "serde_bytes")]
+            data: &'a [u8],
+        }
+        let (bad_dir, dir) = (tempfile::tempdir().expect("temp dir"), tempfile::tempdir().expect("temp dir"));
+        let records: Vec<(Vec<u8>, Vec<u8>)> = vec![(b"s/t1".to_vec(), vec![1, 2, 3]), (b"o/x".to_vec(), vec![])];
+        let body = codec::encode(&records);
+        let sealed = [b"AGSNAP02".as_slice(), &(body.len() as u64).to_be_bytes(), &Sha256::digest(&body), &body].concat();
+        let meta = SnapshotMeta { snapshot_id: "old".into(), ..Default::default() };
+        let mut corrupt = sealed.clone();
+        *corrupt.last_mut().unwrap() ^= 1;
+        std::fs::write(bad_dir.path().join("raft-snapshot.bin"), codec::encode(&Legacy { meta: meta.clone(), data: &corrupt })).expect("write");
+        assert!(crate::storage::open(bad_dir.path(), "dc1", Durability::Flush, 16 << 20, 1000).is_err(), "a corrupt snapshot is not converted");
+        let legacy = dir.path().join("raft-snapshot.bin");
+        std::fs::write(&legacy, codec::encode(&Legacy { meta, data: &sealed })).expect("write");
+        let (_log, mut sm) = crate::storage::open(dir.path(), "dc1", Durability::Flush, 16 << 20, 1000).expect("open");
+        let c = sm.inner.snapshots.current().expect("read").expect("converted");
+        assert_eq!(c.meta.snapshot_id, "old");
+        assert_eq!(frames_of(&sm, &c), records.into_iter().collect());
+        assert!(!legacy.exists(), "the legacy file is gone");
+        assert!(sm.get_current_snapshot().await.expect("current").is_some());
     }
 
     /// An expiry pass over sled (with writes of the same apply call still pending) removes
@@ -905,48 +1056,14 @@ mod tests {
         assert!(!keys(b"k/").iter().any(|k| k.contains("late") || k.ends_with("o0") || k.ends_with("o1")), "the three oldest went: {:?}", keys(b"k/"));
     }
 
-    /// Snapshot data carries a checksum: a flipped byte, a truncation or data without a
-    /// checksum (from the wire) are refused; a longer buffer's tail is ignored.
-    #[test]
-    fn snapshot_data_is_checksummed() {
-        let records: Vec<(Vec<u8>, Vec<u8>)> = vec![(b"s/t1".to_vec(), vec![1, 2, 3])];
-        let body = codec::encode(&records);
-        let data = seal_snapshot_body(&body);
-        assert_eq!(open_snapshot_data(&data, false), Ok(body.as_slice()));
-        assert!(verify_snapshot_data(&data).is_ok());
-        let mut longer = data.clone();
-        longer.extend_from_slice(b"stale tail");
-        assert_eq!(open_snapshot_data(&longer, false), Ok(body.as_slice()));
-        let mut flipped = data.clone();
-        *flipped.last_mut().unwrap() ^= 1;
-        assert!(verify_snapshot_data(&flipped).is_err());
-        assert!(verify_snapshot_data(&data[..data.len() - 1]).is_err());
-        assert!(verify_snapshot_data(&data[..20]).is_err());
-        assert!(verify_snapshot_data(&body).is_err(), "format 1 is not taken from a leader");
-        assert_eq!(open_snapshot_data(&body, true), Ok(body.as_slice()), "but read from our own disk");
-        // Checksummed garbage is caught by decoding.
-        assert!(verify_snapshot_data(&seal_snapshot_body(&[1, 0xff, 0xff])).is_err());
-        let mut huge_len = data.clone();
-        huge_len[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
-        assert!(verify_snapshot_data(&huge_len).is_err());
-    }
-
     /// Writes that land while a snapshot copies the tree — inserts, updates, deletes —
     /// are rolled back to the copy's starting point: the snapshot is exactly that state.
     #[tokio::test]
     async fn a_snapshot_copy_is_one_point_while_applies_go_on() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (_log, mut sm) = crate::storage::open(dir.path(), "dc1", Durability::Flush, 16 << 20, 1000).expect("open sled store");
-        let setup = [
-            entry(1, Command::CreateSession { token: "t1".into(), user: "u".into(), dc: "dc1".into(), hlc: 1 }),
-            entry(2, Command::Restock { sku: "sku1".into(), add: 10, dc: "dc1".into(), hlc: 2 }),
-            entry(3, order("o1", 3)),
-            entry(4, order("o2", 4)),
-        ];
-        sm.apply(setup).await.expect("apply");
-        let expected = sm.finish_copy(sm.scan().expect("scan"));
-
-        let (applied, _) = sm.begin_copy().expect("begin");
+        let mut sm = with_orders(dir.path()).await;
+        let expected = records(&sm);
+        let (applied, membership) = sm.begin_copy().expect("begin");
         assert_eq!(applied.map(|l| l.index), Some(4));
         // A new key, changed keys (order, inventory, outbox) and deleted keys (trimmed outbox).
         sm.apply([entry(5, order("o3", 5)), entry(6, Command::CancelOrder { id: "o1".into(), dc: "dc1".into(), session: "t1".into(), hlc: 6 })])
@@ -955,12 +1072,11 @@ mod tests {
         sm.apply([entry(7, Command::TrimOutbox { upto: 4 }), entry(8, Command::Restock { sku: "sku1".into(), add: 5, dc: "dc1".into(), hlc: 8 })])
             .await
             .expect("apply");
-        let now = sm.scan().expect("scan");
-        let keys = |r: &[(sled::IVec, sled::IVec)]| r.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
-        assert_ne!(keys(&now), keys(&expected), "the writes above must change the tree");
+        let now = records(&sm);
+        assert_ne!(now.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>(), "the writes above must change the tree");
 
-        let copied = sm.finish_copy(now);
-        assert_eq!(copied, expected);
+        let c = sm.write_copy(SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id: "t".into() }).expect("copy");
+        assert_eq!(frames_of(&sm, &c), expected);
         assert!(sm.inner.write_lock.lock().unwrap().preimages.is_none(), "writers stop keeping pre-images");
     }
 }

@@ -95,12 +95,14 @@ async fn snapshot_chunks_out_of_order_oversized_or_failing_their_checksum_are_re
     let resp = c.peer_call(&target, from, snapshot_chunk(term, from, "s2", 0, vec![0; 70_000], false)).await;
     assert!(matches!(resp, PeerResponse::Refused(_)), "{resp:?}");
     // A whole snapshot whose checksum does not match its body.
-    let body = agora::codec::encode(&Vec::<(Vec<u8>, Vec<u8>)>::new());
-    let mut data = agora::storage::state_machine::seal_snapshot_body(&body);
+    let mut w = agora::storage::snapshot_data::Writer::new(std::io::Cursor::new(Vec::new())).unwrap();
+    w.put(b"s/forged", b"value").unwrap();
+    let mut data = w.finish().unwrap().0.into_inner();
     *data.last_mut().unwrap() ^= 0xff;
     let resp = c.peer_call(&target, from, snapshot_chunk(term, from, "s3", 0, data, true)).await;
     assert!(matches!(resp, PeerResponse::Refused(_)), "{resp:?}");
-    // Without a checksum at all (format 1).
+    // Not format 3 (an older format, without a checksum here).
+    let body = agora::codec::encode(&Vec::<(Vec<u8>, Vec<u8>)>::new());
     let resp = c.peer_call(&target, from, snapshot_chunk(term, from, "s4", 0, body, true)).await;
     assert!(matches!(resp, PeerResponse::Refused(_)), "{resp:?}");
     c.must_leader(SECS(20)).await;

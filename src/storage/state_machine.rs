@@ -105,8 +105,11 @@ fn legacy_records(data: &[u8]) -> Result<Vec<(serde_bytes::ByteBuf, serde_bytes:
     codec::decode(body).map_err(|e| format!("legacy snapshot records do not decode: {e}"))
 }
 
-/// Frames applied to the state tree per sled batch while a snapshot is installed.
+/// Keys removed per sled batch while a snapshot is installed, and the bytes of records
+/// written per batch after: sled holds a batch, and what it replaces until its epoch
+/// ends, in memory.
 const INSTALL_BATCH: usize = 4096;
+const INSTALL_BATCH_BYTES: usize = 256 << 10;
 
 /// Shared by the state machine (writer) and every reader.
 struct Inner {
@@ -605,15 +608,21 @@ impl StateMachineStore {
         let file = std::fs::File::open(&path).map_err(|e| io_err(StorageIOError::read, e))?;
         let mut reader = snapshot_data::Reader::new(std::io::BufReader::new(file)).map_err(|e| io_err(StorageIOError::read, e))?;
         let mut batch = sled::Batch::default();
-        let mut n = 0;
+        let mut bytes = 0;
         while let Some(frame) = reader.next_frame().map_err(|e| io_err(StorageIOError::read, e))? {
             match frame {
-                Frame::Put(k, v) => batch.insert(k, v),
-                Frame::Delete(k) => batch.remove(k),
+                Frame::Put(k, v) => {
+                    bytes += k.len() + v.len();
+                    batch.insert(k, v)
+                }
+                Frame::Delete(k) => {
+                    bytes += k.len();
+                    batch.remove(k)
+                }
             }
-            n += 1;
-            if n % INSTALL_BATCH == 0 {
+            if bytes >= INSTALL_BATCH_BYTES {
                 self.write_install_batch(std::mem::take(&mut batch))?;
+                bytes = 0;
             }
         }
         batch.insert(APPLIED, codec::encode(&current.meta.last_log_id));

@@ -713,8 +713,8 @@ impl ClusterConfig {
         Ok(())
     }
 
-    /// The largest Raft entry the configuration makes (InstallRemote aside, which holds a
-    /// whole DC's owned state): a batch of client requests, or a cross-DC batch.
+    /// The largest Raft entry the configuration makes: a batch of client requests, or a
+    /// cross-DC batch (or a page of another DC's state, no larger).
     pub fn raft_entry_bytes_max(&self) -> usize {
         use crate::transport::frame::{EVENT_BYTES_MAX, REQUEST_BYTES_MAX};
         let requests = self.raft.proposal_batch_len_max.saturating_mul(REQUEST_BYTES_MAX);

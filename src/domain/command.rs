@@ -70,8 +70,9 @@ pub enum Command {
         origin: String,
         events: Vec<Event>,
     },
-    /// Catch-up for a DC that fell behind the outbox cap: the origin's owned state as of
-    /// its event `upto`.
+    /// Catch-up for a DC that fell behind the outbox cap: a page of the origin's owned
+    /// state; the last page carries the origin's event `upto` the state is as of (the
+    /// others 0, which leaves the cursor as it is).
     InstallRemote {
         origin: String,
         upto: u64,

@@ -51,12 +51,9 @@ async fn ship_once(cross: &CrossDc, dc: &str) -> Result<bool, NodeError> {
     let me = cross.dc().to_string();
     let ack = match acked {
         Some(a) if a.saturating_add(1) < floor => {
-            // Fell past the outbox cap: install our owned state as of `out_seq` (read
-            // before the state, so the state covers every event up to it).
             tracing::warn!(%dc, acked = a, floor, "peer DC behind the outbox cap; catching it up from a snapshot");
-            let changes = sm.owned_state();
             cross.links.update(dc, |l| l.snapshot_catchups = l.snapshot_catchups.saturating_add(1));
-            send_to_dc(cross, dc, || PeerRequest::InstallRemote { origin: me.clone(), upto: out_seq, changes: changes.clone() }).await?
+            install_owned_state(cross, dc, out_seq).await?
         }
         Some(a) => {
             let events = sm.outbox(a.saturating_add(1), cross.config().replication.batch_len_max);
@@ -89,6 +86,27 @@ async fn ship_once(cross: &CrossDc, dc: &str) -> Result<bool, NodeError> {
     cross.metrics.replication_lag_events.with_label_values(&[dc]).set(out_seq.saturating_sub(ack.cursor) as i64);
     cross.metrics.replication_lag_ms.with_label_values(&[dc]).set(oldest_unacked as i64);
     Ok(ack.cursor < out_seq)
+}
+
+/// Installs our owned state as of `out_seq` (read before the state, so the state covers
+/// every event up to it) on `dc`, a page of `replication.batch_len_max` changes at a time,
+/// in key order: each page is one bounded message and one bounded Raft entry there. Every
+/// page but the last leaves the cursor where it is (`upto` 0; merges only raise what they
+/// touch, so a page applied twice, or a catch-up started again, changes nothing); the last
+/// moves it to `out_seq`.
+async fn install_owned_state(cross: &CrossDc, dc: &str, out_seq: u64) -> Result<ReplicateAck, NodeError> {
+    let me = cross.dc().to_string();
+    let page_len = cross.config().replication.batch_len_max.max(1);
+    let mut from = Vec::new();
+    loop {
+        let (changes, next) = cross.shard.sm.owned_state_page(&from, page_len);
+        let upto = if next.is_none() { out_seq } else { 0 };
+        let ack = send_to_dc(cross, dc, || PeerRequest::InstallRemote { origin: me.clone(), upto, changes: changes.clone() }).await?;
+        match next {
+            Some(key) => from = key,
+            None => return Ok(ack),
+        }
+    }
 }
 
 /// Sends to `dc`'s leader: the one we last heard of first, then whoever it names, then

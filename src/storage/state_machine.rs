@@ -840,13 +840,17 @@ impl SmReader {
             .collect()
     }
 
-    /// Everything this DC owns, as changes: what a DC that fell behind the outbox cap
-    /// installs instead of the events it missed.
-    pub fn owned_state(&self) -> Vec<Change> {
+    /// What this DC owns, as changes, from key `from` on: at most `max` of them, and the
+    /// key to go on from (`None`: that was the last page). Pages of it are what a DC that
+    /// fell behind the outbox cap installs instead of the events it missed.
+    pub fn owned_state_page(&self, from: &[u8], max: usize) -> (Vec<Change>, Option<Vec<u8>>) {
         let dc = &self.inner.dc;
         let mut out = Vec::new();
-        for item in self.inner.tree.iter() {
+        for item in self.inner.tree.range(from..) {
             let (k, v) = item.expect("sled read of state machine");
+            if out.len() >= max {
+                return (out, Some(k.to_vec()));
+            }
             match &k[..2] {
                 b"s/" => {
                     let s: Session = codec::decode(&v).expect("session decodes");
@@ -868,7 +872,7 @@ impl SmReader {
                 _ => {}
             }
         }
-        out
+        (out, None)
     }
 
     /// Index of the last applied log entry (0 before any).

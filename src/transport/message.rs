@@ -26,7 +26,8 @@ pub enum PeerRequest {
         origin: String,
         events: Vec<Event>,
     },
-    /// From another DC's leader: its owned state, for a DC past the outbox cap.
+    /// From another DC's leader: a page of its owned state, for a DC past the outbox cap
+    /// (`upto`: the seq the state is as of on the last page, 0 on the others).
     InstallRemote {
         origin: String,
         upto: u64,

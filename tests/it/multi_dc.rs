@@ -312,9 +312,11 @@ async fn replication_from_unknown_or_lying_peers_is_refused() {
     assert_eq!(c.must_converge(Duration::from_secs(5)).await, before);
 }
 
+/// The snapshot goes in pages of `batch_len_max` changes (here about six of them), the
+/// cursor moving only with the last.
 #[tokio::test]
 async fn a_dc_past_the_outbox_cap_catches_up_from_a_snapshot() {
-    let c = TestCluster::start(48, Options { dcs: 2, nodes: 1, replication: "outbox_len_max = 10", ..Options::default() }).await;
+    let c = TestCluster::start(48, Options { dcs: 2, nodes: 1, replication: "outbox_len_max = 10\nbatch_len_max = 8", ..Options::default() }).await;
     c.must_converge(Duration::from_secs(5)).await;
     c.cut(&c.dc_nodes("dc1"), &c.dc_nodes("dc2")).await;
     let mut tokens = Vec::new();

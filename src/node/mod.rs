@@ -225,7 +225,11 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
 }
 
 /// A fresh DC forms by itself: every node whose store is empty proposes the configured
-/// members. openraft writes that membership as log entry 0 with the same id on every
+/// members — unless a peer of the DC knows a leader: then the DC exists, and this node
+/// (new, or wiped) waits for the leader to send it the log or a snapshot. Had it
+/// initialised itself, it would hold the membership with an empty log, campaign, never
+/// win, and depose the leader with every higher term it reached (openraft 0.9 has no
+/// pre-vote), again and again until caught up. openraft writes that membership as log entry 0 with the same id on every
 /// node, so several nodes doing it is harmless, and an initialised node refuses. With
 /// several shards the first leaders are spread: initialising starts an election at once,
 /// so a shard's preferred node does it first and the others only after a grace of two
@@ -235,6 +239,10 @@ async fn bootstrap(shard: Arc<Shard>) {
         Ok(false) => {}
         Ok(true) => return rejoin_quietly(&shard).await,
         Err(_) => return,
+    }
+    if shard.dc_has_leader().await {
+        tracing::info!(dc = %shard.dc, shard = shard.number, "empty store in a DC that has a leader: waiting for it to catch this node up");
+        return;
     }
     if shard.config.cluster.shards > 1 && shard.preferred_leader() != Some(shard.me) {
         shard.raft.runtime_config().elect(false);

@@ -1,6 +1,8 @@
 //! Raft requests from peers of this DC, checked by [`crate::raft::guard`] before openraft
 //! handles them. A refused request is answered without reaching openraft.
 
+use std::time::Duration;
+
 use openraft::error::{InstallSnapshotError, RaftError, SnapshotMismatch};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::SnapshotSegmentId;
@@ -61,7 +63,20 @@ pub async fn install_snapshot(shard: &Shard, from: NodeId, r: InstallSnapshotReq
     let vote = r.vote;
     // openraft has the chunk only if it accepted the sender's vote (then it holds it).
     let chunk = (r.offset, r.done, r.meta.snapshot_id.clone(), r.data.len());
+    // Installing a large snapshot takes seconds, and the leader sends nothing meanwhile
+    // (it waits for this answer): this node's election timer would fire, and its higher
+    // term depose the leader. No elections from here until a grace after the install.
+    if r.done {
+        shard.raft.runtime_config().elect(false);
+    }
     let resp = shard.raft.install_snapshot(r.clone()).await;
+    if r.done {
+        let (raft, grace) = (shard.raft.clone(), Duration::from_millis(2 * shard.config.raft.election_timeout_max_ms));
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            raft.runtime_config().elect(true);
+        });
+    }
     match &resp {
         Ok(ok) if ok.vote.leader_id == vote.leader_id => transfer.accept(&r),
         _ => {

@@ -196,6 +196,14 @@ impl Shard {
         Ok(())
     }
 
+    /// Whether a peer of this DC knows a leader of this shard (asked of every peer at
+    /// once, within an election timeout): it leads, or names the node that does.
+    pub async fn dc_has_leader(&self) -> bool {
+        let timeout = Some(Duration::from_millis(self.config.raft.election_timeout_max_ms));
+        let asks = self.configured_members().into_keys().filter(|id| *id != self.me).map(|id| self.peers.call(id, PeerRequest::ReadIndex, timeout));
+        futures::future::join_all(asks).await.into_iter().any(|r| matches!(r, Ok(PeerResponse::ReadIndex(Ok(_) | Err(NodeError::NotLeader(Some(_)))))))
+    }
+
     /// A follower's read-index request, on the leader: it shares the rounds of this
     /// node's own reads (one heartbeat broadcast for all that queued meanwhile).
     pub async fn read_index_for_follower(&self) -> Result<u64, NodeError> {

@@ -109,8 +109,29 @@ async fn wiped_node_rejoins_from_a_snapshot() {
         (s["purged_index"].as_u64()? > 20).then_some(())
     })
     .await;
+    let term = c.status(&leader).await.expect("leader status")["term"].as_u64().expect("term");
+    // The leader cannot reach the wiped node at first (the other follower can): the node
+    // must stay quiet. Had it initialised itself, it would campaign — never winning, its
+    // log being empty — and its higher term would depose the leader once they meet.
+    let faults = |ids: Vec<u64>| serde_json::json!({ "partitioned": ids });
+    let (code, v) = c.request(reqwest::Method::PUT, &leader, "/v1/admin/faults", Some(faults(vec![TestCluster::id(&victim)])), None).await;
+    assert_eq!(code, 200, "{v}");
     c.start_node(&victim);
+    must_eventually(Duration::from_secs(10), "the wiped node serves its status", || async { c.status(&victim).await }).await;
+    // Three election timeouts (the harness's are at most 800 ms) to campaign in, if it would.
+    let quiet_until = std::time::Instant::now() + Duration::from_millis(2400);
+    while std::time::Instant::now() < quiet_until {
+        let s = c.status(&victim).await.expect("victim status");
+        assert_eq!(s["term"].as_u64(), Some(0), "the wiped node campaigned: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, v) = c.request(reqwest::Method::PUT, &leader, "/v1/admin/faults", Some(faults(vec![])), None).await;
+    assert_eq!(code, 200, "{v}");
     c.must_converge(Duration::from_secs(20)).await;
+    // The wiped node did not initialise itself (it would have campaigned, and its higher
+    // term deposed the leader): the same leader, in the same term.
+    let s = c.status(&leader).await.expect("leader status");
+    assert_eq!((s["role"].as_str(), s["term"].as_u64()), (Some("leader"), Some(term)), "{s}");
     // The installed state is read at once; Raft's own metrics follow a moment later.
     must_eventually(Duration::from_secs(10), "the victim reports the snapshot it installed", || async { c.status(&victim).await?["snapshot_index"].as_u64() })
         .await;

@@ -1,6 +1,6 @@
 //! Prometheus metrics, named `agora_<thing>_<unit>`.
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -14,17 +14,22 @@ pub struct Metrics {
     pub conns_refused: IntCounterVec,
     /// Connections open now, by listener.
     pub conns_open: IntGaugeVec,
-    pub raft_term: IntGauge,
-    pub raft_commit_index: IntGauge,
-    pub raft_applied_index: IntGauge,
-    pub raft_is_leader: IntGauge,
-    pub raft_leader_known: IntGauge,
+    /// Per shard (label `shard`): each is its own Raft group.
+    pub raft_term: IntGaugeVec,
+    pub raft_commit_index: IntGaugeVec,
+    pub raft_applied_index: IntGaugeVec,
+    pub raft_is_leader: IntGaugeVec,
+    pub raft_leader_known: IntGaugeVec,
     pub replication_lag_events: IntGaugeVec,
     pub replication_lag_ms: IntGaugeVec,
     pub replication_link_up: IntGaugeVec,
     pub replication_link_health_changes: IntCounterVec,
     pub replication_last_contact_ms: IntGaugeVec,
     pub replication_apply_lag: HistogramVec,
+}
+
+fn shard_gauge(name: &str, help: &str) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), &["shard"]).expect("metric")
 }
 
 impl Metrics {
@@ -55,11 +60,11 @@ impl Metrics {
                 &["owner", "result"],
             )
             .expect("metric"),
-            raft_term: IntGauge::new("raft_term", "current Raft term").expect("metric"),
-            raft_commit_index: IntGauge::new("raft_commit_index", "last committed log index").expect("metric"),
-            raft_applied_index: IntGauge::new("raft_applied_index", "last applied log index").expect("metric"),
-            raft_is_leader: IntGauge::new("raft_is_leader", "1 on the DC leader").expect("metric"),
-            raft_leader_known: IntGauge::new("raft_leader_known", "1 if this node knows a leader of its DC").expect("metric"),
+            raft_term: shard_gauge("raft_term", "current Raft term of the shard"),
+            raft_commit_index: shard_gauge("raft_commit_index", "last committed log index of the shard"),
+            raft_applied_index: shard_gauge("raft_applied_index", "last applied log index of the shard"),
+            raft_is_leader: shard_gauge("raft_is_leader", "1 where this node leads the shard"),
+            raft_leader_known: shard_gauge("raft_leader_known", "1 if this node knows a leader of the shard"),
             replication_lag_events: IntGaugeVec::new(Opts::new("replication_lag_events", "our events the peer DC has not applied (leader only)"), &["peer"])
                 .expect("metric"),
             replication_lag_ms: IntGaugeVec::new(

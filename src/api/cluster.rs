@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::AppState;
 use crate::console::Console;
+use crate::storage::state_machine::SnapshotStats;
 
 fn role(s: ServerState) -> &'static str {
     match s {
@@ -167,12 +168,17 @@ pub async fn healthz(State(node): State<AppState>) -> (axum::http::StatusCode, J
 }
 
 pub async fn metrics(State(node): State<AppState>, Extension(console): Extension<Arc<Console>>) -> impl IntoResponse {
-    let m = node.shard.raft.metrics().borrow().clone();
-    node.metrics.raft_term.set(m.current_term as i64);
-    node.metrics.raft_applied_index.set(m.last_applied.map(|l| l.index).unwrap_or(0) as i64);
-    node.metrics.raft_commit_index.set(node.shard.commit_index().await as i64);
-    node.metrics.raft_is_leader.set((m.state == ServerState::Leader) as i64);
-    node.metrics.raft_leader_known.set(m.current_leader.is_some() as i64);
+    for c in node.shards.all() {
+        let m = c.shard.raft.metrics().borrow().clone();
+        let number = c.shard.number.to_string();
+        let shard = [number.as_str()];
+        let metrics = &node.metrics;
+        metrics.raft_term.with_label_values(&shard).set(m.current_term as i64);
+        metrics.raft_applied_index.with_label_values(&shard).set(m.last_applied.map(|l| l.index).unwrap_or(0) as i64);
+        metrics.raft_commit_index.with_label_values(&shard).set(c.shard.commit_index().await as i64);
+        metrics.raft_is_leader.with_label_values(&shard).set((m.state == ServerState::Leader) as i64);
+        metrics.raft_leader_known.with_label_values(&shard).set(m.current_leader.is_some() as i64);
+    }
     for (dc, l) in node.cross.links.all() {
         node.metrics.replication_link_up.with_label_values(&[&dc]).set(node.cross.links.healthy(&dc) as i64);
         let changes = node.metrics.replication_link_health_changes.with_label_values(&[&dc]);
@@ -195,22 +201,25 @@ pub async fn metrics(State(node): State<AppState>, Extension(console): Extension
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
-/// Snapshot counters live in the state machine; rendered here in Prometheus text.
+/// Snapshot counters live in each shard's state machine; rendered here in Prometheus
+/// text, a sample per shard.
 fn snapshot_metrics(node: &AppState) -> String {
-    let labels = format!("node=\"{}\",dc=\"{}\"", node.info.name, node.info.dc);
-    let s = node.shard.sm.snapshot_stats();
-    let rows = [
-        ("snapshot_builds_total", "counter", "snapshots this node built since it started", s.builds as f64),
-        ("snapshot_build_seconds_total", "counter", "wall time of those builds: copy, encode, write, sync", s.build_ms_total as f64 / 1000.0),
-        ("snapshot_build_last_seconds", "gauge", "wall time of the last build", s.build_ms_last as f64 / 1000.0),
-        ("snapshot_installs_total", "counter", "snapshots this node installed from its leader since it started", s.installs as f64),
-        ("snapshot_records", "gauge", "records in the last snapshot built or installed (0: none since start)", s.records as f64),
-        ("snapshot_bytes", "gauge", "encoded bytes of the last snapshot built or installed", s.bytes as f64),
-        ("snapshot_writes_since", "gauge", "client writes applied since the last snapshot began", s.writes_since as f64),
+    let rows: [(&str, &str, &str, fn(&SnapshotStats) -> f64); 7] = [
+        ("snapshot_builds_total", "counter", "snapshots this node built since it started", |s| s.builds as f64),
+        ("snapshot_build_seconds_total", "counter", "wall time of those builds: scan, write, sync", |s| s.build_ms_total as f64 / 1000.0),
+        ("snapshot_build_last_seconds", "gauge", "wall time of the last build", |s| s.build_ms_last as f64 / 1000.0),
+        ("snapshot_installs_total", "counter", "snapshots this node installed from its leader since it started", |s| s.installs as f64),
+        ("snapshot_records", "gauge", "records in the last snapshot built or installed (0: none since start)", |s| s.records as f64),
+        ("snapshot_bytes", "gauge", "bytes of the last snapshot built or installed", |s| s.bytes as f64),
+        ("snapshot_writes_since", "gauge", "client writes applied since the last snapshot began", |s| s.writes_since as f64),
     ];
+    let stats: Vec<(u16, SnapshotStats)> = node.shards.all().iter().map(|c| (c.shard.number, c.shard.sm.snapshot_stats())).collect();
     let mut out = String::new();
-    for (name, kind, help, v) in rows {
-        out += &format!("# HELP agora_{name} {help}\n# TYPE agora_{name} {kind}\nagora_{name}{{{labels}}} {v}\n");
+    for (name, kind, help, value) in rows {
+        out += &format!("# HELP agora_{name} {help}\n# TYPE agora_{name} {kind}\n");
+        for (shard, s) in &stats {
+            out += &format!("agora_{name}{{node=\"{}\",dc=\"{}\",shard=\"{shard}\"}} {}\n", node.info.name, node.info.dc, value(s));
+        }
     }
     out
 }

@@ -77,6 +77,23 @@ async fn an_order_is_one_entry_in_its_skus_shard_and_leaders_spread() {
         (nodes.iter().all(|n| n["shards"] == SHARDS) && leads == u64::from(SHARDS)).then_some(())
     })
     .await;
+    // /metrics labels the Raft gauges and snapshot counters by shard: over the DC's
+    // nodes, each shard has exactly one leader.
+    must_eventually(Duration::from_secs(10), "one leader per shard in /metrics", || async {
+        let mut leads = vec![0.0; usize::from(SHARDS)];
+        for n in c.dc_nodes("dc1") {
+            let text = c.http.get(format!("{}/metrics", c.url(&n))).send().await.ok()?.text().await.ok()?;
+            for shard in 0..SHARDS {
+                let label = format!("shard=\"{shard}\"");
+                let value =
+                    |name: &str| text.lines().find(|l| l.starts_with(&format!("{name}{{")) && l.contains(&label))?.rsplit(' ').next()?.parse::<f64>().ok();
+                value("agora_snapshot_records")?;
+                leads[usize::from(shard)] += value("agora_raft_is_leader")?;
+            }
+        }
+        leads.iter().all(|l| *l == 1.0).then_some(())
+    })
+    .await;
     // Entities of every shard, through any node.
     for shard in 0..SHARDS {
         let token = session_in(&c, "dc1-n2", shard).await;

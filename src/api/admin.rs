@@ -1,5 +1,5 @@
 //! Operator endpoints, served on the admin listener only and only with the admin token:
-//! DC membership, drain and weights, WAN emulation, and the test hooks (fault injection, actor crash)
+//! DC membership, leadership handovers, drain and weights, WAN emulation, and the test hooks (fault injection, actor crash)
 //! that exist only when the node runs with `--enable-test-hooks`.
 
 use std::sync::Arc;
@@ -57,6 +57,25 @@ async fn change_every_shard(node: &AppState, op: MembershipOp) -> Result<std::co
         first.get_or_insert(voters);
     }
     Ok(first.unwrap_or_default())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandOver {
+    #[serde(default)]
+    shard: u16,
+    to: String,
+}
+
+/// `POST /v1/admin/leader` `{"shard": k, "to": "<node>"}`, on the node leading shard k:
+/// hands its leadership to that node of the DC (see `shard::handover`); answers once the
+/// target leads.
+pub async fn hand_over(State(node): State<AppState>, body: Result<axum::body::Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let HandOver { shard, to } = parse_body(body)?;
+    let id = dc_node_id(&node, &to)?;
+    let c = node.shards.all().get(usize::from(shard)).cloned().ok_or_else(|| ApiError::not_found(&format!("shard {shard}")))?;
+    c.shard.hand_over(id).await?;
+    Ok(Json(json!({"shard": shard, "leader": to})))
 }
 
 #[derive(Deserialize, Default)]

@@ -103,6 +103,7 @@ pub fn admin_router(node: AppState, token: Option<Arc<str>>) -> Router {
     Router::new()
         .route("/v1/admin/nodes", post(admin::add_node))
         .route("/v1/admin/nodes/{name}", axum::routing::delete(admin::remove_node))
+        .route("/v1/admin/leader", post(admin::hand_over))
         .route("/v1/admin/dcs", get(admin::get_dc_settings))
         .route("/v1/admin/dcs/{dc}", axum::routing::put(admin::set_dc_settings))
         .route("/v1/admin/faults", get(admin::get_faults).put(admin::set_faults))

@@ -85,7 +85,7 @@ async fn start_actors(
     raft: &Raft,
     sm: &storage::SmReader,
     metrics: &Metrics,
-) -> anyhow::Result<(Arc<Directory>, ractor::ActorRef<()>)> {
+) -> anyhow::Result<(Arc<Directory>, ractor::ActorRef<()>, Proposer)> {
     let request_timeout = Duration::from_millis(config.limits.request_timeout_ms);
     let directory = Directory::new(config.limits.mailbox_len_max, request_timeout);
     let r = &config.raft;
@@ -96,9 +96,9 @@ async fn start_actors(
         timeout: request_timeout,
     };
     let proposer = Proposer::start(raft.clone(), limits);
-    let template = actors::entity::EntityArgs { kind: actors::Kind::Sessions, raft: raft.clone(), proposer, sm: sm.clone() };
+    let template = actors::entity::EntityArgs { kind: actors::Kind::Sessions, raft: raft.clone(), proposer: proposer.clone(), sm: sm.clone() };
     let supervisor = actors::spawn_supervisor(actors::supervisor::SupervisorArgs { template, directory: directory.clone(), metrics: metrics.clone() }).await?;
-    Ok((directory, supervisor))
+    Ok((directory, supervisor, proposer))
 }
 
 /// What one shard needs from the node to start.
@@ -133,7 +133,7 @@ async fn start_shard(
     )
     .await
     .with_context(|| format!("start raft of shard {number}"))?;
-    let (actors, supervisor) = start_actors(config, &raft, &reader, env.metrics).await?;
+    let (actors, supervisor, proposer) = start_actors(config, &raft, &reader, env.metrics).await?;
     let parts = ShardParts {
         number,
         dc: info.dc.clone(),
@@ -145,6 +145,7 @@ async fn start_shard(
         peers: peers.clone(),
         metrics: env.metrics.clone(),
         disk: env.disk.clone(),
+        proposer,
     };
     let shard = Shard::new(parts);
     Ok((CrossDc::new(shard, env.hlc.clone(), peers, env.faults.clone(), env.metrics.clone()), supervisor))
@@ -269,8 +270,17 @@ async fn rejoin_quietly(shard: &Shard) {
 }
 
 impl Running {
-    /// Stops serving, then Raft (which flushes what it has), then the actors.
+    /// Hands over the shards this node leads, stops serving, then Raft (which flushes
+    /// what it has), then the actors.
     pub async fn shutdown(self) {
+        // Leadership first, while this node still serves and hears its peers: the shards
+        // it leads go on with one short election instead of a timeout of silence.
+        let handovers = self.state.shards.all().iter().filter(|c| c.shard.is_leader()).map(|c| async move {
+            if let Some(to) = c.shard.handover_target() {
+                let _ = c.shard.hand_over(to).await;
+            }
+        });
+        futures::future::join_all(handovers).await;
         for t in &self.tasks {
             t.abort();
         }

@@ -66,6 +66,7 @@ async fn handle_in_shard(cross: &Arc<CrossDc>, from: NodeId, req: PeerRequest) -
         PeerRequest::Probe => PeerResponse::Probe(shard.probe_ack()),
         // "Fenced": not to be sent clients — its clock is off, or its disk failed.
         PeerRequest::Clock => PeerResponse::Clock { wall_ms: crate::hlc::wall_ms(), fenced: cross.unfit() },
+        PeerRequest::Campaign => PeerResponse::Campaign(shard.campaign(from).await),
         // Cross-DC requests from a node of this DC: a confused or hostile peer.
         other @ (PeerRequest::Replicate { .. }
         | PeerRequest::InstallRemote { .. }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::ClientWriteError;
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::{NodeId, Raft};
 use crate::domain::{Command, Outcome, Request};
@@ -32,6 +32,8 @@ struct Pending {
 #[derive(Clone)]
 pub struct Proposer {
     tx: mpsc::Sender<Pending>,
+    /// While true nothing is proposed: requests wait in the queue (a leadership handover).
+    held: Arc<watch::Sender<bool>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -51,13 +53,20 @@ impl Proposer {
     /// Starts the batching task; it ends when the last `Proposer` is dropped.
     pub fn start(raft: Raft, limits: ProposerLimits) -> Self {
         let (proposer, rx) = Self::queue(limits.queue_len_max);
-        tokio::spawn(run(raft, rx, limits));
+        tokio::spawn(run(raft, rx, proposer.held.subscribe(), limits));
         proposer
     }
 
     fn queue(len_max: usize) -> (Self, mpsc::Receiver<Pending>) {
         let (tx, rx) = mpsc::channel(len_max.max(1));
-        (Proposer { tx }, rx)
+        (Proposer { tx, held: Arc::new(watch::channel(false).0) }, rx)
+    }
+
+    /// Holds proposals back (`true`) or lets them go again. Held requests keep their
+    /// place; once released they go to Raft as usual (and, if this node no longer leads
+    /// by then, are answered `NotLeader` for the caller to go to the new leader).
+    pub fn hold(&self, held: bool) {
+        self.held.send_replace(held);
     }
 
     /// Queues `req` behind every request queued before it; `done` gets its outcome once
@@ -80,13 +89,16 @@ impl Proposer {
     }
 }
 
-async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, limits: ProposerLimits) {
+async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, mut held: watch::Receiver<bool>, limits: ProposerLimits) {
     let permits = Arc::new(Semaphore::new(limits.inflight_max.max(1)));
     loop {
         // Take the permit first: while every entry is out, requests pile up in `rx` and
         // the next entry carries all of them.
         let permit = permits.clone().acquire_owned().await.expect("semaphore never closed");
         let Some(first) = rx.recv().await else { return };
+        if held.wait_for(|h| !h).await.is_err() {
+            return;
+        }
         let mut batch = vec![first];
         while batch.len() < limits.batch_len_max {
             match rx.try_recv() {

@@ -127,5 +127,6 @@ pub fn request_name(r: &PeerRequest) -> &'static str {
         PeerRequest::Lookup(_) => "lookup",
         PeerRequest::Shard { .. } => "shard",
         PeerRequest::Clock => "clock",
+        PeerRequest::Campaign => "campaign",
     }
 }

@@ -9,6 +9,7 @@
 //! group owns lives here.
 
 pub mod background;
+mod handover;
 pub mod inbound;
 pub mod read_index;
 
@@ -24,6 +25,7 @@ use crate::domain::{Outcome, Request};
 use crate::error::NodeError;
 use crate::metrics::Metrics;
 use crate::raft::guard::SnapshotTransfer;
+use crate::raft::proposer::Proposer;
 use crate::raft::{MembershipOp, NodeId, Raft};
 use crate::storage::SmReader;
 use crate::transport::message::ProbeAck;
@@ -55,6 +57,10 @@ pub struct Shard {
     read_index: read_index::ReadIndex,
     /// The node's disk (shared by its shards): whether a sync failed, the injected fault.
     pub disk: crate::storage::Disk,
+    /// The leader's batcher: held while leadership is handed over.
+    proposer: Proposer,
+    /// True while this node hands the shard's leadership over (`handover`).
+    handover: tokio::sync::watch::Sender<bool>,
 }
 
 /// What a shard is built from; the startup wiring owns the parts.
@@ -70,6 +76,7 @@ pub struct ShardParts {
     pub metrics: Metrics,
     /// The node's disk, shared by its shards.
     pub disk: crate::storage::Disk,
+    pub proposer: Proposer,
 }
 
 impl Shard {
@@ -94,6 +101,8 @@ impl Shard {
             snapshot_transfer: Default::default(),
             read_index,
             disk: p.disk,
+            proposer: p.proposer,
+            handover: tokio::sync::watch::channel(false).0,
         })
     }
 
@@ -191,6 +200,7 @@ impl Shard {
         if stale {
             return Ok(());
         }
+        self.handover_done().await;
         let index = self.read_index.get().await?;
         self.raft.wait(Some(self.request_timeout)).applied_index_at_least(Some(index), "read index").await.map_err(|_| NodeError::Timeout)?;
         Ok(())
@@ -207,6 +217,7 @@ impl Shard {
     /// A follower's read-index request, on the leader: it shares the rounds of this
     /// node's own reads (one heartbeat broadcast for all that queued meanwhile).
     pub async fn read_index_for_follower(&self) -> Result<u64, NodeError> {
+        self.handover_done().await;
         if !self.is_leader() {
             return Err(NodeError::NotLeader(self.leader()));
         }

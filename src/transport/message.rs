@@ -52,6 +52,8 @@ pub enum PeerRequest {
     /// From a node of this DC: are you alive, what does your clock say, and is yours off
     /// from the DC's (see `replication::clock`)?
     Clock,
+    /// From this shard's leader, handing leadership over: start an election now.
+    Campaign,
 }
 
 /// A DC's answer to replication traffic: its cursor for the origin after applying.
@@ -87,4 +89,5 @@ pub enum PeerResponse {
         wall_ms: u64,
         fenced: bool,
     },
+    Campaign(Result<(), NodeError>),
 }

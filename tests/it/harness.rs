@@ -247,6 +247,24 @@ impl TestCluster {
         }
     }
 
+    /// SIGTERM, by pid: the node stops gracefully (handing over what it leads); SIGKILL
+    /// if it is still there after 10 s.
+    pub fn stop(&mut self, name: &str) {
+        if let Some(mut child) = self.children.remove(name) {
+            // SAFETY: a signal to a child process this harness started and still owns.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() {
+                if std::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.wait();
+        }
+    }
+
     pub fn wipe(&mut self, name: &str) {
         self.kill(name);
         std::fs::remove_dir_all(self.data_dir(name)).expect("wipe data dir");

@@ -10,6 +10,7 @@ mod disk;
 mod dns;
 mod door;
 mod expiry;
+mod handover;
 mod harness;
 mod hostile_values;
 mod launcher;

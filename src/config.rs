@@ -167,6 +167,10 @@ pub struct RaftSection {
     /// Largest snapshot a node accepts from its leader (bytes, summed over its chunks).
     /// Received snapshots are written to a file as they arrive, never held in memory.
     pub snapshot_bytes_max: u64,
+    /// With several shards, how often a shard's leader checks whether the node meant to
+    /// lead it (see `Shard::preferred_leader`) is back and caught up, and if so hands
+    /// leadership to it: leaders spread over the DC again after failovers. 0: never.
+    pub leader_balance_interval_ms: u64,
 }
 
 impl Default for RaftSection {
@@ -185,6 +189,7 @@ impl Default for RaftSection {
             proposal_queue_len_max: 10_000,
             term_jump_max: 1_000_000,
             snapshot_bytes_max: 2 << 30,
+            leader_balance_interval_ms: 5000,
         }
     }
 }

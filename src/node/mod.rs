@@ -195,6 +195,7 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
         tasks.push(tokio::spawn(bootstrap(c.shard.clone())));
         tasks.push(tokio::spawn(background::snapshot_loop(c.shard.clone())));
         tasks.push(tokio::spawn(background::expiry_loop(c.shard.clone(), hlc.clone())));
+        tasks.push(tokio::spawn(background::leader_balance_loop(c.shard.clone())));
         tasks.extend(replication::spawn(c.clone()));
     }
     let dns =

@@ -1,5 +1,6 @@
 //! What a shard does by itself, on every node that hosts it: build snapshots when its
-//! log has grown enough, and — on the leader — propose the expiry passes.
+//! log has grown enough, and — on the leader — propose the expiry passes and hand
+//! leadership back to the node meant to lead the shard.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,6 +66,36 @@ pub async fn expiry_loop(shard: Arc<Shard>, hlc: Arc<Hlc>) {
                 full = idempotency == max || duplicates == max || sessions == max;
             }
             other => tracing::debug!(?other, "expiry pass failed"),
+        }
+    }
+}
+
+/// Leaders spread again after failovers: every `leader_balance_interval_ms`, the leader of
+/// a shard that another node is meant to lead (`Shard::preferred_leader`) hands it over
+/// once that node is a voter holding nearly all of the log and answers its clock probe
+/// unfenced, and the shard has had the same term for two intervals (a node that just
+/// came back, or a DC that just elected, is left to settle). One shard of a DC: nothing
+/// to spread.
+pub async fn leader_balance_loop(shard: Arc<Shard>) {
+    let interval = Duration::from_millis(shard.config.raft.leader_balance_interval_ms);
+    if interval.is_zero() || shard.config.cluster.shards < 2 {
+        return;
+    }
+    let mut ticker = tokio::time::interval(interval);
+    let (mut term, mut since) = (0, tokio::time::Instant::now());
+    loop {
+        ticker.tick().await;
+        let m = shard.raft.metrics().borrow().clone();
+        if m.current_term != term {
+            (term, since) = (m.current_term, tokio::time::Instant::now());
+            continue;
+        }
+        let Some(preferred) = shard.preferred_leader().filter(|p| *p != shard.me) else { continue };
+        if m.state != ServerState::Leader || since.elapsed() < 2 * interval || !shard.nearly_caught_up(preferred) || !shard.peer_fit(preferred).await {
+            continue;
+        }
+        if let Err(e) = shard.hand_over(preferred).await {
+            tracing::info!(shard = shard.number, to = preferred, error = %e, "leader balance: handover not done");
         }
     }
 }

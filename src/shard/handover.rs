@@ -22,11 +22,17 @@ use crate::error::NodeError;
 use crate::raft::NodeId;
 use crate::transport::{PeerRequest, PeerResponse};
 
+/// Entries a handover target may still lack when the balancer picks it.
+const CAUGHT_UP_SLACK: u64 = 64;
+
 impl Shard {
     /// Hands this shard's leadership to `to` (a voter of the DC); returns once `to` leads.
     pub async fn hand_over(&self, to: NodeId) -> Result<(), NodeError> {
         if !self.is_leader() {
             return Err(NodeError::NotLeader(self.leader()));
+        }
+        if self.raft.metrics().borrow().membership_config.membership().get_joint_config().len() > 1 {
+            return Err(NodeError::Overloaded(format!("a membership change of shard {} is under way", self.number)));
         }
         if to == self.me || !self.voters().contains(&to) {
             return Err(NodeError::BadRequest(format!("node {to} is not another voter of shard {}", self.number)));
@@ -88,6 +94,20 @@ impl Shard {
         let m = self.raft.metrics().borrow().clone();
         let replication = m.replication.as_ref()?;
         self.voters().into_iter().filter(|id| *id != self.me).max_by_key(|id| replication.get(id).copied().flatten().map(|l| l.index))
+    }
+
+    /// On the leader: whether `id` is a voter that has matched all but a few entries of
+    /// the log (a handover to it would not wait long).
+    pub fn nearly_caught_up(&self, id: NodeId) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        let matched = m.replication.as_ref().and_then(|r| r.get(&id).copied().flatten()).map(|l| l.index);
+        self.voters().contains(&id) && matched.is_some_and(|i| i.saturating_add(CAUGHT_UP_SLACK) >= m.last_log_index.unwrap_or(0))
+    }
+
+    /// Whether node `id` answers its clock probe and is not fenced (clock off from the
+    /// DC's, or a failed disk): a node to send clients to, and to lead.
+    pub async fn peer_fit(&self, id: NodeId) -> bool {
+        matches!(self.peers.call(id, PeerRequest::Clock, Some(self.request_timeout)).await, Ok(PeerResponse::Clock { fenced: false, .. }))
     }
 
     /// On the target, asked by `from`: only this shard's current leader may ask, so no

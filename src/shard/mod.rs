@@ -255,7 +255,12 @@ impl Shard {
         if !self.is_leader() {
             return Err(NodeError::NotLeader(self.leader()));
         }
-        let internal = |e: &dyn std::fmt::Display| NodeError::Internal(e.to_string());
+        // A handover under way: the change would refresh the followers' leases (and
+        // fail as leadership moves); it waits, then goes to the new leader.
+        self.handover_done().await;
+        if !self.is_leader() {
+            return Err(NodeError::NotLeader(self.leader()));
+        }
         let mut voters: BTreeSet<NodeId> = self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
         if !voters.contains(&self.me) {
             // A leader that removed itself leads until the change commits, then steps down;
@@ -268,7 +273,7 @@ impl Shard {
             MembershipOp::Add(id) => {
                 let node = configured.get(&id).cloned().ok_or_else(|| NodeError::BadRequest(format!("node {id} is not in this DC's config")))?;
                 // Blocking: returns once the learner has caught up with the log.
-                self.raft.add_learner(id, node, true).await.map_err(|e| internal(&e))?;
+                self.raft.add_learner(id, node, true).await.map_err(membership_error)?;
                 voters.insert(id);
             }
             MembershipOp::Remove(id) | MembershipOp::ForceRemove(id) => {
@@ -290,7 +295,16 @@ impl Shard {
                 }
             }
         }
-        self.raft.change_membership(voters.clone(), false).await.map_err(|e| internal(&e))?;
+        self.raft.change_membership(voters.clone(), false).await.map_err(membership_error)?;
         Ok(voters)
+    }
+}
+
+/// Leadership that moved while a membership change ran is `NotLeader`, for the caller to
+/// retry on the new leader; anything else is internal.
+fn membership_error(e: openraft::error::RaftError<NodeId, openraft::error::ClientWriteError<NodeId, BasicNode>>) -> NodeError {
+    match e.forward_to_leader() {
+        Some(f) => NodeError::NotLeader(f.leader_id),
+        None => NodeError::Internal(e.to_string()),
     }
 }

@@ -87,6 +87,12 @@ async fn apply(control: &Control, step: &Step, rng: &mut StdRng, clock: &Clock) 
             kill = Some(LeaderKill { dc: dc.clone(), node: node.clone(), at_ns: clock.now_ns() });
             (format!("kill {dc} leader {node}"), s(&["restart", &node]))
         }
+        Action::RestartLeader => {
+            let node = leader_or_random(control, step, &dc, rng).await;
+            kill = Some(LeaderKill { dc: dc.clone(), node: node.clone(), at_ns: clock.now_ns() });
+            cluster(control, s(&["restart", &node])).await?;
+            (format!("restart {dc} leader {node} (graceful)"), Vec::new())
+        }
         Action::PauseLeader => {
             let node = leader_or_random(control, step, &dc, rng).await;
             cluster(control, s(&["pause", &node])).await?;
@@ -142,6 +148,8 @@ async fn apply(control: &Control, step: &Step, rng: &mut StdRng, clock: &Clock) 
         }
     };
     tokio::time::sleep(Duration::from_secs_f64(step.hold_s)).await;
-    cluster(control, undo).await?;
+    if !undo.is_empty() {
+        cluster(control, undo).await?;
+    }
     Ok((FaultWindow { name, start_ns, end_ns: clock.now_ns() }, kill))
 }

@@ -126,6 +126,9 @@ pub enum Action {
     KillRandom,
     /// SIGKILL the DC's leader, restart it after `hold_s`.
     KillLeader,
+    /// Restart the DC's leader gracefully (`agora cluster restart`: SIGTERM, so it hands
+    /// over what it leads first, then start), counted like a kill.
+    RestartLeader,
     /// SIGSTOP the DC's leader, SIGCONT after `hold_s`.
     PauseLeader,
     /// Cut the DC's leader off from every other node.

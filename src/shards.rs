@@ -5,6 +5,7 @@
 //! entity's shard is the same in every DC, and each shard replicates to its namesakes.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::ids::shard_of;
 use crate::replication::CrossDc;
@@ -50,5 +51,30 @@ impl Shards {
     /// own record of its session still has to match).
     pub fn session_ended(&self, token: &str) -> bool {
         self.count() > 1 && self.of(token).shard.sm.session(token).is_some_and(|s| s.deleted)
+    }
+}
+
+/// A node fenced for its clock hands over every shard it leads to a voter that answers
+/// its clock probe unfenced (the most caught-up first). Fenced, it refuses to stamp
+/// writes, and as a leader it would also judge the writes its peers forward by its own
+/// wrong clock — behind, it refused them all as from the future. Checked every election
+/// timeout.
+pub async fn fenced_leader_loop(shards: Arc<Shards>) {
+    let every = Duration::from_millis(shards.first().shard.config.raft.election_timeout_max_ms);
+    loop {
+        tokio::time::sleep(every).await;
+        if !shards.first().links.fenced() {
+            continue;
+        }
+        for c in shards.all().iter().filter(|c| c.shard.is_leader()) {
+            let shard = &c.shard;
+            for to in shard.handover_targets() {
+                if shard.peer_fit(to).await {
+                    tracing::warn!(shard = shard.number, to, "this node's clock is fenced: handing its leadership over");
+                    let _ = shard.hand_over(to).await;
+                    break;
+                }
+            }
+        }
     }
 }

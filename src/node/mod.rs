@@ -190,6 +190,7 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     let mut tasks = vec![
         tokio::spawn(transport::serve(peer_listener, handler, faults.clone(), wan.clone(), limits, admission)),
         tokio::spawn(peers.addresses().clone().refresh_loop()),
+        tokio::spawn(crate::shards::fenced_leader_loop(shards.clone())),
     ];
     for c in shards.all() {
         tasks.push(tokio::spawn(bootstrap(c.shard.clone())));
@@ -277,8 +278,8 @@ impl Running {
         // Leadership first, while this node still serves and hears its peers: the shards
         // it leads go on with one short election instead of a timeout of silence.
         let handovers = self.state.shards.all().iter().filter(|c| c.shard.is_leader()).map(|c| async move {
-            if let Some(to) = c.shard.handover_target() {
-                let _ = c.shard.hand_over(to).await;
+            if let Some(to) = c.shard.handover_targets().first() {
+                let _ = c.shard.hand_over(*to).await;
             }
         });
         futures::future::join_all(handovers).await;

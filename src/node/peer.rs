@@ -29,6 +29,9 @@ impl PeerHandler for Handler {
             crate::warn_limited!("peer_nested_shard", from, "nested shard request refused");
             return PeerResponse::Refused("nested shard request".into());
         }
+        // A node's clock and fitness are the node's (shard 0's prober judges the clock):
+        // asked through any shard, shard 0 answers.
+        let number = if matches!(req, PeerRequest::Clock) { 0 } else { number };
         let Some(cross) = self.shards.all().get(usize::from(number)) else {
             crate::warn_limited!("peer_unknown_shard", from, shard = number, "request for a shard this DC does not have refused");
             return PeerResponse::Refused(format!("no shard {number} here"));

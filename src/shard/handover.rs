@@ -89,11 +89,14 @@ impl Shard {
         self.voters().iter().all(|id| *id == self.me || replication.get(id).is_some_and(|l| l.map(|l| l.index) == Some(last)))
     }
 
-    /// The voter to hand this shard to: the one that has matched the most of the log.
-    pub fn handover_target(&self) -> Option<NodeId> {
+    /// The other voters, the one that has matched the most of the log first: whom to
+    /// hand this shard to.
+    pub fn handover_targets(&self) -> Vec<NodeId> {
         let m = self.raft.metrics().borrow().clone();
-        let replication = m.replication.as_ref()?;
-        self.voters().into_iter().filter(|id| *id != self.me).max_by_key(|id| replication.get(id).copied().flatten().map(|l| l.index))
+        let matched = |id: &NodeId| m.replication.as_ref().and_then(|r| r.get(id).copied().flatten()).map(|l| l.index);
+        let mut targets: Vec<NodeId> = self.voters().into_iter().filter(|id| *id != self.me).collect();
+        targets.sort_by_key(|id| std::cmp::Reverse(matched(id)));
+        targets
     }
 
     /// On the leader: whether `id` is a voter that has matched all but a few entries of

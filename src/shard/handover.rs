@@ -56,11 +56,16 @@ impl Shard {
     async fn go_quiet_and_hand_over(&self, to: NodeId) -> Result<(), NodeError> {
         let lease = Duration::from_millis(self.config.raft.election_timeout_max_ms);
         let heartbeat = Duration::from_millis(self.config.raft.heartbeat_interval_ms);
-        // Every voter holds the whole log: the target can win, and no append is still
-        // on its way to refresh a lease.
-        let deadline = Instant::now() + self.request_timeout;
-        while !self.replicated_everywhere() {
-            if Instant::now() > deadline || !self.is_leader() {
+        // The target holds the whole log (so it can win), and every other voter does too
+        // (no append still on its way to refresh a lease) or had a lease's time for it: a
+        // voter that is down, as when a whole DC stops, must not hold the handover up.
+        let started = Instant::now();
+        loop {
+            let (target, all) = self.matched_log(to);
+            if all || (target && started.elapsed() > lease) {
+                break;
+            }
+            if started.elapsed() > 2 * lease || !self.is_leader() {
                 return Err(NodeError::Timeout);
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -82,11 +87,12 @@ impl Shard {
         }
     }
 
-    /// On the leader: whether every voter has matched the last log entry.
-    fn replicated_everywhere(&self) -> bool {
+    /// On the leader: whether `to`, and whether every voter, has matched the last entry.
+    fn matched_log(&self, to: NodeId) -> (bool, bool) {
         let m = self.raft.metrics().borrow().clone();
-        let (Some(last), Some(replication)) = (m.last_log_index, m.replication.as_ref()) else { return false };
-        self.voters().iter().all(|id| *id == self.me || replication.get(id).is_some_and(|l| l.map(|l| l.index) == Some(last)))
+        let (Some(last), Some(replication)) = (m.last_log_index, m.replication.as_ref()) else { return (false, false) };
+        let matched = |id: &NodeId| *id == self.me || replication.get(id).is_some_and(|l| l.map(|l| l.index) == Some(last));
+        (matched(&to), self.voters().iter().all(matched))
     }
 
     /// The other voters, the one that has matched the most of the log first: whom to

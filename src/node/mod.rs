@@ -279,7 +279,9 @@ impl Running {
         // it leads go on with one short election instead of a timeout of silence.
         let handovers = self.state.shards.all().iter().filter(|c| c.shard.is_leader()).map(|c| async move {
             if let Some(to) = c.shard.handover_targets().first() {
-                let _ = c.shard.hand_over(*to).await;
+                if c.shard.hand_over(*to).await.is_ok() {
+                    c.shard.proposals_answered().await;
+                }
             }
         });
         futures::future::join_all(handovers).await;

@@ -34,6 +34,9 @@ pub struct Proposer {
     tx: mpsc::Sender<Pending>,
     /// While true nothing is proposed: requests wait in the queue (a leadership handover).
     held: Arc<watch::Sender<bool>>,
+    /// One permit per entry that may be out between openraft and its answer.
+    permits: Arc<Semaphore>,
+    inflight_max: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -52,14 +55,24 @@ pub struct ProposerLimits {
 impl Proposer {
     /// Starts the batching task; it ends when the last `Proposer` is dropped.
     pub fn start(raft: Raft, limits: ProposerLimits) -> Self {
-        let (proposer, rx) = Self::queue(limits.queue_len_max);
-        tokio::spawn(run(raft, rx, proposer.held.subscribe(), limits));
+        let (proposer, rx) = Self::queue(limits.queue_len_max, limits.inflight_max);
+        tokio::spawn(run(raft, rx, proposer.held.subscribe(), proposer.permits.clone(), limits));
         proposer
     }
 
-    fn queue(len_max: usize) -> (Self, mpsc::Receiver<Pending>) {
+    fn queue(len_max: usize, inflight_max: usize) -> (Self, mpsc::Receiver<Pending>) {
         let (tx, rx) = mpsc::channel(len_max.max(1));
-        (Proposer { tx, held: Arc::new(watch::channel(false).0) }, rx)
+        let inflight_max = u32::try_from(inflight_max.max(1)).unwrap_or(u32::MAX).min(Semaphore::MAX_PERMITS as u32);
+        let permits = Arc::new(Semaphore::new(inflight_max as usize));
+        (Proposer { tx, held: Arc::new(watch::channel(false).0), permits, inflight_max }, rx)
+    }
+
+    /// Waits up to `within` until no proposed entry is still waiting for its answer (a
+    /// node about to stop: entries it proposed are answered once applied here).
+    pub async fn drained(&self, within: Duration) {
+        if let Ok(Ok(all)) = tokio::time::timeout(within, self.permits.acquire_many(self.inflight_max)).await {
+            drop(all);
+        }
     }
 
     /// Holds proposals back (`true`) or lets them go again. Held requests keep their
@@ -89,13 +102,13 @@ impl Proposer {
     }
 }
 
-async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, mut held: watch::Receiver<bool>, limits: ProposerLimits) {
-    let permits = Arc::new(Semaphore::new(limits.inflight_max.max(1)));
+async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, mut held: watch::Receiver<bool>, permits: Arc<Semaphore>, limits: ProposerLimits) {
     loop {
         // Take the permit first: while every entry is out, requests pile up in `rx` and
         // the next entry carries all of them.
         let permit = permits.clone().acquire_owned().await.expect("semaphore never closed");
         let Some(first) = rx.recv().await else { return };
+        let was_held = *held.borrow();
         if held.wait_for(|h| !h).await.is_err() {
             return;
         }
@@ -104,6 +117,20 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, mut held: watch::Recei
             match rx.try_recv() {
                 Ok(p) => batch.push(p),
                 Err(_) => break,
+            }
+        }
+        // Held through a handover: leadership has moved, so the requests go back to be
+        // sent to the new leader at once, rather than into this node's Raft (which may be
+        // stopping: a graceful stop hands over first).
+        if was_held {
+            let (state, leader) = {
+                let m = raft.metrics();
+                let m = m.borrow();
+                (m.state, m.current_leader)
+            };
+            if state != openraft::ServerState::Leader {
+                answer_all(batch.into_iter().map(|p| p.done).collect(), Err(NodeError::NotLeader(leader)));
+                continue;
             }
         }
         propose(&raft, batch, permit, limits.timeout).await;
@@ -173,7 +200,7 @@ mod tests {
     /// write is answered `Overloaded` at once instead of waiting in memory.
     #[tokio::test]
     async fn a_full_queue_refuses_at_once() {
-        let (p, mut rx) = Proposer::queue(3);
+        let (p, mut rx) = Proposer::queue(3, 1);
         let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         for i in 0..5 {
             let answered = answered.clone();

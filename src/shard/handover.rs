@@ -105,6 +105,13 @@ impl Shard {
         targets
     }
 
+    /// Waits (a little) until the writes this node proposed are answered: after a
+    /// handover they are committed by the new leader and answered once applied here, so
+    /// a node about to stop waits for them.
+    pub async fn proposals_answered(&self) {
+        self.proposer.drained(2 * Duration::from_millis(self.config.raft.election_timeout_max_ms)).await;
+    }
+
     /// On the leader: whether `id` is a voter that has matched all but a few entries of
     /// the log (a handover to it would not wait long).
     pub fn nearly_caught_up(&self, id: NodeId) -> bool {

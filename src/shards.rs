@@ -54,8 +54,8 @@ impl Shards {
     }
 }
 
-/// A node fenced for its clock hands over every shard it leads to a voter that answers
-/// its clock probe unfenced (the most caught-up first). Fenced, it refuses to stamp
+/// A node fenced for its clock hands over every shard it leads to a voter its clock
+/// probes find healthy and unfenced (the most caught-up first). Fenced, it refuses to stamp
 /// writes, and as a leader it would also judge the writes its peers forward by its own
 /// wrong clock — behind, it refused them all as from the future. Checked every election
 /// timeout.
@@ -66,14 +66,13 @@ pub async fn fenced_leader_loop(shards: Arc<Shards>) {
         if !shards.first().links.fenced() {
             continue;
         }
+        // The local prober's latest answers (a fenced peer answered as unhealthy).
+        let links = &shards.first().links;
         for c in shards.all().iter().filter(|c| c.shard.is_leader()) {
             let shard = &c.shard;
-            for to in shard.handover_targets() {
-                if shard.peer_fit(to).await {
-                    tracing::warn!(shard = shard.number, to, "this node's clock is fenced: handing its leadership over");
-                    let _ = shard.hand_over(to).await;
-                    break;
-                }
+            if let Some(to) = shard.handover_targets().into_iter().find(|to| links.node_healthy(*to)) {
+                tracing::warn!(shard = shard.number, to, "this node's clock is fenced: handing its leadership over");
+                let _ = shard.hand_over(to).await;
             }
         }
     }

@@ -52,7 +52,9 @@ impl<W: Write + Seek> Writer<W> {
     }
 
     pub fn put(&mut self, key: &[u8], value: &[u8]) -> io::Result<()> {
-        self.puts += 1;
+        // A count of frames, each at least FRAME_HEAD bytes of a u64-long body: saturating
+        // only for form's sake.
+        self.puts = self.puts.saturating_add(1);
         self.frame(PUT, key, value)
     }
 
@@ -123,6 +125,7 @@ impl Verifier {
         let room = usize::try_from(self.body_len - self.seen).unwrap_or(usize::MAX);
         let body = &bytes[..bytes.len().min(room)];
         self.hasher.update(body);
+        // At most `body_len - seen` bytes were taken: `seen` never passes `body_len`.
         self.seen += body.len() as u64;
         self.frames(body)
     }
@@ -142,7 +145,7 @@ impl Verifier {
             body = &body[n..];
             if self.head.len() == FRAME_HEAD {
                 let (kind, klen, vlen) = parse_head(&self.head)?;
-                self.puts += u64::from(kind == PUT);
+                self.puts = self.puts.saturating_add(u64::from(kind == PUT));
                 self.skip = u64::from(klen) + u64::from(vlen);
                 self.head.clear();
             }
@@ -219,7 +222,8 @@ impl<R: Read> Reader<R> {
         self.r.read_exact(&mut head)?;
         let (kind, klen, vlen) = parse_head(&head).map_err(io::Error::other)?;
         let mut read = |len: u32| -> io::Result<Vec<u8>> {
-            let mut b = vec![0u8; len as usize];
+            // `len` passed `parse_head`: at most RECORD_BYTES_MAX (16 MiB).
+            let mut b = vec![0u8; usize::try_from(len).map_err(io::Error::other)?];
             self.r.read_exact(&mut b)?;
             Ok(b)
         };

@@ -221,7 +221,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let files = SnapshotFiles::in_dir(dir.path());
         assert!(files.current().unwrap().is_none());
-        for (id, len) in [("first", 5usize), ("second", 2 * WRITEBACK_CHUNK as usize + 12345)] {
+        let chunk = usize::try_from(WRITEBACK_CHUNK).unwrap();
+        for (id, len) in [("first", 5usize), ("second", 2 * chunk + 12345)] {
             let (path, f) = files.create(false).unwrap();
             let mut w = WritebackFile::new(f);
             let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();

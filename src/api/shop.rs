@@ -54,7 +54,8 @@ impl From<ShopError> for ApiError {
 }
 
 fn session_json(s: &Session) -> Value {
-    json!({"token": s.token, "user": s.user, "dc": s.dc})
+    // `dc` and `hlc` name this version: the last writer wins by (hlc, dc).
+    json!({"token": s.token, "user": s.user, "dc": s.dc, "hlc": s.hlc})
 }
 
 fn order_json(o: &Order) -> Value {

@@ -62,6 +62,7 @@ pub fn check(history: &[Record], final_state: &FinalState, opts: &CheckOptions) 
         availability: check_availability(&records, &final_state.nemesis, opts),
         roaming: check_roaming(&records, &acked),
         wrongly_refused: check_wrongly_refused(&records),
+        sessions: super::sessions::check_sessions(&records, final_state),
     };
     decide(&mut report);
     report
@@ -89,6 +90,9 @@ fn decide(r: &mut CheckReport) {
     if !r.roaming.ok {
         invalid.push(format!("read-your-writes across DCs: {} violation(s)", r.roaming.violations.len()));
     }
+    if !r.sessions.ok {
+        invalid.push(format!("sessions: {} last-writer-wins violation(s)", r.sessions.violations.len()));
+    }
     if !r.wrongly_refused.ok {
         invalid.push(format!("{} valid request(s) answered 400 or 500", r.wrongly_refused.violations.len()));
     }
@@ -104,6 +108,9 @@ fn decide(r: &mut CheckReport) {
     }
     if r.linearizability.timed_out_keys > 0 {
         inconclusive.push(format!("linearizability: {} of {} keys timed out", r.linearizability.timed_out_keys, r.linearizability.keys));
+    }
+    if r.sessions.unverified > 0 {
+        inconclusive.push(format!("{} session(s) without a final answer from every DC", r.sessions.unverified));
     }
     if !r.input_errors.is_empty() {
         inconclusive.push(format!("{} record(s) broke the input rules and were left out", r.input_errors.len()));
@@ -245,8 +252,26 @@ fn check_roaming(records: &[&Record], acked: &BTreeMap<&str, Acked>) -> Roaming 
             *e = (*e).min(r.invoke_ns);
         }
     }
+    // Logouts that may have happened, by token: (invoke of the earliest). After one, a
+    // session may rightly be unknown.
+    let mut maybe_logged_out: HashMap<&str, u64> = HashMap::new();
+    for r in records.iter().filter(|r| r.outcome != Outcome::Fail) {
+        if let Op::Logout { token } = &r.op {
+            let e = maybe_logged_out.entry(token.as_str()).or_insert(r.invoke_ns);
+            *e = (*e).min(r.invoke_ns);
+        }
+    }
     let (mut checked, mut elsewhere, mut violations) = (0, 0, vec![]);
     for r in records {
+        let session = match &r.op {
+            Op::ReadSession { token, .. } => Some(token.as_str()),
+            Op::Order { session, .. } => Some(session.as_str()),
+            Op::Cancel { session, .. } => session.as_deref(),
+            _ => None,
+        };
+        if session.and_then(|s| maybe_logged_out.get(s)).is_some_and(|t| r.complete_ns.is_none_or(|c| *t < c)) {
+            continue;
+        }
         let (subject, ack, kind): (&str, Option<&Record>, &str) = match &r.op {
             Op::ReadOrder { order_id, .. } => (order_id, acked.get(order_id.as_str()).map(|a| a.record), "order_not_found"),
             Op::ReadSession { token, .. } => (token, sessions.get(token.as_str()).copied(), "session_not_found"),

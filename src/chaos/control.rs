@@ -71,11 +71,14 @@ impl Control {
     }
 
     pub async fn get(&self, node: &NodeInfo, path: &str) -> Option<Value> {
+        self.get_answer(node, path).await.filter(|(status, _)| (200..300).contains(status)).map(|(_, v)| v)
+    }
+
+    /// Any answer with its status (an error body too); `None` if none came.
+    pub async fn get_answer(&self, node: &NodeInfo, path: &str) -> Option<(u16, Value)> {
         let r = self.http.get(format!("{}{path}", self.url(node))).send().await.ok()?;
-        if !r.status().is_success() {
-            return None;
-        }
-        r.json().await.ok()
+        let status = r.status().as_u16();
+        Some((status, r.json().await.unwrap_or(Value::Null)))
     }
 
     /// The leader of `dc`: the node that leads most of its shards.

@@ -68,7 +68,13 @@ pub enum Op {
         /// Result: the session token.
         #[serde(default)]
         token: Option<String>,
+        /// Result: the version written (absent in histories recorded before versions
+        /// were answered).
+        #[serde(default)]
+        version: Option<SessionVersion>,
     },
+    /// `DELETE /v1/sessions/{token}` (logout); `ok` is 204.
+    Logout { token: String },
     /// `PUT /v1/inventory/{sku}`. Must not be retried with an idempotency key in checked
     /// runs: a replay would look like a second restock.
     Restock {
@@ -129,7 +135,25 @@ pub enum Op {
         /// Result: the session's user.
         #[serde(default)]
         user: Option<String>,
+        /// Result: the version read.
+        #[serde(default)]
+        version: Option<SessionVersion>,
     },
+}
+
+/// A live version of a session (its `dc` and `hlc` fields): the last-writer-wins order
+/// is by HLC, then DC name. A logged-out session has no version (404).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionVersion {
+    pub hlc: u64,
+    pub dc: String,
+}
+
+impl std::fmt::Display for SessionVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.hlc, self.dc)
+    }
 }
 
 /// The body of a 409 `sold_out`.
@@ -143,6 +167,7 @@ impl Op {
     pub fn kind(&self) -> &'static str {
         match self {
             Op::Session { .. } => "session",
+            Op::Logout { .. } => "logout",
             Op::Restock { .. } => "restock",
             Op::Order { .. } => "order",
             Op::Cancel { .. } => "cancel",
@@ -154,20 +179,21 @@ impl Op {
 
     /// Writes count for "the first ok write after a leader kill".
     pub fn is_write(&self) -> bool {
-        matches!(self, Op::Session { .. } | Op::Restock { .. } | Op::Order { .. } | Op::Cancel { .. })
+        matches!(self, Op::Session { .. } | Op::Logout { .. } | Op::Restock { .. } | Op::Order { .. } | Op::Cancel { .. })
     }
 
     /// A one-line description for reports, e.g. `order s1 x2 -> dc1-7f3a`.
     pub fn describe(&self) -> String {
         match self {
-            Op::Session { user, token } => format!("session {user} -> {}", opt(token)),
+            Op::Session { user, token, version } => format!("session {user} -> {} {}", opt(token), opt(version)),
+            Op::Logout { token } => format!("logout {token}"),
             Op::Restock { sku, add, available_after } => format!("restock {sku} +{add} -> available {}", opt(available_after)),
             Op::Order { sku, qty, order_id, sold_out: Some(s), .. } => format!("order {sku} x{qty} -> sold_out available {} {}", s.available, opt(order_id)),
             Op::Order { sku, qty, order_id, .. } => format!("order {sku} x{qty} -> {}", opt(order_id)),
             Op::Cancel { order_id, qty, sku, .. } => format!("cancel {order_id} ({sku} x{qty})"),
             Op::ReadInventory { sku, available } => format!("read_inventory {sku} -> {}", opt(available)),
             Op::ReadOrder { order_id, order_status } => format!("read_order {order_id} -> {}", opt(order_status)),
-            Op::ReadSession { token, user } => format!("read_session {token} -> {}", opt(user)),
+            Op::ReadSession { token, user, version } => format!("read_session {token} -> {} {}", opt(user), opt(version)),
         }
     }
 }
@@ -214,6 +240,10 @@ pub struct DcState {
     /// Keyed by SKU: every SKU the workload touched.
     #[serde(default)]
     pub skus: BTreeMap<String, SkuState>,
+    /// Keyed by token: every session the history acknowledged, as this DC answers it
+    /// (`null`: 404, logged out or unknown). A token whose read failed is left out.
+    #[serde(default)]
+    pub sessions: BTreeMap<String, Option<SessionVersion>>,
 }
 
 /// One SKU as one DC sees it.

@@ -26,6 +26,10 @@
 //!    order with the session) or refuses a cancel by the session that placed the order
 //!    (401, 403, 404, 409); 503 `owner_unreachable` is allowed.
 //!
+//! 7. **Sessions are last-writer-wins registers** ordered by (HLC, DC), with final
+//!    logouts: nothing lost, no logout undone, every DC ends with the largest version any
+//!    client was answered, and no DC answers older than a version it wrote ([`sessions`]).
+//!
 //! A run in which fewer than `min_ok_ops` operations succeeded, or a key's search hit its
 //! time bound, is *inconclusive*, never valid. Operations with an unknown outcome are
 //! never assumed to have failed.
@@ -42,6 +46,7 @@ pub mod nemesis;
 pub mod report;
 pub mod run;
 pub mod scenario;
+pub mod sessions;
 pub mod workload;
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ pub struct CheckReport {
     pub availability: Availability,
     pub roaming: Roaming,
     pub wrongly_refused: WronglyRefused,
+    pub sessions: SessionLww,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -203,6 +204,31 @@ pub struct WronglyRefused {
     pub violations: Vec<OpRef>,
 }
 
+/// Invariant 7: sessions as last-writer-wins registers (see `chaos::sessions`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SessionLww {
+    pub ok: bool,
+    /// Sessions acknowledged in the history.
+    pub sessions: usize,
+    /// Of those, sessions whose logout was acknowledged.
+    pub logged_out: usize,
+    /// Session reads answered with a version.
+    pub reads_checked: usize,
+    /// Sessions some DC gave no definite final answer for.
+    pub unverified: usize,
+    pub violations: Vec<SessionViolation>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionViolation {
+    /// `lost`, `logout_undone`, `not_last_writer`, `went_back` or `diverged`.
+    pub kind: String,
+    pub token: String,
+    pub detail: String,
+    /// The operation the violation is about, if one.
+    pub op: Option<OpRef>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Roaming {
     pub ok: bool,
@@ -337,6 +363,21 @@ pub fn human(r: &CheckReport) -> String {
     );
     for v in ro.violations.iter().take(SHOWN_MAX) {
         let _ = writeln!(s, "       {} {}: {} after op {} acknowledged it", v.kind, v.subject, op_line(&v.op), v.acknowledged_by);
+    }
+    let se = &r.sessions;
+    let se_mark = if se.ok && se.unverified > 0 { "??  " } else { mark(se.ok) };
+    let _ = writeln!(
+        s,
+        "{} sessions last-writer-wins: {} violation(s) over {} sessions ({} logged out, {} reads, unverified {})",
+        se_mark,
+        se.violations.len(),
+        se.sessions,
+        se.logged_out,
+        se.reads_checked,
+        se.unverified
+    );
+    for v in se.violations.iter().take(SHOWN_MAX) {
+        let _ = writeln!(s, "       {} {}: {}{}", v.kind, v.token, v.detail, v.op.as_ref().map_or(String::new(), |op| format!(" ({})", op_line(op))));
     }
     let w = &r.wrongly_refused;
     let _ = writeln!(s, "{} valid requests refused as malformed (400) or failed (500): {} of {} answers", mark(w.ok), w.violations.len(), w.checked);

@@ -2,6 +2,7 @@
 //! and the nemesis schedule together, undo every fault, let the DCs converge, gather the
 //! final state, check it, and write the history and both reports to the run directory.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,10 +10,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use super::control::Control;
-use super::history::{DcState, FinalState, InventoryView, Nemesis, Outcome, Record, SkuState};
+use super::history::{DcState, FinalState, InventoryView, Nemesis, Outcome, Record, SessionVersion, SkuState};
 use super::scenario::Scenario;
 use super::workload::{Clock, Recorder, Workload};
 use super::{check, human, CheckOptions, CheckReport, Op};
+use serde_json::json;
 
 #[derive(clap::Subcommand)]
 pub enum ChaosCmd {
@@ -130,6 +132,32 @@ fn recheck(dir: &Path) -> anyhow::Result<CheckReport> {
     Ok(check(&history, &final_state, &CheckOptions::default()))
 }
 
+/// This DC's answer for every session the history acknowledged: its version, or `None`
+/// for a 404. Tokens whose read got no definite answer are left out.
+async fn final_sessions(control: &Control, node: &crate::config::NodeInfo, history: &[Record]) -> BTreeMap<String, Option<SessionVersion>> {
+    let tokens: BTreeSet<&str> = history
+        .iter()
+        .filter(|r| r.outcome == Outcome::Ok)
+        .filter_map(|r| match &r.op {
+            Op::Session { token: Some(t), .. } => Some(t.as_str()),
+            _ => None,
+        })
+        .collect();
+    let mut out = BTreeMap::new();
+    for t in tokens {
+        match control.get_answer(node, &format!("/v1/sessions/{t}?consistency=stale")).await {
+            Some((200, v)) => {
+                out.insert(t.to_string(), serde_json::from_value(json!({"hlc": v["hlc"], "dc": v["dc"]})).ok());
+            }
+            Some((404, _)) => {
+                out.insert(t.to_string(), None);
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 /// Waits for equal digests in every DC (up to `within`), then reads each DC's view of
 /// every SKU and looks up every acknowledged order there.
 async fn gather(control: &Control, history: &[Record], skus: &[String], nemesis: Nemesis, within: Duration) -> FinalState {
@@ -161,7 +189,7 @@ async fn gather(control: &Control, history: &[Record], skus: &[String], nemesis:
     for dc in dcs {
         let Some(node) = control.any_node(&dc).await else { continue };
         let digest = control.get(&node, "/v1/cluster/digest").await.and_then(|d| d["all"].as_str().map(String::from)).unwrap_or_default();
-        let mut state = DcState { digest, converged_after_ms, skus: Default::default() };
+        let mut state = DcState { digest, converged_after_ms, skus: Default::default(), sessions: final_sessions(control, &node, history).await };
         for sku in skus {
             let inventory: InventoryView = match control.get(&node, &format!("/v1/inventory/{sku}?consistency=stale")).await {
                 Some(v) => serde_json::from_value(v).unwrap_or_default(),

@@ -62,6 +62,8 @@ pub struct WorkloadSpec {
     pub read_order: u32,
     pub restock: u32,
     pub read_session: u32,
+    /// Logout of the client's session (it logs in again at its next step).
+    pub logout: u32,
     /// Per-call timeout: a call that takes longer has an unknown outcome.
     pub timeout_ms: u64,
     /// Share of calls (0..=1) a client sends to another DC than its home, as DNS names
@@ -85,6 +87,7 @@ impl Default for WorkloadSpec {
             read_order: 5,
             restock: 5,
             read_session: 0,
+            logout: 0,
             timeout_ms: 2000,
             roam_share: 0.0,
             move_after_ms: 3000,

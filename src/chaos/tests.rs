@@ -65,8 +65,36 @@ fn healthy(history: &[Record], dcs: &[&str]) -> FinalState {
             skus.entry(sku.clone()).or_default().orders_present.push(id.clone());
         }
     }
-    let dc = |_: &&str| DcState { digest: "d1".into(), converged_after_ms: Some(120), skus: skus.clone() };
+    let sessions = final_sessions(history);
+    let dc = |_: &&str| DcState { digest: "d1".into(), converged_after_ms: Some(120), skus: skus.clone(), sessions: sessions.clone() };
     FinalState { dcs: dcs.iter().map(|d| (d.to_string(), dc(d))).collect(), nemesis: Nemesis::default() }
+}
+
+/// Every acknowledged session as LWW leaves it: gone if a logout was acknowledged, else
+/// the largest version answered (or a first one, for histories without versions).
+fn final_sessions(history: &[Record]) -> BTreeMap<String, Option<SessionVersion>> {
+    let mut out: BTreeMap<String, Option<SessionVersion>> = BTreeMap::new();
+    for r in history.iter().filter(|r| r.outcome == Outcome::Ok) {
+        if let Op::Session { token: Some(t), .. } = &r.op {
+            out.insert(t.clone(), Some(SessionVersion { hlc: 1, dc: r.dc.clone() }));
+        }
+    }
+    for r in history.iter().filter(|r| r.outcome == Outcome::Ok) {
+        match &r.op {
+            Op::Session { token: Some(t), version: Some(v), .. } | Op::ReadSession { token: t, version: Some(v), .. } => {
+                if let Some(Some(f)) = out.get_mut(t) {
+                    *f = f.clone().max(v.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+    for r in history.iter().filter(|r| r.outcome == Outcome::Ok) {
+        if let Op::Logout { token } = &r.op {
+            out.insert(token.clone(), None);
+        }
+    }
+    out
 }
 
 fn opts() -> CheckOptions {
@@ -84,6 +112,7 @@ fn failing(r: &CheckReport) -> Vec<&'static str> {
         ("availability", r.availability.ok),
         ("roaming", r.roaming.ok),
         ("wrongly_refused", r.wrongly_refused.ok),
+        ("sessions", r.sessions.ok),
     ];
     sections.iter().filter(|(_, ok)| !ok).map(|(name, _)| *name).collect()
 }
@@ -113,13 +142,25 @@ fn lin_failure(r: &CheckReport) -> (String, Option<u64>) {
 // ---- the checker fails on bad histories ----
 
 fn session_ok(id: u64, dc: &str, t0: u64, t1: u64, token: &str) -> Record {
-    ok(id, dc, t0, t1, Op::Session { user: "u".into(), token: Some(token.into()) })
+    ok(id, dc, t0, t1, Op::Session { user: "u".into(), token: Some(token.into()), version: None })
+}
+fn version(hlc: u64, dc: &str) -> SessionVersion {
+    SessionVersion { hlc, dc: dc.into() }
+}
+fn session_at(id: u64, dc: &str, t0: u64, t1: u64, token: &str, hlc: u64) -> Record {
+    ok(id, dc, t0, t1, Op::Session { user: "u".into(), token: Some(token.into()), version: Some(version(hlc, dc)) })
+}
+fn read_version(id: u64, dc: &str, t0: u64, t1: u64, token: &str, v: SessionVersion) -> Record {
+    ok(id, dc, t0, t1, Op::ReadSession { token: token.into(), user: Some("u".into()), version: Some(v) })
+}
+fn logout(id: u64, dc: &str, t0: u64, t1: u64, token: &str) -> Record {
+    rec(id, dc, (t0, Some(t1)), Outcome::Ok, 204, Op::Logout { token: token.into() })
 }
 fn read_order(id: &str) -> Op {
     Op::ReadOrder { order_id: id.into(), order_status: None }
 }
 fn read_session(token: &str) -> Op {
-    Op::ReadSession { token: token.into(), user: None }
+    Op::ReadSession { token: token.into(), user: None, version: None }
 }
 fn cancel_with(order_id: &str, qty: u64, sku: &str, session: &str) -> Op {
     match cancel(order_id, qty, sku) {
@@ -581,4 +622,78 @@ fn a_cancel_sent_to_another_dc_may_apply_later_in_the_owner() {
             ok(5, "dc1", 80, 90, read("s", 5)),
         ]);
     }
+}
+
+// ---- sessions: last-writer-wins, final logouts ----
+
+/// t1 created in dc1 and refreshed by an order in dc2 (read as 30@dc2); t2 created in
+/// dc2 and logged out there.
+fn sessions_history() -> Vec<Record> {
+    vec![
+        session_at(1, "dc1", 0, 5, "t1", 10),
+        read_version(2, "dc2", 10, 12, "t1", version(30, "dc2")),
+        session_at(3, "dc2", 0, 5, "t2", 20),
+        logout(4, "dc2", 10, 15, "t2"),
+        // A roaming read of the logged-out session: 404 is right, not a false 404.
+        rec(5, "dc1", (16, Some(18)), Outcome::Fail, 404, read_session("t2")),
+    ]
+}
+
+#[test]
+fn sessions_that_keep_lww_and_final_logouts_are_valid() {
+    let h = sessions_history();
+    let r = must_be_valid(&h);
+    assert_eq!((r.sessions.sessions, r.sessions.logged_out, r.sessions.reads_checked), (2, 1, 1));
+    assert!(human(&r).contains("ok   sessions last-writer-wins: 0 violation(s) over 2 sessions (1 logged out"), "{}", human(&r));
+}
+
+#[test]
+fn a_lost_session_or_an_undone_logout_is_caught() {
+    let h = sessions_history();
+    let mut lost = healthy(&h, &["dc1", "dc2"]);
+    lost.dcs.get_mut("dc2").expect("dc2").sessions.insert("t1".into(), None);
+    let r = must_fail_in(&h, &lost, &["sessions"]);
+    let kinds: Vec<&str> = r.sessions.violations.iter().map(|v| v.kind.as_str()).collect();
+    assert_eq!(kinds, ["lost", "diverged"], "{}", human(&r));
+
+    let mut undone = healthy(&h, &["dc1", "dc2"]);
+    for d in undone.dcs.values_mut() {
+        d.sessions.insert("t2".into(), Some(version(20, "dc2")));
+    }
+    let r = must_fail_in(&h, &undone, &["sessions"]);
+    assert_eq!(r.sessions.violations.iter().map(|v| (v.kind.as_str(), v.token.as_str())).collect::<Vec<_>>(), [("logout_undone", "t2"); 2]);
+
+    // The DC that acknowledged the logout shows the session live afterwards.
+    let mut h2 = h.clone();
+    h2.push(read_version(6, "dc2", 20, 21, "t2", version(20, "dc2")));
+    let r = must_fail_in(&h2, &healthy(&h2, &["dc1", "dc2"]), &["sessions"]);
+    assert_eq!(r.sessions.violations[0].op.as_ref().map(|o| o.id), Some(6));
+    // In another DC, before replication reached it, that is allowed.
+    let mut h3 = h.clone();
+    h3.push(read_version(6, "dc1", 20, 21, "t2", version(20, "dc2")));
+    must_be_valid(&h3);
+}
+
+#[test]
+fn a_smaller_version_that_wins_or_a_dc_that_goes_back_is_caught() {
+    let h = sessions_history();
+    // Every DC ends with the create (10@dc1) although 30@dc2 was answered: the merge did
+    // not keep the largest HLC.
+    let mut older = healthy(&h, &["dc1", "dc2"]);
+    for d in older.dcs.values_mut() {
+        d.sessions.insert("t1".into(), Some(version(10, "dc1")));
+    }
+    let r = must_fail_in(&h, &older, &["sessions"]);
+    assert_eq!(r.sessions.violations.iter().map(|v| v.kind.as_str()).collect::<Vec<_>>(), ["not_last_writer"; 2]);
+    assert!(r.sessions.violations[0].detail.contains("ends with 10@dc1, smaller than 30@dc2"), "{:?}", r.sessions.violations);
+
+    // dc2 answered its own 30@dc2, then 10@dc1 to a later read: it went back.
+    let mut h2 = h.clone();
+    h2.push(read_version(6, "dc2", 20, 21, "t1", version(10, "dc1")));
+    let r = must_fail_in(&h2, &healthy(&h2, &["dc1", "dc2"]), &["sessions"]);
+    assert_eq!(r.sessions.violations.iter().map(|v| v.kind.as_str()).collect::<Vec<_>>(), ["went_back"]);
+    // dc1 never wrote 30@dc2: an older answer there is replication not yet arrived.
+    let mut h3 = h.clone();
+    h3.push(read_version(6, "dc1", 20, 21, "t1", version(10, "dc1")));
+    must_be_valid(&h3);
 }

@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
 use super::control::Control;
-use super::history::{Op, Outcome, Record, SoldOut};
+use super::history::{Op, Outcome, Record, SessionVersion, SoldOut};
 use super::scenario::WorkloadSpec;
 use crate::config::NodeInfo;
 
@@ -86,9 +86,9 @@ struct Reply {
 /// proposed, `timeout` and `unknown_outcome` may have been applied.
 fn outcome_of(status: u16, body: &Value) -> Outcome {
     match status {
-        200..=201 => Outcome::Ok,
         // Accepted, not done: may or may not happen.
         202 => Outcome::Unknown,
+        200..=299 => Outcome::Ok,
         400..=499 => Outcome::Fail,
         503 if matches!(body["error"]["code"].as_str(), Some("no_quorum" | "overloaded" | "unreachable" | "owner_unreachable" | "node_stopped")) => {
             Outcome::Fail
@@ -115,6 +115,9 @@ struct Client {
     /// Since when every other DC's answer has left the home DC out.
     home_missing_since: Option<Instant>,
     session: Option<String>,
+    /// Tokens this client logged out (the latest few), read again now and then: a DC that
+    /// acknowledged a logout must never show that session live again.
+    gone: Vec<String>,
     /// Orders this client placed and saw acknowledged: (id, sku, qty, still live).
     orders: Vec<(String, String, u64, bool)>,
     seq: u64,
@@ -245,8 +248,27 @@ impl Client {
         if reply.outcome == Outcome::Ok {
             self.session = token.clone();
         }
-        let op = Op::Session { user: self.name.clone(), token };
+        let op = Op::Session { user: self.name.clone(), token, version: session_version(&reply.body) };
         self.finish(begun, node, &reply, op).await
+    }
+
+    /// Logs the session out. Unless refused, the session is done with (even an unknown
+    /// outcome may have deleted it): the next step opens another, and the orders placed
+    /// with it are no longer cancellable by this client.
+    async fn logout(&mut self) {
+        let Some(token) = self.session.clone() else { return };
+        let node = self.pick_node().await;
+        let begun = self.begin();
+        let reply = self.call(&node, reqwest::Method::DELETE, &format!("/v1/sessions/{token}"), None).await;
+        if reply.outcome != Outcome::Fail {
+            self.session = None;
+            self.orders.iter_mut().for_each(|o| o.3 = false);
+            self.gone.push(token.clone());
+            if self.gone.len() > GONE_KEPT {
+                self.gone.remove(0);
+            }
+        }
+        self.finish(begun, node, &reply, Op::Logout { token }).await;
     }
 
     async fn order(&mut self) {
@@ -303,20 +325,28 @@ impl Client {
         self.finish(begun, node, &reply, op).await;
     }
 
+    /// Reads the live session, or (one time in four, if there is one) a logged-out one.
     async fn read_session(&mut self) {
-        let Some(token) = self.session.clone() else { return };
+        let old = (!self.gone.is_empty() && self.rng.gen_range(0..4) == 0).then(|| self.gone[self.rng.gen_range(0..self.gone.len())].clone());
+        let Some(token) = old.or_else(|| self.session.clone()) else { return };
         let node = self.pick_node().await;
         let begun = self.begin();
         let reply = self.call(&node, reqwest::Method::GET, &format!("/v1/sessions/{token}"), None).await;
-        let op = Op::ReadSession { token, user: reply.body["user"].as_str().map(String::from) };
+        let op = Op::ReadSession { token, user: reply.body["user"].as_str().map(String::from), version: session_version(&reply.body) };
         self.finish(begun, node, &reply, op).await;
     }
 
     async fn step(&mut self) {
+        if self.session.is_none() {
+            // Logged out: log in again first.
+            self.session().await;
+            return;
+        }
         let w = &self.spec;
-        let total = w.order + w.cancel + w.read_inventory + w.read_order + w.restock + w.read_session;
+        let total = w.order + w.cancel + w.read_inventory + w.read_order + w.restock + w.read_session + w.logout;
         let mut pick = self.rng.gen_range(0..total);
-        for (weight, kind) in [(w.order, 0), (w.cancel, 1), (w.read_inventory, 2), (w.read_order, 3), (w.restock, 4), (w.read_session, 5)] {
+        let kinds = [(w.order, 0), (w.cancel, 1), (w.read_inventory, 2), (w.read_order, 3), (w.restock, 4), (w.read_session, 5), (w.logout, 6)];
+        for (weight, kind) in kinds {
             if pick < weight {
                 return match kind {
                     0 => self.order().await,
@@ -324,6 +354,7 @@ impl Client {
                     2 => self.read_inventory().await,
                     3 => self.read_order().await,
                     5 => self.read_session().await,
+                    6 => self.logout().await,
                     _ => {
                         let sku = self.skus[self.rng.gen_range(0..self.skus.len())].clone();
                         let add = self.rng.gen_range(1..=10);
@@ -334,6 +365,14 @@ impl Client {
             pick -= weight;
         }
     }
+}
+
+/// Logged-out tokens a client keeps to read again.
+const GONE_KEPT: usize = 4;
+
+/// The version a session answer names (`dc` and `hlc`), if it is one.
+fn session_version(body: &Value) -> Option<SessionVersion> {
+    Some(SessionVersion { hlc: body["hlc"].as_u64()?, dc: body["dc"].as_str()?.to_string() })
 }
 
 /// Asks the DC's DNS servers for `dcN.shop.<zone>` and maps the answer to nodes.
@@ -394,6 +433,7 @@ impl Workload {
                     shop_at: None,
                     home_missing_since: None,
                     session: None,
+                    gone: Vec::new(),
                     orders: Vec::new(),
                     seq: 0,
                 });

@@ -11,6 +11,7 @@
 //! - [`door`]: connection caps per listener and source, and idle timeouts.
 //! - [`logs`]: rate-limited warnings for what a remote party can cause at will.
 //! - [`actors`]: ractor actors for sessions, inventory, orders, and their supervisor.
+//! - [`escrow_journal`]: test hook: stock moves no client made, for the chaos checker.
 //! - [`expiry`]: the expiry pass (idempotency records, sessions) the leader proposes.
 //! - [`ids`]: random identifiers (tokens, order ids).
 //! - [`hlc`]: the hybrid logical clock that orders cross-DC writes.
@@ -41,6 +42,7 @@ pub mod dns;
 pub mod domain;
 pub mod door;
 pub mod error;
+pub mod escrow_journal;
 pub mod expiry;
 pub mod hlc;
 pub mod ids;

@@ -171,6 +171,14 @@ pub struct Clock {
     skew_ms: i64,
 }
 
+/// The escrow journal (a test hook): `{"dc", "node", "records": [...]}`.
+pub async fn get_escrow_journal(State(node): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    require_hooks(&node)?;
+    let records =
+        crate::escrow_journal::read().map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("read the escrow journal: {e}")))?;
+    Ok(Json(serde_json::json!({"dc": node.info.dc, "node": node.info.name, "records": records})))
+}
+
 pub async fn get_clock(State(node): State<AppState>) -> Result<Json<Clock>, ApiError> {
     require_hooks(&node)?;
     Ok(Json(Clock { skew_ms: crate::hlc::skew_ms() }))

@@ -111,6 +111,7 @@ pub fn admin_router(node: AppState, token: Option<Arc<str>>) -> Router {
         .route("/v1/admin/wan", get(admin::get_wan).put(admin::set_wan))
         .route("/v1/admin/crash/{actor}", post(admin::crash_actor))
         .route("/v1/admin/clock", get(admin::get_clock).put(admin::set_clock))
+        .route("/v1/admin/escrow-journal", get(admin::get_escrow_journal))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(body_max))
         .layer(middleware::from_fn_with_state(token, admin::require_token))

@@ -23,7 +23,8 @@ pub struct CheckOptions {
     /// The longest tolerated gap from a leader kill to the next ok write, if set.
     pub unavailability_ms_max: Option<u64>,
     /// Rebalancing moves stock between DCs (`sent`), which `by_dc` does not show; when
-    /// it is off (as in checked runs) each DC must also have sold only its own stock.
+    /// it is off (and no grant was journaled) each DC must also have sold only its own
+    /// stock.
     pub rebalancing: bool,
 }
 
@@ -57,7 +58,7 @@ pub fn check(history: &[Record], final_state: &FinalState, opts: &CheckOptions) 
         lost_orders: check_lost_orders(&records, &acked, final_state),
         oversell: check_oversell(&records, &acked, final_state, opts),
         convergence: check_convergence(final_state, opts),
-        linearizability: check_linearizability(&records, &by_id, opts),
+        linearizability: check_linearizability(&records, &by_id, final_state, opts),
         duplicates: check_duplicates(&records, &acked, final_state),
         availability: check_availability(&records, &final_state.nemesis, opts),
         roaming: check_roaming(&records, &acked),
@@ -323,10 +324,12 @@ fn check_wrongly_refused(records: &[&Record]) -> WronglyRefused {
 fn check_oversell(records: &[&Record], acked: &BTreeMap<&str, Acked>, final_state: &FinalState, opts: &CheckOptions) -> Oversell {
     let mut violations = vec![];
     let mut checks = 0;
+    // Journaled grants prove rebalancing ran, whatever the options say.
+    let rebalancing = opts.rebalancing || !final_state.escrow.moves.is_empty();
     for (view_dc, d) in &final_state.dcs {
         for (sku, s) in &d.skus {
             checks += 1;
-            view_violations(sku, view_dc, &s.inventory.by_dc, opts.rebalancing, &mut violations);
+            view_violations(sku, view_dc, &s.inventory.by_dc, rebalancing, &mut violations);
         }
     }
     let mut skus: BTreeSet<&str> = final_state.dcs.values().flat_map(|d| d.skus.keys().map(String::as_str)).collect();
@@ -428,26 +431,93 @@ fn check_convergence(final_state: &FinalState, opts: &CheckOptions) -> Convergen
 }
 
 /// Invariant 4: each (DC, SKU) key's operations, searched independently.
-fn check_linearizability(records: &[&Record], by_id: &HashMap<u64, &Record>, opts: &CheckOptions) -> Linearizability {
+fn check_linearizability(records: &[&Record], by_id: &HashMap<u64, &Record>, final_state: &FinalState, opts: &CheckOptions) -> Linearizability {
     let budget = Duration::from_millis(opts.lin_key_budget_ms);
+    let mut keys = lin_keys(records);
+    let escrow = escrow_ops(final_state);
+    for (key, ops) in escrow.ops {
+        keys.entry(key).or_default().extend(ops);
+    }
     let mut results = vec![];
-    for ((dc, sku), ops) in lin_keys(records) {
+    for ((dc, sku), ops) in keys {
         let started = Instant::now();
         let verdict = linearizable::check_ops(&ops, Limits::new(budget, opts.lin_cache_entries_max));
         let failure = (verdict == Verdict::Illegal).then(|| {
             let f = linearizable::explain(&ops, Limits::new(budget, opts.lin_cache_entries_max));
-            let refs = |ids: &[u64]| ids.iter().filter_map(|id| by_id.get(id)).map(|r| op_ref(r)).collect::<Vec<_>>();
+            let op_ref_of = |id: &u64| by_id.get(id).map(|r| op_ref(r)).or_else(|| escrow.refs.get(id).cloned());
             let culprit = f.culprit.and_then(|id| by_id.get(&id));
             let stale = culprit.is_some_and(|r| matches!(r.op, Op::ReadInventory { .. }));
             let kind = if stale { "stale_read" } else { "non_linearizable" };
-            KeyFailure { kind: kind.into(), culprit: culprit.map(|r| op_ref(r)), prefix_ops: f.prefix_ops, involved: refs(&f.involved) }
+            let culprit = f.culprit.as_ref().and_then(op_ref_of);
+            KeyFailure { kind: kind.into(), culprit, prefix_ops: f.prefix_ops, involved: f.involved.iter().filter_map(op_ref_of).collect() }
         });
         let elapsed_ms = started.elapsed().as_millis() as u64;
         results.push(KeyReport { dc, sku, ops: ops.len(), verdict, elapsed_ms, failure });
     }
     let n = |v: Verdict| results.iter().filter(|k| k.verdict == v).count();
     let (ok_keys, illegal_keys, timed_out_keys) = (n(Verdict::Ok), n(Verdict::Illegal), n(Verdict::TimedOut));
-    Linearizability { ok: illegal_keys == 0, keys: results.len(), ok_keys, illegal_keys, timed_out_keys, results }
+    Linearizability {
+        ok: illegal_keys == 0,
+        keys: results.len(),
+        ok_keys,
+        illegal_keys,
+        timed_out_keys,
+        grants: escrow.placed,
+        grants_unexplained: escrow.unexplained,
+        results,
+    }
+}
+
+/// Model ids of escrow moves: above any history id.
+const ESCROW_ID_BASE: u64 = 1 << 62;
+
+/// Escrow moves as model operations, by (DC, SKU).
+struct EscrowOps {
+    ops: BTreeMap<(String, String), Vec<LinOp>>,
+    /// How each reads in a failure report.
+    refs: HashMap<u64, OpRef>,
+    /// Moves placed in a window.
+    placed: usize,
+    /// Keys whose final counters show more or less moved than the journals hold.
+    unexplained: usize,
+}
+
+/// Rebalancing grants as operations of the DC whose stock they moved: each takes effect
+/// inside its journaled window. A DC's own final counters say how much moved in all
+/// (available − stocked + sold − released = received − given); where the journals hold
+/// a different sum (a node's journal lost or cut), the difference may take effect at any
+/// time, or never, so that nothing the journal lacks can fail a key.
+fn escrow_ops(final_state: &FinalState) -> EscrowOps {
+    let mut out = EscrowOps { ops: BTreeMap::new(), refs: HashMap::new(), placed: 0, unexplained: 0 };
+    let mut journaled: BTreeMap<(String, String), i128> = BTreeMap::new();
+    let mut next_id = ESCROW_ID_BASE;
+    let mut push = |out: &mut EscrowOps, dc: &str, sku: &str, delta: i64, window: (u64, Option<u64>)| {
+        next_id += 1;
+        let step = Step::Grant { delta };
+        let what = format!("{} {sku} {delta:+} (rebalancing)", if delta < 0 { "grant given" } else { "grant received" });
+        let outcome = if window.1.is_some() { "journaled" } else { "unjournaled" }.to_string();
+        out.refs
+            .insert(next_id, OpRef { id: next_id, client: "escrow".into(), node: dc.into(), op: what, outcome, invoke_ns: window.0, complete_ns: window.1 });
+        out.ops.entry((dc.to_string(), sku.to_string())).or_default().push(LinOp { id: next_id, invoke_ns: window.0, return_ns: window.1, step });
+    };
+    for m in &final_state.escrow.moves {
+        *journaled.entry((m.dc.clone(), m.sku.clone())).or_default() += m.delta as i128;
+        push(&mut out, &m.dc, &m.sku, m.delta, (m.not_before_ns, Some(m.by_ns.max(m.not_before_ns))));
+        out.placed += 1;
+    }
+    for (dc, d) in &final_state.dcs {
+        for (sku, state) in &d.skus {
+            let Some(c) = state.inventory.by_dc.get(dc) else { continue };
+            let moved = c.available as i128 - c.stocked as i128 + c.sold as i128 - c.released as i128;
+            let rest = moved - journaled.get(&(dc.clone(), sku.clone())).copied().unwrap_or(0);
+            if rest != 0 {
+                out.unexplained += 1;
+                let delta = i64::try_from(rest).unwrap_or(if rest < 0 { i64::MIN } else { i64::MAX });
+                push(&mut out, dc, sku, delta, (0, None));
+            }
+        }
+    }
+    out
 }
 
 /// An operation of a key before idempotency groups are numbered.

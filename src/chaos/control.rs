@@ -74,6 +74,16 @@ impl Control {
         self.get_answer(node, path).await.filter(|(status, _)| (200..300).contains(status)).map(|(_, v)| v)
     }
 
+    /// A GET of `node`'s admin API (with the cluster's admin token); its body if 2xx.
+    pub async fn admin_get(&self, node: &NodeInfo, path: &str) -> Option<Value> {
+        let token = crate::certs::read_token(&crate::certs::token_path(&self.state_dir.join("certs"))).ok()?;
+        let r = self.http.get(format!("http://{}{path}", node.admin)).bearer_auth(token).send().await.ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        r.json().await.ok()
+    }
+
     /// Any answer with its status (an error body too); `None` if none came.
     pub async fn get_answer(&self, node: &NodeInfo, path: &str) -> Option<(u16, Value)> {
         let r = self.http.get(format!("{}{path}", self.url(node))).send().await.ok()?;

@@ -225,6 +225,35 @@ pub struct FinalState {
     pub dcs: BTreeMap<String, DcState>,
     #[serde(default)]
     pub nemesis: Nemesis,
+    /// Stock that moved between DCs by itself (rebalancing grants), from the nodes'
+    /// escrow journals.
+    #[serde(default)]
+    pub escrow: Escrow,
+}
+
+/// The grants the nodes journaled, one per (Raft entry, SKU), on the history's clock.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Escrow {
+    pub moves: Vec<EscrowMove>,
+    /// Nodes whose journal could not be read or was cut at its size bound: moves may be
+    /// missing (the checker then lets the difference take effect at any time).
+    #[serde(default)]
+    pub incomplete: Vec<String>,
+}
+
+/// `dc`'s `available` of `sku` changed by `delta` (a grant given: negative; received:
+/// positive) at some instant within [`not_before_ns`, `by_ns`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EscrowMove {
+    pub dc: String,
+    pub sku: String,
+    pub delta: i64,
+    /// When its Raft entry was proposed, or a bound below it; 0 if unknown.
+    pub not_before_ns: u64,
+    /// When the first node of `dc` had applied it.
+    pub by_ns: u64,
 }
 
 /// One DC's state after healing (read from any one healthy node of it).

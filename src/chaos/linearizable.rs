@@ -46,6 +46,9 @@ pub enum Step {
     Cancel { qty: u64, group: Option<usize> },
     /// A linearizable read: `available == reported`.
     Read { available: u64 },
+    /// Stock that moved between DCs by itself (a rebalancing grant): `available += delta`,
+    /// which a grant given (negative) needs to hold.
+    Grant { delta: i64 },
 }
 
 impl Step {
@@ -99,6 +102,7 @@ fn need(step: &Step, s: &State) -> Option<Need> {
         Step::Read { available } => Some(Need::Exactly(*available)),
         Step::SoldOut { qty, available, .. } => (available < qty).then_some(Need::Exactly(*available)),
         Step::Order { qty, .. } => Some(Need::AtLeast(*qty)),
+        Step::Grant { delta } => Some(if *delta < 0 { Need::AtLeast(delta.unsigned_abs()) } else { Need::Nothing }),
     }
 }
 
@@ -114,6 +118,7 @@ fn apply(step: &Step, s: &State) -> Option<State> {
         Step::SoldOut { .. } => Some(s.with(s.available, g)),
         Step::Order { qty, .. } => s.available.checked_sub(*qty).map(|a| s.with(a, g)),
         Step::Cancel { qty, .. } => s.available.checked_add(*qty).map(|a| s.with(a, g)),
+        Step::Grant { delta } => s.available.checked_add_signed(*delta).map(|a| s.with(a, None)),
     }
 }
 
@@ -123,6 +128,7 @@ fn pending_delta(step: &Step) -> i128 {
         Step::Restock { add, .. } => *add as i128,
         Step::Cancel { qty, .. } => *qty as i128,
         Step::Order { qty, .. } => -(*qty as i128),
+        Step::Grant { delta } => *delta as i128,
         // Never pending: a read or sold-out without its answer says nothing.
         Step::Read { .. } | Step::SoldOut { .. } => 0,
     }

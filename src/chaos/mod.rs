@@ -13,10 +13,11 @@
 //! 4. **Linearizability** of inventory inside each DC, per (DC, SKU): restocks, orders,
 //!    sold-out answers, cancels and reads are explained by one sequential order that
 //!    respects real time ([`linearizable`], Wing–Gong/Lowe with memoisation as in
-//!    Porcupine). A read that no such order explains is a *stale read*. This relies on
-//!    two rules of checked runs: rebalancing is disabled (otherwise grants would move a
-//!    DC's stock with no client call) and cancels are sent to the order's owner DC (a
-//!    cancel sent elsewhere is still accepted, but only as "may have happened").
+//!    Porcupine). A read that no such order explains is a *stale read*. Rebalancing
+//!    grants move a DC's stock with no client call: the nodes journal each one (a test
+//!    hook, [`crate::escrow_journal`]) and the model places it between its entry's
+//!    proposal and its first apply. A cancel sent to another DC than the order's owner
+//!    is accepted only as "may have happened".
 //! 5. **Availability** (measured, and checked against a bound if one is set): the share
 //!    of calls served during each fault window, and the time from each leader kill to
 //!    the next successful write in that DC. Also: no idempotency key has two live orders.

@@ -151,6 +151,10 @@ pub struct Linearizability {
     pub ok_keys: usize,
     pub illegal_keys: usize,
     pub timed_out_keys: usize,
+    /// Rebalancing grants placed in the model from the nodes' escrow journals.
+    pub grants: usize,
+    /// Keys where the final counters show a move the journals lack (modelled as free).
+    pub grants_unexplained: usize,
     pub results: Vec<KeyReport>,
 }
 
@@ -400,7 +404,11 @@ fn human_convergence(s: &mut String, c: &Convergence, mark: &str) {
 }
 
 fn human_linearizability(s: &mut String, l: &Linearizability, mark: &str, shown_max: usize) {
-    let _ = writeln!(s, "{mark} linearizable (dc, sku) keys: {} of {} (illegal {}, timed out {})", l.ok_keys, l.keys, l.illegal_keys, l.timed_out_keys);
+    let _ = writeln!(
+        s,
+        "{mark} linearizable (dc, sku) keys: {} of {} (illegal {}, timed out {}; {} rebalancing grants placed, {} keys with unjournaled moves)",
+        l.ok_keys, l.keys, l.illegal_keys, l.timed_out_keys, l.grants, l.grants_unexplained
+    );
     for k in l.results.iter().filter(|k| k.verdict != Verdict::Ok).take(shown_max) {
         let Some(f) = &k.failure else {
             let _ = writeln!(s, "       {}/{}: timed out after {} ms over {} ops", k.dc, k.sku, k.elapsed_ms, k.ops);

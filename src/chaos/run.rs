@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use super::control::Control;
-use super::history::{DcState, FinalState, InventoryView, Nemesis, Outcome, Record, SessionVersion, SkuState};
+use super::history::{DcState, Escrow, EscrowMove, FinalState, InventoryView, Nemesis, Outcome, Record, SessionVersion, SkuState};
 use super::scenario::Scenario;
 use super::workload::{Clock, Recorder, Workload};
 use super::{check, human, CheckOptions, CheckReport, Op};
@@ -105,8 +105,9 @@ pub async fn run(s: &Scenario, out: &Path) -> anyhow::Result<CheckReport> {
     workload.run(control.clone(), rec.clone(), until).await?;
     let faults = nemesis.await??;
     let history = rec.take().await;
-    let final_state = gather(&control, &history, &skus, faults, Duration::from_secs_f64(s.converge_within_s)).await;
-    let opts = CheckOptions { convergence_ms_max: Some((s.converge_within_s * 1000.0) as u64), ..CheckOptions::default() };
+    let final_state = gather(&control, &clock, &history, &skus, faults, Duration::from_secs_f64(s.converge_within_s)).await;
+    let rebalancing = control.config.replication.low_water_units > 0;
+    let opts = CheckOptions { convergence_ms_max: Some((s.converge_within_s * 1000.0) as u64), rebalancing, ..CheckOptions::default() };
     let report = check(&history, &final_state, &opts);
     write_run(out, &history, &final_state, &report)?;
     println!("{}", human(&report));
@@ -131,6 +132,52 @@ fn recheck(dir: &Path) -> anyhow::Result<CheckReport> {
     let final_state = super::history::read_final_state(open(&fpath)?, &fpath.display().to_string())?;
     Ok(check(&history, &final_state, &CheckOptions::default()))
 }
+
+/// Every node's escrow journal, joined by Raft entry: one move per (DC, shard, entry,
+/// SKU), not before its proposal (or, where the proposing leader's record is gone, the
+/// latest proposal of an earlier entry of the same term, which came before it), by the
+/// first node's apply. Times move to the history's clock.
+async fn escrow_moves(control: &Control, clock: &Clock) -> Escrow {
+    type Entry = (String, u16, u64, u64); // (dc, shard, term, index)
+    let mut proposed: BTreeMap<Entry, u64> = BTreeMap::new();
+    let mut applied: BTreeMap<(Entry, String), (i64, u64)> = BTreeMap::new();
+    let mut incomplete = vec![];
+    for node in control.config.nodes() {
+        let Some(v) = control.admin_get(&node, "/v1/admin/escrow-journal").await else {
+            incomplete.push(node.name.clone());
+            continue;
+        };
+        let records: Vec<crate::escrow_journal::Record> = serde_json::from_value(v["records"].clone()).unwrap_or_default();
+        for r in records {
+            match r {
+                crate::escrow_journal::Record::Proposed { shard, term, index, at_ns } => {
+                    let e = proposed.entry((node.dc.clone(), shard, term, index)).or_insert(at_ns);
+                    *e = (*e).min(at_ns);
+                }
+                crate::escrow_journal::Record::Applied { shard, term, index, sku, delta, at_ns } => {
+                    let e = applied.entry(((node.dc.clone(), shard, term, index), sku)).or_insert((delta, at_ns));
+                    e.1 = e.1.min(at_ns);
+                }
+                crate::escrow_journal::Record::Truncated { .. } => incomplete.push(node.name.clone()),
+            }
+        }
+    }
+    let moves = applied
+        .into_iter()
+        .map(|(((dc, shard, term, index), sku), (delta, by))| {
+            let exact = proposed.get(&(dc.clone(), shard, term, index)).copied();
+            let earlier = || proposed.range((dc.clone(), shard, term, 0)..(dc.clone(), shard, term, index)).map(|(_, t)| *t).max();
+            let not_before = exact.or_else(earlier).map_or(0, |t| clock.from_monotonic_ns(t).saturating_sub(CLOCK_SLACK_NS));
+            EscrowMove { dc, sku, delta, not_before_ns: not_before, by_ns: clock.from_monotonic_ns(by).saturating_add(CLOCK_SLACK_NS) }
+        })
+        .collect();
+    incomplete.dedup();
+    Escrow { moves, incomplete }
+}
+
+/// The history's clock and the nodes' `CLOCK_MONOTONIC` were read a few microseconds
+/// apart: journal windows are widened by this much so that the gap cannot narrow them.
+const CLOCK_SLACK_NS: u64 = 1_000_000;
 
 /// This DC's answer for every session the history acknowledged: its version, or `None`
 /// for a 404. Tokens whose read got no definite answer are left out.
@@ -160,7 +207,7 @@ async fn final_sessions(control: &Control, node: &crate::config::NodeInfo, histo
 
 /// Waits for equal digests in every DC (up to `within`), then reads each DC's view of
 /// every SKU and looks up every acknowledged order there.
-async fn gather(control: &Control, history: &[Record], skus: &[String], nemesis: Nemesis, within: Duration) -> FinalState {
+async fn gather(control: &Control, clock: &Clock, history: &[Record], skus: &[String], nemesis: Nemesis, within: Duration) -> FinalState {
     let healed = Instant::now();
     let dcs = control.config.dc_names();
     let mut converged_after_ms = None;
@@ -185,7 +232,8 @@ async fn gather(control: &Control, history: &[Record], skus: &[String], nemesis:
             _ => None,
         })
         .collect();
-    let mut out = FinalState { dcs: Default::default(), nemesis };
+    let escrow = escrow_moves(control, clock).await;
+    let mut out = FinalState { dcs: Default::default(), nemesis, escrow };
     for dc in dcs {
         let Some(node) = control.any_node(&dc).await else { continue };
         let digest = control.get(&node, "/v1/cluster/digest").await.and_then(|d| d["all"].as_str().map(String::from)).unwrap_or_default();

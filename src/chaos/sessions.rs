@@ -48,7 +48,7 @@ pub fn check_sessions(records: &[&Record], final_state: &FinalState) -> SessionL
         unverified += usize::from(finals.len() < final_state.dcs.len());
         let seen = seen.get(token).map(Vec::as_slice).unwrap_or_default();
         let mut flag = |kind: &str, detail: String, op: Option<&Record>| {
-            violations.push(SessionViolation { kind: kind.into(), token: token.to_string(), detail, op: op.map(|r| op_ref(r)) })
+            violations.push(SessionViolation { kind: kind.into(), token: token.to_string(), detail, op: op.map(op_ref) })
         };
         for (dc, v) in &finals {
             match (v, acked_logout) {

@@ -67,7 +67,7 @@ fn healthy(history: &[Record], dcs: &[&str]) -> FinalState {
     }
     let sessions = final_sessions(history);
     let dc = |_: &&str| DcState { digest: "d1".into(), converged_after_ms: Some(120), skus: skus.clone(), sessions: sessions.clone() };
-    FinalState { dcs: dcs.iter().map(|d| (d.to_string(), dc(d))).collect(), nemesis: Nemesis::default() }
+    FinalState { dcs: dcs.iter().map(|d| (d.to_string(), dc(d))).collect(), nemesis: Nemesis::default(), escrow: Escrow::default() }
 }
 
 /// Every acknowledged session as LWW leaves it: gone if a logout was acknowledged, else
@@ -696,4 +696,60 @@ fn a_smaller_version_that_wins_or_a_dc_that_goes_back_is_caught() {
     let mut h3 = h.clone();
     h3.push(read_version(6, "dc1", 20, 21, "t1", version(10, "dc1")));
     must_be_valid(&h3);
+}
+
+// ---- rebalancing grants in the linearizability model ----
+
+/// dc1 restocks 10 units of s; a grant of 4 to another DC is journaled in [20, 30].
+fn granted() -> (Vec<Record>, FinalState) {
+    let h = vec![ok(1, "dc1", 0, 10, restock("s", 10, 10))];
+    let mut state = healthy(&h, &["dc1", "dc2"]);
+    state.escrow.moves.push(EscrowMove { dc: "dc1".into(), sku: "s".into(), delta: -4, not_before_ns: 20, by_ns: 30 });
+    (h, state)
+}
+
+#[test]
+fn a_journaled_grant_explains_the_stock_it_moved_and_no_earlier_or_later() {
+    let (mut h, state) = granted();
+    // After the grant: 6. During it: either.
+    h.push(ok(2, "dc1", 40, 50, read("s", 6)));
+    h.push(ok(3, "dc1", 22, 24, read("s", 10)));
+    let r = must_fail_in(&h, &state, &[]);
+    assert_eq!((r.linearizability.grants, r.linearizability.grants_unexplained), (1, 0));
+    // Without the journal the same reads are not linearizable (and a grant moved stock
+    // that no counter explains).
+    let mut bare = state.clone();
+    bare.escrow = Escrow::default();
+    must_fail_in(&h, &bare, &["linearizability"]);
+
+    // The old stock read after the grant was applied: stale.
+    let (mut h, state) = granted();
+    h.push(ok(2, "dc1", 40, 50, read("s", 10)));
+    let r = must_fail_in(&h, &state, &["linearizability"]);
+    let text = human(&r);
+    assert!(text.contains("stale_read at #2"), "{text}");
+    assert!(text.contains("grant given s -4 (rebalancing)"), "the grant is named among the operations involved:\n{text}");
+    // The new stock read before the grant was proposed: it came from nowhere.
+    let (mut h, state) = granted();
+    h.push(ok(2, "dc1", 12, 15, read("s", 6)));
+    must_fail_in(&h, &state, &["linearizability"]);
+}
+
+#[test]
+fn a_move_the_journals_lack_is_counted_and_may_take_effect_at_any_time() {
+    let (mut h, mut state) = granted();
+    state.escrow = Escrow::default();
+    // dc1's own counters: 10 stocked, nothing sold, 6 available: 4 went elsewhere.
+    for d in state.dcs.values_mut() {
+        let c = Counters { available: 6, stocked: 10, sold: 0, released: 0 };
+        d.skus.entry("s".into()).or_default().inventory.by_dc.insert("dc1".into(), c);
+    }
+    h.push(ok(2, "dc1", 40, 50, read("s", 6)));
+    h.push(ok(3, "dc1", 60, 70, read("s", 10)));
+    // 6 then 10 cannot both hold with one move of -4 that happens once.
+    let r = must_fail_in(&h, &state, &["linearizability"]);
+    assert_eq!(r.linearizability.grants_unexplained, 1);
+    h.pop();
+    let r = must_fail_in(&h, &state, &[]);
+    assert_eq!((r.linearizability.grants, r.linearizability.grants_unexplained), (0, 1));
 }

@@ -2,9 +2,8 @@
 //! DNS (`dcN.shop.<zone>`), fail over between them, and record every call — invoke and
 //! completion times, node, result — as the history the checker reads.
 //!
-//! Clients never retry a write (a retry is a new operation), and checked runs disable
-//! rebalancing: the rules under which the checker's per-(DC, SKU) linearizability model
-//! holds. With `roam_share` above 0, clients also follow the shop's DNS name as real
+//! Clients never retry a write (a retry is a new operation): the rule under which the
+//! checker's per-(DC, SKU) linearizability model holds. With `roam_share` above 0, clients also follow the shop's DNS name as real
 //! clients do: they ask `shop.<zone>` of the other DCs' servers, send that share of
 //! their calls to a DC other than their home (its leader, as DNS names it), and move
 //! home for good once every other DC has left their home out of its answers for
@@ -32,11 +31,17 @@ use crate::config::NodeInfo;
 #[derive(Clone)]
 pub struct Clock {
     start: tokio::time::Instant,
+    /// `CLOCK_MONOTONIC` at the start, to read the nodes' escrow journals on this clock.
+    start_monotonic_ns: u64,
 }
 
 impl Clock {
     pub fn new() -> Self {
-        Clock { start: tokio::time::Instant::now() }
+        Clock { start: tokio::time::Instant::now(), start_monotonic_ns: crate::escrow_journal::monotonic_ns() }
+    }
+    /// A `CLOCK_MONOTONIC` time (from a node's journal) on this clock; 0 before the start.
+    pub fn from_monotonic_ns(&self, ns: u64) -> u64 {
+        ns.saturating_sub(self.start_monotonic_ns)
     }
     pub fn now_ns(&self) -> u64 {
         self.start.elapsed().as_nanos() as u64

@@ -82,6 +82,7 @@ fn security(opts: &NodeOptions, name: &str, id: u64) -> anyhow::Result<Security>
 /// into Raft.
 async fn start_actors(
     config: &ClusterConfig,
+    shard: u16,
     raft: &Raft,
     sm: &storage::SmReader,
     metrics: &Metrics,
@@ -95,7 +96,7 @@ async fn start_actors(
         queue_len_max: r.proposal_queue_len_max,
         timeout: request_timeout,
     };
-    let proposer = Proposer::start(raft.clone(), limits);
+    let proposer = Proposer::start(raft.clone(), shard, limits);
     let template = actors::entity::EntityArgs { kind: actors::Kind::Sessions, raft: raft.clone(), proposer: proposer.clone(), sm: sm.clone() };
     let supervisor = actors::spawn_supervisor(actors::supervisor::SupervisorArgs { template, directory: directory.clone(), metrics: metrics.clone() }).await?;
     Ok((directory, supervisor, proposer))
@@ -133,7 +134,7 @@ async fn start_shard(
     )
     .await
     .with_context(|| format!("start raft of shard {number}"))?;
-    let (actors, supervisor, proposer) = start_actors(config, &raft, &reader, env.metrics).await?;
+    let (actors, supervisor, proposer) = start_actors(config, number, &raft, &reader, env.metrics).await?;
     let parts = ShardParts {
         number,
         dc: info.dc.clone(),
@@ -165,6 +166,9 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     let disk = storage::Disk::default();
     let stores =
         storage::open_shards(&opts.data_dir, &info.dc, config.cluster.shards, sled, config.limits.cache_entities_max, disk.clone()).context("open storage")?;
+    if opts.test_hooks {
+        crate::escrow_journal::enable(&opts.data_dir).context("open the escrow journal")?;
+    }
     let faults = Faults::default();
     let security = security(&opts, &info.name, info.id)?;
     let wan = transport::Wan::new(&config, &info.dc);

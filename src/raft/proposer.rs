@@ -54,9 +54,10 @@ pub struct ProposerLimits {
 
 impl Proposer {
     /// Starts the batching task; it ends when the last `Proposer` is dropped.
-    pub fn start(raft: Raft, limits: ProposerLimits) -> Self {
+    /// `shard`: the group's number, which the escrow journal test hook names.
+    pub fn start(raft: Raft, shard: u16, limits: ProposerLimits) -> Self {
         let (proposer, rx) = Self::queue(limits.queue_len_max, limits.inflight_max);
-        tokio::spawn(run(raft, rx, proposer.held.subscribe(), proposer.permits.clone(), limits));
+        tokio::spawn(run(raft, shard, rx, proposer.held.subscribe(), proposer.permits.clone(), limits));
         proposer
     }
 
@@ -104,7 +105,7 @@ impl Proposer {
     }
 }
 
-async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, mut held: watch::Receiver<bool>, permits: Arc<Semaphore>, limits: ProposerLimits) {
+async fn run(raft: Raft, shard: u16, mut rx: mpsc::Receiver<Pending>, mut held: watch::Receiver<bool>, permits: Arc<Semaphore>, limits: ProposerLimits) {
     loop {
         // Take the permit first: while every entry is out, requests pile up in `rx` and
         // the next entry carries all of them.
@@ -135,14 +136,16 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, mut held: watch::Recei
                 continue;
             }
         }
-        propose(&raft, batch, permit, limits.timeout).await;
+        propose(&raft, shard, batch, permit, limits.timeout).await;
     }
 }
 
 /// Hands one entry to openraft (in order, before the next) and waits for it off the loop.
-async fn propose(raft: &Raft, batch: Vec<Pending>, permit: OwnedSemaphorePermit, timeout: Duration) {
+async fn propose(raft: &Raft, shard: u16, batch: Vec<Pending>, permit: OwnedSemaphorePermit, timeout: Duration) {
     let (mut requests, dones): (Vec<Request>, Vec<Done>) = batch.into_iter().map(|p| (p.req, p.done)).unzip();
     let entry = if requests.len() == 1 { requests.pop().expect("one request") } else { Request::new(Command::Batch { requests }, None) };
+    // The escrow journal test hook: when an entry that moves stock by itself was proposed.
+    let journal = (crate::escrow_journal::enabled() && crate::escrow_journal::moves_stock(&entry.cmd)).then(crate::escrow_journal::monotonic_ns);
     let rx = match raft.client_write_ff(entry).await {
         Ok(rx) => rx,
         Err(fatal) => return answer_all(dones, Err(NodeError::Stopped(fatal.to_string()))),
@@ -152,7 +155,14 @@ async fn propose(raft: &Raft, batch: Vec<Pending>, permit: OwnedSemaphorePermit,
             Err(_) => Err(NodeError::Timeout),
             // Raft stopped with the entry in hand: it may have been replicated and committed.
             Ok(Err(_)) => Err(NodeError::Lost("this node's raft group, which stopped".into())),
-            Ok(Ok(r)) => r.map(|resp| resp.data).map_err(write_error),
+            Ok(Ok(r)) => r
+                .inspect(|resp| {
+                    if let Some(at_ns) = journal {
+                        crate::escrow_journal::proposed(shard, &resp.log_id, at_ns);
+                    }
+                })
+                .map(|resp| resp.data)
+                .map_err(write_error),
         };
         drop(permit);
         answer(dones, r);

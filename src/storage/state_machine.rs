@@ -277,11 +277,13 @@ struct Overlay<'a> {
     /// Changes (with their HLC) the entry being applied emitted; `seal_entry` numbers
     /// them and writes them as one record.
     emitted: Vec<(u64, Change)>,
+    /// Stock moves without a client call, for the escrow journal (only when it is on).
+    moves: Vec<(String, i64)>,
 }
 
 impl<'a> Overlay<'a> {
     fn new(inner: &'a Inner) -> Self {
-        Overlay { inner, pending: BTreeMap::new(), emitted: Vec::new() }
+        Overlay { inner, pending: BTreeMap::new(), emitted: Vec::new(), moves: Vec::new() }
     }
 
     /// Ends one entry: its events become one outbox record.
@@ -420,6 +422,11 @@ impl State for Overlay<'_> {
     fn emit(&mut self, hlc: u64, change: Change) {
         self.emitted.push((hlc, change));
     }
+    fn escrow_moved(&mut self, sku: &str, delta: i64) {
+        if crate::escrow_journal::enabled() {
+            self.moves.push((sku.to_string(), delta));
+        }
+    }
     /// Drops events up to `upto`; a record that straddles it is rewritten with the rest,
     /// so the floor is exactly `upto + 1`.
     fn trim_outbox(&mut self, upto: u64) {
@@ -454,6 +461,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut last = None;
         let mut membership = None;
         let mut writes = 0u64;
+        let mut journal = Vec::new();
         for entry in entries {
             last = Some(entry.log_id);
             outcomes.push(match entry.payload {
@@ -465,6 +473,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     };
                     let outcome = apply(&mut overlay, &cmd);
                     overlay.seal_entry();
+                    if !overlay.moves.is_empty() {
+                        journal.push((entry.log_id, std::mem::take(&mut overlay.moves)));
+                    }
                     outcome
                 }
                 EntryPayload::Membership(m) => {
@@ -497,6 +508,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
             // Under the write lock, as a snapshot copy's start is.
             inner.stats.writes.fetch_add(writes, Ordering::Relaxed);
+        }
+        // Once the state shows them: the journal's "applied" time bounds them from above.
+        for (log_id, moves) in &journal {
+            crate::escrow_journal::applied(inner.shard, log_id, moves);
         }
         Ok(outcomes)
     }
@@ -949,6 +964,39 @@ mod tests {
             };
         }
         out
+    }
+
+    /// The escrow journal test hook (one process per test, so the global is this test's):
+    /// a grant given and a grant received are journaled with their entry; other entries
+    /// are not.
+    #[tokio::test]
+    async fn grants_given_and_received_are_journaled_with_their_entry() {
+        use crate::domain::{Change, Event, StockRow};
+        use crate::escrow_journal::Record;
+        let dir = tempfile::tempdir().expect("temp dir");
+        crate::escrow_journal::enable(dir.path()).expect("journal");
+        let (_log, mut sm) = crate::storage::open(dir.path(), "dc1", Durability::Flush, 16 << 20, 1000).expect("open sled store");
+        let row = StockRow { stocked: 20, sold: 0, released: 0, sent: [("dc1".to_string(), 5)].into() };
+        let remote = Event { seq: 1, origin: "dc2".into(), hlc: 5, change: Change::StockV2 { sku: "sku1".into(), row, received: Default::default() } };
+        let grant = Command::GrantAboveReserve { sku: "sku1".into(), qty: 3, from: "dc1".into(), to: "dc2".into(), hlc: 3, reserve: 0 };
+        let entries = [
+            entry(1, Command::Restock { sku: "sku1".into(), add: 10, dc: "dc1".into(), hlc: 2 }),
+            entry(2, grant),
+            entry(3, Command::ApplyRemote { origin: "dc2".into(), events: vec![remote.clone()] }),
+            // A replay changes nothing, and journals nothing.
+            entry(4, Command::ApplyRemote { origin: "dc2".into(), events: vec![remote] }),
+        ];
+        sm.apply(entries).await.expect("apply");
+        let moves: Vec<(u64, String, i64)> = crate::escrow_journal::read()
+            .expect("read")
+            .into_iter()
+            .map(|r| match r {
+                Record::Applied { shard: 0, term: 1, index, sku, delta, .. } => (index, sku, delta),
+                other => panic!("unexpected record {other:?}"),
+            })
+            .collect();
+        assert_eq!(moves, [(2, "sku1".to_string(), -3), (3, "sku1".to_string(), 5)]);
+        assert_eq!(sm.reader().inventory("sku1").expect("stock").available("dc1"), 12);
     }
 
     async fn with_orders(dir: &std::path::Path) -> StateMachineStore {

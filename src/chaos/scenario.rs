@@ -86,10 +86,10 @@ impl Default for WorkloadSpec {
             read_inventory: 20,
             read_order: 5,
             restock: 5,
-            read_session: 0,
-            logout: 0,
+            read_session: 5,
+            logout: 1,
             timeout_ms: 2000,
-            roam_share: 0.0,
+            roam_share: 0.2,
             move_after_ms: 3000,
         }
     }

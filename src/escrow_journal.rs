@@ -87,11 +87,20 @@ pub fn proposed(shard: u16, log_id: &LogId, at_ns: u64) {
     write(&[Record::Proposed { shard, term: log_id.leader_id.term, index: log_id.index, at_ns }]);
 }
 
-/// The moves one applied entry made, as (SKU, change of this DC's `available`).
+/// The moves one applied entry made, as (SKU, change of this DC's `available`): one
+/// record per SKU, with the entry's moves of it summed (an entry of many requests, or a
+/// batch of another DC's events, may move one SKU several times).
 pub fn applied(shard: u16, log_id: &LogId, moves: &[(String, i64)]) {
     let at_ns = monotonic_ns();
     let (term, index) = (log_id.leader_id.term, log_id.index);
-    let records: Vec<Record> = moves.iter().map(|(sku, delta)| Record::Applied { shard, term, index, sku: sku.clone(), delta: *delta, at_ns }).collect();
+    let mut by_sku: Vec<(&str, i64)> = Vec::new();
+    for (sku, delta) in moves {
+        match by_sku.iter_mut().find(|(s, _)| s == sku) {
+            Some((_, sum)) => *sum = sum.saturating_add(*delta),
+            None => by_sku.push((sku, *delta)),
+        }
+    }
+    let records: Vec<Record> = by_sku.into_iter().map(|(sku, delta)| Record::Applied { shard, term, index, sku: sku.to_string(), delta, at_ns }).collect();
     write(&records);
 }
 

@@ -147,8 +147,8 @@ impl Runtime for Docker {
         Ok(())
     }
 
-    fn create(&self, st: &StateDir, cfg: &ClusterConfig, _meta: &Meta) -> Result<()> {
-        let flavor = ComposeFlavor::Launcher { state_dir: st.root.clone(), container_prefix: format!("{}-", self.project) };
+    fn create(&self, st: &StateDir, cfg: &ClusterConfig, meta: &Meta) -> Result<()> {
+        let flavor = ComposeFlavor::Launcher { state_dir: st.root.clone(), container_prefix: format!("{}-", self.project), test_hooks: meta.test_hooks };
         std::fs::write(Self::compose_file(st), manifests::compose_yaml(cfg, &flavor)?).context("write docker-compose.yml")?;
         for n in cfg.node_names() {
             std::fs::create_dir_all(st.data_dir(&n)).context("create data dir")?;

@@ -40,7 +40,7 @@ pub struct ComposeArgs {
 /// next to cluster/docker.toml, data in named volumes) or the launcher (state-dir paths).
 pub enum ComposeFlavor {
     Standalone,
-    Launcher { state_dir: PathBuf, container_prefix: String },
+    Launcher { state_dir: PathBuf, container_prefix: String, test_hooks: bool },
 }
 
 /// Container name of a node in cluster/docker-compose.yml.
@@ -94,7 +94,7 @@ pub fn compose_yaml(cfg: &ClusterConfig, flavor: &ComposeFlavor) -> Result<Strin
 fn compose_service(y: &mut String, cfg: &ClusterConfig, n: &NodeInfo, flavor: &ComposeFlavor) -> Result<()> {
     let (config_mount, certs_mount, data_mount, container) = match flavor {
         ComposeFlavor::Standalone => ("./docker.toml".to_string(), "./certs".to_string(), format!("{}-data", n.name), standalone_container(&n.name)),
-        ComposeFlavor::Launcher { state_dir, container_prefix } => (
+        ComposeFlavor::Launcher { state_dir, container_prefix, .. } => (
             state_dir.join("cluster.toml").display().to_string(),
             state_dir.join("certs").display().to_string(),
             state_dir.join("data").join(&n.name).display().to_string(),
@@ -102,10 +102,11 @@ fn compose_service(y: &mut String, cfg: &ClusterConfig, n: &NodeInfo, flavor: &C
         ),
     };
     let name = &n.name;
+    let hooks = if matches!(flavor, ComposeFlavor::Launcher { test_hooks: true, .. }) { ", \"--enable-test-hooks\"" } else { "" };
     writeln!(y, "  {name}:\n    image: {IMAGE}\n    container_name: {container}\n    hostname: {name}")?;
     writeln!(
         y,
-        "    command: [\"node\", \"--node\", \"{name}\", \"--config\", \"/etc/agora/cluster.toml\", \"--data-dir\", \"/data\", \"--certs\", \"/etc/agora/certs\"]"
+        "    command: [\"node\", \"--node\", \"{name}\", \"--config\", \"/etc/agora/cluster.toml\", \"--data-dir\", \"/data\", \"--certs\", \"/etc/agora/certs\"{hooks}]"
     )?;
     writeln!(y, "    environment:\n      NO_COLOR: \"1\"")?;
     writeln!(y, "    volumes:\n      - {config_mount}:/etc/agora/cluster.toml:ro\n      - {certs_mount}:/etc/agora/certs:ro\n      - {data_mount}:/data")?;

@@ -27,6 +27,7 @@ fn chaos_leader_kill_is_valid_and_a_lost_order_is_caught() {
     let r = report(out.path());
     assert_eq!(code, 0, "leader-kill run invalid: {r:#}");
     assert_eq!(r["valid"], true);
+    grants_and_sessions_are_checked(out.path(), &r);
 
     // Tamper with the recorded final state: one acknowledged order vanishes from dc2.
     let final_path: PathBuf = out.path().join("final.json");
@@ -40,6 +41,43 @@ fn chaos_leader_kill_is_valid_and_a_lost_order_is_caught() {
     let text = String::from_utf8_lossy(&out2.stdout);
     assert_ne!(out2.status.code(), Some(0), "the checker must reject a lost order:\n{text}");
     assert!(text.contains(lost.as_str().unwrap()), "the report names the lost order:\n{text}");
+}
+
+/// What rebalancing and sessions add to a valid run: grants happened and were placed in
+/// the stock model, sessions were logged out and read; then the run's final state is
+/// tampered with twice (and put back), and each is caught.
+fn grants_and_sessions_are_checked(dir: &Path, r: &serde_json::Value) {
+    assert!(r["linearizability"]["grants"].as_u64().unwrap_or(0) > 0, "rebalancing moved stock: {r:#}");
+    assert_eq!(r["linearizability"]["unchecked_keys"].as_array().map(Vec::len), Some(0), "every key checked: {r:#}");
+    assert!(r["sessions"]["logged_out"].as_u64().unwrap_or(0) > 0 && r["sessions"]["reads_checked"].as_u64().unwrap_or(0) > 0, "{r:#}");
+    let final_path: PathBuf = dir.join("final.json");
+    let original = std::fs::read_to_string(&final_path).unwrap();
+    let check = |f: &serde_json::Value| {
+        std::fs::write(&final_path, serde_json::to_string(f).unwrap()).unwrap();
+        let o = agora().args(["chaos", "check"]).arg(dir).output().unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).to_string())
+    };
+
+    // Every grant moved 2 s later than the nodes journaled it: the reads no longer fit.
+    let mut f: serde_json::Value = serde_json::from_str(&original).unwrap();
+    for m in f["escrow"]["moves"].as_array_mut().unwrap() {
+        for field in ["not_before_ns", "by_ns"] {
+            m[field] = (m[field].as_u64().unwrap() + 2_000_000_000).into();
+        }
+    }
+    let (status, text) = check(&f);
+    assert_ne!(status, Some(0), "grants out of place must fail the stock model:\n{text}");
+    assert!(text.contains("FAIL linearizable"), "{text}");
+
+    // A session never logged out is gone from one DC.
+    let mut f: serde_json::Value = serde_json::from_str(&original).unwrap();
+    let sessions = f["dcs"]["dc2"]["sessions"].as_object_mut().unwrap();
+    let live = sessions.iter().find(|(_, v)| !v.is_null()).map(|(k, _)| k.clone()).expect("a live session");
+    sessions.insert(live.clone(), serde_json::Value::Null);
+    let (status, text) = check(&f);
+    assert_ne!(status, Some(0), "a lost session must be caught:\n{text}");
+    assert!(text.contains(&live), "the report names it:\n{text}");
+    std::fs::write(&final_path, original).unwrap();
 }
 
 /// Three shards per DC; the node that leads most of them is killed.

@@ -9,12 +9,38 @@ fn agora() -> Command {
 }
 
 /// Runs a scenario into a temporary directory; returns the exit code and the run dir.
+/// A run that is not valid leaves its evidence behind (see [`keep_evidence`]).
 fn must_run(scenario: &str) -> (i32, tempfile::TempDir) {
     let out = tempfile::tempdir().expect("temp dir");
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("chaos/scenarios").join(scenario);
     let status =
         agora().current_dir(env!("CARGO_MANIFEST_DIR")).args(["chaos", "run"]).arg(&file).arg("--out").arg(out.path()).status().expect("run agora chaos");
-    (status.code().unwrap_or(-1), out)
+    let code = status.code().unwrap_or(-1);
+    if code != 0 {
+        keep_evidence(out.path(), scenario);
+    }
+    (code, out)
+}
+
+/// Copies a failed run's history, final state, reports, node logs and escrow journals
+/// (not the data stores) under the test build's temp dir, and says where.
+fn keep_evidence(run: &Path, scenario: &str) {
+    let dest = Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-failures").join(format!("{scenario}-{}", std::process::id()));
+    let keep = |p: &Path| p.extension().is_some_and(|e| ["json", "jsonl", "txt", "log", "toml"].iter().any(|k| e == *k));
+    let mut stack = vec![run.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if keep(&p) {
+                let to = dest.join(p.strip_prefix(run).expect("under the run"));
+                let _ = std::fs::create_dir_all(to.parent().expect("a parent"));
+                let _ = std::fs::copy(&p, &to);
+            }
+        }
+    }
+    eprintln!("chaos run {scenario} failed; its evidence is in {}", dest.display());
 }
 
 fn report(dir: &Path) -> serde_json::Value {

@@ -95,8 +95,7 @@ async fn run_all(dir: &Path, smoke: bool) -> anyhow::Result<i32> {
 pub async fn run(s: &Scenario, out: &Path) -> anyhow::Result<CheckReport> {
     std::fs::create_dir_all(out)?;
     println!("chaos {} (seed {}, {} backend, {} s): {}", s.name, s.seed, s.backend, s.duration_s, s.description);
-    let config = if s.rebalancing { s.config.clone() } else { without_rebalancing(&s.config, out)? };
-    let control = Arc::new(Control::up(&out.join("cluster"), &config, s.backend)?);
+    let control = Arc::new(Control::up(&out.join("cluster"), &s.config, s.backend)?);
     let clock = Clock::new();
     let rec = Recorder::new(clock.clone());
     let skus: Vec<String> = (0..s.workload.skus).map(|i| format!("sku-{i}")).collect();
@@ -115,19 +114,6 @@ pub async fn run(s: &Scenario, out: &Path) -> anyhow::Result<CheckReport> {
     println!("history, final state and reports in {}", out.display());
     drop(control);
     Ok(report)
-}
-
-/// A copy of the cluster file `config` with rebalancing off, in the run directory.
-fn without_rebalancing(config: &Path, out: &Path) -> anyhow::Result<PathBuf> {
-    let text = std::fs::read_to_string(config).with_context(|| format!("read {}", config.display()))?;
-    let mut doc: toml::Table = toml::from_str(&text).with_context(|| format!("parse {}", config.display()))?;
-    let replication = doc.entry("replication").or_insert_with(|| toml::Value::Table(Default::default()));
-    if let Some(t) = replication.as_table_mut() {
-        t.insert("low_water_units".into(), toml::Value::Integer(0));
-    }
-    let path = out.join("cluster-without-rebalancing.toml");
-    std::fs::write(&path, toml::to_string(&doc)?)?;
-    Ok(path)
 }
 
 fn write_run(out: &Path, history: &[Record], final_state: &FinalState, report: &CheckReport) -> anyhow::Result<()> {

@@ -23,9 +23,6 @@ pub struct Scenario {
     /// Cluster file, relative to the repository root (default: chaos/cluster.toml).
     #[serde(default = "default_config")]
     pub config: PathBuf,
-    /// `false` runs the cluster file with rebalancing off (`low_water_units = 0`).
-    #[serde(default = "default_rebalancing")]
-    pub rebalancing: bool,
     /// Seconds of load, faults included.
     pub duration_s: f64,
     #[serde(default = "default_seed")]
@@ -37,10 +34,6 @@ pub struct Scenario {
     pub workload: WorkloadSpec,
     #[serde(default)]
     pub nemesis: Vec<Step>,
-}
-
-fn default_rebalancing() -> bool {
-    true
 }
 
 fn default_config() -> PathBuf {

@@ -34,8 +34,9 @@ pub const FILE_NAME: &str = "escrow-journal.jsonl";
 pub enum Record {
     /// This node, leading `shard`, proposed the entry (`term`, `index`) at `at_ns`.
     Proposed { shard: u16, term: u64, index: u64, at_ns: u64 },
-    /// This node applied the entry, which changed this DC's `available` of `sku` by `delta`.
-    Applied { shard: u16, term: u64, index: u64, sku: String, delta: i64, at_ns: u64 },
+    /// This node applied the entry, whose `seq`-th move (from 0) changed this DC's
+    /// `available` of `sku` by `delta`.
+    Applied { shard: u16, term: u64, index: u64, seq: u32, sku: String, delta: i64, at_ns: u64 },
     /// The bound was reached: records after this one were dropped.
     Truncated { at_ns: u64 },
 }
@@ -87,20 +88,14 @@ pub fn proposed(shard: u16, log_id: &LogId, at_ns: u64) {
     write(&[Record::Proposed { shard, term: log_id.leader_id.term, index: log_id.index, at_ns }]);
 }
 
-/// The moves one applied entry made, as (SKU, change of this DC's `available`): one
-/// record per SKU, with the entry's moves of it summed (an entry of many requests, or a
-/// batch of another DC's events, may move one SKU several times).
+/// The moves one applied entry made, in the order it made them, as (SKU, change of this
+/// DC's `available`). Each keeps its place in the entry (`seq`): an entry of many
+/// requests may move one SKU more than once, with a client's request between the moves.
 pub fn applied(shard: u16, log_id: &LogId, moves: &[(String, i64)]) {
     let at_ns = monotonic_ns();
     let (term, index) = (log_id.leader_id.term, log_id.index);
-    let mut by_sku: Vec<(&str, i64)> = Vec::new();
-    for (sku, delta) in moves {
-        match by_sku.iter_mut().find(|(s, _)| s == sku) {
-            Some((_, sum)) => *sum = sum.saturating_add(*delta),
-            None => by_sku.push((sku, *delta)),
-        }
-    }
-    let records: Vec<Record> = by_sku.into_iter().map(|(sku, delta)| Record::Applied { shard, term, index, sku: sku.to_string(), delta, at_ns }).collect();
+    let records: Vec<Record> =
+        (0u32..).zip(moves).map(|(seq, (sku, delta))| Record::Applied { shard, term, index, seq, sku: sku.clone(), delta: *delta, at_ns }).collect();
     write(&records);
 }
 

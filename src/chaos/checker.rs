@@ -507,7 +507,7 @@ fn escrow_ops(final_state: &FinalState) -> EscrowOps {
         *journaled.entry((m.dc.clone(), m.sku.clone())).or_default() += m.delta as i128;
         let id = ESCROW_ID_BASE + n as u64;
         let (invoke_ns, return_ns) = (m.not_before_ns, m.by_ns.max(m.not_before_ns));
-        let what = format!("{} {} {:+} (rebalancing)", if m.delta < 0 { "grant given" } else { "grant received" }, m.sku, m.delta);
+        let what = format!("{} {} {:+} (rebalancing, entry {})", if m.delta < 0 { "grant given" } else { "grant received" }, m.sku, m.delta, m.entry);
         out.refs.insert(
             id,
             OpRef { id, client: "escrow".into(), node: m.dc.clone(), op: what, outcome: "journaled".into(), invoke_ns, complete_ns: Some(return_ns) },

@@ -254,6 +254,9 @@ pub struct EscrowMove {
     pub not_before_ns: u64,
     /// When the first node of `dc` had applied it.
     pub by_ns: u64,
+    /// Its Raft entry and place there (`term.index.seq`), for reports.
+    #[serde(default)]
+    pub entry: String,
 }
 
 /// One DC's state after healing (read from any one healthy node of it).

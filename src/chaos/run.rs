@@ -134,13 +134,14 @@ fn recheck(dir: &Path) -> anyhow::Result<CheckReport> {
 }
 
 /// Every node's escrow journal, joined by Raft entry: one move per (DC, shard, entry,
-/// SKU), not before its proposal (or, where the proposing leader's record is gone, the
+/// place in the entry), not before its proposal (or, where the proposing leader's record is gone, the
 /// latest proposal of an earlier entry of the same term, which came before it), by the
 /// first node's apply. Times move to the history's clock.
 async fn escrow_moves(control: &Control, clock: &Clock) -> Escrow {
     type Entry = (String, u16, u64, u64); // (dc, shard, term, index)
     let mut proposed: BTreeMap<Entry, u64> = BTreeMap::new();
-    let mut applied: BTreeMap<(Entry, String), (i64, u64)> = BTreeMap::new();
+    // By entry and place in it: (SKU, change, first apply).
+    let mut applied: BTreeMap<(Entry, u32), (String, i64, u64)> = BTreeMap::new();
     let mut incomplete = vec![];
     for node in control.config.nodes() {
         let Some(v) = control.admin_get(&node, "/v1/admin/escrow-journal").await else {
@@ -154,9 +155,9 @@ async fn escrow_moves(control: &Control, clock: &Clock) -> Escrow {
                     let e = proposed.entry((node.dc.clone(), shard, term, index)).or_insert(at_ns);
                     *e = (*e).min(at_ns);
                 }
-                crate::escrow_journal::Record::Applied { shard, term, index, sku, delta, at_ns } => {
-                    let e = applied.entry(((node.dc.clone(), shard, term, index), sku)).or_insert((delta, at_ns));
-                    e.1 = e.1.min(at_ns);
+                crate::escrow_journal::Record::Applied { shard, term, index, seq, sku, delta, at_ns } => {
+                    let e = applied.entry(((node.dc.clone(), shard, term, index), seq)).or_insert((sku, delta, at_ns));
+                    e.2 = e.2.min(at_ns);
                 }
                 crate::escrow_journal::Record::Truncated { .. } => incomplete.push(node.name.clone()),
             }
@@ -164,11 +165,12 @@ async fn escrow_moves(control: &Control, clock: &Clock) -> Escrow {
     }
     let moves = applied
         .into_iter()
-        .map(|(((dc, shard, term, index), sku), (delta, by))| {
+        .map(|(((dc, shard, term, index), seq), (sku, delta, by))| {
             let exact = proposed.get(&(dc.clone(), shard, term, index)).copied();
             let earlier = || proposed.range((dc.clone(), shard, term, 0)..(dc.clone(), shard, term, index)).map(|(_, t)| *t).max();
             let not_before = exact.or_else(earlier).map_or(0, |t| clock.from_monotonic_ns(t).saturating_sub(CLOCK_SLACK_NS));
-            EscrowMove { dc, sku, delta, not_before_ns: not_before, by_ns: clock.from_monotonic_ns(by).saturating_add(CLOCK_SLACK_NS) }
+            let entry = format!("{term}.{index}.{seq}");
+            EscrowMove { dc, sku, delta, not_before_ns: not_before, by_ns: clock.from_monotonic_ns(by).saturating_add(CLOCK_SLACK_NS), entry }
         })
         .collect();
     incomplete.dedup();

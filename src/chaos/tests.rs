@@ -704,7 +704,7 @@ fn a_smaller_version_that_wins_or_a_dc_that_goes_back_is_caught() {
 fn granted() -> (Vec<Record>, FinalState) {
     let h = vec![ok(1, "dc1", 0, 10, restock("s", 10, 10))];
     let mut state = healthy(&h, &["dc1", "dc2"]);
-    state.escrow.moves.push(EscrowMove { dc: "dc1".into(), sku: "s".into(), delta: -4, not_before_ns: 20, by_ns: 30 });
+    state.escrow.moves.push(EscrowMove { dc: "dc1".into(), sku: "s".into(), delta: -4, not_before_ns: 20, by_ns: 30, entry: "1.7.0".into() });
     (h, state)
 }
 
@@ -728,10 +728,25 @@ fn a_journaled_grant_explains_the_stock_it_moved_and_no_earlier_or_later() {
     let r = must_fail_in(&h, &state, &["linearizability"]);
     let text = human(&r);
     assert!(text.contains("stale_read at #2"), "{text}");
-    assert!(text.contains("grant given s -4 (rebalancing)"), "the grant is named among the operations involved:\n{text}");
+    assert!(text.contains("grant given s -4 (rebalancing, entry 1.7.0)"), "the grant is named among the operations involved:\n{text}");
     // The new stock read before the grant was proposed: it came from nowhere.
     let (mut h, state) = granted();
     h.push(ok(2, "dc1", 12, 15, read("s", 6)));
+    must_fail_in(&h, &state, &["linearizability"]);
+}
+
+/// One Raft entry gave stock twice with a client's restock between the two grants (a
+/// batch of requests): the restock saw the first grant and not the second. Moves are
+/// placed one by one, so this is valid; as one move of the entry's sum it would not be.
+#[test]
+fn grants_of_one_entry_are_placed_one_by_one() {
+    let h = vec![ok(1, "dc1", 0, 10, restock("s", 22, 22)), ok(2, "dc1", 15, 40, restock("s", 10, 24))];
+    let mut state = healthy(&h, &["dc1", "dc2"]);
+    for (seq, delta) in [(0, -8), (1, -6)] {
+        state.escrow.moves.push(EscrowMove { dc: "dc1".into(), sku: "s".into(), delta, not_before_ns: 20, by_ns: 30, entry: format!("1.9.{seq}") });
+    }
+    must_fail_in(&h, &state, &[]);
+    state.escrow.moves = vec![EscrowMove { dc: "dc1".into(), sku: "s".into(), delta: -14, not_before_ns: 20, by_ns: 30, entry: "1.9".into() }];
     must_fail_in(&h, &state, &["linearizability"]);
 }
 
@@ -751,6 +766,6 @@ fn a_key_whose_stock_moved_more_than_the_journals_hold_is_not_checked() {
     assert_eq!(r.linearizability.unchecked_keys, ["dc1/s"]);
     assert!(r.reasons.iter().any(|m| m.contains("1 key(s) not checked")), "{:?}", r.reasons);
     // With the move journaled the key is checked, and valid.
-    state.escrow.moves.push(EscrowMove { dc: "dc1".into(), sku: "s".into(), delta: -4, not_before_ns: 20, by_ns: 30 });
+    state.escrow.moves.push(EscrowMove { dc: "dc1".into(), sku: "s".into(), delta: -4, not_before_ns: 20, by_ns: 30, entry: "1.7.0".into() });
     must_fail_in(&h, &state, &[]);
 }

@@ -979,24 +979,30 @@ mod tests {
         let row = StockRow { stocked: 20, sold: 0, released: 0, sent: [("dc1".to_string(), 5)].into() };
         let remote = Event { seq: 1, origin: "dc2".into(), hlc: 5, change: Change::StockV2 { sku: "sku1".into(), row, received: Default::default() } };
         let grant = Command::GrantAboveReserve { sku: "sku1".into(), qty: 3, from: "dc1".into(), to: "dc2".into(), hlc: 3, reserve: 0 };
+        let give =
+            |qty, to: &str| Request::new(Command::GrantAboveReserve { sku: "sku1".into(), qty, from: "dc1".into(), to: to.into(), hlc: 6, reserve: 0 }, None);
+        let restock = |add| Request::new(Command::Restock { sku: "sku1".into(), add, dc: "dc1".into(), hlc: 6 }, None);
         let entries = [
             entry(1, Command::Restock { sku: "sku1".into(), add: 10, dc: "dc1".into(), hlc: 2 }),
             entry(2, grant),
             entry(3, Command::ApplyRemote { origin: "dc2".into(), events: vec![remote.clone()] }),
             // A replay changes nothing, and journals nothing.
             entry(4, Command::ApplyRemote { origin: "dc2".into(), events: vec![remote] }),
+            // One entry, two grants with a restock between: each grant keeps its place.
+            entry(5, Command::Batch { requests: vec![give(2, "dc2"), restock(4), give(1, "dc3")] }),
         ];
         sm.apply(entries).await.expect("apply");
-        let moves: Vec<(u64, String, i64)> = crate::escrow_journal::read()
+        let moves: Vec<(u64, u32, String, i64)> = crate::escrow_journal::read()
             .expect("read")
             .into_iter()
             .map(|r| match r {
-                Record::Applied { shard: 0, term: 1, index, sku, delta, .. } => (index, sku, delta),
+                Record::Applied { shard: 0, term: 1, index, seq, sku, delta, .. } => (index, seq, sku, delta),
                 other => panic!("unexpected record {other:?}"),
             })
             .collect();
-        assert_eq!(moves, [(2, "sku1".to_string(), -3), (3, "sku1".to_string(), 5)]);
-        assert_eq!(sm.reader().inventory("sku1").expect("stock").available("dc1"), 12);
+        let sku = || "sku1".to_string();
+        assert_eq!(moves, [(2, 0, sku(), -3), (3, 0, sku(), 5), (5, 0, sku(), -2), (5, 1, sku(), -1)]);
+        assert_eq!(sm.reader().inventory("sku1").expect("stock").available("dc1"), 13);
     }
 
     async fn with_orders(dir: &std::path::Path) -> StateMachineStore {

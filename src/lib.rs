@@ -23,6 +23,7 @@
 //! - [`cluster_view`]: this node's view of cluster health, as DNS answers from it.
 //! - [`api`]: HTTP routes, validation, the error-to-status map, metrics.
 //! - [`node`]: the composition root: starts and stops every part of a node.
+//! - [`signals`]: waiting for SIGINT or SIGTERM.
 //! - [`bench`]: the HTTP load generator behind `agora bench`.
 //! - [`launcher`]: `agora cluster …`, the local multi-DC launcher (process, netns, docker).
 //! - [`chaos`]: `agora chaos …`: scenarios, workload, nemeses, and the checker of the history.
@@ -56,6 +57,7 @@ pub mod resources;
 pub mod shard;
 pub mod shards;
 pub mod shop;
+pub mod signals;
 pub mod soak_plot;
 pub mod storage;
 pub mod transport;

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use agora::config::ClusterConfig;
@@ -146,18 +145,8 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     let peer_auth = if args.insecure_plaintext_peers { PeerAuth::InsecurePlaintext } else { PeerAuth::Certs(certs) };
     let opts = NodeOptions { name: args.node, data_dir, test_hooks: args.enable_test_hooks, peer_auth, admin_token };
     let running = node::start(config, opts).await?;
-    wait_for_signal().await?;
+    agora::signals::stop_requested().await?;
     running.shutdown().await;
-    Ok(())
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
     Ok(())
 }
 

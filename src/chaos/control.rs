@@ -29,6 +29,7 @@ impl Control {
         std::fs::create_dir_all(state_dir)?;
         let mut c = Control { state_dir: state_dir.to_path_buf(), config: ClusterConfig::load(Some(config))?, http: reqwest::Client::new(), up: false };
         // Test hooks on: the clock-skew nemesis sets a node's clock through them.
+        *RUNNING.lock().expect("running lock") = Some(state_dir.to_path_buf());
         c.cluster(&["up", "--wipe", "--enable-test-hooks", "--config", &config.display().to_string(), "--backend", &backend.to_string()])?;
         c.up = true;
         c.config = ClusterConfig::load(Some(&state_dir.join("cluster.toml"))).context("read the running cluster's config")?;
@@ -57,6 +58,7 @@ impl Control {
     pub fn down(&mut self) -> anyhow::Result<()> {
         if self.up {
             self.up = false;
+            RUNNING.lock().expect("running lock").take();
             self.cluster(&["down"])?;
         }
         Ok(())
@@ -116,6 +118,21 @@ impl Control {
             }
         }
         None
+    }
+}
+
+/// The state dir of the cluster a `Control` has up, for [`take_down_running`].
+static RUNNING: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// Takes down the cluster that is up, if any: for a runner stopped by a signal, whose
+/// `Control` (shared with its tasks) would otherwise never be dropped, leaving the
+/// nodes running.
+pub fn take_down_running() {
+    let Some(dir) = RUNNING.lock().expect("running lock").take() else { return };
+    eprintln!("agora chaos: stopped; taking the cluster in {} down", dir.display());
+    let status = agora().and_then(|bin| Ok(Command::new(bin).args(["cluster", "down", "--state-dir"]).arg(&dir).status()?));
+    if let Err(e) = status {
+        eprintln!("agora chaos: taking the cluster down failed: {e:#}");
     }
 }
 

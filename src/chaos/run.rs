@@ -46,7 +46,19 @@ pub struct ChaosArgs {
     pub cmd: ChaosCmd,
 }
 
+/// Runs the command; SIGINT or SIGTERM stops it and takes its cluster down (exit 130).
 pub async fn main(args: ChaosArgs) -> anyhow::Result<i32> {
+    tokio::select! {
+        r = command(args) => r,
+        stop = crate::signals::stop_requested() => {
+            stop?;
+            super::control::take_down_running();
+            Ok(130)
+        }
+    }
+}
+
+async fn command(args: ChaosArgs) -> anyhow::Result<i32> {
     match args.cmd {
         ChaosCmd::Run { scenario, seed, out } => {
             let mut s = Scenario::load(&scenario)?;

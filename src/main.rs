@@ -144,8 +144,9 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     let admin_token = token_file.map(|f| agora::certs::read_token(&f)).transpose()?;
     let peer_auth = if args.insecure_plaintext_peers { PeerAuth::InsecurePlaintext } else { PeerAuth::Certs(certs) };
     let opts = NodeOptions { name: args.node, data_dir, test_hooks: args.enable_test_hooks, peer_auth, admin_token };
+    let stop = agora::signals::Stop::listen()?;
     let running = node::start(config, opts).await?;
-    agora::signals::stop_requested().await?;
+    stop.requested().await;
     running.shutdown().await;
     Ok(())
 }

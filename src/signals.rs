@@ -1,14 +1,28 @@
-//! The signals that stop a process: Ctrl-C (SIGINT) and SIGTERM.
+//! The signals that stop a process: SIGINT (Ctrl-C) and SIGTERM.
 
 use anyhow::Context;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
-/// Returns once SIGINT or SIGTERM arrives.
-pub async fn stop_requested() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("wait for Ctrl-C")?,
-        _ = term.recv() => {}
+/// Listens from the moment it is made: a signal that arrives before [`Stop::requested`]
+/// is awaited (while the process is busy starting, say) is kept, not fatal.
+pub struct Stop {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Stop {
+    /// Installs the handlers (inside a tokio runtime).
+    pub fn listen() -> anyhow::Result<Stop> {
+        let interrupt = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+        let terminate = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+        Ok(Stop { interrupt, terminate })
     }
-    Ok(())
+
+    /// Returns once SIGINT or SIGTERM has arrived.
+    pub async fn requested(mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
 }

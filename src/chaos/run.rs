@@ -48,10 +48,11 @@ pub struct ChaosArgs {
 
 /// Runs the command; SIGINT or SIGTERM stops it and takes its cluster down (exit 130).
 pub async fn main(args: ChaosArgs) -> anyhow::Result<i32> {
+    // Before anything starts: `cluster up` blocks this thread for seconds.
+    let stop = crate::signals::Stop::listen()?;
     tokio::select! {
         r = command(args) => r,
-        stop = crate::signals::stop_requested() => {
-            stop?;
+        () = stop.requested() => {
             super::control::take_down_running();
             Ok(130)
         }

@@ -156,3 +156,59 @@ fn chaos_on_containers_is_valid() {
         assert_eq!(code, 0, "{scenario} run invalid: {:#}", report(out.path()));
     }
 }
+
+/// A runner stopped by SIGTERM (as a test harness or an operator stops it) takes its
+/// cluster down and exits 130: none of its nine nodes is left running.
+#[test]
+fn chaos_runner_stopped_by_sigterm_takes_its_cluster_down() {
+    let out = tempfile::tempdir().expect("temp dir");
+    let state = out.path().join("cluster");
+    // Whatever happens below, nothing this test started outlives it.
+    struct Down(PathBuf);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            let _ = agora().args(["cluster", "down", "--state-dir"]).arg(&self.0).output();
+        }
+    }
+    let _down = Down(state.clone());
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("chaos/scenarios/leader-kill.toml");
+    let mut runner = agora()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["chaos", "run"])
+        .arg(&file)
+        .arg("--out")
+        .arg(out.path())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start agora chaos run");
+    let node_pids = || -> Vec<i32> {
+        let files = std::fs::read_dir(state.join("pids")).into_iter().flatten().flatten();
+        files.filter_map(|f| std::fs::read_to_string(f.path()).ok()?.split_whitespace().next()?.parse().ok()).collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let pids = loop {
+        let pids = node_pids();
+        if pids.len() == 9 {
+            break pids;
+        }
+        assert!(std::time::Instant::now() < deadline, "the cluster did not come up: {pids:?}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    // SAFETY: kill(2) with a pid this test spawned and a valid signal.
+    assert_eq!(unsafe { libc::kill(runner.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = runner.try_wait().expect("wait for the runner") {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "the runner did not stop");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    // A node still running would still have its /proc entry naming this run's state dir.
+    let running: Vec<i32> = pids
+        .into_iter()
+        .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&*state.to_string_lossy())))
+        .collect();
+    assert!(running.is_empty(), "nodes left running: {running:?}");
+}

@@ -43,7 +43,8 @@ pub enum Record {
 
 struct Journal {
     path: PathBuf,
-    file: Mutex<Option<std::fs::File>>,
+    /// The open file and its length; `None` once stopped (full, or a write failed).
+    file: Mutex<Option<(std::fs::File, u64)>>,
 }
 
 static JOURNAL: OnceLock<Journal> = OnceLock::new();
@@ -52,7 +53,8 @@ static JOURNAL: OnceLock<Journal> = OnceLock::new();
 pub fn enable(data_dir: &Path) -> std::io::Result<()> {
     let path = data_dir.join(FILE_NAME);
     let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
-    let _ = JOURNAL.set(Journal { path, file: Mutex::new(Some(file)) });
+    let len = file.metadata()?.len();
+    let _ = JOURNAL.set(Journal { path, file: Mutex::new(Some((file, len))) });
     Ok(())
 }
 
@@ -107,19 +109,20 @@ fn write(records: &[Record]) {
         text.push('\n');
     }
     let mut guard = j.file.lock().expect("journal lock");
-    let Some(file) = guard.as_mut() else { return };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+    let Some((file, len)) = guard.as_mut() else { return };
     let full = len.saturating_add(text.len() as u64) > BYTES_MAX;
     if full {
         text = serde_json::to_string(&Record::Truncated { at_ns: monotonic_ns() }).expect("serialises") + "\n";
     }
     // One write per call: a whole line or, if the node dies inside it, a torn last line
     // that the reader skips.
-    if let Err(e) = file.write_all(text.as_bytes()) {
-        tracing::warn!(error = %e, "escrow journal: write failed; journal stopped");
-        *guard = None;
-    } else if full {
-        *guard = None;
+    match file.write_all(text.as_bytes()) {
+        Err(e) => {
+            tracing::warn!(error = %e, "escrow journal: write failed; journal stopped");
+            *guard = None;
+        }
+        Ok(()) if full => *guard = None,
+        Ok(()) => *len = len.saturating_add(text.len() as u64),
     }
 }
 

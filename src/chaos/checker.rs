@@ -254,22 +254,15 @@ fn check_roaming(records: &[&Record], acked: &BTreeMap<&str, Acked>) -> Roaming 
     let cross = cross_dc_keys(records);
     let before = |ack: &Record, r: &Record| ack.complete_ns.is_some_and(|c| c < r.invoke_ns);
     // Cancels that may have happened, by order id: (invoke of the earliest).
-    let mut maybe_cancelled: HashMap<&str, u64> = HashMap::new();
-    for r in records.iter().filter(|r| r.outcome != Outcome::Fail) {
-        if let Op::Cancel { order_id, .. } = &r.op {
-            let e = maybe_cancelled.entry(order_id.as_str()).or_insert(r.invoke_ns);
-            *e = (*e).min(r.invoke_ns);
-        }
-    }
-    // Logouts that may have happened, by token: (invoke of the earliest). After one, a
-    // session may rightly be unknown.
-    let mut maybe_logged_out: HashMap<&str, u64> = HashMap::new();
-    for r in records.iter().filter(|r| r.outcome != Outcome::Fail) {
-        if let Op::Logout { token } = &r.op {
-            let e = maybe_logged_out.entry(token.as_str()).or_insert(r.invoke_ns);
-            *e = (*e).min(r.invoke_ns);
-        }
-    }
+    let maybe_cancelled = earliest_invoke(records, |op| match op {
+        Op::Cancel { order_id, .. } => Some(order_id),
+        _ => None,
+    });
+    // Logouts that may have happened, by token: after one, a session may rightly be unknown.
+    let maybe_logged_out = earliest_invoke(records, |op| match op {
+        Op::Logout { token } => Some(token),
+        _ => None,
+    });
     let (mut checked, mut elsewhere, mut violations) = (0, 0, vec![]);
     for r in records {
         let session = match &r.op {
@@ -313,6 +306,19 @@ fn check_roaming(records: &[&Record], acked: &BTreeMap<&str, Acked>) -> Roaming 
         }
     }
     Roaming { ok: violations.is_empty(), checked, elsewhere, violations }
+}
+
+/// The earliest call, by the subject `of` names, of the operations that may have taken
+/// effect (any outcome but a definite refusal).
+fn earliest_invoke<'a>(records: &[&'a Record], of: impl Fn(&'a Op) -> Option<&'a String>) -> HashMap<&'a str, u64> {
+    let mut out: HashMap<&str, u64> = HashMap::new();
+    for r in records.iter().filter(|r| r.outcome != Outcome::Fail) {
+        if let Some(subject) = of(&r.op) {
+            let e = out.entry(subject.as_str()).or_insert(r.invoke_ns);
+            *e = (*e).min(r.invoke_ns);
+        }
+    }
+    out
 }
 
 /// The workload sends only well-formed requests, so a 400 means a node refused a valid

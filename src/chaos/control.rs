@@ -16,6 +16,8 @@ pub struct Control {
     pub state_dir: PathBuf,
     pub config: ClusterConfig,
     pub http: reqwest::Client,
+    /// The cluster's admin token, read once it is up.
+    admin_token: String,
     up: bool,
 }
 
@@ -27,11 +29,14 @@ impl Control {
     /// `agora cluster up` with a fresh state dir; reads back the config the nodes run with.
     pub fn up(state_dir: &Path, config: &Path, backend: Backend) -> anyhow::Result<Control> {
         std::fs::create_dir_all(state_dir)?;
-        let mut c = Control { state_dir: state_dir.to_path_buf(), config: ClusterConfig::load(Some(config))?, http: reqwest::Client::new(), up: false };
+        let config_file = config;
+        let config = ClusterConfig::load(Some(config_file))?;
+        let mut c = Control { state_dir: state_dir.to_path_buf(), config, http: reqwest::Client::new(), admin_token: String::new(), up: false };
         // Test hooks on: the clock-skew nemesis sets a node's clock through them.
         *RUNNING.lock().expect("running lock") = Some(state_dir.to_path_buf());
-        c.cluster(&["up", "--wipe", "--enable-test-hooks", "--config", &config.display().to_string(), "--backend", &backend.to_string()])?;
+        c.cluster(&["up", "--wipe", "--enable-test-hooks", "--config", &config_file.display().to_string(), "--backend", &backend.to_string()])?;
         c.up = true;
+        c.admin_token = crate::certs::read_token(&crate::certs::token_path(&state_dir.join("certs")))?;
         c.config = ClusterConfig::load(Some(&state_dir.join("cluster.toml"))).context("read the running cluster's config")?;
         c.http = reqwest::Client::builder().timeout(Duration::from_secs(3)).build()?;
         Ok(c)
@@ -39,26 +44,18 @@ impl Control {
 
     /// Runs one `agora cluster` subcommand; its output goes to the state dir's log.
     pub fn cluster(&self, args: &[&str]) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.state_dir.join("chaos-cluster.log"))?;
-        let status = Command::new(agora()?)
-            .arg("cluster")
-            .args(args)
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .status()
-            .with_context(|| format!("run agora cluster {}", args.join(" ")))?;
-        if !status.success() {
-            bail!("agora cluster {} failed (see {})", args.join(" "), self.state_dir.join("chaos-cluster.log").display());
-        }
-        Ok(())
+        cluster_in(&self.state_dir, args)
     }
 
     pub fn down(&mut self) -> anyhow::Result<()> {
+        // Ours, whether or not it came up: nothing for a signal to take down any more.
+        let mut running = RUNNING.lock().expect("running lock");
+        if running.as_deref() == Some(self.state_dir.as_path()) {
+            *running = None;
+        }
+        drop(running);
         if self.up {
             self.up = false;
-            RUNNING.lock().expect("running lock").take();
             self.cluster(&["down"])?;
         }
         Ok(())
@@ -78,19 +75,13 @@ impl Control {
 
     /// A GET of `node`'s admin API (with the cluster's admin token); its body if 2xx.
     pub async fn admin_get(&self, node: &NodeInfo, path: &str) -> Option<Value> {
-        let token = crate::certs::read_token(&crate::certs::token_path(&self.state_dir.join("certs"))).ok()?;
-        let r = self.http.get(format!("http://{}{path}", node.admin)).bearer_auth(token).send().await.ok()?;
-        if !r.status().is_success() {
-            return None;
-        }
-        r.json().await.ok()
+        let req = self.http.get(format!("http://{}{path}", node.admin)).bearer_auth(&self.admin_token);
+        answer(req).await.filter(|(status, _)| (200..300).contains(status)).map(|(_, v)| v)
     }
 
     /// Any answer with its status (an error body too); `None` if none came.
     pub async fn get_answer(&self, node: &NodeInfo, path: &str) -> Option<(u16, Value)> {
-        let r = self.http.get(format!("{}{path}", self.url(node))).send().await.ok()?;
-        let status = r.status().as_u16();
-        Some((status, r.json().await.unwrap_or(Value::Null)))
+        answer(self.http.get(format!("{}{path}", self.url(node)))).await
     }
 
     /// The leader of `dc`: the node that leads most of its shards.
@@ -121,6 +112,32 @@ impl Control {
     }
 }
 
+/// Sends `req`: the answer's status and JSON body (`null` if it has none).
+async fn answer(req: reqwest::RequestBuilder) -> Option<(u16, Value)> {
+    let r = req.send().await.ok()?;
+    let status = r.status().as_u16();
+    Some((status, r.json().await.unwrap_or(Value::Null)))
+}
+
+/// Runs `agora cluster ARGS --state-dir STATE_DIR`, its output into the state dir's log.
+fn cluster_in(state_dir: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let log_path = state_dir.join("chaos-cluster.log");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let status = Command::new(agora()?)
+        .arg("cluster")
+        .args(args)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .status()
+        .with_context(|| format!("run agora cluster {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("agora cluster {} failed (see {})", args.join(" "), log_path.display());
+    }
+    Ok(())
+}
+
 /// The state dir of the cluster a `Control` has up, for [`take_down_running`].
 static RUNNING: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
 
@@ -130,8 +147,7 @@ static RUNNING: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
 pub fn take_down_running() {
     let Some(dir) = RUNNING.lock().expect("running lock").take() else { return };
     eprintln!("agora chaos: stopped; taking the cluster in {} down", dir.display());
-    let status = agora().and_then(|bin| Ok(Command::new(bin).args(["cluster", "down", "--state-dir"]).arg(&dir).status()?));
-    if let Err(e) = status {
+    if let Err(e) = cluster_in(&dir, &["down"]) {
         eprintln!("agora chaos: taking the cluster down failed: {e:#}");
     }
 }

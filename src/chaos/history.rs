@@ -150,6 +150,13 @@ pub struct SessionVersion {
     pub dc: String,
 }
 
+impl SessionVersion {
+    /// The version a session answer (`{"token","user","dc","hlc"}`) names, if it is one.
+    pub fn of_answer(body: &serde_json::Value) -> Option<SessionVersion> {
+        Some(SessionVersion { hlc: body["hlc"].as_u64()?, dc: body["dc"].as_str()?.to_string() })
+    }
+}
+
 impl std::fmt::Display for SessionVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}@{}", self.hlc, self.dc)

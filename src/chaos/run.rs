@@ -14,7 +14,6 @@ use super::history::{DcState, Escrow, EscrowMove, FinalState, InventoryView, Nem
 use super::scenario::Scenario;
 use super::workload::{Clock, Recorder, Workload};
 use super::{check, human, CheckOptions, CheckReport, Op};
-use serde_json::json;
 
 #[derive(clap::Subcommand)]
 pub enum ChaosCmd {
@@ -157,11 +156,11 @@ async fn escrow_moves(control: &Control, clock: &Clock) -> Escrow {
     let mut applied: BTreeMap<(Entry, u32), (String, i64, u64)> = BTreeMap::new();
     let mut incomplete = vec![];
     for node in control.config.nodes() {
-        let Some(v) = control.admin_get(&node, "/v1/admin/escrow-journal").await else {
+        let Some(mut v) = control.admin_get(&node, "/v1/admin/escrow-journal").await else {
             incomplete.push(node.name.clone());
             continue;
         };
-        let records: Vec<crate::escrow_journal::Record> = serde_json::from_value(v["records"].clone()).unwrap_or_default();
+        let records: Vec<crate::escrow_journal::Record> = serde_json::from_value(v["records"].take()).unwrap_or_default();
         for r in records {
             match r {
                 crate::escrow_journal::Record::Proposed { shard, term, index, at_ns } => {
@@ -209,7 +208,7 @@ async fn final_sessions(control: &Control, node: &crate::config::NodeInfo, histo
     for t in tokens {
         match control.get_answer(node, &format!("/v1/sessions/{t}?consistency=stale")).await {
             Some((200, v)) => {
-                out.insert(t.to_string(), serde_json::from_value(json!({"hlc": v["hlc"], "dc": v["dc"]})).ok());
+                out.insert(t.to_string(), SessionVersion::of_answer(&v));
             }
             Some((404, _)) => {
                 out.insert(t.to_string(), None);

@@ -253,7 +253,7 @@ impl Client {
         if reply.outcome == Outcome::Ok {
             self.session = token.clone();
         }
-        let op = Op::Session { user: self.name.clone(), token, version: session_version(&reply.body) };
+        let op = Op::Session { user: self.name.clone(), token, version: SessionVersion::of_answer(&reply.body) };
         self.finish(begun, node, &reply, op).await
     }
 
@@ -337,7 +337,7 @@ impl Client {
         let node = self.pick_node().await;
         let begun = self.begin();
         let reply = self.call(&node, reqwest::Method::GET, &format!("/v1/sessions/{token}"), None).await;
-        let op = Op::ReadSession { token, user: reply.body["user"].as_str().map(String::from), version: session_version(&reply.body) };
+        let op = Op::ReadSession { token, user: reply.body["user"].as_str().map(String::from), version: SessionVersion::of_answer(&reply.body) };
         self.finish(begun, node, &reply, op).await;
     }
 
@@ -374,11 +374,6 @@ impl Client {
 
 /// Logged-out tokens a client keeps to read again.
 const GONE_KEPT: usize = 4;
-
-/// The version a session answer names (`dc` and `hlc`), if it is one.
-fn session_version(body: &Value) -> Option<SessionVersion> {
-    Some(SessionVersion { hlc: body["hlc"].as_u64()?, dc: body["dc"].as_str()?.to_string() })
-}
 
 /// Asks the DC's DNS servers for `dcN.shop.<zone>` and maps the answer to nodes.
 async fn resolve_dc(control: &Control, dc: &str) -> Vec<NodeInfo> {

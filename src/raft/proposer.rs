@@ -64,9 +64,9 @@ impl Proposer {
     fn queue(len_max: usize, inflight_max: usize) -> (Self, mpsc::Receiver<Pending>) {
         let (tx, rx) = mpsc::channel(len_max.max(1));
         // `drained` takes every permit at once, which tokio counts in a u32: a larger bound
-        // (no config needs one) is held to u32::MAX.
+        // (no config needs one) is held to u32::MAX, below `Semaphore::MAX_PERMITS`.
         let inflight_max = u32::try_from(inflight_max.max(1)).unwrap_or(u32::MAX);
-        let permits = Arc::new(Semaphore::new(usize::try_from(inflight_max).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS)));
+        let permits = Arc::new(Semaphore::new(inflight_max as usize));
         (Proposer { tx, held: Arc::new(watch::channel(false).0), permits, inflight_max }, rx)
     }
 

@@ -422,10 +422,11 @@ impl State for Overlay<'_> {
     fn emit(&mut self, hlc: u64, change: Change) {
         self.emitted.push((hlc, change));
     }
+    fn journals_escrow(&self) -> bool {
+        crate::escrow_journal::enabled()
+    }
     fn escrow_moved(&mut self, sku: &str, delta: i64) {
-        if crate::escrow_journal::enabled() {
-            self.moves.push((sku.to_string(), delta));
-        }
+        self.moves.push((sku.to_string(), delta));
     }
     /// Drops events up to `upto`; a record that straddles it is rewritten with the rest,
     /// so the floor is exactly `upto + 1`.

@@ -212,11 +212,15 @@ pub struct StorageSection {
     /// sled's segment size (a power of two; 0: sled's default, 512 KiB). Fixed when the
     /// data dir is created: sled refuses to open a dir with another one.
     pub sled_segment_bytes: usize,
+    /// zstd level (1–22) of sled's pages, 0 for none. Whether pages are compressed is
+    /// fixed when the data dir is created (a dir keeps it, with a warning at start if
+    /// the config differs); the level may change at any restart.
+    pub sled_compression_level: u8,
 }
 
 impl Default for StorageSection {
     fn default() -> Self {
-        StorageSection { durability: Durability::Fsync, sled_cache_bytes_max: 256 << 20, sled_segment_bytes: 0 }
+        StorageSection { durability: Durability::Fsync, sled_cache_bytes_max: 256 << 20, sled_segment_bytes: 0, sled_compression_level: 0 }
     }
 }
 
@@ -529,6 +533,7 @@ impl ClusterConfig {
             return Err(invalid("cluster.shards", format!("must be 1..={SHARDS_MAX}")));
         }
         self.check_raft()?;
+        self.check_storage()?;
         self.check_limits()?;
         self.check_dns()?;
         if self.dcs.is_empty() {
@@ -556,6 +561,19 @@ impl ClusterConfig {
         }
         self.check_nodes()?;
         self.wan.check(&self.dc_names())
+    }
+
+    /// What sled accepts, checked here so that a bad value is a config error at start,
+    /// not a failure to open the data dir.
+    fn check_storage(&self) -> Result<(), ConfigError> {
+        let st = &self.storage;
+        if st.sled_segment_bytes != 0 && !(st.sled_segment_bytes.is_power_of_two() && (256..=1 << 24).contains(&st.sled_segment_bytes)) {
+            return Err(invalid("storage.sled_segment_bytes", "must be 0 (sled's default) or a power of two from 256 to 16 MiB"));
+        }
+        if st.sled_compression_level > 22 {
+            return Err(invalid("storage.sled_compression_level", "must be 0 (off) or a zstd level from 1 to 22"));
+        }
+        Ok(())
     }
 
     fn check_raft(&self) -> Result<(), ConfigError> {
@@ -934,6 +952,8 @@ mod tests {
         check_err(|t| t.replace("election_timeout_min_ms = 200", "election_timeout_min_ms = 40"), "raft.election_timeout_min_ms");
         check_err(|t| t.replace("name = \"dc2\"", "name = \"DC 2\""), "dc[1].name");
         check_err(|t| t.replace("durability = \"fsync\"", "durability = \"maybe\""), "durability");
+        check_err(|t| t.replace("durability = \"fsync\"", "durability = \"fsync\"\nsled_compression_level = 23"), "storage.sled_compression_level");
+        check_err(|t| t.replace("durability = \"fsync\"", "durability = \"fsync\"\nsled_segment_bytes = 1000"), "storage.sled_segment_bytes");
         check_err(|t| t.replace("rrl_responses_per_s = 1000", "rrl_responses_per_s = 0"), "dns.rrl_responses_per_s");
         check_err(|t| t.replace("rrl_sources_max = 20000", "rrl_sources_max = 1"), "dns.rrl_sources_max");
         check_err(|t| t.replace("rrl_slip = 2", "rrl_slip = 2\nrrl_window_s = 1"), "unknown field `rrl_window_s`");

@@ -162,7 +162,12 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     let http_listener = bind(info.http, "http").await?;
     let admin_listener = bind(info.admin, "admin").await?;
     let st = &config.storage;
-    let sled = storage::SledOptions { durability: st.durability, cache_bytes: st.sled_cache_bytes_max, segment_bytes: st.sled_segment_bytes };
+    let sled = storage::SledOptions {
+        durability: st.durability,
+        cache_bytes: st.sled_cache_bytes_max,
+        segment_bytes: st.sled_segment_bytes,
+        compression_level: st.sled_compression_level,
+    };
     let disk = storage::Disk::default();
     let stores =
         storage::open_shards(&opts.data_dir, &info.dc, config.cluster.shards, sled, config.limits.cache_entities_max, disk.clone()).context("open storage")?;

@@ -172,7 +172,7 @@ async fn group_commit(db: sled::Db, file: Option<Arc<File>>, disk: Disk, mut rx:
 
 /// Opens (or creates) a node's data dir and returns its log store and state machine.
 pub fn open(dir: &Path, dc: &str, durability: Durability, cache_bytes: u64, cache_entities_max: usize) -> anyhow::Result<(LogStore, StateMachineStore)> {
-    let sled = SledOptions { durability, cache_bytes, segment_bytes: 0 };
+    let sled = SledOptions { durability, cache_bytes, segment_bytes: 0, compression_level: 0 };
     let mut shards = open_shards(dir, dc, 1, sled, cache_entities_max, Disk::default())?;
     Ok(shards.remove(0))
 }
@@ -185,6 +185,53 @@ pub struct SledOptions {
     pub cache_bytes: u64,
     /// sled's segment size (0: sled's default).
     pub segment_bytes: usize,
+    /// zstd level of sled's pages (0: not compressed).
+    pub compression_level: u8,
+}
+
+/// The layout sled fixed when it created a data dir (its `conf` file): it refuses to
+/// open the dir with another segment size or compression switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    segment_bytes: usize,
+    compressed: bool,
+}
+
+impl Layout {
+    /// The layout of the sled db in `dir`, if there is one. sled's `conf` is text lines
+    /// (`segment_size: N`, `use_compression: B`, ...) followed by a checksum.
+    fn stored(dir: &Path) -> Option<Layout> {
+        let conf = std::fs::read(dir.join("conf")).ok()?;
+        let conf = String::from_utf8_lossy(&conf);
+        let field = |name: &str| conf.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(": ").map(|v| v.trim().to_string()));
+        Some(Layout { segment_bytes: field("segment_size")?.parse().ok()?, compressed: field("use_compression")?.parse().ok()? })
+    }
+}
+
+/// sled's configuration for `dir`: the options asked for, except that a dir sled already
+/// created keeps the segment size and compression switch it was created with (a warning
+/// says when they differ from what was asked; the compression level may change).
+fn sled_config(dir: &Path, sled: SledOptions) -> sled::Config {
+    let asked = Layout { segment_bytes: sled.segment_bytes, compressed: sled.compression_level > 0 };
+    let layout = match Layout::stored(dir) {
+        Some(stored) => {
+            let differs = stored.compressed != asked.compressed || (asked.segment_bytes > 0 && stored.segment_bytes != asked.segment_bytes);
+            if differs {
+                tracing::warn!(dir = %dir.display(), ?stored, ?asked, "the data dir keeps the sled layout it was created with; a new one applies to new data dirs only");
+            }
+            stored
+        }
+        None => asked,
+    };
+    let mut config = sled::Config::new().path(dir).cache_capacity(sled.cache_bytes).use_compression(layout.compressed);
+    if layout.compressed {
+        // A compressed dir opened with compression off in the config: the cheapest level.
+        config = config.compression_factor(i32::from(sled.compression_level.clamp(1, 22)));
+    }
+    if layout.segment_bytes > 0 {
+        config = config.segment_size(layout.segment_bytes);
+    }
+    config
 }
 
 /// Opens (or creates) a node's data dir and returns the log store and state machine of
@@ -201,15 +248,9 @@ pub fn open_shards(
     disk: Disk,
 ) -> anyhow::Result<Vec<(LogStore, StateMachineStore)>> {
     std::fs::create_dir_all(dir)?;
-    let mut config = sled::Config::new()
-        .path(dir)
-        .cache_capacity(sled.cache_bytes)
-        // We flush when Raft needs it; the background flush only bounds what an
-        // unsynced state-machine write may lose, which the log replays anyway.
-        .flush_every_ms(Some(1000));
-    if sled.segment_bytes > 0 {
-        config = config.segment_size(sled.segment_bytes);
-    }
+    // We flush when Raft needs it; the background flush only bounds what an unsynced
+    // state-machine write may lose, which the log replays anyway.
+    let config = sled_config(dir, sled).flush_every_ms(Some(1000));
     let db = config.open().map_err(|e| anyhow::anyhow!("open sled db in {}: {e}", dir.display()))?;
     check_format(&db, dir)?;
     let file = match sled.durability {
@@ -297,14 +338,8 @@ pub fn usage(dir: &Path) -> anyhow::Result<serde_json::Value> {
         let bytes = if m.is_dir() { std::fs::read_dir(e.path())?.filter_map(|f| f.ok()?.metadata().ok()).map(|m| m.len()).sum() } else { m.len() };
         files.insert(e.file_name().to_string_lossy().into_owned(), bytes);
     }
-    // sled opens a dir only with the segment size it was created with (its `conf` file).
-    let conf = String::from_utf8_lossy(&std::fs::read(dir.join("conf"))?).into_owned(); // text, then a checksum
-    let segment = conf.lines().find_map(|l| l.strip_prefix("segment_size: ")?.trim().parse::<usize>().ok());
-    let mut config = sled::Config::new().path(dir);
-    if let Some(bytes) = segment {
-        config = config.segment_size(bytes);
-    }
-    let db = config.open().map_err(|e| anyhow::anyhow!("open sled db in {}: {e}", dir.display()))?;
+    let options = SledOptions { durability: Durability::Flush, cache_bytes: 64 << 20, segment_bytes: 0, compression_level: 0 };
+    let db = sled_config(dir, options).open().map_err(|e| anyhow::anyhow!("open sled db in {}: {e}", dir.display()))?;
     let mut trees = BTreeMap::new();
     for name in db.tree_names() {
         let tree = db.open_tree(&name)?;
@@ -341,9 +376,48 @@ mod tests {
         let u = usage(dir.path()).expect("usage");
         assert!(u["files"]["db"].as_u64().is_some(), "{u}");
         assert_eq!(u["trees"]["state"]["o/"]["records"], 1, "{u}");
+        let compressed = tempfile::tempdir().expect("temp dir");
+        {
+            let db = sled::Config::new().path(compressed.path()).use_compression(true).open().expect("open sled");
+            db.open_tree("state").expect("tree").insert(b"o/1", b"order".as_slice()).expect("insert");
+            db.flush().expect("flush");
+        }
+        assert_eq!(usage(compressed.path()).expect("usage of a compressed dir")["trees"]["state"]["o/"]["records"], 1);
         let empty = tempfile::tempdir().expect("temp dir");
         assert!(usage(empty.path()).is_err());
         assert!(!empty.path().join("db").exists());
+    }
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+
+    fn options(segment_bytes: usize, compression_level: u8) -> SledOptions {
+        SledOptions { durability: Durability::Flush, cache_bytes: 1 << 20, segment_bytes, compression_level }
+    }
+
+    /// A data dir keeps the layout sled created it with: opened later with compression
+    /// off, or another segment size, it still opens (sled alone would refuse) and keeps
+    /// its records; a new dir takes the layout asked for.
+    #[test]
+    fn a_data_dir_keeps_the_layout_it_was_created_with() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled_config(dir.path(), options(1 << 16, 3)).open().unwrap();
+            db.insert(b"k", b"v".as_slice()).unwrap();
+            db.flush().unwrap();
+        }
+        assert_eq!(Layout::stored(dir.path()), Some(Layout { segment_bytes: 1 << 16, compressed: true }));
+        let db = sled_config(dir.path(), options(0, 0)).open().expect("reopened with the stored layout");
+        assert_eq!(db.get(b"k").unwrap().as_deref(), Some(b"v".as_slice()));
+        drop(db);
+        assert!(sled::Config::new().path(dir.path()).open().is_err(), "sled alone refuses another layout");
+
+        let plain = tempfile::tempdir().unwrap();
+        drop(sled_config(plain.path(), options(0, 0)).open().unwrap());
+        assert_eq!(Layout::stored(plain.path()).map(|l| l.compressed), Some(false));
+        assert_eq!(Layout::stored(tempfile::tempdir().unwrap().path()), None);
     }
 }
 

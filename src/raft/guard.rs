@@ -254,7 +254,7 @@ mod tests {
         assert_eq!(t.check(&chunk("a", n, b"x", false), n), Err(ChunkRefusal::Offset { expect: 0 }), "a finished transfer is gone");
         // A new transfer (or a restart of one) begins at 0, and must start like a snapshot.
         assert!(t.check(&chunk("c", 0, a, false), n).is_ok());
-        assert!(matches!(t.check(&chunk("d", 0, &[7; 60], false), n), Err(ChunkRefusal::Invalid(_))), "not format 3");
+        assert!(matches!(t.check(&chunk("d", 0, &[7; 60], false), n), Err(ChunkRefusal::Invalid(_))), "not a snapshot format");
         assert!(check_install_snapshot(&chunk("a", 0, b"", false), 3, L).is_err(), "sent as another node");
     }
 }

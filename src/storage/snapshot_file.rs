@@ -1,5 +1,5 @@
 //! A shard's current Raft snapshot, in files of its own beside sled's: the data
-//! (`raft-snapshot-<id>.bin`, format 3, see [`super::snapshot_data`]) and a small meta file
+//! (`raft-snapshot-<id>.bin`, format 4, see [`super::snapshot_data`]) and a small meta file
 //! (`raft-snapshot.meta`) that names it. The meta file is the commit point: the data is
 //! synced first, then the meta file is written to a temporary file, synced and renamed
 //! into place (the directory synced after), so a crash leaves the old snapshot or the new

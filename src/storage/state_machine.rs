@@ -668,7 +668,7 @@ impl StateMachineStore {
         self.install(move |_| Ok(current)).await
     }
 
-    /// Writes a legacy snapshot (file or sled value) as format 3, committed; then drops it.
+    /// Writes a legacy snapshot (file or sled value) in the current format, committed; then drops it.
     fn convert_legacy(&self) -> Result<(), StorageError> {
         let files = &self.inner.snapshots;
         let read = |e| io_err(StorageIOError::read, e);
@@ -688,7 +688,7 @@ impl StateMachineStore {
             }
             let (_, bytes, records) = w.finish().map_err(write)?;
             files.commit(&path, Current { meta: old.meta, file: String::new(), bytes, records }).map_err(write)?;
-            tracing::info!(records, bytes, "snapshot converted to format 3");
+            tracing::info!(records, bytes, "snapshot converted to format 4");
         }
         self.inner.meta.remove(SNAPSHOT).map_err(|e| io_err(StorageIOError::write, e))?;
         Ok(())

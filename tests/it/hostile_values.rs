@@ -101,7 +101,7 @@ async fn snapshot_chunks_out_of_order_oversized_or_failing_their_checksum_are_re
     *data.last_mut().unwrap() ^= 0xff;
     let resp = c.peer_call(&target, from, snapshot_chunk(term, from, "s3", 0, data, true)).await;
     assert!(matches!(resp, PeerResponse::Refused(_)), "{resp:?}");
-    // Not format 3 (an older format, without a checksum here).
+    // Not format 3 or 4 (an older format, without a checksum here).
     let body = agora::codec::encode(&Vec::<(Vec<u8>, Vec<u8>)>::new());
     let resp = c.peer_call(&target, from, snapshot_chunk(term, from, "s4", 0, body, true)).await;
     assert!(matches!(resp, PeerResponse::Refused(_)), "{resp:?}");

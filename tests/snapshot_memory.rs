@@ -66,8 +66,18 @@ async fn a_large_snapshot_is_received_and_installed_in_bounded_memory() {
     let dir = tempfile::tempdir().expect("temp dir");
     let incoming = dir.path().join("incoming.bin");
     let mut w = Writer::new(std::io::BufWriter::new(std::fs::File::create(&incoming).expect("create"))).expect("writer");
+    // Values of noise (xorshift): the snapshot's blocks do not compress, so the file is as
+    // large as the state and "holding the snapshot" means holding 65 MiB.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     for i in 0..RECORDS {
-        let value: Vec<u8> = (0..VALUE_BYTES).map(|b| (b ^ i) as u8).collect();
+        let value: Vec<u8> = (0..VALUE_BYTES)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
         w.put(format!("o/{i:08}").as_bytes(), &value).expect("put");
     }
     let (mut out, bytes, records) = w.finish().expect("finish");

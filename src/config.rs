@@ -952,7 +952,7 @@ mod tests {
         check_err(|t| t.replace("election_timeout_min_ms = 200", "election_timeout_min_ms = 40"), "raft.election_timeout_min_ms");
         check_err(|t| t.replace("name = \"dc2\"", "name = \"DC 2\""), "dc[1].name");
         check_err(|t| t.replace("durability = \"fsync\"", "durability = \"maybe\""), "durability");
-        check_err(|t| t.replace("durability = \"fsync\"", "durability = \"fsync\"\nsled_compression_level = 23"), "storage.sled_compression_level");
+        check_err(|t| t.replace("sled_compression_level = 0", "sled_compression_level = 23"), "storage.sled_compression_level");
         check_err(|t| t.replace("durability = \"fsync\"", "durability = \"fsync\"\nsled_segment_bytes = 1000"), "storage.sled_segment_bytes");
         check_err(|t| t.replace("rrl_responses_per_s = 1000", "rrl_responses_per_s = 0"), "dns.rrl_responses_per_s");
         check_err(|t| t.replace("rrl_sources_max = 20000", "rrl_sources_max = 1"), "dns.rrl_sources_max");

@@ -338,7 +338,14 @@ pub fn usage(dir: &Path) -> anyhow::Result<serde_json::Value> {
         let bytes = if m.is_dir() { std::fs::read_dir(e.path())?.filter_map(|f| f.ok()?.metadata().ok()).map(|m| m.len()).sum() } else { m.len() };
         files.insert(e.file_name().to_string_lossy().into_owned(), bytes);
     }
-    let options = SledOptions { durability: Durability::Flush, cache_bytes: 64 << 20, segment_bytes: 0, compression_level: 0 };
+    // Asked for the dir's own layout, so opening it warns of no difference.
+    let layout = Layout::stored(dir);
+    let options = SledOptions {
+        durability: Durability::Flush,
+        cache_bytes: 64 << 20,
+        segment_bytes: layout.map_or(0, |l| l.segment_bytes),
+        compression_level: u8::from(layout.is_some_and(|l| l.compressed)),
+    };
     let db = sled_config(dir, options).open().map_err(|e| anyhow::anyhow!("open sled db in {}: {e}", dir.display()))?;
     let mut trees = BTreeMap::new();
     for name in db.tree_names() {

@@ -158,8 +158,9 @@ fn unblock(z: &[u8], raw_len: usize, out: &mut Vec<u8>) -> Result<(), String> {
 
 /// Checks a block head: raw and compressed lengths within their bounds.
 fn parse_block_head(head: &[u8]) -> Result<(usize, usize), String> {
-    let raw = u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) as usize;
-    let z = u32::from_be_bytes(head[4..].try_into().expect("4 bytes")) as usize;
+    // A length that does not fit a usize is over the bounds below anyway.
+    let len = |b: &[u8]| usize::try_from(u32::from_be_bytes(b.try_into().expect("4 bytes"))).unwrap_or(usize::MAX);
+    let (raw, z) = (len(&head[..4]), len(&head[4..]));
     if raw == 0 || raw > BLOCK_RAW_MAX || z == 0 || z > block_zlen_max() {
         return Err(format!("snapshot block of {raw} bytes ({z} compressed) is out of bounds"));
     }
@@ -519,8 +520,9 @@ mod tests {
                 Frame::Delete(k) => (DELETE, k, &[]),
             };
             raw.push(kind);
-            raw.extend_from_slice(&(k.len() as u32).to_be_bytes());
-            raw.extend_from_slice(&(v.len() as u32).to_be_bytes());
+            for part in [k, v] {
+                raw.extend_from_slice(&u32::try_from(part.len()).expect("test records are small").to_be_bytes());
+            }
             raw.extend_from_slice(k);
             raw.extend_from_slice(v);
         }
@@ -564,8 +566,8 @@ mod tests {
         let raw = raw_frames(&[Frame::Put(b"k".to_vec(), b"value".to_vec())]);
         let z = zstd::block::compress(&raw, LEVEL).unwrap();
         let block = |raw_len: usize, z: &[u8]| {
-            let mut b = (raw_len as u32).to_be_bytes().to_vec();
-            b.extend_from_slice(&(z.len() as u32).to_be_bytes());
+            let mut b = u32::try_from(raw_len).expect("test lengths are small").to_be_bytes().to_vec();
+            b.extend_from_slice(&u32::try_from(z.len()).expect("test lengths are small").to_be_bytes());
             b.extend_from_slice(z);
             b
         };

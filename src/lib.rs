@@ -54,6 +54,7 @@ pub mod node;
 pub mod raft;
 pub mod replication;
 pub mod resources;
+pub mod runtime_probe;
 pub mod shard;
 pub mod shards;
 pub mod shop;

@@ -1,6 +1,6 @@
 //! Prometheus metrics, named `agora_<thing>_<unit>`.
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -26,6 +26,8 @@ pub struct Metrics {
     pub replication_link_health_changes: IntCounterVec,
     pub replication_last_contact_ms: IntGaugeVec,
     pub replication_apply_lag: HistogramVec,
+    /// How late the runtime ran a task that asked to wake at a given instant.
+    pub runtime_delay: Histogram,
 }
 
 fn shard_gauge(name: &str, help: &str) -> IntGaugeVec {
@@ -87,6 +89,11 @@ impl Metrics {
             .expect("metric"),
             replication_last_contact_ms: IntGaugeVec::new(Opts::new("replication_last_contact_ms", "milliseconds since the peer DC last answered"), &["peer"])
                 .expect("metric"),
+            runtime_delay: Histogram::with_opts(
+                HistogramOpts::new("runtime_delay_seconds", "how late a task due at an instant was run (runtime busy or starved of CPU)")
+                    .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            )
+            .expect("metric"),
             registry,
         };
         m.register_all();
@@ -113,6 +120,7 @@ impl Metrics {
         r.register(Box::new(self.replication_link_health_changes.clone())).expect("register");
         r.register(Box::new(self.replication_last_contact_ms.clone())).expect("register");
         r.register(Box::new(self.replication_apply_lag.clone())).expect("register");
+        r.register(Box::new(self.runtime_delay.clone())).expect("register");
     }
 
     pub fn render(&self) -> String {

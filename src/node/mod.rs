@@ -200,12 +200,14 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
         tokio::spawn(transport::serve(peer_listener, handler, faults.clone(), wan.clone(), limits, admission)),
         tokio::spawn(peers.addresses().clone().refresh_loop()),
         tokio::spawn(crate::shards::fenced_leader_loop(shards.clone())),
+        tokio::spawn(crate::runtime_probe::run(metrics.clone())),
     ];
     for c in shards.all() {
         tasks.push(tokio::spawn(bootstrap(c.shard.clone())));
         tasks.push(tokio::spawn(background::snapshot_loop(c.shard.clone())));
         tasks.push(tokio::spawn(background::expiry_loop(c.shard.clone(), hlc.clone())));
         tasks.push(tokio::spawn(background::leader_balance_loop(c.shard.clone())));
+        tasks.push(tokio::spawn(background::role_log_loop(c.shard.clone())));
         tasks.extend(replication::spawn(c.clone()));
     }
     let dns =

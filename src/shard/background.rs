@@ -99,3 +99,27 @@ pub async fn leader_balance_loop(shard: Arc<Shard>) {
         }
     }
 }
+
+/// One log line whenever this node's Raft role or term in the shard changes: elections
+/// are rare events an operator wants in the log with their time, and a line per change
+/// cannot flood (a term lasts at least an election timeout).
+pub async fn role_log_loop(shard: Arc<Shard>) {
+    let mut rx = shard.raft.metrics();
+    let mut last = (0, ServerState::Learner);
+    let mut since = tokio::time::Instant::now();
+    loop {
+        let now = {
+            let m = rx.borrow_and_update();
+            (m.current_term, m.state)
+        };
+        if now != last {
+            let m = rx.borrow().clone();
+            let held_ms = since.elapsed().as_millis() as u64;
+            tracing::info!(shard = shard.number, term = m.current_term, state = ?m.state, leader = ?m.current_leader, previous_held_ms = held_ms, "raft role changed");
+            (last, since) = (now, tokio::time::Instant::now());
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}

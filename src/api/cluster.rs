@@ -1,6 +1,7 @@
 //! Cluster status, state digest, health and metrics.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::header;
@@ -12,6 +13,8 @@ use sha2::{Digest, Sha256};
 
 use super::AppState;
 use crate::console::Console;
+use crate::error::NodeError;
+use crate::storage::digest::Wanted;
 use crate::storage::state_machine::SnapshotStats;
 
 fn role(s: ServerState) -> &'static str {
@@ -130,8 +133,22 @@ pub async fn lag(
 /// Equal digests mean equal state: per entity kind and in all. With several shards,
 /// each kind's digest is the SHA-256 of the shards' digests of that kind, in shard order,
 /// and `shards` lists each shard's own `all`.
-pub async fn digest(State(node): State<AppState>) -> Json<Value> {
-    let per_shard: Vec<_> = node.shards.all().iter().map(|c| c.shard.sm.digest()).collect();
+///
+/// `?recent=true` (the console's rounds) takes a digest computed a while ago, reused for
+/// longer the longer its scan took; `age_ms` says how old the answer is.
+pub async fn digest(
+    State(node): State<AppState>,
+    q: Result<axum::extract::Query<DigestQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, super::ApiError> {
+    let axum::extract::Query(q) = q.map_err(|e| super::ApiError::bad_request(e.body_text()))?;
+    let wanted = if q.recent { Wanted::Recent } else { Wanted::Fresh };
+    let mut per_shard = Vec::new();
+    let mut age = Duration::ZERO;
+    for c in node.shards.all() {
+        let (d, a) = c.shard.sm.digest_as(wanted).await.map_err(|e| NodeError::Internal(format!("state digest: {e}")))?;
+        per_shard.push(d);
+        age = age.max(a);
+    }
     let applied: u64 = node.shards.all().iter().map(|c| c.shard.sm.applied_index()).fold(0, u64::saturating_add);
     let mut d = match per_shard.as_slice() {
         [one] => serde_json::to_value(one).unwrap_or_default(),
@@ -149,7 +166,14 @@ pub async fn digest(State(node): State<AppState>) -> Json<Value> {
         }
     };
     d["applied_index"] = json!(applied);
-    Json(d)
+    d["age_ms"] = json!(u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
+    Ok(Json(d))
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DigestQuery {
+    recent: bool,
 }
 
 /// 200 while this node serves; 503 while it is unfit to (its clock off from its DC's, or

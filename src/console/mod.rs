@@ -185,7 +185,7 @@ impl Console {
             let seen = self.seen.lock().expect("console lock");
             self.config.dc_names().into_iter().filter_map(|dc| Some((dc.clone(), digest_source(self, &seen, &dc)?))).collect()
         };
-        let answers = join_all(askees.iter().map(|(_, n)| self.get_text(format!("{}/v1/cluster/digest", n.http_url())))).await;
+        let answers = join_all(askees.iter().map(|(_, n)| self.get_text(format!("{}/v1/cluster/digest?recent=true", n.http_url())))).await;
         let mut digests = BTreeMap::new();
         for ((dc, n), a) in askees.into_iter().zip(answers) {
             let all = a.ok().and_then(|t| serde_json::from_str::<Value>(&t).ok()).and_then(|v| v["all"].as_str().map(str::to_string));

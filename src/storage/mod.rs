@@ -11,6 +11,7 @@
 //! then `fdatasync` sled's file, as etcd does for its WAL.
 
 pub mod background;
+pub mod digest;
 pub mod log_store;
 pub mod snapshot_data;
 pub mod snapshot_file;

@@ -20,6 +20,7 @@ use openraft::{EntryPayload, RaftSnapshotBuilder, SnapshotMeta, StorageIOError, 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::digest::{DigestCache, Wanted};
 use super::snapshot_data::{self, Frame, SnapshotHandle};
 use super::snapshot_file::{Current, SnapshotFiles, WritebackFile};
 use super::{background, io_err, Durable};
@@ -133,6 +134,8 @@ struct Inner {
     snapshot_seq: std::sync::atomic::AtomicU64,
     /// What the snapshot schedule and `/metrics` read: builds, their cost, the state's size.
     stats: SnapshotCounters,
+    /// The last state digest, shared by callers that can take it.
+    digests: DigestCache,
 }
 
 /// Counters kept by the state machine for the snapshot schedule and `/metrics`.
@@ -244,6 +247,7 @@ impl StateMachineStore {
             snapshot_lock: Mutex::new(()),
             snapshot_seq: Default::default(),
             stats: Default::default(),
+            digests: Default::default(),
         };
         let store = StateMachineStore { inner: Arc::new(inner) };
         store.convert_legacy().map_err(|e| anyhow::anyhow!("snapshot of shard {shard}: {e}"))?;
@@ -898,7 +902,14 @@ impl SmReader {
         applied.map(|l| l.index).unwrap_or(0)
     }
 
-    /// Hex SHA-256 per entity kind, and of them all: equal digests mean equal state.
+    /// [`Self::digest`] as `wanted`, computed off the async runtime, and its age.
+    pub async fn digest_as(&self, wanted: Wanted) -> std::io::Result<(BTreeMap<String, String>, std::time::Duration)> {
+        let scan = self.clone();
+        self.inner.digests.get(wanted, || self.applied_index(), move || scan.digest()).await
+    }
+
+    /// Hex SHA-256 per entity kind, and of them all: equal digests mean equal state. A
+    /// scan of the whole state: callers on the async runtime use [`Self::digest_as`].
     pub fn digest(&self) -> BTreeMap<String, String> {
         let mut all = Sha256::new();
         let mut out = BTreeMap::new();

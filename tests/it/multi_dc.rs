@@ -203,6 +203,13 @@ async fn leaders_killed_during_replication_lose_nothing_and_apply_once() {
     }
     assert!(events >= acked.len() as u64, "every applied event of dc1 has its lag: {events} for {} acknowledged orders", acked.len());
     assert_eq!(c.get("dc2-n1", "/v1/cluster/lag?window_s=x").await.0, 400);
+
+    // The console's recent digest: the one just computed, with its age; a bad ask is 400.
+    let (_, fresh) = c.get("dc2-n1", "/v1/cluster/digest").await;
+    let (code, recent) = c.get("dc2-n1", "/v1/cluster/digest?recent=true").await;
+    assert_eq!((code, &recent["all"]), (200, &fresh["all"]), "{recent}");
+    assert!(recent["age_ms"].as_u64().is_some_and(|a| a < 5000), "{recent}");
+    assert_eq!(c.get("dc2-n1", "/v1/cluster/digest?recent=x").await.0, 400);
 }
 
 #[tokio::test]

@@ -135,7 +135,7 @@ struct Inner {
     /// What the snapshot schedule and `/metrics` read: builds, their cost, the state's size.
     stats: SnapshotCounters,
     /// The last state digest, shared by callers that can take it.
-    digests: DigestCache,
+    digests: Arc<DigestCache>,
 }
 
 /// Counters kept by the state machine for the snapshot schedule and `/metrics`.
@@ -904,8 +904,8 @@ impl SmReader {
 
     /// [`Self::digest`] as `wanted`, computed off the async runtime, and its age.
     pub async fn digest_as(&self, wanted: Wanted) -> std::io::Result<(BTreeMap<String, String>, std::time::Duration)> {
-        let scan = self.clone();
-        self.inner.digests.get(wanted, || self.applied_index(), move || scan.digest()).await
+        let (reader, scan) = (self.clone(), self.clone());
+        self.inner.digests.get(wanted, move || reader.applied_index(), move || scan.digest()).await
     }
 
     /// Hex SHA-256 per entity kind, and of them all: equal digests mean equal state. A

@@ -99,7 +99,12 @@ async fn install_owned_state(cross: &CrossDc, dc: &str, out_seq: u64) -> Result<
     let page_len = cross.config().replication.batch_len_max.max(1);
     let mut from = Vec::new();
     loop {
-        let (changes, next) = cross.shard.sm.owned_state_page(&from, page_len);
+        // A page may walk past many records other DCs own before it has `page_len` of
+        // ours: a scan that grows with the state, kept off the async runtime.
+        let (sm, start) = (cross.shard.sm.clone(), std::mem::take(&mut from));
+        let (changes, next) = tokio::task::spawn_blocking(move || sm.owned_state_page(&start, page_len))
+            .await
+            .map_err(|e| NodeError::Internal(format!("reading our state for a catch-up: {e}")))?;
         let upto = if next.is_none() { out_seq } else { 0 };
         let ack = send_to_dc(cross, dc, || PeerRequest::InstallRemote { origin: me.clone(), upto, changes: changes.clone() }).await?;
         match next {

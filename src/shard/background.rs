@@ -108,14 +108,13 @@ pub async fn role_log_loop(shard: Arc<Shard>) {
     let mut last = (0, ServerState::Learner);
     let mut since = tokio::time::Instant::now();
     loop {
-        let now = {
+        let (now, leader) = {
             let m = rx.borrow_and_update();
-            (m.current_term, m.state)
+            ((m.current_term, m.state), m.current_leader)
         };
         if now != last {
-            let m = rx.borrow().clone();
             let held_ms = since.elapsed().as_millis() as u64;
-            tracing::info!(shard = shard.number, term = m.current_term, state = ?m.state, leader = ?m.current_leader, previous_held_ms = held_ms, "raft role changed");
+            tracing::info!(shard = shard.number, term = now.0, state = ?now.1, ?leader, previous_held_ms = held_ms, "raft role changed");
             (last, since) = (now, tokio::time::Instant::now());
         }
         if rx.changed().await.is_err() {

@@ -68,6 +68,10 @@ pub struct ClusterSection {
     pub shards: u16,
 }
 
+/// Cross-DC batches one leader may have in flight to one DC at most: each holds up to
+/// `batch_len_max` events in memory until it is answered.
+pub const BATCHES_INFLIGHT_MAX: usize = 64;
+
 /// The most shards a DC may have.
 pub const SHARDS_MAX: u16 = 64;
 
@@ -298,6 +302,11 @@ impl Default for Limits {
 pub struct ReplicationSection {
     /// Events per shipped batch.
     pub batch_len_max: usize,
+    /// Batches a leader keeps in flight to another DC: the next leaves as soon as there
+    /// are events for it, not once the last is acknowledged (which takes a Raft commit
+    /// there). The receiver applies them in seq order; one that arrives early applies
+    /// nothing and is sent again.
+    pub batches_inflight_max: usize,
     /// Events kept for DCs that have not acknowledged them; a DC further behind catches
     /// up from a snapshot of the origin's state.
     pub outbox_len_max: u64,
@@ -326,6 +335,7 @@ impl Default for ReplicationSection {
     fn default() -> Self {
         ReplicationSection {
             batch_len_max: 512,
+            batches_inflight_max: 4,
             outbox_len_max: 100_000,
             probe_interval_ms: 100,
             dc_unhealthy_after_ms: 900,
@@ -638,6 +648,7 @@ impl ClusterConfig {
         let r = &self.replication;
         for (field, v) in [
             ("replication.batch_len_max", r.batch_len_max as u64),
+            ("replication.batches_inflight_max", r.batches_inflight_max as u64),
             ("replication.outbox_len_max", r.outbox_len_max),
             ("replication.probe_interval_ms", r.probe_interval_ms),
         ] {
@@ -647,6 +658,9 @@ impl ClusterConfig {
         }
         if r.batch_len_max > crate::domain::apply::REMOTE_BATCH_LEN_MAX {
             return Err(invalid("replication.batch_len_max", format!("must be at most {}", crate::domain::apply::REMOTE_BATCH_LEN_MAX)));
+        }
+        if r.batches_inflight_max > BATCHES_INFLIGHT_MAX {
+            return Err(invalid("replication.batches_inflight_max", format!("must be at most {BATCHES_INFLIGHT_MAX}")));
         }
         if r.dc_unhealthy_after_ms <= r.probe_interval_ms {
             return Err(invalid("replication.dc_unhealthy_after_ms", "must be greater than probe_interval_ms"));

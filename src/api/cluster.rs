@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use super::AppState;
 use crate::console::Console;
 use crate::error::NodeError;
+use crate::replication::lag;
 use crate::storage::digest::Wanted;
 use crate::storage::state_machine::SnapshotStats;
 
@@ -117,8 +118,10 @@ pub struct LagParams {
     window_s: Option<u64>,
 }
 
-/// Exact replication lag of the events this node applied in the last `window_s` seconds
-/// (default 60), per origin DC: p50, p99 and max in ms, from the last events kept.
+/// Exact replication lag in the last `window_s` seconds (default 60), p50, p99 and max in
+/// ms, from the last events kept: of the events this node applied, per origin DC (from
+/// the time the origin stamped them); and of the events it shipped as leader, per
+/// destination DC (from their commit here to the answer that they are committed there).
 pub async fn lag(
     State(node): State<AppState>,
     q: Result<axum::extract::Query<LagParams>, axum::extract::rejection::QueryRejection>,
@@ -126,7 +129,12 @@ pub async fn lag(
     let axum::extract::Query(p) = q.map_err(|e| super::ApiError::bad_request(e.body_text()))?;
     let window = std::time::Duration::from_secs(p.window_s.unwrap_or(60).min(86_400));
     Ok(Json(
-        json!({"node": node.info.name, "window_s": window.as_secs(), "origins": crate::replication::lag::summary_over(node.shards.all().iter().map(|c| &c.lag), window)}),
+        json!({
+            "node": node.info.name,
+            "window_s": window.as_secs(),
+            "origins": lag::summary_over(node.shards.all().iter().map(|c| &c.lag), window),
+            "destinations": lag::summary_over(node.shards.all().iter().map(|c| &c.shipped), window),
+        }),
     ))
 }
 

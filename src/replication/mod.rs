@@ -36,6 +36,9 @@ pub struct CrossDc {
     pub hlc: Arc<Hlc>,
     /// Exact lag of the events applied here, per origin (bounded).
     pub lag: lag::LagSamples,
+    /// Exact lag of the events this node shipped as leader, per destination DC: from
+    /// their commit here to the answer saying they are committed there (bounded).
+    pub shipped: lag::LagSamples,
     peers: Peers,
     faults: Faults,
     metrics: Metrics,
@@ -64,6 +67,7 @@ impl CrossDc {
             links,
             hlc,
             lag: Default::default(),
+            shipped: Default::default(),
             peers,
             faults,
             metrics,

@@ -46,9 +46,11 @@ pub async fn handle(cross: &CrossDc, from: NodeId, req: PeerRequest) -> PeerResp
                 return PeerResponse::Replicate(ack);
             }
             let r = apply(cross, Command::ApplyRemote { origin: origin.clone(), events }).await;
-            if r.is_ok() {
-                // Lag of the events this batch newly applied: origin timestamp to commit here.
-                let lags: Vec<u64> = stamps.iter().filter(|(seq, ts)| *seq > before && *ts > 0).map(|(_, ts)| crate::hlc::age_ms(*ts)).collect();
+            if let Ok(ack) = &r {
+                // Lag of the events this batch newly applied (a batch that arrived before
+                // the one ahead of it applies none): origin timestamp to commit here.
+                let applied = |seq: u64| seq > before && seq <= ack.cursor;
+                let lags: Vec<u64> = stamps.iter().filter(|(seq, ts)| applied(*seq) && *ts > 0).map(|(_, ts)| crate::hlc::age_ms(*ts)).collect();
                 let histogram = cross.metrics.replication_apply_lag.with_label_values(&[&origin]);
                 for ms in &lags {
                     histogram.observe(*ms as f64 / 1000.0);

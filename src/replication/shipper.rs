@@ -27,22 +27,101 @@ pub async fn ship_loop(cross: Arc<CrossDc>, dc: String) {
             let _ = tokio::time::timeout(interval, metrics.changed()).await;
             continue;
         }
-        match ship_once(&cross, &dc).await {
-            Ok(true) => {}
-            // Caught up: wait for a new event of ours, or send an empty batch as heartbeat.
-            Ok(false) => {
-                let shipped = cross.shard.sm.out_seq();
-                let _ = tokio::time::timeout(interval, async { while metrics.changed().await.is_ok() && cross.shard.sm.out_seq() == shipped {} }).await;
-            }
-            Err(e) => {
-                tracing::debug!(%dc, error = %e, "replication batch failed");
-                tokio::time::sleep(interval).await;
-            }
+        let result = match cross.links.get(&dc).acked {
+            Some(acked) if acked.saturating_add(1) >= cross.shard.sm.outbox_floor() => stream(&cross, &dc, acked, &mut metrics).await,
+            // Unknown cursor (new leader), or behind the outbox cap: one exchange at a time.
+            _ => ship_once(&cross, &dc).await.map(|_| ()),
+        };
+        if let Err(e) = result {
+            tracing::debug!(%dc, error = %e, "replication batch failed");
+            tokio::time::sleep(interval).await;
         }
     }
 }
 
-/// Sends one batch (or a snapshot, or an empty probe); returns whether more is waiting.
+/// A batch on its way: the last seq it carries (for an empty heartbeat, the cursor it
+/// checks), and its answer.
+type InFlight<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = (u64, Result<ReplicateAck, NodeError>)> + Send + 'a>>;
+
+type MetricsRx = tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, openraft::BasicNode>>;
+
+/// Ships from `acked` on with up to `replication.batches_inflight_max` batches in flight,
+/// each sent as soon as there are events past the last one sent; an empty batch as
+/// heartbeat when there has been nothing to ship for a probe interval. Returns when this
+/// node stops leading, replication is paused, or the outbox no longer holds what `dc`
+/// needs (the caller decides what comes next); an error ends it too.
+///
+/// Answers are taken in the order their batches left. One that was not applied in full
+/// (it reached the receiver's log before the batch ahead of it, or the receiver stopped
+/// at an event it refused) may carry a cursor older than one already taken: the cursor
+/// only moves forward, and the next batch goes alone, from it. A lone batch's answer is
+/// the receiver's cursor as it stands, so that one may also move the cursor back (a
+/// receiver whose state went back asks for events again).
+async fn stream(cross: &CrossDc, dc: &str, mut acked: u64, metrics: &mut MetricsRx) -> Result<(), NodeError> {
+    let sm = &cross.shard.sm;
+    let cfg = &cross.config().replication;
+    let interval = Duration::from_millis(cfg.probe_interval_ms);
+    let mut inflight = futures::stream::FuturesOrdered::<InFlight>::new();
+    let (mut sent, mut alone, mut idle_since) = (acked, false, Instant::now());
+    loop {
+        if !cross.shard.is_leader() || cross.faults.replication_paused() {
+            return Ok(());
+        }
+        let room = if alone { usize::from(inflight.is_empty()) } else { cfg.batches_inflight_max.max(1).saturating_sub(inflight.len()) };
+        for _ in 0..room {
+            if sent >= sm.out_seq() {
+                break;
+            }
+            let events = sm.outbox(sent.saturating_add(1), cfg.batch_len_max);
+            match (events.first(), events.last()) {
+                (Some(first), Some(last)) if first.seq == sent.saturating_add(1) => {
+                    let upto = last.seq;
+                    inflight.push_back(send_batch(cross, dc, events, upto));
+                    sent = upto;
+                }
+                // Trimmed past what `dc` has: a catch-up from our state, by the caller.
+                _ => return Ok(()),
+            }
+        }
+        if inflight.is_empty() && idle_since.elapsed() >= interval {
+            // Nothing to ship for a while: an empty batch, as heartbeat and cursor check.
+            inflight.push_back(send_batch(cross, dc, Vec::new(), acked));
+        }
+        if !inflight.is_empty() {
+            idle_since = Instant::now();
+        }
+        let can_send = room > 0 || inflight.is_empty();
+        let new_events = async {
+            let shipped = sm.out_seq();
+            while metrics.changed().await.is_ok() && sm.out_seq() == shipped {}
+        };
+        tokio::select! {
+            Some((upto, answer)) = futures::StreamExt::next(&mut inflight) => {
+                let cursor = take_ack(cross, dc, acked, answer?)?;
+                let authoritative = alone && inflight.is_empty();
+                acked = if authoritative { cursor } else { acked.max(cursor) };
+                set_acked(cross, dc, acked);
+                alone = cursor < upto;
+                if alone {
+                    sent = acked;
+                }
+            }
+            _ = tokio::time::timeout(interval, new_events), if can_send => {}
+        }
+    }
+}
+
+fn send_batch<'a>(cross: &'a CrossDc, dc: &'a str, events: Vec<crate::domain::Event>, upto: u64) -> InFlight<'a> {
+    Box::pin(async move {
+        let me = cross.dc().to_string();
+        let answer = send_to_dc(cross, dc, || PeerRequest::Replicate { origin: me.clone(), events: events.clone() }).await;
+        (upto, answer)
+    })
+}
+
+/// Sends one batch from the remote cursor (or a snapshot of our state when `dc` is
+/// behind the outbox cap, or an empty probe when its cursor is unknown); returns
+/// whether more is waiting.
 async fn ship_once(cross: &CrossDc, dc: &str) -> Result<bool, NodeError> {
     let sm = &cross.shard.sm;
     let out_seq = sm.out_seq();
@@ -62,9 +141,16 @@ async fn ship_once(cross: &CrossDc, dc: &str) -> Result<bool, NodeError> {
         // Unknown cursor (new leader): an empty batch asks for it.
         None => send_to_dc(cross, dc, || PeerRequest::Replicate { origin: me.clone(), events: Vec::new() }).await?,
     };
-    // Read again: events emitted while the batch was out may have been in it.
-    let emitted = sm.out_seq();
-    if let Err(e) = super::guard::accept_ack(ack.cursor, emitted) {
+    let cursor = take_ack(cross, dc, acked.unwrap_or(0), ack)?;
+    set_acked(cross, dc, cursor);
+    Ok(cursor < out_seq)
+}
+
+/// Checks an acknowledgement, and records how long the events it newly covers took
+/// from their commit here (`prev`: the cursor known before). Returns its cursor.
+fn take_ack(cross: &CrossDc, dc: &str, prev: u64, ack: ReplicateAck) -> Result<u64, NodeError> {
+    let sm = &cross.shard.sm;
+    if let Err(e) = super::guard::accept_ack(ack.cursor, sm.out_seq()) {
         let mut n = 0;
         cross.links.update(dc, |l| {
             l.bad_acks = l.bad_acks.saturating_add(1);
@@ -76,16 +162,25 @@ async fn ship_once(cross: &CrossDc, dc: &str) -> Result<bool, NodeError> {
         }
         return Err(NodeError::Internal(e));
     }
-    let oldest_unacked = sm.outbox(ack.cursor.saturating_add(1), 1).first().map(|e| hlc::age_ms(e.hlc)).unwrap_or(0);
+    if ack.cursor > prev {
+        cross.shipped.record(dc, sm.emitted_ages_ms(prev.saturating_add(1), ack.cursor, Instant::now()));
+    }
+    Ok(ack.cursor)
+}
+
+/// `dc` has applied our events up to `cursor`: the link, its lag and the metrics say so.
+fn set_acked(cross: &CrossDc, dc: &str, cursor: u64) {
+    let sm = &cross.shard.sm;
+    let emitted = sm.out_seq();
+    let oldest_unacked = sm.outbox(cursor.saturating_add(1), 1).first().map(|e| hlc::age_ms(e.hlc)).unwrap_or(0);
     cross.links.update(dc, |l| {
-        l.acked = Some(ack.cursor);
+        l.acked = Some(cursor);
         l.last_contact = Some(Instant::now());
-        l.lag_events = out_seq.saturating_sub(ack.cursor);
+        l.lag_events = emitted.saturating_sub(cursor);
         l.lag_ms = oldest_unacked;
     });
-    cross.metrics.replication_lag_events.with_label_values(&[dc]).set(out_seq.saturating_sub(ack.cursor) as i64);
+    cross.metrics.replication_lag_events.with_label_values(&[dc]).set(emitted.saturating_sub(cursor) as i64);
     cross.metrics.replication_lag_ms.with_label_values(&[dc]).set(oldest_unacked as i64);
-    Ok(ack.cursor < out_seq)
 }
 
 /// Installs our owned state as of `out_seq` (read before the state, so the state covers

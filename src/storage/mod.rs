@@ -12,6 +12,7 @@
 
 pub mod background;
 pub mod digest;
+pub mod emitted;
 pub mod log_store;
 pub mod snapshot_data;
 pub mod snapshot_file;

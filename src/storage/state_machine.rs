@@ -136,6 +136,8 @@ struct Inner {
     stats: SnapshotCounters,
     /// The last state digest, shared by callers that can take it.
     digests: Arc<DigestCache>,
+    /// When this replica applied the outbox events it emitted (the shipper's lag).
+    emitted_at: super::emitted::EmittedAt,
 }
 
 /// Counters kept by the state machine for the snapshot schedule and `/metrics`.
@@ -248,6 +250,7 @@ impl StateMachineStore {
             snapshot_seq: Default::default(),
             stats: Default::default(),
             digests: Default::default(),
+            emitted_at: Default::default(),
         };
         let store = StateMachineStore { inner: Arc::new(inner) };
         store.convert_legacy().map_err(|e| anyhow::anyhow!("snapshot of shard {shard}: {e}"))?;
@@ -283,11 +286,13 @@ struct Overlay<'a> {
     emitted: Vec<(u64, Change)>,
     /// Stock moves without a client call, for the escrow journal (only when it is on).
     moves: Vec<(String, i64)>,
+    /// The outbox seqs this call has emitted so far, first and last.
+    sealed: Option<(u64, u64)>,
 }
 
 impl<'a> Overlay<'a> {
     fn new(inner: &'a Inner) -> Self {
-        Overlay { inner, pending: BTreeMap::new(), emitted: Vec::new(), moves: Vec::new() }
+        Overlay { inner, pending: BTreeMap::new(), emitted: Vec::new(), moves: Vec::new(), sealed: None }
     }
 
     /// Ends one entry: its events become one outbox record.
@@ -303,6 +308,7 @@ impl<'a> Overlay<'a> {
         let last = first.checked_add(events.len() as u64 - 1).expect("outbox seq exhausted");
         self.put(outbox_key(first), &events);
         self.put(OUT_SEQ.to_vec(), &last);
+        self.sealed = Some((self.sealed.map_or(first, |(f, _)| f), last));
     }
 
     /// Outbox record keys that start at or before `upto`, in sled or written in this call.
@@ -489,6 +495,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 }
             });
         }
+        let sealed = overlay.sealed;
         let pending: Vec<(Vec<u8>, Option<sled::IVec>)> = overlay.pending.into_iter().map(|(k, v)| (k, v.map(sled::IVec::from))).collect();
         let mut batch = sled::Batch::default();
         for (k, v) in &pending {
@@ -513,6 +520,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
             // Under the write lock, as a snapshot copy's start is.
             inner.stats.writes.fetch_add(writes, Ordering::Relaxed);
+        }
+        if let Some((first, last)) = sealed {
+            inner.emitted_at.record(first, last, std::time::Instant::now());
         }
         // Once the state shows them: the journal's "applied" time bounds them from above.
         for (log_id, moves) in &journal {
@@ -832,6 +842,12 @@ impl SmReader {
     /// The last seq this DC has emitted (0 before any).
     pub fn out_seq(&self) -> u64 {
         self.inner.get_typed(OUT_SEQ).unwrap_or(0)
+    }
+
+    /// Milliseconds from this replica's apply of each of our events `from..=to` to `now`,
+    /// for those it remembers (see [`super::emitted`]).
+    pub fn emitted_ages_ms(&self, from: u64, to: u64, now: std::time::Instant) -> Vec<u64> {
+        self.inner.emitted_at.ages_ms(from, to, now)
     }
 
     /// This DC's cursor for `origin`: the last of its events applied here.

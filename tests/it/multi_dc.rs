@@ -202,6 +202,19 @@ async fn leaders_killed_during_replication_lose_nothing_and_apply_once() {
         }
     }
     assert!(events >= acked.len() as u64, "every applied event of dc1 has its lag: {events} for {} acknowledged orders", acked.len());
+    // And as dc1's leaders shipped them: commit there to dc2's answer, on one clock (a
+    // restarted node does not remember when it applied what it had before).
+    let (mut shipped, mut lag_all) = (0, Vec::new());
+    for n in c.dc_nodes("dc1") {
+        let (_, lag) = c.get(&n, "/v1/cluster/lag?window_s=600").await;
+        lag_all.push(lag.clone());
+        if let Some(s) = lag["destinations"].get("dc2") {
+            let ms = |k: &str| s[k].as_u64().unwrap();
+            assert!(ms("p50_ms") <= ms("p99_ms") && ms("p99_ms") <= ms("max_ms"), "{lag}");
+            shipped += s["events"].as_u64().unwrap();
+        }
+    }
+    assert!(shipped > 0, "dc1's leaders measured what they shipped: {lag_all:?}");
     assert_eq!(c.get("dc2-n1", "/v1/cluster/lag?window_s=x").await.0, 400);
 
     // The console's recent digest: the one just computed, with its age; a bad ask is 400.

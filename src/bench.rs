@@ -330,7 +330,9 @@ fn report(args: &BenchArgs, mut all: WorkerStats, lag: &std::collections::BTreeM
     println!("  latency ms: p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}", percentile(l, 0.5), percentile(l, 0.99), percentile(l, 0.999), percentile(l, 1.0));
     if let (Some(p50), Some(p99)) = (bucket_quantile(lag, 0.5), bucket_quantile(lag, 0.99)) {
         let n = summary["replication_events"].as_f64().unwrap_or(0.0);
-        println!("  cross-DC replication lag (origin timestamp to remote commit, histogram buckets, {n} events at the targets): p50 <= {p50} ms, p99 <= {p99} ms");
+        println!(
+            "  cross-DC replication lag (origin timestamp to remote commit, histogram buckets, {n} events at the targets): p50 <= {p50} ms, p99 <= {p99} ms"
+        );
     }
     for (s, n, p99) in &seconds {
         println!("  second {s:>3}: {n:>6} acknowledged, p99 {p99:.2} ms");

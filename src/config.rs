@@ -360,12 +360,15 @@ pub struct DnsSection {
     pub rrl_slip: u32,
     /// Source netblocks the rate limiter tracks at most.
     pub rrl_sources_max: usize,
+    /// Threads answering UDP, each on its own socket; 0: one per core but one (at least
+    /// one, at most four).
+    pub udp_workers: usize,
 }
 
 impl Default for DnsSection {
     fn default() -> Self {
         let d = crate::dns::RateLimit::default();
-        DnsSection { rrl_responses_per_s: d.responses_per_s, rrl_slip: d.slip, rrl_sources_max: d.sources_max }
+        DnsSection { rrl_responses_per_s: d.responses_per_s, rrl_slip: d.slip, rrl_sources_max: d.sources_max, udp_workers: 0 }
     }
 }
 
@@ -720,6 +723,9 @@ impl ClusterConfig {
         if !(2..=RRL_SOURCES_MAX_LIMIT).contains(&d.rrl_sources_max) {
             return Err(invalid("dns.rrl_sources_max", format!("must be between 2 and {RRL_SOURCES_MAX_LIMIT}")));
         }
+        if d.udp_workers > crate::dns::UDP_WORKERS_MAX {
+            return Err(invalid("dns.udp_workers", format!("must be at most {}", crate::dns::UDP_WORKERS_MAX)));
+        }
         Ok(())
     }
 
@@ -970,6 +976,7 @@ mod tests {
         check_err(|t| t.replace("durability = \"fsync\"", "durability = \"fsync\"\nsled_segment_bytes = 1000"), "storage.sled_segment_bytes");
         check_err(|t| t.replace("rrl_responses_per_s = 1000", "rrl_responses_per_s = 0"), "dns.rrl_responses_per_s");
         check_err(|t| t.replace("rrl_sources_max = 20000", "rrl_sources_max = 1"), "dns.rrl_sources_max");
+        check_err(|t| t.replace("udp_workers = 0", "udp_workers = 17"), "dns.udp_workers");
         check_err(|t| t.replace("rrl_slip = 2", "rrl_slip = 2\nrrl_window_s = 1"), "unknown field `rrl_window_s`");
         check_err(|t| t.replace("session_ttl_s = 86400", "session_ttl_s = 0"), "limits.session_ttl_s");
         check_err(|t| t.replace("idempotency_ttl_s = 86400", "idempotency_ttl_s = 99999999999"), "limits.idempotency_ttl_s");

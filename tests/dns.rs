@@ -62,7 +62,7 @@ async fn start(snapshot: DnsSnapshot) -> (DnsServer, Arc<TestView>) {
 async fn start_limited(snapshot: DnsSnapshot, limit: RateLimit) -> (DnsServer, Arc<TestView>) {
     let view = Arc::new(TestView(Mutex::new(snapshot)));
     let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let server = DnsServer::start(addr, view.clone(), limit).await.unwrap();
+    let server = DnsServer::start(addr, view.clone(), limit, 0).await.unwrap();
     (server, view)
 }
 
@@ -806,6 +806,6 @@ async fn shutdown_releases_the_port() {
     timeout(WAIT, server.shutdown()).await.expect("shutdown hangs");
     assert!(TcpStream::connect(addr).await.is_err(), "tcp still accepting");
     let stats_after_restart =
-        DnsServer::start(addr, Arc::new(TestView(Mutex::new(three_dcs()))), RateLimit::default()).await.expect("port reusable after shutdown");
+        DnsServer::start(addr, Arc::new(TestView(Mutex::new(three_dcs()))), RateLimit::default(), 0).await.expect("port reusable after shutdown");
     assert_eq!(stats_after_restart.stats().queries, 0);
 }

@@ -128,14 +128,12 @@ pub async fn lag(
 ) -> Result<Json<Value>, super::ApiError> {
     let axum::extract::Query(p) = q.map_err(|e| super::ApiError::bad_request(e.body_text()))?;
     let window = std::time::Duration::from_secs(p.window_s.unwrap_or(60).min(86_400));
-    Ok(Json(
-        json!({
-            "node": node.info.name,
-            "window_s": window.as_secs(),
-            "origins": lag::summary_over(node.shards.all().iter().map(|c| &c.lag), window),
-            "destinations": lag::summary_over(node.shards.all().iter().map(|c| &c.shipped), window),
-        }),
-    ))
+    Ok(Json(json!({
+        "node": node.info.name,
+        "window_s": window.as_secs(),
+        "origins": lag::summary_over(node.shards.all().iter().map(|c| &c.lag), window),
+        "destinations": lag::summary_over(node.shards.all().iter().map(|c| &c.shipped), window),
+    })))
 }
 
 /// Equal digests mean equal state: per entity kind and in all. With several shards,

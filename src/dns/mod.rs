@@ -44,6 +44,7 @@
 mod answer;
 mod cache;
 mod handler;
+mod mmsg;
 mod rrl;
 mod select;
 mod stats;
@@ -61,6 +62,7 @@ use self::handler::{Handler, SharedHandler};
 use self::stats::Counters;
 pub use self::stats::DnsStats;
 use self::udp::UdpWorkers;
+pub use self::udp::MAX_WORKERS as UDP_WORKERS_MAX;
 
 /// Upper bound on a DC weight; keeps the rotation cycle short.
 pub const MAX_WEIGHT: u32 = 100;
@@ -227,8 +229,9 @@ impl DnsServer {
     /// # Errors
     /// `DnsError::Bind` if either socket cannot be bound (for port 0, if no
     /// port free for both was found).
-    pub async fn start(addr: SocketAddr, view: Arc<dyn DnsView>, limit: RateLimit) -> Result<DnsServer, DnsError> {
-        let workers = UdpWorkers::default_count();
+    /// `udp_workers`: UDP threads, 0 for this machine's count (see `UdpWorkers::count`).
+    pub async fn start(addr: SocketAddr, view: Arc<dyn DnsView>, limit: RateLimit, udp_workers: usize) -> Result<DnsServer, DnsError> {
+        let workers = UdpWorkers::count(udp_workers);
         let (tcp, sockets) = bind_all(addr, workers).await?;
         let local_addr = tcp.local_addr()?;
         let stats = Arc::new(Counters::default());
@@ -277,7 +280,7 @@ pub struct DnsThread {
 
 impl DnsThread {
     /// Binds (errors are returned here, not lost on the thread) and starts serving.
-    pub fn spawn(addr: SocketAddr, view: Arc<dyn DnsView>, limit: RateLimit) -> Result<DnsThread, DnsError> {
+    pub fn spawn(addr: SocketAddr, view: Arc<dyn DnsView>, limit: RateLimit, udp_workers: usize) -> Result<DnsThread, DnsError> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new().name("agora-dns".into()).spawn(move || {
@@ -286,7 +289,7 @@ impl DnsThread {
                 Err(e) => return drop(ready_tx.send(Err(DnsError::Io(e)))),
             };
             rt.block_on(async move {
-                match DnsServer::start(addr, view, limit).await {
+                match DnsServer::start(addr, view, limit, udp_workers).await {
                     Ok(server) => {
                         let _ = ready_tx.send(Ok((server.local_addr(), server.stats.clone())));
                         let _ = stop_rx.await;

@@ -210,8 +210,8 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
         tasks.push(tokio::spawn(background::role_log_loop(c.shard.clone())));
         tasks.extend(replication::spawn(c.clone()));
     }
-    let dns =
-        DnsThread::spawn(info.dns, Arc::new(ClusterView::new(cross.clone())), config.dns.rate_limit()).with_context(|| format!("start dns on {}", info.dns))?;
+    let dns = DnsThread::spawn(info.dns, Arc::new(ClusterView::new(cross.clone())), config.dns.rate_limit(), config.dns.udp_workers)
+        .with_context(|| format!("start dns on {}", info.dns))?;
 
     let state = Arc::new(ApiState {
         info: info.clone(),

@@ -13,6 +13,10 @@ use socket2::SockAddr;
 
 /// Datagrams moved per system call at most.
 pub const BATCH: usize = 32;
+/// The same, as the system calls take it (32 fits any C unsigned int).
+const BATCH_C: libc::c_uint = BATCH as libc::c_uint;
+/// An address buffer's size, as the kernel takes it (128 bytes fits a socklen_t).
+const ADDR_LEN: libc::socklen_t = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
 
 /// Receive buffers for one worker: [`BATCH`] datagrams of `len` bytes each.
 pub struct Received {
@@ -44,13 +48,13 @@ impl Received {
             // SAFETY: all-zero is a valid msghdr; the fields set point at live buffers.
             let mut hdr: libc::msghdr = unsafe { zeroed() };
             hdr.msg_name = std::ptr::from_mut(&mut self.addrs[i]).cast();
-            hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            hdr.msg_namelen = ADDR_LEN;
             hdr.msg_iov = std::ptr::from_mut(&mut self.iovs[i]);
             hdr.msg_iovlen = 1;
             self.hdrs[i] = libc::mmsghdr { msg_hdr: hdr, msg_len: 0 };
         }
         // SAFETY: `hdrs` holds BATCH initialised headers whose buffers outlive the call.
-        let n = unsafe { libc::recvmmsg(socket.as_raw_fd(), self.hdrs.as_mut_ptr(), BATCH as libc::c_uint, libc::MSG_WAITFORONE, std::ptr::null_mut()) };
+        let n = unsafe { libc::recvmmsg(socket.as_raw_fd(), self.hdrs.as_mut_ptr(), BATCH_C, libc::MSG_WAITFORONE, std::ptr::null_mut()) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -64,7 +68,7 @@ impl Received {
         if i >= self.count {
             return None;
         }
-        let len = (self.hdrs[i].msg_len as usize).min(self.bufs[i].len());
+        let len = usize::try_from(self.hdrs[i].msg_len).unwrap_or(usize::MAX).min(self.bufs[i].len());
         Some((&self.bufs[i][..len], socket_addr(&self.addrs[i])?))
     }
 }

@@ -67,8 +67,8 @@ async fn stream(cross: &CrossDc, dc: &str, mut acked: u64, metrics: &mut Metrics
         if !cross.shard.is_leader() || cross.faults.replication_paused() {
             return Ok(());
         }
-        let room = if alone { usize::from(inflight.is_empty()) } else { cfg.batches_inflight_max.max(1).saturating_sub(inflight.len()) };
-        for _ in 0..room {
+        let limit = if alone { 1 } else { cfg.batches_inflight_max.max(1) };
+        for _ in inflight.len()..limit {
             if sent >= sm.out_seq() {
                 break;
             }
@@ -90,14 +90,14 @@ async fn stream(cross: &CrossDc, dc: &str, mut acked: u64, metrics: &mut Metrics
         if !inflight.is_empty() {
             idle_since = Instant::now();
         }
-        let can_send = room > 0 || inflight.is_empty();
+        let can_send = inflight.len() < limit;
         let new_events = async {
             let shipped = sm.out_seq();
             while metrics.changed().await.is_ok() && sm.out_seq() == shipped {}
         };
         tokio::select! {
             Some((upto, answer)) = futures::StreamExt::next(&mut inflight) => {
-                let cursor = take_ack(cross, dc, acked, answer?)?;
+                let cursor = take_ack(cross, dc, Some(acked), answer?)?;
                 let authoritative = alone && inflight.is_empty();
                 acked = if authoritative { cursor } else { acked.max(cursor) };
                 set_acked(cross, dc, acked);
@@ -141,14 +141,16 @@ async fn ship_once(cross: &CrossDc, dc: &str) -> Result<bool, NodeError> {
         // Unknown cursor (new leader): an empty batch asks for it.
         None => send_to_dc(cross, dc, || PeerRequest::Replicate { origin: me.clone(), events: Vec::new() }).await?,
     };
-    let cursor = take_ack(cross, dc, acked.unwrap_or(0), ack)?;
+    let cursor = take_ack(cross, dc, acked, ack)?;
     set_acked(cross, dc, cursor);
     Ok(cursor < out_seq)
 }
 
 /// Checks an acknowledgement, and records how long the events it newly covers took
-/// from their commit here (`prev`: the cursor known before). Returns its cursor.
-fn take_ack(cross: &CrossDc, dc: &str, prev: u64, ack: ReplicateAck) -> Result<u64, NodeError> {
+/// from their commit here (`prev`: the cursor known before; unknown to a new leader,
+/// whose first answer covers events `dc` may have committed long ago, which it does
+/// not measure). Returns its cursor.
+fn take_ack(cross: &CrossDc, dc: &str, prev: Option<u64>, ack: ReplicateAck) -> Result<u64, NodeError> {
     let sm = &cross.shard.sm;
     if let Err(e) = super::guard::accept_ack(ack.cursor, sm.out_seq()) {
         let mut n = 0;
@@ -162,7 +164,7 @@ fn take_ack(cross: &CrossDc, dc: &str, prev: u64, ack: ReplicateAck) -> Result<u
         }
         return Err(NodeError::Internal(e));
     }
-    if ack.cursor > prev {
+    if let Some(prev) = prev.filter(|p| ack.cursor > *p) {
         cross.shipped.record(dc, sm.emitted_ages_ms(prev.saturating_add(1), ack.cursor, Instant::now()));
     }
     Ok(ack.cursor)
@@ -179,8 +181,9 @@ fn set_acked(cross: &CrossDc, dc: &str, cursor: u64) {
         l.lag_events = emitted.saturating_sub(cursor);
         l.lag_ms = oldest_unacked;
     });
-    cross.metrics.replication_lag_events.with_label_values(&[dc]).set(emitted.saturating_sub(cursor) as i64);
-    cross.metrics.replication_lag_ms.with_label_values(&[dc]).set(oldest_unacked as i64);
+    let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    cross.metrics.replication_lag_events.with_label_values(&[dc]).set(gauge(emitted.saturating_sub(cursor)));
+    cross.metrics.replication_lag_ms.with_label_values(&[dc]).set(gauge(oldest_unacked));
 }
 
 /// Installs our owned state as of `out_seq` (read before the state, so the state covers

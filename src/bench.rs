@@ -51,6 +51,50 @@ pub struct BenchArgs {
     /// (`scripts/bench-soak`) reads as it goes.
     #[arg(long, default_value_t = 0)]
     pub interval: u64,
+    /// Append the id of every order acknowledged (warm-up included) to this file, one
+    /// per line: what `agora verify-orders` reads back later.
+    #[arg(long)]
+    pub record_ids: Option<std::path::PathBuf>,
+}
+
+/// Where acknowledged order ids go (`--record-ids`): one buffered file shared by the
+/// workers, and the first write error, reported at the end of the run.
+#[derive(Clone)]
+struct IdLog(std::sync::Arc<std::sync::Mutex<(std::io::BufWriter<std::fs::File>, Option<std::io::Error>)>>);
+
+impl IdLog {
+    fn create(path: &std::path::Path) -> anyhow::Result<Self> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("open {}", path.display()))?;
+        Ok(IdLog(std::sync::Arc::new(std::sync::Mutex::new((std::io::BufWriter::new(file), None)))))
+    }
+
+    /// An acknowledged order's id; `None` when its answer had none, which fails the run
+    /// at the end rather than leave an order out of the file.
+    fn record(&self, id: Option<&str>) {
+        use std::io::Write;
+        let mut guard = self.0.lock().expect("id log lock");
+        let (out, error) = &mut *guard;
+        if error.is_none() {
+            let written = match id {
+                Some(id) => writeln!(out, "{id}"),
+                None => Err(std::io::Error::other("an acknowledged order's answer had no id")),
+            };
+            if let Err(e) = written {
+                *error = Some(e);
+            }
+        }
+    }
+
+    /// Flushes the file; the first error of the run, if any.
+    fn finish(&self) -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut guard = self.0.lock().expect("id log lock");
+        let (out, error) = &mut *guard;
+        if let Some(e) = error.take() {
+            return Err(e).context("record the acknowledged order ids");
+        }
+        out.flush().context("record the acknowledged order ids")
+    }
 }
 
 /// Latencies (µs) and errors of the interval in progress, shared by the workers and the
@@ -81,10 +125,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let end = warmup_end + Duration::from_secs(args.duration);
     let window = (args.interval > 0).then(SharedWindow::default);
     let reporter = window.clone().map(|w| tokio::spawn(report_intervals(w, Duration::from_secs(args.interval), warmup_end, end)));
+    let ids = args.record_ids.as_deref().map(IdLog::create).transpose()?;
     let mut workers = Vec::new();
     for w in 0..args.concurrency {
-        let (client, args, setup, window) = (client.clone(), args.clone(), setup.clone(), window.clone());
-        workers.push(tokio::spawn(async move { worker(w, client, args, setup, warmup_end, end, window).await }));
+        let (client, args, setup, window, ids) = (client.clone(), args.clone(), setup.clone(), window.clone(), ids.clone());
+        let run = Run { setup, warmup_end, end, window, ids };
+        workers.push(tokio::spawn(async move { worker(w, client, args, run).await }));
     }
     let mut all = WorkerStats::default();
     for w in workers {
@@ -95,6 +141,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(r) = reporter {
         r.await?;
+    }
+    if let Some(ids) = &ids {
+        ids.finish()?;
     }
     let lag = lag_buckets(&client, &args.targets).await.into_iter().map(|(le, n)| (le, n - lag_before.get(&le).copied().unwrap_or(0.0))).collect();
     report(&args, all, &lag);
@@ -178,15 +227,17 @@ fn interval_line(n: u64, t_s: f64, secs: f64, l: &[u32], errors: u64) -> Value {
     })
 }
 
-async fn worker(
-    w: usize,
-    client: reqwest::Client,
-    args: BenchArgs,
+/// What every worker of one run shares.
+struct Run {
     setup: Setup,
     warmup_end: Instant,
     end: Instant,
     window: Option<SharedWindow>,
-) -> WorkerStats {
+    ids: Option<IdLog>,
+}
+
+async fn worker(w: usize, client: reqwest::Client, args: BenchArgs, run: Run) -> WorkerStats {
+    let Run { setup, warmup_end, end, window, ids } = run;
     let mut stats = WorkerStats::default();
     let t = w % args.targets.len();
     let base = &args.targets[t];
@@ -201,7 +252,11 @@ async fn worker(
         }
         i = i.wrapping_add(args.concurrency);
         let started = Instant::now();
-        let ok = one_request(&client, base, &args, &setup, t, i).await;
+        let answer = one_request(&client, base, &args, &setup, t, i, ids.is_some()).await;
+        if let (Some(ids), true) = (&ids, answer.placed) {
+            ids.record(answer.order_id.as_deref());
+        }
+        let ok = answer.ok;
         if started < warmup_end {
             continue;
         }
@@ -225,21 +280,30 @@ async fn worker(
     stats
 }
 
-async fn one_request(client: &reqwest::Client, base: &str, args: &BenchArgs, setup: &Setup, target: usize, i: usize) -> bool {
+/// One request's result: acknowledged or not, whether it placed an order, and that
+/// order's id when asked for (`--record-ids`).
+struct Answer {
+    ok: bool,
+    placed: bool,
+    order_id: Option<String>,
+}
+
+async fn one_request(client: &reqwest::Client, base: &str, args: &BenchArgs, setup: &Setup, target: usize, i: usize, want_id: bool) -> Answer {
     let sku = &setup.skus[i % setup.skus.len()];
-    let req = match args.mix {
-        Mix::ReadHeavy if i % 5 != 0 => client.get(format!("{base}/v1/orders/{}", setup.orders[i % setup.orders.len()])),
-        Mix::Sessions => client.post(format!("{base}/v1/sessions")).json(&json!({"user": "bench"})),
-        _ => client.post(format!("{base}/v1/orders")).json(&json!({"session": setup.sessions[target], "sku": sku, "qty": 1})),
+    let (req, places_order) = match args.mix {
+        Mix::ReadHeavy if i % 5 != 0 => (client.get(format!("{base}/v1/orders/{}", setup.orders[i % setup.orders.len()])), false),
+        Mix::Sessions => (client.post(format!("{base}/v1/sessions")).json(&json!({"user": "bench"})), false),
+        _ => (client.post(format!("{base}/v1/orders")).json(&json!({"session": setup.sessions[target], "sku": sku, "qty": 1})), true),
     };
-    match req.send().await {
-        Ok(r) => {
-            let ok = r.status().is_success();
-            let _ = r.bytes().await;
-            ok
-        }
-        Err(_) => false,
-    }
+    let Ok(r) = req.send().await else { return Answer { ok: false, placed: false, order_id: None } };
+    // Only an order that was placed (201 with its id) is recorded; the body is read
+    // either way, so the connection can be reused.
+    let ok = r.status().is_success();
+    let body = r.bytes().await;
+    let order_id = (ok && want_id && places_order)
+        .then(|| body.ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()).and_then(|v| v["id"].as_str().map(str::to_string)))
+        .flatten();
+    Answer { ok, placed: ok && places_order, order_id }
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {

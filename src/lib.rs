@@ -62,3 +62,4 @@ pub mod signals;
 pub mod soak_plot;
 pub mod storage;
 pub mod transport;
+pub mod verify_orders;

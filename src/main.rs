@@ -25,6 +25,9 @@ enum Cmd {
     Node(NodeArgs),
     /// Load a running cluster's HTTP API and report throughput and latency.
     Bench(agora::bench::BenchArgs),
+    /// Ask one node for every order id a bench run recorded (`bench --record-ids`), from
+    /// its own state; fails if any is not served.
+    VerifyOrders(agora::verify_orders::VerifyArgs),
     /// Draw a soak run's per-interval rows (`scripts/bench-soak`) as an SVG.
     SoakPlot(agora::soak_plot::PlotArgs),
     /// Where a stopped node's data dir's bytes go: files, sled trees, record kinds (JSON).
@@ -181,6 +184,7 @@ async fn main() {
     let r = match cli.command {
         Cmd::Node(a) => run_node(a).await,
         Cmd::Bench(a) => agora::bench::run(a).await,
+        Cmd::VerifyOrders(a) => agora::verify_orders::run(a).await,
         Cmd::SoakPlot(a) => agora::soak_plot::run(a),
         Cmd::StorageUsage { data_dir } => agora::storage::usage(&data_dir).map(|u| println!("{u:#}")),
         Cmd::Config { config } => show_config(config),

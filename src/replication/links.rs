@@ -124,7 +124,20 @@ impl Links {
     }
 
     fn healthy_link(&self, l: &Link) -> bool {
-        l.last_contact.is_some_and(|t| t.elapsed() < self.unhealthy_after) && l.remote_leader.is_some() && !l.down
+        self.why_unhealthy(l).is_none()
+    }
+
+    /// What keeps a DC out of the healthy ones, for the log line of a health change.
+    fn why_unhealthy(&self, l: &Link) -> Option<&'static str> {
+        if l.down {
+            Some("every node failed its probes")
+        } else if !l.last_contact.is_some_and(|t| t.elapsed() < self.unhealthy_after) {
+            Some("no answer lately")
+        } else if l.remote_leader.is_none() {
+            Some("no leader there")
+        } else {
+            None
+        }
     }
 
     /// Records one probe of `dc` (of `nodes` nodes) and counts a change of its health.
@@ -143,10 +156,12 @@ impl Links {
                 l.down = usize::try_from(l.misses).is_ok_and(|m| m >= misses_to_down(nodes));
             }
         }
-        let healthy = self.healthy_link(l);
+        let why = self.why_unhealthy(l);
+        let healthy = why.is_none();
         if l.was_healthy.replace(healthy).is_some_and(|was| was != healthy) {
             l.health_changes = l.health_changes.saturating_add(1);
-            tracing::info!(%dc, healthy, changes = l.health_changes, "dc health changed");
+            let reason = why.unwrap_or("answered, with a leader");
+            tracing::info!(%dc, healthy, reason, changes = l.health_changes, misses = l.misses, "dc health changed");
         }
     }
 }

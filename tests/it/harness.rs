@@ -409,7 +409,13 @@ pub fn tool(name: &str, package: &str) -> Option<PathBuf> {
 }
 
 /// Runs `cmd` to its end, killing it (by pid) after `deadline`; returns its stdout.
-pub fn run_with_deadline(mut cmd: Command, deadline: Duration) -> String {
+pub fn run_with_deadline(cmd: Command, deadline: Duration) -> String {
+    run_to_end(cmd, deadline).1
+}
+
+/// Runs `cmd` to its end, killing it (by pid) after `deadline`; returns how it exited
+/// and its stdout.
+pub fn run_to_end(mut cmd: Command, deadline: Duration) -> (std::process::ExitStatus, String) {
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn tool");
     let mut stdout = child.stdout.take().expect("stdout");
     let reader = std::thread::spawn(move || {
@@ -418,13 +424,16 @@ pub fn run_with_deadline(mut cmd: Command, deadline: Duration) -> String {
         out
     });
     let start = Instant::now();
-    while child.try_wait().expect("wait tool").is_none() {
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait tool") {
+            break status;
+        }
         if start.elapsed() > deadline {
             let _ = child.kill();
             let _ = child.wait();
             panic!("{cmd:?} still running after {deadline:?}");
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
-    reader.join().expect("tool output")
+    };
+    (status, reader.join().expect("tool output"))
 }

@@ -19,6 +19,7 @@ mod names;
 mod observability;
 mod peer_auth;
 mod peer_input;
+mod restart;
 mod roaming;
 mod shards;
 mod shop;

@@ -30,7 +30,7 @@ pub async fn ship_loop(cross: Arc<CrossDc>, dc: String) {
         let result = match cross.links.get(&dc).acked {
             Some(acked) if acked.saturating_add(1) >= cross.shard.sm.outbox_floor() => stream(&cross, &dc, acked, &mut metrics).await,
             // Unknown cursor (new leader), or behind the outbox cap: one exchange at a time.
-            _ => ship_once(&cross, &dc).await.map(|_| ()),
+            _ => ship_once(&cross, &dc).await,
         };
         if let Err(e) = result {
             tracing::debug!(%dc, error = %e, "replication batch failed");
@@ -120,9 +120,8 @@ fn send_batch<'a>(cross: &'a CrossDc, dc: &'a str, events: Vec<crate::domain::Ev
 }
 
 /// Sends one batch from the remote cursor (or a snapshot of our state when `dc` is
-/// behind the outbox cap, or an empty probe when its cursor is unknown); returns
-/// whether more is waiting.
-async fn ship_once(cross: &CrossDc, dc: &str) -> Result<bool, NodeError> {
+/// behind the outbox cap, or an empty probe when its cursor is unknown).
+async fn ship_once(cross: &CrossDc, dc: &str) -> Result<(), NodeError> {
     let sm = &cross.shard.sm;
     let out_seq = sm.out_seq();
     let acked = cross.links.get(dc).acked;
@@ -143,7 +142,7 @@ async fn ship_once(cross: &CrossDc, dc: &str) -> Result<bool, NodeError> {
     };
     let cursor = take_ack(cross, dc, acked, ack)?;
     set_acked(cross, dc, cursor);
-    Ok(cursor < out_seq)
+    Ok(())
 }
 
 /// Checks an acknowledgement, and records how long the events it newly covers took

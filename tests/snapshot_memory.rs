@@ -106,10 +106,11 @@ async fn a_large_snapshot_is_received_and_installed_in_bounded_memory() {
 
     assert_eq!(sm.applied_state().await.expect("applied").0, meta.last_log_id);
     assert_eq!(sm.reader().snapshot_stats().records, RECORDS as u64);
-    // Measured 15–19 MiB in most runs and once 45 MiB (a loaded machine: sled's
-    // background flush falling behind holds written pages longer). An install that held
-    // the snapshot would hold at least its 65 MiB, which this bound still catches.
-    assert!(grown < 48 * MIB, "installing a {} MiB snapshot held {} MiB of heap at its peak", bytes as usize / MIB, grown / MIB);
+    // Measured 14–27 MiB alone, and under a whole test run on two cores once 45 MiB and
+    // once 57 MiB (sled's background flush falling behind holds written pages longer).
+    // An install that held the snapshot would hold at least its 65 MiB, which this
+    // bound still catches.
+    assert!(grown < 60 * MIB, "installing a {} MiB snapshot held {} MiB of heap at its peak", bytes as usize / MIB, grown / MIB);
 
     // Building one from that state streams too. sled's first scan of freshly written
     // pages materialises them above its cache bound (a plain scan measured 53 MiB for these

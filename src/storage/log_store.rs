@@ -25,7 +25,14 @@ pub struct LogStore {
     /// The first index not purged: entries below it may still be in the tree for a while
     /// (they are removed in the background) but are never read.
     first_index: Arc<AtomicU64>,
+    /// The most encoded bytes of entries one AppendEntries carries (at least one entry):
+    /// entries vary in size (one carries a batch of client requests), so a count alone
+    /// could make a request larger than a peer accepts.
+    payload_bytes_max: usize,
 }
+
+/// [`LogStore::payload_bytes_max`] until the node sets it from its frame limit.
+const PAYLOAD_BYTES_DEFAULT: usize = 8 << 20;
 
 fn key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
@@ -40,10 +47,17 @@ impl LogStore {
     /// Shard `shard`'s log, in its own trees of the node's db.
     pub(super) fn for_shard(db: &sled::Db, shard: u16, durable: Durable) -> anyhow::Result<Self> {
         let (log, meta) = (super::tree(db, shard, "raft_log")?, super::tree(db, shard, "raft_meta")?);
-        let store = LogStore { log, meta, durable, first_index: Arc::default() };
+        let store = LogStore { log, meta, durable, first_index: Arc::default(), payload_bytes_max: PAYLOAD_BYTES_DEFAULT };
         let purged: Option<LogId> = store.get_meta(LAST_PURGED).map_err(|e| anyhow::anyhow!("read the last purged log id: {e}"))?;
         store.first_index.store(purged.map_or(0, |p| p.index + 1), Ordering::Release);
         Ok(store)
+    }
+
+    /// Caps the entries one AppendEntries carries at `bytes` (as stored; the request adds
+    /// little around them).
+    pub fn with_payload_bytes_max(mut self, bytes: usize) -> Self {
+        self.payload_bytes_max = bytes;
+        self
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, StorageError> {
@@ -73,18 +87,33 @@ impl LogStore {
 
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(&mut self, range: RB) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+        self.read_entries(range, usize::MAX)
+    }
+
+    /// A prefix of `[start, end)` of at most `payload_bytes_max` bytes, and never empty
+    /// when the range holds an entry: what one AppendEntries carries.
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+        self.read_entries(start..end, self.payload_bytes_max)
+    }
+}
+
+impl LogStore {
+    /// The entries of `range` not purged, in order, stopping before the one that would
+    /// take their stored size past `bytes_max` (the first is always returned).
+    fn read_entries(&self, range: impl RangeBounds<u64>, bytes_max: usize) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
         use std::ops::Bound;
         let start = match range.start_bound() {
             Bound::Included(i) => *i,
-            Bound::Excluded(i) => i + 1,
+            Bound::Excluded(i) => i.saturating_add(1),
             Bound::Unbounded => 0,
         };
         let start = start.max(self.first_index.load(Ordering::Acquire));
-        let mut entries = Vec::new();
+        let (mut entries, mut bytes) = (Vec::new(), 0usize);
         for item in self.log.range(key(start)..) {
             let (k, v) = item.map_err(|e| io_err(StorageIOError::read_logs, e))?;
             let index = u64::from_be_bytes(k.as_ref().try_into().expect("log keys are 8 bytes"));
-            if !range.contains(&index) {
+            bytes = bytes.saturating_add(v.len());
+            if !range.contains(&index) || (!entries.is_empty() && bytes > bytes_max) {
                 break;
             }
             let entry: Entry<TypeConfig> = codec::decode(&v).map_err(|e| io_err(StorageIOError::read_logs, e))?;
@@ -230,5 +259,28 @@ mod tests {
             .await
             .unwrap()
             .is_empty());
+    }
+
+    /// One AppendEntries carries a prefix of the range no larger than the cap (a peer
+    /// refuses a frame over its limit, and a refused request would be sent again as is),
+    /// and never nothing.
+    #[tokio::test]
+    async fn a_read_for_one_request_stops_at_the_byte_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let one = codec::encode(&Entry::<TypeConfig> { log_id: log_id(1), payload: EntryPayload::Blank }).len();
+        let mut store = LogStore::new(&db, Durable::new(db.clone(), None, crate::storage::Disk::default())).unwrap().with_payload_bytes_max(3 * one);
+        for i in 1..=10 {
+            let entry = Entry::<TypeConfig> { log_id: log_id(i), payload: EntryPayload::Blank };
+            store.log.insert(key(i), codec::encode(&entry)).unwrap();
+        }
+        let indexes = |v: Vec<Entry<TypeConfig>>| v.iter().map(|e| e.log_id.index).collect::<Vec<_>>();
+        assert_eq!(indexes(store.limited_get_log_entries(2, 11).await.unwrap()), vec![2, 3, 4]);
+        assert_eq!(indexes(store.limited_get_log_entries(9, 11).await.unwrap()), vec![9, 10]);
+        // The whole-range read is not capped.
+        assert_eq!(store.try_get_log_entries(1..=10).await.unwrap().len(), 10);
+        // A cap below one entry still sends one: replication always moves.
+        let mut tiny = store.with_payload_bytes_max(1);
+        assert_eq!(indexes(tiny.limited_get_log_entries(5, 11).await.unwrap()), vec![5]);
     }
 }

@@ -3,6 +3,12 @@
 //! backoff after a failure. Requests are multiplexed by id; each has a
 //! timeout, and at most `peer_inflight_max` wait for an answer at once. Requests to a node
 //! of another DC pass through a [`super::wan::delay_line`] first.
+//!
+//! A connection with requests waiting that hears nothing from the peer pings it (a
+//! `Probe`); one that then stays silent for `peer_request_timeout_ms` is dropped, failing
+//! every request on it. So a peer cut off by the network is noticed within that time,
+//! whatever a request's own timeout: a snapshot's last chunk may wait minutes for the
+//! install behind it, but not for a peer that is gone.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +29,8 @@ use crate::raft::NodeId;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The id of a liveness ping: request ids start at 1, so its answer matches nothing.
+const PING_ID: u64 = 0;
 
 /// `Err` when the request was never sent; dropped unanswered when the connection died
 /// after sending it.
@@ -43,6 +51,8 @@ pub struct PeerClient {
     next_id: Arc<AtomicU64>,
     inflight: Arc<Semaphore>,
     timeout: Duration,
+    /// How long a connection with requests waiting may hear nothing before it is dropped.
+    silence_max: Duration,
     faults: Faults,
 }
 
@@ -62,13 +72,15 @@ impl PeerClient {
             rx = delayed_rx;
         }
         let backoff_max = Duration::from_millis(limits.peer_backoff_max_ms);
-        tokio::spawn(connection_loop(peer.clone(), security, rx, limits.peer_frame_bytes_max, backoff_max));
+        let silence_max = Duration::from_millis(limits.peer_request_timeout_ms);
+        tokio::spawn(connection_loop(peer.clone(), security, rx, limits.peer_frame_bytes_max, backoff_max, silence_max));
         PeerClient {
             peer: peer.id,
             tx,
             next_id: Arc::new(AtomicU64::new(1)),
             inflight: Arc::new(Semaphore::new(limits.peer_inflight_max)),
             timeout: Duration::from_millis(limits.peer_request_timeout_ms),
+            silence_max,
             faults,
         }
     }
@@ -77,9 +89,14 @@ impl PeerClient {
     pub async fn call(&self, req: PeerRequest, timeout: Option<Duration>) -> Result<PeerResponse, NodeError> {
         let timeout = timeout.unwrap_or(self.timeout);
         if self.faults.is_cut(self.peer) {
-            // A silent drop: the caller learns nothing until its timeout, as on a real cut.
-            tokio::time::sleep(timeout).await;
-            return Err(NodeError::Timeout);
+            // A silent drop, as on a real cut: the caller learns nothing until its timeout,
+            // or until the connection's unanswered pings drop it, whichever comes first.
+            if timeout <= self.silence_max {
+                tokio::time::sleep(timeout).await;
+                return Err(NodeError::Timeout);
+            }
+            tokio::time::sleep(self.silence_max).await;
+            return Err(silent(self.peer, self.silence_max));
         }
         if let Some(d) = self.faults.delay(self.peer) {
             tokio::time::sleep(d).await;
@@ -119,7 +136,19 @@ async fn open(peer: &Target, security: &Security) -> Result<BoxStream, String> {
     tls::connect(tcp, security, &peer.name, &peer.dc).await
 }
 
-async fn connection_loop(peer: Target, security: Security, mut rx: mpsc::UnboundedReceiver<Outgoing>, frame_max: usize, backoff_max: Duration) {
+/// What a request learns when its connection was dropped for silence.
+fn silent(peer: NodeId, silence_max: Duration) -> NodeError {
+    NodeError::Lost(format!("node {peer}: no answer, not even to a ping, for {} ms", silence_max.as_millis()))
+}
+
+async fn connection_loop(
+    peer: Target,
+    security: Security,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    frame_max: usize,
+    backoff_max: Duration,
+    silence_max: Duration,
+) {
     let mut backoff = BACKOFF_MIN;
     let addr = peer.addr.as_str();
     // Connect lazily, when there is something to send.
@@ -135,7 +164,7 @@ async fn connection_loop(peer: Target, security: Security, mut rx: mpsc::Unbound
             }
         };
         backoff = BACKOFF_MIN;
-        serve_connection(stream, first, &mut rx, frame_max).await;
+        serve_connection(stream, first, &mut rx, frame_max, (peer.id, silence_max)).await;
         tracing::debug!(%addr, "peer connection closed");
     }
 }
@@ -173,19 +202,27 @@ fn refuse(o: Outgoing, addr: &str) {
     let _ = o.reply.send(Err(NodeError::Unreachable(addr.to_string())));
 }
 
-/// Writes requests and routes answers until the connection fails; then every request
-/// still waiting on it is failed (by dropping its reply sender).
-async fn serve_connection(stream: BoxStream, first: Outgoing, rx: &mut mpsc::UnboundedReceiver<Outgoing>, frame_max: usize) {
+/// Writes requests and routes answers until the connection fails or falls silent (see
+/// the module's doc); then every request still waiting on it is failed.
+async fn serve_connection(
+    stream: BoxStream,
+    first: Outgoing,
+    rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+    frame_max: usize,
+    (peer, silence_max): (NodeId, Duration),
+) {
     let (mut r, w) = tokio::io::split(stream);
     let mut w = BufWriter::new(w);
     let pending: Pending = Default::default();
-    let reader_pending = pending.clone();
+    let heard = Heard::default();
+    let (reader_pending, reader_heard) = (pending.clone(), heard.clone());
     let mut reader = tokio::spawn(async move {
         loop {
             let frame = match read_frame(&mut r, frame_max).await {
                 Ok(f) => f,
                 Err(e) => return tracing::debug!(error = %e, "peer read ended"),
             };
+            reader_heard.now();
             match codec::decode::<(u64, PeerResponse)>(&frame) {
                 Ok((id, resp)) => {
                     if let Some(reply) = reader_pending.lock().expect("pending lock").remove(&id) {
@@ -196,21 +233,90 @@ async fn serve_connection(stream: BoxStream, first: Outgoing, rx: &mut mpsc::Unb
             }
         }
     });
+    let mut tick = tokio::time::interval(silence_max / 4);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next = Some(first);
+    let mut silenced = false;
     loop {
         let out = match next.take() {
             Some(o) => o,
             None => tokio::select! {
                 o = rx.recv() => match o { Some(o) => o, None => break },
                 _ = &mut reader => break,
+                _ = tick.tick() => {
+                    match check_liveness(&heard, &pending, silence_max) {
+                        Liveness::Fine => {}
+                        Liveness::Ping => if ping(&mut w).await.is_err() { break },
+                        Liveness::Dead => { silenced = true; break }
+                    }
+                    continue;
+                }
             },
         };
+        if pending.lock().expect("pending lock").is_empty() {
+            // Silence while nothing was asked is not the peer's fault.
+            heard.now();
+        }
         if write_batch(&mut w, out, rx, &pending).await.is_err() {
             break;
         }
     }
     reader.abort();
-    pending.lock().expect("pending lock").clear();
+    let failed: Vec<Reply> = pending.lock().expect("pending lock").drain().map(|(_, r)| r).collect();
+    if silenced {
+        tracing::warn!(peer, waiting = failed.len(), silence_ms = silence_max.as_millis() as u64, "peer silent with requests waiting; dropping the connection");
+        failed.into_iter().for_each(|r| drop(r.send(Err(silent(peer, silence_max)))));
+    }
+}
+
+/// When the connection last heard from the peer (or began waiting for it).
+#[derive(Clone)]
+struct Heard(Arc<Mutex<tokio::time::Instant>>);
+
+impl Default for Heard {
+    fn default() -> Self {
+        Heard(Arc::new(Mutex::new(tokio::time::Instant::now())))
+    }
+}
+
+impl Heard {
+    fn now(&self) {
+        *self.0.lock().expect("heard lock") = tokio::time::Instant::now();
+    }
+
+    fn quiet_for(&self) -> Duration {
+        self.0.lock().expect("heard lock").elapsed()
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Liveness {
+    Fine,
+    Ping,
+    Dead,
+}
+
+/// With requests waiting: a quarter of `silence_max` without a word asks for a ping, all
+/// of it means the peer is gone. Without any, silence is fine.
+fn check_liveness(heard: &Heard, pending: &Pending, silence_max: Duration) -> Liveness {
+    if pending.lock().expect("pending lock").is_empty() {
+        return Liveness::Fine;
+    }
+    let quiet = heard.quiet_for();
+    if quiet >= silence_max {
+        Liveness::Dead
+    } else if quiet >= silence_max / 4 {
+        Liveness::Ping
+    } else {
+        Liveness::Fine
+    }
+}
+
+/// Asks the peer for any answer at all (a `Probe`, which every node answers at once).
+async fn ping(w: &mut BufWriter<tokio::io::WriteHalf<BoxStream>>) -> Result<(), super::frame::FrameError> {
+    write_frame(w, &codec::encode(&(PING_ID, PeerRequest::Probe))).await?;
+    w.flush().await?;
+    Ok(())
 }
 
 /// Writes `first` and whatever else is already queued, then flushes once.
@@ -324,6 +430,61 @@ mod tests {
         assert!(matches!(resp, PeerResponse::Probe(_)), "{resp:?}");
         let took = start.elapsed();
         assert!(took >= Duration::from_millis(2 * MS), "a round trip took {took:?}, less than twice the {MS} ms delay");
+        server.abort();
+    }
+
+    /// Answers pings at once and anything else after `slow`; or nothing at all when mute.
+    struct Stalled {
+        slow: Duration,
+        mute: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl PeerHandler for Stalled {
+        async fn handle(&self, _from: NodeId, req: PeerRequest) -> PeerResponse {
+            if self.mute {
+                std::future::pending::<()>().await;
+            }
+            if !matches!(req, PeerRequest::Probe) {
+                tokio::time::sleep(self.slow).await;
+            }
+            PeerResponse::Probe(ProbeAck { dc: "dc1".into(), leader: None, term: 0 })
+        }
+    }
+
+    async fn stalled_peer(slow: Duration, mute: bool) -> (PeerClient, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let door = crate::door::Door::new("peer", crate::door::ConnLimits { total_max: 8, per_source_max: 8 }, Duration::from_secs(60));
+        let limits = ServerLimits { frame_bytes_max: 1 << 20, inflight_per_connection_max: 8, door };
+        let directory = Arc::new(Directory::of([("n1", 1, "dc1"), ("n2", 2, "dc1")]));
+        let admission = Admission { security: Security::Plaintext { me: 2 }, directory };
+        let server = tokio::spawn(serve(listener, Arc::new(Stalled { slow, mute }), Faults::default(), Wan::default(), limits, admission));
+        let target = Target { id: 2, name: "n2".into(), dc: "dc1".into(), addr: addr.to_string() };
+        let limits = Limits { peer_request_timeout_ms: 400, ..Limits::default() };
+        (PeerClient::new(&target, &limits, Faults::default(), Security::Plaintext { me: 1 }, &Wan::default()), server)
+    }
+
+    /// A peer that answers nothing, not even a ping, fails a request with a long timeout
+    /// (a snapshot's last chunk) once the connection has been silent for the request
+    /// timeout, instead of holding it for its own.
+    #[tokio::test]
+    async fn a_silent_peer_fails_a_long_request_within_the_silence_bound() {
+        let (client, server) = stalled_peer(Duration::ZERO, true).await;
+        let start = Instant::now();
+        let res = client.call(PeerRequest::Clock, Some(Duration::from_secs(30))).await;
+        let took = start.elapsed();
+        assert!(matches!(&res, Err(NodeError::Lost(m)) if m.contains("not even to a ping")), "{res:?}");
+        assert!(took >= Duration::from_millis(400) && took < Duration::from_secs(5), "failed after {took:?}");
+        server.abort();
+    }
+
+    /// A peer that answers its pings keeps the connection, however long one request takes.
+    #[tokio::test]
+    async fn a_slow_answer_from_a_live_peer_is_waited_for() {
+        let (client, server) = stalled_peer(Duration::from_millis(1500), false).await;
+        let res = client.call(PeerRequest::Clock, Some(Duration::from_secs(30))).await;
+        assert!(matches!(res, Ok(PeerResponse::Probe(_))), "{res:?}");
         server.abort();
     }
 }

@@ -226,7 +226,8 @@ impl TestCluster {
             .arg(self.data_dir(name))
             .arg("--certs")
             .arg(self.certs_dir())
-            .env("RUST_LOG", "info,openraft=warn,sled=warn,hickory_server=warn")
+            // TEST_NODE_LOG overrides the nodes' log filter (e.g. `info,openraft=debug`).
+            .env("RUST_LOG", std::env::var("TEST_NODE_LOG").unwrap_or("info,openraft=warn,sled=warn,hickory_server=warn".into()))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -1,7 +1,8 @@
 //! A snapshot is received and installed with memory bounded by a batch of records, not
 //! by the snapshot's size: this binary counts every byte the process holds on the heap
 //! (its own global allocator) while a 64 MiB snapshot is streamed into a fresh node's
-//! state machine, and while a snapshot of that state is built.
+//! state machine, and while a snapshot of that state is built; and while many small
+//! records, as orders are, are installed into compressed pages.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Write;
@@ -123,4 +124,39 @@ async fn a_large_snapshot_is_received_and_installed_in_bounded_memory() {
     assert_eq!(sm.reader().snapshot_stats().records, RECORDS as u64);
     assert!(built.meta.last_log_id == meta.last_log_id);
     assert!(grown < 80 * MIB, "building a {} MiB snapshot held {} MiB of heap at its peak", bytes as usize / MIB, grown / MIB);
+}
+
+/// Small records in many batches, into compressed pages as a node keeps them: what a
+/// wiped node installs after millions of orders. sled frees the page versions each write
+/// replaces through crossbeam-epoch; before Agora's patch to `apply_batch`, a thread
+/// applying batch after batch deferred far more than crossbeam collected, about 2.4 KB
+/// per record whatever the cache (measured: 2,393 MB of RSS for a million records).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_small_records_install_without_their_garbage_piling_up() {
+    const SMALL: u64 = 150_000;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let incoming = dir.path().join("incoming.bin");
+    let mut w = Writer::new(std::io::BufWriter::new(std::fs::File::create(&incoming).expect("create"))).expect("writer");
+    for i in 0..SMALL {
+        let value = format!("{{\"id\":\"dc1-{i:012}\",\"sku\":\"sku-{:04}\",\"qty\":{},\"state\":\"placed\"}}", i * 7919 % 1000, i % 5);
+        w.put(format!("o/dc1-{i:012}").as_bytes(), value.as_bytes()).expect("put");
+    }
+    let (mut out, _, records) = w.finish().expect("finish");
+    out.flush().expect("flush");
+    drop(out);
+    let sled = agora::storage::SledOptions { durability: Durability::Flush, cache_bytes: 8 << 20, segment_bytes: 0, compression_level: 1 };
+    let (_log, mut sm) = agora::storage::open_shards(&dir.path().join("node"), "dc1", 1, sled, 1000, Default::default()).expect("open store").remove(0);
+    let mut mark = 0;
+    peak_growth_since(&mut mark);
+    let mut into = sm.begin_receiving_snapshot().await.expect("begin");
+    let mut from = tokio::fs::File::open(&incoming).await.expect("open");
+    tokio::io::copy(&mut from, &mut *into).await.expect("receive");
+    let meta =
+        SnapshotMeta { last_log_id: Some(LogId::new(CommittedLeaderId::new(3, 1), 1000)), last_membership: Default::default(), snapshot_id: "small".into() };
+    sm.install_snapshot(&meta, into).await.expect("install");
+    let grown = peak_growth_since(&mut mark);
+    eprintln!("{records} small records installed; heap peak {:.1} MiB above the start", grown as f64 / MIB as f64);
+    assert_eq!(sm.reader().snapshot_stats().records, SMALL);
+    // Measured: 46 MiB with the patch, 434 MiB without it (the garbage of 150,000 writes).
+    assert!(grown < 96 * MIB, "installing {SMALL} small records held {} MiB of heap at its peak", grown / MIB);
 }

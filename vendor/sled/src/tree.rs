@@ -374,17 +374,19 @@ impl Tree {
     /// # Ok(()) }
     /// ```
     pub fn apply_batch(&self, batch: Batch) -> Result<()> {
-        let _cc = concurrency_control::write();
         let writes = batch.writes.len();
-        let mut guard = pin();
-        let applied = self.apply_batch_inner(batch, &mut guard);
-        drop(guard);
+        let applied = {
+            let _cc = concurrency_control::write();
+            let mut guard = pin();
+            self.apply_batch_inner(batch, &mut guard)
+        };
         // Agora: every write of the batch replaced a page version whose destruction is
         // deferred to crossbeam-epoch, all under the one pin above. crossbeam frees at
         // most 8 bags of 64 deferred items per collection, and collects on every 128th
         // pin: a thread applying large batches back to back (a snapshot install) defers
         // far more per pin than that, and the garbage grows without bound (2.4 GB for a
-        // million records). Collect now, in proportion to what this batch deferred.
+        // million records). Collect now, in proportion to what this batch deferred,
+        // outside the write lock: other writers need not wait for the frees.
         for _ in 0..=writes / 64 {
             crossbeam_pin().flush();
         }

@@ -58,6 +58,17 @@ fn peak_growth_since(mark: &mut usize) -> usize {
     grown
 }
 
+/// Streams the snapshot data in `file` into `sm` as a follower receives it, and installs
+/// it (as of entry 1000); returns its meta.
+async fn receive_and_install(sm: &mut agora::storage::StateMachineStore, file: &std::path::Path, id: &str) -> SnapshotMeta<u64, openraft::BasicNode> {
+    let mut into = sm.begin_receiving_snapshot().await.expect("begin");
+    let mut from = tokio::fs::File::open(file).await.expect("open");
+    tokio::io::copy(&mut from, &mut *into).await.expect("receive");
+    let meta = SnapshotMeta { last_log_id: Some(LogId::new(CommittedLeaderId::new(3, 1), 1000)), last_membership: Default::default(), snapshot_id: id.into() };
+    sm.install_snapshot(&meta, into).await.expect("install");
+    meta
+}
+
 const RECORDS: usize = 65_536;
 const VALUE_BYTES: usize = 1024;
 const MIB: usize = 1 << 20;
@@ -96,12 +107,7 @@ async fn a_large_snapshot_is_received_and_installed_in_bounded_memory() {
     drop(whole);
     peak_growth_since(&mut mark);
 
-    let mut into = sm.begin_receiving_snapshot().await.expect("begin");
-    let mut from = tokio::fs::File::open(&incoming).await.expect("open");
-    tokio::io::copy(&mut from, &mut *into).await.expect("receive");
-    let meta =
-        SnapshotMeta { last_log_id: Some(LogId::new(CommittedLeaderId::new(3, 1), 1000)), last_membership: Default::default(), snapshot_id: "big".into() };
-    sm.install_snapshot(&meta, into).await.expect("install");
+    let meta = receive_and_install(&mut sm, &incoming, "big").await;
     let grown = peak_growth_since(&mut mark);
     eprintln!("snapshot of {} MiB received and installed; heap peak {:.1} MiB above the start", bytes as usize / MIB, grown as f64 / MIB as f64);
 
@@ -148,12 +154,7 @@ async fn many_small_records_install_without_their_garbage_piling_up() {
     let (_log, mut sm) = agora::storage::open_shards(&dir.path().join("node"), "dc1", 1, sled, 1000, Default::default()).expect("open store").remove(0);
     let mut mark = 0;
     peak_growth_since(&mut mark);
-    let mut into = sm.begin_receiving_snapshot().await.expect("begin");
-    let mut from = tokio::fs::File::open(&incoming).await.expect("open");
-    tokio::io::copy(&mut from, &mut *into).await.expect("receive");
-    let meta =
-        SnapshotMeta { last_log_id: Some(LogId::new(CommittedLeaderId::new(3, 1), 1000)), last_membership: Default::default(), snapshot_id: "small".into() };
-    sm.install_snapshot(&meta, into).await.expect("install");
+    receive_and_install(&mut sm, &incoming, "small").await;
     let grown = peak_growth_since(&mut mark);
     eprintln!("{records} small records installed; heap peak {:.1} MiB above the start", grown as f64 / MIB as f64);
     assert_eq!(sm.reader().snapshot_stats().records, SMALL);

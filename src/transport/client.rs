@@ -406,6 +406,19 @@ mod tests {
         }
     }
 
+    /// Node 2 of `dc` (plaintext, on a free loopback port) answering with `handler`; node 1
+    /// of dc1 may call it.
+    async fn test_peer(dc: &str, handler: Arc<dyn PeerHandler>, faults: Faults) -> (Target, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let door = crate::door::Door::new("peer", crate::door::ConnLimits { total_max: 8, per_source_max: 8 }, Duration::from_secs(60));
+        let limits = ServerLimits { frame_bytes_max: 1 << 20, inflight_per_connection_max: 8, door };
+        let directory = Arc::new(Directory::of([("n1", 1, "dc1"), ("n2", 2, dc)]));
+        let admission = Admission { security: Security::Plaintext { me: 2 }, directory };
+        let server = tokio::spawn(serve(listener, handler, faults, Wan::default(), limits, admission));
+        (Target { id: 2, name: "n2".into(), dc: dc.into(), addr: addr.to_string() }, server)
+    }
+
     fn delay_to(peer: NodeId, ms: u64) -> Faults {
         let faults = Faults::default();
         faults.set(FaultRules { delay_ms: [(peer, ms)].into(), ..FaultRules::default() });
@@ -416,14 +429,7 @@ mod tests {
     #[tokio::test]
     async fn a_delayed_link_holds_the_request_and_the_answer() {
         const MS: u64 = 150;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let door = crate::door::Door::new("peer", crate::door::ConnLimits { total_max: 8, per_source_max: 8 }, Duration::from_secs(60));
-        let limits = ServerLimits { frame_bytes_max: 1 << 20, inflight_per_connection_max: 8, door };
-        let directory = Arc::new(Directory::of([("n1", 1, "dc1"), ("n2", 2, "dc2")]));
-        let admission = Admission { security: Security::Plaintext { me: 2 }, directory };
-        let server = tokio::spawn(serve(listener, Arc::new(Echo), delay_to(1, MS), Wan::default(), limits, admission));
-        let target = Target { id: 2, name: "n2".into(), dc: "dc2".into(), addr: addr.to_string() };
+        let (target, server) = test_peer("dc2", Arc::new(Echo), delay_to(1, MS)).await;
         let client = PeerClient::new(&target, &Limits::default(), delay_to(2, MS), Security::Plaintext { me: 1 }, &Wan::default());
         let start = Instant::now();
         let resp = client.call(PeerRequest::Probe, None).await.expect("answered");
@@ -453,14 +459,7 @@ mod tests {
     }
 
     async fn stalled_peer(slow: Duration, mute: bool) -> (PeerClient, tokio::task::JoinHandle<()>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let door = crate::door::Door::new("peer", crate::door::ConnLimits { total_max: 8, per_source_max: 8 }, Duration::from_secs(60));
-        let limits = ServerLimits { frame_bytes_max: 1 << 20, inflight_per_connection_max: 8, door };
-        let directory = Arc::new(Directory::of([("n1", 1, "dc1"), ("n2", 2, "dc1")]));
-        let admission = Admission { security: Security::Plaintext { me: 2 }, directory };
-        let server = tokio::spawn(serve(listener, Arc::new(Stalled { slow, mute }), Faults::default(), Wan::default(), limits, admission));
-        let target = Target { id: 2, name: "n2".into(), dc: "dc1".into(), addr: addr.to_string() };
+        let (target, server) = test_peer("dc1", Arc::new(Stalled { slow, mute }), Faults::default()).await;
         let limits = Limits { peer_request_timeout_ms: 400, ..Limits::default() };
         (PeerClient::new(&target, &limits, Faults::default(), Security::Plaintext { me: 1 }, &Wan::default()), server)
     }

@@ -235,6 +235,9 @@ impl Default for StorageSection {
 pub struct Limits {
     pub body_bytes_max: usize,
     pub request_timeout_ms: u64,
+    /// A peer request's timeout unless it sets its own, and how long a connection with
+    /// requests waiting may hear nothing from the peer, pings included, before it is
+    /// dropped and they fail.
     pub peer_request_timeout_ms: u64,
     pub peer_inflight_max: usize,
     pub peer_frame_bytes_max: usize,

@@ -233,7 +233,8 @@ async fn serve_connection(
             }
         }
     });
-    let mut tick = tokio::time::interval(silence_max / 4);
+    // (A zero period would panic: `peer_request_timeout_ms` may be as low as 1.)
+    let mut tick = tokio::time::interval((silence_max / 4).max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next = Some(first);
     let mut silenced = false;

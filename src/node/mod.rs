@@ -129,8 +129,7 @@ async fn start_shard(
         info.id,
         raft_config(config, &info.dc)?,
         Network { peers: peers.clone(), backoff: Duration::from_millis(config.raft.heartbeat_interval_ms) },
-        // Half a frame: the request's own fields and encoding take far less than the rest.
-        log.with_payload_bytes_max(config.limits.peer_frame_bytes_max / 2),
+        log.with_payload_bytes_max(config.raft_payload_bytes_max()),
         sm,
     )
     .await

@@ -66,6 +66,17 @@ pub struct ClusterSection {
     /// life of a cluster: changing it moves every entity.
     #[serde(default = "default_shards", skip_serializing_if = "is_one_shard")]
     pub shards: u16,
+    /// Nodes holding a replica of each shard but shard 0, when fewer than a DC's nodes:
+    /// shard k's replicas are the DC's nodes k, k+1, … (mod the DC's size) at its first
+    /// start, so a DC grows by adding nodes rather than copies. 0 (the default): every
+    /// node holds every shard. Shard 0 is always on every node: it holds the DC's own
+    /// settings, which every node's DNS answers read.
+    #[serde(default, skip_serializing_if = "is_zero_u16")]
+    pub replicas: u16,
+}
+
+fn is_zero_u16(n: &u16) -> bool {
+    *n == 0
 }
 
 /// Cross-DC batches one leader may have in flight to one DC at most: each holds up to
@@ -550,6 +561,9 @@ impl ClusterConfig {
         if !(1..=SHARDS_MAX).contains(&self.cluster.shards) {
             return Err(invalid("cluster.shards", format!("must be 1..={SHARDS_MAX}")));
         }
+        if self.cluster.replicas > SHARDS_MAX {
+            return Err(invalid("cluster.replicas", format!("must be 0 (every node) or 1..={SHARDS_MAX}")));
+        }
         self.check_raft()?;
         self.check_storage()?;
         self.check_limits()?;
@@ -874,6 +888,19 @@ impl ClusterConfig {
         self.nodes().into_iter().filter(|n| n.dc == dc).collect()
     }
 
+    /// The nodes of `dc` that hold shard `shard` when the DC first starts, the one meant
+    /// to lead it first: node `shard` mod n, then the ones after it in the DC's order,
+    /// `cluster.replicas` of them (all, for shard 0 or `replicas = 0`). Membership
+    /// changes may move replicas later; this is only where they begin.
+    pub fn shard_placement(&self, dc: &str, shard: u16) -> Vec<NodeInfo> {
+        let nodes = self.dc_nodes(dc);
+        let n = nodes.len();
+        let wanted = usize::from(self.cluster.replicas);
+        let count = if shard == 0 || wanted == 0 { n } else { wanted.min(n) };
+        let start = usize::from(shard) % n.max(1);
+        (0..count).map(|i| nodes[(start + i) % n].clone()).collect()
+    }
+
     /// The DC an order id or session token names (`<dc>-<random>`), if it names a
     /// configured DC (the longest such prefix). Tokens made before tokens named their DC
     /// (bare hex) name none.
@@ -992,6 +1019,23 @@ mod tests {
         check_err(|t| t.replace("session_ttl_s = 86400", "session_ttl_s = 0"), "limits.session_ttl_s");
         check_err(|t| t.replace("idempotency_ttl_s = 86400", "idempotency_ttl_s = 99999999999"), "limits.idempotency_ttl_s");
         check_err(|t| t.replace("expiry_batch_len_max = 1000", "expiry_batch_len_max = 0"), "limits.expiry_batch_len_max");
+    }
+
+    #[test]
+    fn shards_are_placed_on_replicas_in_turn() {
+        let text = DEFAULT_TOML.replace("[cluster]", "[cluster]\nshards = 4\nreplicas = 2");
+        let c = ClusterConfig::from_toml(&text, "test").unwrap();
+        let names = |shard| c.shard_placement("dc2", shard).into_iter().map(|n| n.name).collect::<Vec<_>>();
+        assert_eq!(names(0), ["dc2-n1", "dc2-n2", "dc2-n3"], "shard 0 on every node");
+        assert_eq!(names(1), ["dc2-n2", "dc2-n3"]);
+        assert_eq!(names(2), ["dc2-n3", "dc2-n1"]);
+        assert_eq!(names(3), ["dc2-n1", "dc2-n2"]);
+        // More replicas than nodes, or none asked: every node.
+        for replicas in ["replicas = 5", "replicas = 0"] {
+            let c = ClusterConfig::from_toml(&text.replace("replicas = 2", replicas), "test").unwrap();
+            assert_eq!(c.shard_placement("dc1", 2).len(), 3, "{replicas}");
+        }
+        check_err(|t| t.replace("[cluster]", "[cluster]\nreplicas = 65"), "cluster.replicas");
     }
 
     #[test]

@@ -48,9 +48,11 @@ impl Shards {
     /// Whether this node's replica of the session's shard holds `token` logged out or
     /// expired: how a cancel in a shard that does not hold the session is refused (a
     /// session not seen here at all may be another DC's, not replicated yet; the order's
-    /// own record of its session still has to match).
+    /// own record of its session still has to match). A node holding no replica of that
+    /// shard cannot tell: false.
     pub fn session_ended(&self, token: &str) -> bool {
-        self.count() > 1 && self.of(token).shard.sm.session(token).is_some_and(|s| s.deleted)
+        let shard = &self.of(token).shard;
+        self.count() > 1 && shard.hosts() && shard.sm.session(token).is_some_and(|s| s.deleted)
     }
 }
 

@@ -51,6 +51,11 @@ pub enum Cancelled {
     Queued { owner: String },
 }
 
+/// A record of another kind than the one asked for: a peer's confusion.
+fn mismatch(f: Found) -> ShopError {
+    ShopError::Node(NodeError::Internal(format!("a read answered with another kind of record: {f:?}")))
+}
+
 fn unexpected(o: Outcome) -> ShopError {
     ShopError::Node(NodeError::Internal(format!("unexpected outcome {o:?}")))
 }
@@ -101,18 +106,49 @@ impl Shop {
         self.shards.first().shard.config.owner_of(id).filter(|dc| dc != self.dc())
     }
 
-    /// The session `token` names, as far as a linearizable view can tell: this DC's
-    /// copy, or — for a token another DC created that this DC has not seen yet — that
-    /// DC's. `None`: no such session. The second value says whether it came from the owner.
-    async fn find_session(&self, token: &str) -> Result<(Option<Session>, bool), ShopError> {
-        let cross = self.at(token);
-        if let Some(s) = cross.shard.sm.session(token) {
-            return Ok((Some(s), false));
+    /// What this DC's shard holds under `what`'s key, read linearizably unless `stale`:
+    /// from this node's replica, or from the shard's leader when this node holds none.
+    async fn record(&self, what: Lookup, stale: bool) -> Result<Found, ShopError> {
+        Ok(self.at(what.key()).shard.read(what, stale).await?)
+    }
+
+    async fn session_record(&self, token: &str, stale: bool) -> Result<Option<Session>, ShopError> {
+        match self.record(Lookup::Session(token.to_string()), stale).await? {
+            Found::Session(s) => Ok(s),
+            other => Err(mismatch(other)),
         }
+    }
+
+    async fn inventory_record(&self, sku: &str, stale: bool) -> Result<Option<Inventory>, ShopError> {
+        match self.record(Lookup::Inventory(sku.to_string()), stale).await? {
+            Found::Inventory(i) => Ok(i),
+            other => Err(mismatch(other)),
+        }
+    }
+
+    async fn order_record(&self, id: &str, stale: bool) -> Result<Option<Order>, ShopError> {
+        match self.record(Lookup::Order(id.to_string()), stale).await? {
+            Found::Order(o) => Ok(o),
+            other => Err(mismatch(other)),
+        }
+    }
+
+    /// The session `token` names: this DC's copy (linearizable unless `stale`), or — for
+    /// a token another DC created that this DC has not seen yet — that DC's. `None`: no
+    /// such session. The second value says whether it came from the owner.
+    async fn find_session(&self, token: &str, stale: bool) -> Result<(Option<Session>, bool), ShopError> {
+        match self.session_record(token, stale).await? {
+            Some(s) => Ok((Some(s), false)),
+            None => self.session_from_owner(token).await,
+        }
+    }
+
+    /// The session as the DC that created it holds it, if another DC did.
+    async fn session_from_owner(&self, token: &str) -> Result<(Option<Session>, bool), ShopError> {
         let Some(owner) = self.foreign_owner(token) else { return Ok((None, false)) };
-        match cross.lookup(&owner, Lookup::Session(token.to_string())).await {
+        match self.at(token).lookup(&owner, Lookup::Session(token.to_string())).await {
             Ok(Found::Session(s)) => Ok((s.filter(|s| s.token == token), true)),
-            Ok(Found::Order(_)) => Err(NodeError::Internal(format!("{owner} answered a session lookup with an order")).into()),
+            Ok(other) => Err(mismatch(other)),
             Err(cause) => Err(ShopError::OwnerUnreachable { owner, cause }),
         }
     }
@@ -129,9 +165,7 @@ impl Shop {
 
     /// A live session, read linearizably (asking its owner if need be) unless `stale`.
     pub async fn session(&self, token: &str, stale: bool) -> Result<Session, ShopError> {
-        let shard = &self.at(token).shard;
-        shard.read_barrier(stale).await?;
-        let found = if stale { shard.sm.session(token) } else { self.find_session(token).await?.0 };
+        let found = if stale { self.session_record(token, true).await? } else { self.find_session(token, false).await?.0 };
         found.filter(|s| !s.deleted).ok_or(ShopError::NotFound("session"))
     }
 
@@ -139,7 +173,7 @@ impl Shop {
         let (dc, hlc) = (self.dc().to_string(), self.hlc.now());
         // A token another DC created that this DC has not seen yet: its owner's version
         // travels in the entry (as for an order), and the logout is written here.
-        let cmd = match self.find_session(&token).await? {
+        let cmd = match self.find_session(&token, true).await? {
             (Some(record), true) if !record.deleted => Command::DeleteSessionWithRecord { record, token, dc, hlc },
             (_, true) => return Err(ShopError::NotFound("session")),
             _ => Command::DeleteSession { token, dc, hlc },
@@ -162,9 +196,7 @@ impl Shop {
     }
 
     pub async fn inventory(&self, sku: &str, stale: bool) -> Result<Inventory, ShopError> {
-        let shard = &self.at(sku).shard;
-        shard.read_barrier(stale).await?;
-        shard.sm.inventory(sku).ok_or(ShopError::NotFound("sku"))
+        self.inventory_record(sku, stale).await?.ok_or(ShopError::NotFound("sku"))
     }
 
     /// Places an order: one Raft write, in the shard of its SKU. A session another DC
@@ -185,11 +217,16 @@ impl Shop {
         } else {
             self.order_in_other_shard(id, session, &sku, qty, key).await
         };
-        self.at(&sku).after_order(&sku);
+        // The shard's leader checks the SKU's stock after each order: here, or where this
+        // node forwarded it (`node::peer`).
+        let cross = self.at(&sku);
+        if cross.shard.is_leader() {
+            cross.after_order(&sku);
+        }
         match r {
             Ok(Outcome::Order(o)) => Ok(o),
             Ok(other) => Err(unexpected(other)),
-            Err(ShopError::Rejected(Rejection::SoldOut { available, requested })) => Err(self.sold_out(&sku, available, requested)),
+            Err(ShopError::Rejected(Rejection::SoldOut { available, requested })) => Err(self.sold_out(&sku, available, requested).await),
             Err(e) => Err(e),
         }
     }
@@ -197,10 +234,12 @@ impl Shop {
     /// A key is one request: the same key with the same session and another SKU is
     /// another request, refused (422) rather than placed as a second order. Its first use
     /// is recorded in the first SKU's shard; the others are read here, in this node's
-    /// replicas (a use not yet applied here is not seen).
+    /// replicas (a use not yet applied here, or in a shard this node holds no replica of,
+    /// is not seen).
     fn check_key_unused_elsewhere(&self, session: &str, key: &str, sku_shard: u16) -> Result<(), ShopError> {
         let scope = crate::domain::command::order_key_scope(session, key);
-        let elsewhere = self.shards.all().iter().filter(|c| c.shard.number != sku_shard).any(|c| c.shard.sm.has_idempotency(&scope));
+        let others = self.shards.all().iter().filter(|c| c.shard.number != sku_shard && c.shard.hosts());
+        let elsewhere = others.into_iter().any(|c| c.shard.sm.has_idempotency(&scope));
         if elsewhere {
             return Err(Rejection::IdempotencyMismatch.into());
         }
@@ -217,7 +256,7 @@ impl Shop {
 
     /// The session and the SKU in one shard: the entry checks the session and refreshes it.
     async fn order_in_one_shard(&self, id: String, session: String, sku: &str, qty: u32, key: Option<String>) -> Result<Outcome, ShopError> {
-        let (found, from_owner) = self.find_session(&session).await?;
+        let (found, from_owner) = self.find_session(&session, true).await?;
         let refresh_session = found.as_ref().is_some_and(|s| self.due_for_refresh(s));
         let (dc, hlc, sku) = (self.dc().to_string(), self.hlc.now(), sku.to_string());
         let cmd = match found {
@@ -228,23 +267,30 @@ impl Shop {
         self.write(cmd, key).await
     }
 
-    /// The session in another shard than the SKU: checked here, in its shard — this
-    /// node's replica after a read barrier there (a read-index round trip, not a write),
-    /// or its owner DC's answer — and named in the order's entry, so the order is still one
-    /// write, in the SKU's shard. A refresh the session is due goes to its shard after the
-    /// order, which does not wait for it. A logout racing the order may lose to it, as it
-    /// would if it came a moment later.
+    /// The session in another shard than the SKU: checked in its shard — linearizably,
+    /// in this node's replica after a read barrier there (a read-index round trip, not a
+    /// write) or, holding none, by that shard's leader; else by its owner DC — and named
+    /// in the order's entry, so the order is still one write, in the SKU's shard. A
+    /// refresh the session is due goes to its shard after the order, which does not wait
+    /// for it. A logout racing the order may lose to it, as it would if it came a moment
+    /// later.
     async fn order_in_other_shard(&self, id: String, session: String, sku: &str, qty: u32, key: Option<String>) -> Result<Outcome, ShopError> {
-        // A read barrier first: a logout acknowledged before this order began is seen.
-        let barrier = self.at(&session).shard.read_barrier(false).await;
-        let found = self.find_session(&session).await?;
+        // Linearizable first: a logout acknowledged before this order began is seen.
+        let (here, barrier) = match self.session_record(&session, false).await {
+            Ok(s) => (s, Ok(())),
+            Err(e) => (self.session_record(&session, true).await.ok().flatten(), Err(e)),
+        };
+        let found = match here {
+            Some(s) => (Some(s), false),
+            None => self.session_from_owner(&session).await?,
+        };
         let live = found.0.filter(|s| !s.deleted);
         let record = match (live, barrier) {
             (Some(s), _) => s,
             // While the session's shard elects a leader, the replica here still vouches
             // for a session it holds live (only a logout of the last moments may be
             // missed), so orders for other shards go on; anything else waits for it.
-            (None, Err(e)) => return Err(e.into()),
+            (None, Err(e)) => return Err(e),
             (None, Ok(())) => return Err(Rejection::UnknownSession.into()),
         };
         let refresh = !found.1 && self.due_for_refresh(&record);
@@ -263,8 +309,8 @@ impl Shop {
         r
     }
 
-    fn sold_out(&self, sku: &str, available: u64, requested: u32) -> ShopError {
-        let inv = self.at(sku).shard.sm.inventory(sku).unwrap_or_default();
+    async fn sold_out(&self, sku: &str, available: u64, requested: u32) -> ShopError {
+        let inv = self.inventory_record(sku, true).await.ok().flatten().unwrap_or_default();
         let others: Vec<String> = inv.dcs().into_iter().filter(|d| d != self.dc()).collect();
         let held_by_other_dcs = others.iter().map(|d| inv.available(d)).fold(0u64, u64::saturating_add);
         let held_by_unreachable_dcs = others.iter().filter(|d| !self.reachable(d)).map(|d| inv.available(d)).fold(0u64, u64::saturating_add);
@@ -274,13 +320,11 @@ impl Shop {
     /// An order, read linearizably unless `stale`; another DC's order this DC has not
     /// seen yet is asked of its owner (a stale read does not ask).
     pub async fn order(&self, id: &str, stale: bool) -> Result<Order, ShopError> {
-        let cross = self.at(id);
-        cross.shard.read_barrier(stale).await?;
-        if let Some(o) = cross.shard.sm.order(id) {
+        if let Some(o) = self.order_record(id, stale).await? {
             return Ok(o);
         }
         let Some(owner) = self.foreign_owner(id).filter(|_| !stale) else { return Err(ShopError::NotFound("order")) };
-        match cross.lookup(&owner, Lookup::Order(id.to_string())).await {
+        match self.at(id).lookup(&owner, Lookup::Order(id.to_string())).await {
             Ok(Found::Order(Some(o))) => Ok(o),
             Ok(_) => Err(ShopError::NotFound("order")),
             Err(cause) => Err(ShopError::OwnerUnreachable { owner, cause }),
@@ -290,15 +334,15 @@ impl Shop {
     /// Cancels an order with the session that placed it. The owner — the DC the id names
     /// (`dc2-…`), whether or not this DC has a copy yet — alone may cancel.
     pub async fn cancel(&self, id: String, session: String, key: Option<String>) -> Result<Cancelled, ShopError> {
-        let local = self.at(&id).shard.sm.order(&id);
+        // This DC's copy, if it has one: whose it is, and which session placed it.
+        let local = self.order_record(&id, true).await?;
         let owner = self.shards.first().shard.config.owner_of(&id).or_else(|| local.as_ref().map(|o| o.dc.clone())).unwrap_or_else(|| self.dc().to_string());
         if owner != self.dc() {
             return self.cancel_foreign(id, owner, session, key, local).await;
         }
         if self.shards.number_of(&session) != self.shards.number_of(&id) {
             // The order's shard cannot see the session: checked in its own, linearizably.
-            self.at(&session).shard.read_barrier(false).await?;
-            if self.shards.session_ended(&session) {
+            if self.session_record(&session, false).await?.is_some_and(|s| s.deleted) {
                 return Err(Rejection::UnknownSession.into());
             }
         }

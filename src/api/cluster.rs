@@ -1,7 +1,6 @@
 //! Cluster status, state digest, health and metrics.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::header;
@@ -13,7 +12,6 @@ use sha2::{Digest, Sha256};
 
 use super::AppState;
 use crate::console::Console;
-use crate::error::NodeError;
 use crate::replication::lag;
 use crate::storage::digest::Wanted;
 use crate::storage::state_machine::SnapshotStats;
@@ -67,7 +65,9 @@ async fn shard_views(node: &AppState) -> Vec<Value> {
         out.push(json!({
             "shard": s.number,
             "role": role(m.state),
-            "leader": name(m.current_leader),
+            // Whether this node holds a replica (else the leader is as its DC named it).
+            "hosted": s.hosts(),
+            "leader": name(s.leader()),
             "preferred_leader": name(s.preferred_leader()),
             "voters": m.membership_config.membership().voter_ids().filter_map(|id| name(Some(id))).collect::<Vec<_>>(),
             "term": m.current_term,
@@ -148,14 +148,15 @@ pub async fn digest(
 ) -> Result<Json<Value>, super::ApiError> {
     let axum::extract::Query(q) = q.map_err(|e| super::ApiError::bad_request(e.body_text()))?;
     let wanted = if q.recent { Wanted::Recent } else { Wanted::Fresh };
-    let mut per_shard = Vec::new();
-    let mut age = Duration::ZERO;
-    for c in node.shards.all() {
-        let (d, a) = c.shard.sm.digest_as(wanted).await.map_err(|e| NodeError::Internal(format!("state digest: {e}")))?;
-        per_shard.push(d);
-        age = age.max(a);
+    // Shards this node holds no replica of are digested by their leaders.
+    let digests = futures::future::join_all(node.shards.all().iter().map(|c| c.shard.digest(wanted))).await;
+    let (mut per_shard, mut age_ms, mut applied) = (Vec::new(), 0u64, 0u64);
+    for d in digests {
+        let d = d?;
+        age_ms = age_ms.max(d.age_ms);
+        applied = applied.saturating_add(d.applied_index);
+        per_shard.push(d.kinds);
     }
-    let applied: u64 = node.shards.all().iter().map(|c| c.shard.sm.applied_index()).fold(0, u64::saturating_add);
     let mut d = match per_shard.as_slice() {
         [one] => serde_json::to_value(one).unwrap_or_default(),
         many => {
@@ -172,7 +173,7 @@ pub async fn digest(
         }
     };
     d["applied_index"] = json!(applied);
-    d["age_ms"] = json!(u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
+    d["age_ms"] = json!(age_ms);
     Ok(Json(d))
 }
 

@@ -224,6 +224,14 @@ impl Command {
         }
     }
 
+    /// The SKU an order placement is for (`None` for any other command).
+    pub fn order_sku(&self) -> Option<&str> {
+        match self {
+            Command::PlaceOrder { sku, .. } | Command::PlaceOrderWithSession { sku, .. } | Command::PlaceOrderChecked { sku, .. } => Some(sku),
+            _ => None,
+        }
+    }
+
     /// The command's timestamp, if it has one: when its idempotency record was written.
     pub fn hlc(&self) -> Option<u64> {
         match self {

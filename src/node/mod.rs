@@ -1,4 +1,4 @@
-//! A node: a process hosting a replica of each of its DC's shards, wired in [`start`] in dependency order —
+//! A node: a process hosting replicas of its DC's shards, wired in [`start`] in dependency order —
 //! storage, transport, Raft, actors, the cross-DC links, DNS, HTTP — and stopped in
 //! [`Running::shutdown`]. This is the composition root: the parts it builds hold only what
 //! they use, and nothing below imports it.
@@ -253,6 +253,10 @@ async fn bootstrap(shard: Arc<Shard>) {
         Ok(false) => {}
         Ok(true) => return rejoin_quietly(&shard).await,
         Err(_) => return,
+    }
+    if !shard.placed_here() {
+        // Not one of the shard's first replicas: one comes here only by a membership change.
+        return;
     }
     if shard.dc_has_leader().await {
         tracing::info!(dc = %shard.dc, shard = shard.number, "empty store in a DC that has a leader: waiting for it to catch this node up");

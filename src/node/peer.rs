@@ -9,8 +9,9 @@ use crate::domain::{Command, Outcome, Rejection, Request};
 use crate::error::NodeError;
 use crate::raft::NodeId;
 use crate::replication::{receiver, CrossDc};
-use crate::shard::{inbound, Shard};
+use crate::shard::inbound;
 use crate::shards::Shards;
+use crate::storage::digest::Wanted;
 use crate::transport::{PeerHandler, PeerRequest, PeerResponse};
 
 pub struct Handler {
@@ -63,7 +64,12 @@ async fn handle_in_shard(cross: &Arc<CrossDc>, from: NodeId, req: PeerRequest) -
         PeerRequest::AppendEntries(r) => inbound::append_entries(shard, from, r).await,
         PeerRequest::Vote(r) => inbound::vote(shard, from, r).await,
         PeerRequest::InstallSnapshot(r) => inbound::install_snapshot(shard, from, r).await,
-        PeerRequest::Submit(cmd) => PeerResponse::Submit(submit_forwarded(shard, cmd).await),
+        PeerRequest::Submit(cmd) => PeerResponse::Submit(submit_forwarded(cross, cmd).await),
+        PeerRequest::Read { what, stale } => PeerResponse::Lookup(shard.answer_read(what, stale).await),
+        PeerRequest::Digest { recent } => {
+            let wanted = if recent { Wanted::Recent } else { Wanted::Fresh };
+            PeerResponse::Digest(shard.digest_local(wanted).await)
+        }
         PeerRequest::ReadIndex => PeerResponse::ReadIndex(shard.read_index_for_follower().await),
         PeerRequest::Membership(op) => PeerResponse::Membership(shard.change_membership_local(op).await),
         PeerRequest::Probe => PeerResponse::Probe(shard.probe_ack()),
@@ -84,15 +90,21 @@ async fn handle_in_shard(cross: &Arc<CrossDc>, from: NodeId, req: PeerRequest) -
     }
 }
 
-/// A write forwarded by a follower of this DC, run here if this node leads: its
+/// A write forwarded by another node of this DC, run here if this node leads: its
 /// timestamp must not be beyond the clock offset (a command is proposed with the
 /// timestamp it carries). The sender is a node of this DC, so a timestamp too far
 /// ahead means the two clocks disagree: a retryable `ClockSkew`, not a bad request.
-async fn submit_forwarded(shard: &Shard, req: Request) -> Result<Outcome, NodeError> {
+async fn submit_forwarded(cross: &Arc<CrossDc>, req: Request) -> Result<Outcome, NodeError> {
+    let shard = &cross.shard;
     let max_offset = shard.config.replication.max_clock_offset_ms;
     if let Err(m) = crate::replication::guard::check_command(&req.cmd, crate::hlc::wall_ms(), max_offset) {
         crate::warn_limited!("forwarded_clock_skew", reason = %m, "forwarded command refused: clocks disagree");
         return Err(NodeError::ClockSkew(m));
     }
-    shard.submit_local(req).await
+    let sku = req.cmd.order_sku().map(str::to_string);
+    let r = shard.submit_local(req).await;
+    if let (Some(sku), Ok(Outcome::Order(_))) = (sku, &r) {
+        cross.after_order(&sku);
+    }
+    r
 }

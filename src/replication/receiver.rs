@@ -130,5 +130,7 @@ pub fn request_name(r: &PeerRequest) -> &'static str {
         PeerRequest::Shard { .. } => "shard",
         PeerRequest::Clock => "clock",
         PeerRequest::Campaign => "campaign",
+        PeerRequest::Read { .. } => "read",
+        PeerRequest::Digest { .. } => "digest",
     }
 }

@@ -79,19 +79,20 @@ impl CrossDc {
 
     /// On the owner: answers a lookup from another DC, for what this DC owns only, after
     /// a read barrier.
+    /// A node of this DC that holds no replica of the shard answers from the shard's
+    /// leader's.
     pub async fn answer_lookup(&self, what: Lookup) -> Result<Found, NodeError> {
-        let id = match &what {
-            Lookup::Order(id) | Lookup::Session(id) => id,
-        };
+        if matches!(what, Lookup::Inventory(_)) {
+            return Err(NodeError::BadRequest("stock is not looked up across DCs".into()));
+        }
+        let id = what.key();
         crate::domain::validate::name("id", id).map_err(NodeError::BadRequest)?;
         if self.config().owner_of(id).as_deref() != Some(self.dc()) {
             return Err(NodeError::BadRequest(format!("{id} is not {}'s", self.dc())));
         }
-        let shard = &self.shard;
-        shard.read_barrier(false).await?;
-        Ok(match what {
-            Lookup::Order(id) => Found::Order(shard.sm.order(&id).filter(|o| o.dc == shard.dc)),
-            Lookup::Session(token) => Found::Session(shard.sm.session(&token)),
+        Ok(match self.shard.read(what, false).await? {
+            Found::Order(o) => Found::Order(o.filter(|o| o.dc == self.shard.dc)),
+            other => other,
         })
     }
 }

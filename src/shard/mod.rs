@@ -5,8 +5,11 @@
 //! index: the leader confirms its lease with a quorum, the reading node waits until it
 //! has applied up to that index).
 //!
-//! A node hosts one replica of each of its DC's shards (`crate::shards`); everything a
-//! group owns lives here.
+//! A node runs every shard of its DC (`crate::shards`) but holds a replica only of those
+//! whose membership names it (`Shard::hosts`; all of them unless `cluster.replicas` is
+//! set). For a shard it does not hold, it finds the leader by asking its DC's nodes and
+//! sends writes and reads there: one forward, as from a follower. Everything a group owns
+//! lives here.
 
 pub mod background;
 mod handover;
@@ -14,21 +17,22 @@ pub mod inbound;
 pub mod read_index;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::sync::Arc;
-use std::time::Duration;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use openraft::{BasicNode, RaftMetrics, ServerState};
 
 use crate::actors::Directory;
 use crate::config::ClusterConfig;
-use crate::domain::{Outcome, Request};
+use crate::domain::{Found, Lookup, Outcome, Request};
 use crate::error::NodeError;
 use crate::metrics::Metrics;
 use crate::raft::guard::SnapshotTransfer;
 use crate::raft::proposer::Proposer;
 use crate::raft::{MembershipOp, NodeId, Raft};
 use crate::storage::SmReader;
-use crate::transport::message::ProbeAck;
+use crate::transport::message::{ProbeAck, ShardDigest};
 use crate::transport::{PeerRequest, PeerResponse, Peers};
 
 /// Forwarding hops before a write gives up (leadership moving under it).
@@ -51,6 +55,12 @@ pub struct Shard {
     /// Ids of this DC's nodes: checked on every peer request (each Raft heartbeat), so
     /// computed once rather than from the config's node list each time.
     members: HashSet<NodeId>,
+    /// The nodes that hold the shard when the DC first starts, the preferred leader first
+    /// (`ClusterConfig::shard_placement`).
+    placement: Vec<NodeId>,
+    /// On a node that holds no replica: the leader its DC's nodes last named, and their
+    /// term (`Shard::leader`).
+    leader_hint: Mutex<Option<(NodeId, u64)>>,
     /// The snapshot being received from the leader (see `raft::guard`).
     snapshot_transfer: tokio::sync::Mutex<SnapshotTransfer>,
     /// Read-index rounds shared by the linearizable reads that queue for one.
@@ -82,6 +92,7 @@ pub struct ShardParts {
 impl Shard {
     pub fn new(p: ShardParts) -> Arc<Self> {
         let members = p.config.dc_nodes(&p.dc).iter().map(|n| n.id).collect();
+        let placement = p.config.shard_placement(&p.dc, p.number).iter().map(|n| n.id).collect();
         let request_timeout = Duration::from_millis(p.config.limits.request_timeout_ms);
         let leader_wait = Duration::from_millis(p.config.raft.election_timeout_max_ms * 2);
         let read_index =
@@ -98,6 +109,8 @@ impl Shard {
             metrics: p.metrics,
             request_timeout,
             members,
+            placement,
+            leader_hint: Mutex::new(None),
             snapshot_transfer: Default::default(),
             read_index,
             disk: p.disk,
@@ -116,17 +129,27 @@ impl Shard {
         self.members.contains(&id)
     }
 
-    /// The configured members, as openraft wants them for initialisation and learners.
+    /// The nodes that hold this shard at the DC's first start, as openraft wants them
+    /// for initialisation.
     pub fn configured_members(&self) -> BTreeMap<NodeId, BasicNode> {
-        self.config.dc_nodes(&self.dc).into_iter().map(|n| (n.id, BasicNode::new(n.peer))).collect()
+        self.config.shard_placement(&self.dc, self.number).into_iter().map(|n| (n.id, BasicNode::new(n.peer))).collect()
+    }
+
+    /// Whether this node is one of the shard's first replicas.
+    pub fn placed_here(&self) -> bool {
+        self.placement.contains(&self.me)
     }
 
     /// The node meant to lead this shard when all are up, so that leaders spread over
-    /// the DC: the DC's nodes in turn, shard by shard.
+    /// the DC: the DC's nodes in turn, shard by shard (the first of its placement).
     pub fn preferred_leader(&self) -> Option<NodeId> {
-        let nodes = self.config.dc_nodes(&self.dc);
-        let len = nodes.len().max(1);
-        nodes.get(usize::from(self.number) % len).map(|n| n.id)
+        self.placement.first().copied()
+    }
+
+    /// Whether this node holds a replica of the shard now: its group's membership, as
+    /// this node last applied it, names it (a voter, or a learner catching up).
+    pub fn hosts(&self) -> bool {
+        self.raft.metrics().borrow().membership_config.membership().get_node(&self.me).is_some()
     }
 
     pub fn metrics(&self) -> RaftMetrics<NodeId, BasicNode> {
@@ -137,14 +160,36 @@ impl Shard {
         self.raft.metrics().borrow().state == ServerState::Leader
     }
 
+    /// The leader as this node knows it: from its own replica, or — holding none — as its
+    /// DC's nodes last named it.
     pub fn leader(&self) -> Option<NodeId> {
-        self.raft.metrics().borrow().current_leader
+        self.leader_and_term().0
+    }
+
+    fn leader_and_term(&self) -> (Option<NodeId>, u64) {
+        if self.hosts() {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            return (m.current_leader, m.current_term);
+        }
+        match *self.leader_hint.lock().expect("leader hint lock") {
+            Some((leader, term)) => (Some(leader), term),
+            None => (None, 0),
+        }
+    }
+
+    /// What a node that holds no replica learned of the leader: `Some` from an answer
+    /// naming it, `None` when the named node failed to answer.
+    fn note_leader(&self, leader: Option<NodeId>, term: u64) {
+        if !self.hosts() {
+            *self.leader_hint.lock().expect("leader hint lock") = leader.map(|l| (l, term));
+        }
     }
 
     /// This DC and its leader as another DC's probe wants them.
     pub fn probe_ack(&self) -> ProbeAck {
-        let m = self.raft.metrics().borrow().clone();
-        ProbeAck { dc: self.dc.clone(), leader: m.current_leader, term: m.current_term }
+        let (leader, term) = self.leader_and_term();
+        ProbeAck { dc: self.dc.clone(), leader, term }
     }
 
     /// Commit index, from Raft's own state.
@@ -152,27 +197,157 @@ impl Shard {
         self.raft.with_raft_state(|st| st.committed.map(|l| l.index).unwrap_or(0)).await.unwrap_or(0)
     }
 
-    /// The current leader, waiting up to an election's length for one to appear.
+    /// The current leader, waiting up to an election's length for one to appear: from
+    /// this node's replica, or asked of the DC's nodes when it holds none.
     async fn wait_leader(&self) -> Result<NodeId, NodeError> {
-        self.read_index.source().wait_leader().await
+        let deadline = Instant::now() + self.read_index.source().leader_wait;
+        loop {
+            if self.hosts() {
+                return self.read_index.source().wait_leader().await;
+            }
+            if let Some(l) = self.leader() {
+                return Ok(l);
+            }
+            if let Some((leader, term)) = self.ask_who_leads().await {
+                self.note_leader(Some(leader), term);
+                return Ok(leader);
+            }
+            if Instant::now() >= deadline {
+                return Err(NodeError::NoLeader);
+            }
+            tokio::time::sleep(Duration::from_millis(self.config.raft.heartbeat_interval_ms)).await;
+        }
     }
 
-    /// Runs a write on the group's leader and returns its outcome once applied there.
-    pub async fn submit(&self, cmd: Request) -> Result<Outcome, NodeError> {
+    /// Asks every other node of the DC who leads this shard (their probe answers, within
+    /// an election timeout); the answer of the highest term wins.
+    async fn ask_who_leads(&self) -> Option<(NodeId, u64)> {
+        let timeout = Some(Duration::from_millis(self.config.raft.election_timeout_max_ms));
+        let asks = self.members.iter().filter(|id| **id != self.me).map(|id| self.peers.call(*id, PeerRequest::Probe, timeout));
+        let answers = futures::future::join_all(asks).await;
+        answers
+            .into_iter()
+            .filter_map(|r| match r {
+                Ok(PeerResponse::Probe(a)) if a.dc == self.dc => a.leader.filter(|l| self.members.contains(l)).map(|l| (a.term, l)),
+                _ => None,
+            })
+            .max()
+            .map(|(term, leader)| (leader, term))
+    }
+
+    /// Runs `call` against the group's leader, following its answers' hints when
+    /// leadership moves (a few hops at most). A leader that did not answer is forgotten,
+    /// so the next call asks the DC again.
+    async fn at_leader<T, F, Fut>(&self, mut call: F) -> Result<T, NodeError>
+    where
+        F: FnMut(NodeId) -> Fut,
+        Fut: Future<Output = Result<T, NodeError>>,
+    {
         let mut last = NodeError::NoLeader;
         for _ in 0..SUBMIT_ATTEMPTS {
             let leader = self.wait_leader().await?;
-            let r = if leader == self.me { self.actors.submit(cmd.clone()).await } else { self.forward(leader, cmd.clone()).await };
-            match r {
+            match call(leader).await {
                 Err(NodeError::NotLeader(hint)) => {
+                    self.note_leader(hint, self.leader_and_term().1);
                     last = NodeError::NotLeader(hint);
                     // Leadership is moving: give the new leader a heartbeat to show up.
                     tokio::time::sleep(Duration::from_millis(self.config.raft.heartbeat_interval_ms)).await;
+                }
+                Err(e @ (NodeError::Unreachable(_) | NodeError::Lost(_) | NodeError::Timeout)) if leader != self.me => {
+                    self.note_leader(None, 0);
+                    return Err(e);
                 }
                 other => return other,
             }
         }
         Err(if matches!(last, NodeError::NotLeader(_)) { NodeError::NoLeader } else { last })
+    }
+
+    /// Runs a write on the group's leader and returns its outcome once applied there.
+    pub async fn submit(&self, cmd: Request) -> Result<Outcome, NodeError> {
+        self.at_leader(|leader| {
+            let cmd = cmd.clone();
+            async move {
+                if leader == self.me {
+                    self.actors.submit(cmd).await
+                } else {
+                    self.forward(leader, cmd).await
+                }
+            }
+        })
+        .await
+    }
+
+    /// A record of this shard, read linearizably unless `stale`: from this node's
+    /// replica if it holds one, else from the leader's (one forward).
+    pub async fn read(&self, what: Lookup, stale: bool) -> Result<Found, NodeError> {
+        if self.hosts() {
+            self.read_barrier(stale).await?;
+            return Ok(self.read_local(&what));
+        }
+        self.ask_leader(
+            || PeerRequest::Read { what: what.clone(), stale },
+            |r| match r {
+                PeerResponse::Lookup(r) => Some(r),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    /// On a node that holds no replica: `req` answered by the leader.
+    async fn ask_leader<T>(&self, req: impl Fn() -> PeerRequest, unpack: fn(PeerResponse) -> Option<Result<T, NodeError>>) -> Result<T, NodeError> {
+        let name = crate::replication::receiver::request_name(&req());
+        let req = &req;
+        self.at_leader(|leader| async move {
+            let answer = self.peers.call(leader, req(), Some(self.request_timeout)).await?;
+            unpack(answer).unwrap_or_else(|| Err(NodeError::Internal(format!("unexpected answer to {name}"))))
+        })
+        .await
+    }
+
+    /// This shard's digest: of this node's replica, or of the leader's when it holds none.
+    pub async fn digest(&self, wanted: crate::storage::digest::Wanted) -> Result<ShardDigest, NodeError> {
+        if self.hosts() {
+            return self.digest_local(wanted).await;
+        }
+        let recent = wanted == crate::storage::digest::Wanted::Recent;
+        self.ask_leader(
+            || PeerRequest::Digest { recent },
+            |r| match r {
+                PeerResponse::Digest(r) => Some(r),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    /// The digest of this node's replica (asked by a node of the DC that holds none).
+    pub async fn digest_local(&self, wanted: crate::storage::digest::Wanted) -> Result<ShardDigest, NodeError> {
+        if !self.hosts() {
+            return Err(NodeError::NotLeader(self.leader()));
+        }
+        let (kinds, age) = self.sm.digest_as(wanted).await.map_err(|e| NodeError::Internal(format!("state digest: {e}")))?;
+        Ok(ShardDigest { kinds, applied_index: self.sm.applied_index(), age_ms: u64::try_from(age.as_millis()).unwrap_or(u64::MAX) })
+    }
+
+    /// A read asked by a node of this DC that holds no replica: answered here only if this
+    /// node holds one (else where the leader is).
+    pub async fn answer_read(&self, what: Lookup, stale: bool) -> Result<Found, NodeError> {
+        if !self.hosts() {
+            return Err(NodeError::NotLeader(self.leader()));
+        }
+        self.read_barrier(stale).await?;
+        Ok(self.read_local(&what))
+    }
+
+    /// This node's replica's copy of a record.
+    fn read_local(&self, what: &Lookup) -> Found {
+        match what {
+            Lookup::Order(id) => Found::Order(self.sm.order(id)),
+            Lookup::Session(token) => Found::Session(self.sm.session(token)),
+            Lookup::Inventory(sku) => Found::Inventory(self.sm.inventory(sku)),
+        }
     }
 
     /// Runs a write here if this node leads, else answers where the leader is: for
@@ -196,7 +371,11 @@ impl Shard {
     }
 
     /// Returns once a read of local state is linearizable (or at once for stale reads).
+    /// A node without a replica has no local state to read: it answers where the leader is.
     pub async fn read_barrier(&self, stale: bool) -> Result<(), NodeError> {
+        if !self.hosts() {
+            return Err(NodeError::NotLeader(self.leader()));
+        }
         if stale {
             return Ok(());
         }
@@ -268,10 +447,10 @@ impl Shard {
             // still leader). The caller retries once the others have elected one.
             return Err(NodeError::NotLeader(None));
         }
-        let configured = self.configured_members();
         match op {
             MembershipOp::Add(id) => {
-                let node = configured.get(&id).cloned().ok_or_else(|| NodeError::BadRequest(format!("node {id} is not in this DC's config")))?;
+                let node = self.config.dc_nodes(&self.dc).into_iter().find(|n| n.id == id).map(|n| BasicNode::new(n.peer));
+                let node = node.ok_or_else(|| NodeError::BadRequest(format!("node {id} is not in this DC's config")))?;
                 // Blocking: returns once the learner has caught up with the log.
                 self.raft.add_learner(id, node, true).await.map_err(membership_error)?;
                 voters.insert(id);
@@ -283,14 +462,14 @@ impl Shard {
                 if voters.is_empty() {
                     return Err(NodeError::BadRequest("cannot remove the last voter".into()));
                 }
-                // With fewer voters than a majority of the configured nodes, a write is
-                // "committed" on fewer copies than the DC was built to keep.
-                let quorum = configured.len() / 2 + 1;
+                // With fewer voters than a majority of the shard's configured replicas, a
+                // write is "committed" on fewer copies than the DC was built to keep.
+                let quorum = self.placement.len() / 2 + 1;
                 if voters.len() < quorum && matches!(op, MembershipOp::Remove(_)) {
                     return Err(NodeError::WouldLoseQuorum(format!(
-                        "removing node {id} would leave {} voter(s), fewer than a quorum ({quorum}) of this DC's {} configured nodes; add ?force=true to do it anyway",
+                        "removing node {id} would leave {} voter(s), fewer than a quorum ({quorum}) of the shard's {} configured replicas; add ?force=true to do it anyway",
                         voters.len(),
-                        configured.len()
+                        self.placement.len()
                     )));
                 }
             }

@@ -54,6 +54,26 @@ pub enum PeerRequest {
     Clock,
     /// From this shard's leader, handing leadership over: start an election now.
     Campaign,
+    /// From a node of this DC that holds no replica of the shard: a record, read
+    /// linearizably unless `stale`. Answered with `PeerResponse::Lookup`.
+    Read {
+        what: Lookup,
+        stale: bool,
+    },
+    /// From a node of this DC that holds no replica of the shard: its digest
+    /// (`recent`: a recent one will do).
+    Digest {
+        recent: bool,
+    },
+}
+
+/// One shard's digest, as a node holding a replica computed it: hex SHA-256 per entity
+/// kind and of them all, the index it was taken at, and its age.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ShardDigest {
+    pub kinds: std::collections::BTreeMap<String, String>,
+    pub applied_index: u64,
+    pub age_ms: u64,
 }
 
 /// A DC's answer to replication traffic: its cursor for the origin after applying.
@@ -90,4 +110,5 @@ pub enum PeerResponse {
         fenced: bool,
     },
     Campaign(Result<(), NodeError>),
+    Digest(Result<ShardDigest, NodeError>),
 }

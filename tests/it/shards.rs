@@ -290,3 +290,80 @@ async fn a_node_removed_and_added_back_leaves_and_rejoins_every_shard() {
         assert_eq!(code, 200, "{id} on the node added back: {v}");
     }
 }
+
+/// Shards on subsets of the nodes (`[cluster] replicas`): five nodes, three shards,
+/// three replicas of shards 1 and 2 (shard 0 is on every node). Each node holds the
+/// shards placed on it and no data of the others, and still takes any request — sessions,
+/// stock, orders, reads, cancels, logouts — for any shard, through the shard's leader;
+/// digests agree; and a node that holds every shard can be lost.
+#[tokio::test]
+async fn shards_on_subsets_of_nodes_serve_through_every_node() {
+    let mut c = TestCluster::start(148, Options { replicas: 3, ..sharded(1, 5) }).await;
+    must_shard_leaders(&c, "dc1-n4").await;
+    // Shard k's replicas are nodes k, k+1, k+2 (counted from 0): dc1-n1 holds shard 0
+    // only, dc1-n2 lacks shard 2, dc1-n5 lacks shard 1, dc1-n3 and dc1-n4 hold all three.
+    let placed = |node: usize, shard: u16| shard == 0 || (0..3).any(|i| (usize::from(shard) + i) % 5 == node - 1);
+    let nodes: Vec<String> = c.dc_nodes("dc1");
+    must_eventually(Duration::from_secs(20), "each node holding exactly the shards placed on it", || async {
+        for (i, n) in nodes.iter().enumerate() {
+            let shards = try_shards_of(&c, n).await?;
+            let hosted: Vec<bool> = shards.iter().map(|s| s["hosted"].as_bool().unwrap_or(false)).collect();
+            let want: Vec<bool> = (0..SHARDS).map(|s| placed(i + 1, s)).collect();
+            (hosted == want).then_some(())?;
+        }
+        Some(())
+    })
+    .await;
+    let voters_of_1: BTreeSet<String> =
+        shards_of(&c, "dc1-n4").await[1]["voters"].as_array().expect("voters").iter().filter_map(|v| v.as_str().map(String::from)).collect();
+    assert_eq!(voters_of_1, BTreeSet::from(["dc1-n2".to_string(), "dc1-n3".into(), "dc1-n4".into()]), "shard 1's voters");
+    // Orders in every shard through every node, with sessions of another shard, read back
+    // linearizably through every node.
+    let mut placed_orders = Vec::new();
+    for shard in 0..SHARDS {
+        let sku = sku_in(shard, "subset");
+        c.must_restock("dc1-n1", &sku, 20).await;
+        for n in &nodes {
+            let token = session_in(&c, n, (shard + 1) % SHARDS).await;
+            placed_orders.push((must_order(&c, n, &token, &sku).await, token, sku.clone()));
+        }
+    }
+    for (id, token, sku) in &placed_orders {
+        for n in &nodes {
+            let (code, v) = c.get(n, &format!("/v1/orders/{id}")).await;
+            assert_eq!((code, v["id"].as_str(), v["status"].as_str()), (200, Some(id.as_str()), Some("placed")), "{id} on {n}: {v}");
+            let (code, v) = c.get(n, &format!("/v1/sessions/{token}")).await;
+            assert_eq!(code, 200, "{token} on {n}: {v}");
+            let (code, v) = c.get(n, &format!("/v1/inventory/{sku}")).await;
+            let left = 20 - u64::try_from(nodes.len()).expect("a few nodes");
+            assert_eq!((code, v["available"].as_u64()), (200, Some(left)), "one order per node: {sku} on {n}: {v}");
+        }
+    }
+    // A node holds nothing of a shard it is not placed on.
+    let (lacking, holding) = (shards_of(&c, "dc1-n1").await, shards_of(&c, "dc1-n4").await);
+    assert_eq!(applied(&lacking, 1), 0, "dc1-n1 holds no replica of shard 1: {lacking:?}");
+    assert!(applied(&holding, 1) > 0, "{holding:?}");
+    c.must_converge(Duration::from_secs(15)).await;
+    // A logout in shard 1, written through a node that holds it, refuses an order and a
+    // cancel through dc1-n1, which must ask shard 1's leader.
+    let token = session_in(&c, "dc1-n2", 1).await;
+    let sku = sku_in(2, "subset");
+    let id = must_order(&c, "dc1-n1", &token, &sku).await;
+    let (code, _) = c.request(reqwest::Method::DELETE, "dc1-n2", &format!("/v1/sessions/{token}"), None, None).await;
+    assert_eq!(code, 204);
+    let (code, v) = c.post("dc1-n1", "/v1/orders", json!({"session": token, "sku": sku, "qty": 1})).await;
+    assert_eq!((code, v["error"]["code"].as_str()), (401, Some("unknown_session")), "{v}");
+    let (code, v) = c.post("dc1-n1", &format!("/v1/orders/{id}/cancel"), json!({"session": token})).await;
+    assert_eq!((code, v["error"]["code"].as_str()), (401, Some("unknown_session")), "{v}");
+    // dc1-n3 holds every shard; without it, every shard still takes orders through dc1-n1.
+    c.kill("dc1-n3");
+    let token = c.must_session("dc1-n2", "after-kill").await;
+    for shard in 0..SHARDS {
+        let sku = sku_in(shard, "subset");
+        must_eventually(Duration::from_secs(20), &format!("shard {shard} serving through dc1-n1"), || async {
+            let (code, _) = c.post("dc1-n1", "/v1/orders", json!({"session": token, "sku": sku, "qty": 1})).await;
+            (code == 201).then_some(())
+        })
+        .await;
+    }
+}

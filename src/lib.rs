@@ -51,6 +51,7 @@ pub mod launcher;
 pub mod logs;
 pub mod metrics;
 pub mod node;
+pub mod placement;
 pub mod raft;
 pub mod replication;
 pub mod resources;

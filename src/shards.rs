@@ -4,10 +4,14 @@
 //! that leads there ([`crate::ids::order_id`]); every DC has the same shards, so an
 //! entity's shard is the same in every DC, and each shard replicates to its namesakes.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::error::NodeError;
 use crate::ids::shard_of;
+use crate::placement::{self, Move};
+use crate::raft::{MembershipOp, NodeId};
 use crate::replication::CrossDc;
 
 pub struct Shards {
@@ -53,6 +57,77 @@ impl Shards {
     pub fn session_ended(&self, token: &str) -> bool {
         let shard = &self.of(token).shard;
         self.count() > 1 && shard.hosts() && shard.sm.session(token).is_some_and(|s| s.deleted)
+    }
+}
+
+/// What a membership change of the DC did: shard 0's voters after it (shard 0 is on every
+/// node), and the replicas of the other shards it moved.
+#[derive(Debug, Default)]
+pub struct Changed {
+    pub voters: BTreeSet<NodeId>,
+    pub moves: Vec<Move>,
+}
+
+impl Shards {
+    /// Adds or removes a node of the DC. With every shard on every node, in every shard,
+    /// shard 0 first. With shards on subsets (`cluster.replicas`), shard 0 as before, and
+    /// the other shards' replicas move (`crate::placement`): a node added takes its share
+    /// from the most loaded nodes, a node removed hands each of its replicas to another
+    /// node first. One shard at a time; a failure stops there, and since each step
+    /// leaves every shard with its replicas, the operator repeats the command.
+    pub async fn change_membership(&self, op: MembershipOp) -> Result<Changed, NodeError> {
+        let first = &self.first().shard;
+        if first.config.cluster.replicas == 0 || self.count() == 1 {
+            let mut voters = None;
+            for c in self.all() {
+                let v = c.shard.change_membership(op.clone()).await?;
+                voters.get_or_insert(v);
+            }
+            return Ok(Changed { voters: voters.unwrap_or_default(), moves: Vec::new() });
+        }
+        match op {
+            MembershipOp::Add(id) => {
+                let voters = first.change_membership(op).await?;
+                let nodes: Vec<NodeId> = voters.iter().copied().collect();
+                let wanted = usize::from(first.config.cluster.replicas).min(nodes.len());
+                let moves = placement::moves_onto(&self.data_voters().await?, &nodes, id, wanted);
+                self.run_moves(&moves, false).await?;
+                Ok(Changed { voters, moves })
+            }
+            MembershipOp::Remove(id) | MembershipOp::ForceRemove(id) => {
+                let nodes: Vec<NodeId> = first.members().await?.voters.into_iter().collect();
+                let moves = placement::moves_off(&self.data_voters().await?, &nodes, id);
+                self.run_moves(&moves, matches!(op, MembershipOp::ForceRemove(_))).await?;
+                let voters = first.change_membership(op).await?;
+                Ok(Changed { voters, moves })
+            }
+            MembershipOp::Replace { .. } => Err(NodeError::BadRequest("a replacement is made shard by shard".into())),
+        }
+    }
+
+    /// The voters of every shard but shard 0, from their leaders.
+    async fn data_voters(&self) -> Result<placement::Voters, NodeError> {
+        let mut out = placement::Voters::new();
+        for c in &self.all()[1..] {
+            out.insert(c.shard.number, c.shard.members().await?.voters);
+        }
+        Ok(out)
+    }
+
+    async fn run_moves(&self, moves: &[Move], force: bool) -> Result<(), NodeError> {
+        for m in moves {
+            let op = match (m.add, m.remove) {
+                (Some(add), Some(remove)) => MembershipOp::Replace { add, remove },
+                (Some(add), None) => MembershipOp::Add(add),
+                (None, Some(remove)) if force => MembershipOp::ForceRemove(remove),
+                (None, Some(remove)) => MembershipOp::Remove(remove),
+                (None, None) => continue,
+            };
+            let shard = &self.list[usize::from(m.shard)].shard;
+            shard.change_membership(op).await?;
+            tracing::info!(shard = m.shard, add = ?m.add, remove = ?m.remove, "shard replica moved");
+        }
+        Ok(())
     }
 }
 

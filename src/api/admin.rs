@@ -35,28 +35,19 @@ fn dc_node_id(node: &AppState, name: &str) -> Result<u64, ApiError> {
     }
 }
 
-fn voters_json(node: &AppState, voters: std::collections::BTreeSet<u64>) -> Json<Value> {
-    let names: Vec<String> = voters.into_iter().filter_map(|id| node.config.node_by_id(id)).map(|n| n.name).collect();
-    Json(json!({"voters": names}))
+/// Shard 0's voters after a membership change, and the replicas of other shards it moved.
+fn changed_json(node: &AppState, changed: crate::shards::Changed) -> Json<Value> {
+    let name = |id: Option<u64>| id.and_then(|id| node.config.node_by_id(id)).map(|n| n.name);
+    let names: Vec<String> = changed.voters.into_iter().filter_map(|id| name(Some(id))).collect();
+    let moves: Vec<Value> = changed.moves.iter().map(|m| json!({"shard": m.shard, "added": name(m.add), "removed": name(m.remove)})).collect();
+    Json(json!({"voters": names, "moves": moves}))
 }
 
 pub async fn add_node(State(node): State<AppState>, body: Result<axum::body::Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
     let AddNode { node: name } = parse_body(body)?;
     let id = dc_node_id(&node, &name)?;
-    let voters = change_every_shard(&node, MembershipOp::Add(id)).await?;
-    Ok(voters_json(&node, voters))
-}
-
-/// Runs a membership change in every shard of this DC, shard 0 first; answers shard 0's
-/// voters. A failure stops at that shard: the change is idempotent, so the operator
-/// repeats it.
-async fn change_every_shard(node: &AppState, op: MembershipOp) -> Result<std::collections::BTreeSet<u64>, ApiError> {
-    let mut first = None;
-    for c in node.shards.all() {
-        let voters = c.shard.change_membership(op.clone()).await?;
-        first.get_or_insert(voters);
-    }
-    Ok(first.unwrap_or_default())
+    let changed = node.shards.change_membership(MembershipOp::Add(id)).await?;
+    Ok(changed_json(&node, changed))
 }
 
 #[derive(Deserialize)]
@@ -96,8 +87,8 @@ pub async fn remove_node(
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let id = dc_node_id(&node, &name)?;
     let op = if params.force { MembershipOp::ForceRemove(id) } else { MembershipOp::Remove(id) };
-    let voters = change_every_shard(&node, op).await?;
-    Ok(voters_json(&node, voters))
+    let changed = node.shards.change_membership(op).await?;
+    Ok(changed_json(&node, changed))
 }
 
 /// Lets a request through only with `Authorization: Bearer <the admin token>`.

@@ -208,6 +208,7 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
         tasks.push(tokio::spawn(background::expiry_loop(c.shard.clone(), hlc.clone())));
         tasks.push(tokio::spawn(background::leader_balance_loop(c.shard.clone())));
         tasks.push(tokio::spawn(background::role_log_loop(c.shard.clone())));
+        tasks.push(tokio::spawn(background::membership_check_loop(c.shard.clone())));
         tasks.extend(replication::spawn(c.clone()));
     }
     let dns = DnsThread::spawn(info.dns, Arc::new(ClusterView::new(cross.clone())), config.dns.rate_limit(), config.dns.udp_workers)

@@ -65,6 +65,7 @@ async fn handle_in_shard(cross: &Arc<CrossDc>, from: NodeId, req: PeerRequest) -
         PeerRequest::Vote(r) => inbound::vote(shard, from, r).await,
         PeerRequest::InstallSnapshot(r) => inbound::install_snapshot(shard, from, r).await,
         PeerRequest::Submit(cmd) => PeerResponse::Submit(submit_forwarded(cross, cmd).await),
+        PeerRequest::Members => PeerResponse::Members(shard.answer_members()),
         PeerRequest::Read { what, stale } => PeerResponse::Lookup(shard.answer_read(what, stale).await),
         PeerRequest::Digest { recent } => {
             let wanted = if recent { Wanted::Recent } else { Wanted::Fresh };

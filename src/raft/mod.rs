@@ -60,4 +60,10 @@ pub enum MembershipOp {
     Remove(NodeId),
     /// A removal the operator forces past that check (`?force=true`).
     ForceRemove(NodeId),
+    /// `add` in, as a learner that catches up, then `remove` out, in one change of voters:
+    /// a replica moved between nodes (`crate::placement`).
+    Replace {
+        add: NodeId,
+        remove: NodeId,
+    },
 }

@@ -132,5 +132,6 @@ pub fn request_name(r: &PeerRequest) -> &'static str {
         PeerRequest::Campaign => "campaign",
         PeerRequest::Read { .. } => "read",
         PeerRequest::Digest { .. } => "digest",
+        PeerRequest::Members => "members",
     }
 }

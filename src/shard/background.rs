@@ -122,3 +122,14 @@ pub async fn role_log_loop(shard: Arc<Shard>) {
         }
     }
 }
+
+/// Every two election timeouts, a node that campaigns or learns in the shard without
+/// hearing a leader asks whether the leader still counts it (`Shard::check_still_member`):
+/// how a node whose replica moved elsewhere finds out.
+pub async fn membership_check_loop(shard: Arc<Shard>) {
+    let every = Duration::from_millis(2 * shard.config.raft.election_timeout_max_ms);
+    loop {
+        tokio::time::sleep(every).await;
+        shard.check_still_member().await;
+    }
+}

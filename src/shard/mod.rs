@@ -32,7 +32,7 @@ use crate::raft::guard::SnapshotTransfer;
 use crate::raft::proposer::Proposer;
 use crate::raft::{MembershipOp, NodeId, Raft};
 use crate::storage::SmReader;
-use crate::transport::message::{ProbeAck, ShardDigest};
+use crate::transport::message::{Members, ProbeAck, ShardDigest};
 use crate::transport::{PeerRequest, PeerResponse, Peers};
 
 /// Forwarding hops before a write gives up (leadership moving under it).
@@ -61,6 +61,9 @@ pub struct Shard {
     /// On a node that holds no replica: the leader its DC's nodes last named, and their
     /// term (`Shard::leader`).
     leader_hint: Mutex<Option<(NodeId, u64)>>,
+    /// The membership (its log position) at which this node found the leader had removed
+    /// it from the group: it holds no replica until its log shows another one.
+    dropped: Mutex<Option<Option<openraft::LogId<NodeId>>>>,
     /// The snapshot being received from the leader (see `raft::guard`).
     snapshot_transfer: tokio::sync::Mutex<SnapshotTransfer>,
     /// Read-index rounds shared by the linearizable reads that queue for one.
@@ -111,6 +114,7 @@ impl Shard {
             members,
             placement,
             leader_hint: Mutex::new(None),
+            dropped: Mutex::new(None),
             snapshot_transfer: Default::default(),
             read_index,
             disk: p.disk,
@@ -147,9 +151,13 @@ impl Shard {
     }
 
     /// Whether this node holds a replica of the shard now: its group's membership, as
-    /// this node last applied it, names it (a voter, or a learner catching up).
+    /// this node last applied it, names it (a voter, or a learner catching up), and the
+    /// leader has not been found to have removed it since (`Shard::check_still_member`).
     pub fn hosts(&self) -> bool {
-        self.raft.metrics().borrow().membership_config.membership().get_node(&self.me).is_some()
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let named = m.membership_config.membership().get_node(&self.me).is_some();
+        named && *self.dropped.lock().expect("dropped lock") != Some(*m.membership_config.log_id())
     }
 
     pub fn metrics(&self) -> RaftMetrics<NodeId, BasicNode> {
@@ -288,20 +296,24 @@ impl Shard {
         self.ask_leader(
             || PeerRequest::Read { what: what.clone(), stale },
             |r| match r {
-                PeerResponse::Lookup(r) => Some(r),
-                _ => None,
+                PeerResponse::Lookup(r) => Ok(r),
+                other => Err(other),
             },
         )
         .await
     }
 
     /// On a node that holds no replica: `req` answered by the leader.
-    async fn ask_leader<T>(&self, req: impl Fn() -> PeerRequest, unpack: fn(PeerResponse) -> Option<Result<T, NodeError>>) -> Result<T, NodeError> {
-        let name = crate::replication::receiver::request_name(&req());
+    /// `unpack` takes the answer apart, or hands back one of another kind.
+    async fn ask_leader<T>(
+        &self,
+        req: impl Fn() -> PeerRequest,
+        unpack: fn(PeerResponse) -> Result<Result<T, NodeError>, PeerResponse>,
+    ) -> Result<T, NodeError> {
         let req = &req;
         self.at_leader(|leader| async move {
             let answer = self.peers.call(leader, req(), Some(self.request_timeout)).await?;
-            unpack(answer).unwrap_or_else(|| Err(NodeError::Internal(format!("unexpected answer to {name}"))))
+            unpack(answer).unwrap_or_else(|other| Err(NodeError::Internal(format!("unexpected answer from node {leader}: {other:?}"))))
         })
         .await
     }
@@ -315,8 +327,8 @@ impl Shard {
         self.ask_leader(
             || PeerRequest::Digest { recent },
             |r| match r {
-                PeerResponse::Digest(r) => Some(r),
-                _ => None,
+                PeerResponse::Digest(r) => Ok(r),
+                other => Err(other),
             },
         )
         .await
@@ -449,11 +461,16 @@ impl Shard {
         }
         match op {
             MembershipOp::Add(id) => {
-                let node = self.config.dc_nodes(&self.dc).into_iter().find(|n| n.id == id).map(|n| BasicNode::new(n.peer));
-                let node = node.ok_or_else(|| NodeError::BadRequest(format!("node {id} is not in this DC's config")))?;
-                // Blocking: returns once the learner has caught up with the log.
-                self.raft.add_learner(id, node, true).await.map_err(membership_error)?;
+                self.add_caught_up_learner(id).await?;
                 voters.insert(id);
+            }
+            MembershipOp::Replace { add, remove } => {
+                if !voters.contains(&remove) || voters.contains(&add) {
+                    return Err(NodeError::BadRequest(format!("node {add} cannot replace {remove}: voters are {voters:?}")));
+                }
+                self.add_caught_up_learner(add).await?;
+                voters.remove(&remove);
+                voters.insert(add);
             }
             MembershipOp::Remove(id) | MembershipOp::ForceRemove(id) => {
                 if !voters.remove(&id) {
@@ -476,6 +493,84 @@ impl Shard {
         }
         self.raft.change_membership(voters.clone(), false).await.map_err(membership_error)?;
         Ok(voters)
+    }
+
+    /// Adds `id`, a node of this DC, as a learner, and returns once it has caught up
+    /// with the log.
+    async fn add_caught_up_learner(&self, id: NodeId) -> Result<(), NodeError> {
+        let node = self.config.dc_nodes(&self.dc).into_iter().find(|n| n.id == id).map(|n| BasicNode::new(n.peer));
+        let node = node.ok_or_else(|| NodeError::BadRequest(format!("node {id} is not in this DC's config")))?;
+        self.raft.add_learner(id, node, true).await.map_err(membership_error)?;
+        Ok(())
+    }
+
+    /// The group's voters and learners as this node last applied them.
+    fn local_members(&self) -> Members {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        Members { voters: m.membership().voter_ids().collect(), learners: m.membership().learner_ids().collect() }
+    }
+
+    /// On the leader: the group's members (a follower answers where the leader is).
+    pub fn answer_members(&self) -> Result<Members, NodeError> {
+        if !self.is_leader() {
+            return Err(NodeError::NotLeader(self.leader()));
+        }
+        Ok(self.local_members())
+    }
+
+    /// The group's members as its leader holds them.
+    pub async fn members(&self) -> Result<Members, NodeError> {
+        if self.is_leader() {
+            return Ok(self.local_members());
+        }
+        self.ask_leader(
+            || PeerRequest::Members,
+            |r| match r {
+                PeerResponse::Members(r) => Ok(r),
+                other => Err(other),
+            },
+        )
+        .await
+    }
+
+    /// Whether this node, which holds a replica as far as its own log says, was removed
+    /// from the group: the leader its DC names does not count it. (The entry that removes
+    /// a node is never sent to it, so it cannot learn this from its log.) Then it stops
+    /// counting itself a replica (`Shard::hosts`) and holding elections, until its log
+    /// shows another membership.
+    pub async fn check_still_member(&self) {
+        let current = self.raft.metrics().borrow().membership_config.log_id().clone();
+        let mut dropped = *self.dropped.lock().expect("dropped lock");
+        if dropped.is_some() && dropped != Some(current) && self.local_members().contains(self.me) {
+            tracing::info!(shard = self.number, "added back to the group: a replica again");
+            *self.dropped.lock().expect("dropped lock") = None;
+            self.raft.runtime_config().elect(true);
+            dropped = None;
+        }
+        // A removed voter hears no leader and campaigns; a removed learner stays a learner.
+        // A follower hears its leader, which still counts it.
+        let state = self.raft.metrics().borrow().state;
+        if dropped.is_some() || !self.hosts() || !matches!(state, ServerState::Candidate | ServerState::Learner) {
+            return;
+        }
+        let Some((leader, _)) = self.ask_who_leads().await else { return };
+        if leader == self.me {
+            return;
+        }
+        match self.peers.call(leader, PeerRequest::Members, Some(self.request_timeout)).await {
+            Ok(PeerResponse::Members(Ok(m))) if !m.contains(self.me) => {
+                tracing::info!(shard = self.number, leader, "removed from the group by its leader: no longer a replica here");
+                *self.dropped.lock().expect("dropped lock") = Some(current);
+                self.raft.runtime_config().elect(false);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Members {
+    pub fn contains(&self, id: NodeId) -> bool {
+        self.voters.contains(&id) || self.learners.contains(&id)
     }
 }
 

@@ -65,6 +65,15 @@ pub enum PeerRequest {
     Digest {
         recent: bool,
     },
+    /// From a node of this DC, to the shard's leader: the group's voters and learners.
+    Members,
+}
+
+/// A shard's members as its leader holds them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Members {
+    pub voters: std::collections::BTreeSet<NodeId>,
+    pub learners: std::collections::BTreeSet<NodeId>,
 }
 
 /// One shard's digest, as a node holding a replica computed it: hex SHA-256 per entity
@@ -111,4 +120,5 @@ pub enum PeerResponse {
     },
     Campaign(Result<(), NodeError>),
     Digest(Result<ShardDigest, NodeError>),
+    Members(Result<Members, NodeError>),
 }

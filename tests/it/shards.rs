@@ -367,3 +367,76 @@ async fn shards_on_subsets_of_nodes_serve_through_every_node() {
         .await;
     }
 }
+
+/// With shards on subsets, removing a node first moves each of its replicas to another
+/// node, and adding it back moves a share of the replicas onto it; every acknowledged
+/// order survives both, and the DC takes orders in every shard throughout.
+#[tokio::test]
+async fn removing_and_adding_a_node_moves_shard_replicas() {
+    let c = TestCluster::start(149, Options { replicas: 3, ..sharded(1, 5) }).await;
+    must_shard_leaders(&c, "dc1-n4").await;
+    let token = c.must_session("dc1-n1", "mover").await;
+    let skus: Vec<String> = (0..SHARDS).map(|s| sku_in(s, "move")).collect();
+    let mut ids = Vec::new();
+    for sku in &skus {
+        c.must_restock("dc1-n1", sku, 50).await;
+        ids.push(must_order(&c, "dc1-n2", &token, sku).await);
+    }
+    // dc1-n3 holds a replica of shards 1 and 2: both move before it leaves.
+    let (code, v) = c.request(reqwest::Method::DELETE, "dc1-n1", "/v1/admin/nodes/dc1-n3", None, None).await;
+    assert_eq!(code, 200, "{v}");
+    let moves = v["moves"].as_array().cloned().unwrap_or_default();
+    assert_eq!(moves.len(), 2, "{v}");
+    assert!(moves.iter().all(|m| m["removed"] == "dc1-n3" && m["added"].is_string()), "{v}");
+    // Each data shard has three voters again, none of them dc1-n3, and dc1-n3 finds out
+    // it holds no replica.
+    must_eventually(Duration::from_secs(20), "dc1-n3 out of every shard, three voters in each", || async {
+        let out = try_shards_of(&c, "dc1-n3").await?;
+        (out.iter().all(|s| s["hosted"] == false)).then_some(())?;
+        for shard in 1..SHARDS {
+            let voters = voters_where_hosted(&c, shard).await?;
+            (voters.len() == 3 && !voters.contains("dc1-n3")).then_some(())?;
+        }
+        Some(())
+    })
+    .await;
+    for sku in &skus {
+        ids.push(must_order(&c, "dc1-n3", &token, sku).await);
+    }
+    // Back in: it takes a replica from the most loaded nodes.
+    let (code, v) = c.post("dc1-n1", "/v1/admin/nodes", json!({"node": "dc1-n3"})).await;
+    assert_eq!(code, 200, "{v}");
+    let moves = v["moves"].as_array().cloned().unwrap_or_default();
+    assert!(!moves.is_empty() && moves.iter().all(|m| m["added"] == "dc1-n3" && m["removed"].is_string()), "{v}");
+    must_eventually(Duration::from_secs(20), "dc1-n3 holding the replicas moved onto it", || async {
+        let mine = try_shards_of(&c, "dc1-n3").await?;
+        for m in &moves {
+            let shard = usize::try_from(m["shard"].as_u64()?).ok()?;
+            (mine[shard]["hosted"] == true).then_some(())?;
+        }
+        Some(())
+    })
+    .await;
+    for sku in &skus {
+        ids.push(must_order(&c, "dc1-n3", &token, sku).await);
+    }
+    c.must_converge(Duration::from_secs(15)).await;
+    for id in &ids {
+        for n in c.dc_nodes("dc1") {
+            let (code, v) = c.get(&n, &format!("/v1/orders/{id}")).await;
+            assert_eq!(code, 200, "{id} through {n}: {v}");
+        }
+    }
+}
+
+/// The voters of `shard` as a node holding a replica of it sees them.
+async fn voters_where_hosted(c: &TestCluster, shard: u16) -> Option<BTreeSet<String>> {
+    for n in c.dc_nodes("dc1") {
+        let shards = try_shards_of(c, &n).await?;
+        let s = &shards[usize::from(shard)];
+        if s["hosted"] == true && s["role"] == "leader" {
+            return Some(s["voters"].as_array()?.iter().filter_map(|v| v.as_str().map(String::from)).collect());
+        }
+    }
+    None
+}

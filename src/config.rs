@@ -86,6 +86,9 @@ pub const BATCHES_INFLIGHT_MAX: usize = 64;
 /// The most shards a DC may have.
 pub const SHARDS_MAX: u16 = 64;
 
+/// The most nodes a DC may have when its shards live on subsets of them (`replicas`).
+pub const DC_NODES_MAX: usize = 15;
+
 fn default_shards() -> u16 {
     1
 }
@@ -561,8 +564,8 @@ impl ClusterConfig {
         if !(1..=SHARDS_MAX).contains(&self.cluster.shards) {
             return Err(invalid("cluster.shards", format!("must be 1..={SHARDS_MAX}")));
         }
-        if self.cluster.replicas > SHARDS_MAX {
-            return Err(invalid("cluster.replicas", format!("must be 0 (every node) or 1..={SHARDS_MAX}")));
+        if ![0, 1, 3, 5].contains(&self.cluster.replicas) {
+            return Err(invalid("cluster.replicas", "must be 0 (every node holds every shard), 1, 3 or 5"));
         }
         self.check_raft()?;
         self.check_storage()?;
@@ -578,8 +581,15 @@ impl ClusterConfig {
             if !dc_names.insert(dc.name.as_str()) {
                 return Err(invalid(format!("{field}.name"), format!("duplicate datacentre '{}'", dc.name)));
             }
-            if ![1, 3, 5].contains(&dc.nodes.len()) {
-                return Err(invalid(format!("{field}.nodes"), format!("a DC has 1, 3 or 5 nodes, not {}", dc.nodes.len())));
+            // Every node holds shard 0, and without `replicas` every shard: a Raft group of
+            // 1, 3 or 5. With shards on subsets, a DC grows by any number of nodes.
+            let sizes_ok = match self.cluster.replicas {
+                0 => [1, 3, 5].contains(&dc.nodes.len()),
+                _ => (1..=DC_NODES_MAX).contains(&dc.nodes.len()),
+            };
+            if !sizes_ok {
+                let allowed = if self.cluster.replicas == 0 { "1, 3 or 5 (any number up to 15 with cluster.replicas set)" } else { "1 to 15" };
+                return Err(invalid(format!("{field}.nodes"), format!("a DC has {allowed} nodes, not {}", dc.nodes.len())));
             }
             if let Some(subnet) = &dc.subnet {
                 let (net, len) = parse_cidr(subnet).map_err(|m| invalid(format!("{field}.subnet"), m))?;
@@ -1023,19 +1033,20 @@ mod tests {
 
     #[test]
     fn shards_are_placed_on_replicas_in_turn() {
-        let text = DEFAULT_TOML.replace("[cluster]", "[cluster]\nshards = 4\nreplicas = 2");
+        let text = DEFAULT_TOML.replace("[cluster]", "[cluster]\nshards = 4\nreplicas = 1");
         let c = ClusterConfig::from_toml(&text, "test").unwrap();
         let names = |shard| c.shard_placement("dc2", shard).into_iter().map(|n| n.name).collect::<Vec<_>>();
         assert_eq!(names(0), ["dc2-n1", "dc2-n2", "dc2-n3"], "shard 0 on every node");
-        assert_eq!(names(1), ["dc2-n2", "dc2-n3"]);
-        assert_eq!(names(2), ["dc2-n3", "dc2-n1"]);
-        assert_eq!(names(3), ["dc2-n1", "dc2-n2"]);
-        // More replicas than nodes, or none asked: every node.
-        for replicas in ["replicas = 5", "replicas = 0"] {
-            let c = ClusterConfig::from_toml(&text.replace("replicas = 2", replicas), "test").unwrap();
-            assert_eq!(c.shard_placement("dc1", 2).len(), 3, "{replicas}");
+        assert_eq!(names(1), ["dc2-n2"]);
+        assert_eq!(names(2), ["dc2-n3"]);
+        assert_eq!(names(3), ["dc2-n1"]);
+        // As many replicas as nodes, or none asked: every node, the preferred leader first.
+        for replicas in ["replicas = 3", "replicas = 0"] {
+            let c = ClusterConfig::from_toml(&text.replace("replicas = 1", replicas), "test").unwrap();
+            let names: Vec<String> = c.shard_placement("dc1", 2).into_iter().map(|n| n.name).collect();
+            assert_eq!(names, ["dc1-n3", "dc1-n1", "dc1-n2"], "{replicas}");
         }
-        check_err(|t| t.replace("[cluster]", "[cluster]\nreplicas = 65"), "cluster.replicas");
+        check_err(|t| t.replace("[cluster]", "[cluster]\nreplicas = 2"), "cluster.replicas");
     }
 
     #[test]

@@ -266,7 +266,7 @@ async fn bootstrap(shard: Arc<Shard>) {
     if shard.config.cluster.shards > 1 && shard.preferred_leader() != Some(shard.me) {
         shard.raft.runtime_config().elect(false);
         tokio::time::sleep(Duration::from_millis(2 * shard.config.raft.election_timeout_max_ms)).await;
-        shard.raft.runtime_config().elect(true);
+        shard.resume_elections();
         if shard.raft.is_initialized().await.unwrap_or(true) {
             return;
         }
@@ -284,7 +284,7 @@ async fn bootstrap(shard: Arc<Shard>) {
 async fn rejoin_quietly(shard: &Shard) {
     shard.raft.runtime_config().elect(false);
     tokio::time::sleep(Duration::from_millis(2 * shard.config.raft.election_timeout_max_ms)).await;
-    shard.raft.runtime_config().elect(true);
+    shard.resume_elections();
 }
 
 impl Running {

@@ -66,6 +66,12 @@ async fn handle_in_shard(cross: &Arc<CrossDc>, from: NodeId, req: PeerRequest) -
         PeerRequest::InstallSnapshot(r) => inbound::install_snapshot(shard, from, r).await,
         PeerRequest::Submit(cmd) => PeerResponse::Submit(submit_forwarded(cross, cmd).await),
         PeerRequest::Members => PeerResponse::Members(shard.answer_members()),
+        PeerRequest::Recheck => {
+            // The check asks the leader; the sender need not wait for it.
+            let shard = shard.clone();
+            tokio::spawn(async move { shard.check_still_member(true).await });
+            PeerResponse::Rechecked
+        }
         PeerRequest::Read { what, stale } => PeerResponse::Lookup(shard.answer_read(what, stale).await),
         PeerRequest::Digest { recent } => {
             let wanted = if recent { Wanted::Recent } else { Wanted::Fresh };

@@ -67,3 +67,13 @@ pub enum MembershipOp {
         remove: NodeId,
     },
 }
+
+impl MembershipOp {
+    /// The node the change takes out of the group, if any.
+    pub fn removes(&self) -> Option<NodeId> {
+        match self {
+            MembershipOp::Remove(id) | MembershipOp::ForceRemove(id) | MembershipOp::Replace { remove: id, .. } => Some(*id),
+            MembershipOp::Add(_) => None,
+        }
+    }
+}

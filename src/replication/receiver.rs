@@ -133,5 +133,6 @@ pub fn request_name(r: &PeerRequest) -> &'static str {
         PeerRequest::Read { .. } => "read",
         PeerRequest::Digest { .. } => "digest",
         PeerRequest::Members => "members",
+        PeerRequest::Recheck => "recheck",
     }
 }

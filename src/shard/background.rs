@@ -130,6 +130,6 @@ pub async fn membership_check_loop(shard: Arc<Shard>) {
     let every = Duration::from_millis(2 * shard.config.raft.election_timeout_max_ms);
     loop {
         tokio::time::sleep(every).await;
-        shard.check_still_member().await;
+        shard.check_still_member(false).await;
     }
 }

@@ -31,7 +31,7 @@ impl Shard {
         if !self.is_leader() {
             return Err(NodeError::NotLeader(self.leader()));
         }
-        if self.raft.metrics().borrow().membership_config.membership().get_joint_config().len() > 1 {
+        if self.changing_membership() || self.raft.metrics().borrow().membership_config.membership().get_joint_config().len() > 1 {
             return Err(NodeError::Overloaded(format!("a membership change of shard {} is under way", self.number)));
         }
         if to == self.me || !self.voters().contains(&to) {

@@ -18,6 +18,7 @@ pub mod read_index;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -64,6 +65,9 @@ pub struct Shard {
     /// The membership (its log position) at which this node found the leader had removed
     /// it from the group: it holds no replica until its log shows another one.
     dropped: Mutex<Option<Option<openraft::LogId<NodeId>>>>,
+    /// True while this node, as leader, runs a membership change: no leadership handover
+    /// meanwhile (the balancer's would take the change's leadership away).
+    changing: AtomicBool,
     /// The snapshot being received from the leader (see `raft::guard`).
     snapshot_transfer: tokio::sync::Mutex<SnapshotTransfer>,
     /// Read-index rounds shared by the linearizable reads that queue for one.
@@ -115,6 +119,7 @@ impl Shard {
             placement,
             leader_hint: Mutex::new(None),
             dropped: Mutex::new(None),
+            changing: AtomicBool::new(false),
             snapshot_transfer: Default::default(),
             read_index,
             disk: p.disk,
@@ -422,12 +427,34 @@ impl Shard {
         let deadline = std::time::Instant::now() + Duration::from_millis(4 * self.config.raft.election_timeout_max_ms);
         loop {
             match self.change_membership_once(op.clone()).await {
-                Err(NodeError::NotLeader(_) | NodeError::NoLeader) if std::time::Instant::now() < deadline => {
+                Err(NodeError::NotLeader(hint)) if std::time::Instant::now() < deadline => {
+                    self.note_leader(hint, self.leader_and_term().1);
                     tokio::time::sleep(Duration::from_millis(self.config.raft.heartbeat_interval_ms)).await;
+                }
+                Err(NodeError::NoLeader) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(self.config.raft.heartbeat_interval_ms)).await;
+                }
+                Ok(voters) => {
+                    self.tell_removed(&op, &voters).await;
+                    return Ok(voters);
                 }
                 other => return other,
             }
         }
+    }
+
+    /// A node just removed from the group is asked to check with the leader at once
+    /// (`PeerRequest::Recheck`): before its election timer fires, it learns it holds no
+    /// replica and stays quiet, instead of campaigning to a higher term that would cost
+    /// the shard an election when it is added back. A node that cannot be reached finds
+    /// out by itself (`check_still_member`).
+    async fn tell_removed(&self, op: &MembershipOp, voters: &BTreeSet<NodeId>) {
+        let Some(removed) = op.removes().filter(|id| !voters.contains(id)) else { return };
+        if removed == self.me {
+            return self.check_still_member(true).await;
+        }
+        let (peers, timeout) = (self.peers.clone(), self.request_timeout);
+        tokio::spawn(async move { peers.call(removed, PeerRequest::Recheck, Some(timeout)).await });
     }
 
     async fn change_membership_once(&self, op: MembershipOp) -> Result<BTreeSet<NodeId>, NodeError> {
@@ -459,6 +486,19 @@ impl Shard {
             // still leader). The caller retries once the others have elected one.
             return Err(NodeError::NotLeader(None));
         }
+        // A leader leaving the group hands its leadership over first, so that the change
+        // costs no election; the caller then asks the new leader.
+        if op.removes() == Some(self.me) {
+            if let Some(to) = self.handover_targets().into_iter().next() {
+                if self.hand_over(to).await.is_ok() {
+                    return Err(NodeError::NotLeader(Some(to)));
+                }
+            }
+        }
+        if self.changing.swap(true, Ordering::AcqRel) {
+            return Err(NodeError::Overloaded(format!("a membership change of shard {} is under way", self.number)));
+        }
+        let _changing = Unset(&self.changing);
         match op {
             MembershipOp::Add(id) => {
                 self.add_caught_up_learner(id).await?;
@@ -504,6 +544,19 @@ impl Shard {
         Ok(())
     }
 
+    /// Turns this node's election timer back on after a grace that turned it off — unless
+    /// the node found it was removed from the group meanwhile.
+    pub fn resume_elections(&self) {
+        if self.dropped.lock().expect("dropped lock").is_none() {
+            self.raft.runtime_config().elect(true);
+        }
+    }
+
+    /// Whether this node, as leader, is running a membership change.
+    pub fn changing_membership(&self) -> bool {
+        self.changing.load(Ordering::Acquire)
+    }
+
     /// The group's voters and learners as this node last applied them.
     fn local_members(&self) -> Members {
         let m = self.raft.metrics().borrow().membership_config.clone();
@@ -538,7 +591,9 @@ impl Shard {
     /// a node is never sent to it, so it cannot learn this from its log.) Then it stops
     /// counting itself a replica (`Shard::hosts`) and holding elections, until its log
     /// shows another membership.
-    pub async fn check_still_member(&self) {
+    /// `asked`: a membership change just removed this node, so it checks whatever its
+    /// role (else only a node that campaigns or learns does).
+    pub async fn check_still_member(&self, asked: bool) {
         let current = self.raft.metrics().borrow().membership_config.log_id().clone();
         let mut dropped = *self.dropped.lock().expect("dropped lock");
         if dropped.is_some() && dropped != Some(current) && self.local_members().contains(self.me) {
@@ -550,7 +605,7 @@ impl Shard {
         // A removed voter hears no leader and campaigns; a removed learner stays a learner.
         // A follower hears its leader, which still counts it.
         let state = self.raft.metrics().borrow().state;
-        if dropped.is_some() || !self.hosts() || !matches!(state, ServerState::Candidate | ServerState::Learner) {
+        if dropped.is_some() || !self.hosts() || !(asked || matches!(state, ServerState::Candidate | ServerState::Learner)) {
             return;
         }
         let Some((leader, _)) = self.ask_who_leads().await else { return };
@@ -565,6 +620,15 @@ impl Shard {
             }
             _ => {}
         }
+    }
+}
+
+/// Clears a flag when dropped: however the change it marks ends.
+struct Unset<'a>(&'a AtomicBool);
+
+impl Drop for Unset<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 

@@ -67,6 +67,9 @@ pub enum PeerRequest {
     },
     /// From a node of this DC, to the shard's leader: the group's voters and learners.
     Members,
+    /// From a node of this DC that just removed this node from the shard: ask the leader
+    /// whether you are still a member (the answer to this is only `Rechecked`).
+    Recheck,
 }
 
 /// A shard's members as its leader holds them.
@@ -121,4 +124,5 @@ pub enum PeerResponse {
     Campaign(Result<(), NodeError>),
     Digest(Result<ShardDigest, NodeError>),
     Members(Result<Members, NodeError>),
+    Rechecked,
 }

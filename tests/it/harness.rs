@@ -395,6 +395,11 @@ impl Drop for TestCluster {
         for n in self.running() {
             self.kill(&n);
         }
+        // TEST_KEEP_DIR=1 keeps the cluster's directory (nodes' logs and data) to read.
+        if std::env::var_os("TEST_KEEP_DIR").is_some() {
+            self.dir.disable_cleanup(true);
+            eprintln!("kept {}", self.dir.path().display());
+        }
     }
 }
 

@@ -66,6 +66,23 @@ async fn cluster(control: &Control, args: Vec<String>) -> anyhow::Result<()> {
     tokio::task::block_in_place(|| control.cluster(&args))
 }
 
+/// `agora cluster remove-node|add-node NODE`, tried again every second for up to
+/// `within_s` while it is refused (a partition or an election under way); says how it
+/// ended, for the fault's name. A change never done leaves the DC as it was, which the
+/// checker judges like any other state.
+async fn membership_until_done(control: &Control, cmd: &str, node: &str, within_s: f64) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(within_s.max(1.0));
+    let mut tries = 0u32;
+    loop {
+        tries = tries.saturating_add(1);
+        match cluster(control, s(&[cmd, node])).await {
+            Ok(()) => return format!("done, {tries} tries"),
+            Err(e) if tokio::time::Instant::now() >= deadline => return format!("refused after {tries} tries: {e:#}"),
+            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+}
+
 fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
 }
@@ -135,6 +152,14 @@ async fn apply(control: &Control, step: &Step, rng: &mut StdRng, clock: &Clock) 
             // Counted like a kill: the DC's time to its next write is what a failed disk costs.
             kill = Some(LeaderKill { dc: dc.clone(), node: node.clone(), at_ns: clock.now_ns() });
             (format!("disk of {dc} node {node}: {fault:?}"), s(&["restart", &node]))
+        }
+        Action::MoveReplicas => {
+            let node = step.target.clone().filter(|t| t.contains("-n")).unwrap_or_else(|| pick_node(control, &dc, rng));
+            let off = membership_until_done(control, "remove-node", &node, step.hold_s).await;
+            tokio::time::sleep(Duration::from_secs_f64(step.hold_s)).await;
+            let on = membership_until_done(control, "add-node", &node, step.hold_s).await;
+            let name = format!("replicas of {node} moved off ({off}) and back ({on})");
+            return Ok((FaultWindow { name, start_ns, end_ns: clock.now_ns() }, None));
         }
         Action::RollingRestart => {
             let nodes = control.config.node_names();

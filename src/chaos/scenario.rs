@@ -154,6 +154,11 @@ pub enum Action {
     /// through its test hook; after `hold_s` the node is restarted, the only way back
     /// from a failed sync.
     DiskFault,
+    /// Take a node (the target node, else a random one of the DC) out of its DC with
+    /// `agora cluster remove-node` — with shards on subsets, its replicas move to other
+    /// nodes first — and after `hold_s` back in with `add-node` (replicas move onto it).
+    /// A membership change refused meanwhile (a partition, an election) is retried.
+    MoveReplicas,
 }
 
 impl Action {

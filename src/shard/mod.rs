@@ -406,7 +406,8 @@ impl Shard {
     /// once, within an election timeout): it leads, or names the node that does.
     pub async fn dc_has_leader(&self) -> bool {
         let timeout = Some(Duration::from_millis(self.config.raft.election_timeout_max_ms));
-        let asks = self.configured_members().into_keys().filter(|id| *id != self.me).map(|id| self.peers.call(id, PeerRequest::ReadIndex, timeout));
+        // Every node of the DC, not only the shard's first replicas: replicas may have moved.
+        let asks = self.members.iter().filter(|id| **id != self.me).map(|id| self.peers.call(*id, PeerRequest::ReadIndex, timeout));
         futures::future::join_all(asks).await.into_iter().any(|r| matches!(r, Ok(PeerResponse::ReadIndex(Ok(_) | Err(NodeError::NotLeader(Some(_)))))))
     }
 

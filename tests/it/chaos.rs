@@ -115,6 +115,17 @@ fn chaos_sharded_leader_kill_is_valid() {
     assert_eq!(r["availability"]["leader_kills"].as_array().map(Vec::len), Some(2), "both kills happened: {r:#}");
 }
 
+/// Shards on subsets of dc1's five nodes: a node's replicas move off and back while a
+/// node of dc1 is cut from the rest; both moves are made, and the run is valid.
+#[test]
+fn chaos_replica_moves_under_a_partition_are_valid() {
+    let (code, out) = must_run("subset-moves.toml");
+    let r = report(out.path());
+    assert_eq!(code, 0, "subset-moves run invalid: {r:#}");
+    let fin = std::fs::read_to_string(out.path().join("final.json")).expect("final.json");
+    assert!(fin.contains("moved off (done") && fin.contains("and back (done"), "both moves were made: {r:#}");
+}
+
 #[test]
 fn chaos_pause_leader_is_valid() {
     let (code, out) = must_run("pause-leader.toml");

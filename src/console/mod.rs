@@ -285,6 +285,7 @@ fn node_json(n: &NodeInfo, sample: Option<&NodeSample>) -> Value {
             if let Some(shards) = st["shards"].as_array() {
                 v["shards"] = json!(shards.len());
                 v["leads"] = json!(shards.iter().filter(|s| s["role"] == "leader").count());
+                v["hosted"] = json!(shards.iter().filter(|s| s["hosted"] != false).count());
             }
         }
         Some(Err(e)) => {

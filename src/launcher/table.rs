@@ -26,7 +26,7 @@ pub struct NodeView {
     pub leader: Option<String>,
     pub term: Option<u64>,
     pub commit_index: Option<u64>,
-    /// The shards this node leads, of the DC's shards (shard 0's role is `role`).
+    /// The shards this node leads, of those it holds a replica of (shard 0's role is `role`).
     pub shards_led: Option<(usize, usize)>,
     /// ok (answers and knows its leader), no-leader, paused, down, unreachable.
     pub health: String,
@@ -75,7 +75,10 @@ async fn probe(http: &reqwest::Client, st: &StateDir, n: &NodeInfo) -> NodeView 
         leader: s["leader"].as_str().map(String::from),
         term: s["term"].as_u64(),
         commit_index: s["commit_index"].as_u64(),
-        shards_led: s["shards"].as_array().map(|all| (all.iter().filter(|x| x["role"] == "leader").count(), all.len())),
+        // Of the shards it holds a replica of (all of them unless `cluster.replicas`).
+        shards_led: s["shards"]
+            .as_array()
+            .map(|all| (all.iter().filter(|x| x["role"] == "leader").count(), all.iter().filter(|x| x["hosted"] != false).count())),
         health: health.to_string(),
     }
 }

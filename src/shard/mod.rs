@@ -603,10 +603,15 @@ impl Shard {
             self.raft.runtime_config().elect(true);
             dropped = None;
         }
-        // A removed voter hears no leader and campaigns; a removed learner stays a learner.
-        // A follower hears its leader, which still counts it.
-        let state = self.raft.metrics().borrow().state;
-        if dropped.is_some() || !self.hosts() || !(asked || matches!(state, ServerState::Candidate | ServerState::Learner)) {
+        // A removed voter hears no leader and campaigns (or, restarted, waits as a follower
+        // without a leader); a removed learner stays a learner. A follower that hears its
+        // leader is still counted.
+        let (state, leader) = {
+            let m = self.raft.metrics().borrow().clone();
+            (m.state, m.current_leader)
+        };
+        let unsure = matches!(state, ServerState::Candidate | ServerState::Learner) || (state == ServerState::Follower && leader.is_none());
+        if dropped.is_some() || !self.hosts() || !(asked || unsure) {
             return;
         }
         let Some((leader, _)) = self.ask_who_leads().await else { return };

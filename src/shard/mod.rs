@@ -591,17 +591,21 @@ impl Shard {
     /// from the group: the leader its DC names does not count it. (The entry that removes
     /// a node is never sent to it, so it cannot learn this from its log.) Then it stops
     /// counting itself a replica (`Shard::hosts`) and holding elections, until its log
-    /// shows another membership.
+    /// shows another membership or the leader counts it again (asked at each check: a
+    /// stale leader's answer is not final).
     /// `asked`: a membership change just removed this node, so it checks whatever its
-    /// role (else only a node that campaigns or learns does).
+    /// role (else only a node that campaigns, learns or follows no leader does).
     pub async fn check_still_member(&self, asked: bool) {
-        let current = self.raft.metrics().borrow().membership_config.log_id().clone();
-        let mut dropped = *self.dropped.lock().expect("dropped lock");
-        if dropped.is_some() && dropped != Some(current) && self.local_members().contains(self.me) {
-            tracing::info!(shard = self.number, "added back to the group: a replica again");
-            *self.dropped.lock().expect("dropped lock") = None;
-            self.raft.runtime_config().elect(true);
-            dropped = None;
+        let current = *self.raft.metrics().borrow().membership_config.log_id();
+        let dropped = *self.dropped.lock().expect("dropped lock");
+        if let Some(at) = dropped {
+            let added_back = at != current && self.local_members().contains(self.me);
+            if added_back || self.leader_counts_me().await == Some(true) {
+                tracing::info!(shard = self.number, "a member of the group again: a replica here");
+                *self.dropped.lock().expect("dropped lock") = None;
+                self.raft.runtime_config().elect(true);
+            }
+            return;
         }
         // A removed voter hears no leader and campaigns (or, restarted, waits as a follower
         // without a leader); a removed learner stays a learner. A follower that hears its
@@ -611,20 +615,26 @@ impl Shard {
             (m.state, m.current_leader)
         };
         let unsure = matches!(state, ServerState::Candidate | ServerState::Learner) || (state == ServerState::Follower && leader.is_none());
-        if dropped.is_some() || !self.hosts() || !(asked || unsure) {
+        if !self.hosts() || !(asked || unsure) {
             return;
         }
-        let Some((leader, _)) = self.ask_who_leads().await else { return };
+        if self.leader_counts_me().await == Some(false) {
+            tracing::info!(shard = self.number, "removed from the group by its leader: no longer a replica here");
+            *self.dropped.lock().expect("dropped lock") = Some(current);
+            self.raft.runtime_config().elect(false);
+        }
+    }
+
+    /// Whether the leader the DC names counts this node among the group's members
+    /// (`None`: no leader known, or no answer).
+    async fn leader_counts_me(&self) -> Option<bool> {
+        let (leader, _) = self.ask_who_leads().await?;
         if leader == self.me {
-            return;
+            return Some(true);
         }
         match self.peers.call(leader, PeerRequest::Members, Some(self.request_timeout)).await {
-            Ok(PeerResponse::Members(Ok(m))) if !m.contains(self.me) => {
-                tracing::info!(shard = self.number, leader, "removed from the group by its leader: no longer a replica here");
-                *self.dropped.lock().expect("dropped lock") = Some(current);
-                self.raft.runtime_config().elect(false);
-            }
-            _ => {}
+            Ok(PeerResponse::Members(Ok(m))) => Some(m.contains(self.me)),
+            _ => None,
         }
     }
 }

@@ -255,6 +255,13 @@ impl StateMachineStore {
         let store = StateMachineStore { inner: Arc::new(inner) };
         store.convert_legacy().map_err(|e| anyhow::anyhow!("snapshot of shard {shard}: {e}"))?;
         store.inner.snapshots.remove_leftovers()?;
+        // The snapshot schedule waits for writes in proportion to the state's size, known
+        // from the last snapshot: a restarted node that did not know it would build a
+        // whole snapshot as soon as it had replayed the log since the last one.
+        if let Some(current) = store.inner.snapshots.current()? {
+            store.inner.stats.records.store(current.records, Ordering::Relaxed);
+            store.inner.stats.bytes.store(current.bytes, Ordering::Relaxed);
+        }
         Ok(store)
     }
 
@@ -1064,24 +1071,48 @@ mod tests {
             target.install_snapshot(&built.meta, into).await.expect("install");
             assert_eq!(records(&target), records(&source));
             assert_eq!(target.applied_state().await.expect("applied").0, built.meta.last_log_id);
+            assert!(target.reader().snapshot_stats().records > 0, "the installed snapshot's records are counted");
             // A crash in the middle of the next install: the mark stays, records are missing.
             target.inner.tree.insert(INSTALLING, b"x".as_slice()).expect("mark");
             target.inner.tree.remove(b"s/t1").expect("remove");
             target.inner.tree.flush().expect("flush");
         }
-        // sled's lock goes with the store's last handle, once its flusher task sees it.
-        let reopen = || crate::storage::open(b.path(), "dc1", Durability::Flush, 16 << 20, 1000);
+        let (_log, mut target) = reopen(b.path()).await;
+        assert_eq!(target.applied_state().await.expect("applied").0, built.meta.last_log_id);
+        assert_eq!(records(&target), records(&source), "the install was done again");
+        // Restarted, the store knows its snapshot's size (the snapshot schedule scales with it).
+        let size = |sm: &StateMachineStore| sm.reader().snapshot_stats().records;
+        assert!(size(&target) > 0 && size(&target) == size(&source), "{} records against the source's {}", size(&target), size(&source));
+        assert!(!target.inner.tree.contains_key(INSTALLING).expect("read"));
+    }
+
+    /// The store in `dir` opened again, once the previous handle's sled lock is gone (it
+    /// goes with the store's last handle, once its flusher task sees it).
+    async fn reopen(dir: &std::path::Path) -> (crate::storage::LogStore, StateMachineStore) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let (_log, mut target) = loop {
-            match reopen() {
-                Ok(s) => break s,
+        loop {
+            match crate::storage::open(dir, "dc1", Durability::Flush, 16 << 20, 1000) {
+                Ok(s) => return s,
                 Err(e) if std::time::Instant::now() > deadline => panic!("reopen: {e}"),
                 Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
             }
+        }
+    }
+
+    /// A restarted store knows the size of its last snapshot: the snapshot schedule waits
+    /// for writes in proportion to it, and without it a restarted node built a whole
+    /// snapshot as soon as it had replayed its log.
+    #[tokio::test]
+    async fn a_reopened_store_knows_its_snapshot_size() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let built = {
+            let mut sm = with_orders(dir.path()).await;
+            sm.build_snapshot().await.expect("build");
+            sm.reader().snapshot_stats().records
         };
-        assert_eq!(target.applied_state().await.expect("applied").0, built.meta.last_log_id);
-        assert_eq!(records(&target), records(&source), "the install was done again");
-        assert!(!target.inner.tree.contains_key(INSTALLING).expect("read"));
+        assert!(built > 0);
+        let (_log, sm) = reopen(dir.path()).await;
+        assert_eq!(sm.reader().snapshot_stats().records, built);
     }
 
     /// A snapshot kept in the format before streaming (meta and checksummed records in one

@@ -67,9 +67,11 @@ async fn handle_in_shard(cross: &Arc<CrossDc>, from: NodeId, req: PeerRequest) -
         PeerRequest::Submit(cmd) => PeerResponse::Submit(submit_forwarded(cross, cmd).await),
         PeerRequest::Members => PeerResponse::Members(shard.answer_members()),
         PeerRequest::Recheck => {
-            // The check asks the leader; the sender need not wait for it.
-            let shard = shard.clone();
-            tokio::spawn(async move { shard.check_still_member(true).await });
+            // The check asks the leader; the sender need not wait for it. One at a time:
+            // a flood of these starts no more.
+            if let Some(check) = shard.clone().recheck() {
+                tokio::spawn(check);
+            }
             PeerResponse::Rechecked
         }
         PeerRequest::Read { what, stale } => PeerResponse::Lookup(shard.answer_read(what, stale).await),

@@ -68,6 +68,8 @@ pub struct Shard {
     /// True while this node, as leader, runs a membership change: no leadership handover
     /// meanwhile (the balancer's would take the change's leadership away).
     changing: AtomicBool,
+    /// True while a membership check asked by a peer (`Shard::recheck`) runs.
+    rechecking: AtomicBool,
     /// The snapshot being received from the leader (see `raft::guard`).
     snapshot_transfer: tokio::sync::Mutex<SnapshotTransfer>,
     /// Read-index rounds shared by the linearizable reads that queue for one.
@@ -120,6 +122,7 @@ impl Shard {
             leader_hint: Mutex::new(None),
             dropped: Mutex::new(None),
             changing: AtomicBool::new(false),
+            rechecking: AtomicBool::new(false),
             snapshot_transfer: Default::default(),
             read_index,
             disk: p.disk,
@@ -623,6 +626,18 @@ impl Shard {
             *self.dropped.lock().expect("dropped lock") = Some(current);
             self.raft.runtime_config().elect(false);
         }
+    }
+
+    /// The membership check a peer asked for (`PeerRequest::Recheck`), to run; `None`
+    /// while one already runs.
+    pub fn recheck(self: Arc<Self>) -> Option<impl Future<Output = ()> + Send + 'static> {
+        if self.rechecking.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        Some(async move {
+            let _running = Unset(&self.rechecking);
+            self.check_still_member(true).await;
+        })
     }
 
     /// Whether the leader the DC names counts this node among the group's members

@@ -898,6 +898,14 @@ impl ClusterConfig {
         self.nodes().into_iter().filter(|n| n.dc == dc).collect()
     }
 
+    /// The shards entities live in: every shard, or — with shards on subsets of the
+    /// nodes — all but shard 0, which is on every node and holds only the DC's settings
+    /// (so that no entity pays for a replica on every node).
+    pub fn spread(&self) -> crate::ids::Spread {
+        let first = u16::from(self.cluster.replicas > 0 && self.cluster.shards > 1);
+        crate::ids::Spread { count: self.cluster.shards, first }
+    }
+
     /// The nodes of `dc` that hold shard `shard` when the DC first starts, the one meant
     /// to lead it first: node `shard` mod n, then the ones after it in the DC's order,
     /// `cluster.replicas` of them (all, for shard 0 or `replicas = 0`). Membership

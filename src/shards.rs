@@ -41,12 +41,17 @@ impl Shards {
 
     /// The shard that holds the entity `key` names (a token, a SKU, an order id).
     pub fn of(&self, key: &str) -> &Arc<CrossDc> {
-        &self.list[usize::from(shard_of(key, self.count()))]
+        &self.list[usize::from(self.number_of(key))]
     }
 
     /// The number of the shard that holds `key`.
     pub fn number_of(&self, key: &str) -> u16 {
-        shard_of(key, self.count())
+        shard_of(key, self.spread())
+    }
+
+    /// The shards entities live in (`ClusterConfig::spread`).
+    pub fn spread(&self) -> crate::ids::Spread {
+        self.first().shard.config.spread()
     }
 
     /// Whether this node's replica of the session's shard holds `token` logged out or

@@ -206,12 +206,12 @@ impl Shop {
     /// in its shard (see [`Shop::order_in_other_shard`]). Afterwards, if this DC runs low
     /// on the SKU, it asks the others for stock.
     pub async fn place_order(&self, session: String, sku: String, qty: u32, key: Option<String>) -> Result<Order, ShopError> {
-        let (count, sku_shard) = (self.shards.count(), self.shards.number_of(&sku));
+        let (spread, sku_shard) = (self.shards.spread(), self.shards.number_of(&sku));
         if let Some(k) = &key {
             self.check_key_unused_elsewhere(&session, k, sku_shard)?;
         }
         // The id names its origin DC and leads to the SKU's shard; it is globally unique.
-        let id = order_id(self.dc(), sku_shard, count);
+        let id = order_id(self.dc(), sku_shard, spread);
         let r = if self.shards.number_of(&session) == sku_shard {
             self.order_in_one_shard(id, session, &sku, qty, key).await
         } else {

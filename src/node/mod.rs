@@ -170,7 +170,7 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     };
     let disk = storage::Disk::default();
     let stores =
-        storage::open_shards(&opts.data_dir, &info.dc, config.cluster.shards, sled, config.limits.cache_entities_max, disk.clone()).context("open storage")?;
+        storage::open_shards(&opts.data_dir, &info.dc, config.spread(), sled, config.limits.cache_entities_max, disk.clone()).context("open storage")?;
     if opts.test_hooks {
         crate::escrow_journal::enable(&opts.data_dir).context("open the escrow journal")?;
     }

@@ -23,11 +23,13 @@ pub fn check_change(c: &Change, now_ms: u64, max: u64) -> Result<(), String> {
     }
 }
 
-/// Changes sent to shard `shard` (of `shards`) must be about what that shard holds: a
-/// peer cannot plant a session or an order where no read would ever look for it.
-pub fn check_shard<'a>(changes: impl IntoIterator<Item = &'a Change>, shard: u16, shards: u16) -> Result<(), String> {
+/// Changes sent to shard `shard` (of the entities' `spread`) must be about what that
+/// shard holds: a peer cannot plant a session or an order where no read would ever look
+/// for it.
+pub fn check_shard<'a>(changes: impl IntoIterator<Item = &'a Change>, shard: u16, spread: impl Into<crate::ids::Spread>) -> Result<(), String> {
+    let spread = spread.into();
     for c in changes {
-        let home = c.entity().map_or(0, |key| crate::ids::shard_of(key, shards));
+        let home = c.entity().map_or(0, |key| crate::ids::shard_of(key, spread));
         if home != shard {
             return Err(format!("a change about {:?} belongs to shard {home}, not {shard}", c.entity().unwrap_or("the DC")));
         }

@@ -25,7 +25,7 @@ pub async fn handle(cross: &CrossDc, from: NodeId, req: PeerRequest) -> PeerResp
         PeerRequest::Replicate { origin, events } if origin == sender_dc => {
             // Before anything is applied or observed: no timestamp from the far future.
             let max_offset = cross.config().replication.max_clock_offset_ms;
-            let (shard, shards) = (cross.shard.number, cross.config().cluster.shards);
+            let (shard, shards) = (cross.shard.number, cross.config().spread());
             let checked = super::guard::check_events(&events, crate::hlc::wall_ms(), max_offset)
                 .and_then(|()| super::guard::check_shard(events.iter().map(|e| &e.change), shard, shards));
             if let Err(m) = checked {
@@ -61,7 +61,7 @@ pub async fn handle(cross: &CrossDc, from: NodeId, req: PeerRequest) -> PeerResp
         }
         PeerRequest::InstallRemote { origin, upto, changes } if origin == sender_dc => {
             let max_offset = cross.config().replication.max_clock_offset_ms;
-            let (shard, shards) = (cross.shard.number, cross.config().cluster.shards);
+            let (shard, shards) = (cross.shard.number, cross.config().spread());
             let checked = changes
                 .iter()
                 .try_for_each(|c| super::guard::check_change(c, crate::hlc::wall_ms(), max_offset))

@@ -244,11 +244,13 @@ fn sled_config(dir: &Path, sled: SledOptions) -> sled::Config {
 pub fn open_shards(
     dir: &Path,
     dc: &str,
-    shards: u16,
+    spread: impl Into<crate::ids::Spread>,
     sled: SledOptions,
     cache_entities_max: usize,
     disk: Disk,
 ) -> anyhow::Result<Vec<(LogStore, StateMachineStore)>> {
+    let spread = spread.into();
+    let shards = spread.count;
     std::fs::create_dir_all(dir)?;
     // We flush when Raft needs it; the background flush only bounds what an unsynced
     // state-machine write may lose, which the log replays anyway.
@@ -266,7 +268,7 @@ pub fn open_shards(
             let snapshot_dir = shard_dir(dir, shard);
             std::fs::create_dir_all(&snapshot_dir)?;
             let log = LogStore::for_shard(&db, shard, durable.clone())?;
-            let sm = StateMachineStore::new(&db, (shard, shards), snapshot_file::SnapshotFiles::in_dir(&snapshot_dir), durable.clone(), per_shard.max(1), dc)?;
+            let sm = StateMachineStore::new(&db, (shard, spread), snapshot_file::SnapshotFiles::in_dir(&snapshot_dir), durable.clone(), per_shard.max(1), dc)?;
             Ok((log, sm))
         })
         .collect()

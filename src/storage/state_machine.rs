@@ -116,9 +116,9 @@ const INSTALL_BATCH_BYTES: usize = 256 << 10;
 struct Inner {
     /// The DC this node belongs to: the origin of what it emits.
     dc: String,
-    /// Which shard of how many this is: which sessions live here.
+    /// Which shard this is, of the entities' spread: which sessions live here.
     shard: u16,
-    shards: u16,
+    shards: crate::ids::Spread,
     tree: sled::Tree,
     meta: sled::Tree,
     snapshots: SnapshotFiles,
@@ -229,7 +229,7 @@ impl StateMachineStore {
     /// Shard `shard`'s state machine, in its own trees of the node's db.
     pub(super) fn new(
         db: &sled::Db,
-        (shard, shards): (u16, u16),
+        (shard, shards): (u16, crate::ids::Spread),
         snapshots: SnapshotFiles,
         durable: Durable,
         cache_entities_max: usize,

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use agora::ids::shard_of;
+use agora::ids::{shard_of, Spread};
 use serde_json::{json, Value};
 
 use super::harness::{must_eventually, Options, TestCluster};
@@ -38,11 +38,20 @@ async fn must_shard_leaders(c: &TestCluster, node: &str) -> Vec<String> {
     .await
 }
 
+/// With shards on subsets (`replicas`), entities live in shards 1 and 2 only: shard 0,
+/// on every node, holds the DC's settings.
+const ON_SUBSETS: Spread = Spread { count: SHARDS, first: 1 };
+
 /// A session (made on `node`) whose token lands in `shard`.
 async fn session_in(c: &TestCluster, node: &str, shard: u16) -> String {
+    session_of(c, node, shard, SHARDS.into()).await
+}
+
+/// A session (made on `node`) whose token lands in `shard` of `spread`.
+async fn session_of(c: &TestCluster, node: &str, shard: u16, spread: Spread) -> String {
     for i in 0..100 {
         let token = c.must_session(node, &format!("user{i}")).await;
-        if shard_of(&token, SHARDS) == shard {
+        if shard_of(&token, spread) == shard {
             return token;
         }
     }
@@ -51,7 +60,12 @@ async fn session_in(c: &TestCluster, node: &str, shard: u16) -> String {
 
 /// A SKU name that lands in `shard`.
 fn sku_in(shard: u16, tag: &str) -> String {
-    (0..).map(|i| format!("{tag}-{i}")).find(|s| shard_of(s, SHARDS) == shard).expect("some name lands in every shard")
+    sku_of(shard, tag, SHARDS.into())
+}
+
+/// A SKU name that lands in `shard` of `spread`.
+fn sku_of(shard: u16, tag: &str, spread: Spread) -> String {
+    (0..).map(|i| format!("{tag}-{i}")).find(|s| shard_of(s, spread) == shard).expect("some name lands in every shard")
 }
 
 fn applied(shards: &[Value], shard: u16) -> u64 {
@@ -293,10 +307,11 @@ async fn a_node_removed_and_added_back_leaves_and_rejoins_every_shard() {
 }
 
 /// Shards on subsets of the nodes (`[cluster] replicas`): five nodes, three shards,
-/// three replicas of shards 1 and 2 (shard 0 is on every node). Each node holds the
-/// shards placed on it and no data of the others, and still takes any request — sessions,
-/// stock, orders, reads, cancels, logouts — for any shard, through the shard's leader;
-/// digests agree; and a node that holds every shard can be lost.
+/// three replicas of shards 1 and 2 (shard 0 is on every node and holds no entities).
+/// Each node holds the shards placed on it and no data of the others, and still takes
+/// any request — sessions, stock, orders, reads, cancels, logouts — for any shard,
+/// through the shard's leader; digests agree; and a node that holds every shard can be
+/// lost.
 #[tokio::test]
 async fn shards_on_subsets_of_nodes_serve_through_every_node() {
     let mut c = TestCluster::start(148, Options { replicas: 3, ..sharded(1, 5) }).await;
@@ -320,12 +335,14 @@ async fn shards_on_subsets_of_nodes_serve_through_every_node() {
     assert_eq!(voters_of_1, BTreeSet::from(["dc1-n2".to_string(), "dc1-n3".into(), "dc1-n4".into()]), "shard 1's voters");
     // Orders in every shard through every node, with sessions of another shard, read back
     // linearizably through every node.
+    let before = shards_of(&c, "dc1-n4").await;
     let mut placed_orders = Vec::new();
-    for shard in 0..SHARDS {
-        let sku = sku_in(shard, "subset");
+    for shard in 1..SHARDS {
+        let sku = sku_of(shard, "subset", ON_SUBSETS);
         c.must_restock("dc1-n1", &sku, 20).await;
         for n in &nodes {
-            let token = session_in(&c, n, (shard + 1) % SHARDS).await;
+            // The session in the other data shard.
+            let token = session_of(&c, n, SHARDS - shard, ON_SUBSETS).await;
             placed_orders.push((must_order(&c, n, &token, &sku).await, token, sku.clone()));
         }
     }
@@ -340,15 +357,16 @@ async fn shards_on_subsets_of_nodes_serve_through_every_node() {
             assert_eq!((code, v["available"].as_u64()), (200, Some(left)), "one order per node: {sku} on {n}: {v}");
         }
     }
-    // A node holds nothing of a shard it is not placed on.
+    // A node holds nothing of a shard it is not placed on, and shard 0 took none of it.
     let (lacking, holding) = (shards_of(&c, "dc1-n1").await, shards_of(&c, "dc1-n4").await);
+    assert!(applied(&holding, 0) < applied(&before, 0) + 3, "no entity writes in shard 0: {before:?} → {holding:?}");
     assert_eq!(applied(&lacking, 1), 0, "dc1-n1 holds no replica of shard 1: {lacking:?}");
     assert!(applied(&holding, 1) > 0, "{holding:?}");
     c.must_converge(Duration::from_secs(15)).await;
     // A logout in shard 1, written through a node that holds it, refuses an order and a
     // cancel through dc1-n1, which must ask shard 1's leader.
-    let token = session_in(&c, "dc1-n2", 1).await;
-    let sku = sku_in(2, "subset");
+    let token = session_of(&c, "dc1-n2", 1, ON_SUBSETS).await;
+    let sku = sku_of(2, "subset", ON_SUBSETS);
     let id = must_order(&c, "dc1-n1", &token, &sku).await;
     let (code, _) = c.request(reqwest::Method::DELETE, "dc1-n2", &format!("/v1/sessions/{token}"), None, None).await;
     assert_eq!(code, 204);
@@ -364,8 +382,8 @@ async fn shards_on_subsets_of_nodes_serve_through_every_node() {
         (code == 201).then(|| v["token"].as_str().map(String::from)).flatten()
     })
     .await;
-    for shard in 0..SHARDS {
-        let sku = sku_in(shard, "subset");
+    for shard in 1..SHARDS {
+        let sku = sku_of(shard, "subset", ON_SUBSETS);
         must_eventually(Duration::from_secs(20), &format!("shard {shard} serving through dc1-n1"), || async {
             let (code, _) = c.post("dc1-n1", "/v1/orders", json!({"session": token, "sku": sku, "qty": 1})).await;
             (code == 201).then_some(())
@@ -382,7 +400,7 @@ async fn removing_and_adding_a_node_moves_shard_replicas() {
     let c = TestCluster::start(149, Options { replicas: 3, ..sharded(1, 5) }).await;
     must_shard_leaders(&c, "dc1-n4").await;
     let token = c.must_session("dc1-n1", "mover").await;
-    let skus: Vec<String> = (0..SHARDS).map(|s| sku_in(s, "move")).collect();
+    let skus: Vec<String> = (1..SHARDS).map(|s| sku_of(s, "move", ON_SUBSETS)).collect();
     let mut ids = Vec::new();
     for sku in &skus {
         c.must_restock("dc1-n1", sku, 50).await;

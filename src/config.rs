@@ -67,10 +67,11 @@ pub struct ClusterSection {
     #[serde(default = "default_shards", skip_serializing_if = "is_one_shard")]
     pub shards: u16,
     /// Nodes holding a replica of each shard but shard 0, when fewer than a DC's nodes:
-    /// shard k's replicas are the DC's nodes k, k+1, … (mod the DC's size) at its first
-    /// start, so a DC grows by adding nodes rather than copies. 0 (the default): every
-    /// node holds every shard. Shard 0 is always on every node: it holds the DC's own
-    /// settings, which every node's DNS answers read.
+    /// shard k's replicas are the DC's nodes k, k+1, … (from 0, mod the DC's size) at its
+    /// first start, so a DC grows by adding nodes rather than copies. 0 (the default):
+    /// every node holds every shard. Shard 0 is always on every node: it holds only the
+    /// DC's own settings then, which every node's DNS answers read (`spread`). Fixed for
+    /// the life of a cluster, like `shards`.
     #[serde(default, skip_serializing_if = "is_zero_u16")]
     pub replicas: u16,
 }

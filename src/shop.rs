@@ -217,12 +217,8 @@ impl Shop {
         } else {
             self.order_in_other_shard(id, session, &sku, qty, key).await
         };
-        // The shard's leader checks the SKU's stock after each order: here, or where this
-        // node forwarded it (`node::peer`).
-        let cross = self.at(&sku);
-        if cross.shard.is_leader() {
-            cross.after_order(&sku);
-        }
+        // On the shard's leader only (forwarded orders: `node::peer`).
+        self.at(&sku).after_order(&sku);
         match r {
             Ok(Outcome::Order(o)) => Ok(o),
             Ok(other) => Err(unexpected(other)),
@@ -238,8 +234,8 @@ impl Shop {
     /// is not seen).
     fn check_key_unused_elsewhere(&self, session: &str, key: &str, sku_shard: u16) -> Result<(), ShopError> {
         let scope = crate::domain::command::order_key_scope(session, key);
-        let others = self.shards.all().iter().filter(|c| c.shard.number != sku_shard && c.shard.hosts());
-        let elsewhere = others.into_iter().any(|c| c.shard.sm.has_idempotency(&scope));
+        let mut others = self.shards.all().iter().filter(|c| c.shard.number != sku_shard && c.shard.hosts());
+        let elsewhere = others.any(|c| c.shard.sm.has_idempotency(&scope));
         if elsewhere {
             return Err(Rejection::IdempotencyMismatch.into());
         }
@@ -278,7 +274,12 @@ impl Shop {
         // Linearizable first: a logout acknowledged before this order began is seen.
         let (here, barrier) = match self.session_record(&session, false).await {
             Ok(s) => (s, Ok(())),
-            Err(e) => (self.session_record(&session, true).await.ok().flatten(), Err(e)),
+            // This node's own replica, if it has one (asking the leaderless shard again
+            // would only wait as long again).
+            Err(e) => {
+                let shard = &self.at(&session).shard;
+                (shard.hosts().then(|| shard.sm.session(&session)).flatten(), Err(e))
+            }
         };
         let found = match here {
             Some(s) => (Some(s), false),

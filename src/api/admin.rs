@@ -37,9 +37,10 @@ fn dc_node_id(node: &AppState, name: &str) -> Result<u64, ApiError> {
 
 /// Shard 0's voters after a membership change, and the replicas of other shards it moved.
 fn changed_json(node: &AppState, changed: crate::shards::Changed) -> Json<Value> {
-    let name = |id: Option<u64>| id.and_then(|id| node.config.node_by_id(id)).map(|n| n.name);
-    let names: Vec<String> = changed.voters.into_iter().filter_map(|id| name(Some(id))).collect();
-    let moves: Vec<Value> = changed.moves.iter().map(|m| json!({"shard": m.shard, "added": name(m.add), "removed": name(m.remove)})).collect();
+    let name = |id: u64| node.config.node_by_id(id).map(|n| n.name);
+    let names: Vec<String> = changed.voters.into_iter().filter_map(name).collect();
+    let moves: Vec<Value> =
+        changed.moves.iter().map(|m| json!({"shard": m.shard, "added": m.add.and_then(name), "removed": m.remove.and_then(name)})).collect();
     Json(json!({"voters": names, "moves": moves}))
 }
 

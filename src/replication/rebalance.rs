@@ -12,10 +12,12 @@ use crate::transport::{PeerRequest, PeerResponse};
 
 impl CrossDc {
     /// After an order on `sku`: if this DC's allowance is under the low-water mark, ask
-    /// the others (in the background, one ask per SKU at a time).
+    /// the others (in the background, one ask per SKU at a time). Only the shard's leader
+    /// asks: its replica has the stock the order just took, and one node per DC asks
+    /// (a node may hold no replica of the shard at all).
     pub fn after_order(self: &Arc<Self>, sku: &str) {
-        if self.config().dcs.len() < 2 {
-            return; // no other DC to ask
+        if self.config().dcs.len() < 2 || !self.shard.is_leader() {
+            return; // no other DC to ask, or not this node's to ask
         }
         let low = self.config().replication.low_water_units;
         let available = self.shard.sm.inventory(sku).map(|i| i.available(self.dc())).unwrap_or(0);

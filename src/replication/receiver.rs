@@ -25,9 +25,9 @@ pub async fn handle(cross: &CrossDc, from: NodeId, req: PeerRequest) -> PeerResp
         PeerRequest::Replicate { origin, events } if origin == sender_dc => {
             // Before anything is applied or observed: no timestamp from the far future.
             let max_offset = cross.config().replication.max_clock_offset_ms;
-            let (shard, shards) = (cross.shard.number, cross.config().spread());
+            let (shard, spread) = (cross.shard.number, cross.config().spread());
             let checked = super::guard::check_events(&events, crate::hlc::wall_ms(), max_offset)
-                .and_then(|()| super::guard::check_shard(events.iter().map(|e| &e.change), shard, shards));
+                .and_then(|()| super::guard::check_shard(events.iter().map(|e| &e.change), shard, spread));
             if let Err(m) = checked {
                 tracing::warn!(%origin, reason = %m, "replicated batch refused");
                 return PeerResponse::Replicate(Err(NodeError::BadRequest(m)));
@@ -61,11 +61,11 @@ pub async fn handle(cross: &CrossDc, from: NodeId, req: PeerRequest) -> PeerResp
         }
         PeerRequest::InstallRemote { origin, upto, changes } if origin == sender_dc => {
             let max_offset = cross.config().replication.max_clock_offset_ms;
-            let (shard, shards) = (cross.shard.number, cross.config().spread());
+            let (shard, spread) = (cross.shard.number, cross.config().spread());
             let checked = changes
                 .iter()
                 .try_for_each(|c| super::guard::check_change(c, crate::hlc::wall_ms(), max_offset))
-                .and_then(|()| super::guard::check_shard(&changes, shard, shards));
+                .and_then(|()| super::guard::check_shard(&changes, shard, spread));
             if let Err(m) = checked {
                 tracing::warn!(%origin, reason = %m, "snapshot of another DC refused");
                 return PeerResponse::Replicate(Err(NodeError::BadRequest(m)));

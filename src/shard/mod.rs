@@ -298,8 +298,7 @@ impl Shard {
     /// replica if it holds one, else from the leader's (one forward).
     pub async fn read(&self, what: Lookup, stale: bool) -> Result<Found, NodeError> {
         if self.hosts() {
-            self.read_barrier(stale).await?;
-            return Ok(self.read_local(&what));
+            return self.answer_read(what, stale).await;
         }
         self.ask_leader(
             || PeerRequest::Read { what: what.clone(), stale },
@@ -351,12 +350,9 @@ impl Shard {
         Ok(ShardDigest { kinds, applied_index: self.sm.applied_index(), age_ms: u64::try_from(age.as_millis()).unwrap_or(u64::MAX) })
     }
 
-    /// A read asked by a node of this DC that holds no replica: answered here only if this
-    /// node holds one (else where the leader is).
+    /// A read from this node's replica (asked here, or by a node of this DC that holds
+    /// none); without a replica, the answer is where the leader is (`read_barrier`).
     pub async fn answer_read(&self, what: Lookup, stale: bool) -> Result<Found, NodeError> {
-        if !self.hosts() {
-            return Err(NodeError::NotLeader(self.leader()));
-        }
         self.read_barrier(stale).await?;
         Ok(self.read_local(&what))
     }
@@ -408,10 +404,7 @@ impl Shard {
     /// Whether a peer of this DC knows a leader of this shard (asked of every peer at
     /// once, within an election timeout): it leads, or names the node that does.
     pub async fn dc_has_leader(&self) -> bool {
-        let timeout = Some(Duration::from_millis(self.config.raft.election_timeout_max_ms));
-        // Every node of the DC, not only the shard's first replicas: replicas may have moved.
-        let asks = self.members.iter().filter(|id| **id != self.me).map(|id| self.peers.call(*id, PeerRequest::ReadIndex, timeout));
-        futures::future::join_all(asks).await.into_iter().any(|r| matches!(r, Ok(PeerResponse::ReadIndex(Ok(_) | Err(NodeError::NotLeader(Some(_)))))))
+        self.ask_who_leads().await.is_some()
     }
 
     /// A follower's read-index request, on the leader: it shares the rounds of this
@@ -614,7 +607,8 @@ impl Shard {
         // without a leader); a removed learner stays a learner. A follower that hears its
         // leader is still counted.
         let (state, leader) = {
-            let m = self.raft.metrics().borrow().clone();
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
             (m.state, m.current_leader)
         };
         let unsure = matches!(state, ServerState::Candidate | ServerState::Learner) || (state == ServerState::Follower && leader.is_none());

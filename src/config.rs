@@ -74,6 +74,28 @@ pub struct ClusterSection {
     /// the life of a cluster, like `shards`.
     #[serde(default, skip_serializing_if = "is_zero_u16")]
     pub replicas: u16,
+    /// With shards on subsets (`replicas`): a node that has failed every probe of its DC
+    /// for this long counts as dead, and the leader of each shard it held moves that
+    /// replica to a healthy node holding none of the shard, so the shard is back to
+    /// `replicas` copies. 0: never (the operator removes the node). The node itself stays
+    /// a member of its DC; back, it holds the shards it was not moved off.
+    #[serde(default = "default_replace_dead_after_s", skip_serializing_if = "is_default_replace_dead_after_s")]
+    pub replace_dead_after_s: u32,
+}
+
+/// Long enough that a restart or a short partition moves nothing (copying a shard costs
+/// its size in network and disk), short enough that a lost machine leaves its shards on
+/// two copies for minutes, not until an operator notices.
+pub const REPLACE_DEAD_AFTER_S_DEFAULT: u32 = 300;
+
+/// At most a week: a longer wait is `0`, never.
+const REPLACE_DEAD_AFTER_S_MAX: u32 = 7 * 24 * 3600;
+
+fn default_replace_dead_after_s() -> u32 {
+    REPLACE_DEAD_AFTER_S_DEFAULT
+}
+fn is_default_replace_dead_after_s(n: &u32) -> bool {
+    *n == REPLACE_DEAD_AFTER_S_DEFAULT
 }
 
 fn is_zero_u16(n: &u16) -> bool {
@@ -568,6 +590,9 @@ impl ClusterConfig {
         if ![0, 1, 3, 5].contains(&self.cluster.replicas) {
             return Err(invalid("cluster.replicas", "must be 0 (every node holds every shard), 1, 3 or 5"));
         }
+        if self.cluster.replace_dead_after_s > REPLACE_DEAD_AFTER_S_MAX {
+            return Err(invalid("cluster.replace_dead_after_s", format!("must be 0 (never) or at most {REPLACE_DEAD_AFTER_S_MAX} s")));
+        }
         self.check_raft()?;
         self.check_storage()?;
         self.check_limits()?;
@@ -1056,6 +1081,7 @@ mod tests {
             assert_eq!(names, ["dc1-n3", "dc1-n1", "dc1-n2"], "{replicas}");
         }
         check_err(|t| t.replace("[cluster]", "[cluster]\nreplicas = 2"), "cluster.replicas");
+        check_err(|t| t.replace("[cluster]", "[cluster]\nreplace_dead_after_s = 604801"), "cluster.replace_dead_after_s");
     }
 
     #[test]

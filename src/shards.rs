@@ -95,13 +95,13 @@ impl Shards {
                 let voters = first.change_membership(op).await?;
                 let nodes: Vec<NodeId> = voters.iter().copied().collect();
                 let wanted = usize::from(first.config.cluster.replicas).min(nodes.len());
-                let moves = placement::moves_onto(&self.data_voters().await?, &nodes, id, wanted);
+                let moves = placement::moves_onto(&self.data_voters(true).await?, &nodes, id, wanted);
                 self.run_moves(&moves, false).await?;
                 Ok(Changed { voters, moves })
             }
             MembershipOp::Remove(id) | MembershipOp::ForceRemove(id) => {
                 let nodes: Vec<NodeId> = first.members().await?.voters.into_iter().collect();
-                let moves = placement::moves_off(&self.data_voters().await?, &nodes, id);
+                let moves = placement::moves_off(&self.data_voters(true).await?, &nodes, id);
                 self.run_moves(&moves, matches!(op, MembershipOp::ForceRemove(_))).await?;
                 let voters = first.change_membership(op).await?;
                 Ok(Changed { voters, moves })
@@ -110,11 +110,18 @@ impl Shards {
         }
     }
 
-    /// The voters of every shard but shard 0, from their leaders.
-    async fn data_voters(&self) -> Result<placement::Voters, NodeError> {
+    /// The voters of every shard but shard 0, from their leaders; unless `strict`, a
+    /// shard whose leader cannot say (none now) is left out rather than failing all.
+    async fn data_voters(&self, strict: bool) -> Result<placement::Voters, NodeError> {
         let mut out = placement::Voters::new();
         for c in &self.all()[1..] {
-            out.insert(c.shard.number, c.shard.members().await?.voters);
+            match c.shard.members().await {
+                Ok(m) => {
+                    out.insert(c.shard.number, m.voters);
+                }
+                Err(e) if strict => return Err(e),
+                Err(_) => {}
+            }
         }
         Ok(out)
     }
@@ -157,5 +164,54 @@ pub async fn fenced_leader_loop(shards: Arc<Shards>) {
                 let _ = shard.hand_over(to).await;
             }
         }
+    }
+}
+
+/// With shards on subsets (`cluster.replicas`): a node that has failed every probe for
+/// `cluster.replace_dead_after_s` counts as dead, and each shard this node leads that
+/// has it among its voters gets a healthy node in its place (learner, caught up, voter,
+/// then the dead one out), so the shard is back to its copies without an operator. One
+/// move per shard per round; a move that fails is tried again next round.
+pub async fn replace_dead_loop(shards: Arc<Shards>) {
+    let cluster = &shards.first().shard.config.cluster;
+    if cluster.replace_dead_after_s == 0 || cluster.replicas == 0 || shards.count() == 1 {
+        return;
+    }
+    let after = Duration::from_secs(cluster.replace_dead_after_s.into());
+    let every = Duration::from_millis(shards.first().shard.config.raft.election_timeout_max_ms.saturating_mul(2));
+    loop {
+        tokio::time::sleep(every).await;
+        for c in shards.all()[1..].iter().filter(|c| c.shard.is_leader()) {
+            if let Err(e) = shards.replace_dead_replica(c.shard.number, after).await {
+                crate::warn_limited!("replace_dead", shard = c.shard.number, error = %e, "could not move a dead node's replica");
+            }
+        }
+    }
+}
+
+impl Shards {
+    /// Moves the replica of a voter of `shard` that has failed its probes for `after` to
+    /// the least loaded healthy member of the DC holding none of the shard. Nothing when
+    /// no voter is dead, or no healthy node can take it (the replica stays: a shard short
+    /// of a copy is better than one with fewer).
+    async fn replace_dead_replica(&self, shard: u16, after: Duration) -> Result<(), NodeError> {
+        let links = &self.first().links;
+        let dead = |n: NodeId| links.failing_for(n).is_some_and(|d| d >= after);
+        let own = self.list[usize::from(shard)].shard.members().await?.voters;
+        let Some(gone) = own.iter().copied().find(|n| dead(*n)) else { return Ok(()) };
+        // Who may take it: the DC's members that answer their probes.
+        let members = self.first().shard.members().await?.voters;
+        let candidates: Vec<NodeId> = members.into_iter().filter(|n| *n == gone || (links.node_healthy(*n) && !dead(*n))).collect();
+        // Every shard's voters weigh the choice; a shard that cannot say (no leader
+        // now) counts as holding nothing.
+        let mut voters = self.data_voters(false).await?;
+        voters.insert(shard, own);
+        let Some(m) = placement::moves_off(&voters, &candidates, gone).into_iter().find(|m| m.shard == shard && m.add.is_some()) else {
+            crate::warn_limited!("replace_dead_none", shard, node = gone, "a dead node's replica has no healthy node to go to");
+            return Ok(());
+        };
+        let failing_ms = links.failing_for(gone).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        tracing::warn!(shard, dead = gone, to = ?m.add, failing_ms, "moving a dead node's replica");
+        self.run_moves(&[m], false).await
     }
 }

@@ -155,7 +155,10 @@ fn count_ops(records: &[&Record]) -> OpCounts {
 }
 
 pub(crate) fn op_ref(r: &Record) -> OpRef {
-    let outcome = format!("{:?} {}", r.outcome, r.status).to_lowercase();
+    let mut outcome = format!("{:?} {}", r.outcome, r.status).to_lowercase();
+    if let Some(e) = &r.error {
+        outcome = format!("{outcome} ({e})");
+    }
     OpRef { id: r.id, client: r.client.clone(), node: r.node.clone(), op: r.op.describe(), outcome, invoke_ns: r.invoke_ns, complete_ns: r.complete_ns }
 }
 

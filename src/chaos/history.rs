@@ -42,6 +42,9 @@ pub struct Record {
     pub outcome: Outcome,
     /// HTTP status of the answer, 0 if there was none (timeout, connection error).
     pub status: u16,
+    /// For an error answer, its `code: message`, so that a report can say why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// How an operation ended, as far as the client can know.

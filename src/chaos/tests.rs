@@ -16,7 +16,7 @@ use super::{check, CheckOptions};
 // ---- building histories ----
 
 fn rec(id: u64, dc: &str, span: (u64, Option<u64>), outcome: Outcome, status: u16, op: Op) -> Record {
-    Record { id, client: format!("c{id}"), node: format!("{dc}-n1"), dc: dc.into(), op, invoke_ns: span.0, complete_ns: span.1, outcome, status }
+    Record { id, client: format!("c{id}"), node: format!("{dc}-n1"), dc: dc.into(), op, invoke_ns: span.0, complete_ns: span.1, outcome, status, error: None }
 }
 fn ok(id: u64, dc: &str, t0: u64, t1: u64, op: Op) -> Record {
     rec(id, dc, (t0, Some(t1)), Outcome::Ok, 200, op)

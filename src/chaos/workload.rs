@@ -231,8 +231,21 @@ impl Client {
             // Lost in a fault: ask DNS again before the next call.
             self.resolved_at = None;
         }
-        let rec =
-            Record { id, client: self.name.clone(), node: node.name, dc: node.dc, op, invoke_ns, complete_ns, outcome: reply.outcome, status: reply.status };
+        let error = reply.body["error"]
+            .is_object()
+            .then(|| format!("{}: {}", reply.body["error"]["code"].as_str().unwrap_or("?"), reply.body["error"]["message"].as_str().unwrap_or("?")));
+        let rec = Record {
+            id,
+            client: self.name.clone(),
+            node: node.name,
+            dc: node.dc,
+            op,
+            invoke_ns,
+            complete_ns,
+            outcome: reply.outcome,
+            status: reply.status,
+            error,
+        };
         self.rec.push(rec).await;
         reply.outcome
     }

@@ -46,11 +46,20 @@ fn misses_to_down(nodes: usize) -> usize {
     nodes.max(DOWN_AFTER_MISSES)
 }
 
+/// One probed node's record.
+#[derive(Debug, Clone, Copy, Default)]
+struct NodeSeen {
+    ok: Option<Instant>,
+    fail: Option<Instant>,
+    failing_since: Option<Instant>,
+}
+
 pub struct Links {
     // std RwLock: held for a copy or an update, never across an await.
     map: RwLock<BTreeMap<String, Link>>,
-    /// Per node probed: when it last answered, and when it last failed to.
-    nodes: RwLock<HashMap<NodeId, (Option<Instant>, Option<Instant>)>>,
+    /// Per node probed: when it last answered, when it last failed to, and since when it
+    /// has failed every probe (None while it answers).
+    nodes: RwLock<HashMap<NodeId, NodeSeen>>,
     unhealthy_after: Duration,
     /// This node's clock against its DC's, from the last round of local probes.
     clock: RwLock<ClockView>,
@@ -79,11 +88,20 @@ impl Links {
     pub fn record_probe(&self, node: NodeId, ok: bool) {
         let mut nodes = self.nodes.write().expect("links lock");
         let seen = nodes.entry(node).or_default();
+        let now = Instant::now();
         if ok {
-            seen.0 = Some(Instant::now());
+            seen.ok = Some(now);
+            seen.failing_since = None;
         } else {
-            seen.1 = Some(Instant::now());
+            seen.fail = Some(now);
+            seen.failing_since.get_or_insert(now);
         }
+    }
+
+    /// How long `node` has failed every probe; None while it answers (or before its
+    /// first probe).
+    pub fn failing_for(&self, node: NodeId) -> Option<Duration> {
+        self.nodes.read().expect("links lock").get(&node).and_then(|s| s.failing_since).map(|t| t.elapsed())
     }
 
     /// This node's clock against its DC's (fenced: off by more than the bound).
@@ -108,7 +126,7 @@ impl Links {
     /// A node counts as healthy unless its last probe failed (never probed: healthy).
     pub fn node_healthy(&self, node: NodeId) -> bool {
         match self.nodes.read().expect("links lock").get(&node) {
-            Some((ok, Some(fail))) => ok.is_some_and(|ok| ok > *fail),
+            Some(NodeSeen { ok, fail: Some(fail), .. }) => ok.is_some_and(|ok| ok > *fail),
             _ => true,
         }
     }

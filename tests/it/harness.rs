@@ -33,6 +33,8 @@ pub struct Options {
     pub shards: u16,
     /// Nodes holding each shard but shard 0 (`[cluster] replicas`; 0: every node).
     pub replicas: u16,
+    /// Extra TOML for `[cluster]`.
+    pub cluster: &'static str,
     /// Nodes named by host (`dcD-nI.agora.internal`), listening on their address: each
     /// node runs in a mount namespace of its own that sees the cluster's `hosts` file as
     /// `/etc/hosts` (so this needs root).
@@ -41,7 +43,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { dcs: 1, nodes: 3, raft: "", replication: "", limits: "", wan: "", shards: 1, replicas: 0, named: false }
+        Options { dcs: 1, nodes: 3, raft: "", replication: "", limits: "", wan: "", shards: 1, replicas: 0, cluster: "", named: false }
     }
 }
 
@@ -62,8 +64,8 @@ fn config_toml(net: u8, opts: &Options) -> String {
         dcs += &format!("\n[[dc]]\nname = \"dc{d}\"\nsubnet = \"127.{net}.{d}.0/24\"\nnodes = [\n{}\n]\n", nodes.join("\n"));
     }
     format!(
-        "[cluster]\nname = \"test-{net}\"\nshards = {}\nreplicas = {}\n\n[raft]\nheartbeat_interval_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n{}\n\n[storage]\ndurability = \"fsync\"\n\n[replication]\nprobe_interval_ms = 100\ndc_unhealthy_after_ms = 900\n{}\n\n[limits]\n{}\n\n[wan]\n{}\n{dcs}",
-        opts.shards, opts.replicas, opts.raft, opts.replication, opts.limits, opts.wan
+        "[cluster]\nname = \"test-{net}\"\nshards = {}\nreplicas = {}\n{}\n\n[raft]\nheartbeat_interval_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n{}\n\n[storage]\ndurability = \"fsync\"\n\n[replication]\nprobe_interval_ms = 100\ndc_unhealthy_after_ms = 900\n{}\n\n[limits]\n{}\n\n[wan]\n{}\n{dcs}",
+        opts.shards, opts.replicas, opts.cluster, opts.raft, opts.replication, opts.limits, opts.wan
     )
 }
 
@@ -369,10 +371,14 @@ impl TestCluster {
         .await
     }
 
+    /// What node `name` has logged so far.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
     fn dump_logs(&self) {
         for n in &self.names {
-            let path = self.dir.path().join(format!("{n}.log"));
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let text = self.log(n);
             let lines: Vec<&str> = text.lines().collect();
             // A panic's message, however far up the log its backtrace pushed it.
             for (i, _) in lines.iter().enumerate().filter(|(_, l)| l.contains("panicked at")) {

@@ -453,10 +453,58 @@ async fn removing_and_adding_a_node_moves_shard_replicas() {
     }
 }
 
+/// With shards on subsets, the replicas of a node that has failed its probes for
+/// `replace_dead_after_s` move to living nodes without an operator: each shard it held
+/// has three voters again, none of them the dead node, every acknowledged order is
+/// served, and every shard takes new orders.
+#[tokio::test]
+async fn a_dead_nodes_replicas_move_to_living_nodes() {
+    let mut c = TestCluster::start(150, Options { replicas: 3, cluster: "replace_dead_after_s = 2", ..sharded(1, 5) }).await;
+    must_shard_leaders(&c, "dc1-n1").await;
+    let token = c.must_session("dc1-n1", "survivor").await;
+    let skus: Vec<String> = (1..SHARDS).map(|s| sku_of(s, "dead", ON_SUBSETS)).collect();
+    let mut ids = Vec::new();
+    for sku in &skus {
+        c.must_restock("dc1-n1", sku, 50).await;
+        ids.push(must_order(&c, "dc1-n2", &token, sku).await);
+    }
+    // dc1-n3 holds a replica of shards 1 and 2.
+    for shard in 1..SHARDS {
+        let voters = must_eventually(Duration::from_secs(10), "a shard's voters", || voters_where_hosted(&c, shard)).await;
+        assert!(voters.contains("dc1-n3"), "shard {shard}: {voters:?}");
+    }
+    c.kill("dc1-n3");
+    must_eventually(Duration::from_secs(40), "three voters in every shard, dc1-n3 not among them", || async {
+        for shard in 1..SHARDS {
+            let voters = voters_where_hosted(&c, shard).await?;
+            (voters.len() == 3 && !voters.contains("dc1-n3")).then_some(())?;
+        }
+        Some(())
+    })
+    .await;
+    // Each move waited out the dead node's two seconds of failed probes.
+    let waited: Vec<u64> = c
+        .dc_nodes("dc1")
+        .iter()
+        .flat_map(|n| c.log(n).lines().filter(|l| l.contains("moving a dead node's replica")).map(String::from).collect::<Vec<_>>())
+        .filter_map(|l| l.split("failing_ms=").nth(1)?.split(|ch: char| !ch.is_ascii_digit()).next()?.parse().ok())
+        .collect();
+    assert!(waited.len() >= usize::from(SHARDS - 1) && waited.iter().all(|ms| *ms >= 2000), "moves logged with their wait: {waited:?}");
+    for sku in &skus {
+        ids.push(must_order(&c, "dc1-n4", &token, sku).await);
+    }
+    for id in &ids {
+        for n in c.dc_nodes("dc1").into_iter().filter(|n| n != "dc1-n3") {
+            let (code, v) = c.get(&n, &format!("/v1/orders/{id}")).await;
+            assert_eq!(code, 200, "{id} through {n}: {v}");
+        }
+    }
+}
+
 /// The voters of `shard` as a node holding a replica of it sees them.
 async fn voters_where_hosted(c: &TestCluster, shard: u16) -> Option<BTreeSet<String>> {
     for n in c.dc_nodes("dc1") {
-        let shards = try_shards_of(c, &n).await?;
+        let Some(shards) = try_shards_of(c, &n).await else { continue };
         let s = &shards[usize::from(shard)];
         if s["hosted"] == true && s["role"] == "leader" {
             return Some(s["voters"].as_array()?.iter().filter_map(|v| v.as_str().map(String::from)).collect());

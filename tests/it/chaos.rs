@@ -27,20 +27,35 @@ fn must_run(scenario: &str) -> (i32, tempfile::TempDir) {
 fn keep_evidence(run: &Path, scenario: &str) {
     let dest = Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-failures").join(format!("{scenario}-{}", std::process::id()));
     let keep = |p: &Path| p.extension().is_some_and(|e| ["json", "jsonl", "txt", "log", "toml"].iter().any(|k| e == *k));
-    let mut stack = vec![run.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+    for p in files_under(run).into_iter().filter(|p| keep(p)) {
+        let to = dest.join(p.strip_prefix(run).expect("under the run"));
+        let _ = std::fs::create_dir_all(to.parent().expect("a parent"));
+        let _ = std::fs::copy(&p, &to);
+    }
+    eprintln!("chaos run {scenario} failed; its evidence is in {}", dest.display());
+}
+
+/// Every file under `dir`, at any depth.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
             let p = e.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if keep(&p) {
-                let to = dest.join(p.strip_prefix(run).expect("under the run"));
-                let _ = std::fs::create_dir_all(to.parent().expect("a parent"));
-                let _ = std::fs::copy(&p, &to);
+            } else {
+                files.push(p);
             }
         }
     }
-    eprintln!("chaos run {scenario} failed; its evidence is in {}", dest.display());
+    files
+}
+
+/// The lines of the run's node logs that contain `text`.
+fn logged(run: &Path, text: &str) -> Vec<String> {
+    let logs = files_under(run).into_iter().filter(|p| p.extension().is_some_and(|e| e == "log"));
+    logs.flat_map(|p| std::fs::read_to_string(p).unwrap_or_default().lines().filter(|l| l.contains(text)).map(String::from).collect::<Vec<_>>()).collect()
 }
 
 fn report(dir: &Path) -> serde_json::Value {
@@ -124,6 +139,20 @@ fn chaos_replica_moves_under_a_partition_are_valid() {
     assert_eq!(code, 0, "subset-moves run invalid: {r:#}");
     let fin = std::fs::read_to_string(out.path().join("final.json")).expect("final.json");
     assert!(fin.contains("moved off (done") && fin.contains("and back (done"), "both moves were made: {r:#}");
+}
+
+/// Shards on subsets of dc1's five nodes: dc1-n3 (node 103), which holds both entity
+/// shards, is dead for longer than `replace_dead_after_s`; each shard's leader moves its
+/// replica to a living node, and the run is valid.
+#[test]
+fn chaos_a_dead_nodes_replicas_move_under_load_and_the_run_is_valid() {
+    let (code, out) = must_run("subset-dead-node.toml");
+    let r = report(out.path());
+    assert_eq!(code, 0, "subset-dead-node run invalid: {r:#}");
+    let moves = logged(out.path(), "moving a dead node's replica");
+    for shard in ["shard=1 ", "shard=2 "] {
+        assert!(moves.iter().any(|l| l.contains(shard) && l.contains("dead=103")), "{shard}moved off dc1-n3: {moves:#?}");
+    }
 }
 
 #[test]

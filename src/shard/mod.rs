@@ -556,8 +556,11 @@ impl Shard {
 
     /// The group's voters and learners as this node last applied them.
     fn local_members(&self) -> Members {
-        let m = self.raft.metrics().borrow().membership_config.clone();
-        Members { voters: m.membership().voter_ids().collect(), learners: m.membership().learner_ids().collect() }
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
+        let committed = m.membership_config.log_id().map(|l| l.index) <= m.last_applied.map(|l| l.index);
+        Members { voters: membership.voter_ids().collect(), learners: membership.learner_ids().collect(), committed }
     }
 
     /// On the leader: the group's members (a follower answers where the leader is).
@@ -596,9 +599,10 @@ impl Shard {
         let dropped = *self.dropped.lock().expect("dropped lock");
         if let Some(at) = dropped {
             let added_back = at != current && self.local_members().contains(self.me);
-            if added_back || self.leader_counts_me().await == Some(true) {
+            if added_back || self.leader_members().await.is_some_and(|m| m.contains(self.me)) {
                 tracing::info!(shard = self.number, "a member of the group again: a replica here");
                 *self.dropped.lock().expect("dropped lock") = None;
+                self.mark_dropped(false);
                 self.raft.runtime_config().elect(true);
             }
             return;
@@ -615,10 +619,27 @@ impl Shard {
         if !self.hosts() || !(asked || unsure) {
             return;
         }
-        if self.leader_counts_me().await == Some(false) {
-            tracing::info!(shard = self.number, "removed from the group by its leader: no longer a replica here");
-            *self.dropped.lock().expect("dropped lock") = Some(current);
-            self.raft.runtime_config().elect(false);
+        let Some(members) = self.leader_members().await.filter(|m| !m.contains(self.me)) else { return };
+        tracing::info!(shard = self.number, committed = members.committed, "removed from the group by its leader: no longer a replica here");
+        *self.dropped.lock().expect("dropped lock") = Some(current);
+        self.raft.runtime_config().elect(false);
+        if members.committed {
+            self.mark_dropped(true);
+        }
+    }
+
+    /// Records in the store that this node's replica was removed from the group by a
+    /// committed change (or, `false`, that it is a member again), so that its next start
+    /// deletes the replica's data (`storage::open_shards`) instead of keeping a copy
+    /// nobody reads. Shard 0 is on every member of the DC and holds the node's own
+    /// records: it is never marked. Only a committed removal is marked: a voter may
+    /// forget its log only once no leader can count it again.
+    fn mark_dropped(&self, dropped: bool) {
+        if self.number == 0 {
+            return;
+        }
+        if let Err(e) = self.sm.mark_dropped(dropped) {
+            tracing::warn!(shard = self.number, error = %e, "could not record this replica's removal: its data stays until it is a member again");
         }
     }
 
@@ -634,15 +655,19 @@ impl Shard {
         })
     }
 
-    /// Whether the leader the DC names counts this node among the group's members
-    /// (`None`: no leader known, or no answer).
-    async fn leader_counts_me(&self) -> Option<bool> {
+    /// The group's members as the leader the DC names holds them (`None`: no leader
+    /// known, or no answer).
+    async fn leader_members(&self) -> Option<Members> {
         let (leader, _) = self.ask_who_leads().await?;
         if leader == self.me {
-            return Some(true);
+            // A leader counts itself until it steps down (one that removed itself leads
+            // until the change commits).
+            let mut m = self.local_members();
+            m.voters.insert(self.me);
+            return Some(m);
         }
         match self.peers.call(leader, PeerRequest::Members, Some(self.request_timeout)).await {
-            Ok(PeerResponse::Members(Ok(m))) => Some(m.contains(self.me)),
+            Ok(PeerResponse::Members(Ok(m))) => Some(m),
             _ => None,
         }
     }

@@ -266,12 +266,42 @@ pub fn open_shards(
     (0..shards)
         .map(|shard| {
             let snapshot_dir = shard_dir(dir, shard);
+            wipe_if_dropped(&db, shard, &snapshot_dir)?;
             std::fs::create_dir_all(&snapshot_dir)?;
             let log = LogStore::for_shard(&db, shard, durable.clone())?;
             let sm = StateMachineStore::new(&db, (shard, spread), snapshot_file::SnapshotFiles::in_dir(&snapshot_dir), durable.clone(), per_shard.max(1), dc)?;
             Ok((log, sm))
         })
         .collect()
+}
+
+/// Deletes shard `shard`'s trees and snapshot files if its replica here was removed from
+/// the group (marked by `StateMachineStore::mark_dropped`): the shard then starts empty,
+/// as on a node that never held it, and a membership change that brings it back sends a
+/// snapshot. Without this a replica moved away would keep its data on disk for good.
+/// Shard 0 is never marked (its trees carry no prefix to tell them apart).
+fn wipe_if_dropped(db: &sled::Db, shard: u16, snapshot_dir: &Path) -> anyhow::Result<()> {
+    if shard == 0 || !tree(db, shard, "sm_meta")?.contains_key(state_machine::DROPPED)? {
+        return Ok(());
+    }
+    let prefix = format!("s{shard}/");
+    let mut trees = 0;
+    for name in db.tree_names() {
+        if name.starts_with(prefix.as_bytes()) {
+            db.drop_tree(&name)?;
+            trees += 1;
+        }
+    }
+    let mut files = 0;
+    for e in std::fs::read_dir(snapshot_dir).into_iter().flatten().flatten() {
+        if e.path().is_file() {
+            std::fs::remove_file(e.path())?;
+            files += 1;
+        }
+    }
+    db.flush()?;
+    tracing::warn!(shard, trees, files, "deleted the data of a replica removed from its group");
+    Ok(())
 }
 
 /// Where shard `shard` keeps its snapshot file: the data dir for shard 0, `shard-N/` in

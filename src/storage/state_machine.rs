@@ -36,6 +36,9 @@ const APPLIED: &[u8] = b"m/applied";
 const MEMBERSHIP: &[u8] = b"m/membership";
 /// Where a node kept its snapshot before it had files (meta tree).
 const SNAPSHOT: &[u8] = b"snapshot";
+/// Present in the meta tree once this node's replica was removed from its group by a
+/// committed change: the next start deletes the shard's data (`super::wipe_dropped`).
+pub(super) const DROPPED: &[u8] = b"dropped";
 /// Present in the state tree while a snapshot is installed, removed in the install's last
 /// batch: a node that finds it at start resumes the install.
 const INSTALLING: &[u8] = b"m/installing";
@@ -808,6 +811,16 @@ impl StateMachineStore {
 }
 
 impl SmReader {
+    /// Marks this replica as removed from its group (or a member again): see [`DROPPED`].
+    pub fn mark_dropped(&self, dropped: bool) -> sled::Result<()> {
+        if dropped {
+            self.inner.meta.insert(DROPPED, &[])?;
+        } else {
+            self.inner.meta.remove(DROPPED)?;
+        }
+        self.inner.meta.flush().map(|_| ())
+    }
+
     /// The node's data dir (the snapshot file's directory), for disk usage metrics.
     pub fn data_dir(&self) -> &std::path::Path {
         self.inner.snapshots.dir()

@@ -77,6 +77,9 @@ pub enum PeerRequest {
 pub struct Members {
     pub voters: std::collections::BTreeSet<NodeId>,
     pub learners: std::collections::BTreeSet<NodeId>,
+    /// The leader has applied the membership these come from: it is committed, and no
+    /// later leader can go back to one before it.
+    pub committed: bool,
 }
 
 /// One shard's digest, as a node holding a replica computed it: hex SHA-256 per entity

@@ -493,8 +493,28 @@ async fn a_dead_nodes_replicas_move_to_living_nodes() {
     for sku in &skus {
         ids.push(must_order(&c, "dc1-n4", &token, sku).await);
     }
+    // Back, dc1-n3 learns it holds neither shard any more; restarted once more, it
+    // deletes their data, and serves both through their leaders.
+    c.start_node("dc1-n3");
+    must_eventually(Duration::from_secs(20), "dc1-n3 finding it holds no entity shard", || async {
+        let out = try_shards_of(&c, "dc1-n3").await?;
+        (1..SHARDS).all(|k| out[usize::from(k)]["hosted"] == false).then_some(())
+    })
+    .await;
+    c.stop("dc1-n3");
+    c.start_node("dc1-n3");
+    let files = |shard: u16| std::fs::read_dir(c.data_dir("dc1-n3").join(format!("shard-{shard}"))).map(|d| d.count()).unwrap_or(0);
+    must_eventually(Duration::from_secs(20), "dc1-n3 up again", || async { try_shards_of(&c, "dc1-n3").await }).await;
+    // Each shard's trees (log, state, metadata) were there to delete.
+    let log = c.log("dc1-n3");
+    let wiped = log.lines().filter(|l| l.contains("deleted the data of a replica removed from its group") && !l.contains("trees=0")).count();
+    assert_eq!(wiped, usize::from(SHARDS - 1), "{log}");
+    assert!((1..SHARDS).all(|k| files(k) == 0), "no snapshot file left");
+    for sku in &skus {
+        ids.push(must_order(&c, "dc1-n3", &token, sku).await);
+    }
     for id in &ids {
-        for n in c.dc_nodes("dc1").into_iter().filter(|n| n != "dc1-n3") {
+        for n in c.dc_nodes("dc1") {
             let (code, v) = c.get(&n, &format!("/v1/orders/{id}")).await;
             assert_eq!(code, 200, "{id} through {n}: {v}");
         }

@@ -79,23 +79,31 @@ pub struct ClusterSection {
     /// replica to a healthy node holding none of the shard, so the shard is back to
     /// `replicas` copies. 0: never (the operator removes the node). The node itself stays
     /// a member of its DC; back, it holds the shards it was not moved off.
-    #[serde(default = "default_replace_dead_after_s", skip_serializing_if = "is_default_replace_dead_after_s")]
+    #[serde(default = "default_move_after_s", skip_serializing_if = "is_default_move_after_s")]
     pub replace_dead_after_s: u32,
+    /// With shards on subsets: once the DC's replica counts have been uneven (a healthy
+    /// node holding two fewer than the most loaded, or a shard short of `replicas`
+    /// copies) in the same way for this long, shard 0's leader moves one replica onto
+    /// the node holding the fewest, and so on, so that a node back from the dead or a
+    /// shard that lost a copy is evened out without an operator. 0: never.
+    #[serde(default = "default_move_after_s", skip_serializing_if = "is_default_move_after_s")]
+    pub rebalance_after_s: u32,
 }
 
-/// Long enough that a restart or a short partition moves nothing (copying a shard costs
-/// its size in network and disk), short enough that a lost machine leaves its shards on
-/// two copies for minutes, not until an operator notices.
-pub const REPLACE_DEAD_AFTER_S_DEFAULT: u32 = 300;
+/// For both automatic moves: long enough that a restart or a short partition moves
+/// nothing (copying a shard costs its size in network and disk), short enough that a
+/// lost machine leaves its shards on two copies for minutes, not until an operator
+/// notices.
+pub const MOVE_AFTER_S_DEFAULT: u32 = 300;
 
 /// At most a week: a longer wait is `0`, never.
-const REPLACE_DEAD_AFTER_S_MAX: u32 = 7 * 24 * 3600;
+const MOVE_AFTER_S_MAX: u32 = 7 * 24 * 3600;
 
-fn default_replace_dead_after_s() -> u32 {
-    REPLACE_DEAD_AFTER_S_DEFAULT
+fn default_move_after_s() -> u32 {
+    MOVE_AFTER_S_DEFAULT
 }
-fn is_default_replace_dead_after_s(n: &u32) -> bool {
-    *n == REPLACE_DEAD_AFTER_S_DEFAULT
+fn is_default_move_after_s(n: &u32) -> bool {
+    *n == MOVE_AFTER_S_DEFAULT
 }
 
 fn is_zero_u16(n: &u16) -> bool {
@@ -590,8 +598,10 @@ impl ClusterConfig {
         if ![0, 1, 3, 5].contains(&self.cluster.replicas) {
             return Err(invalid("cluster.replicas", "must be 0 (every node holds every shard), 1, 3 or 5"));
         }
-        if self.cluster.replace_dead_after_s > REPLACE_DEAD_AFTER_S_MAX {
-            return Err(invalid("cluster.replace_dead_after_s", format!("must be 0 (never) or at most {REPLACE_DEAD_AFTER_S_MAX} s")));
+        for (field, value) in [("replace_dead_after_s", self.cluster.replace_dead_after_s), ("rebalance_after_s", self.cluster.rebalance_after_s)] {
+            if value > MOVE_AFTER_S_MAX {
+                return Err(invalid(format!("cluster.{field}"), format!("must be 0 (never) or at most {MOVE_AFTER_S_MAX} s")));
+            }
         }
         self.check_raft()?;
         self.check_storage()?;
@@ -1082,6 +1092,7 @@ mod tests {
         }
         check_err(|t| t.replace("[cluster]", "[cluster]\nreplicas = 2"), "cluster.replicas");
         check_err(|t| t.replace("[cluster]", "[cluster]\nreplace_dead_after_s = 604801"), "cluster.replace_dead_after_s");
+        check_err(|t| t.replace("[cluster]", "[cluster]\nrebalance_after_s = 604801"), "cluster.rebalance_after_s");
     }
 
     #[test]

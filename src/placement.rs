@@ -1,7 +1,8 @@
 //! Where shard replicas go when a node joins or leaves a DC whose shards live on subsets
 //! of its nodes (`cluster.replicas`): pure plans over the shards' current voters, run one
-//! move at a time by the admin API (`api::admin`). Shard 0 is on every node and is not
-//! planned here.
+//! move at a time by the admin API (`api::admin`) and by the automatic moves off a dead
+//! node and onto the least loaded one (`crate::shards`). Shard 0 is on every node and is
+//! not planned here.
 //!
 //! A node leaving hands each of its replicas to the node holding the fewest, among those
 //! without one of that shard. A node joining takes replicas from the most loaded nodes
@@ -25,7 +26,7 @@ pub struct Move {
 pub type Voters = BTreeMap<u16, BTreeSet<NodeId>>;
 
 /// How many replicas each of `nodes` holds.
-fn loads(voters: &Voters, nodes: &[NodeId]) -> BTreeMap<NodeId, usize> {
+pub fn loads(voters: &Voters, nodes: &[NodeId]) -> BTreeMap<NodeId, usize> {
     let mut load: BTreeMap<NodeId, usize> = nodes.iter().map(|n| (*n, 0)).collect();
     for v in voters.values().flatten() {
         if let Some(l) = load.get_mut(v) {

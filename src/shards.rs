@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::NodeError;
 use crate::ids::shard_of;
@@ -213,5 +213,58 @@ impl Shards {
         let failing_ms = links.failing_for(gone).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         tracing::warn!(shard, dead = gone, to = ?m.add, failing_ms, "moving a dead node's replica");
         self.run_moves(&[m], false).await
+    }
+}
+
+/// With shards on subsets (`cluster.rebalance_after_s`): on the node that leads shard 0,
+/// every two election timeouts, the first move of the plan that gives the DC's least
+/// loaded healthy member its share (`placement::moves_onto`: a shard short of copies
+/// first, then a replica of the most loaded node while it holds two more). Once the same
+/// move has been the plan for `rebalance_after_s` it is made: a node back from the dead
+/// gets replicas again, but a node that comes and goes, or a DC in the middle of an
+/// operator's moves, changes the plan and resets the wait.
+pub async fn rebalance_loop(shards: Arc<Shards>) {
+    let cluster = &shards.first().shard.config.cluster;
+    if cluster.rebalance_after_s == 0 || cluster.replicas == 0 || shards.count() == 1 {
+        return;
+    }
+    let after = Duration::from_secs(cluster.rebalance_after_s.into());
+    let every = Duration::from_millis(shards.first().shard.config.raft.election_timeout_max_ms.saturating_mul(2));
+    let mut planned: Option<(Move, Instant)> = None;
+    loop {
+        tokio::time::sleep(every).await;
+        let next = match shards.first().shard.is_leader() {
+            true => shards.rebalancing_move().await.unwrap_or(None),
+            false => None,
+        };
+        planned = match (planned, next) {
+            (Some((p, since)), Some(m)) if p == m => Some((p, since)),
+            (_, m) => m.map(|m| (m, Instant::now())),
+        };
+        let Some((m, since)) = planned else { continue };
+        if since.elapsed() < after {
+            continue;
+        }
+        tracing::info!(shard = m.shard, add = ?m.add, remove = ?m.remove, "rebalancing a replica");
+        if let Err(e) = shards.run_moves(&[m], false).await {
+            crate::warn_limited!("rebalance", shard = m.shard, error = %e, "could not rebalance a replica");
+        }
+        planned = None;
+    }
+}
+
+impl Shards {
+    /// The first move that evens out the DC's replicas, onto its least loaded healthy
+    /// member; `None` when they are even. Every shard must answer: a plan made without one
+    /// shard's voters could move a replica where it is not needed.
+    async fn rebalancing_move(&self) -> Result<Option<Move>, NodeError> {
+        let links = &self.first().links;
+        let members = self.first().shard.members().await?.voters;
+        let healthy: Vec<NodeId> = members.into_iter().filter(|n| links.node_healthy(*n) && links.failing_for(*n).is_none()).collect();
+        let voters = self.data_voters(true).await?;
+        let wanted = usize::from(self.first().shard.config.cluster.replicas).min(healthy.len());
+        let load = placement::loads(&voters, &healthy);
+        let Some(joining) = load.iter().min_by_key(|(n, l)| (**l, **n)).map(|(n, _)| *n) else { return Ok(None) };
+        Ok(placement::moves_onto(&voters, &healthy, joining, wanted).into_iter().next())
     }
 }

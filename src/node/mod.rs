@@ -201,6 +201,7 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
         tokio::spawn(peers.addresses().clone().refresh_loop()),
         tokio::spawn(crate::shards::fenced_leader_loop(shards.clone())),
         tokio::spawn(crate::shards::replace_dead_loop(shards.clone())),
+        tokio::spawn(crate::shards::rebalance_loop(shards.clone())),
         tokio::spawn(crate::runtime_probe::run(metrics.clone())),
     ];
     for c in shards.all() {

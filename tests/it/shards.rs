@@ -3,7 +3,7 @@
 //! nodes, a leader kill in one shard leaves the others serving, and shards converge
 //! across DCs.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use agora::ids::{shard_of, Spread};
@@ -521,14 +521,73 @@ async fn a_dead_nodes_replicas_move_to_living_nodes() {
     }
 }
 
-/// The voters of `shard` as a node holding a replica of it sees them.
+/// With shards on subsets, a node back from the dead gets replicas again without an
+/// operator: its replicas moved off while it was away, and once the DC's replica counts
+/// have stayed uneven for `rebalance_after_s`, a replica moves onto it from the most
+/// loaded node, until no node holds two more than another. Every acknowledged order is
+/// served after.
+#[tokio::test]
+async fn a_node_back_from_the_dead_gets_its_share_of_replicas_again() {
+    let opts = Options { replicas: 3, cluster: "replace_dead_after_s = 2\nrebalance_after_s = 2", ..sharded(1, 5) };
+    let mut c = TestCluster::start(151, opts).await;
+    must_shard_leaders(&c, "dc1-n1").await;
+    let token = c.must_session("dc1-n1", "returner").await;
+    let skus: Vec<String> = (1..SHARDS).map(|s| sku_of(s, "back", ON_SUBSETS)).collect();
+    let mut ids = Vec::new();
+    for sku in &skus {
+        c.must_restock("dc1-n1", sku, 50).await;
+        ids.push(must_order(&c, "dc1-n2", &token, sku).await);
+    }
+    c.kill("dc1-n3");
+    must_eventually(Duration::from_secs(40), "dc1-n3 out of every shard", || async {
+        for shard in 1..SHARDS {
+            let voters = voters_where_hosted(&c, shard).await?;
+            (voters.len() == 3 && !voters.contains("dc1-n3")).then_some(())?;
+        }
+        Some(())
+    })
+    .await;
+    c.start_node("dc1-n3");
+    let load = must_eventually(Duration::from_secs(40), "replicas even again, some on dc1-n3", || async {
+        let mut load: BTreeMap<String, usize> = c.dc_nodes("dc1").into_iter().map(|n| (n, 0)).collect();
+        for shard in 1..SHARDS {
+            let voters = voters_where_hosted(&c, shard).await?;
+            (voters.len() == 3).then_some(())?;
+            for v in voters {
+                *load.get_mut(&v)? += 1;
+            }
+        }
+        let (min, max) = (*load.values().min()?, *load.values().max()?);
+        (load["dc1-n3"] > 0 && max - min <= 1).then_some(load)
+    })
+    .await;
+    assert!(c.dc_nodes("dc1").iter().any(|n| c.log(n).contains("rebalancing a replica")), "moved by the rebalancing, not by hand: {load:?}");
+    for sku in &skus {
+        ids.push(must_order(&c, "dc1-n3", &token, sku).await);
+    }
+    for id in &ids {
+        for n in c.dc_nodes("dc1") {
+            let (code, v) = c.get(&n, &format!("/v1/orders/{id}")).await;
+            assert_eq!(code, 200, "{id} through {n}: {v}");
+        }
+    }
+}
+
+/// The voters of `shard` as its leader sees them: of the nodes that hold a replica and
+/// say they lead it, the one with the highest term (a leader restarted after it was
+/// replaced takes itself for the leader until it hears the newer term).
 async fn voters_where_hosted(c: &TestCluster, shard: u16) -> Option<BTreeSet<String>> {
+    let mut best: Option<(u64, BTreeSet<String>)> = None;
     for n in c.dc_nodes("dc1") {
         let Some(shards) = try_shards_of(c, &n).await else { continue };
         let s = &shards[usize::from(shard)];
         if s["hosted"] == true && s["role"] == "leader" {
-            return Some(s["voters"].as_array()?.iter().filter_map(|v| v.as_str().map(String::from)).collect());
+            let term = s["term"].as_u64()?;
+            let voters = s["voters"].as_array()?.iter().filter_map(|v| v.as_str().map(String::from)).collect();
+            if best.as_ref().is_none_or(|(t, _)| term > *t) {
+                best = Some((term, voters));
+            }
         }
     }
-    None
+    best.map(|(_, v)| v)
 }

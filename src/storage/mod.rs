@@ -430,6 +430,23 @@ mod tests {
     }
 }
 
+/// Opens again a db this process has just closed: sled's flusher thread holds the
+/// file's lock for a moment after the last handle is dropped, and an open meanwhile
+/// fails with "could not acquire lock". Any other outcome is returned at once. It waits
+/// on the thread: not for a store whose last handle a task of the same runtime holds.
+#[cfg(test)]
+pub(crate) fn when_unlocked<T, E: std::fmt::Display>(mut open: impl FnMut() -> Result<T, E>) -> Result<T, E> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match open() {
+            Err(e) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 #[cfg(test)]
 mod layout_tests {
     use super::*;
@@ -450,10 +467,10 @@ mod layout_tests {
             db.flush().unwrap();
         }
         assert_eq!(Layout::stored(dir.path()), Some(Layout { segment_bytes: 1 << 16, compressed: true }));
-        let db = sled_config(dir.path(), options(0, 0)).open().expect("reopened with the stored layout");
+        let db = when_unlocked(|| sled_config(dir.path(), options(0, 0)).open()).expect("reopened with the stored layout");
         assert_eq!(db.get(b"k").unwrap().as_deref(), Some(b"v".as_slice()));
         drop(db);
-        assert!(sled::Config::new().path(dir.path()).open().is_err(), "sled alone refuses another layout");
+        assert!(when_unlocked(|| sled::Config::new().path(dir.path()).open()).is_err(), "sled alone refuses another layout");
 
         let plain = tempfile::tempdir().unwrap();
         drop(sled_config(plain.path(), options(0, 0)).open().unwrap());
@@ -467,7 +484,7 @@ mod format_tests {
     use super::*;
 
     fn open_dir(dir: &Path) -> anyhow::Result<()> {
-        open(dir, "dc1", Durability::Flush, 1 << 20, 100).map(|_| ())
+        when_unlocked(|| open(dir, "dc1", Durability::Flush, 1 << 20, 100).map(|_| ()).map_err(|e| format!("{e:#}"))).map_err(anyhow::Error::msg)
     }
 
     /// A fresh dir and a dir marked with this build's format open; a dir with data

@@ -1101,6 +1101,8 @@ mod tests {
 
     /// The store in `dir` opened again, once the previous handle's sled lock is gone (it
     /// goes with the store's last handle, once its flusher task sees it).
+    /// (It sleeps on the runtime, not the thread: the flusher task that holds the last
+    /// handle runs on this test's runtime.)
     async fn reopen(dir: &std::path::Path) -> (crate::storage::LogStore, StateMachineStore) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {

@@ -413,26 +413,12 @@ pub struct DnsSection {
     /// Threads answering UDP, each on its own socket; 0: one per core but one (at least
     /// one, at most four).
     pub udp_workers: usize,
-    /// Microseconds a UDP worker that has just answered polls for the next query before
-    /// it sleeps (0: it sleeps at once); see `dns::UdpOptions::spin`.
-    #[serde(skip_serializing_if = "is_default_spin")]
-    pub udp_spin_us: u64,
-}
-
-fn is_default_spin(us: &u64) -> bool {
-    *us == crate::dns::UDP_SPIN_US_DEFAULT
 }
 
 impl Default for DnsSection {
     fn default() -> Self {
         let d = crate::dns::RateLimit::default();
-        DnsSection {
-            rrl_responses_per_s: d.responses_per_s,
-            rrl_slip: d.slip,
-            rrl_sources_max: d.sources_max,
-            udp_workers: 0,
-            udp_spin_us: crate::dns::UDP_SPIN_US_DEFAULT,
-        }
+        DnsSection { rrl_responses_per_s: d.responses_per_s, rrl_slip: d.slip, rrl_sources_max: d.sources_max, udp_workers: 0 }
     }
 }
 
@@ -472,10 +458,6 @@ impl WanSection {
 impl DnsSection {
     pub fn rate_limit(&self) -> crate::dns::RateLimit {
         crate::dns::RateLimit { responses_per_s: self.rrl_responses_per_s, slip: self.rrl_slip, sources_max: self.rrl_sources_max }
-    }
-
-    pub fn udp(&self) -> crate::dns::UdpOptions {
-        crate::dns::UdpOptions { workers: self.udp_workers, spin: std::time::Duration::from_micros(self.udp_spin_us) }
     }
 }
 
@@ -806,9 +788,6 @@ impl ClusterConfig {
         if !(2..=RRL_SOURCES_MAX_LIMIT).contains(&d.rrl_sources_max) {
             return Err(invalid("dns.rrl_sources_max", format!("must be between 2 and {RRL_SOURCES_MAX_LIMIT}")));
         }
-        if d.udp_spin_us > crate::dns::UDP_SPIN_US_MAX {
-            return Err(invalid("dns.udp_spin_us", format!("must be at most {}", crate::dns::UDP_SPIN_US_MAX)));
-        }
         if d.udp_workers > crate::dns::UDP_WORKERS_MAX {
             return Err(invalid("dns.udp_workers", format!("must be at most {}", crate::dns::UDP_WORKERS_MAX)));
         }
@@ -1090,7 +1069,6 @@ mod tests {
         check_err(|t| t.replace("rrl_responses_per_s = 1000", "rrl_responses_per_s = 0"), "dns.rrl_responses_per_s");
         check_err(|t| t.replace("rrl_sources_max = 20000", "rrl_sources_max = 1"), "dns.rrl_sources_max");
         check_err(|t| t.replace("udp_workers = 0", "udp_workers = 17"), "dns.udp_workers");
-        check_err(|t| t.replace("udp_workers = 0", "udp_workers = 0\nudp_spin_us = 1001"), "dns.udp_spin_us");
         check_err(|t| t.replace("rrl_slip = 2", "rrl_slip = 2\nrrl_window_s = 1"), "unknown field `rrl_window_s`");
         check_err(|t| t.replace("session_ttl_s = 86400", "session_ttl_s = 0"), "limits.session_ttl_s");
         check_err(|t| t.replace("idempotency_ttl_s = 86400", "idempotency_ttl_s = 99999999999"), "limits.idempotency_ttl_s");

@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agora::dns::{DcView, DnsServer, DnsSnapshot, DnsView, NodeView, RateLimit, UdpOptions};
+use agora::dns::{DcView, DnsServer, DnsSnapshot, DnsView, NodeView, RateLimit};
 use hickory_server::proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_server::proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
 use hickory_server::proto::rr::{Name, RData, Record, RecordType};
@@ -62,7 +62,7 @@ async fn start(snapshot: DnsSnapshot) -> (DnsServer, Arc<TestView>) {
 async fn start_limited(snapshot: DnsSnapshot, limit: RateLimit) -> (DnsServer, Arc<TestView>) {
     let view = Arc::new(TestView(Mutex::new(snapshot)));
     let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let server = DnsServer::start(addr, view.clone(), limit, UdpOptions::default()).await.unwrap();
+    let server = DnsServer::start(addr, view.clone(), limit, 0).await.unwrap();
     (server, view)
 }
 
@@ -805,8 +805,7 @@ async fn shutdown_releases_the_port() {
     assert_eq!(shop(addr).await.len(), 3);
     timeout(WAIT, server.shutdown()).await.expect("shutdown hangs");
     assert!(TcpStream::connect(addr).await.is_err(), "tcp still accepting");
-    let stats_after_restart = DnsServer::start(addr, Arc::new(TestView(Mutex::new(three_dcs()))), RateLimit::default(), UdpOptions::default())
-        .await
-        .expect("port reusable after shutdown");
+    let stats_after_restart =
+        DnsServer::start(addr, Arc::new(TestView(Mutex::new(three_dcs()))), RateLimit::default(), 0).await.expect("port reusable after shutdown");
     assert_eq!(stats_after_restart.stats().queries, 0);
 }

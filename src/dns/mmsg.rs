@@ -42,16 +42,6 @@ impl Received {
     /// Waits for at least one datagram (within the socket's read timeout), then takes
     /// every one already waiting, up to [`BATCH`]. Returns how many.
     pub fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
-        self.recv_flags(socket, libc::MSG_WAITFORONE)
-    }
-
-    /// Takes every datagram already waiting, up to [`BATCH`], without waiting: an error
-    /// of kind `WouldBlock` when there is none.
-    pub fn try_recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
-        self.recv_flags(socket, libc::MSG_DONTWAIT)
-    }
-
-    fn recv_flags(&mut self, socket: &UdpSocket, flags: libc::c_int) -> io::Result<usize> {
         self.count = 0;
         for i in 0..BATCH {
             self.iovs[i] = libc::iovec { iov_base: self.bufs[i].as_mut_ptr().cast(), iov_len: self.bufs[i].len() };
@@ -64,7 +54,7 @@ impl Received {
             self.hdrs[i] = libc::mmsghdr { msg_hdr: hdr, msg_len: 0 };
         }
         // SAFETY: `hdrs` holds BATCH initialised headers whose buffers outlive the call.
-        let n = unsafe { libc::recvmmsg(socket.as_raw_fd(), self.hdrs.as_mut_ptr(), BATCH_C, flags, std::ptr::null_mut()) };
+        let n = unsafe { libc::recvmmsg(socket.as_raw_fd(), self.hdrs.as_mut_ptr(), BATCH_C, libc::MSG_WAITFORONE, std::ptr::null_mut()) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }

@@ -63,7 +63,6 @@ use self::stats::Counters;
 pub use self::stats::DnsStats;
 use self::udp::UdpWorkers;
 pub use self::udp::MAX_WORKERS as UDP_WORKERS_MAX;
-pub use self::udp::{UdpOptions, SPIN_US_DEFAULT as UDP_SPIN_US_DEFAULT, SPIN_US_MAX as UDP_SPIN_US_MAX};
 
 /// Upper bound on a DC weight; keeps the rotation cycle short.
 pub const MAX_WEIGHT: u32 = 100;
@@ -230,19 +229,17 @@ impl DnsServer {
     /// # Errors
     /// `DnsError::Bind` if either socket cannot be bound (for port 0, if no
     /// port free for both was found).
-    /// `udp`: UDP threads (0 for this machine's count, see `UdpWorkers::count`) and
-    /// their polling.
-    pub async fn start(addr: SocketAddr, view: Arc<dyn DnsView>, limit: RateLimit, udp: UdpOptions) -> Result<DnsServer, DnsError> {
-        let workers = UdpWorkers::count(udp.workers);
+    /// `udp_workers`: UDP threads, 0 for this machine's count (see `UdpWorkers::count`).
+    pub async fn start(addr: SocketAddr, view: Arc<dyn DnsView>, limit: RateLimit, udp_workers: usize) -> Result<DnsServer, DnsError> {
+        let workers = UdpWorkers::count(udp_workers);
         let (tcp, sockets) = bind_all(addr, workers).await?;
         let local_addr = tcp.local_addr()?;
         let stats = Arc::new(Counters::default());
         let handler = Arc::new(Handler::new(view, stats.clone(), &limit));
-        let udp_spin = udp.spin;
-        let udp = UdpWorkers::start(sockets, &handler, udp_spin)?;
+        let udp = UdpWorkers::start(sockets, &handler)?;
         let mut server = Server::new(SharedHandler(handler));
         server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
-        info!(%local_addr, udp_workers = workers, udp_spin_us = udp_spin.as_micros() as u64, "dns server listening");
+        info!(%local_addr, udp_workers = workers, "dns server listening");
         Ok(DnsServer { server, udp: Some(udp), local_addr, stats })
     }
 
@@ -283,7 +280,7 @@ pub struct DnsThread {
 
 impl DnsThread {
     /// Binds (errors are returned here, not lost on the thread) and starts serving.
-    pub fn spawn(addr: SocketAddr, view: Arc<dyn DnsView>, limit: RateLimit, udp: UdpOptions) -> Result<DnsThread, DnsError> {
+    pub fn spawn(addr: SocketAddr, view: Arc<dyn DnsView>, limit: RateLimit, udp_workers: usize) -> Result<DnsThread, DnsError> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new().name("agora-dns".into()).spawn(move || {
@@ -292,7 +289,7 @@ impl DnsThread {
                 Err(e) => return drop(ready_tx.send(Err(DnsError::Io(e)))),
             };
             rt.block_on(async move {
-                match DnsServer::start(addr, view, limit, udp).await {
+                match DnsServer::start(addr, view, limit, udp_workers).await {
                     Ok(server) => {
                         let _ = ready_tx.send(Ok((server.local_addr(), server.stats.clone())));
                         let _ = stop_rx.await;

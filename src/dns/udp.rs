@@ -145,30 +145,6 @@ fn cacheable(packet: &[u8], request: &Request, encoded: &Encoded) -> bool {
     plain_counts && plain_edns && rcode_ok && request.metadata.message_type == MessageType::Query
 }
 
-/// How a server answers UDP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UdpOptions {
-    /// Worker threads, 0 for this machine's count ([`UdpWorkers::count`]).
-    pub workers: usize,
-    /// How long a worker that has just answered polls its socket for the next query
-    /// before it sleeps in `recvmmsg` (zero: it sleeps at once). Under load, queries
-    /// follow one another within microseconds, and polling for them costs less than
-    /// being put to sleep and woken for each few; idle, a worker polls this long once
-    /// after its last query and then sleeps.
-    pub spin: Duration,
-}
-
-impl Default for UdpOptions {
-    fn default() -> Self {
-        UdpOptions { workers: 0, spin: Duration::from_micros(SPIN_US_DEFAULT) }
-    }
-}
-
-/// The default of `dns.udp_spin_us`.
-pub const SPIN_US_DEFAULT: u64 = 0;
-/// The most `dns.udp_spin_us` may be: a worker that polls longer only burns a core.
-pub const SPIN_US_MAX: u64 = 1000;
-
 /// The UDP worker threads of one server.
 pub(crate) struct UdpWorkers {
     stop: Arc<AtomicBool>,
@@ -195,15 +171,15 @@ impl UdpWorkers {
         (0..count.max(1)).map(|_| bind_socket(addr).map_err(|source| DnsError::Bind { proto: "udp", addr, source })).collect()
     }
 
-    /// Starts one worker per socket, each polling `spin` after a batch.
-    pub fn start(sockets: Vec<Socket>, handler: &Arc<Handler>, spin: Duration) -> Result<UdpWorkers, DnsError> {
+    /// Starts one worker per socket.
+    pub fn start(sockets: Vec<Socket>, handler: &Arc<Handler>) -> Result<UdpWorkers, DnsError> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut workers = UdpWorkers { stop: stop.clone(), sockets: Vec::new(), threads: Vec::new() };
         for (index, socket) in sockets.into_iter().enumerate() {
             workers.sockets.push(socket.try_clone()?);
             let socket: std::net::UdpSocket = socket.into();
             let (stop, responder) = (stop.clone(), Responder::new(handler.clone()));
-            let thread = std::thread::Builder::new().name(format!("agora-dns-udp{index}")).spawn(move || serve(&socket, responder, &stop, spin))?;
+            let thread = std::thread::Builder::new().name(format!("agora-dns-udp{index}")).spawn(move || serve(&socket, responder, &stop))?;
             workers.threads.push(thread);
         }
         Ok(workers)
@@ -249,26 +225,12 @@ fn bind_socket(addr: SocketAddr) -> io::Result<Socket> {
     Ok(socket)
 }
 
-fn serve(socket: &std::net::UdpSocket, mut responder: Responder, stop: &AtomicBool, spin: Duration) {
+fn serve(socket: &std::net::UdpSocket, mut responder: Responder, stop: &AtomicBool) {
     let mut received = Received::new(RECEIVE_BUFFER);
     let mut answers = Vec::with_capacity(mmsg::BATCH);
-    // When the last batch ended: under load the next query usually follows within
-    // microseconds, and polling for it costs less than sleeping and being woken.
-    let mut busy_since: Option<std::time::Instant> = None;
     while !stop.load(Ordering::Relaxed) {
-        let polled = match busy_since {
-            Some(at) if at.elapsed() < spin => received.try_recv(socket),
-            _ => received.recv(socket),
-        };
-        let count = match polled {
-            Ok(count) => {
-                busy_since = Some(std::time::Instant::now());
-                count
-            }
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock && busy_since.is_some_and(|at| at.elapsed() < spin) => {
-                std::hint::spin_loop();
-                continue;
-            }
+        let count = match received.recv(socket) {
+            Ok(count) => count,
             Err(error) if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => continue,
             Err(error) => {
                 debug!(%error, "dns udp receive failed");

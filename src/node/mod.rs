@@ -213,7 +213,7 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
         tasks.push(tokio::spawn(background::membership_check_loop(c.shard.clone())));
         tasks.extend(replication::spawn(c.clone()));
     }
-    let dns = DnsThread::spawn(info.dns, Arc::new(ClusterView::new(cross.clone())), config.dns.rate_limit(), config.dns.udp())
+    let dns = DnsThread::spawn(info.dns, Arc::new(ClusterView::new(cross.clone())), config.dns.rate_limit(), config.dns.udp_workers)
         .with_context(|| format!("start dns on {}", info.dns))?;
 
     let state = Arc::new(ApiState {

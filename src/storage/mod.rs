@@ -255,7 +255,12 @@ pub fn open_shards(
     // We flush when Raft needs it; the background flush only bounds what an unsynced
     // state-machine write may lose, which the log replays anyway.
     let config = sled_config(dir, sled).flush_every_ms(Some(1000));
+    let started = std::time::Instant::now();
     let db = config.open().map_err(|e| anyhow::anyhow!("open sled db in {}: {e}", dir.display()))?;
+    // sled 0.34 writes its page table's snapshot only when it opens, so an open reads
+    // every segment written since the last one: a node that ran long starts slowly.
+    let file_bytes = std::fs::metadata(dir.join("db")).map(|m| m.len()).unwrap_or(0);
+    tracing::info!(ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), file_bytes, dir = %dir.display(), "opened the data dir");
     check_format(&db, dir)?;
     let file = match sled.durability {
         Durability::Fsync => Some(Arc::new(File::open(dir.join("db"))?)),

@@ -76,6 +76,17 @@ impl LogStore {
         self.durable.sync_async().await.map_err(|e| io_err(StorageIOError::write_logs, e))
     }
 
+    /// The id of the log's last entry, purged or not.
+    pub(super) fn last_log_id(&self) -> Result<Option<LogId>, StorageError> {
+        let last_purged_log_id: Option<LogId> = self.get_meta(LAST_PURGED)?;
+        // A log purged to its end (its entries perhaps not yet removed) ends at the last
+        // purged id.
+        Ok(match (self.last_entry_id()?, last_purged_log_id) {
+            (Some(last), Some(purged)) if last.index <= purged.index => Some(purged),
+            (last, purged) => last.or(purged),
+        })
+    }
+
     fn last_entry_id(&self) -> Result<Option<LogId>, StorageError> {
         let Some((_, bytes)) = self.log.last().map_err(|e| io_err(StorageIOError::read_logs, e))? else {
             return Ok(None);
@@ -129,13 +140,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged_log_id: Option<LogId> = self.get_meta(LAST_PURGED)?;
-        // A log purged to its end (its entries perhaps not yet removed) ends at the last
-        // purged id.
-        let last_log_id = match (self.last_entry_id()?, last_purged_log_id) {
-            (Some(last), Some(purged)) if last.index <= purged.index => Some(purged),
-            (last, purged) => last.or(purged),
-        };
-        Ok(LogState { last_purged_log_id, last_log_id })
+        Ok(LogState { last_purged_log_id, last_log_id: self.last_log_id()? })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -282,5 +287,50 @@ mod tests {
         // A cap below one entry still sends one: replication always moves.
         let mut tiny = store.with_payload_bytes_max(1);
         assert_eq!(indexes(tiny.limited_get_log_entries(5, 11).await.unwrap()), vec![5]);
+    }
+
+    /// A replica marked removed from its group is deleted at the next open only if its log
+    /// still ends where it ended when marked; one that got entries since (it was added
+    /// back, as a learner first) keeps its data and loses the mark.
+    #[tokio::test]
+    async fn a_removed_replica_is_deleted_only_if_its_log_did_not_move() {
+        let (dir, snapshots) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        std::fs::write(snapshots.path().join("raft-snapshot.bin"), b"x").unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let durable = Durable::new(db.clone(), None, crate::storage::Disk::default());
+        let store = LogStore::for_shard(&db, 1, durable.clone()).unwrap();
+        let meta = crate::storage::tree(&db, 1, "sm_meta").unwrap();
+        let append = |upto: u64| {
+            for i in 1..=upto {
+                let entry = Entry::<TypeConfig> { log_id: log_id(i), payload: EntryPayload::Blank };
+                store.log.insert(key(i), codec::encode(&entry)).unwrap();
+            }
+        };
+        let mark = |at: Option<u64>| meta.insert(super::super::state_machine::DROPPED, codec::encode(&at)).unwrap();
+
+        // Added back: entries 6 and 7 came after the mark at 5.
+        append(7);
+        mark(Some(5));
+        super::super::wipe_if_dropped(&db, 1, snapshots.path(), &durable).unwrap();
+        assert_eq!(store.last_log_id().unwrap(), Some(log_id(7)), "kept");
+        assert!(snapshots.path().join("raft-snapshot.bin").exists());
+        assert!(!meta.contains_key(super::super::state_machine::DROPPED).unwrap(), "the stale mark is gone");
+
+        // Still where it was marked: every tree of the shard goes, shard 0's stay.
+        mark(Some(7));
+        drop(append);
+        drop(mark);
+        drop((store, meta));
+        db.open_tree("raft_log").unwrap().insert(b"zero", b"kept".as_slice()).unwrap();
+        super::super::wipe_if_dropped(&db, 1, snapshots.path(), &durable).unwrap();
+        assert!(crate::storage::tree(&db, 1, "raft_log").unwrap().is_empty(), "shard 1's log deleted");
+        assert!(!snapshots.path().join("raft-snapshot.bin").exists(), "and its snapshot file");
+        assert!(!crate::storage::tree(&db, 1, "sm_meta").unwrap().contains_key(super::super::state_machine::DROPPED).unwrap());
+        assert_eq!(db.open_tree("raft_log").unwrap().get(b"zero").unwrap().as_deref(), Some(b"kept".as_slice()));
+
+        // Shard 0 is never deleted, marked or not.
+        db.open_tree("sm_meta").unwrap().insert(super::super::state_machine::DROPPED, codec::encode(&None::<u64>)).unwrap();
+        super::super::wipe_if_dropped(&db, 0, snapshots.path(), &durable).unwrap();
+        assert_eq!(db.open_tree("raft_log").unwrap().get(b"zero").unwrap().as_deref(), Some(b"kept".as_slice()));
     }
 }

@@ -271,7 +271,7 @@ pub fn open_shards(
     (0..shards)
         .map(|shard| {
             let snapshot_dir = shard_dir(dir, shard);
-            wipe_if_dropped(&db, shard, &snapshot_dir)?;
+            wipe_if_dropped(&db, shard, &snapshot_dir, &durable)?;
             std::fs::create_dir_all(&snapshot_dir)?;
             let log = LogStore::for_shard(&db, shard, durable.clone())?;
             let sm = StateMachineStore::new(&db, (shard, spread), snapshot_file::SnapshotFiles::in_dir(&snapshot_dir), durable.clone(), per_shard.max(1), dc)?;
@@ -285,8 +285,17 @@ pub fn open_shards(
 /// as on a node that never held it, and a membership change that brings it back sends a
 /// snapshot. Without this a replica moved away would keep its data on disk for good.
 /// Shard 0 is never marked (its trees carry no prefix to tell them apart).
-fn wipe_if_dropped(db: &sled::Db, shard: u16, snapshot_dir: &Path) -> anyhow::Result<()> {
-    if shard == 0 || !tree(db, shard, "sm_meta")?.contains_key(state_machine::DROPPED)? {
+fn wipe_if_dropped(db: &sled::Db, shard: u16, snapshot_dir: &Path, durable: &Durable) -> anyhow::Result<()> {
+    // No handle on the shard's trees is kept across their removal.
+    let Some(mark) = tree(db, shard, "sm_meta")?.get(state_machine::DROPPED)?.filter(|_| shard != 0) else { return Ok(()) };
+    let dropped_at: Option<u64> = crate::codec::decode(&mark).map_err(|e| anyhow::anyhow!("shard {shard}'s removal mark: {e}"))?;
+    let log = LogStore::for_shard(db, shard, durable.clone())?;
+    let now_at = log.last_log_id().map_err(|e| anyhow::anyhow!("shard {shard}'s log: {e}"))?.map(|l| l.index);
+    drop(log);
+    if now_at != dropped_at {
+        // Entries came after the removal: the node was added back. Its data stays.
+        tracing::info!(shard, ?dropped_at, ?now_at, "a replica marked removed got entries since: kept");
+        tree(db, shard, "sm_meta")?.remove(state_machine::DROPPED)?;
         return Ok(());
     }
     let prefix = format!("s{shard}/");

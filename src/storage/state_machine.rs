@@ -37,7 +37,8 @@ const MEMBERSHIP: &[u8] = b"m/membership";
 /// Where a node kept its snapshot before it had files (meta tree).
 const SNAPSHOT: &[u8] = b"snapshot";
 /// Present in the meta tree once this node's replica was removed from its group by a
-/// committed change: the next start deletes the shard's data (`super::wipe_dropped`).
+/// committed change, holding the index its log ended at then: the next start deletes the
+/// shard's data if the log still ends there (`super::wipe_if_dropped`).
 pub(super) const DROPPED: &[u8] = b"dropped";
 /// Present in the state tree while a snapshot is installed, removed in the install's last
 /// batch: a node that finds it at start resumes the install.
@@ -811,10 +812,11 @@ impl StateMachineStore {
 }
 
 impl SmReader {
-    /// Marks this replica as removed from its group (or a member again): see [`DROPPED`].
-    pub fn mark_dropped(&self, dropped: bool) -> sled::Result<()> {
-        if dropped {
-            self.inner.meta.insert(DROPPED, &[])?;
+    /// Marks this replica as removed from its group when its log ended at `last_index`
+    /// (`Some`), or as a member again (`None`): see [`DROPPED`].
+    pub fn mark_dropped(&self, last_index: Option<Option<u64>>) -> sled::Result<()> {
+        if let Some(last) = last_index {
+            self.inner.meta.insert(DROPPED, codec::encode(&last))?;
         } else {
             self.inner.meta.remove(DROPPED)?;
         }

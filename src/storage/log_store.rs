@@ -318,8 +318,6 @@ mod tests {
 
         // Still where it was marked: every tree of the shard goes, shard 0's stay.
         mark(Some(7));
-        drop(append);
-        drop(mark);
         drop((store, meta));
         db.open_tree("raft_log").unwrap().insert(b"zero", b"kept".as_slice()).unwrap();
         super::super::wipe_if_dropped(&db, 1, snapshots.path(), &durable).unwrap();

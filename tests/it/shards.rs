@@ -445,12 +445,7 @@ async fn removing_and_adding_a_node_moves_shard_replicas() {
         ids.push(must_order(&c, "dc1-n3", &token, sku).await);
     }
     c.must_converge(Duration::from_secs(15)).await;
-    for id in &ids {
-        for n in c.dc_nodes("dc1") {
-            let (code, v) = c.get(&n, &format!("/v1/orders/{id}")).await;
-            assert_eq!(code, 200, "{id} through {n}: {v}");
-        }
-    }
+    must_serve_everywhere(&c, &ids).await;
 }
 
 /// With shards on subsets, the replicas of a node that has failed its probes for
@@ -461,27 +456,14 @@ async fn removing_and_adding_a_node_moves_shard_replicas() {
 async fn a_dead_nodes_replicas_move_to_living_nodes() {
     let mut c = TestCluster::start(150, Options { replicas: 3, cluster: "replace_dead_after_s = 2", ..sharded(1, 5) }).await;
     must_shard_leaders(&c, "dc1-n1").await;
-    let token = c.must_session("dc1-n1", "survivor").await;
-    let skus: Vec<String> = (1..SHARDS).map(|s| sku_of(s, "dead", ON_SUBSETS)).collect();
-    let mut ids = Vec::new();
-    for sku in &skus {
-        c.must_restock("dc1-n1", sku, 50).await;
-        ids.push(must_order(&c, "dc1-n2", &token, sku).await);
-    }
+    let (token, skus, mut ids) = an_order_in_every_shard(&c, "survivor", "dead").await;
     // dc1-n3 holds a replica of shards 1 and 2.
     for shard in 1..SHARDS {
         let voters = must_eventually(Duration::from_secs(10), "a shard's voters", || voters_where_hosted(&c, shard)).await;
         assert!(voters.contains("dc1-n3"), "shard {shard}: {voters:?}");
     }
     c.kill("dc1-n3");
-    must_eventually(Duration::from_secs(40), "three voters in every shard, dc1-n3 not among them", || async {
-        for shard in 1..SHARDS {
-            let voters = voters_where_hosted(&c, shard).await?;
-            (voters.len() == 3 && !voters.contains("dc1-n3")).then_some(())?;
-        }
-        Some(())
-    })
-    .await;
+    must_have_three_voters_without(&c, "dc1-n3").await;
     // Each move waited out the dead node's two seconds of failed probes.
     let waited: Vec<u64> = c
         .dc_nodes("dc1")
@@ -513,12 +495,7 @@ async fn a_dead_nodes_replicas_move_to_living_nodes() {
     for sku in &skus {
         ids.push(must_order(&c, "dc1-n3", &token, sku).await);
     }
-    for id in &ids {
-        for n in c.dc_nodes("dc1") {
-            let (code, v) = c.get(&n, &format!("/v1/orders/{id}")).await;
-            assert_eq!(code, 200, "{id} through {n}: {v}");
-        }
-    }
+    must_serve_everywhere(&c, &ids).await;
 }
 
 /// With shards on subsets, a node back from the dead gets replicas again without an
@@ -531,22 +508,9 @@ async fn a_node_back_from_the_dead_gets_its_share_of_replicas_again() {
     let opts = Options { replicas: 3, cluster: "replace_dead_after_s = 2\nrebalance_after_s = 2", ..sharded(1, 5) };
     let mut c = TestCluster::start(151, opts).await;
     must_shard_leaders(&c, "dc1-n1").await;
-    let token = c.must_session("dc1-n1", "returner").await;
-    let skus: Vec<String> = (1..SHARDS).map(|s| sku_of(s, "back", ON_SUBSETS)).collect();
-    let mut ids = Vec::new();
-    for sku in &skus {
-        c.must_restock("dc1-n1", sku, 50).await;
-        ids.push(must_order(&c, "dc1-n2", &token, sku).await);
-    }
+    let (token, skus, mut ids) = an_order_in_every_shard(&c, "returner", "back").await;
     c.kill("dc1-n3");
-    must_eventually(Duration::from_secs(40), "dc1-n3 out of every shard", || async {
-        for shard in 1..SHARDS {
-            let voters = voters_where_hosted(&c, shard).await?;
-            (voters.len() == 3 && !voters.contains("dc1-n3")).then_some(())?;
-        }
-        Some(())
-    })
-    .await;
+    must_have_three_voters_without(&c, "dc1-n3").await;
     c.start_node("dc1-n3");
     let load = must_eventually(Duration::from_secs(40), "replicas even again, some on dc1-n3", || async {
         let mut load: BTreeMap<String, usize> = c.dc_nodes("dc1").into_iter().map(|n| (n, 0)).collect();
@@ -565,12 +529,42 @@ async fn a_node_back_from_the_dead_gets_its_share_of_replicas_again() {
     for sku in &skus {
         ids.push(must_order(&c, "dc1-n3", &token, sku).await);
     }
-    for id in &ids {
+    must_serve_everywhere(&c, &ids).await;
+}
+
+/// A session and one order in every entity shard (SKUs tagged `tag`, 50 units each):
+/// the session's token, the SKUs and the acknowledged orders' ids.
+async fn an_order_in_every_shard(c: &TestCluster, user: &str, tag: &str) -> (String, Vec<String>, Vec<String>) {
+    let token = c.must_session("dc1-n1", user).await;
+    let skus: Vec<String> = (1..SHARDS).map(|s| sku_of(s, tag, ON_SUBSETS)).collect();
+    let mut ids = Vec::new();
+    for sku in &skus {
+        c.must_restock("dc1-n1", sku, 50).await;
+        ids.push(must_order(c, "dc1-n2", &token, sku).await);
+    }
+    (token, skus, ids)
+}
+
+/// Every order of `ids` read through every node of dc1.
+async fn must_serve_everywhere(c: &TestCluster, ids: &[String]) {
+    for id in ids {
         for n in c.dc_nodes("dc1") {
             let (code, v) = c.get(&n, &format!("/v1/orders/{id}")).await;
             assert_eq!(code, 200, "{id} through {n}: {v}");
         }
     }
+}
+
+/// Waits until every entity shard has three voters, `gone` not among them.
+async fn must_have_three_voters_without(c: &TestCluster, gone: &str) {
+    must_eventually(Duration::from_secs(40), &format!("three voters in every shard, {gone} not among them"), || async {
+        for shard in 1..SHARDS {
+            let voters = voters_where_hosted(c, shard).await?;
+            (voters.len() == 3 && !voters.contains(gone)).then_some(())?;
+        }
+        Some(())
+    })
+    .await;
 }
 
 /// The voters of `shard` as its leader sees them: of the nodes that hold a replica and

@@ -167,18 +167,24 @@ pub async fn fenced_leader_loop(shards: Arc<Shards>) {
     }
 }
 
+/// For an automatic move waiting `after_s` (0: off): the wait, and how often its loop
+/// looks (two election timeouts); `None` when there is nothing to move — the move is off,
+/// every node holds every shard, or there is one shard.
+fn automatic_moves(shards: &Shards, after_s: u32) -> Option<(Duration, Duration)> {
+    let config = &shards.first().shard.config;
+    if after_s == 0 || config.cluster.replicas == 0 || shards.count() == 1 {
+        return None;
+    }
+    Some((Duration::from_secs(after_s.into()), Duration::from_millis(config.raft.election_timeout_max_ms.saturating_mul(2))))
+}
+
 /// With shards on subsets (`cluster.replicas`): a node that has failed every probe for
 /// `cluster.replace_dead_after_s` counts as dead, and each shard this node leads that
 /// has it among its voters gets a healthy node in its place (learner, caught up, voter,
 /// then the dead one out), so the shard is back to its copies without an operator. One
 /// move per shard per round; a move that fails is tried again next round.
 pub async fn replace_dead_loop(shards: Arc<Shards>) {
-    let cluster = &shards.first().shard.config.cluster;
-    if cluster.replace_dead_after_s == 0 || cluster.replicas == 0 || shards.count() == 1 {
-        return;
-    }
-    let after = Duration::from_secs(cluster.replace_dead_after_s.into());
-    let every = Duration::from_millis(shards.first().shard.config.raft.election_timeout_max_ms.saturating_mul(2));
+    let Some((after, every)) = automatic_moves(&shards, shards.first().shard.config.cluster.replace_dead_after_s) else { return };
     loop {
         tokio::time::sleep(every).await;
         for c in shards.all()[1..].iter().filter(|c| c.shard.is_leader()) {
@@ -201,7 +207,7 @@ impl Shards {
         let Some(gone) = own.iter().copied().find(|n| dead(*n)) else { return Ok(()) };
         // Who may take it: the DC's members that answer their probes.
         let members = self.first().shard.members().await?.voters;
-        let candidates: Vec<NodeId> = members.into_iter().filter(|n| *n == gone || (links.node_healthy(*n) && !dead(*n))).collect();
+        let candidates: Vec<NodeId> = members.into_iter().filter(|n| *n == gone || links.node_healthy(*n)).collect();
         // Every shard's voters weigh the choice; a shard that cannot say (no leader
         // now) counts as holding nothing.
         let mut voters = self.data_voters(false).await?;
@@ -224,12 +230,7 @@ impl Shards {
 /// gets replicas again, but a node that comes and goes, or a DC in the middle of an
 /// operator's moves, changes the plan and resets the wait.
 pub async fn rebalance_loop(shards: Arc<Shards>) {
-    let cluster = &shards.first().shard.config.cluster;
-    if cluster.rebalance_after_s == 0 || cluster.replicas == 0 || shards.count() == 1 {
-        return;
-    }
-    let after = Duration::from_secs(cluster.rebalance_after_s.into());
-    let every = Duration::from_millis(shards.first().shard.config.raft.election_timeout_max_ms.saturating_mul(2));
+    let Some((after, every)) = automatic_moves(&shards, shards.first().shard.config.cluster.rebalance_after_s) else { return };
     let mut planned: Option<(Move, Instant)> = None;
     loop {
         tokio::time::sleep(every).await;
@@ -260,7 +261,7 @@ impl Shards {
     async fn rebalancing_move(&self) -> Result<Option<Move>, NodeError> {
         let links = &self.first().links;
         let members = self.first().shard.members().await?.voters;
-        let healthy: Vec<NodeId> = members.into_iter().filter(|n| links.node_healthy(*n) && links.failing_for(*n).is_none()).collect();
+        let healthy: Vec<NodeId> = members.into_iter().filter(|n| links.node_healthy(*n)).collect();
         let voters = self.data_voters(true).await?;
         let wanted = usize::from(self.first().shard.config.cluster.replicas).min(healthy.len());
         let load = placement::loads(&voters, &healthy);

@@ -46,20 +46,12 @@ fn misses_to_down(nodes: usize) -> usize {
     nodes.max(DOWN_AFTER_MISSES)
 }
 
-/// One probed node's record.
-#[derive(Debug, Clone, Copy, Default)]
-struct NodeSeen {
-    ok: Option<Instant>,
-    fail: Option<Instant>,
-    failing_since: Option<Instant>,
-}
-
 pub struct Links {
     // std RwLock: held for a copy or an update, never across an await.
     map: RwLock<BTreeMap<String, Link>>,
-    /// Per node probed: when it last answered, when it last failed to, and since when it
-    /// has failed every probe (None while it answers).
-    nodes: RwLock<HashMap<NodeId, NodeSeen>>,
+    /// The probed nodes whose last probe failed, and since when every probe of each has
+    /// failed (a node answering again leaves the map; at most the cluster's nodes).
+    failing: RwLock<HashMap<NodeId, Instant>>,
     unhealthy_after: Duration,
     /// This node's clock against its DC's, from the last round of local probes.
     clock: RwLock<ClockView>,
@@ -68,7 +60,7 @@ pub struct Links {
 impl Links {
     pub fn new(dcs: impl IntoIterator<Item = String>, unhealthy_after: Duration) -> Arc<Self> {
         let map = dcs.into_iter().map(|d| (d, Link::default())).collect();
-        Arc::new(Links { map: RwLock::new(map), nodes: Default::default(), unhealthy_after, clock: Default::default() })
+        Arc::new(Links { map: RwLock::new(map), failing: Default::default(), unhealthy_after, clock: Default::default() })
     }
 
     pub fn get(&self, dc: &str) -> Link {
@@ -86,22 +78,18 @@ impl Links {
     }
 
     pub fn record_probe(&self, node: NodeId, ok: bool) {
-        let mut nodes = self.nodes.write().expect("links lock");
-        let seen = nodes.entry(node).or_default();
-        let now = Instant::now();
+        let mut failing = self.failing.write().expect("links lock");
         if ok {
-            seen.ok = Some(now);
-            seen.failing_since = None;
+            failing.remove(&node);
         } else {
-            seen.fail = Some(now);
-            seen.failing_since.get_or_insert(now);
+            failing.entry(node).or_insert_with(Instant::now);
         }
     }
 
     /// How long `node` has failed every probe; None while it answers (or before its
     /// first probe).
     pub fn failing_for(&self, node: NodeId) -> Option<Duration> {
-        self.nodes.read().expect("links lock").get(&node).and_then(|s| s.failing_since).map(|t| t.elapsed())
+        self.failing.read().expect("links lock").get(&node).map(Instant::elapsed)
     }
 
     /// This node's clock against its DC's (fenced: off by more than the bound).
@@ -125,10 +113,7 @@ impl Links {
 
     /// A node counts as healthy unless its last probe failed (never probed: healthy).
     pub fn node_healthy(&self, node: NodeId) -> bool {
-        match self.nodes.read().expect("links lock").get(&node) {
-            Some(NodeSeen { ok, fail: Some(fail), .. }) => ok.is_some_and(|ok| ok > *fail),
-            _ => true,
-        }
+        !self.failing.read().expect("links lock").contains_key(&node)
     }
 
     /// Heard from recently.

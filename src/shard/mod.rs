@@ -602,7 +602,7 @@ impl Shard {
             if added_back || self.leader_members().await.is_some_and(|m| m.contains(self.me)) {
                 tracing::info!(shard = self.number, "a member of the group again: a replica here");
                 *self.dropped.lock().expect("dropped lock") = None;
-                self.mark_dropped(None);
+                self.record_dropped(|sm| sm.clear_dropped());
                 self.raft.runtime_config().elect(true);
             }
             return;
@@ -625,24 +625,24 @@ impl Shard {
         self.raft.runtime_config().elect(false);
         if members.committed {
             let last_index = self.raft.metrics().borrow().last_log_index;
-            self.mark_dropped(Some(last_index));
+            self.record_dropped(|sm| sm.mark_dropped(last_index));
         }
     }
 
     /// Records in the store that this node's replica was removed from the group by a
-    /// committed change while its log ended at `last_index` (or, `None`, that it is a
-    /// member again), so that its next start deletes the replica's data
-    /// (`storage::open_shards`) instead of keeping a copy nobody reads. Shard 0 is on
-    /// every member of the DC and holds the node's own records: it is never marked. Only
-    /// a committed removal is marked: a voter may forget its log only once no leader can
-    /// count it again. And the start deletes only if the log still ends where it did: a
-    /// node added back gets entries (as a learner, before it can be a voter again), so a
-    /// mark it had no time to clear cannot cost a voter its log.
-    fn mark_dropped(&self, last_index: Option<Option<u64>>) {
+    /// committed change, with the index its log ended at (`SmReader::mark_dropped`), or
+    /// that it is a member again (`clear_dropped`), so that its next start deletes the
+    /// replica's data (`storage::open_shards`) instead of keeping a copy nobody reads.
+    /// Shard 0 is on every member of the DC and holds the node's own records: it is never
+    /// marked. Only a committed removal is marked: a voter may forget its log only once no
+    /// leader can count it again. And the start deletes only if the log still ends where
+    /// it did: a node added back gets entries (as a learner, before it can be a voter
+    /// again), so a mark it had no time to clear cannot cost a voter its log.
+    fn record_dropped(&self, write: impl FnOnce(&crate::storage::SmReader) -> sled::Result<()>) {
         if self.number == 0 {
             return;
         }
-        if let Err(e) = self.sm.mark_dropped(last_index) {
+        if let Err(e) = write(&self.sm) {
             tracing::warn!(shard = self.number, error = %e, "could not record this replica's removal: its data stays until it is a member again");
         }
     }

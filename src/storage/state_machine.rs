@@ -812,14 +812,16 @@ impl StateMachineStore {
 }
 
 impl SmReader {
-    /// Marks this replica as removed from its group when its log ended at `last_index`
-    /// (`Some`), or as a member again (`None`): see [`DROPPED`].
-    pub fn mark_dropped(&self, last_index: Option<Option<u64>>) -> sled::Result<()> {
-        if let Some(last) = last_index {
-            self.inner.meta.insert(DROPPED, codec::encode(&last))?;
-        } else {
-            self.inner.meta.remove(DROPPED)?;
-        }
+    /// Marks this replica as removed from its group while its log ended at `last_index`
+    /// (None: an empty log): see [`DROPPED`].
+    pub fn mark_dropped(&self, last_index: Option<u64>) -> sled::Result<()> {
+        self.inner.meta.insert(DROPPED, codec::encode(&last_index))?;
+        self.inner.meta.flush().map(|_| ())
+    }
+
+    /// Takes the mark of [`Self::mark_dropped`] back: a member again.
+    pub fn clear_dropped(&self) -> sled::Result<()> {
+        self.inner.meta.remove(DROPPED)?;
         self.inner.meta.flush().map(|_| ())
     }
 

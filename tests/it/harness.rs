@@ -192,7 +192,7 @@ impl TestCluster {
         agora::transport::client::call_once(&target, security, req, 64 << 20).await
     }
 
-    pub fn data_dir(&self, name: &str) -> PathBuf {
+    fn data_dir(&self, name: &str) -> PathBuf {
         self.dir.path().join("data").join(name)
     }
 

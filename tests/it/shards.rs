@@ -485,13 +485,11 @@ async fn a_dead_nodes_replicas_move_to_living_nodes() {
     .await;
     c.stop("dc1-n3");
     c.start_node("dc1-n3");
-    let files = |shard: u16| std::fs::read_dir(c.data_dir("dc1-n3").join(format!("shard-{shard}"))).map(|d| d.count()).unwrap_or(0);
     must_eventually(Duration::from_secs(20), "dc1-n3 up again", || async { try_shards_of(&c, "dc1-n3").await }).await;
     // Each shard's trees (log, state, metadata) were there to delete.
     let log = c.log("dc1-n3");
     let wiped = log.lines().filter(|l| l.contains("deleted the data of a replica removed from its group") && !l.contains("trees=0")).count();
     assert_eq!(wiped, usize::from(SHARDS - 1), "{log}");
-    assert!((1..SHARDS).all(|k| files(k) == 0), "no snapshot file left");
     for sku in &skus {
         ids.push(must_order(&c, "dc1-n3", &token, sku).await);
     }

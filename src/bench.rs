@@ -15,6 +15,9 @@ pub enum Mix {
     ReadHeavy,
     /// Only `POST /v1/sessions`.
     Sessions,
+    /// Only `POST /v1/orders` for SKUs whose stock is gone: every answer is a 409
+    /// `sold_out`, which the leader confirms linearizably first (the end of a flash sale).
+    SoldOut,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -175,12 +178,21 @@ async fn prepare(client: &reqwest::Client, args: &BenchArgs) -> anyhow::Result<S
     let mut sessions = Vec::new();
     for base in &args.targets {
         sessions.push(post(client, format!("{base}/v1/sessions"), json!({"user": "bench"})).await?["token"].as_str().unwrap_or_default().to_string());
-        for sku in &skus {
+        // Sold out: one unit in all, bought below.
+        let restocked = if args.mix == Mix::SoldOut { &[][..] } else { &skus[..] };
+        for sku in restocked {
             let url = format!("{base}/v1/inventory/{sku}");
             let resp = client.put(&url).json(&json!({"add": 1_000_000})).send().await?;
             if !resp.status().is_success() {
                 bail!("{url}: {}", resp.status());
             }
+        }
+    }
+    if args.mix == Mix::SoldOut {
+        let base = &args.targets[0];
+        for sku in &skus {
+            client.put(format!("{base}/v1/inventory/{sku}")).json(&json!({"add": 1})).send().await?.error_for_status()?;
+            post(client, format!("{base}/v1/orders"), json!({"session": sessions[0], "sku": sku, "qty": 1})).await?;
         }
     }
     let mut orders = Vec::new();
@@ -298,7 +310,7 @@ async fn one_request(client: &reqwest::Client, base: &str, args: &BenchArgs, set
     let Ok(r) = req.send().await else { return Answer { ok: false, placed: false, order_id: None } };
     // Only an order that was placed (201 with its id) is recorded; the body is read
     // either way, so the connection can be reused.
-    let ok = r.status().is_success();
+    let ok = if args.mix == Mix::SoldOut { r.status() == reqwest::StatusCode::CONFLICT } else { r.status().is_success() };
     let body = r.bytes().await;
     let order_id = (ok && want_id && places_order)
         .then(|| body.ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()).and_then(|v| v["id"].as_str().map(str::to_string)))

@@ -1,12 +1,13 @@
 //! The actor of one family (sessions, inventory or orders).
 
-use openraft::error::RaftError;
+use std::sync::Arc;
+
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::domain::{Outcome, Request};
 use crate::error::NodeError;
 use crate::raft::proposer::Proposer;
-use crate::raft::Raft;
+use crate::raft::read_index::ReadIndex;
 use crate::storage::SmReader;
 
 use super::Kind;
@@ -25,7 +26,8 @@ pub struct EntityActor;
 #[derive(Clone)]
 pub struct EntityArgs {
     pub kind: Kind,
-    pub raft: Raft,
+    /// This shard's shared read-index rounds: one confirms every rejection that waits.
+    pub reads: Arc<ReadIndex>,
     pub proposer: Proposer,
     pub sm: SmReader,
 }
@@ -72,13 +74,9 @@ async fn submit(st: &EntityArgs, cmd: Request, reply: RpcReplyPort<Result<Outcom
 }
 
 async fn confirm_rejection(st: &EntityArgs, cmd: Request) -> Result<Outcome, NodeError> {
-    st.raft.ensure_linearizable().await.map_err(|e| match e {
-        RaftError::APIError(e) => match e {
-            openraft::error::CheckIsLeaderError::ForwardToLeader(f) => NodeError::NotLeader(f.leader_id),
-            openraft::error::CheckIsLeaderError::QuorumNotEnough(_) => NodeError::NoLeader,
-        },
-        RaftError::Fatal(f) => NodeError::Stopped(f.to_string()),
-    })?;
+    // Once this replica has applied what a read beginning now must see (shared with
+    // every read and rejection that waits meanwhile: one quorum round for all).
+    st.reads.get().await?;
     match st.sm.dry_run(&cmd) {
         rejected @ Outcome::Rejected(_) => Ok(rejected),
         // State moved on while we confirmed (e.g. a restock landed): propose after all.

@@ -21,6 +21,7 @@ use crate::door::{ConnLimits, Door};
 use crate::hlc::Hlc;
 use crate::metrics::Metrics;
 use crate::raft::proposer::{Proposer, ProposerLimits};
+use crate::raft::read_index::{self, ReadIndex};
 use crate::raft::{network::Network, raft_config, Raft};
 use crate::replication::{self, CrossDc};
 use crate::shard::{background, Shard, ShardParts};
@@ -85,6 +86,7 @@ async fn start_actors(
     shard: u16,
     raft: &Raft,
     sm: &storage::SmReader,
+    reads: &Arc<ReadIndex>,
     metrics: &Metrics,
 ) -> anyhow::Result<(Arc<Directory>, ractor::ActorRef<()>, Proposer)> {
     let request_timeout = Duration::from_millis(config.limits.request_timeout_ms);
@@ -97,7 +99,7 @@ async fn start_actors(
         timeout: request_timeout,
     };
     let proposer = Proposer::start(raft.clone(), shard, limits);
-    let template = actors::entity::EntityArgs { kind: actors::Kind::Sessions, raft: raft.clone(), proposer: proposer.clone(), sm: sm.clone() };
+    let template = actors::entity::EntityArgs { kind: actors::Kind::Sessions, reads: reads.clone(), proposer: proposer.clone(), sm: sm.clone() };
     let supervisor = actors::spawn_supervisor(actors::supervisor::SupervisorArgs { template, directory: directory.clone(), metrics: metrics.clone() }).await?;
     Ok((directory, supervisor, proposer))
 }
@@ -134,7 +136,14 @@ async fn start_shard(
     )
     .await
     .with_context(|| format!("start raft of shard {number}"))?;
-    let (actors, supervisor, proposer) = start_actors(config, number, &raft, &reader, env.metrics).await?;
+    let read_index = Arc::new(ReadIndex::new(read_index::Source {
+        me: info.id,
+        raft: raft.clone(),
+        peers: peers.clone(),
+        request_timeout: Duration::from_millis(config.limits.request_timeout_ms),
+        leader_wait: Duration::from_millis(config.raft.election_timeout_max_ms.saturating_mul(2)),
+    }));
+    let (actors, supervisor, proposer) = start_actors(config, number, &raft, &reader, &read_index, env.metrics).await?;
     let parts = ShardParts {
         number,
         dc: info.dc.clone(),
@@ -147,6 +156,7 @@ async fn start_shard(
         metrics: env.metrics.clone(),
         disk: env.disk.clone(),
         proposer,
+        read_index,
     };
     let shard = Shard::new(parts);
     Ok((CrossDc::new(shard, env.hlc.clone(), peers, env.faults.clone(), env.metrics.clone()), supervisor))

@@ -5,6 +5,7 @@
 pub mod guard;
 pub mod network;
 pub mod proposer;
+pub mod read_index;
 pub mod snapshots;
 
 use std::sync::Arc;

@@ -14,7 +14,6 @@
 pub mod background;
 mod handover;
 pub mod inbound;
-pub mod read_index;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::future::Future;
@@ -31,6 +30,7 @@ use crate::error::NodeError;
 use crate::metrics::Metrics;
 use crate::raft::guard::SnapshotTransfer;
 use crate::raft::proposer::Proposer;
+use crate::raft::read_index::ReadIndex;
 use crate::raft::{MembershipOp, NodeId, Raft};
 use crate::storage::SmReader;
 use crate::transport::message::{Members, ProbeAck, ShardDigest};
@@ -73,7 +73,7 @@ pub struct Shard {
     /// The snapshot being received from the leader (see `raft::guard`).
     snapshot_transfer: tokio::sync::Mutex<SnapshotTransfer>,
     /// Read-index rounds shared by the linearizable reads that queue for one.
-    read_index: read_index::ReadIndex,
+    read_index: Arc<ReadIndex>,
     /// The node's disk (shared by its shards): whether a sync failed, the injected fault.
     pub disk: crate::storage::Disk,
     /// The leader's batcher: held while leadership is handed over.
@@ -96,6 +96,8 @@ pub struct ShardParts {
     /// The node's disk, shared by its shards.
     pub disk: crate::storage::Disk,
     pub proposer: Proposer,
+    /// Shared read-index rounds (the actors' too).
+    pub read_index: Arc<ReadIndex>,
 }
 
 impl Shard {
@@ -103,9 +105,6 @@ impl Shard {
         let members = p.config.dc_nodes(&p.dc).iter().map(|n| n.id).collect();
         let placement = p.config.shard_placement(&p.dc, p.number).iter().map(|n| n.id).collect();
         let request_timeout = Duration::from_millis(p.config.limits.request_timeout_ms);
-        let leader_wait = Duration::from_millis(p.config.raft.election_timeout_max_ms * 2);
-        let read_index =
-            read_index::ReadIndex::new(read_index::Source { me: p.me, raft: p.raft.clone(), peers: p.peers.clone(), request_timeout, leader_wait });
         Arc::new(Shard {
             number: p.number,
             dc: p.dc,
@@ -124,7 +123,7 @@ impl Shard {
             changing: AtomicBool::new(false),
             rechecking: AtomicBool::new(false),
             snapshot_transfer: Default::default(),
-            read_index,
+            read_index: p.read_index,
             disk: p.disk,
             proposer: p.proposer,
             handover: tokio::sync::watch::channel(false).0,
@@ -396,9 +395,7 @@ impl Shard {
             return Ok(());
         }
         self.handover_done().await;
-        let index = self.read_index.get().await?;
-        self.raft.wait(Some(self.request_timeout)).applied_index_at_least(Some(index), "read index").await.map_err(|_| NodeError::Timeout)?;
-        Ok(())
+        self.read_index.get().await.map(|_| ())
     }
 
     /// Whether a peer of this DC knows a leader of this shard (asked of every peer at

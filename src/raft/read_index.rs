@@ -12,8 +12,8 @@ use std::time::Duration;
 use openraft::error::{CheckIsLeaderError, RaftError};
 use tokio::sync::oneshot;
 
+use super::{NodeId, Raft};
 use crate::error::NodeError;
-use crate::raft::{NodeId, Raft};
 use crate::transport::{PeerRequest, PeerResponse, Peers};
 
 type Answer = Result<u64, NodeError>;
@@ -48,6 +48,13 @@ impl Source {
             Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => Err(NodeError::NoLeader),
             Err(RaftError::Fatal(f)) => Err(NodeError::Stopped(f.to_string())),
         }
+    }
+
+    /// Waits until this replica has applied `index`, and returns it. Once per round, not
+    /// per read: a waiter on Raft's metrics wakes at every change of them.
+    async fn applied(&self, index: u64) -> Answer {
+        self.raft.wait(Some(self.request_timeout)).applied_index_at_least(Some(index), "read index").await.map_err(|_| NodeError::Timeout)?;
+        Ok(index)
     }
 
     /// One round: here on the leader, else asked of it.
@@ -87,7 +94,8 @@ impl ReadIndex {
         &self.source
     }
 
-    /// The index a linearizable read that begins now must wait for.
+    /// The index a linearizable read that begins now must see, once this replica has
+    /// applied it.
     pub async fn get(&self) -> Answer {
         let (tx, rx) = oneshot::channel();
         let start = {
@@ -126,9 +134,19 @@ async fn rounds(source: Arc<Source>, waiting: Arc<Mutex<Waiting>>) {
             }
             std::mem::take(&mut w.next)
         };
-        let answer = source.round().await;
-        for tx in batch {
-            let _ = tx.send(answer.clone());
+        match source.round().await {
+            // The next round need not wait for this replica to catch up.
+            Ok(index) => {
+                let source = source.clone();
+                tokio::spawn(async move { answer(batch, source.applied(index).await) });
+            }
+            Err(e) => answer(batch, Err(e)),
         }
+    }
+}
+
+fn answer(batch: Vec<oneshot::Sender<Answer>>, answer: Answer) {
+    for tx in batch {
+        let _ = tx.send(answer.clone());
     }
 }

@@ -20,6 +20,10 @@ pub struct Metrics {
     pub raft_applied_index: IntGaugeVec,
     pub raft_is_leader: IntGaugeVec,
     pub raft_leader_known: IntGaugeVec,
+    /// Read-index rounds this node ran per shard, and the linearizable reads and
+    /// rejections they answered: how much one quorum round is shared.
+    pub read_index_rounds: IntCounterVec,
+    pub read_index_reads: IntCounterVec,
     pub replication_lag_events: IntGaugeVec,
     pub replication_lag_ms: IntGaugeVec,
     pub replication_link_up: IntGaugeVec,
@@ -32,6 +36,10 @@ pub struct Metrics {
 
 fn shard_gauge(name: &str, help: &str) -> IntGaugeVec {
     IntGaugeVec::new(Opts::new(name, help), &["shard"]).expect("metric")
+}
+
+fn shard_counter(name: &str, help: &str) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), &["shard"]).expect("metric")
 }
 
 impl Metrics {
@@ -67,6 +75,8 @@ impl Metrics {
             raft_applied_index: shard_gauge("raft_applied_index", "last applied log index of the shard"),
             raft_is_leader: shard_gauge("raft_is_leader", "1 where this node leads the shard"),
             raft_leader_known: shard_gauge("raft_leader_known", "1 if this node knows a leader of the shard"),
+            read_index_rounds: shard_counter("read_index_rounds_total", "read-index rounds (leadership confirmed by a quorum) this node ran for the shard"),
+            read_index_reads: shard_counter("read_index_reads_total", "linearizable reads and rejections the shard's read-index rounds answered"),
             replication_lag_events: IntGaugeVec::new(Opts::new("replication_lag_events", "our events the peer DC has not applied (leader only)"), &["peer"])
                 .expect("metric"),
             replication_lag_ms: IntGaugeVec::new(
@@ -114,6 +124,8 @@ impl Metrics {
         r.register(Box::new(self.raft_applied_index.clone())).expect("register");
         r.register(Box::new(self.raft_is_leader.clone())).expect("register");
         r.register(Box::new(self.raft_leader_known.clone())).expect("register");
+        r.register(Box::new(self.read_index_rounds.clone())).expect("register");
+        r.register(Box::new(self.read_index_reads.clone())).expect("register");
         r.register(Box::new(self.replication_lag_events.clone())).expect("register");
         r.register(Box::new(self.replication_lag_ms.clone())).expect("register");
         r.register(Box::new(self.replication_link_up.clone())).expect("register");

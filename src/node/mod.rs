@@ -142,6 +142,8 @@ async fn start_shard(
         peers: peers.clone(),
         request_timeout: Duration::from_millis(config.limits.request_timeout_ms),
         leader_wait: Duration::from_millis(config.raft.election_timeout_max_ms.saturating_mul(2)),
+        rounds: env.metrics.read_index_rounds.with_label_values(&[&number.to_string()]),
+        reads: env.metrics.read_index_reads.with_label_values(&[&number.to_string()]),
     }));
     let (actors, supervisor, proposer) = start_actors(config, number, &raft, &reader, &read_index, env.metrics).await?;
     let parts = ShardParts {

@@ -26,6 +26,9 @@ pub struct Source {
     pub request_timeout: Duration,
     /// How long to wait for a leader to be known.
     pub leader_wait: Duration,
+    /// Rounds run, and the reads they answered.
+    pub rounds: prometheus::IntCounter,
+    pub reads: prometheus::IntCounter,
 }
 
 impl Source {
@@ -134,6 +137,8 @@ async fn rounds(source: Arc<Source>, waiting: Arc<Mutex<Waiting>>) {
             }
             std::mem::take(&mut w.next)
         };
+        source.rounds.inc();
+        source.reads.inc_by(batch.len() as u64);
         match source.round().await {
             // The next round need not wait for this replica to catch up.
             Ok(index) => {

@@ -287,6 +287,17 @@ impl TestCluster {
         self.request(reqwest::Method::POST, name, path, Some(body), None).await
     }
 
+    /// Metric `name` summed over its series and over every node's /metrics.
+    pub async fn metric_total(&self, name: &str) -> f64 {
+        let mut total = 0.0;
+        for node in &self.names {
+            let text = self.http.get(format!("{}/metrics", self.url(node))).send().await.unwrap().text().await.unwrap();
+            let series = text.lines().filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")));
+            total += series.filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum::<f64>();
+        }
+        total
+    }
+
     /// The node's admin API (its own listener, port 9090).
     pub fn admin_url(&self, name: &str) -> String {
         self.url(name).replace(":8080", ":9090")

@@ -34,6 +34,19 @@ async fn two_hundred_buyers_of_one_hundred_units() {
         }
     }
     assert_eq!((ok, sold_out), (100, 100));
+    // Latecomers, once the leader's state shows no stock: refused before any write, once
+    // confirmed linearizably (this node still leads and its state is current). The
+    // refusals that wait together share one quorum round.
+    let before = (c.metric_total("agora_read_index_rounds_total").await, c.metric_total("agora_read_index_reads_total").await);
+    let leader = c.must_leader(Duration::from_secs(5)).await;
+    let late: Vec<_> = (0..50).map(|_| c.post(&leader, "/v1/orders", json!({"session": token, "sku": "hot", "qty": 1}))).collect();
+    for (code, v) in futures::future::join_all(late).await {
+        assert_eq!((code, &v["error"]["code"]), (409, &json!("sold_out")), "{v}");
+    }
+    let rounds = c.metric_total("agora_read_index_rounds_total").await - before.0;
+    let reads = c.metric_total("agora_read_index_reads_total").await - before.1;
+    assert!(reads >= 50.0, "every refusal confirmed in a read-index round: {reads} reads");
+    assert!(rounds * 2.0 <= reads, "refusals share rounds: {reads} reads in {rounds} rounds");
     c.must_converge(Duration::from_secs(10)).await;
     for n in &c.names {
         let (_, inv) = c.get(n, "/v1/inventory/hot?consistency=stale").await;

@@ -174,17 +174,42 @@ impl Shop {
         // A token another DC created that this DC has not seen yet: its owner's version
         // travels in the entry (as for an order), and the logout is written here.
         let cmd = match self.find_session(&token, true).await? {
-            (Some(record), true) if !record.deleted => Command::DeleteSessionWithRecord { record, token, dc, hlc },
+            (Some(record), true) if !record.deleted => Command::DeleteSessionWithRecord { record, token: token.clone(), dc, hlc },
             (_, true) => return Err(ShopError::NotFound("session")),
-            _ => Command::DeleteSession { token, dc, hlc },
+            _ => Command::DeleteSession { token: token.clone(), dc, hlc },
         };
         match self.write(cmd, key).await {
-            Ok(Outcome::SessionDeleted) => Ok(()),
+            Ok(Outcome::SessionDeleted) => self.revoke_in_other_shards(&token).await,
             // The session is what the URL names: unknown means not found, not unauthorised.
-            Err(ShopError::Rejected(Rejection::UnknownSession)) => Err(ShopError::NotFound("session")),
+            // A logout retried after its revocations failed finds it gone: they are
+            // written now, before the 404 tells the client it is logged out.
+            Err(ShopError::Rejected(Rejection::UnknownSession)) => {
+                if self.shards.count() > 1 && self.session_record(&token, false).await?.is_some_and(|s| s.deleted) {
+                    self.revoke_in_other_shards(&token).await?;
+                }
+                Err(ShopError::NotFound("session"))
+            }
             Ok(other) => Err(unexpected(other)),
             Err(e) => Err(e),
         }
+    }
+
+    /// Records a logout in every shard of this DC but the session's, and returns once all
+    /// have it: from then on an order placed in any of them is refused in `apply`, even if
+    /// the proposing node's copy of the session still looked live (see
+    /// [`Shop::order_in_other_shard`]). One write per shard, made only on logout.
+    async fn revoke_in_other_shards(&self, token: &str) -> Result<(), ShopError> {
+        let home = self.shards.number_of(token);
+        let spread = self.shards.spread();
+        let (dc, hlc) = (self.dc().to_string(), self.hlc.now());
+        let writes = self.shards.all().iter().filter(|c| c.shard.number != home && c.shard.number >= spread.first).map(|c| {
+            let cmd = Command::RevokeSession { token: token.to_string(), dc: dc.clone(), hlc };
+            c.shard.submit(Request::new(cmd, None))
+        });
+        for r in futures::future::join_all(writes).await {
+            r?;
+        }
+        Ok(())
     }
 
     pub async fn restock(&self, sku: String, add: u64, key: Option<String>) -> Result<Inventory, ShopError> {
@@ -271,30 +296,11 @@ impl Shop {
     /// for it. A logout racing the order may lose to it, as it would if it came a moment
     /// later.
     async fn order_in_other_shard(&self, id: String, session: String, sku: &str, qty: u32, key: Option<String>) -> Result<Outcome, ShopError> {
-        // Linearizable first: a logout acknowledged before this order began is seen.
-        let (here, barrier) = match self.session_record(&session, false).await {
-            Ok(s) => (s, Ok(())),
-            // This node's own replica, if it has one (asking the leaderless shard again
-            // would only wait as long again).
-            Err(e) => {
-                let shard = &self.at(&session).shard;
-                (shard.hosts().then(|| shard.sm.session(&session)).flatten(), Err(e))
-            }
+        let (record, from_owner) = match self.session_live_here(&session) {
+            Some(s) => (s, false),
+            None => self.session_confirmed(&session).await?,
         };
-        let found = match here {
-            Some(s) => (Some(s), false),
-            None => self.session_from_owner(&session).await?,
-        };
-        let live = found.0.filter(|s| !s.deleted);
-        let record = match (live, barrier) {
-            (Some(s), _) => s,
-            // While the session's shard elects a leader, the replica here still vouches
-            // for a session it holds live (only a logout of the last moments may be
-            // missed), so orders for other shards go on; anything else waits for it.
-            (None, Err(e)) => return Err(e),
-            (None, Ok(())) => return Err(Rejection::UnknownSession.into()),
-        };
-        let refresh = !found.1 && self.due_for_refresh(&record);
+        let refresh = !from_owner && self.due_for_refresh(&record);
         let (dc, hlc) = (self.dc().to_string(), self.hlc.now());
         let cmd = Command::PlaceOrderChecked { id, session: session.clone(), user: record.user, sku: sku.to_string(), qty, dc: dc.clone(), hlc };
         let r = self.write(cmd, key).await;
@@ -308,6 +314,44 @@ impl Shop {
             });
         }
         r
+    }
+
+    /// The session as this node's replica of its shard holds it, if that shows it live and
+    /// within its TTL: enough for an order in another shard, whose `apply` refuses it if a
+    /// logout was recorded there first (`Command::RevokeSession`, written in every shard
+    /// before a logout is acknowledged). A replica that lags may miss a refresh, not a
+    /// logout that matters: the revocation does that job.
+    fn session_live_here(&self, token: &str) -> Option<Session> {
+        let shard = &self.at(token).shard;
+        let ttl_ms = shard.config.limits.session_ttl_s.saturating_mul(1000);
+        shard.hosts().then(|| shard.sm.session(token)).flatten().filter(|s| !s.deleted && hlc::age_ms(s.hlc) < ttl_ms)
+    }
+
+    /// The session, checked linearizably in its shard (or asked of its owner DC, then
+    /// `true`): for a session this node's replica does not show live.
+    async fn session_confirmed(&self, session: &str) -> Result<(Session, bool), ShopError> {
+        // Linearizable first: a logout acknowledged before this order began is seen.
+        let (here, barrier) = match self.session_record(session, false).await {
+            Ok(s) => (s, Ok(())),
+            // This node's own replica, if it has one (asking the leaderless shard again
+            // would only wait as long again).
+            Err(e) => {
+                let shard = &self.at(session).shard;
+                (shard.hosts().then(|| shard.sm.session(session)).flatten(), Err(e))
+            }
+        };
+        let (found, from_owner) = match here {
+            Some(s) => (Some(s), false),
+            None => self.session_from_owner(session).await?,
+        };
+        match (found.filter(|s| !s.deleted), barrier) {
+            (Some(s), _) => Ok((s, from_owner)),
+            // While the session's shard elects a leader, the replica here still vouches
+            // for a session it holds live (only a logout of the last moments may be
+            // missed), so orders for other shards go on; anything else waits for it.
+            (None, Err(e)) => Err(e),
+            (None, Ok(())) => Err(Rejection::UnknownSession.into()),
+        }
     }
 
     async fn sold_out(&self, sku: &str, available: u64, requested: u32) -> ShopError {

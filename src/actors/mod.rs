@@ -39,9 +39,11 @@ impl Kind {
     /// The family that serialises `cmd`; none for a batch, which only the proposer builds.
     pub fn of(cmd: &Command) -> Option<Kind> {
         Some(match cmd {
-            Command::CreateSession { .. } | Command::DeleteSession { .. } | Command::DeleteSessionWithRecord { .. } | Command::RefreshSession { .. } => {
-                Kind::Sessions
-            }
+            Command::CreateSession { .. }
+            | Command::DeleteSession { .. }
+            | Command::DeleteSessionWithRecord { .. }
+            | Command::RefreshSession { .. }
+            | Command::RevokeSession { .. } => Kind::Sessions,
             // An order takes units from its SKU: the SKU's actor serialises it with restocks.
             Command::Restock { .. }
             | Command::PlaceOrder { .. }

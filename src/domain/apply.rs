@@ -23,6 +23,8 @@ pub enum ExpiryKind {
     Duplicates,
     /// Live sessions whose current version this DC wrote.
     Session,
+    /// Logouts recorded outside the session's shard (`Command::RevokeSession`).
+    Revocation,
 }
 
 impl ExpiryKind {
@@ -31,6 +33,7 @@ impl ExpiryKind {
             ExpiryKind::Idempotency => b'k',
             ExpiryKind::Duplicates => b'd',
             ExpiryKind::Session => b's',
+            ExpiryKind::Revocation => b'v',
         }
     }
 }
@@ -83,6 +86,11 @@ pub trait State {
     fn remove_idempotency(&mut self, key: &str);
     fn put_duplicates(&mut self, scope: &str, d: DuplicateSet);
     fn remove_duplicates(&mut self, scope: &str);
+    /// Whether a logout of `token` is recorded here, though the session lives in another
+    /// shard (`Command::RevokeSession`).
+    fn revoked(&self, token: &str) -> bool;
+    fn put_revoked(&mut self, token: &str, hlc: u64);
+    fn remove_revoked(&mut self, token: &str);
     /// Adds or removes one entry of an expiry index (raw key from [`expiry_key`]).
     fn put_expiry(&mut self, key: Vec<u8>);
     fn remove_expiry(&mut self, key: Vec<u8>);
@@ -172,6 +180,12 @@ fn expire(state: &mut impl State, idempotency_before: u64, sessions_before: u64,
         state.remove_duplicates(&scope);
         counts.1 += 1;
     }
+    // A revocation outlives every copy of the session that could still look live: such
+    // a copy's version is older than the logout, so it is past its TTL by now.
+    for (k, _, token) in due(state, ExpiryKind::Revocation, sessions_before, max) {
+        state.remove_expiry(k);
+        state.remove_revoked(&token);
+    }
     for (k, at, token) in due(state, ExpiryKind::Session, sessions_before, max) {
         match state.session(&token).filter(|s| !s.deleted && s.dc == dc && s.hlc == at) {
             // Unused for the TTL: a tombstone, shipped to every DC like a logout.
@@ -202,11 +216,14 @@ fn execute(state: &mut impl State, cmd: &Command, key: Option<&str>) -> Outcome 
             let o = NewOrder { id, session, sku, qty: *qty, dc, hlc: *hlc, key, refresh_session: *refresh_session, checked_user: None };
             place_order(state, o)
         }
+        // A logout recorded here since the proposer looked at the session wins.
+        Command::PlaceOrderChecked { session, .. } if state.revoked(session) => Outcome::Rejected(Rejection::UnknownSession),
         Command::PlaceOrderChecked { id, session, user, sku, qty, dc, hlc } => {
             let o = NewOrder { id, session, sku, qty: *qty, dc, hlc: *hlc, key, refresh_session: false, checked_user: Some(user) };
             place_order(state, o)
         }
         Command::RefreshSession { token, dc, hlc } => refresh_session(state, token, dc, *hlc),
+        Command::RevokeSession { token, hlc, .. } => revoke_session(state, token, *hlc),
         Command::PlaceOrderWithSession { record, id, session, sku, qty, dc, hlc, refresh_session } => {
             // The owner's version of the session, merged like a replicated one (not ours to
             // ship: the owner does); then the order, exactly as `PlaceOrder`.
@@ -276,7 +293,7 @@ fn check(state: &impl State, cmd: &Command) -> Result<(), String> {
             .and(validate::name("sku", sku))
             .and(validate::qty(*qty as i64).map(|_| ()))
             .and(own(dc)),
-        Command::RefreshSession { token, dc, .. } => validate::name("token", token).and(own(dc)),
+        Command::RefreshSession { token, dc, .. } | Command::RevokeSession { token, dc, .. } => validate::name("token", token).and(own(dc)),
         Command::CancelOrder { id, dc, session, .. } => validate::name("id", id).and(validate::name("session", session)).and(own(dc)),
         Command::DeleteSessionWithRecord { record, token, .. } if record.token != *token => Err("the session record is not the one deleted".into()),
         Command::DeleteSessionWithRecord { record, token, dc, .. } => {
@@ -437,6 +454,15 @@ fn refresh_session(state: &mut impl State, token: &str, dc: &str, hlc: u64) -> O
         Some(s) => Outcome::Session(s),
         None => Outcome::Rejected(Rejection::UnknownSession),
     }
+}
+
+/// `RevokeSession`: records the logout once, expiring a session TTL after the first.
+fn revoke_session(state: &mut impl State, token: &str, hlc: u64) -> Outcome {
+    if !state.revoked(token) {
+        state.put_expiry(expiry_key(ExpiryKind::Revocation, hlc, token));
+        state.put_revoked(token, hlc);
+    }
+    Outcome::SessionDeleted
 }
 
 /// Whether `session` may change `order`: it must be the session that placed the order,
@@ -651,6 +677,8 @@ pub struct MemState {
     pub outbox: Vec<Event>,
     pub out_seq: u64,
     pub settings: BTreeMap<String, DcSettings>,
+    /// Logouts recorded here for sessions of other shards, with their HLC.
+    pub revoked: BTreeMap<String, u64>,
 }
 
 impl MemState {
@@ -713,6 +741,15 @@ impl State for MemState {
     }
     fn remove_duplicates(&mut self, scope: &str) {
         self.duplicates.remove(scope);
+    }
+    fn revoked(&self, token: &str) -> bool {
+        self.revoked.contains_key(token)
+    }
+    fn put_revoked(&mut self, token: &str, hlc: u64) {
+        self.revoked.insert(token.into(), hlc);
+    }
+    fn remove_revoked(&mut self, token: &str) {
+        self.revoked.remove(token);
     }
     fn put_expiry(&mut self, key: Vec<u8>) {
         self.expiry.insert(key);

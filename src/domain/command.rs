@@ -164,6 +164,16 @@ pub enum Command {
         dc: String,
         hlc: u64,
     },
+    /// A logout, recorded in another shard of this DC than the session's: orders placed
+    /// there after it (`PlaceOrderChecked`) are refused in `apply`, whatever the proposing
+    /// node's copy of the session said. Kept for a session TTL, after which such a copy
+    /// shows the session expired anyway. Not shipped to other DCs (the logout itself is).
+    /// (After `RefreshSession`, so older entries decode.)
+    RevokeSession {
+        token: String,
+        dc: String,
+        hlc: u64,
+    },
 }
 
 /// What Raft replicates: a command and the client's `Idempotency-Key`, if it sent one.
@@ -208,7 +218,8 @@ impl Command {
             Command::CreateSession { token, .. }
             | Command::DeleteSession { token, .. }
             | Command::DeleteSessionWithRecord { token, .. }
-            | Command::RefreshSession { token, .. } => token,
+            | Command::RefreshSession { token, .. }
+            | Command::RevokeSession { token, .. } => token,
             Command::Restock { sku, .. }
             | Command::PlaceOrder { sku, .. }
             | Command::PlaceOrderWithSession { sku, .. }
@@ -242,6 +253,7 @@ impl Command {
             | Command::PlaceOrderWithSession { hlc, .. }
             | Command::PlaceOrderChecked { hlc, .. }
             | Command::RefreshSession { hlc, .. }
+            | Command::RevokeSession { hlc, .. }
             | Command::DeleteSessionWithRecord { hlc, .. }
             | Command::CancelOrder { hlc, .. }
             | Command::Grant { hlc, .. }

@@ -762,3 +762,33 @@ fn a_checked_order_needs_no_session_here_and_a_refresh_only_moves_a_live_one_for
         other => panic!("{other:?}"),
     }
 }
+
+/// A logout recorded in the order's shard (`RevokeSession`) refuses every later order
+/// with that session there, whatever the proposer's copy said; it is recorded once,
+/// holds no entity (nothing shipped, no session copy), and expires with the sessions'
+/// cutoff.
+#[test]
+fn a_revoked_session_orders_nothing_until_its_revocation_expires() {
+    let mut s = MemState::new("dc1");
+    apply(&mut s, &restock("dc1", "sku1", 10));
+    let checked = |id: &str, session: &str| {
+        req(Command::PlaceOrderChecked { id: id.into(), session: session.into(), user: "bob".into(), sku: "sku1".into(), qty: 1, dc: "dc1".into(), hlc: 50 })
+    };
+    let revoke = |hlc| req(Command::RevokeSession { token: "t9".into(), dc: "dc1".into(), hlc });
+    assert!(matches!(apply(&mut s, &checked("dc1-a", "t9")), Outcome::Order(_)));
+    let shipped = s.outbox.len();
+    assert_eq!(apply(&mut s, &revoke(40)), Outcome::SessionDeleted);
+    assert_eq!(apply(&mut s, &revoke(45)), Outcome::SessionDeleted, "a retried logout");
+    assert_eq!((s.revoked.get("t9"), s.outbox.len(), s.sessions.get("t9")), (Some(&40), shipped, None), "recorded once, at the first");
+    assert_eq!(apply(&mut s, &checked("dc1-b", "t9")), Outcome::Rejected(Rejection::UnknownSession));
+    assert!(matches!(apply(&mut s, &checked("dc1-c", "t8")), Outcome::Order(_)), "another session still orders");
+    assert_eq!(s.inventory["sku1"].available("dc1"), 8);
+    // Another DC cannot plant one here.
+    assert!(matches!(apply(&mut s, &req(Command::RevokeSession { token: "t7".into(), dc: "dc2".into(), hlc: 1 })), Outcome::Rejected(Rejection::Invalid(_))));
+    // Kept while the sessions' cutoff is at or before it, gone after.
+    apply(&mut s, &expire("dc1", 0, 40, 10, 60));
+    assert!(s.revoked.contains_key("t9"));
+    apply(&mut s, &expire("dc1", 0, 41, 10, 61));
+    assert!(!s.revoked.contains_key("t9") && s.expiry.is_empty(), "{:?} {:?}", s.revoked, s.expiry);
+    assert!(matches!(apply(&mut s, &checked("dc1-d", "t9")), Outcome::Order(_)));
+}

@@ -62,6 +62,10 @@ fn idempotency_key(k: &str) -> Vec<u8> {
 fn duplicates_key(scope: &str) -> Vec<u8> {
     [b"d/", scope.as_bytes()].concat()
 }
+/// A logout recorded outside the session's shard (not an entity: no digest kind).
+fn revoked_key(token: &str) -> Vec<u8> {
+    [b"v/", token.as_bytes()].concat()
+}
 fn cursor_key(origin: &str) -> Vec<u8> {
     [b"c/", origin.as_bytes()].concat()
 }
@@ -414,6 +418,15 @@ impl State for Overlay<'_> {
     }
     fn remove_duplicates(&mut self, scope: &str) {
         self.pending.insert(duplicates_key(scope), None);
+    }
+    fn revoked(&self, token: &str) -> bool {
+        self.get::<u64>(revoked_key(token)).is_some()
+    }
+    fn put_revoked(&mut self, token: &str, hlc: u64) {
+        self.put(revoked_key(token), &hlc)
+    }
+    fn remove_revoked(&mut self, token: &str) {
+        self.pending.insert(revoked_key(token), None);
     }
     fn put_expiry(&mut self, key: Vec<u8>) {
         self.pending.insert(key, Some(Vec::new()));

@@ -583,3 +583,49 @@ async fn voters_where_hosted(c: &TestCluster, shard: u16) -> Option<BTreeSet<Str
     }
     best.map(|(_, v)| v)
 }
+
+/// An order in another shard than its session's is checked against this node's own
+/// replica of the session's shard, with no read-index round; a logout is therefore
+/// recorded in every other shard before it is acknowledged, and the order's shard refuses
+/// the session from then on. Here that replica is made stale on purpose: dc1-nB is cut
+/// off from the leader of the session's shard, the logout goes through the leader of the
+/// SKU's shard, and dc1-nB — whose copy still shows the session live — must not place
+/// the order.
+#[tokio::test]
+async fn a_logout_is_seen_by_orders_in_other_shards_through_a_stale_replica() {
+    let c = TestCluster::start(152, sharded(1, 3)).await;
+    // Shards s and t led by different nodes a and c; b is the third node.
+    let (s, t, a, b, cc) = must_eventually(Duration::from_secs(30), "two shards with different leaders", || async {
+        let leaders = must_shard_leaders(&c, "dc1-n1").await;
+        let (s, t) = (0..SHARDS).flat_map(|s| (0..SHARDS).map(move |t| (s, t))).find(|&(s, t)| leaders[usize::from(s)] != leaders[usize::from(t)])?;
+        let (a, cc) = (leaders[usize::from(s)].clone(), leaders[usize::from(t)].clone());
+        let b = c.dc_nodes("dc1").into_iter().find(|n| *n != a && *n != cc)?;
+        Some((s, t, a, b, cc))
+    })
+    .await;
+    let sku = sku_in(t, "revoked");
+    c.must_restock(&cc, &sku, 100).await;
+    let mut conclusive = 0;
+    for attempt in 0..3 {
+        let token = session_in(&c, &a, s).await;
+        must_order(&c, &b, &token, &sku).await;
+        must_eventually(Duration::from_secs(10), "the session on dc1-nB's replica", || async {
+            (c.get(&b, &format!("/v1/sessions/{token}?consistency=stale")).await.0 == 200).then_some(())
+        })
+        .await;
+        c.cut(std::slice::from_ref(&a), std::slice::from_ref(&b)).await;
+        let (code, v) = c.request(reqwest::Method::DELETE, &cc, &format!("/v1/sessions/{token}"), None, None).await;
+        assert_eq!(code, 204, "logout through {cc}: {v}");
+        let (code, v) = c.post(&b, "/v1/orders", json!({"session": token, "sku": sku, "qty": 1})).await;
+        // Only a replica that still shows the session live puts the revocation to the test
+        // (an election in shard s during the cut may have brought it up to date).
+        let stale = c.get(&b, &format!("/v1/sessions/{token}?consistency=stale")).await.0 == 200;
+        c.heal().await;
+        assert_eq!((code, v["error"]["code"].as_str()), (401, Some("unknown_session")), "attempt {attempt}: order through {b} after the logout: {v}");
+        if stale {
+            conclusive += 1;
+            break;
+        }
+    }
+    assert!(conclusive > 0, "dc1-nB's replica of shard {s} caught up with the logout in every attempt");
+}

@@ -320,11 +320,16 @@ impl Shop {
     /// within its TTL: enough for an order in another shard, whose `apply` refuses it if a
     /// logout was recorded there first (`Command::RevokeSession`, written in every shard
     /// before a logout is acknowledged). A replica that lags may miss a refresh, not a
-    /// logout that matters: the revocation does that job.
+    /// logout that matters: the revocation does that job. A revocation expires a TTL after
+    /// the logout by the leader's clock; the copy is trusted for less than its TTL by this
+    /// node's clock — shorter by four clock offsets (the copy's, the logout's, the leader's
+    /// and this node's timestamps each within one of the DC's clocks), so that no copy is
+    /// trusted once the revocation that covers it may be gone.
     fn session_live_here(&self, token: &str) -> Option<Session> {
         let shard = &self.at(token).shard;
-        let ttl_ms = shard.config.limits.session_ttl_s.saturating_mul(1000);
-        shard.hosts().then(|| shard.sm.session(token)).flatten().filter(|s| !s.deleted && hlc::age_ms(s.hlc) < ttl_ms)
+        let margin_ms = shard.config.replication.max_clock_offset_ms.saturating_mul(4);
+        let trusted_ms = shard.config.limits.session_ttl_s.saturating_mul(1000).saturating_sub(margin_ms);
+        shard.hosts().then(|| shard.sm.session(token)).flatten().filter(|s| !s.deleted && hlc::age_ms(s.hlc) < trusted_ms)
     }
 
     /// The session, checked linearizably in its shard (or asked of its owner DC, then

@@ -4,6 +4,7 @@
 //! stock. The HTTP layer (`api::shop`) only parses requests and renders these results.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::domain::{Command, Found, Inventory, Lookup, Order, Outcome, Rejection, Request, Session};
 use crate::error::NodeError;
@@ -197,17 +198,23 @@ impl Shop {
     /// Records a logout in every shard of this DC but the session's, and returns once all
     /// have it: from then on an order placed in any of them is refused in `apply`, even if
     /// the proposing node's copy of the session still looked live (see
-    /// [`Shop::order_in_other_shard`]). One write per shard, made only on logout.
+    /// [`Shop::order_in_other_shard`]). One write per shard, made only on logout. The
+    /// logout itself is already written, so a shard without a leader is waited for (up to
+    /// the request timeout), and one still failing then makes the answer "outcome
+    /// unknown", never a refusal: the client retries, and the retry writes the rest.
     async fn revoke_in_other_shards(&self, token: &str) -> Result<(), ShopError> {
         let home = self.shards.number_of(token);
         let spread = self.shards.spread();
         let (dc, hlc) = (self.dc().to_string(), self.hlc.now());
+        let within = Duration::from_millis(self.shards.first().shard.config.limits.request_timeout_ms);
         let writes = self.shards.all().iter().filter(|c| c.shard.number != home && c.shard.number >= spread.first).map(|c| {
-            let cmd = Command::RevokeSession { token: token.to_string(), dc: dc.clone(), hlc };
-            c.shard.submit(Request::new(cmd, None))
+            let req = Request::new(Command::RevokeSession { token: token.to_string(), dc: dc.clone(), hlc }, None);
+            submit_until(&c.shard, req, within)
         });
         for r in futures::future::join_all(writes).await {
-            r?;
+            if let Err(e) = r {
+                return Err(NodeError::Lost(format!("the logout is written, but not yet recorded in every shard ({e}); retry it")).into());
+            }
         }
         Ok(())
     }
@@ -433,6 +440,22 @@ impl Shop {
                 }
             }
             Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// `shard.submit(req)`, retried while the failure is worth retrying (no leader yet, the
+/// leader unreachable) until `within` has passed. For writes that may be repeated.
+async fn submit_until(shard: &crate::shard::Shard, req: Request, within: Duration) -> Result<Outcome, NodeError> {
+    let deadline = tokio::time::Instant::now() + within;
+    let pause = Duration::from_millis(shard.config.raft.heartbeat_interval_ms.max(1));
+    loop {
+        match shard.submit(req.clone()).await {
+            Err(e) if e.is_retryable() && tokio::time::Instant::now() + pause < deadline => {
+                tracing::debug!(error = %e, shard = shard.number, "write retried");
+                tokio::time::sleep(pause).await;
+            }
+            other => return other,
         }
     }
 }

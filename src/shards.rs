@@ -61,7 +61,7 @@ impl Shards {
     /// shard cannot tell: false.
     pub fn session_ended(&self, token: &str) -> bool {
         let shard = &self.of(token).shard;
-        self.count() > 1 && shard.hosts() && shard.sm.session(token).is_some_and(|s| s.deleted)
+        self.count() > 1 && shard.replica_session(token).is_some_and(|s| s.deleted)
     }
 }
 

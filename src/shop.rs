@@ -209,7 +209,7 @@ impl Shop {
         let within = Duration::from_millis(self.shards.first().shard.config.limits.request_timeout_ms);
         let writes = self.shards.all().iter().filter(|c| c.shard.number != home && c.shard.number >= spread.first).map(|c| {
             let req = Request::new(Command::RevokeSession { token: token.to_string(), dc: dc.clone(), hlc }, None);
-            submit_until(&c.shard, req, within)
+            c.shard.submit_repeatable(req, within)
         });
         for r in futures::future::join_all(writes).await {
             if let Err(e) = r {
@@ -295,13 +295,13 @@ impl Shop {
         self.write(cmd, key).await
     }
 
-    /// The session in another shard than the SKU: checked in its shard — linearizably,
-    /// in this node's replica after a read barrier there (a read-index round trip, not a
-    /// write) or, holding none, by that shard's leader; else by its owner DC — and named
-    /// in the order's entry, so the order is still one write, in the SKU's shard. A
-    /// refresh the session is due goes to its shard after the order, which does not wait
-    /// for it. A logout racing the order may lose to it, as it would if it came a moment
-    /// later.
+    /// The session in another shard than the SKU: taken from this node's replica of its
+    /// shard when that shows it live (no round trip; a logout acknowledged before is
+    /// refused in `apply` through its revocation), else checked linearizably there or by
+    /// its owner DC ([`Shop::session_confirmed`]) — and named in the order's entry, so
+    /// the order is still one write, in the SKU's shard. A refresh the session is due goes
+    /// to its shard after the order, which does not wait for it. A logout racing the
+    /// order may lose to it, as it would if it came a moment later.
     async fn order_in_other_shard(&self, id: String, session: String, sku: &str, qty: u32, key: Option<String>) -> Result<Outcome, ShopError> {
         let (record, from_owner) = match self.session_live_here(&session) {
             Some(s) => (s, false),
@@ -336,7 +336,7 @@ impl Shop {
         let shard = &self.at(token).shard;
         let margin_ms = shard.config.replication.max_clock_offset_ms.saturating_mul(4);
         let trusted_ms = shard.config.limits.session_ttl_s.saturating_mul(1000).saturating_sub(margin_ms);
-        shard.hosts().then(|| shard.sm.session(token)).flatten().filter(|s| !s.deleted && hlc::age_ms(s.hlc) < trusted_ms)
+        shard.replica_session(token).filter(|s| !s.deleted && hlc::age_ms(s.hlc) < trusted_ms)
     }
 
     /// The session, checked linearizably in its shard (or asked of its owner DC, then
@@ -347,10 +347,7 @@ impl Shop {
             Ok(s) => (s, Ok(())),
             // This node's own replica, if it has one (asking the leaderless shard again
             // would only wait as long again).
-            Err(e) => {
-                let shard = &self.at(session).shard;
-                (shard.hosts().then(|| shard.sm.session(session)).flatten(), Err(e))
-            }
+            Err(e) => (self.at(session).shard.replica_session(session), Err(e)),
         };
         let (found, from_owner) = match here {
             Some(s) => (Some(s), false),
@@ -440,22 +437,6 @@ impl Shop {
                 }
             }
             Err(e) => Err(e.into()),
-        }
-    }
-}
-
-/// `shard.submit(req)`, retried while the failure is worth retrying (no leader yet, the
-/// leader unreachable) until `within` has passed. For writes that may be repeated.
-async fn submit_until(shard: &crate::shard::Shard, req: Request, within: Duration) -> Result<Outcome, NodeError> {
-    let deadline = tokio::time::Instant::now() + within;
-    let pause = Duration::from_millis(shard.config.raft.heartbeat_interval_ms.max(1));
-    loop {
-        match shard.submit(req.clone()).await {
-            Err(e) if e.is_retryable() && tokio::time::Instant::now() + pause < deadline => {
-                tracing::debug!(error = %e, shard = shard.number, "write retried");
-                tokio::time::sleep(pause).await;
-            }
-            other => return other,
         }
     }
 }

@@ -167,6 +167,12 @@ impl Shard {
         named && *self.dropped.lock().expect("dropped lock") != Some(*m.membership_config.log_id())
     }
 
+    /// The session `token` as this node's replica holds it, unchecked (no read barrier);
+    /// `None` also when this node holds no replica.
+    pub fn replica_session(&self, token: &str) -> Option<crate::domain::Session> {
+        self.hosts().then(|| self.sm.session(token)).flatten()
+    }
+
     pub fn metrics(&self) -> RaftMetrics<NodeId, BasicNode> {
         self.raft.metrics().borrow().clone()
     }
@@ -291,6 +297,24 @@ impl Shard {
             }
         })
         .await
+    }
+
+    /// [`Self::submit`] for a write that may be applied more than once: retried while the
+    /// failure is worth retrying (no leader yet, the leader unreachable or gone silent)
+    /// until `within` has passed. `submit` itself does not retry those, since a write
+    /// that may repeat its effect must not be sent twice.
+    pub async fn submit_repeatable(&self, req: Request, within: Duration) -> Result<Outcome, NodeError> {
+        let deadline = tokio::time::Instant::now() + within;
+        let pause = Duration::from_millis(self.config.raft.heartbeat_interval_ms.max(1));
+        loop {
+            match self.submit(req.clone()).await {
+                Err(e) if e.is_retryable() && tokio::time::Instant::now() + pause < deadline => {
+                    tracing::debug!(error = %e, shard = self.number, "repeatable write retried");
+                    tokio::time::sleep(pause).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// A record of this shard, read linearizably unless `stale`: from this node's

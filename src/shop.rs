@@ -295,18 +295,16 @@ impl Shop {
         self.write(cmd, key).await
     }
 
-    /// The session in another shard than the SKU: taken from this node's replica of its
-    /// shard when that shows it live (no round trip; a logout acknowledged before is
-    /// refused in `apply` through its revocation), else checked linearizably there or by
-    /// its owner DC ([`Shop::session_confirmed`]) — and named in the order's entry, so
+    /// The session in another shard than the SKU: taken from a copy that shows it live —
+    /// this node's replica of its shard, else its leader's — with no read-index round (a
+    /// logout acknowledged before is refused in `apply` through its revocation), else
+    /// checked linearizably there or by its owner DC ([`Shop::session_for_order`]) — and
+    /// named in the order's entry, so
     /// the order is still one write, in the SKU's shard. A refresh the session is due goes
     /// to its shard after the order, which does not wait for it. A logout racing the
     /// order may lose to it, as it would if it came a moment later.
     async fn order_in_other_shard(&self, id: String, session: String, sku: &str, qty: u32, key: Option<String>) -> Result<Outcome, ShopError> {
-        let (record, from_owner) = match self.session_live_here(&session) {
-            Some(s) => (s, false),
-            None => self.session_confirmed(&session).await?,
-        };
+        let (record, from_owner) = self.session_for_order(&session).await?;
         let refresh = !from_owner && self.due_for_refresh(&record);
         let (dc, hlc) = (self.dc().to_string(), self.hlc.now());
         let cmd = Command::PlaceOrderChecked { id, session: session.clone(), user: record.user, sku: sku.to_string(), qty, dc: dc.clone(), hlc };
@@ -333,10 +331,41 @@ impl Shop {
     /// and this node's timestamps each within one of the DC's clocks), so that no copy is
     /// trusted once the revocation that covers it may be gone.
     fn session_live_here(&self, token: &str) -> Option<Session> {
-        let shard = &self.at(token).shard;
-        let margin_ms = shard.config.replication.max_clock_offset_ms.saturating_mul(4);
-        let trusted_ms = shard.config.limits.session_ttl_s.saturating_mul(1000).saturating_sub(margin_ms);
-        shard.replica_session(token).filter(|s| !s.deleted && hlc::age_ms(s.hlc) < trusted_ms)
+        self.trusted_live(self.at(token).shard.replica_session(token))
+    }
+
+    /// The session an order in another shard names, and whether it came from its owner
+    /// DC: this node's replica if that shows it live; else, on a node that holds no
+    /// replica, the copy of the shard's leader, read without a read-index round, if that
+    /// shows it live; else checked linearizably ([`Shop::session_confirmed`]). Any
+    /// replica's copy is as good as this node's own would be (the revocation in the
+    /// order's shard is what refuses an order after a logout), and the leader has applied
+    /// every session it acknowledged: a live session costs one round trip and no
+    /// heartbeat round.
+    async fn session_for_order(&self, token: &str) -> Result<(Session, bool), ShopError> {
+        if let Some(s) = self.session_live_here(token) {
+            return Ok((s, false));
+        }
+        if self.at(token).shard.hosts() {
+            return self.session_confirmed(token).await;
+        }
+        match self.session_record(token, true).await {
+            Ok(copy) => match self.trusted_live(copy) {
+                Some(s) => Ok((s, false)),
+                None => self.session_confirmed(token).await,
+            },
+            // The leader is not to be had: asking again would only wait as long again.
+            Err(e) => self.settle_session(token, None, Err(e)).await,
+        }
+    }
+
+    /// `copy` if it shows the session live and young enough to be trusted without a
+    /// linearizable read (see [`Shop::session_live_here`]).
+    fn trusted_live(&self, copy: Option<Session>) -> Option<Session> {
+        let config = &self.shards.first().shard.config;
+        let margin_ms = config.replication.max_clock_offset_ms.saturating_mul(4);
+        let trusted_ms = config.limits.session_ttl_s.saturating_mul(1000).saturating_sub(margin_ms);
+        copy.filter(|s| !s.deleted && hlc::age_ms(s.hlc) < trusted_ms)
     }
 
     /// The session, checked linearizably in its shard (or asked of its owner DC, then
@@ -349,6 +378,12 @@ impl Shop {
             // would only wait as long again).
             Err(e) => (self.at(session).shard.replica_session(session), Err(e)),
         };
+        self.settle_session(session, here, barrier).await
+    }
+
+    /// The session as this DC's linearizable read (`barrier` its outcome) or, failing
+    /// that, this node's replica found it (`here`), else as its owner DC holds it.
+    async fn settle_session(&self, session: &str, here: Option<Session>, barrier: Result<(), ShopError>) -> Result<(Session, bool), ShopError> {
         let (found, from_owner) = match here {
             Some(s) => (Some(s), false),
             None => self.session_from_owner(session).await?,

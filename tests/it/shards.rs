@@ -337,15 +337,22 @@ async fn shards_on_subsets_of_nodes_serve_through_every_node() {
     // linearizably through every node.
     let before = shards_of(&c, "dc1-n4").await;
     let mut placed_orders = Vec::new();
+    let mut read_index_reads = 0.0;
     for shard in 1..SHARDS {
         let sku = sku_of(shard, "subset", ON_SUBSETS);
         c.must_restock("dc1-n1", &sku, 20).await;
         for n in &nodes {
             // The session in the other data shard.
             let token = session_of(&c, n, SHARDS - shard, ON_SUBSETS).await;
+            let reads_before = c.metric_total("agora_read_index_reads_total").await;
             placed_orders.push((must_order(&c, n, &token, &sku).await, token, sku.clone()));
+            read_index_reads += c.metric_total("agora_read_index_reads_total").await - reads_before;
         }
     }
+    // Every node found the live session in a copy — its own replica, or (dc1-n1, and the
+    // nodes lacking the session's shard) its shard leader's — and not through a
+    // linearizable read.
+    assert_eq!(read_index_reads, 0.0, "read-index reads for orders of live sessions");
     for (id, token, sku) in &placed_orders {
         for n in &nodes {
             let (code, v) = c.get(n, &format!("/v1/orders/{id}")).await;

@@ -87,6 +87,12 @@ pub struct UpArgs {
     /// backends, root).
     #[arg(long, value_name = "CPUS")]
     pub cpus: Option<f64>,
+    /// The period over which `--cpus` is counted, in ms. With 100 ms (docker's and
+    /// Kubernetes' default) a node at 0.25 CPU that spent its 25 ms is frozen for the
+    /// other 75 ms, and every Raft round trip to it waits; a shorter period spreads the
+    /// same budget finely, closer to a slower machine that never stops.
+    #[arg(long, value_name = "MS", default_value_t = budget::PERIOD_MS_DEFAULT, requires = "cpus")]
+    pub cpu_period_ms: u64,
 }
 
 #[derive(Subcommand)]
@@ -516,9 +522,11 @@ async fn up(st: StateDir, a: UpArgs) -> Result<()> {
     crate::certs::create(&st.certs_dir(), &cfg, false, crate::certs::Validity::default()).context("create the cluster's certificates")?;
     if let Some(cpus) = a.cpus {
         anyhow::ensure!(!matches!(a.backend, Backend::Docker), "--cpus: use the process or netns backend");
-        budget::check(cpus)?;
+        budget::check(cpus, a.cpu_period_ms)?;
     }
-    let meta = Meta { backend: a.backend, wan_latency_ms, wan_via: a.wan_via, test_hooks: a.enable_test_hooks, cuts: BTreeSet::new(), cpus: a.cpus };
+    let cpu_period_ms = a.cpus.map(|_| a.cpu_period_ms);
+    let meta =
+        Meta { backend: a.backend, wan_latency_ms, wan_via: a.wan_via, test_hooks: a.enable_test_hooks, cuts: BTreeSet::new(), cpus: a.cpus, cpu_period_ms };
     // Written before anything is created: from here on, a crash is cleaned by the next `up`.
     st.write_meta(&meta)?;
     let c = Cluster { st, cfg, meta, rt };

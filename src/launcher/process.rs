@@ -53,8 +53,9 @@ pub fn spawn_node(st: &StateDir, prefix: &[String], node: &str) -> Result<i32> {
     let pid = child.id() as i32;
     st.write_pid(node, pid)?;
     wait_exec(st, &mut child, node)?;
-    if let Some(cpus) = meta.and_then(|m| m.cpus) {
-        super::budget::apply(node, pid, cpus).with_context(|| format!("put {node} under a budget of {cpus} CPUs"))?;
+    if let Some(m) = meta.filter(|m| m.cpus.is_some()) {
+        let (cpus, period_ms) = (m.cpus.unwrap_or_default(), m.cpu_period_ms.unwrap_or(super::budget::PERIOD_MS_DEFAULT));
+        super::budget::apply(node, pid, cpus, period_ms).with_context(|| format!("put {node} under a budget of {cpus} CPUs per {period_ms} ms"))?;
     }
     Ok(pid)
 }

@@ -32,6 +32,9 @@ pub struct Meta {
     /// Each node's CPU budget, in CPUs (`--cpus`), kept across restarts.
     #[serde(default)]
     pub cpus: Option<f64>,
+    /// The period `cpus` is counted over, in ms (`--cpu-period-ms`; `None`: the default).
+    #[serde(default)]
+    pub cpu_period_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone)]

@@ -136,6 +136,7 @@ mod tests {
             test_hooks: false,
             cuts: Default::default(),
             cpus: None,
+            cpu_period_ms: None,
         };
         let line = describe(&cfg, &meta).unwrap();
         assert!(line.contains("dc1-dc3 150 ms") && line.contains("dc1-dc2 80 ± 5 ms"), "{line}");

@@ -53,8 +53,8 @@ pub fn spawn_node(st: &StateDir, prefix: &[String], node: &str) -> Result<i32> {
     let pid = child.id() as i32;
     st.write_pid(node, pid)?;
     wait_exec(st, &mut child, node)?;
-    if let Some(m) = meta.filter(|m| m.cpus.is_some()) {
-        let (cpus, period_ms) = (m.cpus.unwrap_or_default(), m.cpu_period_ms.unwrap_or(super::budget::PERIOD_MS_DEFAULT));
+    if let Some((cpus, m)) = meta.and_then(|m| Some((m.cpus?, m))) {
+        let period_ms = m.cpu_period_ms.unwrap_or(super::budget::PERIOD_MS_DEFAULT);
         super::budget::apply(node, pid, cpus, period_ms).with_context(|| format!("put {node} under a budget of {cpus} CPUs per {period_ms} ms"))?;
     }
     Ok(pid)

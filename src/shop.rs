@@ -295,12 +295,9 @@ impl Shop {
         self.write(cmd, key).await
     }
 
-    /// The session in another shard than the SKU: taken from a copy that shows it live —
-    /// this node's replica of its shard, else its leader's — with no read-index round (a
-    /// logout acknowledged before is refused in `apply` through its revocation), else
-    /// checked linearizably there or by its owner DC ([`Shop::session_for_order`]) — and
-    /// named in the order's entry, so
-    /// the order is still one write, in the SKU's shard. A refresh the session is due goes
+    /// The session in another shard than the SKU: taken from a copy that shows it live,
+    /// with no read-index round, else checked linearizably ([`Shop::session_for_order`]) —
+    /// and named in the order's entry, so the order is still one write, in the SKU's shard. A refresh the session is due goes
     /// to its shard after the order, which does not wait for it. A logout racing the
     /// order may lose to it, as it would if it came a moment later.
     async fn order_in_other_shard(&self, id: String, session: String, sku: &str, qty: u32, key: Option<String>) -> Result<Outcome, ShopError> {
@@ -321,34 +318,14 @@ impl Shop {
         r
     }
 
-    /// The session as this node's replica of its shard holds it, if that shows it live and
-    /// within its TTL: enough for an order in another shard, whose `apply` refuses it if a
-    /// logout was recorded there first (`Command::RevokeSession`, written in every shard
-    /// before a logout is acknowledged). A replica that lags may miss a refresh, not a
-    /// logout that matters: the revocation does that job. A revocation expires a TTL after
-    /// the logout by the leader's clock; the copy is trusted for less than its TTL by this
-    /// node's clock — shorter by four clock offsets (the copy's, the logout's, the leader's
-    /// and this node's timestamps each within one of the DC's clocks), so that no copy is
-    /// trusted once the revocation that covers it may be gone.
-    fn session_live_here(&self, token: &str) -> Option<Session> {
-        self.trusted_live(self.at(token).shard.replica_session(token))
-    }
-
     /// The session an order in another shard names, and whether it came from its owner
-    /// DC: this node's replica if that shows it live; else, on a node that holds no
-    /// replica, the copy of the shard's leader, read without a read-index round, if that
-    /// shows it live; else checked linearizably ([`Shop::session_confirmed`]). Any
-    /// replica's copy is as good as this node's own would be (the revocation in the
-    /// order's shard is what refuses an order after a logout), and the leader has applied
-    /// every session it acknowledged: a live session costs one round trip and no
-    /// heartbeat round.
+    /// DC: a copy read as it stands — this node's replica of the session's shard, or its
+    /// leader's when this node holds none (`Shard::read`, no read-index round) — if that
+    /// shows it live and young enough ([`Shop::trusted_live`]); else checked linearizably
+    /// ([`Shop::session_confirmed`]). Any replica's copy will do: the revocation in the
+    /// order's shard is what refuses an order after a logout, and a leader has applied
+    /// every session it acknowledged.
     async fn session_for_order(&self, token: &str) -> Result<(Session, bool), ShopError> {
-        if let Some(s) = self.session_live_here(token) {
-            return Ok((s, false));
-        }
-        if self.at(token).shard.hosts() {
-            return self.session_confirmed(token).await;
-        }
         match self.session_record(token, true).await {
             Ok(copy) => match self.trusted_live(copy) {
                 Some(s) => Ok((s, false)),
@@ -359,8 +336,15 @@ impl Shop {
         }
     }
 
-    /// `copy` if it shows the session live and young enough to be trusted without a
-    /// linearizable read (see [`Shop::session_live_here`]).
+    /// `copy` if it shows the session live and within its TTL: enough for an order in
+    /// another shard, whose `apply` refuses it if a logout was recorded there first
+    /// (`Command::RevokeSession`, written in every shard before a logout is acknowledged).
+    /// A copy that lags may miss a refresh, not a logout that matters: the revocation does
+    /// that job. A revocation expires a TTL after the logout by the leader's clock; the
+    /// copy is trusted for less than its TTL by this node's clock — shorter by four clock
+    /// offsets (the copy's, the logout's, the leader's and this node's timestamps each
+    /// within one of the DC's clocks), so that no copy is trusted once the revocation that
+    /// covers it may be gone.
     fn trusted_live(&self, copy: Option<Session>) -> Option<Session> {
         let config = &self.shards.first().shard.config;
         let margin_ms = config.replication.max_clock_offset_ms.saturating_mul(4);

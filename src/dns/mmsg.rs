@@ -2,7 +2,8 @@
 //! [`BATCH`]) in one system call, and `sendmmsg(2)` sends their answers in one. Under
 //! load a worker then sleeps and wakes once per batch instead of once per query, which
 //! is where a UDP server on a busy machine spends its time (scheduler and wake-ups, not
-//! its own code). Linux only, like the rest of the server's socket handling.
+//! its own code). Answers of a batch to one client go as one segmented send
+//! ([`Sender`]). Linux only, like the rest of the server's socket handling.
 
 use std::io;
 use std::mem::{size_of, zeroed};
@@ -91,39 +92,151 @@ fn socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-/// Sends every `(datagram, destination)` in as few `sendmmsg` calls as the kernel takes
-/// them. A datagram the kernel refuses is skipped, as a failed `send_to` would be, and
-/// the rest still go; the first such error is returned.
-pub fn send_all(socket: &UdpSocket, out: &[(Vec<u8>, SocketAddr)]) -> io::Result<()> {
-    let addrs: Vec<SockAddr> = out.iter().map(|(_, to)| SockAddr::from(*to)).collect();
-    let mut iovs: Vec<libc::iovec> = out.iter().map(|(d, _)| libc::iovec { iov_base: d.as_ptr().cast_mut().cast(), iov_len: d.len() }).collect();
-    let mut hdrs: Vec<libc::mmsghdr> = Vec::with_capacity(out.len());
-    for (i, addr) in addrs.iter().enumerate() {
+/// Datagrams one `UDP_SEGMENT` send carries at most (the kernel's `UDP_MAX_SEGMENTS`
+/// since the option exists).
+const SEGMENTS_MAX: usize = 64;
+/// Payload bytes one `UDP_SEGMENT` send carries at most (a UDP datagram's limit).
+const SEGMENT_BYTES_MAX: usize = 65_507;
+
+/// The control message that asks the kernel to cut one send into datagrams of
+/// `size` bytes (`UDP_SEGMENT`, generic segmentation offload for UDP).
+#[repr(C)]
+struct SegmentCmsg {
+    hdr: libc::cmsghdr,
+    size: u16,
+    _pad: [u8; 6],
+}
+
+/// Sends answers, each batch in one `sendmmsg(2)`. Answers of one batch to the same
+/// destination and of the same length (a load asking one name again and again) go as
+/// one send the kernel cuts into datagrams (`UDP_SEGMENT`): one trip through the IP
+/// stack and the device for the lot instead of one each, where a busy DNS server spends
+/// most of its time. A kernel or device that refuses segmentation (no checksum offload)
+/// turns it off for good, and those answers go one by one.
+pub struct Sender {
+    segment: bool,
+}
+
+impl Default for Sender {
+    fn default() -> Self {
+        Sender { segment: true }
+    }
+}
+
+impl Sender {
+    /// Sends every `(datagram, destination)` in as few system calls as the kernel takes
+    /// them, keeping the order of the datagrams to each destination. A datagram the
+    /// kernel refuses is skipped, as a failed `send_to` would be, and the rest still go;
+    /// the first such error is returned.
+    pub fn send_all(&mut self, socket: &UdpSocket, out: &[(Vec<u8>, SocketAddr)]) -> io::Result<()> {
+        let groups = if self.segment { segment_groups(out) } else { (0..out.len()).map(|i| vec![i]).collect() };
+        self.send(socket, out, &groups)
+    }
+
+    /// Sends `groups` of `out`; the datagrams of a segmented send the kernel refused as
+    /// such go again one by one, and segmenting stops.
+    fn send(&mut self, socket: &UdpSocket, out: &[(Vec<u8>, SocketAddr)], groups: &[Vec<usize>]) -> io::Result<()> {
+        let (refused, failed): (Vec<_>, Vec<_>) =
+            send_groups(socket, out, groups).into_iter().partition(|(k, e)| groups[*k].len() > 1 && refuses_segmentation(e));
+        let mut first_error = failed.into_iter().next().map(|(_, e)| e);
+        if let Some((_, e)) = refused.first() {
+            tracing::info!(error = %e, "udp segmentation refused: dns answers go one datagram per send");
+            self.segment = false;
+            let singles: Vec<Vec<usize>> = refused.iter().flat_map(|(k, _)| groups[*k].iter().map(|i| vec![*i])).collect();
+            if let Some((_, e)) = send_groups(socket, out, &singles).into_iter().next() {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Errors by which a kernel or device says it cannot segment a UDP send.
+fn refuses_segmentation(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP))
+}
+
+/// `out`'s indices cut into sends: per destination in order of first appearance, runs
+/// of datagrams of one length (the last of a run may be shorter: the kernel's rule),
+/// within the kernel's segment and size limits. A run of one is a plain datagram.
+fn segment_groups(out: &[(Vec<u8>, SocketAddr)]) -> Vec<Vec<usize>> {
+    let mut by_destination: Vec<(SocketAddr, Vec<usize>)> = Vec::new();
+    for (i, (_, to)) in out.iter().enumerate() {
+        match by_destination.iter_mut().find(|(d, _)| d == to) {
+            Some((_, list)) => list.push(i),
+            None => by_destination.push((*to, vec![i])),
+        }
+    }
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (_, list) in by_destination {
+        let mut run: Vec<usize> = Vec::new();
+        for i in list {
+            let joins = run.first().is_some_and(|&first| {
+                let size = out[first].0.len();
+                let last = out[run[run.len() - 1]].0.len();
+                last == size && out[i].0.len() <= size && run.len() < SEGMENTS_MAX && (run.len() + 1).saturating_mul(size) <= SEGMENT_BYTES_MAX
+            });
+            if !joins && !run.is_empty() {
+                groups.push(std::mem::take(&mut run));
+            }
+            run.push(i);
+        }
+        groups.push(run);
+    }
+    groups
+}
+
+/// Sends each group of `out`'s datagrams as one message (several: segmented), in as few
+/// `sendmmsg` calls as the kernel takes. A message the kernel refuses is skipped and the
+/// rest still go; the refusals are returned with their groups' indices.
+fn send_groups(socket: &UdpSocket, out: &[(Vec<u8>, SocketAddr)], groups: &[Vec<usize>]) -> Vec<(usize, io::Error)> {
+    let addrs: Vec<SockAddr> = groups.iter().map(|g| SockAddr::from(out[g[0]].1)).collect();
+    let mut iovs: Vec<Vec<libc::iovec>> =
+        groups.iter().map(|g| g.iter().map(|&i| libc::iovec { iov_base: out[i].0.as_ptr().cast_mut().cast(), iov_len: out[i].0.len() }).collect()).collect();
+    let mut cmsgs: Vec<SegmentCmsg> = groups.iter().map(|g| segment_cmsg(&out[g[0]].0)).collect();
+    let mut hdrs: Vec<libc::mmsghdr> = Vec::with_capacity(groups.len());
+    for (k, g) in groups.iter().enumerate() {
         // SAFETY: all-zero is a valid msghdr; the fields set point at live buffers.
         let mut hdr: libc::msghdr = unsafe { zeroed() };
-        hdr.msg_name = addr.as_ptr().cast_mut().cast();
-        hdr.msg_namelen = addr.len();
-        hdr.msg_iov = std::ptr::from_mut(&mut iovs[i]);
-        hdr.msg_iovlen = 1;
+        hdr.msg_name = addrs[k].as_ptr().cast_mut().cast();
+        hdr.msg_namelen = addrs[k].len();
+        hdr.msg_iov = iovs[k].as_mut_ptr();
+        hdr.msg_iovlen = iovs[k].len();
+        if g.len() > 1 {
+            hdr.msg_control = std::ptr::from_mut(&mut cmsgs[k]).cast();
+            hdr.msg_controllen = size_of::<SegmentCmsg>();
+        }
         hdrs.push(libc::mmsghdr { msg_hdr: hdr, msg_len: 0 });
     }
-    let (mut done, mut first_error) = (0, None);
+    let (mut done, mut failed) = (0, Vec::new());
     while done < hdrs.len() {
         let rest = &mut hdrs[done..];
         let len = libc::c_uint::try_from(rest.len()).unwrap_or(libc::c_uint::MAX);
-        // SAFETY: `rest` holds initialised headers whose buffers and addresses outlive the
-        // call; the kernel only reads them (and writes `msg_len`).
+        // SAFETY: `rest` holds initialised headers whose buffers, addresses and control
+        // messages outlive the call; the kernel only reads them (and writes `msg_len`).
         let n = unsafe { libc::sendmmsg(socket.as_raw_fd(), rest.as_mut_ptr(), len, 0) };
         match usize::try_from(n) {
             Ok(sent) if sent > 0 => done += sent,
-            // The first datagram left failed: skip it, keep the rest going.
+            // The first message left failed: skip it, keep the rest going.
             _ => {
-                first_error.get_or_insert_with(io::Error::last_os_error);
+                failed.push((done, io::Error::last_os_error()));
                 done += 1;
             }
         }
     }
-    first_error.map_or(Ok(()), Err)
+    failed
+}
+
+/// The `UDP_SEGMENT` control message for a group whose first datagram is `first`.
+fn segment_cmsg(first: &[u8]) -> SegmentCmsg {
+    // SAFETY: CMSG_LEN only computes a length.
+    let len = unsafe { libc::CMSG_LEN(size_of::<u16>() as libc::c_uint) };
+    // SAFETY: all-zero is a valid cmsghdr (whatever padding the C library gives it).
+    let mut hdr: libc::cmsghdr = unsafe { zeroed() };
+    hdr.cmsg_len = usize::try_from(len).expect("a control message length fits a usize");
+    hdr.cmsg_level = libc::SOL_UDP;
+    hdr.cmsg_type = libc::UDP_SEGMENT;
+    SegmentCmsg { hdr, size: u16::try_from(first.len()).unwrap_or(u16::MAX), _pad: [0; 6] }
 }
 
 #[cfg(test)]
@@ -148,7 +261,7 @@ mod tests {
         let mut got = Vec::new();
         while got.len() < n + 1 {
             let k = rx.recv(&server).unwrap();
-            assert!(k >= 1 && k <= BATCH);
+            assert!((1..=BATCH).contains(&k));
             for i in 0..k {
                 let (d, from) = rx.get(i).unwrap();
                 assert_eq!(from, client.local_addr().unwrap());
@@ -159,12 +272,89 @@ mod tests {
         assert_eq!(got[..n], (0..n).map(|i| vec![i as u8; 3]).collect::<Vec<_>>()[..]);
         assert_eq!(got[n], vec![7u8; 16], "cut to the buffer");
         let answers: Vec<(Vec<u8>, SocketAddr)> = got.iter().map(|d| (d.iter().map(|b| b + 1).collect(), client.local_addr().unwrap())).collect();
-        send_all(&server, &answers).unwrap();
+        Sender::default().send_all(&server, &answers).unwrap();
         let mut buf = [0u8; 64];
         for (want, _) in &answers {
             let (len, from) = client.recv_from(&mut buf).unwrap();
             assert_eq!((&buf[..len], from), (&want[..], to));
         }
-        assert!(send_all(&server, &[]).is_ok());
+        assert!(Sender::default().send_all(&server, &[]).is_ok());
+    }
+
+    fn client() -> (UdpSocket, SocketAddr) {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let addr = socket.local_addr().unwrap();
+        (socket, addr)
+    }
+
+    /// Reads exactly the datagrams `out` sends to `addr`, in order, and nothing more.
+    fn receives_exactly(socket: &UdpSocket, addr: SocketAddr, out: &[(Vec<u8>, SocketAddr)]) {
+        let mut buf = [0u8; 2048];
+        socket.set_nonblocking(false).unwrap();
+        for (want, _) in out.iter().filter(|(_, to)| *to == addr) {
+            let (len, _) = socket.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..len], &want[..], "one datagram per answer, whole and in order");
+        }
+        socket.set_nonblocking(true).unwrap();
+        assert_eq!(socket.recv_from(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock, "nothing more");
+    }
+
+    #[test]
+    fn runs_of_one_length_per_destination_make_the_segmented_sends() {
+        let (a, b): (SocketAddr, SocketAddr) = ("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
+        let sized = |lens: &[(usize, SocketAddr)]| lens.iter().map(|(n, to)| (vec![0u8; *n], *to)).collect::<Vec<_>>();
+        // Per destination, in order; a shorter datagram ends a run, a longer one starts one.
+        let out = sized(&[(40, a), (40, b), (40, a), (30, a), (40, a), (50, a), (40, b)]);
+        assert_eq!(segment_groups(&out), vec![vec![0, 2, 3], vec![4], vec![5], vec![1, 6]]);
+        // At most SEGMENTS_MAX a send, and at most SEGMENT_BYTES_MAX bytes.
+        let many = sized(&vec![(10, a); SEGMENTS_MAX + 5]);
+        assert_eq!(segment_groups(&many).iter().map(Vec::len).collect::<Vec<_>>(), vec![SEGMENTS_MAX, 5]);
+        let big = sized(&[(30_000, a); 3]);
+        assert_eq!(segment_groups(&big).iter().map(Vec::len).collect::<Vec<_>>(), vec![2, 1]);
+        assert!(segment_groups(&[]).is_empty());
+    }
+
+    #[test]
+    fn the_control_message_has_the_kernels_layout() {
+        // SAFETY: these only compute lengths.
+        let (space, data_at) = unsafe { (libc::CMSG_SPACE(2), libc::CMSG_LEN(0)) };
+        assert_eq!(size_of::<SegmentCmsg>(), usize::try_from(space).unwrap());
+        assert_eq!(std::mem::offset_of!(SegmentCmsg, size), usize::try_from(data_at).unwrap());
+    }
+
+    #[test]
+    fn segmented_answers_arrive_as_separate_datagrams_in_order() {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let ((sa, a), (sb, b)) = (client(), client());
+        let mut out = Vec::new();
+        for i in 0..30u8 {
+            out.push((vec![i; 40], a));
+            if i % 3 == 0 {
+                out.push((vec![i; 7 + usize::from(i)], b));
+            }
+        }
+        out.push((vec![99; 12], a));
+        assert!(segment_groups(&out).iter().any(|g| g.len() > 1), "some answers share a send");
+        let mut sender = Sender::default();
+        sender.send_all(&server, &out).unwrap();
+        assert!(sender.segment, "loopback takes segmented sends");
+        receives_exactly(&sa, a, &out);
+        receives_exactly(&sb, b, &out);
+    }
+
+    #[test]
+    fn a_refused_segmented_send_goes_one_by_one_and_segmenting_stops() {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (sa, a) = client();
+        // More segments in one send than any kernel takes (128 at most): refused (EINVAL).
+        let out: Vec<(Vec<u8>, SocketAddr)> = (0..200u8).map(|i| (vec![i; 10], a)).collect();
+        let mut sender = Sender::default();
+        sender.send(&server, &out, &[(0..out.len()).collect()]).unwrap();
+        assert!(!sender.segment, "segmenting stopped");
+        receives_exactly(&sa, a, &out);
+        // From then on every datagram is sent alone.
+        sender.send_all(&server, &out[..5]).unwrap();
+        receives_exactly(&sa, a, &out[..5]);
     }
 }

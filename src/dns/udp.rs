@@ -228,6 +228,7 @@ fn bind_socket(addr: SocketAddr) -> io::Result<Socket> {
 fn serve(socket: &std::net::UdpSocket, mut responder: Responder, stop: &AtomicBool) {
     let mut received = Received::new(RECEIVE_BUFFER);
     let mut answers = Vec::with_capacity(mmsg::BATCH);
+    let mut sender = mmsg::Sender::default();
     while !stop.load(Ordering::Relaxed) {
         let count = match received.recv(socket) {
             Ok(count) => count,
@@ -245,7 +246,7 @@ fn serve(socket: &std::net::UdpSocket, mut responder: Responder, stop: &AtomicBo
                 answers.push((response, src));
             }
         }
-        if let Err(error) = mmsg::send_all(socket, &answers) {
+        if let Err(error) = sender.send_all(socket, &answers) {
             debug!(%error, "failed to send a dns response");
         }
         answers.clear();

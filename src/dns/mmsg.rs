@@ -97,6 +97,11 @@ fn socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
 const SEGMENTS_MAX: usize = 64;
 /// Payload bytes one `UDP_SEGMENT` send carries at most (a UDP datagram's limit).
 const SEGMENT_BYTES_MAX: usize = 65_507;
+/// Datagrams longer than this are never segmented: the kernel refuses a segment that
+/// does not fit the route's MTU (EINVAL), which would turn segmenting off for good.
+/// 1,232 bytes fit any IPv6 path (1,280 − 48), which is why DNS uses it as its default
+/// EDNS size; nearly every answer is far shorter.
+const SEGMENT_LEN_MAX: usize = 1_232;
 
 /// The control message that asks the kernel to cut one send into datagrams of
 /// `size` bytes (`UDP_SEGMENT`, generic segmentation offload for UDP).
@@ -157,8 +162,9 @@ fn refuses_segmentation(e: &io::Error) -> bool {
 }
 
 /// `out`'s indices cut into sends: per destination in order of first appearance, runs
-/// of datagrams of one length (the last of a run may be shorter: the kernel's rule),
-/// within the kernel's segment and size limits. A run of one is a plain datagram.
+/// of datagrams of one length up to [`SEGMENT_LEN_MAX`] (the last of a run may be
+/// shorter: the kernel's rule), within the kernel's segment and size limits. A run of
+/// one is a plain datagram.
 fn segment_groups(out: &[(Vec<u8>, SocketAddr)]) -> Vec<Vec<usize>> {
     let mut by_destination: Vec<(SocketAddr, Vec<usize>)> = Vec::new();
     for (i, (_, to)) in out.iter().enumerate() {
@@ -174,7 +180,11 @@ fn segment_groups(out: &[(Vec<u8>, SocketAddr)]) -> Vec<Vec<usize>> {
             let joins = run.first().is_some_and(|&first| {
                 let size = out[first].0.len();
                 let last = out[run[run.len() - 1]].0.len();
-                last == size && out[i].0.len() <= size && run.len() < SEGMENTS_MAX && (run.len() + 1).saturating_mul(size) <= SEGMENT_BYTES_MAX
+                last == size
+                    && size <= SEGMENT_LEN_MAX
+                    && out[i].0.len() <= size
+                    && run.len() < SEGMENTS_MAX
+                    && (run.len() + 1).saturating_mul(size) <= SEGMENT_BYTES_MAX
             });
             if !joins && !run.is_empty() {
                 groups.push(std::mem::take(&mut run));
@@ -310,8 +320,12 @@ mod tests {
         // At most SEGMENTS_MAX a send, and at most SEGMENT_BYTES_MAX bytes.
         let many = sized(&vec![(10, a); SEGMENTS_MAX + 5]);
         assert_eq!(segment_groups(&many).iter().map(Vec::len).collect::<Vec<_>>(), vec![SEGMENTS_MAX, 5]);
-        let big = sized(&[(30_000, a); 3]);
-        assert_eq!(segment_groups(&big).iter().map(Vec::len).collect::<Vec<_>>(), vec![2, 1]);
+        let runs = SEGMENT_BYTES_MAX / SEGMENT_LEN_MAX;
+        let full = sized(&vec![(SEGMENT_LEN_MAX, a); runs + 1]);
+        assert_eq!(segment_groups(&full).iter().map(Vec::len).collect::<Vec<_>>(), vec![runs, 1]);
+        // Longer than any path's MTU may take: never segmented.
+        let long = sized(&[(SEGMENT_LEN_MAX + 1, a); 3]);
+        assert_eq!(segment_groups(&long), vec![vec![0], vec![1], vec![2]]);
         assert!(segment_groups(&[]).is_empty());
     }
 

@@ -2,7 +2,7 @@ use std::{collections::BTreeMap, io};
 
 use super::{
     pread_exact_or_eof, read_message, read_segment_header, BasedBuf, DiskPtr,
-    LogKind, LogOffset, LogRead, Lsn, SegmentHeader, SegmentNumber,
+    LogKind, LogOffset, LogRead, Lsn, Payload, SegmentHeader, SegmentNumber,
     MAX_MSG_HEADER_LEN, SEG_HEADER_LEN,
 };
 use crate::*;
@@ -79,6 +79,7 @@ impl Iterator for LogIter {
                 lid,
                 expected_segment_number,
                 &self.config,
+                Payload::Stored,
             ) {
                 Ok(LogRead::Blob(header, _buf, blob_ptr, inline_len)) => {
                     trace!("read blob flush in LogIter::next");

@@ -59,7 +59,13 @@ impl Log {
         if ptr.is_inline() {
             iobuf::make_durable(&self.iobufs, lsn)?;
             let f = &self.config.file;
-            read_message(&**f, ptr.lid(), expected_segment_number, &self.config)
+            read_message(
+                &**f,
+                ptr.lid(),
+                expected_segment_number,
+                &self.config,
+                Payload::Decoded,
+            )
         } else {
             // we short-circuit the inline read
             // here because it might not still
@@ -698,12 +704,26 @@ impl ReadAt for BasedBuf {
     }
 }
 
+/// Agora: what `read_message` gives of an inline message's payload.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Payload {
+    /// Decompressed, as a page read needs it.
+    Decoded,
+    /// As stored (compressed, when compression is on): recovery's log
+    /// iterator only needs each message's header, place and length, and
+    /// decompressing every inline message it passed over took most of the
+    /// time to open a database once contexts were reused. The checksum is
+    /// over the stored bytes, so it is checked all the same.
+    Stored,
+}
+
 /// read a buffer from the disk
 pub(crate) fn read_message<R: ReadAt>(
     file: &R,
     lid: LogOffset,
     expected_segment_number: SegmentNumber,
     config: &Config,
+    payload: Payload,
 ) -> Result<LogRead> {
     let _measure = Measure::new(&M.read);
     let segment_len = config.segment_size;
@@ -828,7 +848,7 @@ pub(crate) fn read_message<R: ReadAt>(
         | MessageKind::Free
         | MessageKind::Counter => {
             trace!("read a successful inline message");
-            let buf = if config.use_compression {
+            let buf = if config.use_compression && payload == Payload::Decoded {
                 maybe_decompress(buf)?
             } else {
                 buf

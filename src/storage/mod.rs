@@ -453,17 +453,18 @@ mod compressed_pages {
     #[test]
     fn compressed_pages_read_back_whole_after_a_reopen() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let value = |i: u32| -> Vec<u8> {
+        // Runs of one byte value, so that pages compress; the low byte of a counter.
+        let value = |i: usize| -> Vec<u8> {
             let len = match i % 500 {
                 0 => 300_000, // a blob
-                n => 1 + (n as usize * 37) % 2_000,
+                n => 1 + n * 37 % 2_000,
             };
-            (0..len).map(|j| (i as usize * 31 + j / 7) as u8).collect()
+            (0..len).map(|j| (i * 31 + j / 7).to_le_bytes()[0]).collect()
         };
         let config = || sled::Config::new().path(dir.path()).use_compression(true).cache_capacity(1 << 20);
         {
             let tree = config().open().expect("open sled").open_tree("state").expect("tree");
-            for i in 0..5_000u32 {
+            for i in 0..5_000usize {
                 tree.insert(i.to_be_bytes(), value(i)).expect("insert");
             }
             tree.flush().expect("flush");
@@ -471,7 +472,7 @@ mod compressed_pages {
         let db = super::when_unlocked(|| config().open()).expect("reopen");
         let tree = db.open_tree("state").expect("tree");
         for pass in 0..2 {
-            for i in 0..5_000u32 {
+            for i in 0..5_000usize {
                 let got = tree.get(i.to_be_bytes()).expect("get").unwrap_or_else(|| panic!("record {i} missing (pass {pass})"));
                 assert_eq!(got.as_ref(), value(i).as_slice(), "record {i} (pass {pass})");
             }

@@ -267,11 +267,16 @@ pub struct StorageSection {
     /// Whether pages are compressed is fixed when the data dir is created (a dir keeps it, with a warning at start if
     /// the config differs); the level may change at any restart.
     pub sled_compression_level: u8,
+    /// With compressed pages, whether each update to a page is compressed too (true,
+    /// the default: the least disk), or stored as it is until the page is next written
+    /// whole (false: less CPU per write, more disk). May change at any restart: a data
+    /// dir reads both.
+    pub sled_compress_updates: bool,
 }
 
 impl Default for StorageSection {
     fn default() -> Self {
-        StorageSection { durability: Durability::Fsync, sled_cache_bytes_max: 256 << 20, sled_segment_bytes: 0, sled_compression_level: 1 }
+        StorageSection { durability: Durability::Fsync, sled_cache_bytes_max: 256 << 20, sled_segment_bytes: 0, sled_compression_level: 1, sled_compress_updates: true }
     }
 }
 

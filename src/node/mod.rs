@@ -179,6 +179,7 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
         cache_bytes: st.sled_cache_bytes_max,
         segment_bytes: st.sled_segment_bytes,
         compression_level: st.sled_compression_level,
+        compress_updates: st.sled_compress_updates,
     };
     let disk = storage::Disk::default();
     let stores =

@@ -174,7 +174,7 @@ async fn group_commit(db: sled::Db, file: Option<Arc<File>>, disk: Disk, mut rx:
 
 /// Opens (or creates) a node's data dir and returns its log store and state machine.
 pub fn open(dir: &Path, dc: &str, durability: Durability, cache_bytes: u64, cache_entities_max: usize) -> anyhow::Result<(LogStore, StateMachineStore)> {
-    let sled = SledOptions { durability, cache_bytes, segment_bytes: 0, compression_level: 0 };
+    let sled = SledOptions { durability, cache_bytes, segment_bytes: 0, compression_level: 0, compress_updates: true };
     let mut shards = open_shards(dir, dc, 1, sled, cache_entities_max, Disk::default())?;
     Ok(shards.remove(0))
 }
@@ -189,6 +189,8 @@ pub struct SledOptions {
     pub segment_bytes: usize,
     /// zstd level of sled's pages (0: not compressed).
     pub compression_level: u8,
+    /// With compressed pages, whether updates to a page are compressed too.
+    pub compress_updates: bool,
 }
 
 /// The layout sled fixed when it created a data dir (its `conf` file): it refuses to
@@ -228,7 +230,7 @@ fn sled_config(dir: &Path, sled: SledOptions) -> sled::Config {
     let mut config = sled::Config::new().path(dir).cache_capacity(sled.cache_bytes).use_compression(layout.compressed);
     if layout.compressed {
         // A compressed dir opened with compression off in the config: the cheapest level.
-        config = config.compression_factor(i32::from(sled.compression_level.clamp(1, 22)));
+        config = config.compression_factor(i32::from(sled.compression_level.clamp(1, 22))).compress_links(sled.compress_updates);
     }
     if layout.segment_bytes > 0 {
         config = config.segment_size(layout.segment_bytes);
@@ -393,6 +395,7 @@ pub fn usage(dir: &Path) -> anyhow::Result<serde_json::Value> {
         cache_bytes: 64 << 20,
         segment_bytes: layout.map_or(0, |l| l.segment_bytes),
         compression_level: u8::from(layout.is_some_and(|l| l.compressed)),
+        compress_updates: true,
     };
     let db = sled_config(dir, options).open().map_err(|e| anyhow::anyhow!("open sled db in {}: {e}", dir.display()))?;
     let mut trees = BTreeMap::new();
@@ -446,30 +449,38 @@ mod tests {
 
 #[cfg(test)]
 mod compressed_pages {
+    /// Runs of one byte value, so that pages compress; the low byte of a counter.
+    fn value(i: usize) -> Vec<u8> {
+        let len = match i % 500 {
+            0 => 300_000, // a blob
+            n => 1 + n * 37 % 2_000,
+        };
+        (0..len).map(|j| (i * 31 + j / 7).to_le_bytes()[0]).collect()
+    }
+
+    fn config(dir: &std::path::Path, compress_updates: bool) -> sled::Config {
+        sled::Config::new().path(dir).use_compression(true).compress_links(compress_updates).cache_capacity(1 << 20)
+    }
+
+    fn write(tree: &sled::Tree, records: std::ops::Range<usize>) {
+        records.for_each(|i| drop(tree.insert(i.to_be_bytes(), value(i)).expect("insert")));
+        tree.flush().expect("flush");
+    }
+
     /// Every record read back whole after a reopen, from compressed pages the reopen
     /// recovered from the log and reads that miss a small cache: sled's pages are
     /// decompressed with a context kept per thread (`vendor/sled`), reused across pages
-    /// of any size, inline or blobs.
+    /// of any size, inline or blobs. The records are written in three opens, with
+    /// updates compressed, then stored as they are, then compressed again, so that the
+    /// pages read back mix both kinds.
     #[test]
     fn compressed_pages_read_back_whole_after_a_reopen() {
         let dir = tempfile::tempdir().expect("temp dir");
-        // Runs of one byte value, so that pages compress; the low byte of a counter.
-        let value = |i: usize| -> Vec<u8> {
-            let len = match i % 500 {
-                0 => 300_000, // a blob
-                n => 1 + n * 37 % 2_000,
-            };
-            (0..len).map(|j| (i * 31 + j / 7).to_le_bytes()[0]).collect()
-        };
-        let config = || sled::Config::new().path(dir.path()).use_compression(true).cache_capacity(1 << 20);
-        {
-            let tree = config().open().expect("open sled").open_tree("state").expect("tree");
-            for i in 0..5_000usize {
-                tree.insert(i.to_be_bytes(), value(i)).expect("insert");
-            }
-            tree.flush().expect("flush");
+        for (records, compress_updates) in [(0..2_000, true), (2_000..4_000, false), (4_000..5_000, true)] {
+            let db = super::when_unlocked(|| config(dir.path(), compress_updates).open()).expect("open sled");
+            write(&db.open_tree("state").expect("tree"), records);
         }
-        let db = super::when_unlocked(|| config().open()).expect("reopen");
+        let db = super::when_unlocked(|| config(dir.path(), true).open()).expect("reopen");
         let tree = db.open_tree("state").expect("tree");
         for pass in 0..2 {
             for i in 0..5_000usize {
@@ -477,6 +488,20 @@ mod compressed_pages {
                 assert_eq!(got.as_ref(), value(i).as_slice(), "record {i} (pass {pass})");
             }
         }
+    }
+
+    /// With `compress_links` off, updates are stored as they are: the same compressible
+    /// records take more disk than with every message compressed.
+    #[test]
+    fn updates_stored_as_they_are_take_more_disk() {
+        let size = |compress_updates: bool| {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let db = config(dir.path(), compress_updates).open().expect("open sled");
+            write(&db.open_tree("state").expect("tree"), 1..2_000);
+            db.size_on_disk().expect("size")
+        };
+        let (compressed, as_they_are) = (size(true), size(false));
+        assert!(as_they_are > compressed.saturating_add(compressed / 4), "{as_they_are} bytes with updates as they are, {compressed} compressed");
     }
 }
 
@@ -502,7 +527,7 @@ mod layout_tests {
     use super::*;
 
     fn options(segment_bytes: usize, compression_level: u8) -> SledOptions {
-        SledOptions { durability: Durability::Flush, cache_bytes: 1 << 20, segment_bytes, compression_level }
+        SledOptions { durability: Durability::Flush, cache_bytes: 1 << 20, segment_bytes, compression_level, compress_updates: true }
     }
 
     /// A data dir keeps the layout sled created it with: opened later with compression

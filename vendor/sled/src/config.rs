@@ -205,6 +205,9 @@ pub struct Inner {
     pub use_compression: bool,
     #[doc(hidden)]
     pub compression_factor: i32,
+    /// Agora: whether page updates (`LogKind::Link`) are compressed too.
+    #[doc(hidden)]
+    pub compress_links: bool,
     #[doc(hidden)]
     pub print_profile_on_drop: bool,
     #[doc(hidden)]
@@ -229,6 +232,7 @@ impl Default for Inner {
             mode: Mode::LowSpace,
             use_compression: false,
             compression_factor: 5,
+            compress_links: true,
             temporary: false,
             version: crate_version(),
 
@@ -500,6 +504,11 @@ impl Config {
             compression_factor,
             i32,
             "the compression factor to use with zstd compression. Ranges from 1 up to 22. Levels >= 20 are 'ultra'."
+        ),
+        (
+            compress_links,
+            bool,
+            "Agora: with use_compression, whether page updates are compressed too (off: stored as they are, and only whole pages compressed). Either way a database reads both."
         ),
         (
             temporary,

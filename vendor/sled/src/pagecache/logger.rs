@@ -137,8 +137,14 @@ impl Log {
 
                 let _measure = Measure::new(&M.compress);
 
-                let compressed_buf =
-                    compress_reusing_context(&buf, self.config.compression_factor);
+                // Agora: an update to a page (a link) may be stored as it is,
+                // marked: it lives only until the page is next consolidated,
+                // and compressing every one cost more CPU than whole pages.
+                let compressed_buf = if self.config.compress_links || log_kind != LogKind::Link {
+                    compress_reusing_context(&buf, self.config.compression_factor)
+                } else {
+                    crate::pagecache::mark_uncompressed(&buf)
+                };
 
                 return self.reserve_inner(
                     log_kind,

@@ -286,6 +286,22 @@ fn decompress_reusing_context(frame: &[u8]) -> std::io::Result<Vec<u8>> {
     }
 }
 
+/// Agora: the first byte of a page stored uncompressed in a compressed
+/// database. A zstd frame starts with its magic number, whose first byte
+/// (little-endian 0xFD2FB528) is 0x28, so the two cannot be confused, and a
+/// database written before this mark existed holds frames only.
+#[cfg(feature = "compression")]
+const UNCOMPRESSED_MARK: u8 = 0;
+
+/// Agora: a page as stored uncompressed: the mark, then the page.
+#[cfg(feature = "compression")]
+pub(crate) fn mark_uncompressed(buf: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(buf.len() + 1);
+    out.push(UNCOMPRESSED_MARK);
+    out.extend_from_slice(buf);
+    out
+}
+
 #[allow(clippy::needless_pass_by_value)]
 pub(crate) fn maybe_decompress(in_buf: Vec<u8>) -> std::io::Result<Vec<u8>> {
     #[cfg(feature = "compression")]
@@ -293,6 +309,9 @@ pub(crate) fn maybe_decompress(in_buf: Vec<u8>) -> std::io::Result<Vec<u8>> {
         let scootable_in_buf = &mut &*in_buf;
         let _ivec_varint = u64::deserialize(scootable_in_buf)
             .expect("this had to be serialized with an extra length frame");
+        if let Some((&UNCOMPRESSED_MARK, page)) = scootable_in_buf.split_first() {
+            return Ok(page.to_vec());
+        }
         let _measure = Measure::new(&M.decompress);
         let out_buf = decompress_reusing_context(scootable_in_buf).expect(
             "failed to decompress data. \

@@ -254,6 +254,9 @@ pub enum Durability {
     Flush,
 }
 
+/// The zstd levels sled's pages may be compressed at (0: not compressed).
+pub const SLED_COMPRESSION_LEVELS: std::ops::RangeInclusive<i8> = -7..=22;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageSection {
@@ -263,10 +266,11 @@ pub struct StorageSection {
     /// sled's segment size (a power of two; 0: sled's default, 512 KiB). Fixed when the
     /// data dir is created: sled refuses to open a dir with another one.
     pub sled_segment_bytes: usize,
-    /// zstd level (1–22) of sled's pages, 0 for none; 1 by default (a fifth of the disk).
+    /// zstd level of sled's pages, 0 for none; 1 by default (a fifth of the disk). 1–22
+    /// are zstd's levels, -1 to -7 its fast ones (less CPU per write, more disk).
     /// Whether pages are compressed is fixed when the data dir is created (a dir keeps it, with a warning at start if
     /// the config differs); the level may change at any restart.
-    pub sled_compression_level: u8,
+    pub sled_compression_level: i8,
     /// With compressed pages, whether each update to a page is compressed too (true,
     /// the default: the least disk), or stored as it is until the page is next written
     /// whole (false: less CPU per write, more disk). May change at any restart: a data
@@ -653,8 +657,8 @@ impl ClusterConfig {
         if st.sled_segment_bytes != 0 && !(st.sled_segment_bytes.is_power_of_two() && (256..=1 << 24).contains(&st.sled_segment_bytes)) {
             return Err(invalid("storage.sled_segment_bytes", "must be 0 (sled's default) or a power of two from 256 to 16 MiB"));
         }
-        if st.sled_compression_level > 22 {
-            return Err(invalid("storage.sled_compression_level", "must be 0 (off) or a zstd level from 1 to 22"));
+        if !(SLED_COMPRESSION_LEVELS).contains(&st.sled_compression_level) {
+            return Err(invalid("storage.sled_compression_level", "must be 0 (off), a zstd level from 1 to 22, or a fast one from -1 to -7"));
         }
         Ok(())
     }
@@ -1070,6 +1074,7 @@ mod tests {
         check_err(|t| t.replace("name = \"dc2\"", "name = \"DC 2\""), "dc[1].name");
         check_err(|t| t.replace("durability = \"fsync\"", "durability = \"maybe\""), "durability");
         check_err(|t| t.replace("sled_compression_level = 1", "sled_compression_level = 23"), "storage.sled_compression_level");
+        check_err(|t| t.replace("sled_compression_level = 1", "sled_compression_level = -8"), "storage.sled_compression_level");
         check_err(|t| t.replace("durability = \"fsync\"", "durability = \"fsync\"\nsled_segment_bytes = 1000"), "storage.sled_segment_bytes");
         check_err(|t| t.replace("rrl_responses_per_s = 1000", "rrl_responses_per_s = 0"), "dns.rrl_responses_per_s");
         check_err(|t| t.replace("rrl_sources_max = 20000", "rrl_sources_max = 1"), "dns.rrl_sources_max");

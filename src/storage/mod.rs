@@ -187,8 +187,8 @@ pub struct SledOptions {
     pub cache_bytes: u64,
     /// sled's segment size (0: sled's default).
     pub segment_bytes: usize,
-    /// zstd level of sled's pages (0: not compressed).
-    pub compression_level: u8,
+    /// zstd level of sled's pages (0: not compressed; negative: zstd's fast levels).
+    pub compression_level: i8,
     /// With compressed pages, whether updates to a page are compressed too.
     pub compress_updates: bool,
 }
@@ -216,7 +216,7 @@ impl Layout {
 /// created keeps the segment size and compression switch it was created with (a warning
 /// says when they differ from what was asked; the compression level may change).
 fn sled_config(dir: &Path, sled: SledOptions) -> sled::Config {
-    let asked = Layout { segment_bytes: sled.segment_bytes, compressed: sled.compression_level > 0 };
+    let asked = Layout { segment_bytes: sled.segment_bytes, compressed: sled.compression_level != 0 };
     let layout = match Layout::stored(dir) {
         Some(stored) => {
             let differs = stored.compressed != asked.compressed || (asked.segment_bytes > 0 && stored.segment_bytes != asked.segment_bytes);
@@ -229,8 +229,9 @@ fn sled_config(dir: &Path, sled: SledOptions) -> sled::Config {
     };
     let mut config = sled::Config::new().path(dir).cache_capacity(sled.cache_bytes).use_compression(layout.compressed);
     if layout.compressed {
-        // A compressed dir opened with compression off in the config: the cheapest level.
-        config = config.compression_factor(i32::from(sled.compression_level.clamp(1, 22))).compress_links(sled.compress_updates);
+        // A compressed dir opened with compression off in the config: level 1.
+        let level = if sled.compression_level == 0 { 1 } else { sled.compression_level };
+        config = config.compression_factor(i32::from(level)).compress_links(sled.compress_updates);
     }
     if layout.segment_bytes > 0 {
         config = config.segment_size(layout.segment_bytes);
@@ -394,7 +395,7 @@ pub fn usage(dir: &Path) -> anyhow::Result<serde_json::Value> {
         durability: Durability::Flush,
         cache_bytes: 64 << 20,
         segment_bytes: layout.map_or(0, |l| l.segment_bytes),
-        compression_level: u8::from(layout.is_some_and(|l| l.compressed)),
+        compression_level: i8::from(layout.is_some_and(|l| l.compressed)),
         compress_updates: true,
     };
     let db = sled_config(dir, options).open().map_err(|e| anyhow::anyhow!("open sled db in {}: {e}", dir.display()))?;
@@ -526,7 +527,7 @@ pub(crate) fn when_unlocked<T, E: std::fmt::Display>(mut open: impl FnMut() -> R
 mod layout_tests {
     use super::*;
 
-    fn options(segment_bytes: usize, compression_level: u8) -> SledOptions {
+    fn options(segment_bytes: usize, compression_level: i8) -> SledOptions {
         SledOptions { durability: Durability::Flush, cache_bytes: 1 << 20, segment_bytes, compression_level, compress_updates: true }
     }
 

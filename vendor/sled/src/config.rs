@@ -547,9 +547,10 @@ impl Config {
                 "the 'compression' feature must be enabled"
             );
         }
+        // Agora: zstd's fast levels (negative) are allowed too.
         supported!(
-            self.compression_factor >= 1,
-            "compression_factor must be >= 1"
+            self.compression_factor >= -7 && self.compression_factor != 0,
+            "compression_factor must be from -7 to -1 or >= 1"
         );
         supported!(
             self.compression_factor <= 22,

@@ -280,7 +280,13 @@ pub struct StorageSection {
 
 impl Default for StorageSection {
     fn default() -> Self {
-        StorageSection { durability: Durability::Fsync, sled_cache_bytes_max: 256 << 20, sled_segment_bytes: 0, sled_compression_level: 1, sled_compress_updates: true }
+        StorageSection {
+            durability: Durability::Fsync,
+            sled_cache_bytes_max: 256 << 20,
+            sled_segment_bytes: 0,
+            sled_compression_level: 1,
+            sled_compress_updates: true,
+        }
     }
 }
 

@@ -150,7 +150,8 @@ async fn many_small_records_install_without_their_garbage_piling_up() {
     let (mut out, _, records) = w.finish().expect("finish");
     out.flush().expect("flush");
     drop(out);
-    let sled = agora::storage::SledOptions { durability: Durability::Flush, cache_bytes: 8 << 20, segment_bytes: 0, compression_level: 1, compress_updates: true };
+    let sled =
+        agora::storage::SledOptions { durability: Durability::Flush, cache_bytes: 8 << 20, segment_bytes: 0, compression_level: 1, compress_updates: true };
     let (_log, mut sm) = agora::storage::open_shards(&dir.path().join("node"), "dc1", 1, sled, 1000, Default::default()).expect("open store").remove(0);
     let mut mark = 0;
     peak_growth_since(&mut mark);

@@ -663,7 +663,7 @@ impl ClusterConfig {
         if st.sled_segment_bytes != 0 && !(st.sled_segment_bytes.is_power_of_two() && (256..=1 << 24).contains(&st.sled_segment_bytes)) {
             return Err(invalid("storage.sled_segment_bytes", "must be 0 (sled's default) or a power of two from 256 to 16 MiB"));
         }
-        if !(SLED_COMPRESSION_LEVELS).contains(&st.sled_compression_level) {
+        if !SLED_COMPRESSION_LEVELS.contains(&st.sled_compression_level) {
             return Err(invalid("storage.sled_compression_level", "must be 0 (off), a zstd level from 1 to 22, or a fast one from -1 to -7"));
         }
         Ok(())

@@ -139,7 +139,7 @@ impl Log {
 
                 // Agora: an update to a page (a link) may be stored as it is,
                 // marked: it lives only until the page is next consolidated,
-                // and compressing every one cost more CPU than whole pages.
+                // and each one compressed is a zstd frame of its own.
                 let compressed_buf = if self.config.compress_links || log_kind != LogKind::Link {
                     compress_reusing_context(&buf, self.config.compression_factor)
                 } else {

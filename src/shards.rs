@@ -39,6 +39,12 @@ impl Shards {
         &self.list
     }
 
+    /// The shards entities live in (see [`Shards::spread`]) but `except`.
+    pub fn entity_shards_but(&self, except: u16) -> impl Iterator<Item = &Arc<CrossDc>> {
+        let first = self.spread().first;
+        self.list.iter().filter(move |c| c.shard.number != except && c.shard.number >= first)
+    }
+
     /// The shard that holds the entity `key` names (a token, a SKU, an order id).
     pub fn of(&self, key: &str) -> &Arc<CrossDc> {
         &self.list[usize::from(self.number_of(key))]

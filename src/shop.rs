@@ -204,10 +204,9 @@ impl Shop {
     /// unknown", never a refusal: the client retries, and the retry writes the rest.
     async fn revoke_in_other_shards(&self, token: &str) -> Result<(), ShopError> {
         let home = self.shards.number_of(token);
-        let spread = self.shards.spread();
         let (dc, hlc) = (self.dc().to_string(), self.hlc.now());
         let within = Duration::from_millis(self.shards.first().shard.config.limits.request_timeout_ms);
-        let writes = self.shards.all().iter().filter(|c| c.shard.number != home && c.shard.number >= spread.first).map(|c| {
+        let writes = self.shards.entity_shards_but(home).map(|c| {
             let req = Request::new(Command::RevokeSession { token: token.to_string(), dc: dc.clone(), hlc }, None);
             c.shard.submit_repeatable(req, within)
         });
@@ -240,7 +239,7 @@ impl Shop {
     pub async fn place_order(&self, session: String, sku: String, qty: u32, key: Option<String>) -> Result<Order, ShopError> {
         let (spread, sku_shard) = (self.shards.spread(), self.shards.number_of(&sku));
         if let Some(k) = &key {
-            self.check_key_unused_elsewhere(&session, k, sku_shard)?;
+            self.check_key_unused_elsewhere(&session, k, sku_shard).await?;
         }
         // The id names its origin DC and leads to the SKU's shard; it is globally unique.
         let id = order_id(self.dc(), sku_shard, spread);
@@ -261,14 +260,27 @@ impl Shop {
 
     /// A key is one request: the same key with the same session and another SKU is
     /// another request, refused (422) rather than placed as a second order. Its first use
-    /// is recorded in the first SKU's shard; the others are read here, in this node's
-    /// replicas (a use not yet applied here, or in a shard this node holds no replica of,
-    /// is not seen).
-    fn check_key_unused_elsewhere(&self, session: &str, key: &str, sku_shard: u16) -> Result<(), ShopError> {
+    /// is recorded in the first SKU's shard, so every other shard is asked, all at once and
+    /// linearizably (a read-index round each, shared with the reads queued meanwhile; a
+    /// shard this node holds no replica of answers at its leader): a use acknowledged
+    /// before this request began is always seen. Two different requests sent at once with
+    /// one key may both be placed, each checked before the other's entry applied. A shard
+    /// that cannot answer within a quarter of the request timeout (it has no leader, or is
+    /// cut off) does not stop the order: this node's replica of it answers instead, if it
+    /// holds one.
+    async fn check_key_unused_elsewhere(&self, session: &str, key: &str, sku_shard: u16) -> Result<(), ShopError> {
         let scope = crate::domain::command::order_key_scope(session, key);
-        let mut others = self.shards.all().iter().filter(|c| c.shard.number != sku_shard && c.shard.hosts());
-        let elsewhere = others.any(|c| c.shard.sm.has_idempotency(&scope));
-        if elsewhere {
+        let within = Duration::from_millis(self.shards.first().shard.config.limits.request_timeout_ms / 4);
+        let asks = self.shards.entity_shards_but(sku_shard).map(|c| {
+            let scope = scope.clone();
+            async move {
+                match tokio::time::timeout(within, c.shard.read(Lookup::KeyUse(scope.clone()), false)).await {
+                    Ok(Ok(Found::KeyUse(used))) => used,
+                    _ => c.shard.hosts() && c.shard.sm.has_idempotency(&scope),
+                }
+            }
+        });
+        if futures::future::join_all(asks).await.into_iter().any(|used| used) {
             return Err(Rejection::IdempotencyMismatch.into());
         }
         Ok(())

@@ -381,6 +381,17 @@ async fn shards_on_subsets_of_nodes_serve_through_every_node() {
     assert_eq!((code, v["error"]["code"].as_str()), (401, Some("unknown_session")), "{v}");
     let (code, v) = c.post("dc1-n1", &format!("/v1/orders/{id}/cancel"), json!({"session": token})).await;
     assert_eq!((code, v["error"]["code"].as_str()), (401, Some("unknown_session")), "{v}");
+    // A key is one request, whichever shard its first use went to: reused with a SKU of
+    // another shard, it is refused through nodes that hold no replica of the first one.
+    let token = session_of(&c, "dc1-n2", 1, ON_SUBSETS).await;
+    let (first, second) = (sku_of(1, "subset", ON_SUBSETS), sku_of(2, "subset", ON_SUBSETS));
+    let (code, v) =
+        c.request(reqwest::Method::POST, "dc1-n2", "/v1/orders", Some(json!({"session": token, "sku": first, "qty": 1})), Some("one-request")).await;
+    assert_eq!(code, 201, "{v}");
+    for n in ["dc1-n5", "dc1-n1"] {
+        let (code, v) = c.request(reqwest::Method::POST, n, "/v1/orders", Some(json!({"session": token, "sku": second, "qty": 1})), Some("one-request")).await;
+        assert_eq!((code, v["error"]["code"].as_str()), (422, Some("idempotency_mismatch")), "through {n}: {v}");
+    }
     // dc1-n3 holds every shard; without it, every shard still takes orders through dc1-n1.
     c.kill("dc1-n3");
     // A write whose shard dc1-n3 led is refused (503) until the others elect.

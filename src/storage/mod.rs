@@ -13,6 +13,7 @@
 pub mod background;
 pub mod digest;
 pub mod emitted;
+pub mod install;
 pub mod log_store;
 pub mod snapshot_data;
 pub mod snapshot_file;

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -21,9 +21,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::digest::{DigestCache, Wanted};
-use super::snapshot_data::{self, Frame, SnapshotHandle};
+use super::snapshot_data::{self, SnapshotHandle};
 use super::snapshot_file::{Current, SnapshotFiles, WritebackFile};
-use super::{background, io_err, Durable};
+use super::{background, install, io_err, Durable};
 use crate::codec;
 use crate::domain::apply::EXPIRY_PREFIX;
 use crate::domain::command::{DuplicateSet, IdempotencyRecord};
@@ -118,7 +118,6 @@ fn legacy_records(data: &[u8]) -> Result<Vec<(serde_bytes::ByteBuf, serde_bytes:
 /// written per batch after: sled holds a batch, and what it replaces until its epoch
 /// ends, in memory.
 const INSTALL_BATCH: usize = 4096;
-const INSTALL_BATCH_BYTES: usize = 256 << 10;
 
 /// Shared by the state machine (writer) and every reader.
 struct Inner {
@@ -137,6 +136,8 @@ struct Inner {
     cache: Mutex<lru::LruCache<Vec<u8>, Option<sled::IVec>>>,
     /// Held while a batch is written (and while a cache miss is filled).
     write_lock: Mutex<Writer>,
+    /// A snapshot install is writing the tree: reads fill no cache (see `Installing`).
+    installing: AtomicBool,
     /// One snapshot build or install at a time, from its start to its commit.
     snapshot_lock: Mutex<()>,
     snapshot_seq: std::sync::atomic::AtomicU64,
@@ -210,7 +211,9 @@ impl Inner {
         let _w = self.write_lock.lock().expect("write lock");
         // A read error from sled is a broken disk: crash rather than answer wrongly.
         let v = self.tree.get(key).expect("sled read of state machine");
-        self.cache.lock().expect("cache lock").put(key.to_vec(), v.clone());
+        if !self.installing.load(Ordering::Relaxed) {
+            self.cache.lock().expect("cache lock").put(key.to_vec(), v.clone());
+        }
         v
     }
 
@@ -254,6 +257,7 @@ impl StateMachineStore {
             durable,
             cache: Mutex::new(lru::LruCache::new(cap)),
             write_lock: Mutex::new(Writer::default()),
+            installing: AtomicBool::new(false),
             snapshot_lock: Mutex::new(()),
             snapshot_seq: Default::default(),
             stats: Default::default(),
@@ -578,6 +582,31 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 }
 
+/// While an install writes the tree (its writer threads hold no lock), reads go to sled
+/// and fill no cache: a value cached mid-install could be replaced by the install and stay
+/// stale. Set and cleared under the write lock, so no read that began before fills the
+/// cache after, with the cache emptied both times.
+struct Installing<'a>(&'a Inner);
+
+impl<'a> Installing<'a> {
+    fn begin(inner: &'a Inner) -> Self {
+        Installing::set(inner, true);
+        Installing(inner)
+    }
+
+    fn set(inner: &Inner, on: bool) {
+        let _w = inner.write_lock.lock().expect("write lock");
+        inner.installing.store(on, Ordering::Relaxed);
+        inner.cache.lock().expect("cache lock").clear();
+    }
+}
+
+impl Drop for Installing<'_> {
+    fn drop(&mut self) {
+        Installing::set(self.0, false);
+    }
+}
+
 /// A sled error as openraft's, for a write of the state machine.
 fn sm_write(e: sled::Error) -> StorageError {
     io_err(StorageIOError::write_state_machine, e)
@@ -641,8 +670,12 @@ impl StateMachineStore {
     }
 
     /// Replaces the tree's records with the snapshot's. The caller holds the snapshot lock.
+    /// Meanwhile page updates are stored uncompressed (the pages' next consolidations
+    /// compress them whole) and reads fill no cache (`Installing`).
     fn replace_state(&self, current: &Current) -> Result<(), StorageError> {
         let inner = &*self.inner;
+        let _plain = inner.tree.plain_updates();
+        let _installing = Installing::begin(inner);
         {
             let st = &inner.stats;
             let _w = inner.write_lock.lock().expect("write lock");
@@ -656,42 +689,23 @@ impl StateMachineStore {
             from = [last.as_ref(), &[0]].concat();
             let mut batch = sled::Batch::default();
             keys.iter().filter(|k| k.as_ref() != INSTALLING).for_each(|k| batch.remove(k.clone()));
-            self.write_install_batch(batch)?;
+            inner.tree.apply_batch(batch).map_err(sm_write)?;
         }
         let path = inner.snapshots.dir().join(&current.file);
         let file = std::fs::File::open(&path).map_err(|e| io_err(StorageIOError::read, e))?;
         let mut reader = snapshot_data::Reader::new(std::io::BufReader::new(file)).map_err(|e| io_err(StorageIOError::read, e))?;
+        let started = std::time::Instant::now();
+        let writers = install::writers();
+        let frames = install::load(&inner.tree, &mut reader, writers).map_err(|e| match e {
+            install::LoadError::Read(e) => io_err(StorageIOError::read, e),
+            install::LoadError::Write(e) => sm_write(e),
+        })?;
+        tracing::info!(frames, writers, ms = started.elapsed().as_millis(), "snapshot records written");
         let mut batch = sled::Batch::default();
-        let mut bytes = 0;
-        while let Some(frame) = reader.next_frame().map_err(|e| io_err(StorageIOError::read, e))? {
-            match frame {
-                Frame::Put(k, v) => {
-                    bytes += k.len() + v.len();
-                    batch.insert(k, v)
-                }
-                Frame::Delete(k) => {
-                    bytes += k.len();
-                    batch.remove(k)
-                }
-            }
-            if bytes >= INSTALL_BATCH_BYTES {
-                self.write_install_batch(std::mem::take(&mut batch))?;
-                bytes = 0;
-            }
-        }
         batch.insert(APPLIED, codec::encode(&current.meta.last_log_id));
         batch.insert(MEMBERSHIP, codec::encode(&current.meta.last_membership));
         batch.remove(INSTALLING);
-        self.write_install_batch(batch)
-    }
-
-    /// One batch of an install, under the write lock, with the cache emptied after it
-    /// (what it held may be gone or changed).
-    fn write_install_batch(&self, batch: sled::Batch) -> Result<(), StorageError> {
-        let _w = self.inner.write_lock.lock().expect("write lock");
-        self.inner.tree.apply_batch(batch).map_err(sm_write)?;
-        self.inner.cache.lock().expect("cache lock").clear();
-        Ok(())
+        inner.tree.apply_batch(batch).map_err(sm_write)
     }
 
     /// At start: an install a crash interrupted is done again from the committed snapshot
@@ -998,6 +1012,7 @@ mod tests {
     use super::*;
     use crate::config::Durability;
     use crate::domain::Command;
+    use crate::storage::snapshot_data::Frame;
 
     fn entry(index: u64, cmd: Command) -> Entry<TypeConfig> {
         Entry { log_id: openraft::LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(Request::new(cmd, None)) }

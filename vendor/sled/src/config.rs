@@ -208,6 +208,10 @@ pub struct Inner {
     /// Agora: whether page updates (`LogKind::Link`) are compressed too.
     #[doc(hidden)]
     pub compress_links: bool,
+    /// Agora: how many `Db::plain_updates` guards are held. While any is, page
+    /// updates are stored as they are, whatever `compress_links` says.
+    #[doc(hidden)]
+    pub plain_links_held: Arc<AtomicUsize>,
     #[doc(hidden)]
     pub print_profile_on_drop: bool,
     #[doc(hidden)]
@@ -233,6 +237,7 @@ impl Default for Inner {
             use_compression: false,
             compression_factor: 5,
             compress_links: true,
+            plain_links_held: Arc::new(AtomicUsize::new(0)),
             temporary: false,
             version: crate_version(),
 

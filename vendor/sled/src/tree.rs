@@ -347,6 +347,17 @@ impl Tree {
         Transactional::transaction(&self, f)
     }
 
+    /// Agora: with compression on, page updates are stored as they are (as
+    /// with `Config::compress_links` off), in every tree of the database, until
+    /// the guard returned drops. For bulk writes, such as loading a snapshot,
+    /// whose updates the pages' next consolidations soon supersede: each
+    /// compressed update is a zstd frame of its own.
+    pub fn plain_updates(&self) -> PlainUpdates {
+        let held = self.context.plain_links_held.clone();
+        held.fetch_add(1, SeqCst);
+        PlainUpdates(held)
+    }
+
     /// Create a new batched update that can be
     /// atomically applied.
     ///
@@ -2295,3 +2306,13 @@ impl fmt::Display for CompareAndSwapError {
 }
 
 impl std::error::Error for CompareAndSwapError {}
+
+/// Agora: while held, page updates are stored uncompressed (`Tree::plain_updates`).
+#[derive(Debug)]
+pub struct PlainUpdates(Arc<AtomicUsize>);
+
+impl Drop for PlainUpdates {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
+    }
+}

@@ -140,7 +140,9 @@ impl Log {
                 // Agora: an update to a page (a link) may be stored as it is,
                 // marked: it lives only until the page is next consolidated,
                 // and each one compressed is a zstd frame of its own.
-                let compressed_buf = if self.config.compress_links || log_kind != LogKind::Link {
+                let plain_links = !self.config.compress_links
+                    || self.config.plain_links_held.load(SeqCst) > 0;
+                let compressed_buf = if !plain_links || log_kind != LogKind::Link {
                     compress_reusing_context(&buf, self.config.compression_factor)
                 } else {
                     crate::pagecache::mark_uncompressed(&buf)

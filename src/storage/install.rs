@@ -82,8 +82,7 @@ fn load_in_chunks<R: Read>(tree: &sled::Tree, reader: &mut Reader<R>, writers: u
 fn dispatch_ascending<R: Read>(reader: &mut Reader<R>, writers: &[SyncSender<Vec<Frame>>], chunk_bytes: usize) -> Result<Option<Frame>, LoadError> {
     let mut last: Option<Vec<u8>> = None;
     let (mut chunk, mut bytes, mut turn) = (Vec::new(), 0usize, 0usize);
-    loop {
-        let Some(frame) = reader.next_frame()? else { break };
+    while let Some(frame) = reader.next_frame()? {
         let key = frame_key(&frame);
         if last.as_deref().is_some_and(|l| key <= l) {
             if !send(writers, &mut turn, std::mem::take(&mut chunk)) {

@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::harness::fixed_addresses;
+
 fn agora() -> Command {
     Command::new(env!("CARGO_BIN_EXE_agora"))
 }
@@ -11,6 +13,7 @@ fn agora() -> Command {
 /// Runs a scenario into a temporary directory; returns the exit code and the run dir.
 /// A run that is not valid leaves its evidence behind (see [`keep_evidence`]).
 fn must_run(scenario: &str) -> (i32, tempfile::TempDir) {
+    let _fixed = fixed_addresses();
     let out = tempfile::tempdir().expect("temp dir");
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("chaos/scenarios").join(scenario);
     let status =
@@ -201,6 +204,7 @@ fn chaos_on_containers_is_valid() {
 /// cluster down and exits 130: none of its nine nodes is left running.
 #[test]
 fn chaos_runner_stopped_by_sigterm_takes_its_cluster_down() {
+    let _fixed = fixed_addresses();
     let out = tempfile::tempdir().expect("temp dir");
     let state = out.path().join("cluster");
     // Whatever happens below, nothing this test started outlives it.

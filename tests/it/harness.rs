@@ -462,3 +462,34 @@ pub fn run_to_end(mut cmd: Command, deadline: Duration) -> (std::process::ExitSt
     };
     (status, reader.join().expect("tool output"))
 }
+
+/// Held while a test uses address ranges fixed for the whole machine: the chaos cluster's
+/// 127.70.x.x, the netns backend's 10.77.0.0/16, the docker backend's 10.78.0.0/16.
+/// Within one run nextest already runs such tests one at a time (`.config/nextest.toml`);
+/// this lock (an advisory file lock, released when the guard drops or the process dies)
+/// does the same across runs on one machine, where two checkouts tested at once would
+/// take each other's subnets (docker: "Pool overlaps with other one"). Waits up to 20
+/// minutes for the other run's test, then fails saying why.
+pub struct FixedAddresses {
+    _lock: std::fs::File,
+}
+
+pub fn fixed_addresses() -> FixedAddresses {
+    let path = std::env::temp_dir().join("agora-tests-fixed-addresses.lock");
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let deadline = Instant::now() + Duration::from_secs(20 * 60);
+    let mut told = false;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return FixedAddresses { _lock: file },
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                if !told {
+                    eprintln!("waiting for {}: another test run on this machine is using the fixed address ranges", path.display());
+                    told = true;
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(e) => panic!("{}: the fixed address ranges stayed taken by another test run ({e:?})", path.display()),
+        }
+    }
+}

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use agora::launcher::state::{pid_alive, StateDir};
 use serde_json::{json, Value};
 
-use crate::harness::{dig_short, must_eventually};
+use crate::harness::{dig_short, fixed_addresses, must_eventually};
 
 const AGORA: &str = env!("CARGO_BIN_EXE_agora");
 
@@ -290,6 +290,7 @@ fn netns_leftovers(l: &Launched) -> Vec<String> {
 
 #[tokio::test]
 async fn netns_backend_end_to_end_with_partition() {
+    let _fixed = fixed_addresses();
     let l = Launched::new();
     up_write_kill_restart(&l, &["up", "--backend", "netns"]).await;
 
@@ -395,6 +396,7 @@ fn docker_objects(l: &Launched) -> Vec<String> {
 
 #[tokio::test]
 async fn docker_backend_end_to_end() {
+    let _fixed = fixed_addresses();
     must_docker_image();
     let l = Launched::new();
     up_write_kill_restart(&l, &["up", "--backend", "docker"]).await;

@@ -62,7 +62,8 @@ fn load_in_chunks<R: Read>(tree: &sled::Tree, reader: &mut Reader<R>, writers: u
             match h.join() {
                 Ok(Ok(n)) => written = written.saturating_add(n),
                 Ok(Err(e)) => failed = Some(LoadError::Write(e)),
-                Err(_) => failed = Some(LoadError::Read(io::Error::other("a snapshot writer thread panicked"))),
+                // A bug, as it would be on this thread: let it unwind here.
+                Err(panic) => std::panic::resume_unwind(panic),
             }
         }
         // A writer's error stops the dispatch too (its channel closes): report the cause.
@@ -109,8 +110,9 @@ fn send(writers: &[SyncSender<Vec<Frame>>], turn: &mut usize, chunk: Vec<Frame>)
     if chunk.is_empty() {
         return true;
     }
-    let to = &writers[*turn % writers.len()];
-    *turn = turn.wrapping_add(1);
+    let to = &writers[*turn];
+    // `turn` stays below the number of writers, so the increment cannot overflow.
+    *turn = (*turn + 1) % writers.len();
     to.send(chunk).is_ok()
 }
 

@@ -332,7 +332,14 @@ pub struct Limits {
     /// A peer connection that sends nothing for this long is closed; the sending side
     /// reconnects on its next request.
     pub peer_idle_timeout_ms: u64,
+    /// The resident memory the node keeps under: near it, it drops its caches; at it, it
+    /// refuses client writes (503 `memory_pressure`) until back under 90 % of it. Must
+    /// leave `MEMORY_HEADROOM_BYTES` above sled's cache.
+    pub memory_bytes_max: u64,
 }
+
+/// What a node needs besides sled's cache: the runtime, buffers, hot entities, queues.
+pub const MEMORY_HEADROOM_BYTES: u64 = 128 << 20;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -357,6 +364,7 @@ impl Default for Limits {
             peer_conns_max: 1024,
             peer_conns_per_source_max: 64,
             peer_idle_timeout_ms: 60_000,
+            memory_bytes_max: 1 << 30,
         }
     }
 }
@@ -755,6 +763,13 @@ impl ClusterConfig {
                 return Err(invalid(field, format!("must be at most {TTL_S_MAX} (100 years)")));
             }
         }
+        let memory_min = self.storage.sled_cache_bytes_max.saturating_add(MEMORY_HEADROOM_BYTES);
+        if l.memory_bytes_max < memory_min {
+            return Err(invalid(
+                "limits.memory_bytes_max",
+                format!("must be at least storage.sled_cache_bytes_max + {} MiB: {memory_min}", MEMORY_HEADROOM_BYTES >> 20),
+            ));
+        }
         if l.expiry_batch_len_max > 100_000 {
             return Err(invalid("limits.expiry_batch_len_max", "must be at most 100000 (one pass is one Raft entry)"));
         }
@@ -1089,6 +1104,7 @@ mod tests {
         check_err(|t| t.replace("session_ttl_s = 86400", "session_ttl_s = 0"), "limits.session_ttl_s");
         check_err(|t| t.replace("idempotency_ttl_s = 86400", "idempotency_ttl_s = 99999999999"), "limits.idempotency_ttl_s");
         check_err(|t| t.replace("expiry_batch_len_max = 1000", "expiry_batch_len_max = 0"), "limits.expiry_batch_len_max");
+        check_err(|t| t.replace("memory_bytes_max = 1073741824", "memory_bytes_max = 300000000"), "limits.memory_bytes_max");
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub enum NodeError {
     /// This node's Raft group has stopped (a disk sync failed): another node can serve.
     #[error("this node's raft group stopped: {0}")]
     Stopped(String),
+    /// This node is at its memory bound (`limits.memory_bytes_max`) and takes no new
+    /// client writes until it is back under it; another node, or a retry, can.
+    #[error("{0}")]
+    MemoryPressure(String),
 }
 
 impl NodeError {

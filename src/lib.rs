@@ -49,6 +49,7 @@ pub mod hlc;
 pub mod ids;
 pub mod launcher;
 pub mod logs;
+pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod placement;

@@ -47,8 +47,8 @@ fn page_size() -> Option<u64> {
     u64::try_from(size).ok().filter(|s| *s > 0)
 }
 
-/// Second field of `/proc/self/statm`: resident pages.
-fn rss_bytes() -> Option<u64> {
+/// Second field of `/proc/self/statm`: resident pages, in bytes.
+pub fn rss_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     pages.checked_mul(page_size()?)

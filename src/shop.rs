@@ -10,6 +10,7 @@ use crate::domain::{Command, Found, Inventory, Lookup, Order, Outcome, Rejection
 use crate::error::NodeError;
 use crate::hlc::{self, Hlc};
 use crate::ids::{order_id, random_hex};
+use crate::memory::MemoryBound;
 use crate::replication::CrossDc;
 use crate::shards::Shards;
 
@@ -64,11 +65,12 @@ fn unexpected(o: Outcome) -> ShopError {
 pub struct Shop {
     shards: Arc<Shards>,
     hlc: Arc<Hlc>,
+    memory: Arc<MemoryBound>,
 }
 
 impl Shop {
-    pub fn new(shards: Arc<Shards>, hlc: Arc<Hlc>) -> Self {
-        Shop { shards, hlc }
+    pub fn new(shards: Arc<Shards>, hlc: Arc<Hlc>, memory: Arc<MemoryBound>) -> Self {
+        Shop { shards, hlc, memory }
     }
 
     /// The shard (and its cross-DC side) that holds what `key` names: a token, a SKU or
@@ -88,11 +90,19 @@ impl Shop {
     }
 
     /// A write through the Raft group of the shard that holds what the command is about;
-    /// a rejection by the rules is an error. A node fenced for its clock stamps none.
+    /// a rejection by the rules is an error. A node fenced for its clock stamps none, and
+    /// a node at its memory bound takes none.
     async fn write(&self, cmd: Command, key: Option<String>) -> Result<Outcome, ShopError> {
         if self.shards.first().links.fenced() {
             // Its timestamps would be off: another node takes it (the client retries).
             return Err(NodeError::ClockSkew("this node's clock is off from its datacentre's by more than max_clock_offset_ms".into()).into());
+        }
+        if self.memory.refuse_write() {
+            let limit_mib = self.memory.limit() >> 20;
+            return Err(NodeError::MemoryPressure(format!(
+                "this node is at its memory bound ({limit_mib} MiB, limits.memory_bytes_max); retry later or on another node"
+            ))
+            .into());
         }
         let shard = &self.at(cmd.entity()).shard;
         match shard.submit(Request::new(cmd, key)).await? {

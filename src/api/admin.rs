@@ -157,6 +157,33 @@ pub async fn set_disk(State(node): State<AppState>, body: Result<axum::body::Byt
     Ok(Json(DiskState { fault: node.shard.disk.fault(), failed: node.shard.disk.failed() }))
 }
 
+/// `GET /v1/admin/memory`: the memory bound, the last resident set read, and what the
+/// bound has done.
+pub async fn get_memory(State(node): State<AppState>) -> Json<crate::memory::Status> {
+    Json(node.memory.status())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InjectRss {
+    /// Bytes the bound sees instead of the measured resident set; null measures again.
+    rss_bytes: Option<u64>,
+}
+
+/// `PUT /v1/admin/memory` `{"rss_bytes": N}` (a test hook): the memory bound acts as if the
+/// process's resident set were N bytes, from its next reading on; `{"rss_bytes": null}`
+/// measures it again.
+pub async fn set_memory(State(node): State<AppState>, body: Result<axum::body::Bytes, BytesRejection>) -> Result<Json<crate::memory::Status>, ApiError> {
+    require_hooks(&node)?;
+    let InjectRss { rss_bytes } = parse_body(body)?;
+    if rss_bytes == Some(0) {
+        return Err(ApiError::bad_request("rss_bytes must be > 0, or null to measure"));
+    }
+    tracing::warn!(?rss_bytes, "resident set injected (test hook)");
+    node.memory.inject_rss(rss_bytes);
+    Ok(Json(node.memory.status()))
+}
+
 #[derive(Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Clock {

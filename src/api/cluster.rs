@@ -221,6 +221,7 @@ pub async fn metrics(State(node): State<AppState>, Extension(console): Extension
     text += &snapshot_metrics(&node);
     let labels = format!("node=\"{}\",dc=\"{}\"", node.info.name, node.info.dc);
     text += &crate::resources::render(&crate::resources::measure(node.shard.sm.data_dir()), &labels);
+    text += &node.memory.render(&labels);
     if let Some(s) = console.diverged_seconds() {
         text += "# HELP agora_digests_diverged_seconds How long the DCs' state digests have differed, as this node compares them (0: equal).\n";
         text += &format!("# TYPE agora_digests_diverged_seconds gauge\nagora_digests_diverged_seconds{{{labels}}} {s}\n");

@@ -48,6 +48,7 @@ impl From<NodeError> for ApiError {
             // The nodes' clocks disagree beyond the bound: retry, possibly on another node.
             NodeError::ClockSkew(_) => (StatusCode::SERVICE_UNAVAILABLE, "clock_skew"),
             NodeError::Stopped(_) => (StatusCode::SERVICE_UNAVAILABLE, "node_stopped"),
+            NodeError::MemoryPressure(_) => (StatusCode::SERVICE_UNAVAILABLE, "memory_pressure"),
         };
         ApiError::new(status, code, e.to_string())
     }

@@ -62,6 +62,8 @@ pub struct ApiState {
     pub faults: Faults,
     /// WAN emulation: the delay of frames to other DCs (`[wan]`, `PUT /v1/admin/wan`).
     pub wan: crate::transport::Wan,
+    /// The resident memory this node keeps under, and what it does about it.
+    pub memory: Arc<crate::memory::MemoryBound>,
     /// Enables the admin endpoints that inject faults and crash actors.
     pub test_hooks: bool,
     /// The DNS server, once started (its counters feed /metrics; the node stops it).
@@ -108,6 +110,7 @@ pub fn admin_router(node: AppState, token: Option<Arc<str>>) -> Router {
         .route("/v1/admin/dcs/{dc}", axum::routing::put(admin::set_dc_settings))
         .route("/v1/admin/faults", get(admin::get_faults).put(admin::set_faults))
         .route("/v1/admin/disk", get(admin::get_disk).put(admin::set_disk))
+        .route("/v1/admin/memory", get(admin::get_memory).put(admin::set_memory))
         .route("/v1/admin/wan", get(admin::get_wan).put(admin::set_wan))
         .route("/v1/admin/crash/{actor}", post(admin::crash_actor))
         .route("/v1/admin/clock", get(admin::get_clock).put(admin::set_clock))

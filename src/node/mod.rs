@@ -19,6 +19,7 @@ use crate::config::ClusterConfig;
 use crate::dns::DnsThread;
 use crate::door::{ConnLimits, Door};
 use crate::hlc::Hlc;
+use crate::memory::{MemoryBound, Release};
 use crate::metrics::Metrics;
 use crate::raft::proposer::{Proposer, ProposerLimits};
 use crate::raft::read_index::{self, ReadIndex};
@@ -226,13 +227,16 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
         tasks.push(tokio::spawn(background::membership_check_loop(c.shard.clone())));
         tasks.extend(replication::spawn(c.clone()));
     }
+    let memory = Arc::new(MemoryBound::new(config.limits.memory_bytes_max));
+    tasks.push(tokio::spawn(crate::memory::watch(memory.clone(), Arc::new(memory_releases(&shards)))));
     let dns = DnsThread::spawn(info.dns, Arc::new(ClusterView::new(cross.clone())), config.dns.rate_limit(), config.dns.udp_workers)
         .with_context(|| format!("start dns on {}", info.dns))?;
 
     let state = Arc::new(ApiState {
         info: info.clone(),
         config: config.clone(),
-        shop: Shop::new(shards.clone(), hlc.clone()),
+        shop: Shop::new(shards.clone(), hlc.clone(), memory.clone()),
+        memory,
         shards,
         shard,
         cross,
@@ -252,6 +256,21 @@ pub async fn start(config: ClusterConfig, opts: NodeOptions) -> anyhow::Result<R
     tasks.push(tokio::spawn(crate::api::serve_admin(admin_listener, state.clone(), admin_token)));
     tracing::info!(node = %info.name, dc = %info.dc, id = info.id, shards = config.cluster.shards, http = %http_addr, peer = %info.peer, admin = %info.admin, "node started");
     Ok(Running { state, http_addr, tasks, supervisors })
+}
+
+/// What the memory bound may drop: each hosted shard's hot entities, then the allocator's
+/// free pages (last, so that it gets the caches' memory too).
+fn memory_releases(shards: &Shards) -> Vec<Release> {
+    let mut releases: Vec<Release> = shards
+        .all()
+        .iter()
+        .map(|c| {
+            let sm = c.shard.sm.clone();
+            Box::new(move || sm.drop_cache()) as Release
+        })
+        .collect();
+    releases.push(Box::new(crate::memory::release_allocator));
+    releases
 }
 
 /// A fresh DC forms by itself: every node whose store is empty proposes the configured

@@ -839,6 +839,18 @@ impl StateMachineStore {
 }
 
 impl SmReader {
+    /// Empties the hot-entity cache (the memory bound's release): every entry is a copy
+    /// of what sled holds, so the next read of it goes to sled and fills it again.
+    pub fn drop_cache(&self) {
+        let dropped = {
+            let mut cache = self.inner.cache.lock().expect("cache lock");
+            let cap = cache.cap();
+            std::mem::replace(&mut *cache, lru::LruCache::new(cap))
+        };
+        // Freed outside the lock: readers wait for no deallocation.
+        drop(dropped);
+    }
+
     /// Marks this replica as removed from its group while its log ended at `last_index`
     /// (None: an empty log): see [`DROPPED`].
     pub fn mark_dropped(&self, last_index: Option<u64>) -> sled::Result<()> {

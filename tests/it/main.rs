@@ -14,6 +14,7 @@ mod handover;
 mod harness;
 mod hostile_values;
 mod launcher;
+mod memory;
 mod multi_dc;
 mod names;
 mod observability;

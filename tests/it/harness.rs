@@ -115,6 +115,17 @@ impl TestCluster {
         c
     }
 
+    /// Rewrites the cluster file for `opts` (more nodes, say), issues certificates for
+    /// the nodes it adds (keeping the others'), and counts its nodes as this cluster's.
+    /// Running nodes go on with the file they started with until restarted.
+    pub fn rewrite_config(&mut self, opts: &Options) {
+        let toml = config_toml(self.net, opts);
+        let config = agora::config::ClusterConfig::from_toml(&toml, "test config").expect("valid test config");
+        std::fs::write(self.dir.path().join("cluster.toml"), &toml).expect("write config");
+        agora::certs::create(&self.certs_dir(), &config, false, Default::default()).expect("issue certificates");
+        self.names = (1..=opts.dcs).flat_map(|d| (1..=opts.nodes).map(move |i| format!("dc{d}-n{i}"))).collect();
+    }
+
     /// `dcD-nI` → (D, I).
     pub fn parse(name: &str) -> (u8, u8) {
         let (d, i) = name.trim_start_matches("dc").split_once("-n").expect("node name dcD-nI");

@@ -647,3 +647,53 @@ async fn a_logout_is_seen_by_orders_in_other_shards_through_a_stale_replica() {
     }
     assert!(conclusive > 0, "dc1-nB's replica of shard {s} caught up with the logout in every attempt");
 }
+
+/// A DC grows by a node its cluster file did not name when the DC started: the file gains
+/// the node (and `agora certs create` its certificate), the running nodes restart on the
+/// new file one at a time, the new node starts, and `add-node` moves replicas onto it.
+/// Every acknowledged order survives, and the new node takes orders in every shard.
+#[tokio::test]
+async fn a_dc_grows_by_a_node_its_first_cluster_file_did_not_name() {
+    let mut c = TestCluster::start(155, Options { replicas: 3, ..sharded(1, 4) }).await;
+    must_shard_leaders(&c, "dc1-n1").await;
+    let (token, skus, mut ids) = an_order_in_every_shard(&c, "grower", "grow").await;
+    c.rewrite_config(&Options { replicas: 3, ..sharded(1, 5) });
+    for n in ["dc1-n1", "dc1-n2", "dc1-n3", "dc1-n4"] {
+        c.stop(n);
+        c.start_node(n);
+        must_lead_what_it_hosts(&c, n).await;
+    }
+    c.start_node("dc1-n5");
+    must_lead_what_it_hosts(&c, "dc1-n5").await;
+    let (code, v) = c.post("dc1-n1", "/v1/admin/nodes", json!({"node": "dc1-n5"})).await;
+    assert_eq!(code, 200, "{v}");
+    let moves = v["moves"].as_array().cloned().unwrap_or_default();
+    assert!(!moves.is_empty() && moves.iter().all(|m| m["added"] == "dc1-n5" && m["removed"].is_string()), "{v}");
+    must_eventually(Duration::from_secs(30), "dc1-n5 holding shard 0 and the replicas moved onto it", || async {
+        let mine = try_shards_of(&c, "dc1-n5").await?;
+        (mine[0]["hosted"] == true).then_some(())?;
+        for m in &moves {
+            (mine[usize::try_from(m["shard"].as_u64()?).ok()?]["hosted"] == true).then_some(())?;
+        }
+        Some(())
+    })
+    .await;
+    for sku in &skus {
+        let id = must_eventually(Duration::from_secs(20), "an order through dc1-n5", || async {
+            let (code, v) = c.post("dc1-n5", "/v1/orders", json!({"session": token, "sku": sku, "qty": 1})).await;
+            (code == 201).then(|| v["id"].as_str().map(String::from)).flatten()
+        })
+        .await;
+        ids.push(id);
+    }
+    must_serve_everywhere(&c, &ids).await;
+}
+
+/// Waits until `node` answers and sees a leader in every shard it holds a replica of.
+async fn must_lead_what_it_hosts(c: &TestCluster, node: &str) {
+    must_eventually(Duration::from_secs(30), &format!("{node} up, with a leader in every shard it holds"), || async {
+        let shards = try_shards_of(c, node).await?;
+        shards.iter().filter(|s| s["hosted"] == true).all(|s| s["leader"].is_string()).then_some(())
+    })
+    .await;
+}

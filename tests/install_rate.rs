@@ -35,12 +35,14 @@ async fn install_rate() {
     let (mut out, _, written) = w.finish().expect("finish");
     out.flush().expect("flush");
     drop(out);
-    let sled = agora::storage::SledOptions { durability: Durability::Fsync, cache_bytes: 256 << 20, segment_bytes: 0, compression_level: 1, compress_updates: true };
+    let sled =
+        agora::storage::SledOptions { durability: Durability::Fsync, cache_bytes: 256 << 20, segment_bytes: 0, compression_level: 1, compress_updates: true };
     let (_log, mut sm) = agora::storage::open_shards(&dir.path().join("node"), "dc1", 1, sled, 100_000, Default::default()).expect("open store").remove(0);
     let mut into = sm.begin_receiving_snapshot().await.expect("begin");
     let mut from = tokio::fs::File::open(&incoming).await.expect("open");
     tokio::io::copy(&mut from, &mut *into).await.expect("receive");
-    let meta = SnapshotMeta { last_log_id: Some(LogId::new(CommittedLeaderId::new(3, 1), 1000)), last_membership: Default::default(), snapshot_id: "rate".into() };
+    let meta =
+        SnapshotMeta { last_log_id: Some(LogId::new(CommittedLeaderId::new(3, 1), 1000)), last_membership: Default::default(), snapshot_id: "rate".into() };
     let t = Instant::now();
     sm.install_snapshot(&meta, into).await.expect("install");
     let secs = t.elapsed().as_secs_f64();

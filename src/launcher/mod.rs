@@ -14,6 +14,7 @@
 
 pub mod budget;
 pub mod docker;
+pub mod grow;
 pub mod manifests;
 pub mod netns;
 pub mod partition;
@@ -147,6 +148,16 @@ pub enum ClusterCmd {
     /// Add a node of the cluster file back to every Raft group (shard) of its DC: a learner
     /// that catches up, then a voter.
     AddNode { node: String },
+    /// Add nodes the cluster file does not name to a DC (process backend): they join the
+    /// file with the DC's next names, ids and addresses and get certificates, every
+    /// running node restarts on the new file in turn, then they start and join the DC's
+    /// shards as `add-node` makes them.
+    Grow {
+        dc: String,
+        /// How many nodes (a DC whose every node holds every shard has 1, 3 or 5).
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+    },
     /// Take a node out of every Raft group of its DC (refused when fewer voters than a
     /// quorum of the DC's nodes would remain, unless --force).
     RemoveNode {
@@ -484,6 +495,7 @@ async fn drive(c: Cluster, cmd: ClusterCmd) -> Result<()> {
         ClusterCmd::Undrain { dc } => dc_settings(&c, &dc, serde_json::json!({"drained": false})).await?,
         ClusterCmd::Weight { dc, weight } => dc_settings(&c, &dc, serde_json::json!({"weight": weight})).await?,
         ClusterCmd::AddNode { node } => membership(&c, &node, false, false).await?,
+        ClusterCmd::Grow { dc, nodes } => grow_dc(c, &dc, nodes).await?,
         ClusterCmd::RemoveNode { node, force } => membership(&c, &node, true, force).await?,
         ClusterCmd::Up(_) | ClusterCmd::Down { .. } | ClusterCmd::K8s(_) | ClusterCmd::Compose(_) => {
             unreachable!("handled in run")
@@ -643,6 +655,65 @@ async fn restart(c: &Cluster, node: &str) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!("{node} restarted (pid {})", c.st.read_pid(node).unwrap_or(0));
+    Ok(())
+}
+
+/// Waits (up to 60 s) until `node` answers and, in every shard it holds, knows a leader
+/// and has applied what it knows committed: restarting the next node before would leave
+/// a shard short of an up-to-date majority.
+async fn wait_serving(c: &Cluster, node: &str) -> Result<()> {
+    let info = c.node(node)?;
+    let http = table::http_client();
+    let start = Instant::now();
+    loop {
+        c.check_alive(&[node.to_string()])?;
+        let status: Option<serde_json::Value> = match http.get(format!("http://{}/v1/cluster/status", info.http)).send().await {
+            Ok(r) if r.status().is_success() => r.json().await.ok(),
+            _ => None,
+        };
+        let serving = |s: &serde_json::Value| s["hosted"] != true || (s["leader"].is_string() && s["applied_index"].as_u64() >= s["commit_index"].as_u64());
+        if status.as_ref().and_then(|s| s["shards"].as_array()).is_some_and(|shards| shards.iter().all(serving)) {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("{node} did not serve every shard it holds within 60 s; see `agora cluster logs {node}`");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `agora cluster grow` (see `grow.rs`).
+async fn grow_dc(c: Cluster, dc: &str, count: usize) -> Result<()> {
+    anyhow::ensure!(
+        c.meta.backend == Backend::Process,
+        "grow: the process backend only (netns and docker nodes get their networks at `up`: add the node to the cluster file and `up` again)"
+    );
+    let (cfg, added) = grow::grown(&c.cfg, dc, count)?;
+    for n in &added {
+        process::check_node_free(&cfg.node(n).context("a grown node")?)?;
+    }
+    std::fs::write(c.st.config_path(), toml::to_string(&cfg).context("serialize config")?).context("write cluster.toml")?;
+    crate::certs::create(&c.st.certs_dir(), &cfg, false, crate::certs::Validity::default()).context("issue the new nodes' certificates")?;
+    println!("{} added to {dc} in {}", added.join(", "), c.st.config_path().display());
+    let c = Cluster::open(c.st)?;
+    let resume = format!(
+        "the cluster file names {0} now: restart the nodes not yet restarted (`agora cluster restart NODE`), start {0} the same way, then `agora cluster add-node` each",
+        added.join(", ")
+    );
+    for node in c.live_nodes().into_iter().filter(|n| !added.contains(n)) {
+        let restarted = async {
+            restart(&c, &node).await?;
+            wait_serving(&c, &node).await
+        };
+        restarted.await.with_context(|| resume.clone())?;
+    }
+    for node in &added {
+        c.start_node(node).with_context(|| resume.clone())?;
+        wait_serving(&c, node).await.with_context(|| resume.clone())?;
+    }
+    for node in &added {
+        membership(&c, node, false, false).await.with_context(|| resume.clone())?;
+    }
     Ok(())
 }
 

@@ -22,6 +22,19 @@ const EXEC_WAIT: Duration = Duration::from_secs(10);
 /// Starts `agora node` for `node` (after `prefix`, e.g. `ip netns exec NS`), with its log
 /// in the state dir, and records its pid. `ip netns exec` execs the node, so the pid is
 /// the node's own.
+/// Fails if a port `n` would listen on is taken here.
+pub fn check_node_free(n: &crate::config::NodeInfo) -> Result<()> {
+    for (what, addr) in [("http", n.http), ("peer", n.peer), ("dns", n.dns)] {
+        if let Err(e) = TcpListener::bind(addr) {
+            bail!("{}'s {what} address {addr} is taken ({e}); nothing was started", n.name);
+        }
+    }
+    if let Err(e) = UdpSocket::bind(n.dns) {
+        bail!("{}'s dns address {} (udp) is taken ({e}); nothing was started", n.name, n.dns);
+    }
+    Ok(())
+}
+
 pub fn spawn_node(st: &StateDir, prefix: &[String], node: &str) -> Result<i32> {
     let exe = std::env::current_exe().context("find the agora binary")?;
     let meta = st.read_meta()?;
@@ -79,17 +92,7 @@ fn wait_exec(st: &StateDir, child: &mut std::process::Child, node: &str) -> Resu
 impl Runtime for Process {
     /// Every TCP port (HTTP, peer, DNS) and the DNS UDP port must be free before anything starts.
     fn check_free(&self, cfg: &ClusterConfig) -> Result<()> {
-        for n in cfg.nodes() {
-            for (what, addr) in [("http", n.http), ("peer", n.peer), ("dns", n.dns)] {
-                if let Err(e) = TcpListener::bind(addr) {
-                    bail!("{}'s {what} address {addr} is taken ({e}); nothing was started", n.name);
-                }
-            }
-            if let Err(e) = UdpSocket::bind(n.dns) {
-                bail!("{}'s dns address {} (udp) is taken ({e}); nothing was started", n.name, n.dns);
-            }
-        }
-        Ok(())
+        cfg.nodes().iter().try_for_each(check_node_free)
     }
 
     fn start(&self, st: &StateDir, _cfg: &ClusterConfig, node: &str) -> Result<()> {

@@ -278,6 +278,48 @@ async fn process_backend_end_to_end() {
     must_down(&l);
 }
 
+/// `grow`: a DC gains a node its cluster file did not name. The launcher adds it to the
+/// file, the running nodes restart on it in turn, and the new node joins its DC's shards:
+/// it serves an order placed before, takes new ones, and the other DC's DNS answers
+/// name it.
+#[tokio::test]
+async fn process_backend_grows_a_dc() {
+    let l = Launched::new();
+    let text = agora::config::DEFAULT_TOML.replace("127.0.", "127.61.").replace("[cluster]", "[cluster]\nshards = 3\nreplicas = 3");
+    // Two DCs: the third [[dc]] block and what follows go.
+    let third = text.match_indices("[[dc]]").nth(2).expect("three DCs in the default").0;
+    let config = l.dir.path().join("cluster.toml");
+    std::fs::write(&config, &text[..third]).expect("write config");
+    l.must(&["up", "--config", config.to_str().unwrap()]);
+    let token = l.must_session("dc1-n1", "grower").await;
+    let api = l.api("dc1-n2");
+    let (code, v) = l.call(reqwest::Method::PUT, format!("{api}/v1/inventory/sku-grow"), Some(json!({"add": 10}))).await;
+    assert_eq!(code, 200, "restock: {v}");
+    let (code, v) = l.call(reqwest::Method::POST, format!("{api}/v1/orders"), Some(json!({"session": token, "sku": "sku-grow", "qty": 1}))).await;
+    assert_eq!(code, 201, "order: {v}");
+    let id = v["id"].as_str().expect("order id").to_string();
+    let err = l.must_fail(&["grow", "dc9"]);
+    assert!(err.contains("unknown DC 'dc9'"), "{err}");
+
+    let out = l.must(&["grow", "dc1"]);
+    assert!(out.contains("dc1-n4 added to dc1") && out.contains("\"added\":\"dc1-n4\""), "{out}");
+    let new = l.api("dc1-n4");
+    assert!(new.contains("127.61.1.4"), "{new}");
+    let (code, v) = l.call(reqwest::Method::GET, format!("{new}/v1/orders/{id}"), None).await;
+    assert_eq!(code, 200, "the order placed before, through dc1-n4: {v}");
+    let url = format!("{new}/v1/orders");
+    must_eventually(Duration::from_secs(20), "an order through dc1-n4", || async {
+        let (code, _) = l.call(reqwest::Method::POST, url.clone(), Some(json!({"session": token, "sku": "sku-grow", "qty": 1}))).await;
+        (code == 201).then_some(())
+    })
+    .await;
+    must_eventually(Duration::from_secs(20), "dc2's DNS answer for dc1 naming dc1-n4", || async {
+        dig_short("127.61.2.1", "dc1.shop.agora.test").contains(&"127.61.1.4".to_string()).then_some(())
+    })
+    .await;
+    must_down(&l);
+}
+
 /// Namespaces, links and addresses of this state dir that still exist.
 fn netns_leftovers(l: &Launched) -> Vec<String> {
     let tag = StateDir { root: l.state() }.tag();

@@ -249,7 +249,7 @@ impl Shop {
     pub async fn place_order(&self, session: String, sku: String, qty: u32, key: Option<String>) -> Result<Order, ShopError> {
         let (spread, sku_shard) = (self.shards.spread(), self.shards.number_of(&sku));
         if let Some(k) = &key {
-            self.check_key_unused_elsewhere(&session, k, sku_shard).await?;
+            self.claim_key(&session, k, &sku, qty, sku_shard).await?;
         }
         // The id names its origin DC and leads to the SKU's shard; it is globally unique.
         let id = order_id(self.dc(), sku_shard, spread);
@@ -269,31 +269,24 @@ impl Shop {
     }
 
     /// A key is one request: the same key with the same session and another SKU is
-    /// another request, refused (422) rather than placed as a second order. Its first use
-    /// is recorded in the first SKU's shard, so every other shard is asked, all at once and
-    /// linearizably (a read-index round each, shared with the reads queued meanwhile; a
-    /// shard this node holds no replica of answers at its leader): a use acknowledged
-    /// before this request began is always seen. Two different requests sent at once with
-    /// one key may both be placed, each checked before the other's entry applied. A shard
-    /// that cannot answer within a quarter of the request timeout (it has no leader, or is
-    /// cut off) does not stop the order: this node's replica of it answers instead, if it
-    /// holds one.
-    async fn check_key_unused_elsewhere(&self, session: &str, key: &str, sku_shard: u16) -> Result<(), ShopError> {
+    /// another request, refused (422) rather than placed as a second order. The order's
+    /// idempotency record lives in its SKU's shard, so two requests with one key but SKUs of
+    /// two shards would each find no record there; they meet in the shard the key's scope
+    /// hashes to instead. When that is not the SKU's shard, the order first claims its key
+    /// there (`Command::ClaimOrderKey`, one Raft write), and only the request the claim
+    /// holds for goes on: the first claim wins, whether the requests come one after the
+    /// other or at once, through any nodes of the DC. When it is the SKU's shard, the
+    /// order's own record is the claim.
+    async fn claim_key(&self, session: &str, key: &str, sku: &str, qty: u32, sku_shard: u16) -> Result<(), ShopError> {
         let scope = crate::domain::command::order_key_scope(session, key);
-        let within = Duration::from_millis(self.shards.first().shard.config.limits.request_timeout_ms / 4);
-        let asks = self.shards.entity_shards_but(sku_shard).map(|c| {
-            let scope = scope.clone();
-            async move {
-                match tokio::time::timeout(within, c.shard.read(Lookup::KeyUse(scope.clone()), false)).await {
-                    Ok(Ok(Found::KeyUse(used))) => used,
-                    _ => c.shard.hosts() && c.shard.sm.has_idempotency(&scope),
-                }
-            }
-        });
-        if futures::future::join_all(asks).await.into_iter().any(|used| used) {
-            return Err(Rejection::IdempotencyMismatch.into());
+        if self.shards.number_of(&scope) == sku_shard {
+            return Ok(());
         }
-        Ok(())
+        let cmd = Command::ClaimOrderKey { scope, sku: sku.to_string(), qty, dc: self.dc().to_string(), hlc: self.hlc.now() };
+        match self.write(cmd, Some(key.to_string())).await? {
+            Outcome::KeyClaimed => Ok(()),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Whether use should refresh `s`: at most once per tenth of its TTL (from this

@@ -51,7 +51,7 @@ impl Kind {
             | Command::PlaceOrderChecked { .. }
             | Command::Grant { .. }
             | Command::GrantAboveReserve { .. } => Kind::Inventory,
-            Command::CancelOrder { .. } | Command::RequestCancel { .. } => Kind::Orders,
+            Command::CancelOrder { .. } | Command::RequestCancel { .. } | Command::ClaimOrderKey { .. } => Kind::Orders,
             Command::ApplyRemote { .. }
             | Command::InstallRemote { .. }
             | Command::TrimOutbox { .. }

@@ -240,6 +240,8 @@ fn execute(state: &mut impl State, cmd: &Command, key: Option<&str>) -> Outcome 
         Command::CancelOrder { id, dc, session, .. } => cancel_order(state, id, dc, session),
         Command::Grant { sku, qty, from, to, hlc } => grant(state, sku, *qty, from, to, *hlc, 0),
         Command::GrantAboveReserve { sku, qty, from, to, hlc, reserve } => grant(state, sku, *qty, from, to, *hlc, *reserve),
+        // The claim is its idempotency record, which `apply` writes.
+        Command::ClaimOrderKey { .. } => Outcome::KeyClaimed,
         Command::RequestCancel { id, owner, hlc, session, .. } => {
             state.emit(*hlc, Change::CancelRequest { id: id.clone(), owner: owner.clone(), session: session.clone() });
             Outcome::CancelQueued { owner: owner.clone() }
@@ -295,6 +297,8 @@ fn check(state: &impl State, cmd: &Command) -> Result<(), String> {
             .and(own(dc)),
         Command::RefreshSession { token, dc, .. } | Command::RevokeSession { token, dc, .. } => validate::name("token", token).and(own(dc)),
         Command::CancelOrder { id, dc, session, .. } => validate::name("id", id).and(validate::name("session", session)).and(own(dc)),
+        Command::ClaimOrderKey { scope, .. } if !scope.starts_with("order/") => Err("a key claim is for an order's key".into()),
+        Command::ClaimOrderKey { sku, qty, dc, .. } => validate::name("sku", sku).and(validate::qty(*qty as i64).map(|_| ())).and(own(dc)),
         Command::DeleteSessionWithRecord { record, token, .. } if record.token != *token => Err("the session record is not the one deleted".into()),
         Command::DeleteSessionWithRecord { record, token, dc, .. } => {
             validate::name("token", token).and(validate::name("user", &record.user)).and(validate::name("dc", &record.dc)).and(own(dc))

@@ -174,6 +174,20 @@ pub enum Command {
         dc: String,
         hlc: u64,
     },
+    /// A keyed order's claim on its key, written in the shard its idempotency `scope`
+    /// (`order_key_scope`) hashes to when that is not the SKU's shard, before the order:
+    /// a key is one request, and this shard is where two requests with one key meet,
+    /// whatever their SKUs. Recorded as the order's idempotency record would be (same scope,
+    /// same fingerprint, same expiry); the first claim wins, a retry of the same request
+    /// gets `KeyClaimed` again, another request `IdempotencyMismatch`. Not shipped to other
+    /// DCs. (After `RevokeSession`, so older entries decode.)
+    ClaimOrderKey {
+        scope: String,
+        sku: String,
+        qty: u32,
+        dc: String,
+        hlc: u64,
+    },
 }
 
 /// What Raft replicates: a command and the client's `Idempotency-Key`, if it sent one.
@@ -202,6 +216,9 @@ impl Request {
             | Command::PlaceOrderChecked { session, sku, qty, .. } => (order_key_scope(session, k), format!("{sku}/{qty}")),
             // Scoped by session too: only the same shopper gets the first answer back.
             Command::CancelOrder { id, session, .. } => (format!("cancel/{session}/{k}"), id.clone()),
+            // The order's own scope and fingerprint: the claim stands for the order. A scope
+            // of another kind records nothing (the claim is refused as invalid).
+            Command::ClaimOrderKey { scope, sku, qty, .. } if scope.starts_with("order/") => (scope.clone(), format!("{sku}/{qty}")),
             _ => return None,
         })
     }
@@ -227,6 +244,7 @@ impl Command {
             | Command::Grant { sku, .. }
             | Command::GrantAboveReserve { sku, .. } => sku,
             Command::CancelOrder { id, .. } | Command::RequestCancel { id, .. } => id,
+            Command::ClaimOrderKey { scope, .. } => scope,
             Command::ApplyRemote { origin, .. } | Command::InstallRemote { origin, .. } => origin,
             Command::TrimOutbox { .. } => "outbox",
             Command::SetDcSettings { target, .. } => target,
@@ -260,6 +278,7 @@ impl Command {
             | Command::GrantAboveReserve { hlc, .. }
             | Command::RequestCancel { hlc, .. }
             | Command::SetDcSettings { hlc, .. }
+            | Command::ClaimOrderKey { hlc, .. }
             | Command::Expire { hlc, .. } => Some(*hlc),
             Command::ApplyRemote { .. } | Command::InstallRemote { .. } | Command::TrimOutbox { .. } | Command::Batch { .. } => None,
         }
@@ -296,6 +315,8 @@ pub enum Outcome {
         duplicates: u32,
         sessions: u32,
     },
+    /// A keyed order's claim on its key holds (`Command::ClaimOrderKey`).
+    KeyClaimed,
 }
 
 /// Why a well-formed command changed nothing. Each maps to one HTTP status in `api`.

@@ -8,22 +8,19 @@ use super::{Inventory, Order, Session};
 
 /// What a lookup asks for: across DCs, an order or a session the asked DC created (its
 /// id or token names that DC), answered by that DC after a read barrier; inside a DC, any
-/// record of the shard (`Inventory` and `KeyUse` only there).
+/// record of the shard (`Inventory` only there).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Lookup {
     Order(String),
     Session(String),
     Inventory(String),
-    /// Whether a keyed order's idempotency scope (`order_key_scope`) was used in the
-    /// shard asked: a key is one request, whichever shard its first use went to.
-    KeyUse(String),
 }
 
 impl Lookup {
-    /// The key asked for: an order id, a token, a SKU or an idempotency scope.
+    /// The key asked for: an order id, a token or a SKU.
     pub fn key(&self) -> &str {
         match self {
-            Lookup::Order(k) | Lookup::Session(k) | Lookup::Inventory(k) | Lookup::KeyUse(k) => k,
+            Lookup::Order(k) | Lookup::Session(k) | Lookup::Inventory(k) => k,
         }
     }
 }
@@ -35,5 +32,4 @@ pub enum Found {
     Order(Option<Order>),
     Session(Option<Session>),
     Inventory(Option<Inventory>),
-    KeyUse(bool),
 }

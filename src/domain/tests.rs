@@ -73,6 +73,34 @@ fn idempotency_key_returns_first_result() {
 }
 
 #[test]
+fn a_key_claim_holds_for_its_first_request_only() {
+    let claim = |sku: &str, qty: u32, hlc: u64| {
+        let cmd = Command::ClaimOrderKey { scope: super::command::order_key_scope("t1", "k"), sku: sku.into(), qty, dc: "dc1".into(), hlc };
+        Request::new(cmd, Some("k".into()))
+    };
+    let mut s = MemState::new("dc1");
+    assert_eq!(apply(&mut s, &claim("sku2", 1, 5)), Outcome::KeyClaimed);
+    // The same request again (a retry, through any node): the claim still holds for it.
+    assert_eq!(apply(&mut s, &claim("sku2", 1, 6)), Outcome::KeyClaimed);
+    // Another request with the key: refused, a claim as much as an order of this shard.
+    assert_eq!(apply(&mut s, &claim("sku3", 1, 7)), Outcome::Rejected(Rejection::IdempotencyMismatch));
+    apply(&mut s, &session("dc1", "t1"));
+    apply(&mut s, &restock("dc1", "sku1", 5));
+    assert_eq!(apply(&mut s, &order("dc1", "o1", 1, Some("k"), 8)), Outcome::Rejected(Rejection::IdempotencyMismatch));
+    assert!(s.orders.is_empty());
+    // It expires with the idempotency records.
+    assert!(matches!(apply(&mut s, &expire("dc1", 6, 0, 10, 9)), Outcome::Expired { idempotency: 1, .. }));
+    assert!(matches!(apply(&mut s, &order("dc1", "o2", 1, Some("k"), 10)), Outcome::Order(_)));
+    // Only for an order's key, and only from this DC.
+    let mut bad = claim("sku2", 1, 11);
+    bad.cmd = Command::ClaimOrderKey { scope: "session/k".into(), sku: "sku2".into(), qty: 1, dc: "dc1".into(), hlc: 11 };
+    assert!(matches!(apply(&mut s, &Request::new(bad.cmd, Some("j".into()))), Outcome::Rejected(Rejection::Invalid(_))));
+    assert!(!s.idempotency.contains_key("session/k"), "an invalid claim records nothing under another kind's scope");
+    let foreign = Command::ClaimOrderKey { scope: "order/t1/j".into(), sku: "sku2".into(), qty: 1, dc: "dc2".into(), hlc: 11 };
+    assert!(matches!(apply(&mut s, &Request::new(foreign, Some("j".into()))), Outcome::Rejected(Rejection::Invalid(_))));
+}
+
+#[test]
 fn a_batch_applies_its_requests_in_order_each_to_its_own_outcome() {
     let requests = vec![
         session("dc1", "t1"),

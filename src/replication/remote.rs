@@ -82,8 +82,8 @@ impl CrossDc {
     /// A node of this DC that holds no replica of the shard answers from the shard's
     /// leader's.
     pub async fn answer_lookup(&self, what: Lookup) -> Result<Found, NodeError> {
-        if matches!(what, Lookup::Inventory(_) | Lookup::KeyUse(_)) {
-            return Err(NodeError::BadRequest("stock and idempotency keys are not looked up across DCs".into()));
+        if matches!(what, Lookup::Inventory(_)) {
+            return Err(NodeError::BadRequest("stock is not looked up across DCs".into()));
         }
         let id = what.key();
         crate::domain::validate::name("id", id).map_err(NodeError::BadRequest)?;

@@ -386,7 +386,6 @@ impl Shard {
             Lookup::Order(id) => Found::Order(self.sm.order(id)),
             Lookup::Session(token) => Found::Session(self.sm.session(token)),
             Lookup::Inventory(sku) => Found::Inventory(self.sm.inventory(sku)),
-            Lookup::KeyUse(scope) => Found::KeyUse(self.sm.has_idempotency(scope)),
         }
     }
 

@@ -896,12 +896,6 @@ impl SmReader {
     pub fn order(&self, id: &str) -> Option<Order> {
         self.inner.get_typed(&order_key(id))
     }
-    /// Whether a request with idempotency scope `scope` (see `Request::idempotency`) was
-    /// recorded here and has not expired.
-    pub fn has_idempotency(&self, scope: &str) -> bool {
-        self.inner.get_typed::<IdempotencyRecord>(&idempotency_key(scope)).is_some()
-    }
-
     /// The last seq this DC has emitted (0 before any).
     pub fn out_seq(&self) -> u64 {
         self.inner.get_typed(OUT_SEQ).unwrap_or(0)

@@ -697,3 +697,36 @@ async fn must_lead_what_it_hosts(c: &TestCluster, node: &str) {
     })
     .await;
 }
+
+/// A key is one request even when two requests with it, for SKUs of two shards, arrive at
+/// once through two nodes: exactly one is placed, the other refused (422), for keys whose
+/// claim lands in either SKU's shard or in a third.
+#[tokio::test]
+async fn one_key_sent_at_once_for_two_shards_places_one_order() {
+    let c = TestCluster::start(156, sharded(1, 3)).await;
+    must_shard_leaders(&c, "dc1-n1").await;
+    let token = c.must_session("dc1-n1", "racer").await;
+    let (a, b) = (sku_in(1, "race"), sku_in(2, "race"));
+    for sku in [&a, &b] {
+        c.must_restock("dc1-n1", sku, 100).await;
+    }
+    let claims: BTreeSet<u16> = (0..12)
+        .map(|i| {
+            let scope = agora::domain::command::order_key_scope(&token, &format!("race-{i}"));
+            shard_of(&scope, Spread::from(SHARDS))
+        })
+        .collect();
+    assert_eq!(claims.len(), usize::from(SHARDS), "the keys' claims land in every shard: {claims:?}");
+    for i in 0..12 {
+        let key = format!("race-{i}");
+        let send = |node: &'static str, sku: String| {
+            let (c, token, key) = (&c, token.clone(), key.clone());
+            async move { c.request(reqwest::Method::POST, node, "/v1/orders", Some(json!({"session": token, "sku": sku, "qty": 1})), Some(&key)).await }
+        };
+        let ((code_a, va), (code_b, vb)) = tokio::join!(send("dc1-n1", a.clone()), send("dc1-n2", b.clone()));
+        let codes = BTreeSet::from([code_a, code_b]);
+        assert_eq!(codes, BTreeSet::from([201, 422]), "key {key}: {va} / {vb}");
+        let refused = if code_a == 422 { &va } else { &vb };
+        assert_eq!(refused["error"]["code"], "idempotency_mismatch", "{refused}");
+    }
+}

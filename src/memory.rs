@@ -10,7 +10,10 @@
 //!   shard's hot-entity cache, the allocator's free pages), at most once per
 //!   [`RELEASE_EVERY`];
 //! - at the bound or more after that, refuses new client writes (503 `memory_pressure`)
-//!   until the resident set is back under [`RELEASE_PERCENT`] of it.
+//!   until the resident set is back under it, and for at least [`REFUSE_HOLD`], so that
+//!   a node at its bound does not flip on every reading. A node whose memory at rest is
+//!   over its bound (sled's full cache and the rest) would refuse for good, so it says so
+//!   in its log after [`STUCK_AFTER`].
 //!
 //! Reads, Raft traffic and cross-DC batches go on while writes are refused: refusing them
 //! would stall the DC's other nodes, and each is bounded by its own limits. A node over
@@ -25,8 +28,12 @@ use tokio::time::Instant;
 
 /// How often the resident set is read.
 pub const CHECK_EVERY: Duration = Duration::from_millis(250);
-/// Caches are released at this share of the bound, and writes resume below it.
+/// Caches are released at this share of the bound.
 pub const RELEASE_PERCENT: u64 = 90;
+/// Writes, once refused, stay refused at least this long.
+pub const REFUSE_HOLD: Duration = Duration::from_secs(1);
+/// Refusing this long without a break: the bound is below what the node holds at rest.
+pub const STUCK_AFTER: Duration = Duration::from_secs(10);
 /// Releases at most this often: each one costs the cache misses that follow.
 pub const RELEASE_EVERY: Duration = Duration::from_secs(1);
 
@@ -68,17 +75,14 @@ impl MemoryBound {
         self.limit
     }
 
-    /// The share of the bound under which writes resume and above which caches go.
+    /// The share of the bound above which caches go.
     fn release_at(&self) -> u64 {
         self.limit / 100 * RELEASE_PERCENT
     }
 
-    /// `rss` read while writes were (`refusing`) or were not refused: a hysteresis, so that
-    /// a node at its bound does not flap between the two on every reading.
-    pub fn verdict(&self, rss: u64, refusing: bool) -> Verdict {
-        let release = rss >= self.release_at();
-        let refuse = if refusing { release } else { rss >= self.limit };
-        Verdict { release, refuse }
+    /// What a reading of `rss` calls for, before the hold of a refusal.
+    pub fn verdict(&self, rss: u64) -> Verdict {
+        Verdict { release: rss >= self.release_at(), refuse: rss >= self.limit }
     }
 
     /// Whether new client writes are refused now; counts the refusal if so.
@@ -140,11 +144,11 @@ pub async fn watch(bound: Arc<MemoryBound>, release: Arc<Vec<Release>>) {
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut released_at: Option<Instant> = None;
+    let mut refusing_since: Option<Instant> = None;
     loop {
         tick.tick().await;
         let Some(mut rss) = bound.read_rss() else { continue };
-        let refusing = bound.refusing.load(Ordering::Relaxed);
-        if bound.verdict(rss, refusing).release && released_at.is_none_or(|t| t.elapsed() >= RELEASE_EVERY) {
+        if bound.verdict(rss).release && released_at.is_none_or(|t| t.elapsed() >= RELEASE_EVERY) {
             released_at = Some(Instant::now());
             let release = release.clone();
             // Dropping 100,000 cached entities, or the allocator's collection, takes
@@ -154,10 +158,23 @@ pub async fn watch(bound: Arc<MemoryBound>, release: Arc<Vec<Release>>) {
             rss = bound.read_rss().unwrap_or(rss);
         }
         bound.rss.store(rss, Ordering::Relaxed);
-        let refuse = bound.verdict(rss, refusing).refuse;
-        if refuse != refusing {
-            bound.refusing.store(refuse, Ordering::Relaxed);
+        let held = refusing_since.is_some_and(|t| t.elapsed() < REFUSE_HOLD);
+        let refuse = bound.verdict(rss).refuse || held;
+        match (refusing_since, refuse) {
+            (None, true) => refusing_since = Some(Instant::now()),
+            (Some(_), false) => refusing_since = None,
+            _ => {}
+        }
+        if refuse != bound.refusing.swap(refuse, Ordering::Relaxed) {
             log_change(&bound, rss, refuse);
+        }
+        if refusing_since.is_some_and(|t| t.elapsed() >= STUCK_AFTER) {
+            crate::warn_limited!(
+                "memory_bound_stuck",
+                rss_mib = rss >> 20,
+                limit_mib = bound.limit >> 20,
+                "client writes refused for over 10 s: releasing caches does not bring this node under limits.memory_bytes_max; its memory at rest (sled's cache and the rest) needs a higher bound"
+            );
         }
     }
 }
@@ -184,16 +201,12 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     #[test]
-    fn refuses_at_the_bound_and_resumes_under_ninety_percent() {
+    fn releases_near_the_bound_and_refuses_at_it() {
         let b = MemoryBound::new(1000 * MIB);
-        let calm = Verdict { release: false, refuse: false };
-        assert_eq!(b.verdict(500 * MIB, false), calm);
+        assert_eq!(b.verdict(500 * MIB), Verdict { release: false, refuse: false });
         // Near the bound: caches go, writes go on.
-        assert_eq!(b.verdict(950 * MIB, false), Verdict { release: true, refuse: false });
-        assert_eq!(b.verdict(1000 * MIB, false), Verdict { release: true, refuse: true });
-        // Refusing: still refusing until under 90 %, not merely under the bound.
-        assert_eq!(b.verdict(950 * MIB, true), Verdict { release: true, refuse: true });
-        assert_eq!(b.verdict(899 * MIB, true), calm);
+        assert_eq!(b.verdict(950 * MIB), Verdict { release: true, refuse: false });
+        assert_eq!(b.verdict(1000 * MIB), Verdict { release: true, refuse: true });
     }
 
     #[test]
@@ -237,9 +250,13 @@ mod tests {
         let s = read(&b, 120 * MIB).await;
         assert!(s.refusing_writes, "{s:?}");
         assert!(released.load(Ordering::Relaxed) >= 1 && s.releases >= 1, "{s:?}");
-        assert!(read(&b, 95 * MIB).await.refusing_writes, "between 90 % and the bound it goes on refusing");
-        let s = read(&b, 80 * MIB).await;
-        assert!(!s.refusing_writes, "{s:?}");
+        // Under the bound again: writes resume once the refusal's hold is over.
+        read(&b, 95 * MIB).await;
+        let deadline = Instant::now() + REFUSE_HOLD + Duration::from_secs(5);
+        while b.status().refusing_writes {
+            assert!(Instant::now() < deadline, "still refusing under the bound: {:?}", b.status());
+            tokio::time::sleep(CHECK_EVERY / 4).await;
+        }
         task.abort();
     }
 }

@@ -339,7 +339,7 @@ pub struct Limits {
 }
 
 /// What a node needs besides sled's cache, at least: a node of one DC under load measured
-/// 300–350 MB besides its 256 MiB cache at rest (writes refused) after 1.5 M orders. A
+/// 280–330 MiB besides its 256 MiB cache at rest (writes refused) after about 1.3 M orders. A
 /// bound below what the node holds at rest would refuse writes for good.
 pub const MEMORY_HEADROOM_BYTES: u64 = 384 << 20;
 

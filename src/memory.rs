@@ -54,9 +54,9 @@ pub struct MemoryBound {
 
 /// What one reading calls for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Verdict {
-    pub release: bool,
-    pub refuse: bool,
+struct Verdict {
+    release: bool,
+    refuse: bool,
 }
 
 impl MemoryBound {
@@ -81,7 +81,7 @@ impl MemoryBound {
     }
 
     /// What a reading of `rss` calls for, before the hold of a refusal.
-    pub fn verdict(&self, rss: u64) -> Verdict {
+    fn verdict(&self, rss: u64) -> Verdict {
         Verdict { release: rss >= self.release_at(), refuse: rss >= self.limit }
     }
 
@@ -125,7 +125,7 @@ impl MemoryBound {
             ("memory_releases_total", "counter", "times the node dropped its caches for nearing its memory bound", s.releases),
             ("memory_refused_writes_total", "counter", "client writes refused for the memory bound", s.refused_writes),
         ];
-        rows.iter().map(|(name, kind, help, v)| format!("# HELP agora_{name} {help}\n# TYPE agora_{name} {kind}\nagora_{name}{{{labels}}} {v}\n")).collect()
+        rows.iter().map(|(name, kind, help, v)| crate::metrics::text_sample(name, kind, help, labels, v)).collect()
     }
 }
 

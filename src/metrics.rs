@@ -141,3 +141,14 @@ impl Metrics {
         String::from_utf8(buf).expect("prometheus text is utf-8")
     }
 }
+
+/// The `# HELP` and `# TYPE` lines of a metric rendered by hand, for the measures that
+/// live outside the registry (state machines, the DNS server, the process).
+pub fn text_header(name: &str, kind: &str, help: &str) -> String {
+    format!("# HELP agora_{name} {help}\n# TYPE agora_{name} {kind}\n")
+}
+
+/// A metric rendered by hand with its one sample.
+pub fn text_sample(name: &str, kind: &str, help: &str, labels: &str, value: impl std::fmt::Display) -> String {
+    format!("{}agora_{name}{{{labels}}} {value}\n", text_header(name, kind, help))
+}

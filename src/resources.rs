@@ -32,13 +32,7 @@ pub fn render(r: &Resources, labels: &str) -> String {
         ("data_fs_size_bytes", "size of the filesystem holding the data dir", r.fs_size_bytes),
         ("data_fs_free_bytes", "space left for the node on the filesystem holding the data dir", r.fs_free_bytes),
     ];
-    let mut out = String::new();
-    for (name, help, v) in rows {
-        if let Some(v) = v {
-            out += &format!("# HELP agora_{name} {help}\n# TYPE agora_{name} gauge\nagora_{name}{{{labels}}} {v}\n");
-        }
-    }
-    out
+    rows.iter().filter_map(|(name, help, v)| Some(crate::metrics::text_sample(name, "gauge", help, labels, (*v)?))).collect()
 }
 
 fn page_size() -> Option<u64> {

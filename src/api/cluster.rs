@@ -223,8 +223,8 @@ pub async fn metrics(State(node): State<AppState>, Extension(console): Extension
     text += &crate::resources::render(&crate::resources::measure(node.shard.sm.data_dir()), &labels);
     text += &node.memory.render(&labels);
     if let Some(s) = console.diverged_seconds() {
-        text += "# HELP agora_digests_diverged_seconds How long the DCs' state digests have differed, as this node compares them (0: equal).\n";
-        text += &format!("# TYPE agora_digests_diverged_seconds gauge\nagora_digests_diverged_seconds{{{labels}}} {s}\n");
+        let help = "How long the DCs' state digests have differed, as this node compares them (0: equal).";
+        text += &crate::metrics::text_sample("digests_diverged_seconds", "gauge", help, &labels, s);
     }
     let dns = node.dns.lock().expect("dns lock").as_ref().map(|d| d.stats());
     if let Some(s) = dns {
@@ -248,7 +248,7 @@ fn snapshot_metrics(node: &AppState) -> String {
     let stats: Vec<(u16, SnapshotStats)> = node.shards.all().iter().map(|c| (c.shard.number, c.shard.sm.snapshot_stats())).collect();
     let mut out = String::new();
     for (name, kind, help, value) in rows {
-        out += &format!("# HELP agora_{name} {help}\n# TYPE agora_{name} {kind}\n");
+        out += &crate::metrics::text_header(name, kind, help);
         for (shard, s) in &stats {
             out += &format!("agora_{name}{{node=\"{}\",dc=\"{}\",shard=\"{shard}\"}} {}\n", node.info.name, node.info.dc, value(s));
         }

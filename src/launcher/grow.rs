@@ -25,8 +25,7 @@ pub fn grown(cfg: &ClusterConfig, dc: &str, count: usize) -> Result<(ClusterConf
         let d = cfg.dcs.iter_mut().find(|d| d.name == dc).context("the DC vanished")?;
         d.nodes.push(node);
     }
-    let text = toml::to_string(&cfg).context("serialize the grown config")?;
-    let cfg = ClusterConfig::from_toml(&text, "the grown cluster file").context("the DC cannot grow so")?;
+    cfg.validate().context("the DC cannot grow so")?;
     Ok((cfg, added))
 }
 

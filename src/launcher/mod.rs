@@ -528,10 +528,7 @@ async fn up(st: StateDir, a: UpArgs) -> Result<()> {
         st.wipe()?;
     }
     st.create_dirs()?;
-    std::fs::write(st.config_path(), toml::to_string(&cfg).context("serialize config")?).context("write cluster.toml")?;
-    // Every node proves who it is to its peers with a certificate of this cluster's CA:
-    // made once per state dir, reused by later `up`s.
-    crate::certs::create(&st.certs_dir(), &cfg, false, crate::certs::Validity::default()).context("create the cluster's certificates")?;
+    write_cluster_files(&st, &cfg)?;
     if let Some(cpus) = a.cpus {
         anyhow::ensure!(!matches!(a.backend, Backend::Docker), "--cpus: use the process or netns backend");
         budget::check(cpus, a.cpu_period_ms)?;
@@ -682,6 +679,15 @@ async fn wait_serving(c: &Cluster, node: &str) -> Result<()> {
     }
 }
 
+/// The cluster file the nodes run with, in the state dir, and a certificate of the
+/// cluster's CA for each of its nodes: the CA is made once per state dir, and a node that
+/// already has a valid certificate keeps it (later `up`s, `grow`).
+fn write_cluster_files(st: &StateDir, cfg: &ClusterConfig) -> Result<()> {
+    std::fs::write(st.config_path(), toml::to_string(cfg).context("serialize config")?).context("write cluster.toml")?;
+    crate::certs::create(&st.certs_dir(), cfg, false, crate::certs::Validity::default()).context("create the cluster's certificates")?;
+    Ok(())
+}
+
 /// `agora cluster grow` (see `grow.rs`).
 async fn grow_dc(c: Cluster, dc: &str, count: usize) -> Result<()> {
     anyhow::ensure!(
@@ -692,8 +698,7 @@ async fn grow_dc(c: Cluster, dc: &str, count: usize) -> Result<()> {
     for n in &added {
         process::check_node_free(&cfg.node(n).context("a grown node")?)?;
     }
-    std::fs::write(c.st.config_path(), toml::to_string(&cfg).context("serialize config")?).context("write cluster.toml")?;
-    crate::certs::create(&c.st.certs_dir(), &cfg, false, crate::certs::Validity::default()).context("issue the new nodes' certificates")?;
+    write_cluster_files(&c.st, &cfg)?;
     println!("{} added to {dc} in {}", added.join(", "), c.st.config_path().display());
     let c = Cluster::open(c.st)?;
     let resume = format!(

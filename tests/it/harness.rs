@@ -95,13 +95,9 @@ where
 impl TestCluster {
     pub async fn start(net: u8, opts: Options) -> TestCluster {
         let dir = tempfile::tempdir().expect("temp dir");
-        let toml = config_toml(net, &opts);
-        std::fs::write(dir.path().join("cluster.toml"), &toml).expect("write config");
-        let config = agora::config::ClusterConfig::from_toml(&toml, "test config").expect("valid test config");
-        agora::certs::create(&dir.path().join("certs"), &config, false, Default::default()).expect("create certificates");
-        let names = (1..=opts.dcs).flat_map(|d| (1..=opts.nodes).map(move |i| format!("dc{d}-n{i}"))).collect();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("http client");
-        let mut c = TestCluster { dir, net, names, children: BTreeMap::new(), http, named: opts.named };
+        let mut c = TestCluster { dir, net, names: Vec::new(), children: BTreeMap::new(), http, named: opts.named };
+        c.rewrite_config(&opts);
         if opts.named {
             let hosts: Vec<(String, String)> = c.names.iter().map(|n| (n.clone(), c.url(n).replace("http://", "").replace(":8080", ""))).collect();
             c.write_hosts(&hosts);
@@ -115,9 +111,9 @@ impl TestCluster {
         c
     }
 
-    /// Rewrites the cluster file for `opts` (more nodes, say), issues certificates for
-    /// the nodes it adds (keeping the others'), and counts its nodes as this cluster's.
-    /// Running nodes go on with the file they started with until restarted.
+    /// Writes the cluster file for `opts` (at start, or later with more nodes, say), issues
+    /// certificates for the nodes it adds (keeping the others'), and counts its nodes as
+    /// this cluster's. Running nodes go on with the file they started with until restarted.
     pub fn rewrite_config(&mut self, opts: &Options) {
         let toml = config_toml(self.net, opts);
         let config = agora::config::ClusterConfig::from_toml(&toml, "test config").expect("valid test config");

@@ -446,19 +446,7 @@ async fn removing_and_adding_a_node_moves_shard_replicas() {
         ids.push(must_order(&c, "dc1-n3", &token, sku).await);
     }
     // Back in: it takes a replica from the most loaded nodes.
-    let (code, v) = c.post("dc1-n1", "/v1/admin/nodes", json!({"node": "dc1-n3"})).await;
-    assert_eq!(code, 200, "{v}");
-    let moves = v["moves"].as_array().cloned().unwrap_or_default();
-    assert!(!moves.is_empty() && moves.iter().all(|m| m["added"] == "dc1-n3" && m["removed"].is_string()), "{v}");
-    must_eventually(Duration::from_secs(20), "dc1-n3 holding the replicas moved onto it", || async {
-        let mine = try_shards_of(&c, "dc1-n3").await?;
-        for m in &moves {
-            let shard = usize::try_from(m["shard"].as_u64()?).ok()?;
-            (mine[shard]["hosted"] == true).then_some(())?;
-        }
-        Some(())
-    })
-    .await;
+    must_add_node(&c, "dc1-n3").await;
     for sku in &skus {
         ids.push(must_order(&c, "dc1-n3", &token, sku).await);
     }
@@ -665,19 +653,7 @@ async fn a_dc_grows_by_a_node_its_first_cluster_file_did_not_name() {
     }
     c.start_node("dc1-n5");
     must_lead_what_it_hosts(&c, "dc1-n5").await;
-    let (code, v) = c.post("dc1-n1", "/v1/admin/nodes", json!({"node": "dc1-n5"})).await;
-    assert_eq!(code, 200, "{v}");
-    let moves = v["moves"].as_array().cloned().unwrap_or_default();
-    assert!(!moves.is_empty() && moves.iter().all(|m| m["added"] == "dc1-n5" && m["removed"].is_string()), "{v}");
-    must_eventually(Duration::from_secs(30), "dc1-n5 holding shard 0 and the replicas moved onto it", || async {
-        let mine = try_shards_of(&c, "dc1-n5").await?;
-        (mine[0]["hosted"] == true).then_some(())?;
-        for m in &moves {
-            (mine[usize::try_from(m["shard"].as_u64()?).ok()?]["hosted"] == true).then_some(())?;
-        }
-        Some(())
-    })
-    .await;
+    must_add_node(&c, "dc1-n5").await;
     for sku in &skus {
         let id = must_eventually(Duration::from_secs(20), "an order through dc1-n5", || async {
             let (code, v) = c.post("dc1-n5", "/v1/orders", json!({"session": token, "sku": sku, "qty": 1})).await;
@@ -687,6 +663,24 @@ async fn a_dc_grows_by_a_node_its_first_cluster_file_did_not_name() {
         ids.push(id);
     }
     must_serve_everywhere(&c, &ids).await;
+}
+
+/// Adds `node` through dc1-n1's admin API, checks that replicas move onto it from other
+/// nodes, and waits until it holds shard 0 and each of them.
+async fn must_add_node(c: &TestCluster, node: &str) {
+    let (code, v) = c.post("dc1-n1", "/v1/admin/nodes", json!({ "node": node })).await;
+    assert_eq!(code, 200, "{v}");
+    let moves = v["moves"].as_array().cloned().unwrap_or_default();
+    assert!(!moves.is_empty() && moves.iter().all(|m| m["added"] == node && m["removed"].is_string()), "{v}");
+    must_eventually(Duration::from_secs(30), &format!("{node} holding shard 0 and the replicas moved onto it"), || async {
+        let mine = try_shards_of(c, node).await?;
+        (mine[0]["hosted"] == true).then_some(())?;
+        for m in &moves {
+            (mine[usize::try_from(m["shard"].as_u64()?).ok()?]["hosted"] == true).then_some(())?;
+        }
+        Some(())
+    })
+    .await;
 }
 
 /// Waits until `node` answers and sees a leader in every shard it holds a replica of.

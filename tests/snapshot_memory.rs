@@ -159,6 +159,8 @@ async fn many_small_records_install_without_their_garbage_piling_up() {
     let grown = peak_growth_since(&mut mark);
     eprintln!("{records} small records installed; heap peak {:.1} MiB above the start", grown as f64 / MIB as f64);
     assert_eq!(sm.reader().snapshot_stats().records, SMALL);
-    // Measured: 46 MiB with the patch, 434 MiB without it (the garbage of 150,000 writes).
-    assert!(grown < 96 * MIB, "installing {SMALL} small records held {} MiB of heap at its peak", grown / MIB);
+    // Measured: 43–63 MiB with the patch alone or beside two busy cores, once 127 MiB
+    // inside a whole test run on two cores (crossbeam collects later when its threads
+    // are starved); 434 MiB without the patch (the garbage of 150,000 writes).
+    assert!(grown < 200 * MIB, "installing {SMALL} small records held {} MiB of heap at its peak", grown / MIB);
 }

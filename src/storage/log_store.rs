@@ -176,6 +176,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // (each roll a write on its I/O pool), and a Raft append needs no atomicity —
         // sled recovers a prefix of its writes, and a prefix of the entries is a valid
         // log, none of them acknowledged before the sync below.
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let _plain = super::plain_while_catching_up(&self.log, entries.len());
         for entry in entries {
             self.log.insert(key(entry.log_id.index), codec::encode(&entry)).map_err(|e| io_err(StorageIOError::write_logs, e))?;
         }

@@ -341,6 +341,19 @@ pub(crate) fn tree(db: &sled::Db, shard: u16, name: &str) -> sled::Result<sled::
     }
 }
 
+/// A replica that is far behind its leader (restarted, or rejoining after a snapshot)
+/// receives and applies entries a whole AppendEntries at a time; one in step gets them one
+/// or two at a time. At this many entries per write it is catching up.
+const CATCH_UP_ENTRIES: usize = 8;
+
+/// While a replica catches up, its page updates are stored uncompressed, as during a
+/// snapshot install: replaying a log rewrites the same pages over and over, and each
+/// compressed update is a zstd frame of its own (a third of a catching-up follower's CPU).
+/// The pages' next consolidations still compress them whole.
+pub(crate) fn plain_while_catching_up(tree: &sled::Tree, entries: usize) -> Option<sled::PlainUpdates> {
+    (entries >= CATCH_UP_ENTRIES).then(|| tree.plain_updates())
+}
+
 /// The record format a data dir was written in, kept under this key of the default tree.
 const FORMAT_KEY: &[u8] = b"agora-format";
 

@@ -495,6 +495,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: Send,
     {
         let inner = &*self.inner;
+        let entries: Vec<openraft::Entry<TypeConfig>> = entries.into_iter().collect();
+        let _plain = super::plain_while_catching_up(&inner.tree, entries.len());
         let mut overlay = Overlay::new(inner);
         let mut outcomes = Vec::new();
         let mut last = None;

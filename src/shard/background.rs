@@ -10,7 +10,10 @@ use openraft::ServerState;
 use super::Shard;
 use crate::domain::{Outcome, Request};
 use crate::hlc::Hlc;
-use crate::raft::snapshots::due;
+use crate::raft::snapshots::{due, due_while_catching_up};
+
+/// How long after its last apply of a backlog a node still counts as catching up.
+const CATCH_UP_QUIET: Duration = Duration::from_secs(5);
 
 /// Asks openraft for a snapshot whenever this node's log since the last one passes its
 /// threshold (`raft::snapshots`). openraft ignores a request while a build runs, so
@@ -20,6 +23,8 @@ pub async fn snapshot_loop(shard: Arc<Shard>) {
     let rank = shard.config.dc_nodes(&shard.dc).iter().position(|n| n.id == shard.me).unwrap_or(0);
     let rank = u64::try_from(rank).unwrap_or(u64::MAX);
     let mut metrics = shard.raft.metrics();
+    // The backlog applies counted when last seen to grow, and when.
+    let mut backlog: (u64, Option<std::time::Instant>) = (0, None);
     loop {
         let (since, leader) = {
             let m = metrics.borrow_and_update();
@@ -28,7 +33,11 @@ pub async fn snapshot_loop(shard: Arc<Shard>) {
             (applied.saturating_sub(snapshot), m.state == ServerState::Leader)
         };
         let stats = shard.sm.snapshot_stats();
-        if due(since, stats.writes_since, stats.records, &raft, rank, leader) {
+        if stats.catch_up_applies != backlog.0 {
+            backlog = (stats.catch_up_applies, Some(std::time::Instant::now()));
+        }
+        let rule = if backlog.1.is_some_and(|t| t.elapsed() < CATCH_UP_QUIET) { due_while_catching_up } else { due };
+        if rule(since, stats.writes_since, stats.records, &raft, rank, leader) {
             if let Err(e) = shard.raft.trigger().snapshot().await {
                 tracing::debug!(error = %e, "snapshot request refused");
             }

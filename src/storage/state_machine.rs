@@ -164,6 +164,8 @@ struct SnapshotCounters {
     build_ms_total: AtomicU64,
     build_ms_last: AtomicU64,
     installs: AtomicU64,
+    /// Applies of a whole backlog at once (`storage::CATCH_UP_ENTRIES` entries or more).
+    catch_up_applies: AtomicU64,
 }
 
 /// A reading of the snapshot counters.
@@ -179,6 +181,8 @@ pub struct SnapshotStats {
     pub build_ms_total: u64,
     pub build_ms_last: u64,
     pub installs: u64,
+    /// Applies of a backlog of entries at once: while it grows, the replica is catching up.
+    pub catch_up_applies: u64,
 }
 
 /// What the write lock guards besides the tree: while a snapshot copies the tree without
@@ -497,6 +501,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let inner = &*self.inner;
         let entries: Vec<openraft::Entry<TypeConfig>> = entries.into_iter().collect();
         let _plain = super::plain_while_catching_up(&inner.tree, entries.len());
+        if super::catching_up(entries.len()) {
+            inner.stats.catch_up_applies.fetch_add(1, Ordering::Relaxed);
+        }
         let mut overlay = Overlay::new(inner);
         let mut outcomes = Vec::new();
         let mut last = None;
@@ -883,6 +890,7 @@ impl SmReader {
             build_ms_total: get(&st.build_ms_total),
             build_ms_last: get(&st.build_ms_last),
             installs: get(&st.installs),
+            catch_up_applies: get(&st.catch_up_applies),
         }
     }
 

@@ -236,7 +236,7 @@ pub async fn metrics(State(node): State<AppState>, Extension(console): Extension
 /// Snapshot counters live in each shard's state machine; rendered here in Prometheus
 /// text, a sample per shard.
 fn snapshot_metrics(node: &AppState) -> String {
-    let rows: [(&str, &str, &str, fn(&SnapshotStats) -> f64); 7] = [
+    let rows: [(&str, &str, &str, fn(&SnapshotStats) -> f64); 8] = [
         ("snapshot_builds_total", "counter", "snapshots this node built since it started", |s| s.builds as f64),
         ("snapshot_build_seconds_total", "counter", "wall time of those builds: scan, write, sync", |s| s.build_ms_total as f64 / 1000.0),
         ("snapshot_build_last_seconds", "gauge", "wall time of the last build", |s| s.build_ms_last as f64 / 1000.0),
@@ -244,6 +244,7 @@ fn snapshot_metrics(node: &AppState) -> String {
         ("snapshot_records", "gauge", "records in the last snapshot built or installed (0: none since start)", |s| s.records as f64),
         ("snapshot_bytes", "gauge", "bytes of the last snapshot built or installed", |s| s.bytes as f64),
         ("snapshot_writes_since", "gauge", "client writes applied since the last snapshot began", |s| s.writes_since as f64),
+        ("snapshot_catch_up_applies_total", "counter", "applies of 8 entries or more at once: the node catching up", |s| s.catch_up_applies as f64),
     ];
     let stats: Vec<(u16, SnapshotStats)> = node.shards.all().iter().map(|c| (c.shard.number, c.shard.sm.snapshot_stats())).collect();
     let mut out = String::new();

@@ -351,12 +351,7 @@ const CATCH_UP_ENTRIES: usize = 8;
 /// compressed update is a zstd frame of its own (a third of a catching-up follower's CPU).
 /// The pages' next consolidations still compress them whole.
 pub(crate) fn plain_while_catching_up(tree: &sled::Tree, entries: usize) -> Option<sled::PlainUpdates> {
-    catching_up(entries).then(|| tree.plain_updates())
-}
-
-/// Whether a write of `entries` Raft entries at once is a replica catching up.
-pub(crate) fn catching_up(entries: usize) -> bool {
-    entries >= CATCH_UP_ENTRIES
+    (entries >= CATCH_UP_ENTRIES).then(|| tree.plain_updates())
 }
 
 /// The record format a data dir was written in, kept under this key of the default tree.

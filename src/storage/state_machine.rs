@@ -500,8 +500,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let inner = &*self.inner;
         let entries: Vec<openraft::Entry<TypeConfig>> = entries.into_iter().collect();
-        let _plain = super::plain_while_catching_up(&inner.tree, entries.len());
-        if super::catching_up(entries.len()) {
+        // Held to the end of the apply: its sled writes come last.
+        let plain = super::plain_while_catching_up(&inner.tree, entries.len());
+        if plain.is_some() {
             inner.stats.catch_up_applies.fetch_add(1, Ordering::Relaxed);
         }
         let mut overlay = Overlay::new(inner);
